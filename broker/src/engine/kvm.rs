@@ -1,0 +1,92 @@
+//! The `kvm` engine: our `airlock-vmm` on hardware KVM.
+//!
+//! The VMM builds the base kernel command line itself and appends
+//! `--cmdline`. It exits 0 when the guest reboots or stops cleanly, and
+//! non-zero with a message on stderr otherwise; on stderr it also reports
+//! `airlock-vmm: boot-timer: guest init reached after <ms> ms`.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use super::VmConfig;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kvm {
+    /// The `airlock-vmm` binary.
+    pub vmm: PathBuf,
+}
+
+impl Kvm {
+    /// `--kernel PATH --initrd PATH --mem MIB --cpus N --console PATH [--cmdline EXTRA]`.
+    pub fn args(&self, config: &VmConfig) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec![
+            "--kernel".into(),
+            config.kernel.clone().into(),
+            "--initrd".into(),
+            config.initrd.clone().into(),
+            "--mem".into(),
+            config.mem_mib.to_string().into(),
+            "--cpus".into(),
+            config.cpus.to_string().into(),
+            "--console".into(),
+            config.console_log.clone().into(),
+        ];
+        if !config.extra_cmdline.is_empty() {
+            args.push("--cmdline".into());
+            args.push(config.extra_cmdline.join(" ").into());
+        }
+        args
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        VmConfig {
+            kernel: "/k/vmlinux".into(),
+            initrd: "/k/initramfs.cpio".into(),
+            mem_mib: 512,
+            cpus: 2,
+            console_log: "/tmp/run/console.log".into(),
+            extra_cmdline: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn argv() {
+        let kvm = Kvm {
+            vmm: "/bin/airlock-vmm".into(),
+        };
+        let expected: Vec<OsString> = [
+            "--kernel",
+            "/k/vmlinux",
+            "--initrd",
+            "/k/initramfs.cpio",
+            "--mem",
+            "512",
+            "--cpus",
+            "2",
+            "--console",
+            "/tmp/run/console.log",
+        ]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+        assert_eq!(kvm.args(&config()), expected);
+
+        let with_extra = VmConfig {
+            extra_cmdline: vec!["airlock.debug=1".into(), "foo=bar".into()],
+            ..config()
+        };
+        let args = kvm.args(&with_extra);
+        assert_eq!(
+            args[args.len() - 2..],
+            [
+                OsString::from("--cmdline"),
+                "airlock.debug=1 foo=bar".into()
+            ]
+        );
+    }
+}

@@ -1,0 +1,156 @@
+//! The init's options on the kernel command line (`/proc/cmdline`).
+//!
+//! Dotted parameters such as `airlock.debug=1` are taken by the kernel for
+//! module parameters and not passed to init, so the init reads them here.
+
+use std::fs;
+use std::io;
+
+/// Where the kernel shows its command line (needs `/proc`).
+const CMDLINE_PATH: &str = "/proc/cmdline";
+
+/// The command line could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to read {CMDLINE_PATH}")]
+    Read(#[source] io::Error),
+}
+
+/// The init's options.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// `airlock.debug=1`: print the debug lines.
+    pub debug: bool,
+}
+
+impl Options {
+    /// Reads the options from `/proc/cmdline`.
+    pub fn read() -> Result<Self, Error> {
+        let bytes = fs::read(CMDLINE_PATH).map_err(Error::Read)?;
+        Ok(Self::parse(&String::from_utf8_lossy(&bytes)))
+    }
+
+    /// Parses a kernel command line. Unknown parameters are ignored; for a
+    /// parameter given twice the last one wins, as in the kernel.
+    pub fn parse(cmdline: &str) -> Self {
+        let mut options = Self::default();
+        for (key, value) in params(cmdline) {
+            if key == "airlock.debug" {
+                options.debug = parse_bool(value);
+            }
+        }
+        options
+    }
+}
+
+/// A kernel boolean: a bare `key`, or `key=` 1/y/yes/on/true.
+fn parse_bool(value: Option<&str>) -> bool {
+    match value {
+        None => true,
+        Some(v) => matches!(
+            v.to_ascii_lowercase().as_str(),
+            "1" | "y" | "yes" | "on" | "true"
+        ),
+    }
+}
+
+/// Splits a command line into `(key, value)` pairs the way the kernel's
+/// `next_arg` does: words separated by whitespace, double quotes group
+/// (and are dropped from) a value, and `--` ends the kernel's part.
+fn params(cmdline: &str) -> Vec<(&str, Option<&str>)> {
+    let mut out = Vec::new();
+    let mut rest = cmdline.trim_start();
+    while !rest.is_empty() {
+        let mut in_quote = false;
+        let mut end = rest.len();
+        for (i, c) in rest.char_indices() {
+            if c == '"' {
+                in_quote = !in_quote;
+            } else if c.is_whitespace() && !in_quote {
+                end = i;
+                break;
+            }
+        }
+        let word = &rest[..end];
+        rest = rest[end..].trim_start();
+        if word == "--" {
+            break;
+        }
+        // A word that opens with a quote loses it and its closing quote.
+        let word = match word.strip_prefix('"') {
+            Some(w) => w.strip_suffix('"').unwrap_or(w),
+            None => word,
+        };
+        let (key, value) = match word.split_once('=') {
+            Some((k, v)) => (k, Some(unquote(v))),
+            None => (word, None),
+        };
+        out.push((key, value));
+    }
+    out
+}
+
+fn unquote(v: &str) -> &str {
+    v.strip_prefix('"')
+        .map(|v| v.strip_suffix('"').unwrap_or(v))
+        .unwrap_or(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn debug(cmdline: &str) -> bool {
+        Options::parse(cmdline).debug
+    }
+
+    #[test]
+    fn debug_is_off_by_default() {
+        assert!(!debug(""));
+        assert!(!debug("console=ttyS0 reboot=k panic=-1 quiet\n"));
+    }
+
+    #[test]
+    fn debug_values() {
+        assert!(debug("console=ttyS0 airlock.debug=1 quiet\n"));
+        assert!(debug("airlock.debug"));
+        assert!(debug("airlock.debug=on"));
+        assert!(debug("airlock.debug=Y"));
+        assert!(!debug("airlock.debug=0"));
+        assert!(!debug("airlock.debug="));
+        assert!(!debug("airlock.debug=off"));
+    }
+
+    #[test]
+    fn last_one_wins() {
+        assert!(!debug("airlock.debug=1 airlock.debug=0"));
+        assert!(debug("airlock.debug=0 airlock.debug=1"));
+    }
+
+    #[test]
+    fn look_alikes_do_not_count() {
+        assert!(!debug("xairlock.debug=1"));
+        assert!(!debug("airlock.debugx=1"));
+        assert!(!debug("foo=\"airlock.debug=1\""));
+        assert!(!debug("foo=\"a airlock.debug=1 b\""));
+    }
+
+    #[test]
+    fn init_arguments_are_not_options() {
+        assert!(!debug("quiet -- airlock.debug=1"));
+    }
+
+    #[test]
+    fn splits_like_the_kernel() {
+        assert_eq!(
+            params("  a=1\tb \"c=x y\" d=\"p q\" e\n"),
+            vec![
+                ("a", Some("1")),
+                ("b", None),
+                ("c", Some("x y")),
+                ("d", Some("p q")),
+                ("e", None),
+            ]
+        );
+    }
+}

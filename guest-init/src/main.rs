@@ -1,0 +1,68 @@
+//! `airlock-init`: the PID 1 of an Airlock microVM.
+//!
+//! The kernel starts it from the initramfs with `/dev/console` (the serial
+//! port) as stdin, stdout and stderr. In order it:
+//!
+//! 1. mounts the pseudo filesystems from the table in [`mounts`];
+//! 2. reads the kernel command line ([`cmdline`]) for `airlock.debug=1`;
+//! 3. writes the boot-timer mark ([`boottimer`]) for the benchmarks;
+//! 4. prints [`airlock_protocol::INIT_READY_LINE`];
+//! 5. reaps its children ([`reaper`]);
+//! 6. stops every process, syncs and reboots ([`power`]): without ACPI a
+//!    reset is how the VM ends, and the VMM treats it as a clean exit.
+//!
+//! PID 1 must never exit (the kernel panics) and never panic: every error is
+//! printed as `airlock-init: error: …` and the run still ends in step 6. A
+//! panic hook sends a panic there too, whatever the panic strategy.
+//!
+//! Run anywhere else than as PID 1, it touches nothing and exits with 2.
+
+mod boottimer;
+mod cmdline;
+mod console;
+mod mounts;
+mod power;
+mod reaper;
+
+use std::process::ExitCode;
+
+/// What stops the init before it is ready.
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error(transparent)]
+    Mount(#[from] mounts::Error),
+    #[error(transparent)]
+    Reap(#[from] reaper::Error),
+}
+
+fn main() -> ExitCode {
+    let pid = std::process::id();
+    if pid != 1 {
+        console::error(&format!(
+            "not PID 1 (pid {pid}): this is the Airlock guest init and runs only inside the microVM; doing nothing"
+        ));
+        return ExitCode::from(2);
+    }
+    std::panic::set_hook(Box::new(|info| {
+        console::error(&format!("panic: {info}"));
+        power::power_off()
+    }));
+    if let Err(err) = run() {
+        console::error(&console::chain(&err));
+    }
+    power::power_off()
+}
+
+fn run() -> Result<(), Error> {
+    mounts::mount_all()?;
+    match cmdline::Options::read() {
+        Ok(options) => console::set_debug(options.debug),
+        Err(err) => console::warn(&console::chain(&err)),
+    }
+    if let Err(err) = boottimer::mark() {
+        console::debug(&console::chain(&err));
+    }
+    console::out(airlock_protocol::INIT_READY_LINE);
+    reaper::reap_exited()?;
+    Ok(())
+}

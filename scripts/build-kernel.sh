@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Build an Airlock kernel from Debian's pinned kernel source and cache it.
+#
+#   scripts/build-kernel.sh [guest|l1]
+#
+#   guest (default)  the sandbox kernel:  kernel-config/guest.config      -> build/vmlinux
+#   l1               the test bed's L1:   guest.config + l1.config        -> build/l1-vmlinux
+#
+# The result is cached under $AIRLOCK_CACHE/kernel (default ~/.cache/airlock)
+# keyed by a hash of the pinned source version, the fragments and the patches,
+# so a second run, even from a fresh clone on the same machine, only copies.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+variant=${1:-guest}
+cfg=$AIRLOCK_ROOT/kernel-config
+case "$variant" in
+    guest) fragments=("$cfg/guest.config"); out=$AIRLOCK_BUILD/vmlinux ;;
+    l1) fragments=("$cfg/guest.config" "$cfg/l1.config"); out=$AIRLOCK_BUILD/l1-vmlinux ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown kernel variant '$variant' (expected guest or l1)" ;;
+esac
+
+# shellcheck source=../kernel-config/SOURCE
+. "$cfg/SOURCE"
+# Bump when the recipe below changes in a way that changes the output.
+recipe=1
+shopt -s nullglob
+patches=("$cfg"/patches/*.patch)
+shopt -u nullglob
+key=$( { echo "recipe=$recipe package=$package version=$version"; hash_files "${fragments[@]}" ${patches[@]+"${patches[@]}"}; } | sha256sum | cut -c1-16)
+cached=$AIRLOCK_CACHE/kernel/$variant-$key
+mkdir -p "$AIRLOCK_BUILD"
+
+if [ -f "$cached/vmlinux" ]; then
+    cp --reflink=auto "$cached/vmlinux" "$out.tmp" && mv "$out.tmp" "$out"
+    log "$variant kernel from cache ($key): $out"
+    exit 0
+fi
+
+apt_ensure "$package=$version" bc bison flex libelf-dev libssl-dev cpio make xz-utils lz4 rsync kmod
+[ -f "$tarball" ] || die "$tarball missing after installing $package=$version"
+
+# Pristine source, patched, shared by every variant with the same source key.
+src_key=$( { echo "$package=$version"; [ ${#patches[@]} -eq 0 ] || hash_files "${patches[@]}"; } | sha256sum | cut -c1-16)
+src=$AIRLOCK_CACHE/kernel/src-$src_key
+mkdir -p "$AIRLOCK_CACHE/kernel"
+exec 9>"$AIRLOCK_CACHE/kernel/.lock"
+flock 9
+if [ ! -f "$src/.airlock-ready" ]; then
+    log "unpacking $tarball"
+    rm -rf "$src" "$src.tmp"
+    mkdir -p "$src.tmp"
+    tar -xJf "$tarball" -C "$src.tmp" --strip-components=1
+    for p in ${patches[@]+"${patches[@]}"}; do
+        log "applying $(basename "$p")"
+        patch -d "$src.tmp" -p1 --quiet < "$p"
+    done
+    touch "$src.tmp/.airlock-ready"
+    mv "$src.tmp" "$src"
+fi
+
+obj=$AIRLOCK_CACHE/kernel/obj-$variant-$key
+mkdir -p "$obj"
+mk() { make -C "$src" O="$obj" ARCH=x86_64 -s "$@"; }
+mk tinyconfig >/dev/null
+"$src/scripts/kconfig/merge_config.sh" -m -O "$obj" "$obj/.config" "${fragments[@]}" >/dev/null
+mk olddefconfig >/dev/null
+
+# olddefconfig silently drops options whose dependencies are unmet: every
+# line we asked for must be in the final .config, or we stop here.
+bad=0
+while IFS= read -r line; do
+    case "$line" in
+        CONFIG_*=*)
+            grep -qxF "$line" "$obj/.config" || { echo "  requested $line, got: $(grep -E "^(# )?${line%%=*}[= ]" "$obj/.config" || echo 'absent')" >&2; bad=1; } ;;
+        "# CONFIG_"*" is not set")
+            sym=${line#"# "}; sym=${sym%% *}
+            ! grep -q "^$sym=" "$obj/.config" || { echo "  requested $sym off, got: $(grep "^$sym=" "$obj/.config")" >&2; bad=1; } ;;
+    esac
+done < <(cat "${fragments[@]}")
+[ "$bad" -eq 0 ] || die "kernel config: options above did not survive olddefconfig (unmet dependencies?)"
+
+log "building $variant vmlinux ($key) with $(nproc) jobs; a clean build takes ~10 minutes"
+mk -j"$(nproc)" vmlinux
+rm -rf "$cached.tmp"; mkdir -p "$cached.tmp"
+cp "$obj/vmlinux" "$obj/.config" "$cached.tmp/"
+mv "$cached.tmp" "$cached"
+rm -rf "$obj"
+cp --reflink=auto "$cached/vmlinux" "$out.tmp" && mv "$out.tmp" "$out"
+log "$variant kernel built: $out"

@@ -1,0 +1,95 @@
+//! The `airlock-vmm` command: one process per microVM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use airlock_vmm::config::{Console, VmConfig, MAX_MEM_MIB, MIN_MEM_MIB};
+use airlock_vmm::vmm::Vmm;
+use clap::Parser;
+
+/// Boot an Airlock microVM on KVM.
+///
+/// Loads an uncompressed ELF kernel (PVH entry) and an optional initramfs,
+/// runs the guest with a serial console, and exits when the guest resets or
+/// powers off. Airlock's broker (`airlock run`) normally starts this for you.
+///
+/// Exit status: 0 the guest stopped cleanly (reset, triple fault or power
+/// off); 1 the VM failed (KVM error: the message shows the exit reason, RIP
+/// and the instruction bytes); 2 bad input (missing or non-ELF kernel, bad
+/// sizes, no access to /dev/kvm).
+#[derive(Debug, Parser)]
+#[command(name = "airlock-vmm", version, about, long_about)]
+struct Cli {
+    /// Uncompressed ELF kernel (vmlinux) with a PVH entry point.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initramfs (newc cpio) handed to the kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MiB", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(i64::from(MIN_MEM_MIB)..=i64::from(MAX_MEM_MIB)))]
+    mem: u32,
+    /// Number of vCPUs (1 to 16).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=16))]
+    cpus: u8,
+    /// Extra kernel command-line arguments, appended to the VMM's own
+    /// (`console=ttyS0 reboot=k panic=-1 quiet`).
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+    /// Where the guest's serial console goes: a file path, `-` for standard
+    /// output, or `none`.
+    #[arg(long, value_name = "PATH|-|none", default_value = "-")]
+    console: String,
+}
+
+impl From<Cli> for VmConfig {
+    fn from(cli: Cli) -> Self {
+        let console = match cli.console.as_str() {
+            "-" => Console::Stdout,
+            "none" => Console::Discard,
+            path => Console::File(path.into()),
+        };
+        VmConfig {
+            kernel: cli.kernel,
+            initrd: cli.initrd,
+            mem_mib: cli.mem,
+            cpus: cli.cpus,
+            extra_cmdline: cli.cmdline,
+            console,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let config = VmConfig::from(Cli::parse());
+    let outcome = Vmm::new(&config, start).and_then(Vmm::run);
+    match outcome {
+        Ok(outcome) if outcome.stop.is_clean() => {
+            eprintln!(
+                "airlock-vmm: guest stopped: {} after {:.1} ms",
+                outcome.stop,
+                outcome.total.as_secs_f64() * 1e3
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(outcome) => {
+            eprintln!("airlock-vmm: error: {}", outcome.stop);
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                source = s.source();
+            }
+            eprintln!("airlock-vmm: error: {msg}");
+            ExitCode::from(if e.is_bad_input() { 2 } else { 1 })
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! The VM: builds the live objects from a [`VmConfig`] in the order written in
+//! the crate docs, then runs the vCPU threads and the event loop until the
+//! guest stops.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::Killable;
+
+use crate::arch::layout::{
+    BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, I8042_DATA_PORT, KVM_TSS_ADDR, SERIAL_IRQ, SERIAL_PORT,
+};
+use crate::arch::{boot, mptable, regs};
+use crate::config::{self, Console, VmConfig};
+use crate::devices::boot_timer::BootTimer;
+use crate::devices::bus::{self, Bus};
+use crate::devices::i8042::I8042;
+use crate::devices::serial::SerialDevice;
+use crate::devices::EventFdTrigger;
+use crate::memory::{self, GuestMemoryMmap};
+use crate::vcpu::{self, Request, Stop, Vcpu};
+
+/// The KVM API version this VMM speaks.
+const KVM_API_VERSION: i32 = 12;
+/// Capabilities we cannot run without.
+const REQUIRED_CAPS: [(Cap, &str); 7] = [
+    (Cap::Irqchip, "in-kernel irqchip"),
+    (Cap::UserMemory, "user memory"),
+    (Cap::SetTssAddr, "TSS address"),
+    (Cap::Pit2, "in-kernel PIT"),
+    (Cap::Irqfd, "irqfd"),
+    (Cap::Ioeventfd, "ioeventfd"),
+    (Cap::ExtCpuid, "KVM_GET_SUPPORTED_CPUID"),
+];
+/// How long stopped vCPU threads get to leave `KVM_RUN`.
+const VCPU_STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Errors building or running the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    /// `/dev/kvm` is missing.
+    #[error("/dev/kvm does not exist: this host has no KVM (enable virtualization and load kvm_intel or kvm_amd, or use airlock's tcg engine)")]
+    NoKvm,
+    /// `/dev/kvm` is not accessible.
+    #[error("no permission on /dev/kvm: add your user to the kvm group (usermod -aG kvm $USER, then log in again) or run as root")]
+    KvmPermission,
+    /// Opening `/dev/kvm` failed otherwise.
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// The host's KVM speaks another API.
+    #[error("host KVM API version {0}, this VMM needs {KVM_API_VERSION}")]
+    ApiVersion(i32),
+    /// The host's KVM lacks a capability.
+    #[error("host KVM lacks a required capability: {0}")]
+    Capability(&'static str),
+    /// A VM-level KVM ioctl failed.
+    #[error("failed to {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+    /// Loading kernel, initrd or command line.
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    /// The MP table.
+    #[error(transparent)]
+    MpTable(#[from] mptable::Error),
+    /// The GDT.
+    #[error(transparent)]
+    Regs(#[from] regs::Error),
+    /// A vCPU.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::Error),
+    /// Device placement.
+    #[error(transparent)]
+    Bus(#[from] bus::Error),
+    /// An eventfd, signal handler, console file or thread.
+    #[error("failed to {0}")]
+    Io(&'static str, #[source] io::Error),
+    /// The event loop failed.
+    #[error("event loop failed: {0:?}")]
+    EventLoop(event_manager::Error),
+}
+
+impl Error {
+    /// Whether the user can fix this by changing the input (exit code 2)
+    /// rather than it being a failure of the VM (exit code 1).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            Error::Config(_) | Error::NoKvm | Error::KvmPermission | Error::Boot(_)
+        )
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Why the guest stopped.
+    pub stop: Stop,
+    /// VMM start to the init's boot-timer mark, if it came.
+    pub init_reached: Option<Duration>,
+    /// VMM start to the end of the run.
+    pub total: Duration,
+}
+
+/// A VM ready to run. Field order is drop order: vCPUs and the VM fd go
+/// before the guest memory they point into.
+pub struct Vmm {
+    vcpus: Vec<Vcpu>,
+    vm: VmFd,
+    _kvm: Kvm,
+    mem: GuestMemoryMmap,
+    serial: Arc<Mutex<SerialDevice>>,
+    boot_timer: Arc<Mutex<BootTimer>>,
+    reset_evt: EventFd,
+    start: Instant,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("vcpus", &self.vcpus.len())
+            .finish()
+    }
+}
+
+fn open_kvm() -> Result<Kvm, Error> {
+    let kvm = Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT => Error::NoKvm,
+        libc::EACCES | libc::EPERM => Error::KvmPermission,
+        _ => Error::OpenKvm(e),
+    })?;
+    let version = kvm.get_api_version();
+    if version != KVM_API_VERSION {
+        return Err(Error::ApiVersion(version));
+    }
+    for (cap, name) in REQUIRED_CAPS {
+        if !kvm.check_extension(cap) {
+            return Err(Error::Capability(name));
+        }
+    }
+    Ok(kvm)
+}
+
+fn console_sink(console: &Console) -> Result<Box<dyn Write + Send>, Error> {
+    Ok(match console {
+        Console::Stdout => Box::new(io::stdout()),
+        Console::File(path) => {
+            Box::new(File::create(path).map_err(|e| Error::Io("create the console file", e))?)
+        }
+        Console::Discard => Box::new(io::sink()),
+    })
+}
+
+impl Vmm {
+    /// Builds the VM: KVM → memory → kernel, initrd, boot structures →
+    /// devices → vCPUs. `start` is when the VMM started (for the boot timer).
+    pub fn new(config: &VmConfig, start: Instant) -> Result<Self, Error> {
+        config.validate()?;
+        let kvm = open_kvm()?;
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| Error::Kvm("create the VM", e))?;
+        vm.set_tss_address(KVM_TSS_ADDR)
+            .map_err(|e| Error::Kvm("set the TSS address", e))?;
+        vm.create_irq_chip()
+            .map_err(|e| Error::Kvm("create the in-kernel irqchip", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(|e| Error::Kvm("create the in-kernel PIT", e))?;
+
+        let mem = memory::create(config.mem_bytes())?;
+        memory::register(&vm, &mem)?;
+
+        let kernel = boot::load_kernel(&mem, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(boot::load_initrd(&mem, path, &kernel)?),
+            None => None,
+        };
+        let cmdline = boot::build_cmdline(&config.extra_cmdline)?;
+        boot::write_pvh_boot_info(&mem, &cmdline, initrd)?;
+        mptable::write(&mem, config.cpus)?;
+        regs::write_gdt(&mem)?;
+
+        let eventfd = |what| EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Io(what, e));
+        let serial_irq = eventfd("create the serial irqfd")?;
+        vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(|e| Error::Kvm("register the serial irqfd", e))?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            EventFdTrigger(serial_irq),
+            console_sink(&config.console)?,
+        )));
+        let reset_evt = eventfd("create the reset eventfd")?;
+        let i8042 = I8042::new(EventFdTrigger(
+            reset_evt
+                .try_clone()
+                .map_err(|e| Error::Io("clone the reset eventfd", e))?,
+        ));
+        let boot_timer = Arc::new(Mutex::new(BootTimer::new(start)));
+        let mut pio = Bus::default();
+        pio.insert(u64::from(SERIAL_PORT), 8, serial.clone())?;
+        pio.insert(u64::from(I8042_DATA_PORT), 5, Arc::new(Mutex::new(i8042)))?;
+        let mut mmio = Bus::default();
+        mmio.insert(BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, boot_timer.clone())?;
+        let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+
+        let vcpus = (0..config.cpus)
+            .map(|id| {
+                Vcpu::new(
+                    &kvm,
+                    &vm,
+                    id,
+                    config.cpus,
+                    kernel.entry.0,
+                    pio.clone(),
+                    mmio.clone(),
+                    mem.clone(),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        Ok(Self {
+            vcpus,
+            vm,
+            _kvm: kvm,
+            mem,
+            serial,
+            boot_timer,
+            reset_evt,
+            start,
+        })
+    }
+
+    /// The guest's memory (for tests that inspect what the guest sees).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Runs the guest to its end: starts one thread per vCPU, runs the event
+    /// loop on this thread, then stops every vCPU and flushes the console.
+    pub fn run(mut self) -> Result<Outcome, Error> {
+        vcpu::install_kick_handler().map_err(|e| Error::Io("install the vCPU kick handler", e))?;
+        let exit_evt =
+            EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Io("create the exit eventfd", e))?;
+        let (exit_tx, exit_rx) = mpsc::channel();
+        let mut threads = Vec::new();
+        for vcpu in self.vcpus.drain(..) {
+            let (req_tx, req_rx) = mpsc::channel();
+            let (tx, evt) = (
+                exit_tx.clone(),
+                exit_evt
+                    .try_clone()
+                    .map_err(|e| Error::Io("clone the exit eventfd", e))?,
+            );
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.id()))
+                .spawn(move || vcpu.run(&req_rx, &tx, &evt))
+                .map_err(|e| Error::Io("spawn a vCPU thread", e));
+            match handle {
+                Ok(h) => threads.push((h, req_tx)),
+                Err(e) => {
+                    stop_vcpus(threads);
+                    return Err(e);
+                }
+            }
+        }
+        drop(exit_tx);
+
+        let result = self.event_loop(exit_evt, exit_rx);
+        stop_vcpus(threads);
+        if let Ok(mut serial) = self.serial.lock() {
+            let _ = serial.flush();
+        }
+        let stop = result?;
+        let init_reached = self.boot_timer.lock().ok().and_then(|t| t.reached());
+        // The VM fd must outlive the vCPU threads that used it.
+        drop(self.vm);
+        Ok(Outcome {
+            stop,
+            init_reached,
+            total: self.start.elapsed(),
+        })
+    }
+
+    fn event_loop(&self, exit_evt: EventFd, exit_rx: Receiver<(u8, Stop)>) -> Result<Stop, Error> {
+        let reset = self
+            .reset_evt
+            .try_clone()
+            .map_err(|e| Error::Io("clone the reset eventfd", e))?;
+        let watcher = Arc::new(Mutex::new(ExitWatcher {
+            reset_evt: reset,
+            exit_evt,
+            exits: exit_rx,
+            stop: None,
+        }));
+        let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+            EventManager::new().map_err(Error::EventLoop)?;
+        manager.add_subscriber(watcher.clone());
+        loop {
+            manager.run().map_err(Error::EventLoop)?;
+            if let Some(stop) = watcher.lock().ok().and_then(|w| w.stop.clone()) {
+                return Ok(stop);
+            }
+        }
+    }
+}
+
+/// Sends every vCPU thread a stop request and kicks it out of `KVM_RUN`
+/// until it has ended (or the grace period is over), then joins it.
+fn stop_vcpus(threads: Vec<(JoinHandle<()>, Sender<Request>)>) {
+    for (_, tx) in &threads {
+        let _ = tx.send(Request::Stop);
+    }
+    let deadline = Instant::now() + VCPU_STOP_GRACE;
+    // A kick can land just before the thread re-enters KVM_RUN; repeat it.
+    while threads.iter().any(|(h, _)| !h.is_finished()) && Instant::now() < deadline {
+        for (h, _) in threads.iter().filter(|(h, _)| !h.is_finished()) {
+            let _ = h.kill(vcpu::kick_signal());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for (h, _) in threads {
+        if h.is_finished() {
+            let _ = h.join();
+        }
+        // A thread still inside KVM_RUN after the grace period is left to
+        // the process exit; joining it would hang the VMM.
+    }
+}
+
+/// Watches the i8042 reset line and the vCPUs' exit reports.
+struct ExitWatcher {
+    reset_evt: EventFd,
+    exit_evt: EventFd,
+    exits: Receiver<(u8, Stop)>,
+    stop: Option<Stop>,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.reset_evt.as_raw_fd() {
+            let _ = self.reset_evt.read();
+            self.stop.get_or_insert(Stop::Reset);
+        } else if events.fd() == self.exit_evt.as_raw_fd() {
+            let _ = self.exit_evt.read();
+            while let Ok((_, stop)) = self.exits.try_recv() {
+                if stop != Stop::Requested {
+                    self.stop.get_or_insert(stop);
+                }
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        // Registration only fails for a duplicate fd or a dead epoll fd; the
+        // loop would then never see the guest stop, so say so loudly.
+        for fd in [self.reset_evt.as_raw_fd(), self.exit_evt.as_raw_fd()] {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                eprintln!("airlock-vmm: error: cannot watch exit events: {e:?}");
+                self.stop = Some(Stop::Failed("cannot watch exit events".into()));
+            }
+        }
+    }
+}
