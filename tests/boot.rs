@@ -1,1 +1,140 @@
+//! Boot the real kernel and init on both engines, the tiny smoke guest on our
+//! VMM, and check the errors a user gets for bad input.
 
+use airlock_e2e::{bin, build_file, host_is_kvm_pvm, rel, run, scratch, testbed};
+use airlock_protocol::INIT_READY_LINE;
+
+const POWER_OFF_LINE: &str = "airlock-init: powering off";
+
+#[test]
+fn tcg_engine_boots_our_kernel_and_init() {
+    let r = run(&[&bin("airlock"), "run", "--engine", "tcg"], 300);
+    r.expect_code(0)
+        .expect_stdout_line(INIT_READY_LINE)
+        .expect_stdout_line(POWER_OFF_LINE)
+        .expect_stderr("engine: tcg");
+}
+
+#[test]
+fn our_vmm_runs_the_tiny_smoke_guest_in_the_testbed() {
+    let dir = scratch("smoke");
+    let elf = dir.join("smoke.elf");
+    let code = airlock_vmm::tiny_guest::smoke_code(b"airlock smoke: serial works\n");
+    std::fs::write(&elf, airlock_vmm::tiny_guest::pvh_elf(&code)).expect("write smoke guest");
+    let r = testbed(&[&bin("airlock-vmm"), "--kernel", &rel(&elf), "--console", "-"], 600);
+    r.expect_code(0)
+        .expect_stdout_line("airlock smoke: serial works")
+        .expect_stderr("airlock-vmm: boot-timer: guest init reached after")
+        .expect_stderr("airlock-vmm: guest stopped: guest reset the machine");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn our_vmm_boots_our_kernel_and_init_on_two_vcpus_in_the_testbed() {
+    let r = testbed(
+        &[
+            &bin("airlock-vmm"),
+            "--kernel",
+            &build_file("vmlinux"),
+            "--initrd",
+            &build_file("initramfs.cpio"),
+            "--cpus",
+            "2",
+            "--mem",
+            "256",
+            "--cmdline",
+            "airlock.debug=1",
+        ],
+        600,
+    );
+    r.expect_code(0)
+        .expect_stdout_line(INIT_READY_LINE)
+        .expect_stdout_line(POWER_OFF_LINE)
+        // The init's boot-timer write reached our MMIO device.
+        .expect_stderr("airlock-vmm: boot-timer: guest init reached after")
+        .expect_stderr("airlock-vmm: guest stopped: guest reset the machine");
+    assert!(!r.stdout.contains("Kernel panic"), "{r}");
+}
+
+#[test]
+fn airlock_auto_picks_our_vmm_where_kvm_works() {
+    // In the test bed /dev/kvm is real kvm_amd: auto must choose kvm.
+    let r = testbed(&[&bin("airlock"), "run", "--engine", "auto"], 600);
+    r.expect_code(0)
+        .expect_stdout_line(INIT_READY_LINE)
+        .expect_stderr("engine: kvm");
+}
+
+#[test]
+fn vmm_rejects_bad_input_with_one_line_and_exit_2() {
+    let vmm = bin("airlock-vmm");
+    let dir = scratch("badinput");
+    let not_elf = dir.join("bzImage");
+    std::fs::write(&not_elf, b"MZ\x00\x00 definitely not an ELF").expect("write");
+    let not_elf = rel(&not_elf);
+
+    run(&[&vmm, "--kernel", "build/does-not-exist"], 30)
+        .expect_code(2)
+        .expect_one_line_error("kernel not found at build/does-not-exist");
+    run(&[&vmm, "--kernel", &not_elf], 30)
+        .expect_code(2)
+        .expect_one_line_error("is not an ELF64 vmlinux");
+    run(&[&vmm, "--kernel", &build_file("vmlinux"), "--initrd", "nope.cpio"], 30)
+        .expect_code(2)
+        .expect_one_line_error("initrd not found at nope.cpio");
+    let r = run(&[&vmm, "--kernel", &build_file("vmlinux"), "--mem", "16"], 30);
+    r.expect_code(2).expect_stderr("--mem");
+    // Too little memory for this kernel and initrd is caught by the loader.
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn vmm_without_access_to_dev_kvm_says_how_to_fix_it() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("no /dev/kvm on this host: the permission case cannot arise");
+        return;
+    }
+    // As an unprivileged user (nobody), /dev/kvm (0600 root or 0660 kvm) is closed.
+    let vmm = airlock_e2e::root().join(bin("airlock-vmm"));
+    let vmlinux = airlock_e2e::root().join(build_file("vmlinux"));
+    let r = run(
+        &[
+            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+            vmm.to_str().expect("utf8"), "--kernel", vmlinux.to_str().expect("utf8"),
+        ],
+        30,
+    );
+    r.expect_code(2).expect_one_line_error("no permission on /dev/kvm");
+}
+
+#[test]
+fn airlock_rejects_bad_input_with_exit_2_and_starts_nothing() {
+    let airlock = bin("airlock");
+    let dir = scratch("airlock-badinput");
+    let not_elf = dir.join("not-a-kernel");
+    std::fs::write(&not_elf, b"hello").expect("write");
+    run(&[&airlock, "run", "--engine", "tcg", "--kernel", &rel(&dir.join("missing"))], 30)
+        .expect_code(2)
+        .expect_stderr("kernel not found");
+    run(&[&airlock, "run", "--engine", "tcg", "--kernel", &rel(&not_elf)], 30)
+        .expect_code(2)
+        .expect_stderr("not an ELF");
+    run(&[&airlock, "run", "--bogus-flag"], 30).expect_code(2);
+    // Nothing was started for any of these: no VMM or QEMU has our paths.
+    let ps = run(&["pgrep", "-f", &dir.display().to_string()], 10);
+    assert_eq!(ps.code, Some(1), "a process was left behind:\n{ps}");
+    if host_is_kvm_pvm() {
+        run(&[&airlock, "run", "--engine", "kvm"], 30)
+            .expect_code(2)
+            .expect_stderr("kvm_pvm");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn doctor_names_the_engine_auto_would_use() {
+    let r = run(&[&bin("airlock"), "doctor"], 60);
+    r.expect_code(0);
+    let want = if host_is_kvm_pvm() { "would use tcg" } else { "would use" };
+    assert!(r.stdout.contains(want) || r.stderr.contains(want), "{r}");
+}

@@ -1,1 +1,142 @@
+//! Helpers for Airlock's end-to-end tests: where the built artefacts are, how
+//! to run a command (on the host or in the nested test bed) with a deadline,
+//! and what it printed.
+//!
+//! The tests need `scripts/build.sh` to have run (the README's test command
+//! does it); a missing artefact fails the test with that instruction.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn must_exist(path: PathBuf) -> PathBuf {
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/build.sh first (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// A static release binary built by `scripts/build.sh`, relative to the root
+/// (so the same path works inside the test bed).
+pub fn bin(name: &str) -> String {
+    let rel = format!("target/x86_64-unknown-linux-gnu/release/{name}");
+    must_exist(root().join(&rel));
+    rel
+}
+
+/// A file under `build/`, relative to the root.
+pub fn build_file(name: &str) -> String {
+    let rel = format!("build/{name}");
+    must_exist(root().join(&rel));
+    rel
+}
+
+/// What a finished command printed and how it exited.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code (`None` if killed by a signal).
+    pub code: Option<i32>,
+    /// Standard output, lossily decoded.
+    pub stdout: String,
+    /// Standard error, lossily decoded.
+    pub stderr: String,
+}
+
+impl Run {
+    /// Panics with both streams unless the exit code is `code`.
+    pub fn expect_code(&self, code: i32) -> &Self {
+        assert_eq!(self.code, Some(code), "unexpected exit status\n{self}");
+        self
+    }
+
+    /// Panics unless stdout has a line equal to `line`.
+    pub fn expect_stdout_line(&self, line: &str) -> &Self {
+        assert!(
+            self.stdout.lines().any(|l| l.trim_end() == line),
+            "stdout lacks the line {line:?}\n{self}"
+        );
+        self
+    }
+
+    /// Panics unless stderr contains `text`.
+    pub fn expect_stderr(&self, text: &str) -> &Self {
+        assert!(self.stderr.contains(text), "stderr lacks {text:?}\n{self}");
+        self
+    }
+
+    /// Panics unless stderr is exactly one line containing `text`.
+    pub fn expect_one_line_error(&self, text: &str) -> &Self {
+        let lines: Vec<&str> = self.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "expected a one-line error\n{self}");
+        self.expect_stderr(text)
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `argv` from the repository root, killed after `timeout_s` seconds.
+pub fn run(argv: &[&str], timeout_s: u32) -> Run {
+    run_env(argv, &[], timeout_s)
+}
+
+/// Runs `argv` from the repository root with extra environment variables.
+pub fn run_env(argv: &[&str], env: &[(&str, &str)], timeout_s: u32) -> Run {
+    let out = Command::new("timeout")
+        .args(["-k", "5", &timeout_s.to_string()])
+        .args(argv)
+        .envs(env.iter().copied())
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {argv:?}: {e}"));
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs `argv` inside the nested test bed (L1 Linux with real `kvm_amd`).
+pub fn testbed(argv: &[&str], timeout_s: u32) -> Run {
+    let limit = timeout_s.to_string();
+    let mut full = vec!["scripts/testbed", "--timeout", limit.as_str(), "--"];
+    full.extend_from_slice(argv);
+    run(&full, timeout_s + 30)
+}
+
+/// A scratch directory under `build/tests/` (reachable from the test bed),
+/// unique to this test.
+pub fn scratch(test: &str) -> PathBuf {
+    let dir = root()
+        .join("build/tests")
+        .join(format!("{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+    dir
+}
+
+/// The path of `p` relative to the repository root.
+pub fn rel(p: &Path) -> String {
+    p.strip_prefix(root()).unwrap_or(p).display().to_string()
+}
+
+/// Whether this host's `/dev/kvm` is the emulating `kvm_pvm` (FACTS.md).
+pub fn host_is_kvm_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}

@@ -38,13 +38,13 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("initrd not found at {0} (build the guest image, see scripts/, or pass --initrd)")]
+    #[error("initrd not found at {0} (run scripts/build-initramfs.sh or pass --initrd)")]
     InitrdNotFound(PathBuf),
     #[error("initrd at {0} is not a regular file (pass the cpio archive with --initrd)")]
     InitrdNotFile(PathBuf),
     #[error(
-        "{VMM_BINARY} not found next to the airlock binary, in $AIRLOCK_VMM or in PATH \
-         (build it with cargo build -p airlock-vmm, or set AIRLOCK_VMM)"
+        "{VMM_BINARY} not found in $AIRLOCK_VMM, next to the airlock binary or in PATH \
+         (build it with scripts/build.sh, or set AIRLOCK_VMM)"
     )]
     VmmNotFound,
     #[error("$AIRLOCK_VMM is {0}, which is not an executable file (fix or unset AIRLOCK_VMM)")]
@@ -195,16 +195,9 @@ pub fn find_in_path(name: &str, path_var: Option<&OsStr>) -> Option<PathBuf> {
         .find(|candidate| is_executable_file(candidate))
 }
 
-/// Finds `airlock-vmm`: next to the airlock executable, else `$AIRLOCK_VMM`,
-/// else in `PATH`.
+/// Finds `airlock-vmm`: `$AIRLOCK_VMM` if set (an explicit choice wins),
+/// else next to the airlock executable, else in `PATH`.
 pub fn find_vmm() -> Result<PathBuf, Error> {
-    if let Some(sibling) = env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join(VMM_BINARY)))
-        .filter(|p| is_executable_file(p))
-    {
-        return Ok(sibling);
-    }
     if let Some(value) = env::var_os("AIRLOCK_VMM").filter(|v| !v.is_empty()) {
         let path = PathBuf::from(value);
         return if is_executable_file(&path) {
@@ -212,6 +205,13 @@ pub fn find_vmm() -> Result<PathBuf, Error> {
         } else {
             Err(Error::VmmEnvNotExecutable(path))
         };
+    }
+    if let Some(sibling) = env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(VMM_BINARY)))
+        .filter(|p| is_executable_file(p))
+    {
+        return Ok(sibling);
     }
     find_in_path(VMM_BINARY, env::var_os("PATH").as_deref()).ok_or(Error::VmmNotFound)
 }

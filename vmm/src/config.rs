@@ -54,6 +54,9 @@ pub enum Error {
         "kernel not found at {0}: build it with scripts/build-kernel.sh or pass --kernel PATH"
     )]
     KernelMissing(PathBuf),
+    /// The kernel file is not an ELF64 image.
+    #[error("{0} is not an ELF64 vmlinux: pass the uncompressed kernel (build/vmlinux), not a bzImage")]
+    KernelNotElf(PathBuf),
     /// The initrd file is missing.
     #[error(
         "initrd not found at {0}: build it with scripts/build-initramfs.sh or pass --initrd PATH"
@@ -73,6 +76,9 @@ impl VmConfig {
         if !self.kernel.is_file() {
             return Err(Error::KernelMissing(self.kernel.clone()));
         }
+        if !is_elf64(&self.kernel) {
+            return Err(Error::KernelNotElf(self.kernel.clone()));
+        }
         if let Some(initrd) = &self.initrd {
             if !initrd.is_file() {
                 return Err(Error::InitrdMissing(initrd.clone()));
@@ -87,6 +93,15 @@ impl VmConfig {
     }
 }
 
+/// Whether `path` starts with the ELF magic and the 64-bit class byte.
+fn is_elf64(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 5];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok_and(|()| head == *b"\x7fELF\x02")
+}
+
 const _: () = assert!(
     (MAX_MEM_MIB as u64) << 20 > MMIO_GAP_START,
     "large guests use RAM above 4 GiB"
@@ -98,6 +113,7 @@ mod tests {
 
     fn cfg() -> VmConfig {
         VmConfig {
+            // The test binary itself is an ELF64 file.
             kernel: std::env::current_exe().expect("exe"),
             initrd: None,
             mem_mib: 256,

@@ -28,5 +28,6 @@ pub mod arch;
 pub mod config;
 pub mod devices;
 pub mod memory;
+pub mod tiny_guest;
 pub mod vcpu;
 pub mod vmm;

@@ -96,7 +96,8 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, E
     match result.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(entry) => Ok(LoadedKernel {
             entry,
-            end: result.kernel_load.0 + result.kernel_end,
+            // linux-loader reports the end as an absolute guest address.
+            end: result.kernel_end,
         }),
         _ => Err(Error::NoPvh(shown)),
     }

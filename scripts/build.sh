@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Build everything a sandbox needs, skipping what is already up to date:
+#
+#   scripts/build.sh [--no-l1]
+#
+#   - Debian packages the host side needs (qemu-system-x86, busybox-static, ...)
+#   - the guest kernel            -> build/vmlinux          (cached, ~5-10 min cold)
+#   - the test bed's L1 kernel    -> build/l1-vmlinux       (cached; skipped with --no-l1)
+#   - airlock, airlock-vmm, airlock-init, static (glibc, crt-static), release
+#                                 -> target/x86_64-unknown-linux-gnu/release/
+#   - the initramfs with airlock-init as /init -> build/initramfs.cpio
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+l1=1
+case "${1:-}" in
+    '') ;;
+    --no-l1) l1=0 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown argument '$1' (see --help)" ;;
+esac
+
+apt_ensure qemu-system-x86 busybox-static python3 binutils
+"$AIRLOCK_ROOT/scripts/build-kernel.sh" guest
+[ "$l1" -eq 0 ] || "$AIRLOCK_ROOT/scripts/build-kernel.sh" l1
+log "building airlock, airlock-vmm (static, release)"
+(cd "$AIRLOCK_ROOT" && RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --target x86_64-unknown-linux-gnu -p airlock -p airlock-vmm) \
+    || die "cargo build failed"
+"$AIRLOCK_ROOT/scripts/build-initramfs.sh" >/dev/null
+log "ready: $(cd "$AIRLOCK_ROOT" && ls build/ | tr '\n' ' ')"
