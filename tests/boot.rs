@@ -21,7 +21,16 @@ fn our_vmm_runs_the_tiny_smoke_guest_in_the_testbed() {
     let elf = dir.join("smoke.elf");
     let code = airlock_vmm::tiny_guest::smoke_code(b"airlock smoke: serial works\n");
     std::fs::write(&elf, airlock_vmm::tiny_guest::pvh_elf(&code)).expect("write smoke guest");
-    let r = testbed(&[&bin("airlock-vmm"), "--kernel", &rel(&elf), "--console", "-"], 600);
+    let r = testbed(
+        &[
+            &bin("airlock-vmm"),
+            "--kernel",
+            &rel(&elf),
+            "--console",
+            "-",
+        ],
+        600,
+    );
     r.expect_code(0)
         .expect_stdout_line("airlock smoke: serial works")
         .expect_stderr("airlock-vmm: boot-timer: guest init reached after")
@@ -79,10 +88,22 @@ fn vmm_rejects_bad_input_with_one_line_and_exit_2() {
     run(&[&vmm, "--kernel", &not_elf], 30)
         .expect_code(2)
         .expect_one_line_error("is not an ELF64 vmlinux");
-    run(&[&vmm, "--kernel", &build_file("vmlinux"), "--initrd", "nope.cpio"], 30)
-        .expect_code(2)
-        .expect_one_line_error("initrd not found at nope.cpio");
-    let r = run(&[&vmm, "--kernel", &build_file("vmlinux"), "--mem", "16"], 30);
+    run(
+        &[
+            &vmm,
+            "--kernel",
+            &build_file("vmlinux"),
+            "--initrd",
+            "nope.cpio",
+        ],
+        30,
+    )
+    .expect_code(2)
+    .expect_one_line_error("initrd not found at nope.cpio");
+    let r = run(
+        &[&vmm, "--kernel", &build_file("vmlinux"), "--mem", "16"],
+        30,
+    );
     r.expect_code(2).expect_stderr("--mem");
     // Too little memory for this kernel and initrd is caught by the loader.
     let _ = std::fs::remove_dir_all(dir);
@@ -99,12 +120,19 @@ fn vmm_without_access_to_dev_kvm_says_how_to_fix_it() {
     let vmlinux = airlock_e2e::root().join(build_file("vmlinux"));
     let r = run(
         &[
-            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
-            vmm.to_str().expect("utf8"), "--kernel", vmlinux.to_str().expect("utf8"),
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            vmm.to_str().expect("utf8"),
+            "--kernel",
+            vmlinux.to_str().expect("utf8"),
         ],
         30,
     );
-    r.expect_code(2).expect_one_line_error("no permission on /dev/kvm");
+    r.expect_code(2)
+        .expect_one_line_error("no permission on /dev/kvm");
 }
 
 #[test]
@@ -113,12 +141,32 @@ fn airlock_rejects_bad_input_with_exit_2_and_starts_nothing() {
     let dir = scratch("airlock-badinput");
     let not_elf = dir.join("not-a-kernel");
     std::fs::write(&not_elf, b"hello").expect("write");
-    run(&[&airlock, "run", "--engine", "tcg", "--kernel", &rel(&dir.join("missing"))], 30)
-        .expect_code(2)
-        .expect_stderr("kernel not found");
-    run(&[&airlock, "run", "--engine", "tcg", "--kernel", &rel(&not_elf)], 30)
-        .expect_code(2)
-        .expect_stderr("not an ELF");
+    run(
+        &[
+            &airlock,
+            "run",
+            "--engine",
+            "tcg",
+            "--kernel",
+            &rel(&dir.join("missing")),
+        ],
+        30,
+    )
+    .expect_code(2)
+    .expect_stderr("kernel not found");
+    run(
+        &[
+            &airlock,
+            "run",
+            "--engine",
+            "tcg",
+            "--kernel",
+            &rel(&not_elf),
+        ],
+        30,
+    )
+    .expect_code(2)
+    .expect_stderr("not an ELF");
     run(&[&airlock, "run", "--bogus-flag"], 30).expect_code(2);
     // Nothing was started for any of these: no VMM or QEMU has our paths.
     let ps = run(&["pgrep", "-f", &dir.display().to_string()], 10);
@@ -135,6 +183,10 @@ fn airlock_rejects_bad_input_with_exit_2_and_starts_nothing() {
 fn doctor_names_the_engine_auto_would_use() {
     let r = run(&[&bin("airlock"), "doctor"], 60);
     r.expect_code(0);
-    let want = if host_is_kvm_pvm() { "would use tcg" } else { "would use" };
+    let want = if host_is_kvm_pvm() {
+        "would use tcg"
+    } else {
+        "would use"
+    };
     assert!(r.stdout.contains(want) || r.stderr.contains(want), "{r}");
 }

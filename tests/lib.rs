@@ -75,7 +75,11 @@ impl Run {
 
     /// Panics unless stderr is exactly one line containing `text`.
     pub fn expect_one_line_error(&self, text: &str) -> &Self {
-        let lines: Vec<&str> = self.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        let lines: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
         assert_eq!(lines.len(), 1, "expected a one-line error\n{self}");
         self.expect_stderr(text)
     }

@@ -14,7 +14,8 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let line = args.next().unwrap_or_else(|| "airlock smoke ok".into()) + "\n";
-    let elf = airlock_vmm::tiny_guest::pvh_elf(&airlock_vmm::tiny_guest::smoke_code(line.as_bytes()));
+    let elf =
+        airlock_vmm::tiny_guest::pvh_elf(&airlock_vmm::tiny_guest::smoke_code(line.as_bytes()));
     match std::fs::write(&out, elf) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -55,7 +55,9 @@ pub enum Error {
     )]
     KernelMissing(PathBuf),
     /// The kernel file is not an ELF64 image.
-    #[error("{0} is not an ELF64 vmlinux: pass the uncompressed kernel (build/vmlinux), not a bzImage")]
+    #[error(
+        "{0} is not an ELF64 vmlinux: pass the uncompressed kernel (build/vmlinux), not a bzImage"
+    )]
     KernelNotElf(PathBuf),
     /// The initrd file is missing.
     #[error(

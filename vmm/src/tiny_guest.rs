@@ -94,7 +94,8 @@ mod tests {
         assert_eq!(k.entry, GuestAddress(HIMEM_START));
         assert_eq!(k.end, HIMEM_START + code.len() as u64);
         let mut back = vec![0u8; code.len()];
-        mem.read_slice(&mut back, GuestAddress(HIMEM_START)).expect("read");
+        mem.read_slice(&mut back, GuestAddress(HIMEM_START))
+            .expect("read");
         assert_eq!(back, code);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -104,7 +105,10 @@ mod tests {
         let code = smoke_code(b"ok");
         assert_eq!(&code[..4], &[0x66, 0xba, 0xf8, 0x03]);
         assert_eq!(&code[4..10], &[0xb0, b'o', 0xee, 0xb0, b'k', 0xee]);
-        assert_eq!(&code[10..17], &[0xc6, 0x05, 0x00, 0x00, 0x00, 0xd0, BOOT_TIMER_MAGIC]);
+        assert_eq!(
+            &code[10..17],
+            &[0xc6, 0x05, 0x00, 0x00, 0x00, 0xd0, BOOT_TIMER_MAGIC]
+        );
         assert_eq!(&code[17..21], &[0xb0, 0xfe, 0xe6, 0x64]);
     }
 }
