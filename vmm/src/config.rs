@@ -23,6 +23,16 @@ pub enum Console {
     Discard,
 }
 
+/// The vsock device: the guest's CID and the hybrid-vsock socket path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more; 0-2 are reserved).
+    pub cid: u32,
+    /// Host side: `<uds>` for host-initiated connections, `<uds>_<port>`
+    /// for guest-initiated ones.
+    pub uds: PathBuf,
+}
+
 /// Everything needed to build and boot a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -38,6 +48,8 @@ pub struct VmConfig {
     pub extra_cmdline: String,
     /// The serial console's destination.
     pub console: Console,
+    /// A vsock device, if any.
+    pub vsock: Option<VsockConfig>,
 }
 
 /// A configuration the VMM refuses before touching KVM.
@@ -59,6 +71,12 @@ pub enum Error {
         "{0} is not an ELF64 vmlinux: pass the uncompressed kernel (build/vmlinux), not a bzImage"
     )]
     KernelNotElf(PathBuf),
+    /// A reserved or out-of-range vsock CID.
+    #[error("vsock CID {0} is reserved: use --vsock-cid 3 or more")]
+    VsockCid(u32),
+    /// The vsock socket's directory does not exist.
+    #[error("the directory for vsock socket {0} does not exist")]
+    VsockDir(PathBuf),
     /// The initrd file is missing.
     #[error(
         "initrd not found at {0}: build it with scripts/build-initramfs.sh or pass --initrd PATH"
@@ -80,6 +98,15 @@ impl VmConfig {
         }
         if !is_elf64(&self.kernel) {
             return Err(Error::KernelNotElf(self.kernel.clone()));
+        }
+        if let Some(vsock) = &self.vsock {
+            if vsock.cid < 3 || vsock.cid == u32::MAX {
+                return Err(Error::VsockCid(vsock.cid));
+            }
+            let dir = vsock.uds.parent().filter(|d| !d.as_os_str().is_empty());
+            if !dir.is_none_or(std::path::Path::is_dir) {
+                return Err(Error::VsockDir(vsock.uds.clone()));
+            }
         }
         if let Some(initrd) = &self.initrd {
             if !initrd.is_file() {
@@ -122,6 +149,7 @@ mod tests {
             cpus: 1,
             extra_cmdline: String::new(),
             console: Console::Discard,
+            vsock: None,
         }
     }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use airlock_vmm::config::{Console, VmConfig, MAX_MEM_MIB, MIN_MEM_MIB};
+use airlock_vmm::config::{Console, VmConfig, VsockConfig, MAX_MEM_MIB, MIN_MEM_MIB};
 use airlock_vmm::vmm::Vmm;
 use clap::Parser;
 
@@ -43,6 +43,15 @@ struct Cli {
     /// output, or `none`.
     #[arg(long, value_name = "PATH|-|none", default_value = "-")]
     console: String,
+    /// Give the guest a virtio-vsock device whose host side is this Unix
+    /// socket path (Firecracker's hybrid vsock): a guest connection to host
+    /// port P arrives at `PATH_P`; host programs connect to PATH and write
+    /// `CONNECT <guest port>\n`.
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
+    /// The guest's vsock context id (3 or more).
+    #[arg(long, value_name = "CID", default_value_t = 3, requires = "vsock_uds")]
+    vsock_cid: u32,
 }
 
 impl From<Cli> for VmConfig {
@@ -59,6 +68,10 @@ impl From<Cli> for VmConfig {
             cpus: cli.cpus,
             extra_cmdline: cli.cmdline,
             console,
+            vsock: cli.vsock_uds.map(|uds| VsockConfig {
+                cid: cli.vsock_cid,
+                uds,
+            }),
         }
     }
 }
@@ -69,6 +82,9 @@ fn main() -> ExitCode {
     let outcome = Vmm::new(&config, start).and_then(Vmm::run);
     match outcome {
         Ok(outcome) if outcome.stop.is_clean() => {
+            if let Some((refused, malformed)) = outcome.vsock_rejects.filter(|r| *r != (0, 0)) {
+                eprintln!("airlock-vmm: vsock: refused {refused} packets, {malformed} malformed buffers from the guest");
+            }
             eprintln!(
                 "airlock-vmm: guest stopped: {} after {:.1} ms",
                 outcome.stop,

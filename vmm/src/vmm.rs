@@ -12,13 +12,14 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
 use crate::arch::layout::{
     BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, I8042_DATA_PORT, KVM_TSS_ADDR, SERIAL_IRQ, SERIAL_PORT,
+    VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
 use crate::arch::{boot, mptable, regs};
 use crate::config::{self, Console, VmConfig};
@@ -26,6 +27,9 @@ use crate::devices::boot_timer::BootTimer;
 use crate::devices::bus::{self, Bus};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::vsock::{self as vsock_dev, Vsock};
+use crate::devices::virtio::IrqLine;
 use crate::devices::EventFdTrigger;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vcpu::{self, Request, Stop, Vcpu};
@@ -87,6 +91,9 @@ pub enum Error {
     /// Device placement.
     #[error(transparent)]
     Bus(#[from] bus::Error),
+    /// The vsock backend.
+    #[error(transparent)]
+    Vsock(#[from] vsock_dev::muxer::Error),
     /// An eventfd, signal handler, console file or thread.
     #[error("failed to {0}")]
     Io(&'static str, #[source] io::Error),
@@ -101,7 +108,11 @@ impl Error {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            Error::Config(_) | Error::NoKvm | Error::KvmPermission | Error::Boot(_)
+            Error::Config(_)
+                | Error::NoKvm
+                | Error::KvmPermission
+                | Error::Boot(_)
+                | Error::Vsock(_)
         )
     }
 }
@@ -115,6 +126,9 @@ pub struct Outcome {
     pub init_reached: Option<Duration>,
     /// VMM start to the end of the run.
     pub total: Duration,
+    /// vsock packets refused (resets) and malformed chains, if a vsock
+    /// device was present.
+    pub vsock_rejects: Option<(u64, u64)>,
 }
 
 /// A VM ready to run. Field order is drop order: vCPUs and the VM fd go
@@ -126,6 +140,7 @@ pub struct Vmm {
     mem: GuestMemoryMmap,
     serial: Arc<Mutex<SerialDevice>>,
     boot_timer: Arc<Mutex<BootTimer>>,
+    vsock: Option<Arc<Mutex<Vsock>>>,
     reset_evt: EventFd,
     start: Instant,
 }
@@ -194,7 +209,11 @@ impl Vmm {
             Some(path) => Some(boot::load_initrd(&mem, path, &kernel)?),
             None => None,
         };
-        let cmdline = boot::build_cmdline(&config.extra_cmdline)?;
+        let vsock_slot = config
+            .vsock
+            .as_ref()
+            .map(|_| (VIRTIO_MMIO_BASE, VIRTIO_FIRST_IRQ));
+        let cmdline = boot::build_cmdline(vsock_slot.as_slice(), &config.extra_cmdline)?;
         boot::write_pvh_boot_info(&mem, &cmdline, initrd)?;
         mptable::write(&mem, config.cpus)?;
         regs::write_gdt(&mem)?;
@@ -219,6 +238,14 @@ impl Vmm {
         pio.insert(u64::from(I8042_DATA_PORT), 5, Arc::new(Mutex::new(i8042)))?;
         let mut mmio = Bus::default();
         mmio.insert(BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, boot_timer.clone())?;
+        let vsock = match (&config.vsock, vsock_slot) {
+            (Some(cfg), Some((base, irq))) => {
+                let (device, transport) = create_vsock(&vm, &mem, cfg, base, irq)?;
+                mmio.insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+                Some(device)
+            }
+            _ => None,
+        };
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
         let vcpus = (0..config.cpus)
@@ -243,6 +270,7 @@ impl Vmm {
             mem,
             serial,
             boot_timer,
+            vsock,
             reset_evt,
             start,
         })
@@ -290,12 +318,17 @@ impl Vmm {
         }
         let stop = result?;
         let init_reached = self.boot_timer.lock().ok().and_then(|t| t.reached());
+        let vsock_rejects = self
+            .vsock
+            .as_ref()
+            .and_then(|v| v.lock().ok().map(|v| (v.refused(), v.malformed)));
         // The VM fd must outlive the vCPU threads that used it.
         drop(self.vm);
         Ok(Outcome {
             stop,
             init_reached,
             total: self.start.elapsed(),
+            vsock_rejects,
         })
     }
 
@@ -313,6 +346,9 @@ impl Vmm {
         let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
             EventManager::new().map_err(Error::EventLoop)?;
         manager.add_subscriber(watcher.clone());
+        if let Some(vsock) = &self.vsock {
+            manager.add_subscriber(vsock.clone());
+        }
         loop {
             manager.run().map_err(Error::EventLoop)?;
             if let Some(stop) = watcher.lock().ok().and_then(|w| w.stop.clone()) {
@@ -320,6 +356,44 @@ impl Vmm {
             }
         }
     }
+}
+
+/// Creates the vsock device at `base` on `irq`: its irqfd, one ioeventfd per
+/// queue (so notifications never exit to userspace), the backend sockets,
+/// and the MMIO transport in front of it.
+fn create_vsock(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    cfg: &config::VsockConfig,
+    base: u64,
+    irq: u32,
+) -> Result<(Arc<Mutex<Vsock>>, MmioTransport), Error> {
+    let eventfd = |what| EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Io(what, e));
+    let irq_evt = eventfd("create the vsock irqfd")?;
+    vm.register_irqfd(&irq_evt, irq)
+        .map_err(|e| Error::Kvm("register the vsock irqfd", e))?;
+    let irq_line = Arc::new(IrqLine::new(irq_evt));
+    let mut evts = Vec::new();
+    for queue in 0u32..3 {
+        let evt = eventfd("create a vsock queue eventfd")?;
+        vm.register_ioevent(&evt, &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY), queue)
+            .map_err(|e| Error::Kvm("register a vsock ioeventfd", e))?;
+        evts.push(evt);
+    }
+    let clones = evts
+        .iter()
+        .map(EventFd::try_clone)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Io("clone a vsock queue eventfd", e))?;
+    let device = Arc::new(Mutex::new(Vsock::new(
+        u64::from(cfg.cid),
+        cfg.uds.clone(),
+        mem.clone(),
+        irq_line.clone(),
+        evts,
+    )?));
+    let transport = MmioTransport::new(device.clone(), mem.clone(), irq_line, clones);
+    Ok((device, transport))
 }
 
 /// Sends every vCPU thread a stop request and kicks it out of `KVM_RUN`

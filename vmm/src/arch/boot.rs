@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::layout::{
     CMDLINE_ADDR, CMDLINE_MAX_SIZE, EBDA_END, HIMEM_START, MPTABLE_ADDR, PVH_INFO_ADDR,
-    PVH_MEMMAP_ADDR, PVH_MODLIST_ADDR,
+    PVH_MEMMAP_ADDR, PVH_MODLIST_ADDR, VIRTIO_MMIO_SIZE,
 };
 use crate::memory::{low_ram_end, GuestMemoryMmap};
 
@@ -137,12 +137,18 @@ pub fn load_initrd(
 /// knows: unknown ones would be handed to init as arguments or environment.
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
 
-/// Builds the full command line: [`BASE_CMDLINE`], then `extra`.
-pub fn build_cmdline(extra: &str) -> Result<Cmdline, Error> {
+/// Builds the full command line: [`BASE_CMDLINE`], one
+/// `virtio_mmio.device=` per `(base, irq)` in `devices`, then `extra`.
+pub fn build_cmdline(devices: &[(u64, u32)], extra: &str) -> Result<Cmdline, Error> {
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| Error::Cmdline(e.to_string()))?;
     cmdline
         .insert_str(BASE_CMDLINE)
         .map_err(|e| Error::Cmdline(e.to_string()))?;
+    for (base, irq) in devices {
+        cmdline
+            .add_virtio_mmio_device(VIRTIO_MMIO_SIZE, GuestAddress(*base), *irq, None)
+            .map_err(|e| Error::Cmdline(e.to_string()))?;
+    }
     let extra = extra.trim();
     if !extra.is_empty() {
         cmdline
@@ -225,12 +231,12 @@ mod tests {
 
     #[test]
     fn cmdline_starts_with_the_base_and_appends_extras() {
-        let c = build_cmdline("  airlock.debug=1 ").expect("cmdline");
+        let c = build_cmdline(&[], "  airlock.debug=1 ").expect("cmdline");
         let s = c.as_cstring().expect("cstr").into_string().expect("utf8");
         assert!(s.starts_with("console=ttyS0 reboot=k panic=-1 quiet"));
         assert!(s.ends_with(" airlock.debug=1"));
         assert_eq!(
-            build_cmdline("")
+            build_cmdline(&[], "")
                 .expect("c")
                 .as_cstring()
                 .expect("s")
@@ -241,9 +247,17 @@ mod tests {
     }
 
     #[test]
+    fn virtio_devices_are_announced_for_the_kernel() {
+        let c = build_cmdline(&[(0xd000_1000, 5)], "x=1").expect("cmdline");
+        let s = c.as_cstring().expect("cstr").into_string().expect("utf8");
+        assert!(s.contains(" virtio_mmio.device=4K@0xd0001000:5"), "{s}");
+        assert!(s.ends_with(" x=1"), "extras come last: {s}");
+    }
+
+    #[test]
     fn overlong_cmdline_is_refused() {
         let long = "x".repeat(CMDLINE_MAX_SIZE);
-        assert!(matches!(build_cmdline(&long), Err(Error::Cmdline(_))));
+        assert!(matches!(build_cmdline(&[], &long), Err(Error::Cmdline(_))));
     }
 
     #[test]
@@ -261,7 +275,7 @@ mod tests {
     #[test]
     fn guest_reads_start_info_modules_and_memory_map() {
         let mem = crate::memory::create(64 << 20).expect("mem");
-        let c = build_cmdline("init=/init").expect("cmdline");
+        let c = build_cmdline(&[], "init=/init").expect("cmdline");
         write_pvh_boot_info(&mem, &c, Some((0x300_0000, 0x1234))).expect("write");
         let si: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_ADDR)).expect("si");
         assert_eq!(si.magic, XEN_HVM_START_MAGIC_VALUE);
@@ -291,7 +305,7 @@ mod tests {
     #[test]
     fn no_initrd_means_no_modules() {
         let mem = crate::memory::create(16 << 20).expect("mem");
-        write_pvh_boot_info(&mem, &build_cmdline("").expect("c"), None).expect("write");
+        write_pvh_boot_info(&mem, &build_cmdline(&[], "").expect("c"), None).expect("write");
         let si: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_ADDR)).expect("si");
         assert_eq!(si.nr_modules, 0);
     }

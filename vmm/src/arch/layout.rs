@@ -42,6 +42,12 @@ pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 pub const BOOT_TIMER_ADDR: u64 = airlock_protocol::machine::BOOT_TIMER_ADDR;
 /// Size of the boot-timer page.
 pub const BOOT_TIMER_SIZE: u64 = 0x1000;
+/// The first virtio-mmio slot, right after the boot-timer page.
+pub const VIRTIO_MMIO_BASE: u64 = BOOT_TIMER_ADDR + BOOT_TIMER_SIZE;
+/// Size of each virtio-mmio register window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// The IRQ of the first virtio-mmio device (ISA IRQs 5.. are free).
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
 /// IOAPIC base address (fixed by KVM's in-kernel irqchip).
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 /// Local APIC base address.

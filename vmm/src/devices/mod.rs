@@ -8,6 +8,7 @@ pub mod boot_timer;
 pub mod bus;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 
 use std::io;
 

@@ -1,0 +1,262 @@
+//! The virtio-vsock device, emulated in userspace: three queues (RX, TX,
+//! event), the guest CID in config space, and the hybrid-vsock backend
+//! ([`muxer`]) that maps guest streams onto Unix sockets.
+//!
+//! Queue work runs on the event-loop thread: the device is an event-manager
+//! subscriber woken by the queues' ioeventfds and by its host sockets.
+
+pub mod connection;
+pub mod muxer;
+pub mod packet;
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use self::muxer::{Interest, Muxer};
+use self::packet::RxBuffer;
+use super::{ActivateError, IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::memory::GuestMemoryMmap;
+
+/// virtio device id of vsock.
+pub const DEVICE_ID: u32 = 19;
+/// Queue size for each of the three queues.
+pub const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+const EVT: usize = 2;
+const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+
+/// The vsock device and its backend.
+#[derive(Debug)]
+pub struct Vsock {
+    cid: u64,
+    mem: GuestMemoryMmap,
+    irq: Arc<IrqLine>,
+    queue_evts: Vec<EventFd>,
+    queues: Option<Vec<Queue>>,
+    muxer: Muxer,
+    /// What epoll currently watches for each host fd, and the identity of
+    /// the socket it was registered for (fd numbers get reused).
+    registered: HashMap<RawFd, (u64, EventSet)>,
+    /// The guest gave us no RX buffers last time we had something to send.
+    rx_starved: bool,
+    /// Malformed TX chains seen (the guest is buggy or hostile).
+    pub malformed: u64,
+}
+
+impl Vsock {
+    /// A device for guest `cid` whose host side lives at `uds` (and
+    /// `<uds>_<port>`); `queue_evts` are the queues' ioeventfds.
+    pub fn new(
+        cid: u64,
+        uds: PathBuf,
+        mem: GuestMemoryMmap,
+        irq: Arc<IrqLine>,
+        queue_evts: Vec<EventFd>,
+    ) -> Result<Self, muxer::Error> {
+        Ok(Self {
+            cid,
+            mem,
+            irq,
+            queue_evts,
+            queues: None,
+            muxer: Muxer::new(cid, uds)?,
+            registered: HashMap::new(),
+            rx_starved: false,
+            malformed: 0,
+        })
+    }
+
+    /// Packets the backend refused (resets sent for them).
+    pub fn refused(&self) -> u64 {
+        self.muxer.refused
+    }
+
+    fn process_tx(&mut self) {
+        let Some(queues) = self.queues.as_mut() else {
+            return;
+        };
+        let Some(q) = queues.get_mut(TX) else { return };
+        let mut used = false;
+        while let Some(chain) = q.pop_descriptor_chain(&self.mem) {
+            let head = chain.head_index();
+            match packet::read_tx(&self.mem, chain) {
+                Ok((h, data)) => self.muxer.on_guest_packet(&h, &data),
+                Err(_) => self.malformed += 1,
+            }
+            // The head index comes from the ring and was bounds-checked by
+            // virtio-queue when the chain was popped.
+            if q.add_used(&self.mem, head, 0).is_err() {
+                self.malformed += 1;
+            }
+            used = true;
+        }
+        if used && q.needs_notification(&self.mem).unwrap_or(true) {
+            self.irq.signal_used();
+        }
+    }
+
+    fn process_rx(&mut self) {
+        let Some(queues) = self.queues.as_mut() else {
+            return;
+        };
+        let Some(q) = queues.get_mut(RX) else { return };
+        let mut used = false;
+        loop {
+            let Some(chain) = q.pop_descriptor_chain(&self.mem) else {
+                self.rx_starved = true;
+                break;
+            };
+            let head = chain.head_index();
+            let written = match RxBuffer::new(&self.mem, chain) {
+                Ok(buf) => match self.muxer.next_rx(buf.capacity()) {
+                    Some((h, data)) => buf.write(h, &data).unwrap_or(0),
+                    None => {
+                        // Nothing to send: hand the buffer back, unused.
+                        q.set_next_avail(q.next_avail().wrapping_sub(1));
+                        break;
+                    }
+                },
+                Err(_) => {
+                    self.malformed += 1;
+                    0
+                }
+            };
+            if q.add_used(&self.mem, head, written).is_err() {
+                self.malformed += 1;
+            }
+            used = true;
+        }
+        if used && q.needs_notification(&self.mem).unwrap_or(true) {
+            self.irq.signal_used();
+        }
+    }
+
+    /// Brings epoll in line with what the backend wants watched.
+    fn sync_interests(&mut self, ops: &mut EventOps) {
+        let wanted: HashMap<RawFd, (u64, EventSet)> = self
+            .muxer
+            .interests(!self.rx_starved)
+            .into_iter()
+            .filter_map(|(fd, id, Interest { read, write })| {
+                let mut set = EventSet::empty();
+                if read {
+                    set |= EventSet::IN;
+                }
+                if write {
+                    set |= EventSet::OUT;
+                }
+                (!set.is_empty()).then_some((fd, (id, set)))
+            })
+            .collect();
+        let stale: Vec<RawFd> = self
+            .registered
+            .iter()
+            .filter(|(fd, (id, _))| wanted.get(fd).is_none_or(|(want_id, _)| want_id != id))
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in stale {
+            // A closed socket is already gone from epoll; ignore that error.
+            let _ = ops.remove(Events::empty_raw(fd));
+            self.registered.remove(&fd);
+        }
+        for (fd, (id, set)) in wanted {
+            let result = match self.registered.get(&fd) {
+                Some((_, old)) if *old == set => continue,
+                Some(_) => ops.modify(Events::new_raw(fd, set)),
+                None => ops.add(Events::new_raw(fd, set)),
+            };
+            if result.is_ok() {
+                self.registered.insert(fd, (id, set));
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        DEVICE_ID
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        let cfg = self.cid.to_le_bytes();
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = cfg.get(start.saturating_add(i)).copied().unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self, _acked: u64, queues: Vec<Queue>) -> Result<(), ActivateError> {
+        if queues.len() != QUEUE_SIZES.len() {
+            return Err(ActivateError(format!(
+                "vsock needs 3 queues, got {}",
+                queues.len()
+            )));
+        }
+        self.queues = Some(queues);
+        self.rx_starved = false;
+        // Notifications may have come before activation.
+        for evt in &self.queue_evts {
+            let _ = evt.read();
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.queues = None;
+    }
+}
+
+impl MutEventSubscriber for Vsock {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        let queue = self.queue_evts.iter().position(|e| e.as_raw_fd() == fd);
+        match queue {
+            Some(i) => {
+                let _ = self.queue_evts[i].read();
+                match i {
+                    RX => self.rx_starved = false,
+                    TX => self.process_tx(),
+                    EVT => {}
+                    _ => {}
+                }
+            }
+            None if self.muxer.is_listener(fd) => self.muxer.accept(),
+            None if self.muxer.is_connecting(fd) => self.muxer.on_connect_line(fd),
+            None => {
+                if events.event_set().contains(EventSet::OUT) {
+                    self.muxer.on_host_writable(fd);
+                }
+            }
+        }
+        self.process_rx();
+        self.sync_interests(ops);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for evt in &self.queue_evts {
+            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
+                eprintln!("airlock-vmm: error: cannot watch a vsock queue: {e:?}");
+            }
+        }
+        self.sync_interests(ops);
+    }
+}
