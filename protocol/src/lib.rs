@@ -1,8 +1,32 @@
-//! The Airlock host/guest RPC.
+//! The Airlock host/guest RPC, protocol version 1 (see `PROTOCOL.md`).
 //!
-//! This crate holds only types, limits and the protocol version; it does no
-//! I/O. The framing and messages arrive with the vsock RPC (see
-//! `PROTOCOL.md`); for now it pins the constants both sides must agree on.
+//! This crate holds only types, limits, the version and the codec; it owns
+//! no sockets and makes no policy. [`encode`] and [`decode_body`] are pure;
+//! [`read_frame`] and [`write_frame`] frame one message over any blocking
+//! `std::io` stream, for the guest init and the host broker alike.
+//!
+//! - [`limits`]: every limit, as a named constant.
+//! - `wire`: the field encoding (a bounds-checked cursor, and its writer).
+//! - `message`: [`Message`] and its payloads.
+//! - `frame`: the length prefix, [`encode`], [`decode_body`], the I/O helpers.
+//!
+//! The encoder enforces the decoder's rules, so an honest peer never sends a
+//! frame the other side rejects; every decoded message re-encodes to the
+//! bytes it came from.
+
+mod frame;
+pub mod limits;
+mod message;
+mod wire;
+
+#[cfg(test)]
+mod proptests;
+
+pub use frame::{
+    body_len, decode_body, encode, read_frame, write_frame, DecodeError, EncodeError, FrameError,
+};
+pub use message::{ErrorCode, ExitStatus, Message, MessageError, RunSpec};
+pub use wire::WireError;
 
 /// Protocol version spoken by this build. Bumped on any wire change.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -1,0 +1,48 @@
+//! Every limit of protocol version 1, as named constants.
+//!
+//! The decoder rejects anything past these and the encoder refuses to
+//! produce it, so an honest peer never sends a frame the other side rejects.
+//! Lengths are in bytes (strings are measured in UTF-8 bytes, not chars).
+
+/// Bytes of the little-endian `u32` body length that starts every frame.
+pub const FRAME_HEADER_LEN: usize = 4;
+
+/// Largest frame body (tag + payload): 1 MiB.
+pub const MAX_FRAME_BODY: usize = 1024 * 1024;
+
+/// Fewest `RunSpec.argv` entries.
+pub const MIN_ARGV: usize = 1;
+
+/// Most `RunSpec.argv` entries.
+pub const MAX_ARGV: usize = 4096;
+
+/// Most `RunSpec.env` pairs.
+pub const MAX_ENV: usize = 4096;
+
+/// Longest argv entry, env name, env value or cwd: 128 KiB.
+pub const MAX_STRING: usize = 128 * 1024;
+
+/// Most `Hello.capabilities` entries.
+pub const MAX_CAPABILITIES: usize = 32;
+
+/// Longest capability string.
+pub const MAX_CAPABILITY_LEN: usize = 64;
+
+/// Fewest bytes in a `Stdout`/`Stderr`/`Stdin` chunk (empty chunks are
+/// refused: end of input is `StdinEnd`, not an empty chunk).
+pub const MIN_CHUNK: usize = 1;
+
+/// Most bytes in a `Stdout`/`Stderr`/`Stdin` chunk: 64 KiB.
+pub const MAX_CHUNK: usize = 64 * 1024;
+
+/// Longest `Error.message`: 4 KiB.
+pub const MAX_ERROR_MESSAGE: usize = 4 * 1024;
+
+/// Largest exit code in `Exit{kind: 0}`.
+pub const MAX_EXIT_CODE: i32 = 255;
+
+/// Smallest signal number in `Exit{kind: 1}`.
+pub const MIN_SIGNAL: i32 = 1;
+
+/// Largest signal number in `Exit{kind: 1}` (Linux `SIGRTMAX`).
+pub const MAX_SIGNAL: i32 = 64;

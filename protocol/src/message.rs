@@ -1,0 +1,411 @@
+//! The messages of protocol version 1 and their payload encodings.
+
+use crate::limits::{
+    MAX_ARGV, MAX_CAPABILITIES, MAX_CAPABILITY_LEN, MAX_CHUNK, MAX_ENV, MAX_ERROR_MESSAGE,
+    MAX_EXIT_CODE, MAX_SIGNAL, MAX_STRING, MIN_ARGV, MIN_CHUNK, MIN_SIGNAL,
+};
+use crate::wire::{Reader, WireError, Writer};
+
+/// A message that breaks the rules of PROTOCOL.md, found while encoding or
+/// decoding its payload.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    /// A field breaks the encoding rules.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The tag names no message.
+    #[error("unknown message tag {0}")]
+    UnknownTag(u8),
+    /// An env name that is empty or contains `=`.
+    #[error("env name is empty or contains '='")]
+    EnvName,
+    /// A cwd that does not start with `/`.
+    #[error("cwd is not absolute")]
+    RelativeCwd,
+    /// An exit kind other than 0/1, or a value out of range for its kind.
+    #[error("exit kind {kind} with value {value} is out of range")]
+    Exit { kind: u8, value: i32 },
+    /// An error code PROTOCOL.md does not define.
+    #[error("unknown error code {0}")]
+    ErrorCode(u16),
+}
+
+/// What the host asks the guest to run. Carries no secret: no API key, token
+/// or host path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSpec {
+    /// Program and arguments; `argv[0]` is looked up on the guest's `PATH`.
+    /// 1 ..= [`MAX_ARGV`] entries.
+    pub argv: Vec<String>,
+    /// Environment, in order. At most [`MAX_ENV`] pairs; names are non-empty
+    /// and contain no `=`.
+    pub env: Vec<(String, String)>,
+    /// Absolute working directory in the guest.
+    pub cwd: String,
+    /// Wall-clock limit for the command, if any.
+    pub timeout_ms: Option<u64>,
+    /// Most bytes of stdout plus stderr the host accepts.
+    pub max_output_bytes: u64,
+    /// Whether the host will send `Stdin` chunks and a `StdinEnd`.
+    pub stdin: bool,
+}
+
+/// How the command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Exited(u8),
+    /// A signal (1 ..= [`MAX_SIGNAL`]) killed it.
+    Signaled(u8),
+}
+
+impl ExitStatus {
+    /// The shell's view of the status: the exit code, or 128 + signal.
+    pub fn exit_code(&self) -> i32 {
+        match *self {
+            Self::Exited(code) => i32::from(code),
+            Self::Signaled(sig) => 128 + i32::from(sig),
+        }
+    }
+
+    /// The wire `(kind, value)` pair; fails on a signal out of range.
+    fn to_wire(self) -> Result<(u8, i32), MessageError> {
+        let (kind, value) = match self {
+            Self::Exited(code) => (0, i32::from(code)),
+            Self::Signaled(sig) => (1, i32::from(sig)),
+        };
+        Self::from_wire(kind, value).map(|_| (kind, value))
+    }
+
+    /// Checks a wire `(kind, value)` pair.
+    fn from_wire(kind: u8, value: i32) -> Result<Self, MessageError> {
+        let bad = MessageError::Exit { kind, value };
+        match kind {
+            0 if (0..=MAX_EXIT_CODE).contains(&value) => {
+                u8::try_from(value).map(Self::Exited).map_err(|_| bad)
+            }
+            1 if (MIN_SIGNAL..=MAX_SIGNAL).contains(&value) => {
+                u8::try_from(value).map(Self::Signaled).map_err(|_| bad)
+            }
+            _ => Err(bad),
+        }
+    }
+}
+
+/// The error codes of an `Error` message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The peer speaks another protocol version.
+    VersionMismatch = 1,
+    /// A frame broke the encoding rules.
+    MalformedFrame = 2,
+    /// A well-formed message arrived where the conversation does not allow it.
+    UnexpectedMessage = 3,
+    /// The command could not be started.
+    SpawnFailed = 4,
+    /// Something else went wrong.
+    Internal = 5,
+}
+
+impl ErrorCode {
+    /// Every code, in wire order.
+    pub const ALL: [Self; 5] = [
+        Self::VersionMismatch,
+        Self::MalformedFrame,
+        Self::UnexpectedMessage,
+        Self::SpawnFailed,
+        Self::Internal,
+    ];
+
+    /// The wire value.
+    pub fn code(self) -> u16 {
+        self as u16
+    }
+
+    /// The code for a wire value, if it is one PROTOCOL.md defines.
+    pub fn from_code(code: u16) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.code() == code)
+    }
+}
+
+/// One message of the control conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// First message each way: the sender's version and capabilities. Any
+    /// version decodes; whether it is spoken is the receiver's call.
+    Hello {
+        version: u32,
+        capabilities: Vec<String>,
+    },
+    /// Host → guest: what to run.
+    RunSpec(RunSpec),
+    /// Guest → host: a chunk of the command's stdout.
+    Stdout(Vec<u8>),
+    /// Guest → host: a chunk of the command's stderr.
+    Stderr(Vec<u8>),
+    /// Host → guest: a chunk of the command's stdin.
+    Stdin(Vec<u8>),
+    /// Host → guest: no more stdin.
+    StdinEnd,
+    /// Guest → host: the command ended.
+    Exit(ExitStatus),
+    /// Either way: the conversation failed.
+    Error { code: ErrorCode, message: String },
+}
+
+/// Wire tags, as in PROTOCOL.md.
+mod tag {
+    pub const HELLO: u8 = 1;
+    pub const RUN_SPEC: u8 = 2;
+    pub const STDOUT: u8 = 3;
+    pub const STDERR: u8 = 4;
+    pub const STDIN: u8 = 5;
+    pub const STDIN_END: u8 = 6;
+    pub const EXIT: u8 = 7;
+    pub const ERROR: u8 = 8;
+}
+
+fn check_env_name(name: &str) -> Result<(), MessageError> {
+    if name.is_empty() || name.contains('=') {
+        Err(MessageError::EnvName)
+    } else {
+        Ok(())
+    }
+}
+
+fn check_cwd(cwd: &str) -> Result<(), MessageError> {
+    if cwd.starts_with('/') {
+        Ok(())
+    } else {
+        Err(MessageError::RelativeCwd)
+    }
+}
+
+/// Smallest encoded `string`: its length word.
+const MIN_STRING_WIRE: usize = 4;
+
+impl Message {
+    /// The message's name, for audit and log lines.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Hello { .. } => "Hello",
+            Self::RunSpec(_) => "RunSpec",
+            Self::Stdout(_) => "Stdout",
+            Self::Stderr(_) => "Stderr",
+            Self::Stdin(_) => "Stdin",
+            Self::StdinEnd => "StdinEnd",
+            Self::Exit(_) => "Exit",
+            Self::Error { .. } => "Error",
+        }
+    }
+
+    /// The wire tag.
+    pub fn tag(&self) -> u8 {
+        match self {
+            Self::Hello { .. } => tag::HELLO,
+            Self::RunSpec(_) => tag::RUN_SPEC,
+            Self::Stdout(_) => tag::STDOUT,
+            Self::Stderr(_) => tag::STDERR,
+            Self::Stdin(_) => tag::STDIN,
+            Self::StdinEnd => tag::STDIN_END,
+            Self::Exit(_) => tag::EXIT,
+            Self::Error { .. } => tag::ERROR,
+        }
+    }
+
+    /// Appends the payload (everything after the tag) to `w`, refusing
+    /// anything the decoder would reject.
+    pub(crate) fn encode_payload(&self, w: &mut Writer) -> Result<(), MessageError> {
+        match self {
+            Self::Hello {
+                version,
+                capabilities,
+            } => {
+                w.u32(*version);
+                w.count("capabilities", capabilities.len(), 0, MAX_CAPABILITIES)?;
+                for cap in capabilities {
+                    w.string("capability", cap, MAX_CAPABILITY_LEN)?;
+                }
+            }
+            Self::RunSpec(spec) => {
+                w.count("argv", spec.argv.len(), MIN_ARGV, MAX_ARGV)?;
+                for arg in &spec.argv {
+                    w.string("argv entry", arg, MAX_STRING)?;
+                }
+                w.count("env", spec.env.len(), 0, MAX_ENV)?;
+                for (name, value) in &spec.env {
+                    check_env_name(name)?;
+                    w.string("env name", name, MAX_STRING)?;
+                    w.string("env value", value, MAX_STRING)?;
+                }
+                check_cwd(&spec.cwd)?;
+                w.string("cwd", &spec.cwd, MAX_STRING)?;
+                w.option(spec.timeout_ms.is_some());
+                if let Some(ms) = spec.timeout_ms {
+                    w.u64(ms);
+                }
+                w.u64(spec.max_output_bytes);
+                w.flag(spec.stdin);
+            }
+            Self::Stdout(data) | Self::Stderr(data) | Self::Stdin(data) => {
+                w.bytes("data", data, MIN_CHUNK, MAX_CHUNK)?;
+            }
+            Self::StdinEnd => {}
+            Self::Exit(status) => {
+                let (kind, value) = status.to_wire()?;
+                w.u8(kind);
+                w.i32(value);
+            }
+            Self::Error { code, message } => {
+                w.u16(code.code());
+                w.string("error message", message, MAX_ERROR_MESSAGE)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes the payload of a message with tag `tag`; `r` must hold
+    /// exactly that payload.
+    pub(crate) fn decode_payload(tag: u8, mut r: Reader<'_>) -> Result<Self, MessageError> {
+        let msg = match tag {
+            tag::HELLO => {
+                let version = r.u32("version")?;
+                let n = r.count("capabilities", 0, MAX_CAPABILITIES)?;
+                let mut capabilities = Vec::with_capacity(n);
+                for _ in 0..n {
+                    capabilities.push(r.string("capability", MAX_CAPABILITY_LEN)?.to_owned());
+                }
+                Self::Hello {
+                    version,
+                    capabilities,
+                }
+            }
+            tag::RUN_SPEC => {
+                let n = r.count("argv", MIN_ARGV, MAX_ARGV)?;
+                let mut argv = Vec::with_capacity(n.min(r.remaining() / MIN_STRING_WIRE));
+                for _ in 0..n {
+                    argv.push(r.string("argv entry", MAX_STRING)?.to_owned());
+                }
+                let n = r.count("env", 0, MAX_ENV)?;
+                let mut env = Vec::with_capacity(n.min(r.remaining() / (2 * MIN_STRING_WIRE)));
+                for _ in 0..n {
+                    let name = r.string("env name", MAX_STRING)?;
+                    check_env_name(name)?;
+                    let value = r.string("env value", MAX_STRING)?;
+                    env.push((name.to_owned(), value.to_owned()));
+                }
+                let cwd = r.string("cwd", MAX_STRING)?;
+                check_cwd(cwd)?;
+                let timeout_ms = if r.option("timeout_ms")? {
+                    Some(r.u64("timeout_ms")?)
+                } else {
+                    None
+                };
+                let max_output_bytes = r.u64("max_output_bytes")?;
+                let stdin = r.flag("stdin")?;
+                Self::RunSpec(RunSpec {
+                    argv,
+                    env,
+                    cwd: cwd.to_owned(),
+                    timeout_ms,
+                    max_output_bytes,
+                    stdin,
+                })
+            }
+            tag::STDOUT => Self::Stdout(r.bytes("data", MIN_CHUNK, MAX_CHUNK)?.to_vec()),
+            tag::STDERR => Self::Stderr(r.bytes("data", MIN_CHUNK, MAX_CHUNK)?.to_vec()),
+            tag::STDIN => Self::Stdin(r.bytes("data", MIN_CHUNK, MAX_CHUNK)?.to_vec()),
+            tag::STDIN_END => Self::StdinEnd,
+            tag::EXIT => {
+                let kind = r.u8("exit kind")?;
+                let value = r.i32("exit value")?;
+                Self::Exit(ExitStatus::from_wire(kind, value)?)
+            }
+            tag::ERROR => {
+                let raw = r.u16("error code")?;
+                let code = ErrorCode::from_code(raw).ok_or(MessageError::ErrorCode(raw))?;
+                let message = r.string("error message", MAX_ERROR_MESSAGE)?.to_owned();
+                Self::Error { code, message }
+            }
+            other => return Err(MessageError::UnknownTag(other)),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_code_is_code_or_128_plus_signal() {
+        assert_eq!(ExitStatus::Exited(0).exit_code(), 0);
+        assert_eq!(ExitStatus::Exited(255).exit_code(), 255);
+        assert_eq!(ExitStatus::Signaled(9).exit_code(), 137);
+        assert_eq!(ExitStatus::Signaled(64).exit_code(), 192);
+    }
+
+    #[test]
+    fn exit_wire_ranges() {
+        assert_eq!(ExitStatus::from_wire(0, 0), Ok(ExitStatus::Exited(0)));
+        assert_eq!(ExitStatus::from_wire(0, 255), Ok(ExitStatus::Exited(255)));
+        assert_eq!(ExitStatus::from_wire(1, 1), Ok(ExitStatus::Signaled(1)));
+        assert_eq!(ExitStatus::from_wire(1, 64), Ok(ExitStatus::Signaled(64)));
+        for (kind, value) in [(0, -1), (0, 256), (1, 0), (1, 65), (1, -9), (2, 0)] {
+            assert_eq!(
+                ExitStatus::from_wire(kind, value),
+                Err(MessageError::Exit { kind, value })
+            );
+        }
+        assert!(ExitStatus::Signaled(0).to_wire().is_err());
+        assert!(ExitStatus::Signaled(65).to_wire().is_err());
+        assert_eq!(ExitStatus::Exited(7).to_wire(), Ok((0, 7)));
+    }
+
+    #[test]
+    fn error_codes_are_1_to_5() {
+        for (i, code) in ErrorCode::ALL.into_iter().enumerate() {
+            let wire = u16::try_from(i + 1).expect("small");
+            assert_eq!(code.code(), wire);
+            assert_eq!(ErrorCode::from_code(wire), Some(code));
+        }
+        assert_eq!(ErrorCode::from_code(0), None);
+        assert_eq!(ErrorCode::from_code(6), None);
+    }
+
+    #[test]
+    fn kinds_name_every_variant() {
+        let all = [
+            Message::Hello {
+                version: 1,
+                capabilities: vec![],
+            },
+            Message::RunSpec(RunSpec {
+                argv: vec!["true".into()],
+                env: vec![],
+                cwd: "/".into(),
+                timeout_ms: None,
+                max_output_bytes: 0,
+                stdin: false,
+            }),
+            Message::Stdout(vec![1]),
+            Message::Stderr(vec![1]),
+            Message::Stdin(vec![1]),
+            Message::StdinEnd,
+            Message::Exit(ExitStatus::Exited(0)),
+            Message::Error {
+                code: ErrorCode::Internal,
+                message: String::new(),
+            },
+        ];
+        let kinds: Vec<_> = all.iter().map(Message::kind).collect();
+        assert_eq!(
+            kinds,
+            ["Hello", "RunSpec", "Stdout", "Stderr", "Stdin", "StdinEnd", "Exit", "Error"]
+        );
+        let tags: Vec<_> = all.iter().map(Message::tag).collect();
+        assert_eq!(tags, [1, 2, 3, 4, 5, 6, 7, 8]);
+    }
+}
