@@ -6,10 +6,13 @@
 //! 1. mounts the pseudo filesystems from the table in [`mounts`];
 //! 2. reads the kernel command line ([`cmdline`]) for `airlock.debug=1`;
 //! 3. writes the boot-timer mark ([`boottimer`]) for the benchmarks;
-//! 4. prints [`airlock_protocol::INIT_READY_LINE`];
-//! 5. reaps its children ([`reaper`]);
-//! 6. stops every process, syncs and reboots ([`power`]): without ACPI a
-//!    reset is how the VM ends, and the VMM treats it as a clean exit.
+//! 4. installs the SIGCHLD reaper ([`reaper`]) and prints
+//!    [`airlock_protocol::INIT_READY_LINE`];
+//! 5. connects to the host over vsock and runs the control session
+//!    ([`rpc`]): handshake, run spec, the command ([`exec`]) with its output
+//!    streamed as it comes, its exit status;
+//! 6. syncs, stops every process, syncs and reboots ([`power`]): without
+//!    ACPI a reset is how the VM ends, and the VMM treats it as a clean exit.
 //!
 //! PID 1 must never exit (the kernel panics) and never panic: every error is
 //! printed as `airlock-init: error: …` and the run still ends in step 6. A
@@ -20,9 +23,12 @@
 mod boottimer;
 mod cmdline;
 mod console;
+mod exec;
 mod mounts;
 mod power;
 mod reaper;
+mod rpc;
+mod vsock;
 
 use std::process::ExitCode;
 
@@ -33,6 +39,8 @@ enum Error {
     Mount(#[from] mounts::Error),
     #[error(transparent)]
     Reap(#[from] reaper::Error),
+    #[error(transparent)]
+    Rpc(#[from] rpc::Error),
 }
 
 fn main() -> ExitCode {
@@ -62,7 +70,10 @@ fn run() -> Result<(), Error> {
     if let Err(err) = boottimer::mark() {
         console::debug(&console::chain(&err));
     }
+    let mut reaper = reaper::Reaper::install()?;
     console::out(airlock_protocol::INIT_READY_LINE);
-    reaper::reap_exited()?;
+    let status = rpc::run(&mut reaper)?;
+    console::debug(&format!("command ended: {status:?}"));
+    power::sync();
     Ok(())
 }

@@ -28,8 +28,7 @@ pub fn power_off() -> ! {
         signal_all(libc::SIGKILL);
         wait_for_children(KILL_GRACE);
     }
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
+    sync();
     // SAFETY: reboot(2) takes no pointers. As PID 1 (root, CAP_SYS_BOOT) it
     // resets the machine and does not return; the filesystems were synced
     // just above, and nothing else runs any more.
@@ -40,6 +39,12 @@ pub fn power_off() -> ! {
     // resets the VM too. Staying alive would leave a VM that never ends.
     #[allow(clippy::exit)]
     std::process::exit(1)
+}
+
+/// Writes every filesystem's dirty data out.
+pub fn sync() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
 }
 
 /// Sends `signal` to every process but PID 1 (`kill(-1)`).

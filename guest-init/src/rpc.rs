@@ -1,0 +1,649 @@
+//! The control session with the host (PROTOCOL.md): connect to
+//! [`HOST_CID`]:[`CONTROL_PORT`], exchange `Hello`s, receive the `RunSpec`,
+//! run it ([`exec`]) while streaming its output, and send its `Exit`.
+//!
+//! The session is written over any [`Stream`] so that tests can drive it
+//! with a Unix socket pair; in the guest it is a [`VsockStream`].
+//!
+//! Two threads once the command runs: this one pumps the command's output
+//! to the host; a `host-reader` thread reads the host's frames, feeds
+//! `Stdin` to the command and ends its stdin on `StdinEnd`. Anything else
+//! the host sends, a bad frame, or the host going away is a protocol
+//! violation: the reader reports it (through a channel plus a wake-up
+//! socket the pump polls), the command's process group is killed and the
+//! session fails, after which the init powers off.
+//!
+//! Every wait has a way out: connecting gives up after
+//! [`CONNECT_PATIENCE`], the handshake after [`HANDSHAKE_TIMEOUT`], the
+//! command after its spec's timeout, and its stragglers after
+//! [`exec::DRAIN_GRACE`]. Writes to the host block only under its own
+//! back-pressure; the host owns the VM's lifetime and ends it if it stops
+//! reading.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::process::ChildStdin;
+use std::sync::mpsc::{self, Sender, TryRecvError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use airlock_protocol::limits::MAX_ERROR_MESSAGE;
+use airlock_protocol::{
+    read_frame, write_frame, ErrorCode, ExitStatus, FrameError, Message, CONTROL_PORT, HOST_CID,
+    PROTOCOL_VERSION,
+};
+
+use crate::console;
+use crate::exec::{self, ChildWait, Event};
+use crate::vsock::VsockStream;
+
+/// How long to keep trying to reach the host (the vsock device may come up
+/// after the init starts).
+pub const CONNECT_PATIENCE: Duration = Duration::from_secs(2);
+/// Pause between two connection attempts.
+const CONNECT_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest wait for each of the host's `Hello` and `RunSpec`.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A blocking byte stream to the host that can be split in two and given a
+/// read timeout: the vsock connection, or a Unix socket in tests.
+pub trait Stream: Read + Write + Send + Sized + 'static {
+    /// A second handle on the same connection.
+    fn try_clone(&self) -> io::Result<Self>;
+    /// Bounds each blocking read; `None` blocks for ever.
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+}
+
+impl Stream for VsockStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        VsockStream::try_clone(self)
+    }
+
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        VsockStream::set_read_timeout(self, timeout)
+    }
+}
+
+/// The control session failed; the init powers off after it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to connect to the host (vsock cid {HOST_CID} port {CONTROL_PORT})")]
+    Connect(#[source] io::Error),
+    #[error("failed to set up the control connection")]
+    Setup(#[source] io::Error),
+    #[error("failed to send {0} to the host")]
+    Send(&'static str, #[source] FrameError),
+    #[error("failed to receive {0} from the host")]
+    Receive(&'static str, #[source] FrameError),
+    #[error("the host closed the control connection")]
+    Closed,
+    #[error("the host speaks protocol version {0}, this init speaks {PROTOCOL_VERSION}")]
+    Version(u32),
+    #[error("the host sent {got} where {expected} was expected")]
+    Unexpected {
+        got: &'static str,
+        expected: &'static str,
+    },
+    #[error("the host reported an error ({code:?}): {message}")]
+    Host { code: ErrorCode, message: String },
+    #[error(transparent)]
+    Exec(#[from] exec::Error),
+}
+
+impl Error {
+    /// The code to tell the host before giving up, when there is one.
+    fn reply_code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Version(_) => Some(ErrorCode::VersionMismatch),
+            Self::Unexpected { .. } => Some(ErrorCode::UnexpectedMessage),
+            Self::Receive(_, FrameError::Decode(_)) => Some(ErrorCode::MalformedFrame),
+            Self::Setup(_) | Self::Exec(_) => Some(ErrorCode::Internal),
+            Self::Connect(_)
+            | Self::Send(..)
+            | Self::Receive(..)
+            | Self::Closed
+            | Self::Host { .. } => None,
+        }
+    }
+}
+
+/// Connects to the host and runs the session; returns the command's status
+/// once its `Exit` was sent.
+pub fn run(waiter: &mut impl ChildWait) -> Result<ExitStatus, Error> {
+    let stream = connect()?;
+    console::debug("connected to the host");
+    serve(stream, waiter)
+}
+
+/// Whether a failed connect is worth another try: the device or the host's
+/// listener may not be up yet.
+fn retryable(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(
+            libc::ECONNRESET
+                | libc::ECONNREFUSED
+                | libc::ENODEV
+                | libc::ETIMEDOUT
+                | libc::EINTR
+                | libc::ENETUNREACH
+                | libc::EHOSTUNREACH
+        )
+    )
+}
+
+fn connect() -> Result<VsockStream, Error> {
+    let give_up = Instant::now() + CONNECT_PATIENCE;
+    loop {
+        match VsockStream::connect(HOST_CID, CONTROL_PORT) {
+            Ok(stream) => return Ok(stream),
+            Err(err) if retryable(&err) && Instant::now() + CONNECT_BACKOFF < give_up => {
+                console::debug(&format!("connect: {err}; retrying"));
+                thread::sleep(CONNECT_BACKOFF);
+            }
+            Err(err) => return Err(Error::Connect(err)),
+        }
+    }
+}
+
+/// Runs the control conversation over `stream` (see the module docs). On a
+/// protocol error it tells the host why (best effort) before returning it.
+pub fn serve<S: Stream>(mut stream: S, waiter: &mut impl ChildWait) -> Result<ExitStatus, Error> {
+    let result = converse(&mut stream, waiter);
+    if let Err(err) = &result {
+        if let Some(code) = err.reply_code() {
+            let message = bounded(console::chain(err));
+            let _ = write_frame(&mut stream, &Message::Error { code, message });
+        }
+    }
+    result
+}
+
+fn converse<S: Stream>(stream: &mut S, waiter: &mut impl ChildWait) -> Result<ExitStatus, Error> {
+    stream
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(Error::Setup)?;
+    send(
+        stream,
+        &Message::Hello {
+            version: PROTOCOL_VERSION,
+            capabilities: vec![],
+        },
+    )?;
+    match receive(stream, "Hello")? {
+        Message::Hello { version, .. } if version == PROTOCOL_VERSION => {}
+        Message::Hello { version, .. } => return Err(Error::Version(version)),
+        other => return Err(unexpected(other, "Hello")),
+    }
+    let spec = match receive(stream, "RunSpec")? {
+        Message::RunSpec(spec) => spec,
+        other => return Err(unexpected(other, "RunSpec")),
+    };
+    stream.set_read_timeout(None).map_err(Error::Setup)?;
+    if console::debug_enabled() {
+        console::debug(&format!("running {:?} in {}", spec.argv, spec.cwd));
+    }
+
+    let mut running = match exec::spawn(&spec) {
+        Ok(running) => running,
+        Err(err) => {
+            let status = ExitStatus::Exited(err.exit_code());
+            send(
+                stream,
+                &Message::Error {
+                    code: ErrorCode::SpawnFailed,
+                    message: bounded(err.to_string()),
+                },
+            )?;
+            send(stream, &Message::Exit(status))?;
+            return Ok(status);
+        }
+    };
+
+    console::debug(&format!("started pid {}", running.pid()));
+    // From here on an early return drops `running`, which kills the
+    // command's process group.
+    let (wake, notify) = UnixStream::pair().map_err(Error::Setup)?;
+    let (events, violations) = mpsc::channel();
+    let reader = stream.try_clone().map_err(Error::Setup)?;
+    let stdin = running.take_stdin();
+    let expect_stdin = spec.stdin;
+    thread::Builder::new()
+        .name("host-reader".into())
+        .spawn(move || read_host(reader, expect_stdin, stdin, &events, notify))
+        .map_err(Error::Setup)?;
+
+    let timeout = spec.timeout_ms.map(Duration::from_millis);
+    let ended = running.pump(waiter, timeout, wake.as_fd(), |event| match event {
+        Event::Stdout(data) => send(stream, &Message::Stdout(data.to_vec())),
+        Event::Stderr(data) => send(stream, &Message::Stderr(data.to_vec())),
+        Event::Host => {
+            let mut buf = [0u8; 16];
+            let _ = (&wake).read(&mut buf);
+            match violations.try_recv() {
+                Ok(err) => Err(err),
+                Err(TryRecvError::Empty) => Ok(()),
+                Err(TryRecvError::Disconnected) => Err(Error::Closed),
+            }
+        }
+    })?;
+    if ended.timed_out {
+        console::debug("the command timed out and was killed");
+    }
+    send(stream, &Message::Exit(ended.status))?;
+    Ok(ended.status)
+}
+
+/// The `host-reader` thread: forwards `Stdin` to the command until
+/// `StdinEnd`, and reports the first frame that breaks the conversation
+/// (anything else, a bad frame, the host closing), then ends.
+fn read_host<R: Read>(
+    mut reader: R,
+    expect_stdin: bool,
+    mut stdin: Option<ChildStdin>,
+    events: &Sender<Error>,
+    mut notify: UnixStream,
+) {
+    let mut stdin_open = expect_stdin;
+    let violation = loop {
+        match read_frame(&mut reader) {
+            Ok(Message::Stdin(data)) if stdin_open => {
+                // The command may close its stdin early (EPIPE): drop the
+                // rest of the input, as a pipe in a shell would.
+                if let Some(pipe) = stdin.as_mut() {
+                    if pipe.write_all(&data).is_err() {
+                        stdin = None;
+                    }
+                }
+            }
+            Ok(Message::StdinEnd) if stdin_open => {
+                stdin_open = false;
+                stdin = None;
+            }
+            Ok(other) => {
+                let expected = if stdin_open {
+                    "Stdin or StdinEnd"
+                } else {
+                    "no message"
+                };
+                break unexpected(other, expected);
+            }
+            Err(FrameError::Closed) => break Error::Closed,
+            Err(err) => break Error::Receive("a message", err),
+        }
+    };
+    // The session may be over already; then nobody listens, which is fine.
+    let _ = events.send(violation);
+    let _ = notify.write_all(&[1]);
+}
+
+fn send<S: Write>(stream: &mut S, msg: &Message) -> Result<(), Error> {
+    write_frame(stream, msg).map_err(|err| Error::Send(msg.kind(), err))
+}
+
+fn receive<S: Read>(stream: &mut S, what: &'static str) -> Result<Message, Error> {
+    match read_frame(stream) {
+        Ok(msg) => Ok(msg),
+        Err(FrameError::Closed) => Err(Error::Closed),
+        Err(err) => Err(Error::Receive(what, err)),
+    }
+}
+
+/// The error for a message the conversation does not allow here; an
+/// `Error` from the host is reported as such.
+fn unexpected(msg: Message, expected: &'static str) -> Error {
+    match msg {
+        Message::Error { code, message } => Error::Host { code, message },
+        other => Error::Unexpected {
+            got: other.kind(),
+            expected,
+        },
+    }
+}
+
+/// `message` cut to what an `Error` frame may carry, on a character
+/// boundary.
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_ERROR_MESSAGE {
+        let mut end = MAX_ERROR_MESSAGE;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    message
+}
+
+#[cfg(test)]
+impl Stream for UnixStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        UnixStream::try_clone(self)
+    }
+
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::WaitPid;
+    use airlock_protocol::RunSpec;
+    use std::net::Shutdown;
+
+    fn spec(argv: &[&str]) -> RunSpec {
+        RunSpec {
+            argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+            env: vec![],
+            cwd: "/".into(),
+            timeout_ms: None,
+            max_output_bytes: 1 << 20,
+            stdin: false,
+        }
+    }
+
+    fn hello(version: u32) -> Message {
+        Message::Hello {
+            version,
+            capabilities: vec![],
+        }
+    }
+
+    /// What the fake host saw.
+    #[derive(Debug, Default)]
+    struct Seen {
+        /// Every frame after the guest's Hello.
+        frames: Vec<Message>,
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+    }
+
+    impl Seen {
+        fn last(&self) -> Option<&Message> {
+            self.frames.last()
+        }
+    }
+
+    /// Runs a session against a fake host that checks the guest's Hello,
+    /// answers with `reply`, then (unless `None`) sends the spec, runs
+    /// `script` and reads frames until `Exit`, an `Error` that ends the
+    /// conversation, or the end of the stream.
+    fn session(
+        reply: Message,
+        spec: Option<RunSpec>,
+        script: impl FnOnce(&mut UnixStream) + Send + 'static,
+    ) -> (Result<ExitStatus, Error>, Seen) {
+        let (guest, mut host) = UnixStream::pair().expect("socketpair");
+        let fake_host = thread::spawn(move || {
+            let mut seen = Seen::default();
+            assert_eq!(read_frame(&mut host).expect("guest hello"), hello(1));
+            write_frame(&mut host, &reply).expect("send hello");
+            if let Some(spec) = spec {
+                write_frame(&mut host, &Message::RunSpec(spec)).expect("send spec");
+            }
+            script(&mut host);
+            while let Ok(msg) = read_frame(&mut host) {
+                match &msg {
+                    Message::Stdout(d) => seen.stdout.extend_from_slice(d),
+                    Message::Stderr(d) => seen.stderr.extend_from_slice(d),
+                    _ => {}
+                }
+                let done = match &msg {
+                    Message::Exit(_) => true,
+                    Message::Error { code, .. } => *code != ErrorCode::SpawnFailed,
+                    _ => false,
+                };
+                seen.frames.push(msg);
+                if done {
+                    break;
+                }
+            }
+            seen
+        });
+        let result = serve(guest, &mut WaitPid);
+        let seen = fake_host.join().expect("fake host");
+        (result, seen)
+    }
+
+    fn no_script(_: &mut UnixStream) {}
+
+    #[test]
+    fn runs_a_command_and_streams_its_output_and_status() {
+        let (result, seen) = session(
+            hello(1),
+            Some(spec(&["sh", "-c", "echo a; echo b >&2; exit 3"])),
+            no_script,
+        );
+        assert_eq!(result.expect("session"), ExitStatus::Exited(3));
+        assert_eq!(seen.stdout, b"a\n");
+        assert_eq!(seen.stderr, b"b\n");
+        assert_eq!(seen.last(), Some(&Message::Exit(ExitStatus::Exited(3))));
+        assert!(seen.frames.iter().all(|m| matches!(
+            m,
+            Message::Stdout(_) | Message::Stderr(_) | Message::Exit(_)
+        )));
+    }
+
+    #[test]
+    fn a_spawn_failure_is_an_error_then_a_shell_exit_code() {
+        let (result, seen) = session(hello(1), Some(spec(&["/nonexistent/prog"])), no_script);
+        assert_eq!(result.expect("session"), ExitStatus::Exited(127));
+        assert_eq!(
+            seen.frames,
+            vec![
+                Message::Error {
+                    code: ErrorCode::SpawnFailed,
+                    message: "cannot run /nonexistent/prog: No such file or directory".into()
+                },
+                Message::Exit(ExitStatus::Exited(127)),
+            ]
+        );
+
+        let (result, seen) = session(hello(1), Some(spec(&["/etc/passwd"])), no_script);
+        assert_eq!(result.expect("session"), ExitStatus::Exited(126));
+        assert_eq!(seen.last(), Some(&Message::Exit(ExitStatus::Exited(126))));
+    }
+
+    #[test]
+    fn stdin_is_forwarded_and_ended() {
+        let mut s = spec(&["cat"]);
+        s.stdin = true;
+        let (result, seen) = session(hello(1), Some(s), |host| {
+            for msg in [
+                Message::Stdin(b"hello ".to_vec()),
+                Message::Stdin(b"world".to_vec()),
+                Message::StdinEnd,
+            ] {
+                write_frame(&mut *host, &msg).expect("send stdin");
+            }
+        });
+        assert_eq!(result.expect("session"), ExitStatus::Exited(0));
+        assert_eq!(seen.stdout, b"hello world");
+    }
+
+    #[test]
+    fn without_stdin_the_command_reads_dev_null() {
+        let (result, seen) = session(hello(1), Some(spec(&["cat"])), no_script);
+        assert_eq!(result.expect("session"), ExitStatus::Exited(0));
+        assert!(seen.stdout.is_empty());
+    }
+
+    #[test]
+    fn a_timeout_kills_the_command() {
+        let mut s = spec(&["sleep", "30"]);
+        s.timeout_ms = Some(200);
+        let started = Instant::now();
+        let (result, seen) = session(hello(1), Some(s), no_script);
+        assert_eq!(result.expect("session"), ExitStatus::Signaled(9));
+        assert_eq!(seen.last(), Some(&Message::Exit(ExitStatus::Signaled(9))));
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn another_version_is_refused() {
+        let (result, seen) = session(hello(2), None, no_script);
+        assert!(matches!(result, Err(Error::Version(2))), "{result:?}");
+        assert!(matches!(
+            seen.last(),
+            Some(Message::Error {
+                code: ErrorCode::VersionMismatch,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_host_error_instead_of_hello_ends_the_session() {
+        let refusal = Message::Error {
+            code: ErrorCode::VersionMismatch,
+            message: "no".into(),
+        };
+        let (result, seen) = session(refusal, None, no_script);
+        assert!(matches!(result, Err(Error::Host { .. })), "{result:?}");
+        assert!(seen.frames.is_empty());
+    }
+
+    /// Starts `echo $$; exec sleep 30`, waits for the pid line, lets
+    /// `violate` break the conversation, and returns the session's result,
+    /// the command's pid and the next frame the host got.
+    fn violation(
+        violate: fn(&mut UnixStream),
+    ) -> (
+        Result<ExitStatus, Error>,
+        libc::pid_t,
+        Result<Message, FrameError>,
+    ) {
+        let (guest, mut host) = UnixStream::pair().expect("socketpair");
+        let fake_host = thread::spawn(move || {
+            read_frame(&mut host).expect("hello");
+            write_frame(&mut host, &hello(1)).expect("hello");
+            let s = spec(&["sh", "-c", "echo $$; exec sleep 30"]);
+            write_frame(&mut host, &Message::RunSpec(s)).expect("spec");
+            let Ok(Message::Stdout(line)) = read_frame(&mut host) else {
+                panic!("no pid line");
+            };
+            violate(&mut host);
+            (pid_of(&line), read_frame(&mut host))
+        });
+        let result = serve(guest, &mut WaitPid);
+        let (pid, reply) = fake_host.join().expect("fake host");
+        (result, pid, reply)
+    }
+
+    fn pid_of(line: &[u8]) -> libc::pid_t {
+        std::str::from_utf8(line)
+            .expect("utf-8")
+            .trim()
+            .parse()
+            .expect("a pid")
+    }
+
+    /// Reaps `pid` and checks SIGKILL ended it.
+    fn assert_killed(pid: libc::pid_t) {
+        let mut status = 0;
+        // SAFETY: `status` is a live, writable c_int.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(rc, pid);
+        assert_eq!(exec::exit_status(status), Some(ExitStatus::Signaled(9)));
+    }
+
+    #[test]
+    fn an_unexpected_message_kills_the_command() {
+        let (result, pid, reply) = violation(|host| {
+            write_frame(host, &Message::Stdout(b"x".to_vec())).expect("send");
+        });
+        assert!(
+            matches!(
+                result,
+                Err(Error::Unexpected {
+                    got: "Stdout",
+                    expected: "no message"
+                })
+            ),
+            "{result:?}"
+        );
+        assert_eq!(
+            reply.expect("an error frame"),
+            Message::Error {
+                code: ErrorCode::UnexpectedMessage,
+                message: "the host sent Stdout where no message was expected".into()
+            }
+        );
+        assert_killed(pid);
+    }
+
+    #[test]
+    fn a_malformed_frame_kills_the_command() {
+        let (result, pid, reply) = violation(|host| {
+            // A header announcing 4 GiB, then a byte.
+            host.write_all(&[0xff, 0xff, 0xff, 0xff, 1]).expect("send");
+        });
+        assert!(
+            matches!(result, Err(Error::Receive(_, FrameError::Decode(_)))),
+            "{result:?}"
+        );
+        assert!(
+            matches!(
+                reply,
+                Ok(Message::Error {
+                    code: ErrorCode::MalformedFrame,
+                    ..
+                })
+            ),
+            "{reply:?}"
+        );
+        assert_killed(pid);
+    }
+
+    #[test]
+    fn a_host_error_kills_the_command() {
+        let (result, pid, reply) = violation(|host| {
+            let msg = Message::Error {
+                code: ErrorCode::Internal,
+                message: "broker failed".into(),
+            };
+            write_frame(host, &msg).expect("send");
+        });
+        assert!(
+            matches!(&result, Err(Error::Host { code: ErrorCode::Internal, message }) if message == "broker failed"),
+            "{result:?}"
+        );
+        // No answer to an error: the guest just closes.
+        assert!(matches!(reply, Err(FrameError::Closed)), "{reply:?}");
+        assert_killed(pid);
+    }
+
+    #[test]
+    fn the_host_going_away_kills_the_command() {
+        let (result, pid, _) = violation(|host| {
+            host.shutdown(Shutdown::Both).expect("shutdown");
+        });
+        assert!(matches!(result, Err(Error::Closed)), "{result:?}");
+        assert_killed(pid);
+    }
+
+    #[test]
+    fn error_messages_are_bounded_on_a_char_boundary() {
+        assert_eq!(bounded("short".into()), "short");
+        let long = "é".repeat(MAX_ERROR_MESSAGE); // 2 bytes each
+        let cut = bounded(long);
+        assert!(cut.len() <= MAX_ERROR_MESSAGE);
+        assert_eq!(cut.len(), MAX_ERROR_MESSAGE);
+        let odd = format!("x{}", "é".repeat(MAX_ERROR_MESSAGE));
+        let cut = bounded(odd);
+        assert_eq!(cut.len(), MAX_ERROR_MESSAGE - 1);
+        assert!(cut.is_char_boundary(cut.len()));
+    }
+
+    #[test]
+    fn late_devices_are_retried_other_errors_are_not() {
+        for errno in [libc::ECONNRESET, libc::ENODEV, libc::ETIMEDOUT] {
+            assert!(retryable(&io::Error::from_raw_os_error(errno)), "{errno}");
+        }
+        for errno in [libc::EAFNOSUPPORT, libc::EACCES, libc::EINVAL] {
+            assert!(!retryable(&io::Error::from_raw_os_error(errno)), "{errno}");
+        }
+    }
+}
