@@ -8,11 +8,28 @@ const POWER_OFF_LINE: &str = "airlock-init: powering off";
 
 #[test]
 fn tcg_engine_boots_our_kernel_and_init() {
-    let r = run(&[&bin("airlock"), "run", "--engine", "tcg"], 300);
-    r.expect_code(0)
-        .expect_stdout_line(INIT_READY_LINE)
-        .expect_stdout_line(POWER_OFF_LINE)
-        .expect_stderr("engine: tcg");
+    let dir = scratch("tcg-boot");
+    let console = dir.join("console.log");
+    let r = run(
+        &[
+            &bin("airlock"),
+            "run",
+            "--engine",
+            "tcg",
+            "--console-log",
+            &rel(&console),
+            "--",
+            "true",
+        ],
+        300,
+    );
+    r.expect_code(0).expect_stderr("engine: tcg");
+    // The console goes to the log file, not to the terminal.
+    let log = std::fs::read_to_string(&console).expect("console log");
+    assert!(log.contains(INIT_READY_LINE), "{log}");
+    assert!(log.contains(POWER_OFF_LINE), "{log}");
+    assert!(!r.stdout.contains(INIT_READY_LINE), "{r}");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -68,9 +85,20 @@ fn our_vmm_boots_our_kernel_and_init_on_two_vcpus_in_the_testbed() {
 #[test]
 fn airlock_auto_picks_our_vmm_where_kvm_works() {
     // In the test bed /dev/kvm is real kvm_amd: auto must choose kvm.
-    let r = testbed(&[&bin("airlock"), "run", "--engine", "auto"], 600);
+    let r = testbed(
+        &[
+            &bin("airlock"),
+            "run",
+            "--engine",
+            "auto",
+            "--",
+            "echo",
+            "hi",
+        ],
+        600,
+    );
     r.expect_code(0)
-        .expect_stdout_line(INIT_READY_LINE)
+        .expect_stdout_line("hi")
         .expect_stderr("engine: kvm");
 }
 
@@ -149,6 +177,8 @@ fn airlock_rejects_bad_input_with_exit_2_and_starts_nothing() {
             "tcg",
             "--kernel",
             &rel(&dir.join("missing")),
+            "--",
+            "true",
         ],
         30,
     )
@@ -162,6 +192,8 @@ fn airlock_rejects_bad_input_with_exit_2_and_starts_nothing() {
             "tcg",
             "--kernel",
             &rel(&not_elf),
+            "--",
+            "true",
         ],
         30,
     )
@@ -169,10 +201,11 @@ fn airlock_rejects_bad_input_with_exit_2_and_starts_nothing() {
     .expect_stderr("not an ELF");
     run(&[&airlock, "run", "--bogus-flag"], 30).expect_code(2);
     // Nothing was started for any of these: no VMM or QEMU has our paths.
-    let ps = run(&["pgrep", "-f", &dir.display().to_string()], 10);
-    assert_eq!(ps.code, Some(1), "a process was left behind:\n{ps}");
+    // (pgrep directly: through `run`, it would find its own `timeout` wrapper.)
+    let left = airlock_e2e::processes_mentioning(&dir.display().to_string());
+    assert!(left.is_empty(), "a process was left behind:\n{left}");
     if host_is_kvm_pvm() {
-        run(&[&airlock, "run", "--engine", "kvm"], 30)
+        run(&[&airlock, "run", "--engine", "kvm", "--", "true"], 30)
             .expect_code(2)
             .expect_stderr("kvm_pvm");
     }

@@ -144,3 +144,93 @@ pub fn rel(p: &Path) -> String {
 pub fn host_is_kvm_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
+
+/// What a finished command printed, with stdout kept as raw bytes (for
+/// binary output).
+#[derive(Debug)]
+pub struct RawRun {
+    /// Exit code (`None` if killed by a signal).
+    pub code: Option<i32>,
+    /// Standard output, byte for byte.
+    pub stdout: Vec<u8>,
+    /// Standard error, lossily decoded.
+    pub stderr: String,
+}
+
+/// Like [`run_env`], keeping stdout as bytes.
+pub fn run_raw(argv: &[&str], env: &[(&str, &str)], timeout_s: u32) -> RawRun {
+    let out = Command::new("timeout")
+        .args(["-k", "5", &timeout_s.to_string()])
+        .args(argv)
+        .envs(env.iter().copied())
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {argv:?}: {e}"));
+    RawRun {
+        code: out.status.code(),
+        stdout: out.stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A fresh directory under the system temp dir, unique to this test and
+/// process, with a short path (Unix socket paths are limited to 107 bytes;
+/// pass it as `TMPDIR` so that `airlock run` makes its run directory there).
+/// Removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(test: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("al-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The path as a string, for argv and environment values.
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().expect("temp dir path is UTF-8")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The processes whose command line mentions `text` (`pgrep -af`), one per
+/// line; empty when there are none.
+pub fn processes_mentioning(text: &str) -> String {
+    let out = Command::new("pgrep")
+        .args(["-af", text])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run pgrep: {e}"));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The sha256 of `data`, in hex (through `sha256sum`).
+pub fn sha256_hex(data: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run sha256sum: {e}"));
+    let mut stdin = child.stdin.take().expect("stdin");
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().expect("sha256sum output");
+    writer.join().expect("writer").expect("write to sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}

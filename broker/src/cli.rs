@@ -12,16 +12,25 @@ use crate::engine::EngineChoice;
 pub enum Exit {
     /// The command did what was asked.
     Success,
+    /// `run`: the command in the sandbox ran and ended with this code
+    /// (128 + N if a signal N killed it).
+    Command(u8),
     /// `doctor`: no engine can run a sandbox on this host.
     HostUnfit,
     /// Bad usage or input (clap's own usage errors use it too); nothing was started.
     Usage,
-    /// The sandbox failed: the VM did not boot, crashed or stopped without
-    /// the init reporting ready.
+    /// The sandbox failed: the VM could not start, stopped or crashed before
+    /// the guest connected, or did not connect within the boot deadline.
     SandboxFailed,
+    /// The guest broke the protocol (malformed or unexpected message, or the
+    /// VM stopped before the command's exit status arrived).
+    ProtocolError,
     /// The sandbox ran past `--timeout` and was stopped.
     Timeout,
-    /// A signal asked us to stop; the sandbox was stopped. Holds the signal number.
+    /// The guest could not start the command (not found, not executable).
+    SpawnFailed,
+    /// A signal asked us to stop, or our output was closed (SIGPIPE); the
+    /// sandbox was stopped. Holds the signal number.
     Interrupted(i32),
 }
 
@@ -30,32 +39,56 @@ impl Exit {
     pub fn code(self) -> u8 {
         match self {
             Exit::Success => 0,
+            Exit::Command(code) => code,
             Exit::HostUnfit => 1,
             Exit::Usage => 2,
             Exit::SandboxFailed => 120,
+            Exit::ProtocolError => 121,
             Exit::Timeout => 124,
+            Exit::SpawnFailed => 127,
             // The shell convention, 128 + signal number: 130 for SIGINT, 143 for SIGTERM.
             Exit::Interrupted(signal) => u8::try_from(128 + signal.clamp(1, 127)).unwrap_or(130),
         }
     }
 }
 
+/// The default of `--max-output-bytes`: 1 GiB.
+pub const DEFAULT_MAX_OUTPUT_BYTES: u64 = 1 << 30;
+
 const RUN_EXIT_CODES: &str = "\
 Exit codes:
-  0    the sandbox booted, its init reported ready, and the VM stopped cleanly
-  2    bad usage or input (missing or non-ELF kernel, missing initrd, out-of-range
-       value, requested engine unusable here); no VM was started
-  120  the sandbox failed: the VM did not boot, crashed, or stopped before its
-       init reported ready (the last console lines are shown)
+  N    the command ran in the sandbox and exited with N (128+S if signal S
+       killed it); the codes below come from airlock itself, which then says
+       why on stderr in a line starting with `airlock:`
+  2    bad usage or input (no command, bad --env, missing or non-ELF kernel,
+       missing initrd, out-of-range value, requested engine unusable here);
+       no VM was started
+  120  the sandbox failed: the VM did not start, stopped before the guest
+       connected, or the guest did not connect within the boot deadline
+       (min(--timeout, 120 s)); the last console lines are shown
+  121  the guest broke the protocol: a malformed or unexpected message, or the
+       VM stopped before the command's exit status arrived
   124  timeout: the sandbox ran longer than --timeout and was stopped
-  130  interrupted by Ctrl-C (SIGINT; 143 for SIGTERM, 129 for SIGHUP); the
-       sandbox was stopped
+  127  the command could not be started in the sandbox (not found; 126 when
+       it is not executable)
+  130  interrupted by Ctrl-C (SIGINT; 143 for SIGTERM, 129 for SIGHUP, 141
+       when our stdout or stderr was closed); the sandbox was stopped
+
+Output: the command's stdout and stderr arrive on airlock's stdout and stderr
+as the command writes them. The guest console goes to a log file (see
+--console-log, --keep-console), never to the terminal.
 
 Environment:
-  AIRLOCK_HOME     directory holding build/ (default: found next to the airlock binary)
-  AIRLOCK_KERNEL   kernel to boot when --kernel is not given
-  AIRLOCK_INITRD   initrd to boot when --initrd is not given
-  AIRLOCK_VMM      airlock-vmm binary, when none sits next to the airlock binary";
+  AIRLOCK_HOME         directory holding build/ (default: found next to the airlock binary)
+  AIRLOCK_KERNEL       kernel to boot when --kernel is not given
+  AIRLOCK_INITRD       initrd to boot when --initrd is not given
+  AIRLOCK_VMM          airlock-vmm binary, when none sits next to the airlock binary
+  AIRLOCK_VHOST_VSOCK  vhost-device-vsock binary for the tcg engine
+                       (default: $AIRLOCK_CACHE/tools/bin, else PATH)
+  AIRLOCK_CACHE        Airlock's cache (default ~/.cache/airlock)
+  TMPDIR               where the private run directory is made
+The command gets only the variables given with --env: airlock never passes
+its own environment into the sandbox.";
 
 const DOCTOR_EXIT_CODES: &str = "\
 Exit codes:
@@ -65,11 +98,13 @@ Exit codes:
 
 const TOP_EXIT_CODES: &str = "\
 Exit codes:
-  0    success
+  0    success (run: otherwise the command's own exit code)
   1    doctor: no engine can run a sandbox on this host
   2    bad usage or input; nothing was started
   120  the sandbox failed (the VM did not boot or crashed)
+  121  the guest broke the protocol
   124  timeout
+  127  run: the command could not be started in the sandbox
   130  interrupted (SIGINT; 143 for SIGTERM, 129 for SIGHUP)
 
 Run `airlock doctor` to check what this host can run.";
@@ -84,12 +119,15 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Boot a sandbox, print its console lines as they arrive, and stop it.
+    /// Run a command inside a fresh, disposable microVM and exit with its code.
     ///
-    /// The console of the guest (booted with `quiet`, so essentially the
-    /// lines of airlock-init) is printed on stdout; airlock's own messages
-    /// and those of the VM process go to stderr.
-    #[command(after_help = RUN_EXIT_CODES)]
+    /// `airlock run [OPTIONS] -- CMD [ARGS...]` boots a sandbox, runs CMD
+    /// there (no network, only the environment given with --env, cwd /),
+    /// streams its stdout and stderr to ours, and stops the sandbox.
+    #[command(
+        after_help = RUN_EXIT_CODES,
+        override_usage = "airlock run [OPTIONS] -- CMD [ARGS]..."
+    )]
     Run(RunArgs),
     /// Check whether this host can run sandboxes, and say how to fix what is missing.
     #[command(after_help = DOCTOR_EXIT_CODES)]
@@ -122,16 +160,32 @@ pub struct RunArgs {
     /// Number of vCPUs (1 to 16)
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub cpus: u32,
-    /// Stop the sandbox and exit with 124 if it runs longer than this (at least 1)
+    /// Stop the sandbox and exit with 124 if it runs longer than this, boot
+    /// included (at least 1)
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub timeout: u64,
+    /// Set NAME=VALUE in the command's environment (repeatable). Nothing
+    /// else from airlock's environment reaches the sandbox.
+    #[arg(long = "env", short = 'e', value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// Forward at most this many bytes of the command's stdout plus stderr;
+    /// the rest is discarded (and said so on stderr)
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_OUTPUT_BYTES)]
+    pub max_output_bytes: u64,
+    /// Extra words for the guest kernel command line (e.g. airlock.debug=1)
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
     /// Write the guest console to this file and keep it (default: a private
     /// temporary file, removed at the end)
     #[arg(long, value_name = "PATH", conflicts_with = "keep_console")]
     pub console_log: Option<PathBuf>,
-    /// Keep the temporary console log and print where it is
+    /// Keep the temporary console log (and the engine's logs) and print
+    /// where they are
     #[arg(long)]
     pub keep_console: bool,
+    /// The command to run in the sandbox, and its arguments (after `--`)
+    #[arg(value_name = "CMD", trailing_var_arg = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -150,18 +204,59 @@ mod tests {
         Cli::command().debug_assert();
     }
 
-    #[test]
-    fn run_defaults() {
-        let cli = Cli::try_parse_from(["airlock", "run"]).expect("parses");
+    fn run_args(argv: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from(argv).expect("parses");
         let Command::Run(args) = cli.command else {
             panic!("not run")
         };
+        args
+    }
+
+    #[test]
+    fn run_defaults() {
+        let args = run_args(&["airlock", "run"]);
         assert_eq!(args.engine, EngineChoice::Auto);
         assert_eq!(args.mem, 256);
         assert_eq!(args.cpus, 1);
         assert_eq!(args.timeout, 300);
         assert!(args.console_log.is_none());
         assert!(!args.keep_console);
+        assert!(args.env.is_empty());
+        assert_eq!(args.max_output_bytes, 1 << 30);
+        assert!(args.cmdline.is_none());
+        assert!(args.command.is_empty());
+    }
+
+    #[test]
+    fn run_takes_the_command_after_the_options() {
+        let args = run_args(&[
+            "airlock",
+            "run",
+            "--env",
+            "A=1",
+            "-e",
+            "B=2",
+            "--timeout",
+            "5",
+            "--",
+            "sh",
+            "-c",
+            "exit 7",
+            "--timeout",
+        ]);
+        assert_eq!(args.env, ["A=1", "B=2"]);
+        assert_eq!(args.timeout, 5);
+        assert_eq!(args.command, ["sh", "-c", "exit 7", "--timeout"]);
+        // Without `--`, options stop at the command's name.
+        let args = run_args(&["airlock", "run", "--mem", "128", "ls", "-l", "--mem"]);
+        assert_eq!(args.mem, 128);
+        assert_eq!(args.command, ["ls", "-l", "--mem"]);
+    }
+
+    #[test]
+    fn unknown_options_are_still_usage_errors() {
+        let err = Cli::try_parse_from(["airlock", "run", "--bogus-flag"]).expect_err("bogus");
+        assert_eq!(err.exit_code(), 2);
     }
 
     #[test]
@@ -176,7 +271,12 @@ mod tests {
         assert_eq!(Exit::Success.code(), 0);
         assert_eq!(Exit::Usage.code(), 2);
         assert_eq!(Exit::SandboxFailed.code(), 120);
+        assert_eq!(Exit::ProtocolError.code(), 121);
         assert_eq!(Exit::Timeout.code(), 124);
+        assert_eq!(Exit::SpawnFailed.code(), 127);
+        assert_eq!(Exit::Command(7).code(), 7);
+        assert_eq!(Exit::Command(137).code(), 137);
+        assert_eq!(Exit::Interrupted(libc::SIGPIPE).code(), 141);
         assert_eq!(Exit::Interrupted(libc::SIGINT).code(), 130);
         assert_eq!(Exit::Interrupted(libc::SIGTERM).code(), 143);
     }

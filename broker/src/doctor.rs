@@ -4,7 +4,7 @@
 //! into report lines and a verdict without touching the host.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::cli::{DoctorArgs, Exit};
@@ -78,6 +78,10 @@ pub struct DoctorFacts {
     pub qemu: Result<PathBuf, paths::Error>,
     /// First line of `qemu-system-x86_64 --version`.
     pub qemu_version: Option<String>,
+    /// The tcg engine's vsock backend.
+    pub vhost_vsock: Result<PathBuf, paths::Error>,
+    /// First line of `vhost-device-vsock --version`.
+    pub vhost_vsock_version: Option<String>,
     pub image: ImagePaths,
     pub kernel: Result<(), paths::Error>,
     pub initrd: Result<(), paths::Error>,
@@ -87,28 +91,35 @@ impl DoctorFacts {
     pub fn gather(args: &DoctorArgs) -> DoctorFacts {
         let image = ImagePaths::from_env(args.image.kernel.clone(), args.image.initrd.clone());
         let qemu = paths::find_qemu();
-        let qemu_version = qemu.as_ref().ok().and_then(|q| {
-            let out = Command::new(q)
-                .arg("--version")
-                .stdin(Stdio::null())
-                .stderr(Stdio::null())
-                .output()
-                .ok()?;
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .next()
-                .map(str::to_owned)
-        });
+        let qemu_version = qemu.as_ref().ok().and_then(|q| version_line(q));
+        let vhost_vsock = paths::find_vhost_vsock();
+        let vhost_vsock_version = vhost_vsock.as_ref().ok().and_then(|v| version_line(v));
         DoctorFacts {
             kvm: KvmFacts::gather(),
             vmm: paths::find_vmm(),
             qemu,
             qemu_version,
+            vhost_vsock,
+            vhost_vsock_version,
             kernel: paths::check_kernel(&image.kernel),
             initrd: paths::check_initrd(&image.initrd),
             image,
         }
     }
+}
+
+/// The first line `program --version` prints, if it answers.
+fn version_line(program: &Path) -> Option<String> {
+    let out = Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(str::to_owned)
 }
 
 /// The report lines, and whether at least one engine can run a sandbox.
@@ -183,6 +194,26 @@ pub fn checks(facts: DoctorFacts) -> (Vec<Check>, bool) {
         ),
         (Err(e), _) => Check::says(Status::Warn, format!("qemu: {e}")),
     });
+    lines.push(match (&facts.vhost_vsock, &facts.vhost_vsock_version) {
+        (Ok(path), Some(version)) => Check::ok(format!(
+            "{}: {} ({version})",
+            paths::VHOST_VSOCK_BINARY,
+            path.display()
+        )),
+        (Ok(path), None) => Check::problem(
+            Status::Warn,
+            format!(
+                "{}: {} does not answer --version",
+                paths::VHOST_VSOCK_BINARY,
+                path.display()
+            ),
+            format!(
+                "reinstall it: remove it and run scripts/build.sh (installs version {})",
+                paths::VHOST_VSOCK_VERSION
+            ),
+        ),
+        (Err(e), _) => Check::says(Status::Warn, format!("{}: {e}", paths::VHOST_VSOCK_BINARY)),
+    });
 
     // The guest image: every engine needs it.
     let image_ok = facts.kernel.is_ok() && facts.initrd.is_ok();
@@ -204,10 +235,17 @@ pub fn checks(facts: DoctorFacts) -> (Vec<Check>, bool) {
         )),
         (Ok(()), Err(e)) => Err(("engine kvm: airlock-vmm missing".to_owned(), e.to_string())),
     };
-    let tcg_engine = match &facts.qemu {
-        Ok(_) => Ok(()),
-        Err(e) => Err((
-            "engine tcg: qemu-system-x86_64 missing".to_owned(),
+    let tcg_engine = match (&facts.qemu, &facts.vhost_vsock) {
+        (Ok(_), Ok(_)) => Ok(()),
+        (Err(e), _) => Err((
+            format!("engine tcg: {} missing", paths::QEMU_BINARY),
+            e.to_string(),
+        )),
+        (Ok(_), Err(e)) => Err((
+            format!(
+                "engine tcg: {} (its vsock device) missing",
+                paths::VHOST_VSOCK_BINARY
+            ),
             e.to_string(),
         )),
     };
@@ -228,6 +266,7 @@ pub fn checks(facts: DoctorFacts) -> (Vec<Check>, bool) {
         kvm,
         vmm: facts.vmm,
         qemu: facts.qemu,
+        vhost_vsock: facts.vhost_vsock,
     };
     lines.push(match engine::select(EngineChoice::Auto, available) {
         Ok(s) => Check::ok(format!(
@@ -269,6 +308,8 @@ mod tests {
                 Err(paths::Error::QemuNotFound)
             },
             qemu_version: qemu.then(|| "QEMU emulator version 7.2.22".into()),
+            vhost_vsock: Ok("/c/tools/bin/vhost-device-vsock".into()),
+            vhost_vsock_version: Some("vhost-device-vsock 0.3.0".into()),
             image: ImagePaths {
                 kernel: "/r/build/vmlinux".into(),
                 initrd: "/r/build/initramfs.cpio".into(),
@@ -334,6 +375,27 @@ mod tests {
         assert_eq!(find(&lines, "engine kvm").status, Status::Fail);
         assert_eq!(find(&lines, "engine tcg").status, Status::Fail);
         assert_eq!(find(&lines, "engine auto").status, Status::Fail);
+    }
+
+    #[test]
+    fn tcg_without_vhost_device_vsock_says_how_to_install_it() {
+        let (lines, ok) = checks(DoctorFacts {
+            vhost_vsock: Err(paths::Error::VhostVsockNotFound),
+            vhost_vsock_version: None,
+            ..facts(pvm(), true, true)
+        });
+        assert!(!ok);
+        let line = find(&lines, "vhost-device-vsock");
+        assert_eq!(line.status, Status::Warn);
+        assert!(line.to_string().contains("scripts/build.sh"), "{line}");
+        let tcg = find(&lines, "engine tcg");
+        assert_eq!(tcg.status, Status::Fail);
+        assert!(tcg.to_string().contains("scripts/build.sh"), "{tcg}");
+
+        let (lines, _) = checks(facts(pvm(), true, true));
+        let line = find(&lines, "vhost-device-vsock");
+        assert_eq!(line.status, Status::Ok);
+        assert!(line.what.contains("0.3.0"), "{line}");
     }
 
     #[test]

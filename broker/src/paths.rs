@@ -19,6 +19,11 @@ pub const DEFAULT_INITRD: &str = "build/initramfs.cpio";
 pub const VMM_BINARY: &str = "airlock-vmm";
 /// QEMU's binary name (Debian package `qemu-system-x86`).
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+/// The vhost-user vsock backend the tcg engine runs next to QEMU (crate
+/// `vhost-device-vsock`, installed by `scripts/build.sh`).
+pub const VHOST_VSOCK_BINARY: &str = "vhost-device-vsock";
+/// The version `scripts/build.sh` installs (FACTS.md: it builds here and works).
+pub const VHOST_VSOCK_VERSION: &str = "0.3.0";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -51,6 +56,16 @@ pub enum Error {
     VmmEnvNotExecutable(PathBuf),
     #[error("{QEMU_BINARY} not found in PATH (install Debian package qemu-system-x86)")]
     QemuNotFound,
+    #[error(
+        "{VHOST_VSOCK_BINARY} not found in $AIRLOCK_VHOST_VSOCK, $AIRLOCK_CACHE/tools/bin or PATH \
+         (install it with scripts/build.sh, or: cargo install --locked --root ~/.cache/airlock/tools \
+         {VHOST_VSOCK_BINARY} --version {VHOST_VSOCK_VERSION})"
+    )]
+    VhostVsockNotFound,
+    #[error(
+        "$AIRLOCK_VHOST_VSOCK is {0}, which is not an executable file (fix or unset AIRLOCK_VHOST_VSOCK)"
+    )]
+    VhostVsockEnvNotExecutable(PathBuf),
 }
 
 /// The Airlock home: `$AIRLOCK_HOME` if set; else the nearest directory,
@@ -221,6 +236,68 @@ pub fn find_qemu() -> Result<PathBuf, Error> {
     find_in_path(QEMU_BINARY, env::var_os("PATH").as_deref()).ok_or(Error::QemuNotFound)
 }
 
+/// Airlock's cache directory, as `scripts/lib.sh` computes it:
+/// `$AIRLOCK_CACHE`, else `${XDG_CACHE_HOME:-$HOME/.cache}/airlock`. `None`
+/// when none of them is set. (Like the shell, an empty value counts as unset.)
+pub fn cache_dir(
+    airlock_cache: Option<OsString>,
+    xdg_cache_home: Option<OsString>,
+    home: Option<OsString>,
+) -> Option<PathBuf> {
+    let set = |v: Option<OsString>| v.filter(|v| !v.is_empty()).map(PathBuf::from);
+    set(airlock_cache).or_else(|| {
+        set(xdg_cache_home)
+            .or_else(|| set(home).map(|h| h.join(".cache")))
+            .map(|c| c.join("airlock"))
+    })
+}
+
+/// Where `vhost-device-vsock` is looked for, in order: `$AIRLOCK_VHOST_VSOCK`
+/// (an explicit choice wins, and must be executable), else
+/// `<cache>/tools/bin/vhost-device-vsock` (where `scripts/build.sh` installs
+/// it), else `PATH`. Pure over the values given.
+pub fn resolve_vhost_vsock(
+    env_value: Option<OsString>,
+    cache: Option<&Path>,
+    path_var: Option<&OsStr>,
+    is_executable: impl Fn(&Path) -> bool,
+) -> Result<PathBuf, Error> {
+    if let Some(value) = env_value.filter(|v| !v.is_empty()) {
+        let path = PathBuf::from(value);
+        return if is_executable(&path) {
+            Ok(path)
+        } else {
+            Err(Error::VhostVsockEnvNotExecutable(path))
+        };
+    }
+    if let Some(cached) = cache
+        .map(|c| c.join("tools/bin").join(VHOST_VSOCK_BINARY))
+        .filter(|p| is_executable(p))
+    {
+        return Ok(cached);
+    }
+    env::split_paths(path_var.ok_or(Error::VhostVsockNotFound)?)
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .map(|dir| dir.join(VHOST_VSOCK_BINARY))
+        .find(|candidate| is_executable(candidate))
+        .ok_or(Error::VhostVsockNotFound)
+}
+
+/// Finds `vhost-device-vsock` in the real environment ([`resolve_vhost_vsock`]).
+pub fn find_vhost_vsock() -> Result<PathBuf, Error> {
+    let cache = cache_dir(
+        env::var_os("AIRLOCK_CACHE"),
+        env::var_os("XDG_CACHE_HOME"),
+        env::var_os("HOME"),
+    );
+    resolve_vhost_vsock(
+        env::var_os("AIRLOCK_VHOST_VSOCK"),
+        cache.as_deref(),
+        env::var_os("PATH").as_deref(),
+        is_executable_file,
+    )
+}
+
 /// A fresh, empty directory under the system temp dir, removed on drop.
 #[cfg(test)]
 pub(crate) struct TestDir(PathBuf);
@@ -382,6 +459,59 @@ mod tests {
             check_initrd(dir.path()),
             Err(Error::InitrdNotFile(_))
         ));
+    }
+
+    #[test]
+    fn cache_dir_mirrors_lib_sh() {
+        let some = |s: &str| Some(OsString::from(s));
+        assert_eq!(
+            cache_dir(some("/c"), some("/x"), some("/h")),
+            Some("/c".into())
+        );
+        assert_eq!(
+            cache_dir(None, some("/x"), some("/h")),
+            Some("/x/airlock".into())
+        );
+        assert_eq!(
+            cache_dir(some(""), some(""), some("/h")),
+            Some("/h/.cache/airlock".into())
+        );
+        assert_eq!(cache_dir(None, None, None), None);
+    }
+
+    #[test]
+    fn vhost_vsock_precedence() {
+        let exists = |p: &Path| {
+            [
+                "/env/vhost",
+                "/cache/tools/bin/vhost-device-vsock",
+                "/usr/bin/vhost-device-vsock",
+            ]
+            .iter()
+            .any(|e| p == Path::new(e))
+        };
+        let path_var = OsString::from("/nope:/usr/bin");
+        let path_var = Some(path_var.as_os_str());
+        let cache = Some(Path::new("/cache"));
+        assert_eq!(
+            resolve_vhost_vsock(Some("/env/vhost".into()), cache, path_var, exists).expect("env"),
+            Path::new("/env/vhost")
+        );
+        assert!(matches!(
+            resolve_vhost_vsock(Some("/env/missing".into()), cache, path_var, exists),
+            Err(Error::VhostVsockEnvNotExecutable(_))
+        ));
+        assert_eq!(
+            resolve_vhost_vsock(None, cache, path_var, exists).expect("cache"),
+            Path::new("/cache/tools/bin/vhost-device-vsock")
+        );
+        assert_eq!(
+            resolve_vhost_vsock(Some("".into()), Some(Path::new("/other")), path_var, exists)
+                .expect("path"),
+            Path::new("/usr/bin/vhost-device-vsock")
+        );
+        let err = resolve_vhost_vsock(None, None, None, exists).expect_err("none");
+        assert!(err.to_string().contains("scripts/build.sh"), "{err}");
     }
 
     #[test]

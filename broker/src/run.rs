@@ -1,25 +1,39 @@
-//! `airlock run`: boot a sandbox, print its console, stop it.
+//! `airlock run -- CMD ARGS...`: boot a sandbox, run one command in it,
+//! stream its output, and exit with its exit code.
 //!
-//! Order: validate the arguments ([`RunConfig`]) → resolve and check the
-//! kernel and initrd → pick the engine → prepare the console file → spawn
-//! the VM → follow the console until the VM ends, the timeout passes or a
-//! signal arrives → judge the run ([`verdict`]) → clean up. Everything that
-//! can be wrong with the input is found before a VM starts.
+//! Order: validate the arguments and encode the run spec ([`RunConfig`]) →
+//! resolve and check the kernel and initrd → pick the engine → make the
+//! private run directory ([`RunDir`]) → listen on the control port's socket
+//! → spawn the VM → [`supervise`]: hand the guest's control connection to a
+//! session thread ([`session::serve`]), watch the VM, the deadlines and the
+//! signals → [`judge`] the end → clean up (dropping the [`Vm`] kills and
+//! reaps every engine process; dropping the [`RunDir`] removes it).
+//! Everything that can be wrong with the input is found before a VM starts.
+//!
+//! Threads: the main thread supervises and owns the VM (it spawned it, which
+//! `PR_SET_PDEATHSIG` needs); [`control::Acceptor`] accepts on the control
+//! socket; one session thread runs the conversation with blocking I/O. They
+//! report to the main thread over one channel.
 
-use std::collections::VecDeque;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::{self, OpenOptions};
+use std::io::{self, BufReader, Write};
+use std::net::Shutdown;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use airlock_protocol::INIT_READY_LINE;
+use airlock_protocol::{EncodeError, ExitStatus, RunSpec, CONTROL_PORT, DEFAULT_GUEST_CID};
 
 use crate::cli::{Exit, ImageArgs, RunArgs};
+use crate::control::{self, Accepted, Acceptor};
 use crate::engine::{self, Available, EngineChoice, ProcessExit, Vm, VmConfig};
 use crate::paths::{self, ImagePaths};
+use crate::session::{self, EncodedSpec, Outcome, Output, Progress, Stage, Violation};
 
 /// Guest memory bounds, in MiB.
 pub const MEM_MIB_RANGE: std::ops::RangeInclusive<u32> = 64..=65536;
@@ -27,12 +41,26 @@ pub const MEM_MIB_RANGE: std::ops::RangeInclusive<u32> = 64..=65536;
 pub const CPUS_RANGE: std::ops::RangeInclusive<u32> = 1..=16;
 /// The console substring that means the guest kernel died.
 const PANIC_MARKER: &str = "Kernel panic";
-/// How many console lines a failure report shows.
-const TAIL_LINES: usize = 15;
-/// A console "line" longer than this is cut (a guest may never send `\n`).
-const MAX_LINE: usize = 4096;
-/// How often the console file and the VM process are looked at.
+/// The guest must say Hello within this long (or `--timeout`, if shorter).
+/// Generous: the tcg engine boots in ~3 s, our VMM in the nested test bed in
+/// ~10 s; a loaded CI machine may be several times slower.
+pub const BOOT_DEADLINE: Duration = Duration::from_secs(120);
+/// How long the guest may take to power off after the command's exit status.
+pub const POWER_OFF_GRACE: Duration = Duration::from_secs(10);
+/// After the VM process ends before the exit status came, how long the
+/// session may still read what the engine had in flight.
+const DRAIN: Duration = Duration::from_secs(1);
+/// How long we wait for the session thread once its stream is shut down (it
+/// may be blocked writing to a slow stdout).
+const SESSION_END: Duration = Duration::from_secs(2);
+/// How often the VM, the deadlines and the signals are looked at.
 const POLL: Duration = Duration::from_millis(20);
+/// The working directory of the command in the guest.
+const GUEST_CWD: &str = "/";
+/// The hybrid-vsock base socket's name in the run directory.
+const VSOCK_NAME: &str = "vsock";
+/// Longest Unix socket path (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -42,6 +70,18 @@ pub enum Error {
     Cpus(u32),
     #[error("--timeout must be at least 1 second")]
     Timeout,
+    #[error("no command given (usage: airlock run [OPTIONS] -- CMD [ARGS...])")]
+    NoCommand,
+    #[error("--env {arg:?}: {why}")]
+    Env { arg: String, why: &'static str },
+    #[error("--env {0} is given twice")]
+    DuplicateEnv(String),
+    #[error("argument {0} of the command contains a NUL byte")]
+    NulInArgument(usize),
+    #[error("--cmdline contains a NUL byte")]
+    NulInCmdline,
+    #[error("the command and its environment do not fit the protocol's limits")]
+    Spec(#[source] EncodeError),
     #[error(transparent)]
     Image(#[from] paths::Error),
     #[error(transparent)]
@@ -55,6 +95,14 @@ pub enum Error {
     #[error("cannot create a private run directory in {}", dir.display())]
     RunDir {
         dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the socket path {} is longer than {MAX_SOCKET_PATH} bytes (set TMPDIR to a shorter directory)", .0.display())]
+    SocketPath(PathBuf),
+    #[error("cannot listen on {}", path.display())]
+    Listen {
+        path: PathBuf,
         #[source]
         source: io::Error,
     },
@@ -72,12 +120,21 @@ impl Error {
             Error::Mem(_)
             | Error::Cpus(_)
             | Error::Timeout
+            | Error::NoCommand
+            | Error::Env { .. }
+            | Error::DuplicateEnv(_)
+            | Error::NulInArgument(_)
+            | Error::NulInCmdline
+            | Error::Spec(_)
             | Error::Image(_)
             | Error::Engine(_)
-            | Error::ConsoleLog { .. } => Exit::Usage,
-            Error::RunDir { .. } | Error::Signals(_) | Error::Spawn(_) | Error::Supervise(_) => {
-                Exit::SandboxFailed
-            }
+            | Error::ConsoleLog { .. }
+            | Error::SocketPath(_) => Exit::Usage,
+            Error::RunDir { .. }
+            | Error::Listen { .. }
+            | Error::Signals(_)
+            | Error::Spawn(_)
+            | Error::Supervise(_) => Exit::SandboxFailed,
         }
     }
 }
@@ -85,7 +142,7 @@ impl Error {
 /// Where the console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsoleTarget {
-    /// A private temporary directory, removed at the end unless `keep`.
+    /// The private run directory, removed at the end unless `keep`.
     Temp { keep: bool },
     /// A file the user named; kept.
     File(PathBuf),
@@ -100,6 +157,61 @@ pub struct RunConfig {
     pub cpus: u8,
     pub timeout: Duration,
     pub console: ConsoleTarget,
+    /// The RunSpec frame, encoded (so within the protocol's limits).
+    pub spec: EncodedSpec,
+    pub max_output_bytes: u64,
+    pub extra_cmdline: Vec<String>,
+}
+
+/// Parses one `--env NAME=VALUE`. The name is non-empty and holds no `=`
+/// (it ends at the first one) and no NUL; the value holds no NUL. A bare
+/// `NAME` is refused: nothing is ever taken from the host's environment.
+pub fn parse_env(arg: &str) -> Result<(String, String), Error> {
+    let bad = |why| Error::Env {
+        arg: arg.to_owned(),
+        why,
+    };
+    let (name, value) = arg.split_once('=').ok_or_else(|| {
+        bad("expected NAME=VALUE (the host's environment is never passed on, so a bare NAME means nothing)")
+    })?;
+    if name.is_empty() {
+        return Err(bad("the name is empty"));
+    }
+    if name.contains('\0') || value.contains('\0') {
+        return Err(bad("contains a NUL byte"));
+    }
+    Ok((name.to_owned(), value.to_owned()))
+}
+
+/// The run spec for `command` with exactly the `--env` variables: cwd `/`,
+/// no guest-side timeout (the host enforces `--timeout`), no stdin.
+pub fn run_spec(
+    command: Vec<String>,
+    env: &[String],
+    max_output_bytes: u64,
+) -> Result<RunSpec, Error> {
+    if command.is_empty() {
+        return Err(Error::NoCommand);
+    }
+    if let Some(i) = command.iter().position(|a| a.contains('\0')) {
+        return Err(Error::NulInArgument(i));
+    }
+    let mut pairs: Vec<(String, String)> = Vec::with_capacity(env.len());
+    for arg in env {
+        let (name, value) = parse_env(arg)?;
+        if pairs.iter().any(|(n, _)| *n == name) {
+            return Err(Error::DuplicateEnv(name));
+        }
+        pairs.push((name, value));
+    }
+    Ok(RunSpec {
+        argv: command,
+        env: pairs,
+        cwd: GUEST_CWD.into(),
+        timeout_ms: None,
+        max_output_bytes,
+        stdin: false,
+    })
 }
 
 impl TryFrom<RunArgs> for RunConfig {
@@ -116,6 +228,12 @@ impl TryFrom<RunArgs> for RunConfig {
         if args.timeout == 0 {
             return Err(Error::Timeout);
         }
+        let spec = run_spec(args.command, &args.env, args.max_output_bytes)?;
+        let spec = EncodedSpec::new(spec).map_err(Error::Spec)?;
+        let cmdline = args.cmdline.unwrap_or_default();
+        if cmdline.contains('\0') {
+            return Err(Error::NulInCmdline);
+        }
         Ok(RunConfig {
             engine: args.engine,
             image: args.image,
@@ -128,6 +246,9 @@ impl TryFrom<RunArgs> for RunConfig {
                     keep: args.keep_console,
                 },
             },
+            spec,
+            max_output_bytes: args.max_output_bytes,
+            extra_cmdline: cmdline.split_whitespace().map(str::to_owned).collect(),
         })
     }
 }
@@ -158,276 +279,562 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
         selection.reason
     );
 
-    let console = ConsoleFile::create(&config.console)?;
+    let run_dir = RunDir::create(&config.console)?;
+    let vsock_uds = run_dir.dir.join(VSOCK_NAME);
+    let control_path = engine::port_path(&vsock_uds, CONTROL_PORT);
+    // The engines' own sockets in the run directory have names no longer
+    // than this one's.
+    if control_path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(Error::SocketPath(control_path));
+    }
+    // Listening before the VM starts: the guest's connection always finds us.
+    let listener = UnixListener::bind(&control_path).map_err(|source| Error::Listen {
+        path: control_path.clone(),
+        source,
+    })?;
     let vm_config = VmConfig {
         kernel: image.kernel,
         initrd: image.initrd,
         mem_mib: config.mem_mib,
         cpus: config.cpus,
-        console_log: console.path.clone(),
-        extra_cmdline: Vec::new(),
+        console_log: run_dir.console.clone(),
+        extra_cmdline: config.extra_cmdline.clone(),
+        run_dir: run_dir.dir.clone(),
+        vsock_uds,
+        guest_cid: DEFAULT_GUEST_CID,
     };
-    let mut follower = Follower::open(&console.path).map_err(|source| Error::ConsoleLog {
-        path: console.path.clone(),
-        source,
-    })?;
+    let (events_tx, events) = mpsc::channel();
+    let acceptor = {
+        let tx = events_tx.clone();
+        Acceptor::start(listener, move |accepted| {
+            let _ = tx.send(Event::Accepted(accepted));
+        })
+        .map_err(|source| Error::Listen {
+            path: control_path.clone(),
+            source,
+        })?
+    };
     // Installed just before the VM starts: from here on a signal means
     // "stop the VM and clean up", not "die at once".
     let stop = StopSignal::install().map_err(Error::Signals)?;
     let started = Instant::now();
     let mut vm = selection.engine.spawn(&vm_config)?;
-    let mut scan = ConsoleScan::default();
-    let end = supervise(
-        &mut vm,
-        &mut follower,
-        &mut scan,
-        started.checked_add(config.timeout),
-        &stop,
-    )
-    .map_err(Error::Supervise)?;
-    drop(vm);
+    let deadlines = Deadlines::from_start(started, config.timeout);
+    let session = SessionParams {
+        spec: config.spec.clone(),
+        max_output_bytes: config.max_output_bytes,
+        events: events_tx,
+        writers: terminal,
+    };
+    let end = supervise(&mut vm, &events, &session, deadlines, &stop).map_err(Error::Supervise);
+    // Whatever happened, nothing of the VM outlives this point.
+    let killed = vm.kill();
+    drop(acceptor);
+    let end = end?;
+    killed.map_err(Error::Supervise)?;
 
-    let exit = match verdict(&end, &scan) {
-        Verdict::Success => {
-            eprintln!(
-                "airlock: sandbox finished in {:.2} s",
-                started.elapsed().as_secs_f64()
-            );
-            Exit::Success
+    let verdict = judge(&end, config.timeout);
+    if let Some(line) = &verdict.message {
+        eprintln!("airlock: {line}");
+    }
+    if verdict.diagnostics {
+        for line in diagnostics(&run_dir.console, &vm) {
+            eprintln!("airlock: {line}");
         }
-        Verdict::Failed(reason) => {
-            eprintln!(
-                "airlock: error: the sandbox failed: {reason}; {}",
-                scan.describe_tail()
-            );
-            if matches!(config.console, ConsoleTarget::Temp { keep: false }) {
-                eprintln!("airlock: (pass --keep-console to keep the whole console log)");
+        if matches!(config.console, ConsoleTarget::Temp { keep: false }) {
+            eprintln!("airlock: (pass --keep-console to keep the whole console log)");
+        }
+    }
+    drop(vm);
+    if let Some(kept) = run_dir.finish() {
+        eprintln!("airlock: console log: {}", kept.display());
+    }
+    Ok(verdict.exit)
+}
+
+/// What the other threads tell the supervisor.
+#[derive(Debug)]
+enum Event {
+    Accepted(Accepted),
+    Progress(Progress),
+    Ended(Outcome),
+}
+
+/// When the run must have booted and finished, and the patience of each
+/// later step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// The guest's Hello must come before this.
+    pub boot: Instant,
+    pub boot_limit: Duration,
+    /// `--timeout`.
+    pub timeout: Instant,
+    /// [`POWER_OFF_GRACE`].
+    pub power_off_grace: Duration,
+    /// [`DRAIN`].
+    pub drain: Duration,
+    /// [`SESSION_END`].
+    pub session_end: Duration,
+}
+
+impl Deadlines {
+    /// Boot deadline: `min(timeout, BOOT_DEADLINE)` after `start`.
+    pub fn from_start(start: Instant, timeout: Duration) -> Deadlines {
+        let boot_limit = timeout.min(BOOT_DEADLINE);
+        Deadlines {
+            boot: start + boot_limit,
+            boot_limit,
+            timeout: start + timeout,
+            power_off_grace: POWER_OFF_GRACE,
+            drain: DRAIN,
+            session_end: SESSION_END,
+        }
+    }
+}
+
+/// Where a session writes the command's stdout and stderr.
+type Writers = fn() -> (Box<dyn Write>, Box<dyn Write>);
+
+/// Our own stdout and stderr (each chunk is flushed at once by [`Output`]).
+fn terminal() -> (Box<dyn Write>, Box<dyn Write>) {
+    (Box::new(io::stdout()), Box::new(io::stderr()))
+}
+
+/// What a session thread needs.
+#[derive(Debug)]
+struct SessionParams {
+    spec: EncodedSpec,
+    max_output_bytes: u64,
+    events: Sender<Event>,
+    writers: Writers,
+}
+
+/// The running session: a handle on its stream, to shut it down.
+#[derive(Debug)]
+struct SessionThread {
+    stream: UnixStream,
+}
+
+impl SessionThread {
+    /// Serves `stream` in a new thread, which reports to the supervisor.
+    fn start(stream: UnixStream, params: &SessionParams) -> io::Result<SessionThread> {
+        let handle = stream.try_clone()?;
+        let spec = params.spec.clone();
+        let limit = params.max_output_bytes;
+        let events = params.events.clone();
+        let writers = params.writers;
+        // Detached: it ends when its stream is shut down (or at exit, if
+        // stuck writing to a stdout nobody reads).
+        thread::Builder::new()
+            .name("control-session".into())
+            .spawn(move || {
+                let (out, err) = writers();
+                let mut output = Output::new(out, err, limit);
+                let progress_events = events.clone();
+                let outcome = session::serve(
+                    BufReader::with_capacity(128 * 1024, &stream),
+                    &stream,
+                    &spec,
+                    &mut output,
+                    &mut |p| {
+                        let _ = progress_events.send(Event::Progress(p));
+                    },
+                );
+                let _ = events.send(Event::Ended(outcome));
+            })?;
+        Ok(SessionThread { stream: handle })
+    }
+
+    /// Ends the conversation: the session's reads see end-of-file (after
+    /// whatever is already buffered) and its writes fail.
+    fn shut_down(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// How the supervision ended.
+#[derive(Debug)]
+pub enum End {
+    /// The control conversation ended with `outcome`. `vm` is how the VM
+    /// process ended, if it stopped by itself (`None`: we stopped it).
+    Session {
+        outcome: Outcome,
+        vm: Option<ProcessExit>,
+    },
+    /// The VM process ended before any control connection.
+    StoppedBeforeConnect(ProcessExit),
+    /// No Hello within the boot deadline; the VM was stopped.
+    BootTimeout(Duration),
+    /// `--timeout` passed; the VM was stopped. `booted`: the guest had
+    /// said Hello.
+    TimedOut { booted: bool },
+    /// A signal came; the VM was stopped.
+    Interrupted(i32),
+    /// The VM process ended during the session, and the session thread did
+    /// not finish (it is stuck).
+    SessionLost(ProcessExit),
+}
+
+/// Supervises a running VM until the run is over (see [`End`]). On return
+/// the VM may still be running: the caller kills it.
+fn supervise(
+    vm: &mut Vm,
+    events: &Receiver<Event>,
+    params: &SessionParams,
+    deadlines: Deadlines,
+    stop: &StopSignal,
+) -> io::Result<End> {
+    let mut session: Option<SessionThread> = None;
+    let mut handshaken = false;
+    // When the command's exit status arrived.
+    let mut exited_at: Option<Instant> = None;
+    // How the conversation ended, once it has.
+    let mut outcome: Option<Outcome> = None;
+    // How and when the VM process ended by itself.
+    let mut vm_stopped: Option<(ProcessExit, Instant)> = None;
+    loop {
+        match events.recv_timeout(POLL) {
+            Ok(Event::Accepted(Accepted::Session(stream))) => {
+                session = Some(SessionThread::start(stream, params)?);
             }
-            Exit::SandboxFailed
+            Ok(Event::Accepted(Accepted::Refused(n))) => eprintln!(
+                "airlock: guest protocol error: refused connection {n} to the control port \
+                 (one control session per run)"
+            ),
+            Ok(Event::Accepted(Accepted::Capped)) => eprintln!(
+                "airlock: guest protocol error: {} connections to the control port; \
+                 no longer accepting any",
+                control::MAX_CONNECTIONS
+            ),
+            Ok(Event::Accepted(Accepted::Failed(e))) => {
+                eprintln!("airlock: warning: the control port stopped accepting: {e}")
+            }
+            Ok(Event::Progress(Progress::Handshaken)) => handshaken = true,
+            Ok(Event::Progress(Progress::Exited(_))) => exited_at = Some(Instant::now()),
+            Ok(Event::Ended(ended)) => outcome = Some(ended),
+            Err(RecvTimeoutError::Timeout) => {}
+            // We hold a sender ourselves (`params.events`): cannot happen.
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(io::Error::other("the supervisor's channel closed"))
+            }
         }
-        Verdict::TimedOut => {
-            eprintln!(
-                "airlock: error: the sandbox did not finish within {} s and was stopped (raise --timeout); {}",
-                config.timeout.as_secs(),
-                scan.describe_tail()
-            );
-            Exit::Timeout
+        let now = Instant::now();
+
+        if let Some(signal) = stop.received() {
+            vm.kill()?;
+            end_session(session.as_ref(), events, deadlines.session_end);
+            return Ok(End::Interrupted(signal));
         }
-        Verdict::Interrupted(signal) => {
-            let name = match signal {
+        if vm_stopped.is_none() {
+            vm_stopped = vm.try_wait()?.map(|exit| (exit, now));
+        }
+
+        // The conversation is over.
+        if let Some(ended) = outcome.take() {
+            let command_done = matches!(ended, Outcome::Exited(_));
+            let grace_left = exited_at.is_some_and(|at| now < at + deadlines.power_off_grace);
+            if command_done && vm_stopped.is_none() && grace_left {
+                // Let the guest power off by itself.
+                outcome = Some(ended);
+            } else {
+                return Ok(End::Session {
+                    outcome: ended,
+                    vm: vm_stopped.map(|(exit, _)| exit),
+                });
+            }
+        }
+
+        // The VM stopped while the conversation goes on (or never began).
+        if let Some((exit, at)) = vm_stopped {
+            let Some(session) = &session else {
+                return Ok(End::StoppedBeforeConnect(exit));
+            };
+            // After the exit status nothing more is expected; before it, let
+            // the session read what the engine still had in flight.
+            if exited_at.is_some() || now >= at + deadlines.drain {
+                // The helpers go (their sockets close), then the stream.
+                vm.kill()?;
+                session.shut_down();
+                return Ok(match wait_outcome(events, deadlines.session_end) {
+                    Some(outcome) => End::Session {
+                        outcome,
+                        vm: Some(exit),
+                    },
+                    None => End::SessionLost(exit),
+                });
+            }
+            continue;
+        }
+
+        // The command ended but the guest does not power off.
+        if exited_at.is_some_and(|at| now >= at + deadlines.power_off_grace) {
+            vm.kill()?;
+            if let Some(session) = &session {
+                session.shut_down();
+            }
+            if let Some(outcome) = outcome
+                .take()
+                .or_else(|| wait_outcome(events, deadlines.session_end))
+            {
+                return Ok(End::Session { outcome, vm: None });
+            }
+            // The status did arrive, but the session thread is stuck.
+            return Ok(End::TimedOut { booted: true });
+        }
+
+        // Deadlines count only while the command has not ended.
+        if exited_at.is_none() && now >= deadlines.timeout {
+            vm.kill()?;
+            end_session(session.as_ref(), events, deadlines.session_end);
+            return Ok(End::TimedOut { booted: handshaken });
+        }
+        if !handshaken && now >= deadlines.boot {
+            vm.kill()?;
+            end_session(session.as_ref(), events, deadlines.session_end);
+            return Ok(End::BootTimeout(deadlines.boot_limit));
+        }
+    }
+}
+
+/// Shuts the session down and gives it a moment to finish writing.
+fn end_session(session: Option<&SessionThread>, events: &Receiver<Event>, limit: Duration) {
+    if let Some(session) = session {
+        session.shut_down();
+        let _ = wait_outcome(events, limit);
+    }
+}
+
+/// Waits up to `limit` for the session's outcome, dropping other events.
+fn wait_outcome(events: &Receiver<Event>, limit: Duration) -> Option<Outcome> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(Event::Ended(outcome)) => return Some(outcome),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// What a run amounts to: the exit code, the line to print (after
+/// `airlock: `), and whether the console and engine logs help explain it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub exit: Exit,
+    pub message: Option<String>,
+    pub diagnostics: bool,
+}
+
+fn command_exit(status: ExitStatus) -> Exit {
+    // exit_code() is 0..=255 or 129..=192 (128 + signal 1..=64).
+    u8::try_from(status.exit_code()).map_or(Exit::ProtocolError, Exit::Command)
+}
+
+/// Judges how the run ended. Pure.
+pub fn judge(end: &End, timeout: Duration) -> Verdict {
+    let verdict = |exit, message: String, diagnostics| Verdict {
+        exit,
+        message: Some(message),
+        diagnostics,
+    };
+    match end {
+        End::Session { outcome, vm } => match (outcome, vm) {
+            (Outcome::Exited(status), Some(exit)) if exit.success() => Verdict {
+                exit: command_exit(*status),
+                message: None,
+                diagnostics: false,
+            },
+            (Outcome::Exited(status), Some(exit)) => verdict(
+                command_exit(*status),
+                format!("warning: the VM process ended with {exit} after the command ended"),
+                true,
+            ),
+            (Outcome::Exited(status), None) => verdict(
+                command_exit(*status),
+                format!(
+                    "warning: the guest did not power off within {} s after the command ended; \
+                     the VM was stopped",
+                    POWER_OFF_GRACE.as_secs()
+                ),
+                false,
+            ),
+            (Outcome::SpawnFailed { message, status }, _) => verdict(
+                // The init's shell-style code (127 not found, 126 not
+                // executable) when it sent one, else 127.
+                status
+                    .filter(|s| s.exit_code() != 0)
+                    .map_or(Exit::SpawnFailed, command_exit),
+                format!("error: the command could not be started in the sandbox: {message}"),
+                false,
+            ),
+            (Outcome::OutputClosed(e), _) => verdict(
+                Exit::Interrupted(libc::SIGPIPE),
+                format!("our output was closed ({e}); the sandbox was stopped"),
+                false,
+            ),
+            (
+                Outcome::Broken(Violation::Closed {
+                    stage: Stage::BeforeHello,
+                }),
+                Some(exit),
+            ) => verdict(
+                Exit::SandboxFailed,
+                format!(
+                    "error: the sandbox failed: the VM process ended with {exit} \
+                     before the guest's Hello"
+                ),
+                true,
+            ),
+            (Outcome::Broken(violation), vm) => {
+                let mut line = format!("guest protocol error: {}", crate::report(violation));
+                if let Some(exit) = vm {
+                    line.push_str(&format!(" (the VM process ended with {exit})"));
+                }
+                verdict(Exit::ProtocolError, line, vm.is_some())
+            }
+        },
+        End::StoppedBeforeConnect(exit) => verdict(
+            Exit::SandboxFailed,
+            format!(
+                "error: the sandbox failed: the VM process ended with {exit} \
+                 before the guest connected"
+            ),
+            true,
+        ),
+        End::BootTimeout(limit) => verdict(
+            Exit::SandboxFailed,
+            format!(
+                "error: the sandbox failed: the guest did not connect within {} s \
+                 (the boot deadline); the VM was stopped",
+                limit.as_secs()
+            ),
+            true,
+        ),
+        End::TimedOut { booted } => verdict(
+            Exit::Timeout,
+            format!(
+                "error: the sandbox ran longer than --timeout {} s and was stopped{}",
+                timeout.as_secs(),
+                if *booted {
+                    ""
+                } else {
+                    " (the guest had not connected yet)"
+                }
+            ),
+            // A guest that never connected: the console may say why.
+            !booted,
+        ),
+        End::Interrupted(signal) => {
+            let name = match *signal {
                 libc::SIGINT => "SIGINT",
                 libc::SIGTERM => "SIGTERM",
                 libc::SIGHUP => "SIGHUP",
                 _ => "a signal",
             };
-            eprintln!("airlock: interrupted by {name}; the sandbox was stopped");
-            Exit::Interrupted(signal)
+            verdict(
+                Exit::Interrupted(*signal),
+                format!("interrupted by {name}; the sandbox was stopped"),
+                false,
+            )
         }
-    };
-    if let Some(kept) = console.finish() {
-        eprintln!("airlock: console log: {}", kept.display());
-    }
-    Ok(exit)
-}
-
-/// How the supervision of a VM ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    Exited(ProcessExit),
-    TimedOut,
-    Interrupted(i32),
-}
-
-/// What the run amounts to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    Success,
-    Failed(String),
-    TimedOut,
-    Interrupted(i32),
-}
-
-/// Success only if the VM exited cleanly, the init said it was ready, and
-/// the kernel did not panic (with `panic=-1` a panic is a reboot, which the
-/// engines report as a clean exit).
-pub fn verdict(end: &End, scan: &ConsoleScan) -> Verdict {
-    let exit = match *end {
-        End::TimedOut => return Verdict::TimedOut,
-        End::Interrupted(signal) => return Verdict::Interrupted(signal),
-        End::Exited(exit) => exit,
-    };
-    let stage = if scan.ready {
-        "after airlock-init reported ready"
-    } else {
-        "before airlock-init reported ready"
-    };
-    if scan.panic {
-        Verdict::Failed(format!("the guest kernel panicked {stage}"))
-    } else if !exit.success() {
-        Verdict::Failed(format!("the VM process ended with {exit} {stage}"))
-    } else if !scan.ready {
-        Verdict::Failed(format!(
-            "the VM stopped without airlock-init reporting ready (no \"{INIT_READY_LINE}\" line)"
-        ))
-    } else {
-        Verdict::Success
+        End::SessionLost(exit) => verdict(
+            Exit::ProtocolError,
+            format!(
+                "guest protocol error: the VM process ended with {exit} and the control \
+                 session did not finish"
+            ),
+            true,
+        ),
     }
 }
 
-/// What the console said so far.
-#[derive(Debug, Default)]
-pub struct ConsoleScan {
-    pub ready: bool,
-    pub panic: bool,
-    tail: VecDeque<String>,
-}
-
-impl ConsoleScan {
-    pub fn line(&mut self, line: &str) {
-        self.ready |= line.contains(INIT_READY_LINE);
-        self.panic |= line.contains(PANIC_MARKER);
-        if self.tail.len() == TAIL_LINES {
-            self.tail.pop_front();
-        }
-        self.tail.push_back(line.to_owned());
+/// The lines that explain a failed run: whether the guest kernel panicked,
+/// the end of the console, the end of each engine log that has anything.
+fn diagnostics(console: &Path, vm: &Vm) -> Vec<String> {
+    let mut lines = Vec::new();
+    // The whole tail window, to find a panic message among the trace lines.
+    let window = engine::tail_lines(console, usize::MAX);
+    if window.iter().any(|l| l.contains(PANIC_MARKER)) {
+        lines.push("the guest kernel panicked".into());
     }
-
-    /// The last console lines, for a failure report.
-    pub fn describe_tail(&self) -> String {
-        if self.tail.is_empty() {
-            return "the console was empty".into();
-        }
-        let mut text = String::from("last console lines:");
-        for line in &self.tail {
-            text.push_str("\n    ");
-            text.push_str(line);
-        }
-        text
-    }
-}
-
-/// Makes a console line safe to print on a terminal: the guest is
-/// untrusted, so control characters (escape sequences) and bidirectional
-/// overrides are shown escaped. Drops the `\r` of serial `\r\n` endings.
-pub fn sanitize(raw: &[u8]) -> String {
-    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-    let text = String::from_utf8_lossy(raw);
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-        if (c.is_control() && c != '\t') || bidi {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
+    let skip = window.len().saturating_sub(engine::TAIL_LINES);
+    lines.push(engine::describe_tail(&window[skip..], "the console"));
+    for (name, log) in vm.logs() {
+        let tail = engine::tail_lines(log, engine::TAIL_LINES);
+        if !tail.is_empty() {
+            lines.push(engine::describe_tail(&tail, &format!("the {name} log")));
         }
     }
-    out
+    lines
 }
 
-/// Reads a growing console file and cuts it into lines.
+/// The private directory of one run (mode 0700, made fresh): the console
+/// log (unless the user named a file), the control and engine sockets, the
+/// engine logs. Removed on drop unless kept.
 #[derive(Debug)]
-pub struct Follower {
-    file: File,
-    partial: Vec<u8>,
-}
-
-impl Follower {
-    pub fn open(path: &Path) -> io::Result<Follower> {
-        Ok(Follower {
-            file: File::open(path)?,
-            partial: Vec::new(),
-        })
-    }
-
-    /// The complete lines written since the last call.
-    pub fn poll(&mut self) -> io::Result<Vec<String>> {
-        let mut lines = Vec::new();
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            let n = match self.file.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            for &byte in &buf[..n] {
-                if byte == b'\n' {
-                    lines.push(sanitize(&self.partial));
-                    self.partial.clear();
-                } else {
-                    self.partial.push(byte);
-                    if self.partial.len() >= MAX_LINE {
-                        lines.push(sanitize(&self.partial));
-                        self.partial.clear();
-                    }
-                }
-            }
-        }
-        Ok(lines)
-    }
-
-    /// The rest: new complete lines and an unterminated last line.
-    pub fn finish(&mut self) -> io::Result<Vec<String>> {
-        let mut lines = self.poll()?;
-        if !self.partial.is_empty() {
-            lines.push(sanitize(&self.partial));
-            self.partial.clear();
-        }
-        Ok(lines)
-    }
-}
-
-/// The console file of one run, and the private directory holding it.
-#[derive(Debug)]
-struct ConsoleFile {
-    path: PathBuf,
-    /// The private run directory to remove at the end, if any.
-    run_dir: Option<PathBuf>,
+struct RunDir {
+    dir: PathBuf,
+    console: PathBuf,
+    /// Keep the directory (with the console log) at the end.
     keep: bool,
+    /// The console is the user's own file.
+    user_console: bool,
 }
 
-impl ConsoleFile {
-    /// Creates (or truncates) the console file, so that a bad path is found
-    /// before the VM starts and no stale content is followed.
-    fn create(target: &ConsoleTarget) -> Result<ConsoleFile, Error> {
-        let console = match target {
-            ConsoleTarget::File(path) => ConsoleFile {
-                path: path.clone(),
-                run_dir: None,
-                keep: true,
+impl RunDir {
+    /// Makes the directory and creates (or truncates) the console file, so
+    /// that a bad path is found before the VM starts and no stale content
+    /// is shown.
+    fn create(target: &ConsoleTarget) -> Result<RunDir, Error> {
+        let dir = make_private_dir(&std::env::temp_dir())?;
+        let run_dir = match target {
+            ConsoleTarget::File(path) => RunDir {
+                dir,
+                console: path.clone(),
+                keep: false,
+                user_console: true,
             },
-            ConsoleTarget::Temp { keep } => {
-                let dir = make_private_dir(&std::env::temp_dir())?;
-                ConsoleFile {
-                    path: dir.join("console.log"),
-                    run_dir: Some(dir),
-                    keep: *keep,
-                }
-            }
+            ConsoleTarget::Temp { keep } => RunDir {
+                console: dir.join("console.log"),
+                dir,
+                keep: *keep,
+                user_console: false,
+            },
         };
         OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&console.path)
+            .open(&run_dir.console)
             .map_err(|source| Error::ConsoleLog {
-                path: console.path.clone(),
+                path: run_dir.console.clone(),
                 source,
             })?;
-        Ok(console)
+        Ok(run_dir)
     }
 
-    /// Removes what is not to be kept; returns the console path if kept.
+    /// Returns the console path if it is kept (the run directory, minus its
+    /// sockets, stays with it when it lives there).
     fn finish(self) -> Option<PathBuf> {
-        self.keep.then(|| self.path.clone())
+        if self.keep {
+            if let Ok(entries) = fs::read_dir(&self.dir) {
+                for entry in entries.flatten() {
+                    if entry.file_type().is_ok_and(|t| t.is_socket()) {
+                        let _ = fs::remove_file(entry.path());
+                    }
+                }
+            }
+        }
+        (self.keep || self.user_console).then(|| self.console.clone())
     }
 }
 
-impl Drop for ConsoleFile {
+impl Drop for RunDir {
     fn drop(&mut self) {
-        if let (Some(dir), false) = (&self.run_dir, self.keep) {
-            let _ = fs::remove_dir_all(dir);
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.dir);
         }
     }
 }
@@ -485,47 +892,11 @@ impl StopSignal {
     }
 }
 
-/// Prints the console as it arrives until the VM ends, the deadline
-/// passes, or a signal arrives; in the last two cases kills the VM.
-fn supervise(
-    vm: &mut Vm,
-    follower: &mut Follower,
-    scan: &mut ConsoleScan,
-    deadline: Option<Instant>,
-    stop: &StopSignal,
-) -> io::Result<End> {
-    let mut emit = |lines: Vec<String>| {
-        let mut out = io::stdout().lock();
-        for line in lines {
-            // A closed stdout must not leave the VM unsupervised: ignore it.
-            let _ = writeln!(out, "{line}");
-            scan.line(&line);
-        }
-        let _ = out.flush();
-    };
-    loop {
-        emit(follower.poll()?);
-        if let Some(signal) = stop.received() {
-            vm.kill()?;
-            emit(follower.finish()?);
-            return Ok(End::Interrupted(signal));
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            vm.kill()?;
-            emit(follower.finish()?);
-            return Ok(End::TimedOut);
-        }
-        if let Some(exit) = vm.wait_timeout(POLL)? {
-            emit(follower.finish()?);
-            return Ok(End::Exited(exit));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::paths::TestDir;
+    use airlock_protocol::{read_frame, Message};
 
     fn args() -> RunArgs {
         RunArgs {
@@ -537,8 +908,40 @@ mod tests {
             mem: 256,
             cpus: 1,
             timeout: 300,
+            env: Vec::new(),
+            max_output_bytes: 1 << 30,
+            cmdline: None,
             console_log: None,
             keep_console: false,
+            command: vec!["true".into()],
+        }
+    }
+
+    /// The RunSpec a config would send.
+    fn sent_spec(config: &RunConfig) -> RunSpec {
+        let mut out = Vec::new();
+        let mut output = Output::new(Vec::new(), Vec::new(), 0);
+        let mut hello = Vec::new();
+        airlock_protocol::write_frame(
+            &mut hello,
+            &Message::Hello {
+                version: 1,
+                capabilities: vec![],
+            },
+        )
+        .expect("hello");
+        let _ = session::serve(
+            hello.as_slice(),
+            &mut out,
+            &config.spec,
+            &mut output,
+            &mut |_| {},
+        );
+        let mut r = out.as_slice();
+        let _hello = read_frame(&mut r).expect("hello");
+        match read_frame(&mut r).expect("spec") {
+            Message::RunSpec(spec) => spec,
+            other => panic!("{other:?}"),
         }
     }
 
@@ -549,6 +952,7 @@ mod tests {
         assert_eq!(config.cpus, 1);
         assert_eq!(config.timeout, Duration::from_secs(300));
         assert_eq!(config.console, ConsoleTarget::Temp { keep: false });
+        assert!(config.extra_cmdline.is_empty());
         for (mem, cpus) in [(64, 16), (65536, 1)] {
             let config = RunConfig::try_from(RunArgs {
                 mem,
@@ -560,10 +964,38 @@ mod tests {
         }
         let config = RunConfig::try_from(RunArgs {
             console_log: Some("/tmp/c.log".into()),
+            cmdline: Some(" airlock.debug=1  foo ".into()),
             ..args()
         })
         .expect("valid");
         assert_eq!(config.console, ConsoleTarget::File("/tmp/c.log".into()));
+        assert_eq!(config.extra_cmdline, ["airlock.debug=1", "foo"]);
+    }
+
+    #[test]
+    fn the_spec_carries_only_what_was_asked() {
+        std::env::set_var("AIRLOCK_TEST_HOST_SECRET", "do-not-forward");
+        let config = RunConfig::try_from(RunArgs {
+            command: vec!["sh".into(), "-c".into(), "echo $A".into()],
+            env: vec!["A=1".into(), "B=x=y".into(), "C=".into()],
+            max_output_bytes: 1234,
+            ..args()
+        })
+        .expect("valid");
+        let spec = sent_spec(&config);
+        assert_eq!(spec.argv, ["sh", "-c", "echo $A"]);
+        assert_eq!(
+            spec.env,
+            [
+                ("A".to_string(), "1".to_string()),
+                ("B".into(), "x=y".into()),
+                ("C".into(), String::new())
+            ]
+        );
+        assert_eq!(spec.cwd, "/");
+        assert_eq!(spec.timeout_ms, None);
+        assert_eq!(spec.max_output_bytes, 1234);
+        assert!(!spec.stdin);
     }
 
     #[test]
@@ -585,124 +1017,520 @@ mod tests {
         })
         .expect_err("bad timeout");
         assert_eq!(err.exit(), Exit::Usage);
-    }
-
-    fn scan_of(lines: &[&str]) -> ConsoleScan {
-        let mut scan = ConsoleScan::default();
-        for line in lines {
-            scan.line(line);
-        }
-        scan
+        let err = RunConfig::try_from(RunArgs {
+            command: vec![],
+            ..args()
+        })
+        .expect_err("no command");
+        assert!(matches!(err, Error::NoCommand));
+        assert_eq!(err.exit(), Exit::Usage);
+        assert!(!err.to_string().contains('\n'));
+        let err = RunConfig::try_from(RunArgs {
+            command: vec!["a".into(), "b\0c".into()],
+            ..args()
+        })
+        .expect_err("nul");
+        assert!(matches!(err, Error::NulInArgument(1)));
+        let err = RunConfig::try_from(RunArgs {
+            command: vec!["x".repeat(airlock_protocol::limits::MAX_STRING + 1)],
+            ..args()
+        })
+        .expect_err("too long");
+        assert!(matches!(err, Error::Spec(_)));
+        assert_eq!(err.exit(), Exit::Usage);
+        let err = RunConfig::try_from(RunArgs {
+            cmdline: Some("a\0b".into()),
+            ..args()
+        })
+        .expect_err("nul cmdline");
+        assert_eq!(err.exit(), Exit::Usage);
     }
 
     #[test]
-    fn success_needs_clean_exit_ready_and_no_panic() {
-        let ok = scan_of(&["airlock-init: ready", "airlock-init: powering off"]);
-        let clean = End::Exited(ProcessExit::Code(0));
-        assert_eq!(verdict(&clean, &ok), Verdict::Success);
-
-        let not_ready = scan_of(&["something else"]);
-        assert!(
-            matches!(verdict(&clean, &not_ready), Verdict::Failed(r) if r.contains("without airlock-init reporting ready"))
-        );
-
-        let panicked = scan_of(&[
-            "airlock-init: ready",
-            "Kernel panic - not syncing: Attempted to kill init!",
-        ]);
-        assert!(
-            matches!(verdict(&clean, &panicked), Verdict::Failed(r) if r.contains("panicked after"))
-        );
-
-        let crashed = End::Exited(ProcessExit::Code(1));
-        assert!(
-            matches!(verdict(&crashed, &ok), Verdict::Failed(r) if r.contains("exit status 1 after"))
-        );
-        let killed = End::Exited(ProcessExit::Signal(11));
-        assert!(
-            matches!(verdict(&killed, &not_ready), Verdict::Failed(r) if r.contains("signal 11 before"))
-        );
-
-        assert_eq!(verdict(&End::TimedOut, &ok), Verdict::TimedOut);
+    fn env_validation() {
         assert_eq!(
-            verdict(&End::Interrupted(libc::SIGINT), &ok),
-            Verdict::Interrupted(libc::SIGINT)
+            parse_env("K=V").expect("ok"),
+            ("K".to_string(), "V".to_string())
+        );
+        assert_eq!(
+            parse_env("K==V").expect("ok"),
+            ("K".to_string(), "=V".to_string())
+        );
+        assert_eq!(
+            parse_env("K=").expect("ok"),
+            ("K".to_string(), String::new())
+        );
+        for bad in ["K", "", "=V", "=", "K\0=V", "K=V\0"] {
+            let err = parse_env(bad).expect_err(bad);
+            assert_eq!(err.exit(), Exit::Usage, "{bad:?}");
+        }
+        assert!(parse_env("HOME")
+            .expect_err("bare")
+            .to_string()
+            .contains("never passed on"));
+        let err =
+            run_spec(vec!["x".into()], &["A=1".into(), "A=2".into()], 0).expect_err("duplicate");
+        assert!(matches!(err, Error::DuplicateEnv(n) if n == "A"));
+    }
+
+    #[test]
+    fn deadlines() {
+        let start = Instant::now();
+        let d = Deadlines::from_start(start, Duration::from_secs(5));
+        assert_eq!(d.boot, start + Duration::from_secs(5));
+        assert_eq!(d.timeout, start + Duration::from_secs(5));
+        let d = Deadlines::from_start(start, Duration::from_secs(300));
+        assert_eq!(d.boot_limit, BOOT_DEADLINE);
+        assert_eq!(d.timeout, start + Duration::from_secs(300));
+    }
+
+    fn session(outcome: Outcome, vm: Option<ProcessExit>) -> End {
+        End::Session { outcome, vm }
+    }
+
+    const T: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn judging_a_completed_command() {
+        let clean = Some(ProcessExit::Code(0));
+        let v = judge(&session(Outcome::Exited(ExitStatus::Exited(7)), clean), T);
+        assert_eq!(
+            v,
+            Verdict {
+                exit: Exit::Command(7),
+                message: None,
+                diagnostics: false
+            }
+        );
+        let v = judge(&session(Outcome::Exited(ExitStatus::Signaled(9)), clean), T);
+        assert_eq!(v.exit.code(), 137);
+        let v = judge(&session(Outcome::Exited(ExitStatus::Exited(0)), None), T);
+        assert_eq!(v.exit, Exit::Command(0));
+        assert!(v.message.expect("warning").contains("did not power off"));
+        let v = judge(
+            &session(
+                Outcome::Exited(ExitStatus::Exited(0)),
+                Some(ProcessExit::Code(1)),
+            ),
+            T,
+        );
+        assert_eq!(v.exit, Exit::Command(0));
+        assert!(v.diagnostics);
+    }
+
+    #[test]
+    fn judging_failures() {
+        let stopped = Some(ProcessExit::Code(0));
+        let v = judge(
+            &session(
+                Outcome::Broken(Violation::Unexpected {
+                    kind: "RunSpec",
+                    stage: Stage::Running,
+                }),
+                None,
+            ),
+            T,
+        );
+        assert_eq!(v.exit.code(), 121);
+        assert_eq!(
+            v.message.as_deref(),
+            Some("guest protocol error: unexpected RunSpec message while the command ran")
+        );
+        assert!(!v.diagnostics);
+
+        let v = judge(
+            &session(
+                Outcome::Broken(Violation::Closed {
+                    stage: Stage::Running,
+                }),
+                stopped,
+            ),
+            T,
+        );
+        assert_eq!(v.exit.code(), 121);
+        assert!(v.diagnostics);
+        assert!(v
+            .message
+            .expect("line")
+            .contains("(the VM process ended with exit status 0)"));
+
+        let v = judge(
+            &session(
+                Outcome::Broken(Violation::Closed {
+                    stage: Stage::BeforeHello,
+                }),
+                stopped,
+            ),
+            T,
+        );
+        assert_eq!(v.exit.code(), 120);
+
+        let failed = |status| {
+            judge(
+                &session(
+                    Outcome::SpawnFailed {
+                        message: "no such file".into(),
+                        status,
+                    },
+                    None,
+                ),
+                T,
+            )
+        };
+        let v = failed(None);
+        assert_eq!(v.exit.code(), 127);
+        assert!(v.message.expect("line").ends_with("no such file"));
+        assert_eq!(failed(Some(ExitStatus::Exited(126))).exit.code(), 126);
+        assert_eq!(failed(Some(ExitStatus::Exited(0))).exit.code(), 127);
+
+        let v = judge(
+            &session(
+                Outcome::OutputClosed(io::ErrorKind::BrokenPipe.into()),
+                None,
+            ),
+            T,
+        );
+        assert_eq!(v.exit.code(), 141);
+
+        let v = judge(&End::StoppedBeforeConnect(ProcessExit::Signal(11)), T);
+        assert_eq!(v.exit.code(), 120);
+        assert!(v
+            .message
+            .expect("line")
+            .contains("signal 11 before the guest connected"));
+        assert!(v.diagnostics);
+
+        let v = judge(&End::BootTimeout(Duration::from_secs(120)), T);
+        assert_eq!(v.exit.code(), 120);
+        assert!(v.message.expect("line").contains("within 120 s"));
+
+        let v = judge(&End::TimedOut { booted: true }, Duration::from_secs(5));
+        assert_eq!(v.exit.code(), 124);
+        assert!(!v.diagnostics);
+        assert_eq!(
+            v.message.as_deref(),
+            Some("error: the sandbox ran longer than --timeout 5 s and was stopped")
+        );
+        let v = judge(&End::TimedOut { booted: false }, Duration::from_secs(5));
+        assert_eq!(v.exit.code(), 124);
+        assert!(v.diagnostics);
+        assert!(v.message.expect("line").contains("had not connected"));
+
+        assert_eq!(judge(&End::Interrupted(libc::SIGINT), T).exit.code(), 130);
+        assert_eq!(judge(&End::Interrupted(libc::SIGTERM), T).exit.code(), 143);
+        assert_eq!(
+            judge(&End::SessionLost(ProcessExit::Code(0)), T)
+                .exit
+                .code(),
+            121
+        );
+    }
+
+    // ---- supervise(), with a shell script as the "VM" and a thread as the guest ----
+
+    fn discard() -> (Box<dyn Write>, Box<dyn Write>) {
+        (Box::new(io::sink()), Box::new(io::sink()))
+    }
+
+    struct Harness {
+        dir: TestDir,
+        control: PathBuf,
+        events: Receiver<Event>,
+        params: SessionParams,
+        _acceptor: Acceptor,
+    }
+
+    impl Harness {
+        fn new(name: &str) -> Harness {
+            let dir = TestDir::new(name);
+            let control = dir.path().join("vsock_1024");
+            let listener = UnixListener::bind(&control).expect("bind");
+            let (tx, events) = mpsc::channel();
+            let acceptor = {
+                let tx = tx.clone();
+                Acceptor::start(listener, move |a| {
+                    let _ = tx.send(Event::Accepted(a));
+                })
+                .expect("acceptor")
+            };
+            let spec = run_spec(vec!["true".into()], &[], 1 << 20).expect("spec");
+            Harness {
+                control,
+                events,
+                params: SessionParams {
+                    spec: EncodedSpec::new(spec).expect("encodes"),
+                    max_output_bytes: 1 << 20,
+                    events: tx,
+                    writers: discard,
+                },
+                _acceptor: acceptor,
+                dir,
+            }
+        }
+
+        /// A "VM" running `script`; `$OFF` is a file whose creation makes
+        /// `wait_off` return (the guest "powering off").
+        fn vm(&self, script: &str) -> Vm {
+            let off = self.off();
+            let script = format!(
+                "OFF='{}'; wait_off() {{ while [ ! -e \"$OFF\" ]; do sleep 0.02; done; }}; {script}",
+                off.display()
+            );
+            let main = engine::Process::spawn(
+                "vm",
+                Path::new("/bin/sh"),
+                &["-c".into(), script.into()],
+                &self.dir.path().join("vm.log"),
+            )
+            .expect("spawn");
+            Vm::new(main, Vec::new())
+        }
+
+        fn off(&self) -> PathBuf {
+            self.dir.path().join("off")
+        }
+
+        /// A guest that connects, shakes hands, reads the spec, then does `then`.
+        fn guest(
+            &self,
+            then: impl FnOnce(UnixStream, PathBuf) + Send + 'static,
+        ) -> thread::JoinHandle<()> {
+            let control = self.control.clone();
+            let off = self.off();
+            thread::spawn(move || {
+                let stream = UnixStream::connect(&control).expect("connect");
+                airlock_protocol::write_frame(&stream, &hello()).expect("hello");
+                let mut r = &stream;
+                assert!(matches!(read_frame(&mut r), Ok(Message::Hello { .. })));
+                assert!(matches!(read_frame(&mut r), Ok(Message::RunSpec(_))));
+                then(stream, off);
+            })
+        }
+
+        fn supervise(&self, vm: &mut Vm, deadlines: Deadlines, stop: &StopSignal) -> End {
+            supervise(vm, &self.events, &self.params, deadlines, stop).expect("supervise")
+        }
+    }
+
+    fn hello() -> Message {
+        Message::Hello {
+            version: 1,
+            capabilities: vec![],
+        }
+    }
+
+    fn quick(timeout: Duration) -> Deadlines {
+        Deadlines {
+            power_off_grace: Duration::from_millis(500),
+            drain: Duration::from_millis(200),
+            session_end: Duration::from_secs(2),
+            ..Deadlines::from_start(Instant::now(), timeout)
+        }
+    }
+
+    fn no_signal() -> StopSignal {
+        StopSignal(Arc::new(AtomicUsize::new(0)))
+    }
+
+    fn touch(path: &Path) {
+        fs::write(path, b"").expect("touch");
+    }
+
+    #[test]
+    fn supervise_a_whole_run() {
+        let h = Harness::new("sup-whole");
+        let mut vm = h.vm("wait_off; exit 0");
+        let guest = h.guest(|stream, off| {
+            airlock_protocol::write_frame(&stream, &Message::Stdout(b"hi".to_vec()))
+                .expect("stdout");
+            airlock_protocol::write_frame(&stream, &Message::Exit(ExitStatus::Exited(7)))
+                .expect("exit");
+            drop(stream);
+            touch(&off);
+        });
+        let end = h.supervise(&mut vm, quick(Duration::from_secs(30)), &no_signal());
+        guest.join().expect("guest");
+        assert!(
+            matches!(
+                end,
+                End::Session {
+                    outcome: Outcome::Exited(ExitStatus::Exited(7)),
+                    vm: Some(ProcessExit::Code(0))
+                }
+            ),
+            "{end:?}"
+        );
+        assert_eq!(judge(&end, T).exit.code(), 7);
+    }
+
+    #[test]
+    fn supervise_the_guest_keeps_the_connection_after_powering_off() {
+        // As vhost-device-vsock may: the VM process is gone, the socket is not.
+        let h = Harness::new("sup-keep");
+        let mut vm = h.vm("wait_off; exit 0");
+        let guest = h.guest(|stream, off| {
+            airlock_protocol::write_frame(&stream, &Message::Exit(ExitStatus::Exited(0)))
+                .expect("exit");
+            touch(&off);
+            thread::sleep(Duration::from_secs(3));
+            drop(stream);
+        });
+        let start = Instant::now();
+        let end = h.supervise(&mut vm, quick(Duration::from_secs(30)), &no_signal());
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "waited for the socket"
+        );
+        guest.join().expect("guest");
+        assert!(
+            matches!(
+                end,
+                End::Session {
+                    outcome: Outcome::Exited(ExitStatus::Exited(0)),
+                    vm: Some(ProcessExit::Code(0))
+                }
+            ),
+            "{end:?}"
         );
     }
 
     #[test]
-    fn ready_line_may_share_a_line_with_kernel_output() {
-        let scan = scan_of(&["[    1.0] random: crng init done airlock-init: ready"]);
-        assert!(scan.ready);
-        assert!(!scan.panic);
+    fn supervise_the_vm_stops_before_the_guest_connects() {
+        let h = Harness::new("sup-noboot");
+        let mut vm = h.vm("exit 3");
+        let end = h.supervise(&mut vm, quick(Duration::from_secs(30)), &no_signal());
+        assert!(
+            matches!(end, End::StoppedBeforeConnect(ProcessExit::Code(3))),
+            "{end:?}"
+        );
+        assert_eq!(judge(&end, T).exit.code(), 120);
     }
 
     #[test]
-    fn tail_keeps_the_last_lines() {
-        let mut scan = ConsoleScan::default();
-        assert_eq!(scan.describe_tail(), "the console was empty");
-        for i in 0..100 {
-            scan.line(&format!("line {i}"));
-        }
-        let tail = scan.describe_tail();
-        assert!(tail.starts_with("last console lines:"));
-        assert!(tail.contains("line 99"));
-        assert!(tail.contains(&format!("line {}", 100 - TAIL_LINES)));
-        assert!(!tail.contains(&format!("line {}\n", 99 - TAIL_LINES)));
+    fn supervise_the_vm_stops_in_the_middle_of_the_command() {
+        let h = Harness::new("sup-crash");
+        let mut vm = h.vm("wait_off; exit 0");
+        let guest = h.guest(|stream, off| {
+            touch(&off);
+            thread::sleep(Duration::from_secs(3));
+            drop(stream);
+        });
+        let end = h.supervise(&mut vm, quick(Duration::from_secs(30)), &no_signal());
+        guest.join().expect("guest");
+        assert!(
+            matches!(
+                end,
+                End::Session {
+                    outcome: Outcome::Broken(Violation::Closed {
+                        stage: Stage::Running
+                    }),
+                    vm: Some(ProcessExit::Code(0))
+                }
+            ),
+            "{end:?}"
+        );
+        assert_eq!(judge(&end, T).exit.code(), 121);
     }
 
     #[test]
-    fn sanitize_escapes_terminal_controls() {
-        assert_eq!(sanitize(b"airlock-init: ready\r"), "airlock-init: ready");
-        assert_eq!(sanitize(b"a\tb"), "a\tb");
-        assert_eq!(sanitize(b"\x1b[2Jhi"), "\\u{1b}[2Jhi");
-        assert_eq!(sanitize("x\u{202e}y".as_bytes()), "x\\u{202e}y");
-        assert_eq!(sanitize(b"bad \xff utf8"), "bad \u{fffd} utf8");
-        assert_eq!(sanitize("héllo".as_bytes()), "héllo");
+    fn supervise_garbage_ends_the_run_at_once() {
+        let h = Harness::new("sup-garbage");
+        let mut vm = h.vm("exec sleep 30");
+        let control = h.control.clone();
+        let guest = thread::spawn(move || {
+            let mut stream = UnixStream::connect(&control).expect("connect");
+            stream.write_all(b"\xff\xff\xff\xffgarbage").expect("write");
+            thread::sleep(Duration::from_secs(1));
+        });
+        let end = h.supervise(&mut vm, quick(Duration::from_secs(30)), &no_signal());
+        vm.kill().expect("kill");
+        guest.join().expect("guest");
+        assert!(
+            matches!(
+                end,
+                End::Session {
+                    outcome: Outcome::Broken(Violation::Frame {
+                        stage: Stage::BeforeHello,
+                        ..
+                    }),
+                    vm: None
+                }
+            ),
+            "{end:?}"
+        );
+        assert_eq!(judge(&end, T).exit.code(), 121);
     }
 
     #[test]
-    fn follower_cuts_lines_as_they_grow() {
-        let dir = TestDir::new("follow");
-        let path = dir.path().join("console.log");
-        let mut writer = File::create(&path).expect("create");
-        let mut follower = Follower::open(&path).expect("open");
-        assert!(follower.poll().expect("poll").is_empty());
-        writer.write_all(b"first\r\nsec").expect("write");
-        assert_eq!(follower.poll().expect("poll"), ["first"]);
-        writer.write_all(b"ond\nthird").expect("write");
-        assert_eq!(follower.poll().expect("poll"), ["second"]);
-        assert_eq!(follower.finish().expect("finish"), ["third"]);
-        assert!(follower.finish().expect("finish").is_empty());
+    fn supervise_a_guest_that_never_powers_off() {
+        let h = Harness::new("sup-nooff");
+        let mut vm = h.vm("exec sleep 30");
+        let guest = h.guest(|stream, _| {
+            airlock_protocol::write_frame(&stream, &Message::Exit(ExitStatus::Exited(5)))
+                .expect("exit");
+            thread::sleep(Duration::from_secs(3));
+        });
+        let end = h.supervise(&mut vm, quick(Duration::from_secs(30)), &no_signal());
+        guest.join().expect("guest");
+        assert!(
+            matches!(
+                end,
+                End::Session {
+                    outcome: Outcome::Exited(ExitStatus::Exited(5)),
+                    vm: None
+                }
+            ),
+            "{end:?}"
+        );
+        assert_eq!(judge(&end, T).exit.code(), 5);
     }
 
     #[test]
-    fn follower_bounds_line_length() {
-        let dir = TestDir::new("longline");
-        let path = dir.path().join("console.log");
-        fs::write(&path, vec![b'x'; MAX_LINE * 2 + 10]).expect("write");
-        let mut follower = Follower::open(&path).expect("open");
-        let lines = follower.finish().expect("finish");
-        assert_eq!(lines.len(), 3);
-        assert_eq!(lines[0].len(), MAX_LINE);
-        assert_eq!(lines[2].len(), 10);
+    fn supervise_deadlines_and_signals() {
+        let h = Harness::new("sup-deadlines");
+        let mut vm = h.vm("exec sleep 30");
+        let end = h.supervise(&mut vm, quick(Duration::from_millis(300)), &no_signal());
+        assert!(matches!(end, End::TimedOut { booted: false }), "{end:?}");
+        vm.kill().expect("kill");
+
+        let mut vm = h.vm("exec sleep 30");
+        let deadlines = Deadlines {
+            boot: Instant::now() + Duration::from_millis(300),
+            ..quick(Duration::from_secs(30))
+        };
+        let end = h.supervise(&mut vm, deadlines, &no_signal());
+        assert!(matches!(end, End::BootTimeout(_)), "{end:?}");
+        vm.kill().expect("kill");
+
+        let mut vm = h.vm("exec sleep 30");
+        let stop = StopSignal(Arc::new(AtomicUsize::new(15)));
+        let end = h.supervise(&mut vm, quick(Duration::from_secs(30)), &stop);
+        assert!(matches!(end, End::Interrupted(15)), "{end:?}");
+        // The VM is already gone.
+        assert_eq!(
+            vm.try_wait().expect("wait"),
+            Some(ProcessExit::Signal(libc::SIGKILL))
+        );
     }
 
     #[test]
-    fn console_file_in_private_dir_is_removed() {
-        let console = ConsoleFile::create(&ConsoleTarget::Temp { keep: false }).expect("create");
-        let dir = console.run_dir.clone().expect("temp dir");
-        assert!(console.path.is_file());
+    fn run_dir_is_private_and_removed() {
+        let run_dir = RunDir::create(&ConsoleTarget::Temp { keep: false }).expect("create");
+        let dir = run_dir.dir.clone();
+        assert!(run_dir.console.is_file());
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(&dir).expect("stat").permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
-        assert_eq!(console.finish(), None);
+        assert_eq!(run_dir.finish(), None);
         assert!(!dir.exists());
 
-        let console = ConsoleFile::create(&ConsoleTarget::Temp { keep: true }).expect("create");
-        let dir = console.run_dir.clone().expect("temp dir");
-        let kept = console.finish().expect("kept");
+        let run_dir = RunDir::create(&ConsoleTarget::Temp { keep: true }).expect("create");
+        let dir = run_dir.dir.clone();
+        let socket = dir.join("vsock_1024");
+        let _listener = UnixListener::bind(&socket).expect("bind");
+        let kept = run_dir.finish().expect("kept");
         assert!(kept.is_file());
+        assert!(!socket.exists(), "sockets are not kept");
         fs::remove_dir_all(dir).expect("cleanup");
     }
 
@@ -711,11 +1539,13 @@ mod tests {
         let dir = TestDir::new("userlog");
         let path = dir.path().join("c.log");
         fs::write(&path, b"stale").expect("write");
-        let console = ConsoleFile::create(&ConsoleTarget::File(path.clone())).expect("create");
+        let run_dir = RunDir::create(&ConsoleTarget::File(path.clone())).expect("create");
+        let private = run_dir.dir.clone();
         assert_eq!(fs::read(&path).expect("read"), b"");
-        assert_eq!(console.finish(), Some(path));
+        assert_eq!(run_dir.finish(), Some(path));
+        assert!(!private.exists());
 
-        let bad = ConsoleFile::create(&ConsoleTarget::File(dir.path().join("no/such/dir/c.log")))
+        let bad = RunDir::create(&ConsoleTarget::File(dir.path().join("no/such/dir/c.log")))
             .expect_err("bad path");
         assert_eq!(bad.exit(), Exit::Usage);
     }

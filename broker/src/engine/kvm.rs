@@ -1,14 +1,17 @@
 //! The `kvm` engine: our `airlock-vmm` on hardware KVM.
 //!
 //! The VMM builds the base kernel command line itself and appends
-//! `--cmdline`. It exits 0 when the guest reboots or stops cleanly, and
-//! non-zero with a message on stderr otherwise; on stderr it also reports
-//! `airlock-vmm: boot-timer: guest init reached after <ms> ms`.
+//! `--cmdline`. It serves the guest's vsock itself, as hybrid-vsock Unix
+//! sockets at `--vsock-uds` (it moves bytes only; it knows no protocol). It
+//! exits 0 when the guest reboots or stops cleanly, and non-zero with a
+//! message on stderr otherwise; on stderr it also reports
+//! `airlock-vmm: boot-timer: guest init reached after <ms> ms`. Its stdout
+//! and stderr go to [`VM_LOG`] in the run directory.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use super::VmConfig;
+use super::{Error, Process, Vm, VmConfig, VM_LOG};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kvm {
@@ -17,7 +20,8 @@ pub struct Kvm {
 }
 
 impl Kvm {
-    /// `--kernel PATH --initrd PATH --mem MIB --cpus N --console PATH [--cmdline EXTRA]`.
+    /// `--kernel PATH --initrd PATH --mem MIB --cpus N --console PATH
+    /// --vsock-uds PATH --vsock-cid CID [--cmdline EXTRA]`.
     pub fn args(&self, config: &VmConfig) -> Vec<OsString> {
         let mut args: Vec<OsString> = vec![
             "--kernel".into(),
@@ -30,12 +34,27 @@ impl Kvm {
             config.cpus.to_string().into(),
             "--console".into(),
             config.console_log.clone().into(),
+            "--vsock-uds".into(),
+            config.vsock_uds.clone().into(),
+            "--vsock-cid".into(),
+            config.guest_cid.to_string().into(),
         ];
         if !config.extra_cmdline.is_empty() {
             args.push("--cmdline".into());
             args.push(config.extra_cmdline.join(" ").into());
         }
         args
+    }
+
+    /// Starts the VMM.
+    pub fn spawn(&self, config: &VmConfig) -> Result<Vm, Error> {
+        let vmm = Process::spawn(
+            "airlock-vmm",
+            &self.vmm,
+            &self.args(config),
+            &config.run_dir.join(VM_LOG),
+        )?;
+        Ok(Vm::new(vmm, Vec::new()))
     }
 }
 
@@ -51,6 +70,9 @@ mod tests {
             cpus: 2,
             console_log: "/tmp/run/console.log".into(),
             extra_cmdline: Vec::new(),
+            run_dir: "/tmp/run".into(),
+            vsock_uds: "/tmp/run/vsock".into(),
+            guest_cid: 3,
         }
     }
 
@@ -70,6 +92,10 @@ mod tests {
             "2",
             "--console",
             "/tmp/run/console.log",
+            "--vsock-uds",
+            "/tmp/run/vsock",
+            "--vsock-cid",
+            "3",
         ]
         .into_iter()
         .map(OsString::from)

@@ -2,25 +2,29 @@
 //!
 //! Two engines boot the same kernel and initrd:
 //! - [`kvm::Kvm`]: our `airlock-vmm` on hardware KVM (the product);
-//! - [`tcg::Tcg`]: QEMU system emulation, for hosts without usable KVM.
+//! - [`tcg::Tcg`]: QEMU system emulation, for hosts without usable KVM, with
+//!   its vsock device served by a `vhost-device-vsock` helper process.
 //!
 //! Nothing outside this module knows which one runs: both take the same
-//! config, write the guest console to the same file, and end the same way
-//! (the VM process exits 0 when the guest reboots cleanly). The vsock Unix
-//! socket, when it comes, is one more [`VmConfig`] field that both engines
-//! expose identically (the VMM's `--vsock-uds`; QEMU's vhost-user device
-//! served by `vhost-device-vsock`, a helper process [`Vm`] will own too).
+//! config, write the guest console to the same file, expose the guest's
+//! vsock as the same Firecracker "hybrid vsock" Unix sockets (a guest
+//! connection to host port P arrives on `<vsock_uds>_<P>`; the host connects
+//! to `<vsock_uds>` and writes `CONNECT <port>\n`), and end the same way
+//! (the VM process exits 0 when the guest reboots cleanly). A [`Vm`] owns
+//! every process of its engine and kills and reaps them all when dropped.
 
 pub mod kvm;
 pub mod tcg;
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
-use std::io::{self, Write};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
-use std::thread::{self, JoinHandle};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::host::KvmUnusable;
@@ -50,6 +54,26 @@ pub struct VmConfig {
     pub console_log: PathBuf,
     /// Words appended to the kernel command line.
     pub extra_cmdline: Vec<String>,
+    /// The run's private directory (mode 0700). Engines keep their own
+    /// sockets and the logs of their processes here.
+    pub run_dir: PathBuf,
+    /// Hybrid-vsock base path: a guest connection to host port P arrives as
+    /// a connection on `<vsock_uds>_<P>`, which the caller listens on.
+    pub vsock_uds: PathBuf,
+    /// The guest's vsock context id.
+    pub guest_cid: u32,
+}
+
+/// The file, in [`VmConfig::run_dir`], that receives the stdout and stderr of
+/// the VM process (QEMU or airlock-vmm): not the terminal, which carries the
+/// command's own output.
+pub const VM_LOG: &str = "vm.log";
+
+/// The path a guest connection to host `port` arrives on.
+pub fn port_path(vsock_uds: &Path, port: u32) -> PathBuf {
+    let mut path = vsock_uds.as_os_str().to_owned();
+    path.push(format!("_{port}"));
+    PathBuf::from(path)
 }
 
 /// The kernel command line every engine starts from: console on the serial
@@ -72,6 +96,31 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("cannot create the log file {}", path.display())]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{name} stopped ({exit}) before it was ready; {tail}")]
+    HelperExited {
+        name: &'static str,
+        exit: ProcessExit,
+        /// The last lines of its log, described ([`describe_tail`]).
+        tail: String,
+    },
+    #[error("{name} did not create {} within {} s", socket.display(), waited.as_secs())]
+    HelperNotReady {
+        name: &'static str,
+        socket: PathBuf,
+        waited: Duration,
+    },
+    #[error("lost track of {name}")]
+    Wait {
+        name: &'static str,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl Engine {
@@ -83,21 +132,13 @@ impl Engine {
         }
     }
 
-    /// The program and arguments that boot `config`.
-    pub fn command_line(&self, config: &VmConfig) -> (&Path, Vec<OsString>) {
-        match self {
-            Engine::Kvm(kvm) => (&kvm.vmm, kvm.args(config)),
-            Engine::Tcg(tcg) => (&tcg.qemu, tcg.args(config)),
-        }
-    }
-
-    /// Starts the VM. The returned [`Vm`] kills it when dropped.
+    /// Starts the VM and whatever helper it needs. The returned [`Vm`] kills
+    /// them all when dropped; on error nothing is left running.
     pub fn spawn(&self, config: &VmConfig) -> Result<Vm, Error> {
-        let (program, args) = self.command_line(config);
-        Vm::spawn(program, &args).map_err(|source| Error::Spawn {
-            program: program.to_path_buf(),
-            source,
-        })
+        match self {
+            Engine::Kvm(kvm) => kvm.spawn(config),
+            Engine::Tcg(tcg) => tcg.spawn(config),
+        }
     }
 }
 
@@ -107,6 +148,8 @@ pub struct Available {
     pub kvm: Result<(), KvmUnusable>,
     pub vmm: Result<PathBuf, paths::Error>,
     pub qemu: Result<PathBuf, paths::Error>,
+    /// The tcg engine's vsock backend.
+    pub vhost_vsock: Result<PathBuf, paths::Error>,
 }
 
 impl Available {
@@ -116,8 +159,20 @@ impl Available {
             kvm: crate::host::kvm_usability(&crate::host::KvmFacts::gather()),
             vmm: paths::find_vmm(),
             qemu: paths::find_qemu(),
+            vhost_vsock: paths::find_vhost_vsock(),
         }
     }
+}
+
+/// The tcg engine, if both its binaries are here (else the first one missing).
+pub fn tcg_engine(
+    qemu: Result<PathBuf, paths::Error>,
+    vhost_vsock: Result<PathBuf, paths::Error>,
+) -> Result<tcg::Tcg, paths::Error> {
+    Ok(tcg::Tcg {
+        qemu: qemu?,
+        vhost_vsock: vhost_vsock?,
+    })
 }
 
 /// The engine chosen, why, and what the user should be warned about.
@@ -136,18 +191,24 @@ pub enum SelectError {
     KvmUnusable(KvmUnusable),
     #[error(transparent)]
     Missing(paths::Error),
-    #[error("no engine can run here: {kvm} ({fix}), and {qemu}", fix = .kvm.fix())]
+    #[error("no engine can run here: {kvm} ({fix}), and {tcg}", fix = .kvm.fix())]
     NoEngine {
         kvm: KvmUnusable,
-        qemu: paths::Error,
+        /// Why the tcg engine cannot run.
+        tcg: paths::Error,
     },
 }
 
 /// Picks the engine for `choice` from what the host offers.
 pub fn select(choice: EngineChoice, available: Available) -> Result<Selection, SelectError> {
-    let Available { kvm, vmm, qemu } = available;
+    let Available {
+        kvm,
+        vmm,
+        qemu,
+        vhost_vsock,
+    } = available;
     let kvm_engine = |vmm| Engine::Kvm(kvm::Kvm { vmm });
-    let tcg_engine = |qemu| Engine::Tcg(tcg::Tcg { qemu });
+    let tcg = tcg_engine(qemu, vhost_vsock).map(Engine::Tcg);
     match choice {
         EngineChoice::Kvm => {
             kvm.map_err(SelectError::KvmUnusable)?;
@@ -158,28 +219,28 @@ pub fn select(choice: EngineChoice, available: Available) -> Result<Selection, S
             })
         }
         EngineChoice::Tcg => Ok(Selection {
-            engine: tcg_engine(qemu.map_err(SelectError::Missing)?),
+            engine: tcg.map_err(SelectError::Missing)?,
             reason: "requested".into(),
             warning: None,
         }),
-        EngineChoice::Auto => match (kvm, vmm, qemu) {
+        EngineChoice::Auto => match (kvm, vmm, tcg) {
             (Ok(()), Ok(vmm), _) => Ok(Selection {
                 engine: kvm_engine(vmm),
                 reason: "auto: hardware KVM is usable".into(),
                 warning: None,
             }),
-            (Ok(()), Err(missing), Ok(qemu)) => Ok(Selection {
-                engine: tcg_engine(qemu),
+            (Ok(()), Err(missing), Ok(tcg)) => Ok(Selection {
+                engine: tcg,
                 reason: "auto: airlock-vmm not found".into(),
                 warning: Some(format!("{missing}; using the tcg engine (slower)")),
             }),
             (Ok(()), Err(missing), Err(_)) => Err(SelectError::Missing(missing)),
-            (Err(why), _, Ok(qemu)) => Ok(Selection {
-                engine: tcg_engine(qemu),
+            (Err(why), _, Ok(tcg)) => Ok(Selection {
+                engine: tcg,
                 reason: "auto: no usable hardware KVM".into(),
                 warning: Some(format!("{why}; using the tcg engine (slower)")),
             }),
-            (Err(kvm), _, Err(qemu)) => Err(SelectError::NoEngine { kvm, qemu }),
+            (Err(kvm), _, Err(tcg)) => Err(SelectError::NoEngine { kvm, tcg }),
         },
     }
 }
@@ -217,25 +278,53 @@ impl fmt::Display for ProcessExit {
     }
 }
 
-/// A running VM process. Its stdout and stderr are relayed to our stderr
-/// (our stdout carries only the guest console). Dropping it kills and reaps
-/// the process, so no VM outlives its handle; if airlock itself is killed,
-/// the kernel kills the VM (`PR_SET_PDEATHSIG`).
+/// The environment variables an engine process inherits; everything else
+/// (API keys, tokens: the host holds every credential) is withheld from it.
+const INHERITED_ENV: &[&str] = &["PATH", "RUST_LOG", "RUST_BACKTRACE"];
+
+/// One process of an engine. Its stdout and stderr go to a log file.
+/// Dropping it kills and reaps it; if airlock itself dies, the kernel kills
+/// it (`PR_SET_PDEATHSIG`).
 #[derive(Debug)]
-pub struct Vm {
+pub(crate) struct Process {
+    name: &'static str,
     child: Child,
-    relays: Vec<JoinHandle<()>>,
     exit: Option<ProcessExit>,
+    log: PathBuf,
 }
 
-impl Vm {
-    fn spawn(program: &Path, args: &[OsString]) -> io::Result<Vm> {
+impl Process {
+    /// Starts `program` with `args`, its output appended to `log`. Must be
+    /// called from the main thread (see the `PR_SET_PDEATHSIG` note).
+    pub(crate) fn spawn(
+        name: &'static str,
+        program: &Path,
+        args: &[OsString],
+        log: &Path,
+    ) -> Result<Process, Error> {
+        let log_error = |source| Error::Log {
+            path: log.to_path_buf(),
+            source,
+        };
+        let out = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(log)
+            .map_err(log_error)?;
+        let err = out.try_clone().map_err(log_error)?;
         let mut command = Command::new(program);
         command
             .args(args)
+            .env_clear()
+            .envs(
+                INHERITED_ENV.iter().filter_map(|name| {
+                    std::env::var_os(name).map(|value| (OsStr::new(name), value))
+                }),
+            )
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(out)
+            .stderr(err)
             // Its own process group: a terminal's Ctrl-C reaches only us, and
             // we stop the VM in order (kill, reap, clean up).
             .process_group(0);
@@ -257,34 +346,97 @@ impl Vm {
                 Ok(())
             });
         }
-        // From here on the VM is owned by a `Vm`, whose drop kills it if a
-        // later step fails.
-        let mut vm = Vm {
-            child: command.spawn()?,
-            relays: Vec::new(),
+        let child = command.spawn().map_err(|source| Error::Spawn {
+            program: program.to_path_buf(),
+            source,
+        })?;
+        Ok(Process {
+            name,
+            child,
             exit: None,
-        };
-        if let Some(out) = vm.child.stdout.take() {
-            vm.relays.push(relay::<ChildStdout>(out)?);
-        }
-        if let Some(err) = vm.child.stderr.take() {
-            vm.relays.push(relay::<ChildStderr>(err)?);
-        }
-        Ok(vm)
+            log: log.to_path_buf(),
+        })
     }
 
-    /// The exit, if the VM process has ended (reaping it).
-    pub fn try_wait(&mut self) -> io::Result<Option<ProcessExit>> {
+    /// The exit, if the process has ended (reaping it).
+    pub(crate) fn try_wait(&mut self) -> io::Result<Option<ProcessExit>> {
         if self.exit.is_none() {
-            if let Some(status) = self.child.try_wait()? {
-                self.exit = Some(status.into());
-                self.join_relays();
-            }
+            self.exit = self.child.try_wait()?.map(ProcessExit::from);
         }
         Ok(self.exit)
     }
 
+    /// Kills the process (SIGKILL: the VM is disposable) and reaps it.
+    pub(crate) fn kill(&mut self) -> io::Result<ProcessExit> {
+        if let Some(exit) = self.exit {
+            return Ok(exit);
+        }
+        // Fails only when the process already ended; wait() then reaps it.
+        let _ = self.child.kill();
+        let exit = ProcessExit::from(self.child.wait()?);
+        self.exit = Some(exit);
+        Ok(exit)
+    }
+
+    /// Waits until `ready` holds, the process ends, or `limit` passes.
+    pub(crate) fn wait_ready(
+        &mut self,
+        limit: Duration,
+        ready: impl Fn() -> bool,
+    ) -> Result<bool, Error> {
+        const STEP: Duration = Duration::from_millis(5);
+        let start = Instant::now();
+        loop {
+            if ready() {
+                return Ok(true);
+            }
+            let exit = self.try_wait().map_err(|source| Error::Wait {
+                name: self.name,
+                source,
+            })?;
+            if let Some(exit) = exit {
+                return Err(Error::HelperExited {
+                    name: self.name,
+                    exit,
+                    tail: describe_tail(&tail_lines(&self.log, TAIL_LINES), "its log"),
+                });
+            }
+            if start.elapsed() >= limit {
+                return Ok(false);
+            }
+            thread::sleep(STEP);
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// A running VM: the VM process (whose end is the VM's end) and the helper
+/// processes it needs. Dropping it kills and reaps all of them, so no
+/// process outlives its handle.
+#[derive(Debug)]
+pub struct Vm {
+    main: Process,
+    helpers: Vec<Process>,
+}
+
+impl Vm {
+    pub(crate) fn new(main: Process, helpers: Vec<Process>) -> Vm {
+        Vm { main, helpers }
+    }
+
+    /// The exit of the VM process, if it has ended (reaping it). Helpers
+    /// keep running until [`Vm::kill`]: they may still hold guest bytes.
+    pub fn try_wait(&mut self) -> io::Result<Option<ProcessExit>> {
+        self.main.try_wait()
+    }
+
     /// Waits up to `timeout` for the VM process to end.
+    #[cfg(test)]
     pub fn wait_timeout(&mut self, timeout: Duration) -> io::Result<Option<ProcessExit>> {
         const STEP: Duration = Duration::from_millis(10);
         let start = Instant::now();
@@ -300,50 +452,72 @@ impl Vm {
         }
     }
 
-    /// Kills the VM process (SIGKILL: the VM is disposable) and reaps it.
+    /// Kills the VM process and then its helpers, reaps them all, and
+    /// returns how the VM process ended.
     pub fn kill(&mut self) -> io::Result<ProcessExit> {
-        if let Some(exit) = self.exit {
-            return Ok(exit);
-        }
-        // Fails only when the process already ended; wait() then reaps it.
-        let _ = self.child.kill();
-        let exit = ProcessExit::from(self.child.wait()?);
-        self.exit = Some(exit);
-        self.join_relays();
-        Ok(exit)
-    }
-
-    fn join_relays(&mut self) {
-        for relay in self.relays.drain(..) {
-            // A relay thread only copies bytes; if it panicked there is nothing to recover.
-            let _ = relay.join();
-        }
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.kill();
-    }
-}
-
-/// Copies a child's output pipe to our stderr until the child closes it.
-fn relay<R: io::Read + Send + 'static>(mut pipe: R) -> io::Result<JoinHandle<()>> {
-    thread::Builder::new()
-        .name("vm-output".into())
-        .spawn(move || {
-            let mut buf = [0u8; 4096];
-            loop {
-                match pipe.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        let _ = io::stderr().write_all(&buf[..n]);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
+        let exit = self.main.kill();
+        let mut helper_error = Ok(());
+        for helper in &mut self.helpers {
+            if let Err(e) = helper.kill() {
+                helper_error = Err(e);
             }
+        }
+        let exit = exit?;
+        helper_error.map(|()| exit)
+    }
+
+    /// The log files of the engine's processes, each with the process's name.
+    pub fn logs(&self) -> Vec<(&'static str, &Path)> {
+        std::iter::once(&self.main)
+            .chain(&self.helpers)
+            .map(|p| (p.name, p.log.as_path()))
+            .collect()
+    }
+}
+
+/// How many lines a failure report shows of a console or log.
+pub const TAIL_LINES: usize = 15;
+/// How much of the end of a file [`tail_lines`] reads.
+const TAIL_BYTES: u64 = 16 * 1024;
+/// A line longer than this is cut in a report.
+const MAX_TAIL_LINE: usize = 512;
+
+/// The last `n` lines of a file (read from its last few KiB, so bounded
+/// however large the file), made safe for a terminal. Empty if unreadable.
+pub fn tail_lines(path: &Path, n: usize) -> Vec<String> {
+    let read = || -> io::Result<Vec<u8>> {
+        let mut file = File::open(path)?;
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))?;
+        let mut buf = Vec::new();
+        file.take(TAIL_BYTES).read_to_end(&mut buf)?;
+        Ok(buf)
+    };
+    let buf = read().unwrap_or_default();
+    let mut lines: Vec<String> = buf
+        .split(|&b| b == b'\n')
+        .map(|line| {
+            let line = &line[..line.len().min(MAX_TAIL_LINE)];
+            crate::sanitize(line)
         })
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    let skip = lines.len().saturating_sub(n);
+    lines.drain(..skip);
+    lines
+}
+
+/// `last lines of WHAT:` and the lines, indented; or `WHAT was empty`.
+pub fn describe_tail(lines: &[String], what: &str) -> String {
+    if lines.is_empty() {
+        return format!("{what} was empty");
+    }
+    let mut text = format!("last lines of {what}:");
+    for line in lines {
+        text.push_str("\n    ");
+        text.push_str(line);
+    }
+    text
 }
 
 #[cfg(test)]
@@ -363,6 +537,7 @@ mod tests {
             } else {
                 Err(paths::Error::QemuNotFound)
             },
+            vhost_vsock: Ok("/cache/tools/bin/vhost-device-vsock".into()),
         }
     }
 
@@ -460,21 +635,137 @@ mod tests {
     }
 
     #[test]
-    fn vm_handle_waits_and_kills() {
-        let mut vm =
-            Vm::spawn(Path::new("/bin/sh"), &["-c".into(), "exit 3".into()]).expect("spawn sh");
+    fn tcg_needs_vhost_device_vsock() {
+        let without = |choice| {
+            select(
+                choice,
+                Available {
+                    vhost_vsock: Err(paths::Error::VhostVsockNotFound),
+                    ..available(Err(KvmUnusable::Pvm), true, true)
+                },
+            )
+        };
+        let err = without(EngineChoice::Tcg).expect_err("no vhost-device-vsock");
+        assert!(err.to_string().contains("scripts/build.sh"), "{err}");
+        assert!(matches!(
+            without(EngineChoice::Auto),
+            Err(SelectError::NoEngine {
+                tcg: paths::Error::VhostVsockNotFound,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn port_paths() {
+        assert_eq!(
+            port_path(Path::new("/run/x/vsock"), 1024),
+            Path::new("/run/x/vsock_1024")
+        );
+    }
+
+    fn spawn(dir: &Path, name: &'static str, script: &str) -> Process {
+        Process::spawn(
+            name,
+            Path::new("/bin/sh"),
+            &["-c".into(), script.into()],
+            &dir.join(format!("{name}.log")),
+        )
+        .expect("spawn sh")
+    }
+
+    #[test]
+    fn vm_handle_waits_and_kills_every_process() {
+        let dir = paths::TestDir::new("vm-handle");
+        let mut vm = Vm::new(spawn(dir.path(), "main", "echo hi >&2; exit 3"), Vec::new());
         assert_eq!(
             vm.wait_timeout(Duration::from_secs(10)).expect("wait"),
             Some(ProcessExit::Code(3))
         );
+        assert_eq!(tail_lines(&dir.path().join("main.log"), 5), ["hi"]);
 
-        let mut vm = Vm::spawn(Path::new("/bin/sleep"), &["30".into()]).expect("spawn sleep");
+        let mut vm = Vm::new(
+            spawn(dir.path(), "sleeper", "exec sleep 30"),
+            vec![spawn(dir.path(), "helper", "exec sleep 30")],
+        );
         assert_eq!(
             vm.wait_timeout(Duration::from_millis(50)).expect("wait"),
             None
         );
         assert_eq!(vm.kill().expect("kill"), ProcessExit::Signal(libc::SIGKILL));
+        assert_eq!(vm.helpers[0].exit, Some(ProcessExit::Signal(libc::SIGKILL)));
         // Killing again reports the same exit.
         assert_eq!(vm.kill().expect("kill"), ProcessExit::Signal(libc::SIGKILL));
+        let names: Vec<_> = vm.logs().into_iter().map(|(name, _)| name).collect();
+        assert_eq!(names, ["sleeper", "helper"]);
+    }
+
+    #[test]
+    fn dropping_a_vm_reaps_its_helpers() {
+        let dir = paths::TestDir::new("vm-drop");
+        let helper = spawn(dir.path(), "helper", "exec sleep 30");
+        let pid = helper.child.id();
+        drop(Vm::new(
+            spawn(dir.path(), "main", "exec sleep 30"),
+            vec![helper],
+        ));
+        // Reaped: the pid no longer names our child.
+        let pid = libc::pid_t::try_from(pid).expect("pid");
+        // SAFETY: waitpid with WNOHANG on a pid only inspects our children;
+        // no memory is passed (null status pointer is allowed).
+        let r = unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        assert_eq!(r, -1, "helper was not reaped");
+    }
+
+    #[test]
+    fn helper_that_dies_reports_its_log() {
+        let dir = paths::TestDir::new("helper-dies");
+        let mut helper = spawn(dir.path(), "helper", "echo bad socket path >&2; exit 1");
+        let err = helper
+            .wait_ready(Duration::from_secs(10), || false)
+            .expect_err("helper died");
+        let text = err.to_string();
+        assert!(text.contains("helper stopped (exit status 1)"), "{text}");
+        assert!(text.contains("bad socket path"), "{text}");
+
+        let mut slow = spawn(dir.path(), "slow", "exec sleep 30");
+        assert!(!slow
+            .wait_ready(Duration::from_millis(30), || false)
+            .expect("still running"));
+        assert!(slow
+            .wait_ready(Duration::from_millis(30), || true)
+            .expect("ready"));
+    }
+
+    #[test]
+    fn engine_processes_do_not_inherit_secrets() {
+        let dir = paths::TestDir::new("env");
+        std::env::set_var("AIRLOCK_TEST_SECRET", "s3cr3t");
+        let mut p = spawn(dir.path(), "env", "env");
+        p.wait_ready(Duration::from_secs(10), || false)
+            .expect_err("ends");
+        let log = std::fs::read_to_string(dir.path().join("env.log")).expect("log");
+        assert!(!log.contains("s3cr3t"), "{log}");
+        assert!(log.contains("PATH="), "{log}");
+    }
+
+    #[test]
+    fn tails() {
+        let dir = paths::TestDir::new("tail");
+        let path = dir.path().join("log");
+        let mut text = String::new();
+        for i in 0..10_000 {
+            text.push_str(&format!("line {i}\n"));
+        }
+        text.push_str("\x1b[31mred\n");
+        std::fs::write(&path, text).expect("write");
+        let tail = tail_lines(&path, 3);
+        assert_eq!(tail, ["line 9998", "line 9999", "\\u{1b}[31mred"]);
+        assert_eq!(
+            describe_tail(&tail[..1], "the console"),
+            "last lines of the console:\n    line 9998"
+        );
+        assert_eq!(describe_tail(&[], "the console"), "the console was empty");
+        assert!(tail_lines(&dir.path().join("missing"), 3).is_empty());
     }
 }

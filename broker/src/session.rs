@@ -1,0 +1,797 @@
+//! The control conversation, host side (PROTOCOL.md, "Control conversation").
+//!
+//! ```text
+//! guest Hello ─▶ host Hello (or Error{VersionMismatch} and close)
+//!             ◀─ RunSpec
+//! Stdout/Stderr chunks ─▶ forwarded to our stdout/stderr as they arrive
+//! Exit ─▶ then nothing but the end of the connection
+//! ```
+//!
+//! [`serve`] runs it over any blocking reader and writer, so the state
+//! machine is tested over in-memory streams. Everything the guest sends is
+//! hostile: frames are read with the protocol crate's bounds (one frame, at
+//! most 1 MiB, is all we ever hold), anything out of order ends the
+//! conversation as a [`Violation`], and output beyond `max_output_bytes` is
+//! counted and dropped, never buffered.
+
+use std::io::{self, Read, Write};
+
+use airlock_protocol::{
+    encode, read_frame, EncodeError, ErrorCode, ExitStatus, FrameError, Message, RunSpec,
+    PROTOCOL_VERSION,
+};
+
+/// What the run supervisor hears while the conversation goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// The guest said a Hello we speak: the sandbox has booted.
+    Handshaken,
+    /// The command ended; the guest will now power off.
+    Exited(ExitStatus),
+}
+
+/// How the conversation ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The command ran and ended with this status, and the guest said
+    /// nothing after it.
+    Exited(ExitStatus),
+    /// The guest could not start the command: its `Error{SpawnFailed}`
+    /// message (made safe for a terminal), and the `Exit` that followed it,
+    /// if one did (the init reports 127 or 126, as a shell would).
+    SpawnFailed {
+        message: String,
+        status: Option<ExitStatus>,
+    },
+    /// The guest broke the protocol.
+    Broken(Violation),
+    /// Writing the command's output to our stdout or stderr failed (the
+    /// reader went away).
+    OutputClosed(io::Error),
+}
+
+/// Where in the conversation something happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    BeforeHello,
+    Running,
+    AfterExit,
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stage::BeforeHello => "at the handshake",
+            Stage::Running => "while the command ran",
+            Stage::AfterExit => "after the command's exit status",
+        })
+    }
+}
+
+/// How the guest broke the protocol. Shown as `airlock: guest protocol error: …`.
+#[derive(Debug, thiserror::Error)]
+pub enum Violation {
+    #[error("unreadable frame {stage}")]
+    Frame {
+        stage: Stage,
+        #[source]
+        source: FrameError,
+    },
+    #[error("unexpected {kind} message {stage}")]
+    Unexpected { kind: &'static str, stage: Stage },
+    #[error("the connection closed {stage}")]
+    Closed { stage: Stage },
+    #[error("the guest speaks protocol version {0}; this host speaks {PROTOCOL_VERSION}")]
+    Version(u32),
+    #[error("the guest reported {code:?}: {message}")]
+    GuestError {
+        code: ErrorCode,
+        /// Made safe for a terminal.
+        message: String,
+    },
+    #[error("cannot send the {what} message")]
+    Send {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The command's output streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Forwards output chunks to two writers, within a byte budget shared by
+/// both streams. Each chunk is written and flushed at once.
+#[derive(Debug)]
+pub struct Output<O, E> {
+    out: O,
+    err: E,
+    limit: u64,
+    /// Bytes written so far (stdout + stderr).
+    pub forwarded: u64,
+    /// Bytes dropped because of the limit.
+    pub discarded: u64,
+}
+
+impl<O: Write, E: Write> Output<O, E> {
+    pub fn new(out: O, err: E, limit: u64) -> Self {
+        Output {
+            out,
+            err,
+            limit,
+            forwarded: 0,
+            discarded: 0,
+        }
+    }
+
+    /// Writes what fits of `data` to `stream`; says once, on the error
+    /// stream, when the limit is first reached.
+    pub fn chunk(&mut self, stream: Stream, data: &[u8]) -> io::Result<()> {
+        let room = self.limit.saturating_sub(self.forwarded);
+        let take = data.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let (keep, drop) = data.split_at(take);
+        if !keep.is_empty() {
+            let w: &mut dyn Write = match stream {
+                Stream::Stdout => &mut self.out,
+                Stream::Stderr => &mut self.err,
+            };
+            w.write_all(keep)?;
+            w.flush()?;
+            self.forwarded += u64::try_from(keep.len()).unwrap_or(u64::MAX);
+        }
+        if !drop.is_empty() {
+            if self.discarded == 0 {
+                // Our own line: start it on a fresh line of the terminal.
+                writeln!(
+                    self.err,
+                    "\nairlock: the command's output reached --max-output-bytes ({} bytes); \
+                     the rest is discarded",
+                    self.limit
+                )?;
+                self.err.flush()?;
+            }
+            self.discarded += u64::try_from(drop.len()).unwrap_or(u64::MAX);
+        }
+        Ok(())
+    }
+}
+
+/// The RunSpec, encoded before any VM starts: whatever the encoder refuses
+/// (too many arguments, too long, …) is the user's input error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedSpec(Vec<u8>);
+
+impl EncodedSpec {
+    pub fn new(spec: RunSpec) -> Result<EncodedSpec, EncodeError> {
+        encode(&Message::RunSpec(spec)).map(EncodedSpec)
+    }
+}
+
+/// Runs the conversation: reads frames from `reader`, answers on `writer`,
+/// forwards output to `output`, tells `progress` what happened so far, and
+/// returns at the end of the connection or at the first violation. Never
+/// panics on input.
+pub fn serve<R: Read, W: Write, O: Write, E: Write>(
+    mut reader: R,
+    mut writer: W,
+    spec: &EncodedSpec,
+    output: &mut Output<O, E>,
+    progress: &mut dyn FnMut(Progress),
+) -> Outcome {
+    // Handshake.
+    let version = match read_frame(&mut reader) {
+        Ok(Message::Hello { version, .. }) => version,
+        Ok(msg) => return unexpected_or_error(msg, Stage::BeforeHello),
+        Err(e) => return read_failed(e, Stage::BeforeHello),
+    };
+    if version != PROTOCOL_VERSION {
+        let refusal = Message::Error {
+            code: ErrorCode::VersionMismatch,
+            message: format!("this host speaks protocol version {PROTOCOL_VERSION}"),
+        };
+        // Best effort: the guest is told, and the connection closes anyway.
+        if let Ok(frame) = encode(&refusal) {
+            let _ = writer.write_all(&frame).and_then(|()| writer.flush());
+        }
+        return Outcome::Broken(Violation::Version(version));
+    }
+    progress(Progress::Handshaken);
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+        capabilities: Vec::new(),
+    };
+    if let Err(source) = send(&mut writer, &hello) {
+        return Outcome::Broken(Violation::Send {
+            what: "Hello",
+            source,
+        });
+    }
+    if let Err(source) = writer.write_all(&spec.0).and_then(|()| writer.flush()) {
+        return Outcome::Broken(Violation::Send {
+            what: "RunSpec",
+            source,
+        });
+    }
+
+    // The command runs.
+    let status = loop {
+        let (stream, data) = match read_frame(&mut reader) {
+            Ok(Message::Stdout(data)) => (Stream::Stdout, data),
+            Ok(Message::Stderr(data)) => (Stream::Stderr, data),
+            Ok(Message::Exit(status)) => break status,
+            Ok(Message::Error {
+                code: ErrorCode::SpawnFailed,
+                message,
+            }) => return spawn_failed(&mut reader, &message, progress),
+            Ok(msg) => return unexpected_or_error(msg, Stage::Running),
+            Err(e) => return read_failed(e, Stage::Running),
+        };
+        if let Err(e) = output.chunk(stream, &data) {
+            return Outcome::OutputClosed(e);
+        }
+    };
+    progress(Progress::Exited(status));
+    after_exit(&mut reader).map_or(Outcome::Exited(status), Outcome::Broken)
+}
+
+/// After `Exit` the guest only powers off: anything more is a violation.
+fn after_exit<R: Read>(reader: &mut R) -> Option<Violation> {
+    match read_frame(reader) {
+        Ok(msg) => Some(Violation::Unexpected {
+            kind: msg.kind(),
+            stage: Stage::AfterExit,
+        }),
+        // The end of the stream, or a failing one (the VM went away): done.
+        Err(FrameError::Closed | FrameError::Io(_)) => None,
+        Err(source) => Some(Violation::Frame {
+            stage: Stage::AfterExit,
+            source,
+        }),
+    }
+}
+
+/// The command could not start; an `Exit` may follow (and nothing else).
+fn spawn_failed<R: Read>(
+    reader: &mut R,
+    message: &str,
+    progress: &mut dyn FnMut(Progress),
+) -> Outcome {
+    let message = crate::sanitize(message.as_bytes());
+    let status = match read_frame(&mut *reader) {
+        Ok(Message::Exit(status)) => status,
+        Ok(msg) => return unexpected_or_error(msg, Stage::Running),
+        Err(FrameError::Closed | FrameError::Io(_)) => {
+            return Outcome::SpawnFailed {
+                message,
+                status: None,
+            }
+        }
+        Err(e) => return read_failed(e, Stage::Running),
+    };
+    progress(Progress::Exited(status));
+    match after_exit(reader) {
+        Some(violation) => Outcome::Broken(violation),
+        None => Outcome::SpawnFailed {
+            message,
+            status: Some(status),
+        },
+    }
+}
+
+fn send<W: Write>(writer: &mut W, msg: &Message) -> io::Result<()> {
+    let frame = encode(msg).map_err(io::Error::other)?;
+    writer.write_all(&frame)?;
+    writer.flush()
+}
+
+/// A guest `Error` ends the conversation with what it says; any other
+/// message out of turn is a violation.
+fn unexpected_or_error(msg: Message, stage: Stage) -> Outcome {
+    match msg {
+        Message::Error { code, message } => Outcome::Broken(Violation::GuestError {
+            code,
+            message: crate::sanitize(message.as_bytes()),
+        }),
+        msg => Outcome::Broken(Violation::Unexpected {
+            kind: msg.kind(),
+            stage,
+        }),
+    }
+}
+
+fn read_failed(error: FrameError, stage: Stage) -> Outcome {
+    Outcome::Broken(match error {
+        FrameError::Closed => Violation::Closed { stage },
+        source => Violation::Frame { stage, source },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use airlock_protocol::{decode_body, limits::MAX_FRAME_BODY, write_frame};
+    use std::io::Cursor;
+    use std::os::unix::net::UnixStream;
+    use std::thread;
+
+    fn spec() -> EncodedSpec {
+        EncodedSpec::new(RunSpec {
+            argv: vec!["sh".into(), "-c".into(), "true".into()],
+            env: vec![("K".into(), "V".into())],
+            cwd: "/".into(),
+            timeout_ms: None,
+            max_output_bytes: 1 << 30,
+            stdin: false,
+        })
+        .expect("encodes")
+    }
+
+    fn frames(msgs: &[Message]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for m in msgs {
+            write_frame(&mut bytes, m).expect("encode");
+        }
+        bytes
+    }
+
+    fn hello(version: u32) -> Message {
+        Message::Hello {
+            version,
+            capabilities: vec!["x".into()],
+        }
+    }
+
+    /// What a scripted run produced.
+    #[derive(Debug)]
+    struct Scripted {
+        outcome: Outcome,
+        sent: Vec<Message>,
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+        progress: Vec<Progress>,
+        discarded: u64,
+    }
+
+    /// Runs `serve` over in-memory streams: the guest "sends" `input`.
+    fn script(input: Vec<u8>, limit: u64) -> Scripted {
+        let mut sent_bytes = Vec::new();
+        let mut output = Output::new(Vec::new(), Vec::new(), limit);
+        let mut progress = Vec::new();
+        let outcome = serve(
+            Cursor::new(input),
+            &mut sent_bytes,
+            &spec(),
+            &mut output,
+            &mut |p| progress.push(p),
+        );
+        let mut sent = Vec::new();
+        let mut r = sent_bytes.as_slice();
+        while let Ok(m) = read_frame(&mut r) {
+            sent.push(m);
+        }
+        Scripted {
+            outcome,
+            sent,
+            stdout: output.out,
+            stderr: output.err,
+            progress,
+            discarded: output.discarded,
+        }
+    }
+
+    #[test]
+    fn a_whole_conversation() {
+        let r = script(
+            frames(&[
+                hello(1),
+                Message::Stdout(b"out\n".to_vec()),
+                Message::Stderr(b"err\n".to_vec()),
+                Message::Stdout(vec![0, 0xff]),
+                Message::Exit(ExitStatus::Exited(7)),
+            ]),
+            1 << 30,
+        );
+        assert!(
+            matches!(r.outcome, Outcome::Exited(ExitStatus::Exited(7))),
+            "{r:?}"
+        );
+        assert_eq!(r.stdout, b"out\n\x00\xff");
+        assert_eq!(r.stderr, b"err\n");
+        assert_eq!(
+            r.progress,
+            [
+                Progress::Handshaken,
+                Progress::Exited(ExitStatus::Exited(7))
+            ]
+        );
+        assert_eq!(r.sent.len(), 2);
+        assert_eq!(
+            r.sent[0],
+            Message::Hello {
+                version: 1,
+                capabilities: vec![]
+            }
+        );
+        let Message::RunSpec(spec) = &r.sent[1] else {
+            panic!("{:?}", r.sent)
+        };
+        assert_eq!(spec.argv, ["sh", "-c", "true"]);
+        assert_eq!(spec.env, [("K".to_string(), "V".to_string())]);
+        assert!(!spec.stdin);
+    }
+
+    #[test]
+    fn signal_exit() {
+        let r = script(
+            frames(&[hello(1), Message::Exit(ExitStatus::Signaled(9))]),
+            10,
+        );
+        let Outcome::Exited(status) = r.outcome else {
+            panic!("{r:?}")
+        };
+        assert_eq!(status.exit_code(), 137);
+    }
+
+    #[test]
+    fn version_mismatch_is_refused_and_closed() {
+        let r = script(
+            frames(&[hello(2), Message::Exit(ExitStatus::Exited(0))]),
+            10,
+        );
+        assert!(
+            matches!(r.outcome, Outcome::Broken(Violation::Version(2))),
+            "{r:?}"
+        );
+        assert!(matches!(
+            r.sent.as_slice(),
+            [Message::Error {
+                code: ErrorCode::VersionMismatch,
+                ..
+            }]
+        ));
+        assert!(r.progress.is_empty());
+    }
+
+    #[test]
+    fn garbage_is_a_bad_frame() {
+        let r = script(b"GET / HTTP/1.1\r\n\r\n".to_vec(), 10);
+        let Outcome::Broken(v @ Violation::Frame { .. }) = r.outcome else {
+            panic!("{r:?}")
+        };
+        assert_eq!(v.to_string(), "unreadable frame at the handshake");
+        assert_eq!(
+            crate::report(&v),
+            "unreadable frame at the handshake: bad frame: \
+             frame body length 542393671 outside 1..=1048576"
+        );
+        assert!(r.sent.is_empty());
+    }
+
+    #[test]
+    fn oversize_frame_is_refused_before_reading_it() {
+        let mut input = frames(&[hello(1)]);
+        let len = u32::try_from(MAX_FRAME_BODY + 1).expect("fits");
+        input.extend(len.to_le_bytes());
+        let r = script(input, 10);
+        assert!(
+            matches!(
+                r.outcome,
+                Outcome::Broken(Violation::Frame {
+                    stage: Stage::Running,
+                    source: FrameError::Decode(_)
+                })
+            ),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn unexpected_messages() {
+        for (msgs, kind, stage) in [
+            (vec![Message::StdinEnd], "StdinEnd", Stage::BeforeHello),
+            (
+                vec![Message::Stdout(b"early".to_vec())],
+                "Stdout",
+                Stage::BeforeHello,
+            ),
+            (vec![hello(1), hello(1)], "Hello", Stage::Running),
+            (
+                vec![hello(1), Message::RunSpec(rs())],
+                "RunSpec",
+                Stage::Running,
+            ),
+            (
+                vec![hello(1), Message::Stdin(b"x".to_vec())],
+                "Stdin",
+                Stage::Running,
+            ),
+            (
+                vec![
+                    hello(1),
+                    Message::Exit(ExitStatus::Exited(0)),
+                    Message::Stdout(b"late".to_vec()),
+                ],
+                "Stdout",
+                Stage::AfterExit,
+            ),
+            (
+                vec![
+                    hello(1),
+                    Message::Exit(ExitStatus::Exited(0)),
+                    Message::Exit(ExitStatus::Exited(1)),
+                ],
+                "Exit",
+                Stage::AfterExit,
+            ),
+        ] {
+            let r = script(frames(&msgs), 100);
+            match &r.outcome {
+                Outcome::Broken(Violation::Unexpected { kind: k, stage: s }) => {
+                    assert_eq!((*k, *s), (kind, stage), "{msgs:?}")
+                }
+                other => panic!("{msgs:?}: {other:?}"),
+            }
+        }
+    }
+
+    fn rs() -> RunSpec {
+        RunSpec {
+            argv: vec!["x".into()],
+            env: vec![],
+            cwd: "/".into(),
+            timeout_ms: None,
+            max_output_bytes: 0,
+            stdin: false,
+        }
+    }
+
+    #[test]
+    fn eof_before_exit() {
+        let r = script(
+            frames(&[hello(1), Message::Stdout(b"partial".to_vec())]),
+            100,
+        );
+        assert!(
+            matches!(
+                r.outcome,
+                Outcome::Broken(Violation::Closed {
+                    stage: Stage::Running
+                })
+            ),
+            "{r:?}"
+        );
+        assert_eq!(r.stdout, b"partial");
+        assert_eq!(r.progress, [Progress::Handshaken]);
+
+        let r = script(Vec::new(), 100);
+        assert!(matches!(
+            r.outcome,
+            Outcome::Broken(Violation::Closed {
+                stage: Stage::BeforeHello
+            })
+        ));
+
+        // Cut inside a frame.
+        let mut input = frames(&[hello(1), Message::Stdout(b"abcdef".to_vec())]);
+        input.truncate(input.len() - 2);
+        let r = script(input, 100);
+        assert!(matches!(
+            r.outcome,
+            Outcome::Broken(Violation::Frame {
+                stage: Stage::Running,
+                source: FrameError::Io(_)
+            })
+        ));
+    }
+
+    #[test]
+    fn garbage_after_exit_is_a_violation() {
+        let mut input = frames(&[hello(1), Message::Exit(ExitStatus::Exited(0))]);
+        input.extend([0, 0, 0, 0]);
+        let r = script(input, 100);
+        assert!(matches!(
+            r.outcome,
+            Outcome::Broken(Violation::Frame {
+                stage: Stage::AfterExit,
+                ..
+            })
+        ));
+        // The exit status was seen before the violation.
+        assert_eq!(r.progress.len(), 2);
+    }
+
+    #[test]
+    fn guest_errors() {
+        let r = script(
+            frames(&[
+                hello(1),
+                Message::Error {
+                    code: ErrorCode::SpawnFailed,
+                    message: "nope: not found\x1b[2J".into(),
+                },
+            ]),
+            100,
+        );
+        let Outcome::SpawnFailed {
+            message,
+            status: None,
+        } = r.outcome
+        else {
+            panic!("{r:?}")
+        };
+        assert_eq!(message, "nope: not found\\u{1b}[2J");
+
+        // As the init does it: the error, then the shell-style exit status.
+        let r = script(
+            frames(&[
+                hello(1),
+                Message::Error {
+                    code: ErrorCode::SpawnFailed,
+                    message: "permission denied".into(),
+                },
+                Message::Exit(ExitStatus::Exited(126)),
+            ]),
+            100,
+        );
+        assert!(
+            matches!(
+                r.outcome,
+                Outcome::SpawnFailed {
+                    status: Some(ExitStatus::Exited(126)),
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        // Anything but an Exit after it is a violation.
+        let r = script(
+            frames(&[
+                hello(1),
+                Message::Error {
+                    code: ErrorCode::SpawnFailed,
+                    message: "x".into(),
+                },
+                Message::Stdout(b"y".to_vec()),
+            ]),
+            100,
+        );
+        assert!(matches!(
+            r.outcome,
+            Outcome::Broken(Violation::Unexpected { kind: "Stdout", .. })
+        ));
+        // An error before the handshake is not a spawn failure.
+        let r = script(
+            frames(&[Message::Error {
+                code: ErrorCode::SpawnFailed,
+                message: "x".into(),
+            }]),
+            100,
+        );
+        assert!(matches!(
+            r.outcome,
+            Outcome::Broken(Violation::GuestError { .. })
+        ));
+
+        let r = script(
+            frames(&[
+                hello(1),
+                Message::Error {
+                    code: ErrorCode::Internal,
+                    message: "oops".into(),
+                },
+            ]),
+            100,
+        );
+        let Outcome::Broken(v @ Violation::GuestError { .. }) = r.outcome else {
+            panic!("{r:?}")
+        };
+        assert_eq!(v.to_string(), "the guest reported Internal: oops");
+    }
+
+    #[test]
+    fn output_beyond_the_limit_is_discarded_and_reported_once() {
+        let r = script(
+            frames(&[
+                hello(1),
+                Message::Stdout(b"12345".to_vec()),
+                Message::Stderr(b"67890".to_vec()),
+                Message::Stdout(b"abc".to_vec()),
+                Message::Exit(ExitStatus::Exited(0)),
+            ]),
+            7,
+        );
+        assert!(matches!(r.outcome, Outcome::Exited(_)), "{r:?}");
+        assert_eq!(r.stdout, b"12345");
+        let stderr = String::from_utf8(r.stderr).expect("utf8");
+        assert!(
+            stderr.starts_with(
+                "67\nairlock: the command's output reached --max-output-bytes (7 bytes)"
+            ),
+            "{stderr}"
+        );
+        assert_eq!(stderr.matches("airlock:").count(), 1, "{stderr}");
+        assert_eq!(r.discarded, 6);
+    }
+
+    /// A writer that is closed, like a pipe whose reader exited.
+    struct Closed;
+    impl Write for Closed {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn closed_stdout_ends_the_session() {
+        let input = frames(&[
+            hello(1),
+            Message::Stdout(b"x".to_vec()),
+            Message::Exit(ExitStatus::Exited(0)),
+        ]);
+        let mut output = Output::new(Closed, Vec::new(), 100);
+        let outcome = serve(
+            Cursor::new(input),
+            Vec::new(),
+            &spec(),
+            &mut output,
+            &mut |_| {},
+        );
+        assert!(matches!(outcome, Outcome::OutputClosed(_)), "{outcome:?}");
+    }
+
+    /// Over a real socket pair, with the guest side in a thread that reads
+    /// what the host sends (as the real init does) and streams a lot.
+    #[test]
+    fn over_a_socket_pair() {
+        let (host, guest) = UnixStream::pair().expect("pair");
+        let chunk = vec![0x5a; 32 * 1024];
+        let chunks = 100;
+        let guest_side = {
+            let chunk = chunk.clone();
+            thread::spawn(move || {
+                let mut g = &guest;
+                write_frame(g, &hello(1)).expect("hello");
+                let got = vec![
+                    read_frame(&mut g).expect("host hello"),
+                    read_frame(&mut g).expect("run spec"),
+                ];
+                for _ in 0..chunks {
+                    write_frame(g, &Message::Stdout(chunk.clone())).expect("chunk");
+                }
+                write_frame(g, &Message::Exit(ExitStatus::Exited(3))).expect("exit");
+                drop(guest);
+                got
+            })
+        };
+        let mut output = Output::new(Vec::new(), Vec::new(), u64::MAX);
+        let outcome = serve(&host, &host, &spec(), &mut output, &mut |_| {});
+        assert!(
+            matches!(outcome, Outcome::Exited(ExitStatus::Exited(3))),
+            "{outcome:?}"
+        );
+        assert_eq!(output.out.len(), chunk.len() * chunks);
+        let got = guest_side.join().expect("guest thread");
+        assert!(matches!(got[0], Message::Hello { version: 1, .. }));
+        assert!(matches!(got[1], Message::RunSpec(_)));
+    }
+
+    #[test]
+    fn an_oversized_spec_is_refused_up_front() {
+        let big = "x".repeat(airlock_protocol::limits::MAX_STRING);
+        let err = EncodedSpec::new(RunSpec {
+            argv: vec![big; 9],
+            ..rs()
+        });
+        assert!(matches!(err, Err(EncodeError::TooLarge(_))));
+        // And a good one is exactly one decodable frame.
+        let spec = spec();
+        assert!(matches!(decode_body(&spec.0[4..]), Ok(Message::RunSpec(_))));
+    }
+}
