@@ -223,3 +223,65 @@ fn doctor_names_the_engine_auto_would_use() {
     };
     assert!(r.stdout.contains(want) || r.stderr.contains(want), "{r}");
 }
+
+#[test]
+fn our_vmm_serves_read_only_and_read_write_disks_in_the_testbed() {
+    // airlock run --engine kvm with a VMM wrapper that adds two disks: the
+    // guest reads the read-only one, cannot write it, and writes the other.
+    let dir = scratch("disks");
+    let ro: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(dir.join("ro.img"), &ro).expect("ro image");
+    std::fs::write(dir.join("rw.img"), vec![0u8; 1024 * 1024]).expect("rw image");
+    let wrapper = dir.join("vmm-with-disks");
+    let vmm = airlock_e2e::root().join(bin("airlock-vmm"));
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec {} \"$@\" --disk ro:{} --disk rw:{}\n",
+            vmm.display(),
+            dir.join("ro.img").display(),
+            dir.join("rw.img").display()
+        ),
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let script = format!(
+        "AIRLOCK_VMM={} {} run --engine kvm -- sh -c '\
+         cat /sys/block/vda/ro /sys/block/vda/size; sha256sum < /dev/vda; \
+         if echo x | dd of=/dev/vda conv=fsync 2>/dev/null; then echo ro-write-succeeded; fi; \
+         printf airlock-disk-write | dd of=/dev/vdb bs=512 seek=3 conv=fsync 2>/dev/null; \
+         cat /sys/block/vdb/ro'",
+        rel(&wrapper),
+        bin("airlock")
+    );
+    let r = testbed(&["sh", "-c", &script], 600);
+    let want_sha = {
+        use std::fmt::Write as _;
+        let digest = airlock_e2e::sha256_hex(&ro);
+        let mut s = String::new();
+        let _ = write!(s, "{digest}  -");
+        s
+    };
+    r.expect_code(0)
+        .expect_stdout_line("1")
+        .expect_stdout_line("2048")
+        .expect_stdout_line(&want_sha)
+        .expect_stdout_line("0");
+    assert!(!r.stdout.contains("ro-write-succeeded"), "{r}");
+    let rw = std::fs::read(dir.join("rw.img")).expect("rw image");
+    assert_eq!(
+        &rw[3 * 512..3 * 512 + 18],
+        b"airlock-disk-write",
+        "the guest's write reached the file"
+    );
+    assert_eq!(
+        std::fs::read(dir.join("ro.img")).expect("ro"),
+        ro,
+        "read-only image unchanged"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

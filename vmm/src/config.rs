@@ -33,6 +33,18 @@ pub struct VsockConfig {
     pub uds: PathBuf,
 }
 
+/// A disk image the guest sees as a virtio-blk device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The image file.
+    pub path: PathBuf,
+    /// Refuse guest writes (and open the file read-only).
+    pub read_only: bool,
+}
+
+/// Most disks a VM may have (each takes a virtio-mmio slot and an IRQ).
+pub const MAX_DISKS: usize = 8;
+
 /// Everything needed to build and boot a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -50,6 +62,8 @@ pub struct VmConfig {
     pub console: Console,
     /// A vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// Disks, in the order the guest sees them (`/dev/vda`, `/dev/vdb`, ...).
+    pub disks: Vec<DiskConfig>,
 }
 
 /// A configuration the VMM refuses before touching KVM.
@@ -77,6 +91,12 @@ pub enum Error {
     /// The vsock socket's directory does not exist.
     #[error("the directory for vsock socket {0} does not exist")]
     VsockDir(PathBuf),
+    /// A disk image is missing.
+    #[error("disk image not found at {0}")]
+    DiskMissing(PathBuf),
+    /// Too many disks.
+    #[error("{0} disks given; at most {MAX_DISKS}")]
+    TooManyDisks(usize),
     /// The initrd file is missing.
     #[error(
         "initrd not found at {0}: build it with scripts/build-initramfs.sh or pass --initrd PATH"
@@ -107,6 +127,12 @@ impl VmConfig {
             if !dir.is_none_or(std::path::Path::is_dir) {
                 return Err(Error::VsockDir(vsock.uds.clone()));
             }
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(Error::TooManyDisks(self.disks.len()));
+        }
+        if let Some(d) = self.disks.iter().find(|d| !d.path.is_file()) {
+            return Err(Error::DiskMissing(d.path.clone()));
         }
         if let Some(initrd) = &self.initrd {
             if !initrd.is_file() {
@@ -150,6 +176,7 @@ mod tests {
             extra_cmdline: String::new(),
             console: Console::Discard,
             vsock: None,
+            disks: Vec::new(),
         }
     }
 

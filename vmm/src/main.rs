@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use airlock_vmm::config::{Console, VmConfig, VsockConfig, MAX_MEM_MIB, MIN_MEM_MIB};
+use airlock_vmm::config::{Console, DiskConfig, VmConfig, VsockConfig, MAX_MEM_MIB, MIN_MEM_MIB};
 use airlock_vmm::vmm::Vmm;
 use clap::Parser;
 
@@ -49,9 +49,28 @@ struct Cli {
     /// `CONNECT <guest port>\n`.
     #[arg(long, value_name = "PATH")]
     vsock_uds: Option<PathBuf>,
+    /// A disk for the guest, `ro:PATH` (read-only) or `rw:PATH`; repeat for
+    /// more. The guest sees them as /dev/vda, /dev/vdb, ... in this order.
+    #[arg(long = "disk", value_name = "ro:PATH|rw:PATH", value_parser = parse_disk)]
+    disks: Vec<DiskConfig>,
     /// The guest's vsock context id (3 or more).
     #[arg(long, value_name = "CID", default_value_t = 3, requires = "vsock_uds")]
     vsock_cid: u32,
+}
+
+fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
+    let (read_only, path) = match spec.split_once(':') {
+        Some(("ro", path)) => (true, path),
+        Some(("rw", path)) => (false, path),
+        _ => return Err(format!("expected ro:PATH or rw:PATH, got {spec:?}")),
+    };
+    if path.is_empty() {
+        return Err("empty disk path".into());
+    }
+    Ok(DiskConfig {
+        path: path.into(),
+        read_only,
+    })
 }
 
 impl From<Cli> for VmConfig {
@@ -68,6 +87,7 @@ impl From<Cli> for VmConfig {
             cpus: cli.cpus,
             extra_cmdline: cli.cmdline,
             console,
+            disks: cli.disks,
             vsock: cli.vsock_uds.map(|uds| VsockConfig {
                 cid: cli.vsock_cid,
                 uds,
@@ -107,5 +127,21 @@ fn main() -> ExitCode {
             eprintln!("airlock-vmm: error: {msg}");
             ExitCode::from(if e.is_bad_input() { 2 } else { 1 })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_specs_name_their_mode() {
+        let d = parse_disk("ro:/img/a.ext4").expect("ro");
+        assert_eq!((d.path, d.read_only), ("/img/a.ext4".into(), true));
+        let d = parse_disk("rw:scratch:1.img").expect("rw");
+        assert_eq!((d.path, d.read_only), ("scratch:1.img".into(), false));
+        assert!(parse_disk("/img/a.ext4").is_err());
+        assert!(parse_disk("ro:").is_err());
+        assert!(parse_disk("xx:/a").is_err());
     }
 }

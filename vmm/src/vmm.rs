@@ -27,6 +27,7 @@ use crate::devices::boot_timer::BootTimer;
 use crate::devices::bus::{self, Bus};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::vsock::{self as vsock_dev, Vsock};
 use crate::devices::virtio::IrqLine;
@@ -94,6 +95,15 @@ pub enum Error {
     /// The vsock backend.
     #[error(transparent)]
     Vsock(#[from] vsock_dev::muxer::Error),
+    /// A disk image could not be opened.
+    #[error("cannot open disk {path}")]
+    Disk {
+        /// The path given.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// An eventfd, signal handler, console file or thread.
     #[error("failed to {0}")]
     Io(&'static str, #[source] io::Error),
@@ -141,6 +151,7 @@ pub struct Vmm {
     serial: Arc<Mutex<SerialDevice>>,
     boot_timer: Arc<Mutex<BootTimer>>,
     vsock: Option<Arc<Mutex<Vsock>>>,
+    disks: Vec<Arc<Mutex<Block>>>,
     reset_evt: EventFd,
     start: Instant,
 }
@@ -209,11 +220,17 @@ impl Vmm {
             Some(path) => Some(boot::load_initrd(&mem, path, &kernel)?),
             None => None,
         };
-        let vsock_slot = config
-            .vsock
-            .as_ref()
-            .map(|_| (VIRTIO_MMIO_BASE, VIRTIO_FIRST_IRQ));
-        let cmdline = boot::build_cmdline(vsock_slot.as_slice(), &config.extra_cmdline)?;
+        // virtio-mmio slots: the disks first (vda, vdb, ... in order), then vsock.
+        let slots: Vec<(u64, u32)> = (0..config.disks.len() + usize::from(config.vsock.is_some()))
+            .map(|i| {
+                let i = u32::try_from(i).unwrap_or(u32::MAX);
+                (
+                    VIRTIO_MMIO_BASE + u64::from(i) * VIRTIO_MMIO_SIZE,
+                    VIRTIO_FIRST_IRQ + i,
+                )
+            })
+            .collect();
+        let cmdline = boot::build_cmdline(&slots, &config.extra_cmdline)?;
         boot::write_pvh_boot_info(&mem, &cmdline, initrd)?;
         mptable::write(&mem, config.cpus)?;
         regs::write_gdt(&mem)?;
@@ -238,9 +255,40 @@ impl Vmm {
         pio.insert(u64::from(I8042_DATA_PORT), 5, Arc::new(Mutex::new(i8042)))?;
         let mut mmio = Bus::default();
         mmio.insert(BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, boot_timer.clone())?;
-        let vsock = match (&config.vsock, vsock_slot) {
+        let mut slot = slots.iter().copied();
+        let mut disks = Vec::new();
+        for (disk, (base, irq)) in config.disks.iter().zip(slot.by_ref()) {
+            let (irq_line, evts, clones) = attach_virtio(&vm, base, irq, 1)?;
+            let evt = evts.into_iter().next().ok_or_else(|| {
+                Error::Io("create a disk queue", std::io::ErrorKind::Other.into())
+            })?;
+            let device = Block::new(
+                &disk.path,
+                disk.read_only,
+                mem.clone(),
+                irq_line.clone(),
+                evt,
+            )
+            .map_err(|source| Error::Disk {
+                path: disk.path.clone(),
+                source,
+            })?;
+            let device = Arc::new(Mutex::new(device));
+            let transport = MmioTransport::new(device.clone(), mem.clone(), irq_line, clones);
+            mmio.insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+            disks.push(device);
+        }
+        let vsock = match (&config.vsock, slot.next()) {
             (Some(cfg), Some((base, irq))) => {
-                let (device, transport) = create_vsock(&vm, &mem, cfg, base, irq)?;
+                let (irq_line, evts, clones) = attach_virtio(&vm, base, irq, 3)?;
+                let device = Arc::new(Mutex::new(Vsock::new(
+                    u64::from(cfg.cid),
+                    cfg.uds.clone(),
+                    mem.clone(),
+                    irq_line.clone(),
+                    evts,
+                )?));
+                let transport = MmioTransport::new(device.clone(), mem.clone(), irq_line, clones);
                 mmio.insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
                 Some(device)
             }
@@ -271,6 +319,7 @@ impl Vmm {
             serial,
             boot_timer,
             vsock,
+            disks,
             reset_evt,
             start,
         })
@@ -349,6 +398,9 @@ impl Vmm {
         if let Some(vsock) = &self.vsock {
             manager.add_subscriber(vsock.clone());
         }
+        for disk in &self.disks {
+            manager.add_subscriber(disk.clone());
+        }
         loop {
             manager.run().map_err(Error::EventLoop)?;
             if let Some(stop) = watcher.lock().ok().and_then(|w| w.stop.clone()) {
@@ -358,42 +410,31 @@ impl Vmm {
     }
 }
 
-/// Creates the vsock device at `base` on `irq`: its irqfd, one ioeventfd per
-/// queue (so notifications never exit to userspace), the backend sockets,
-/// and the MMIO transport in front of it.
-fn create_vsock(
-    vm: &VmFd,
-    mem: &GuestMemoryMmap,
-    cfg: &config::VsockConfig,
-    base: u64,
-    irq: u32,
-) -> Result<(Arc<Mutex<Vsock>>, MmioTransport), Error> {
+/// A slot's interrupt line, its queue eventfds, and clones for the transport.
+type VirtioWiring = (Arc<IrqLine>, Vec<EventFd>, Vec<EventFd>);
+
+/// Wires a virtio-mmio slot at `base` on `irq` into KVM: an irqfd for the
+/// interrupt and one ioeventfd per queue (so notifications never exit to
+/// userspace). Returns the interrupt line, the queue eventfds for the device
+/// and clones of them for the transport's fallback path.
+fn attach_virtio(vm: &VmFd, base: u64, irq: u32, queues: u32) -> Result<VirtioWiring, Error> {
     let eventfd = |what| EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Io(what, e));
-    let irq_evt = eventfd("create the vsock irqfd")?;
+    let irq_evt = eventfd("create a virtio irqfd")?;
     vm.register_irqfd(&irq_evt, irq)
-        .map_err(|e| Error::Kvm("register the vsock irqfd", e))?;
-    let irq_line = Arc::new(IrqLine::new(irq_evt));
+        .map_err(|e| Error::Kvm("register a virtio irqfd", e))?;
     let mut evts = Vec::new();
-    for queue in 0u32..3 {
-        let evt = eventfd("create a vsock queue eventfd")?;
+    for queue in 0..queues {
+        let evt = eventfd("create a virtio queue eventfd")?;
         vm.register_ioevent(&evt, &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY), queue)
-            .map_err(|e| Error::Kvm("register a vsock ioeventfd", e))?;
+            .map_err(|e| Error::Kvm("register a virtio ioeventfd", e))?;
         evts.push(evt);
     }
     let clones = evts
         .iter()
         .map(EventFd::try_clone)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::Io("clone a vsock queue eventfd", e))?;
-    let device = Arc::new(Mutex::new(Vsock::new(
-        u64::from(cfg.cid),
-        cfg.uds.clone(),
-        mem.clone(),
-        irq_line.clone(),
-        evts,
-    )?));
-    let transport = MmioTransport::new(device.clone(), mem.clone(), irq_line, clones);
-    Ok((device, transport))
+        .map_err(|e| Error::Io("clone a virtio queue eventfd", e))?;
+    Ok((Arc::new(IrqLine::new(irq_evt)), evts, clones))
 }
 
 /// Sends every vCPU thread a stop request and kicks it out of `KVM_RUN`

@@ -4,6 +4,7 @@
 //! registers; a device's queue work runs on the event-loop thread, woken by
 //! the queue's ioeventfd, and interrupts the guest through an irqfd.
 
+pub mod block;
 pub mod mmio;
 pub mod vsock;
 
