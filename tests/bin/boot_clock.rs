@@ -1,7 +1,7 @@
 //! `boot-clock`: time a VMM from spawn to a console line and to its exit.
 //!
 //! ```text
-//! boot-clock [--line TEXT] [--verbose] -- CMD [ARGS...]
+//! boot-clock [--line TEXT | --bytes] [--verbose] -- CMD [ARGS...]
 //! ```
 //!
 //! Spawns CMD with stdout and stderr piped (stdin is /dev/null), and measures
@@ -24,6 +24,16 @@
 //! `code` is CMD's exit status, or 128 + the signal that killed it. Exit
 //! status: 0 if CMD exited 0 and the line was seen, 1 otherwise, 2 on a usage
 //! error or if CMD could not be started.
+//!
+//! With `--bytes` (for throughput: `scripts/bench-run`) it looks for no line:
+//! it counts CMD's stdout bytes and notes when the first and the last of them
+//! were read, and prints
+//!
+//! ```text
+//! exit_ms=<f> bytes=<n> first_byte_ms=<f|-> last_byte_ms=<f|-> boot_timer_ms=<f|-> code=<n>
+//! ```
+//!
+//! exiting 0 if CMD exited 0. `--verbose` then copies only CMD's stderr.
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -32,11 +42,15 @@ use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::thread;
 use std::time::Instant;
 
+/// The read size of `--bytes` mode: twice a default pipe's capacity, so one
+/// read can drain a full pipe.
+const BYTES_CHUNK: usize = 128 * 1024;
+
 const DEFAULT_LINE: &str = "airlock-init: ready";
 const BOOT_TIMER_MARK: &str = "guest init reached after ";
 
 const USAGE: &str = "\
-usage: boot-clock [--line TEXT] [--verbose] -- CMD [ARGS...]
+usage: boot-clock [--line TEXT | --bytes] [--verbose] -- CMD [ARGS...]
 
 Runs CMD and prints one line:
   line_ms=<f|-> exit_ms=<f> boot_timer_ms=<f|-> code=<n>
@@ -45,20 +59,37 @@ line_ms: ms from spawn to the first stdout line containing TEXT
 boot_timer_ms: the <ms> of 'guest init reached after <ms> ms' on CMD's stderr.
 Exits 0 only if CMD exited 0 and the line was seen.
 
+With --bytes, prints instead:
+  exit_ms=<f> bytes=<n> first_byte_ms=<f|-> last_byte_ms=<f|-> boot_timer_ms=<f|-> code=<n>
+bytes: how many bytes CMD wrote to stdout; first_byte_ms, last_byte_ms: ms
+from spawn until the first and the last of them were read. Exits 0 if CMD
+exited 0.
+
   --line TEXT   the stdout text to wait for
-  --verbose     copy CMD's stdout and stderr to our stderr
+  --bytes       count stdout bytes instead of waiting for a line
+  --verbose     copy CMD's stdout (not with --bytes) and stderr to our stderr
   -h, --help    this help";
+
+/// What boot-clock watches CMD's stdout for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Watch {
+    /// The first line containing this text.
+    Line(String),
+    /// Every byte: count them, time the first and the last.
+    Bytes,
+}
 
 #[derive(Debug)]
 struct Args {
-    line: String,
+    watch: Watch,
     verbose: bool,
     cmd: Vec<OsString>,
 }
 
 /// Parses our arguments; `Ok(None)` means `--help` was asked for.
 fn parse_args(mut it: impl Iterator<Item = OsString>) -> Result<Option<Args>, String> {
-    let mut line = DEFAULT_LINE.to_owned();
+    let mut line = None;
+    let mut bytes = false;
     let mut verbose = false;
     while let Some(arg) = it.next() {
         match arg.to_str() {
@@ -67,18 +98,31 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> Result<Option<Args>, St
                 if cmd.is_empty() {
                     return Err("no command given after --".to_owned());
                 }
-                return Ok(Some(Args { line, verbose, cmd }));
+                let watch = match (line, bytes) {
+                    (Some(_), true) => {
+                        return Err("--line and --bytes exclude each other".to_owned())
+                    }
+                    (_, true) => Watch::Bytes,
+                    (line, false) => Watch::Line(line.unwrap_or_else(|| DEFAULT_LINE.to_owned())),
+                };
+                return Ok(Some(Args {
+                    watch,
+                    verbose,
+                    cmd,
+                }));
             }
             Some("-h" | "--help") => return Ok(None),
             Some("--verbose" | "-v") => verbose = true,
+            Some("--bytes") => bytes = true,
             Some("--line") => {
-                line = it
+                let text = it
                     .next()
                     .and_then(|v| v.into_string().ok())
                     .ok_or("--line needs a UTF-8 TEXT argument")?;
-                if line.is_empty() {
+                if text.is_empty() {
                     return Err("--line TEXT must not be empty".to_owned());
                 }
+                line = Some(text);
             }
             _ => {
                 return Err(format!(
@@ -131,6 +175,45 @@ fn for_each_line(src: impl Read, verbose: bool, mut each: impl FnMut(&str)) -> i
     }
 }
 
+/// What `--bytes` mode saw on a stream.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ByteCount {
+    bytes: u64,
+    /// When the first and the last byte were read (`None` for no bytes).
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+/// Reads `src` to end of file, counting its bytes and noting when the first
+/// and the last chunk arrived.
+fn count_bytes(mut src: impl Read) -> io::Result<ByteCount> {
+    let mut buf = vec![0u8; BYTES_CHUNK];
+    let mut seen = ByteCount {
+        bytes: 0,
+        first: None,
+        last: None,
+    };
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => return Ok(seen),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let now = Instant::now();
+        seen.first.get_or_insert(now);
+        seen.last = Some(now);
+        seen.bytes += n as u64;
+    }
+}
+
+/// What was watched on CMD's stdout.
+enum Seen<'a> {
+    /// The text looked for, and when it was seen.
+    Line(&'a str, Option<Instant>),
+    Bytes(ByteCount),
+}
+
 fn run(args: &Args) -> Result<bool, String> {
     let (program, rest) = args
         .cmd
@@ -161,12 +244,28 @@ fn run(args: &Args) -> Result<bool, String> {
         (found, res)
     });
 
-    let mut line_at = None;
-    let stdout_res = for_each_line(stdout, verbose, |l| {
-        if line_at.is_none() && l.contains(args.line.as_str()) {
-            line_at = Some(Instant::now());
+    let (seen, stdout_res) = match &args.watch {
+        Watch::Line(text) => {
+            let mut line_at = None;
+            let res = for_each_line(stdout, verbose, |l| {
+                if line_at.is_none() && l.contains(text.as_str()) {
+                    line_at = Some(Instant::now());
+                }
+            });
+            (Seen::Line(text, line_at), res)
         }
-    });
+        Watch::Bytes => match count_bytes(stdout) {
+            Ok(count) => (Seen::Bytes(count), Ok(())),
+            Err(e) => (
+                Seen::Bytes(ByteCount {
+                    bytes: 0,
+                    first: None,
+                    last: None,
+                }),
+                Err(e),
+            ),
+        },
+    };
     if let Err(e) = &stdout_res {
         eprintln!("boot-clock: reading the command's stdout: {e}");
     }
@@ -189,19 +288,32 @@ fn run(args: &Args) -> Result<bool, String> {
     };
 
     let code = status_code(status);
-    println!(
-        "line_ms={} exit_ms={} boot_timer_ms={} code={code}",
-        fmt_ms(line_at.map(|t| millis(start, t))),
-        fmt_ms(Some(millis(start, exit_at))),
-        fmt_ms(boot_timer),
-    );
-    if line_at.is_none() {
-        eprintln!(
-            "boot-clock: never saw a stdout line containing {:?}",
-            args.line
-        );
-    }
-    Ok(status.success() && line_at.is_some() && stdout_res.is_ok())
+    let exit_ms = fmt_ms(Some(millis(start, exit_at)));
+    let at = |t: Option<Instant>| fmt_ms(t.map(|t| millis(start, t)));
+    let boot_timer = fmt_ms(boot_timer);
+    let watched = match seen {
+        Seen::Line(text, line_at) => {
+            println!(
+                "line_ms={} exit_ms={exit_ms} boot_timer_ms={boot_timer} code={code}",
+                at(line_at)
+            );
+            if line_at.is_none() {
+                eprintln!("boot-clock: never saw a stdout line containing {text:?}");
+            }
+            line_at.is_some()
+        }
+        Seen::Bytes(count) => {
+            println!(
+                "exit_ms={exit_ms} bytes={} first_byte_ms={} last_byte_ms={} \
+                 boot_timer_ms={boot_timer} code={code}",
+                count.bytes,
+                at(count.first),
+                at(count.last)
+            );
+            true
+        }
+    };
+    Ok(status.success() && watched && stdout_res.is_ok())
 }
 
 fn main() -> ExitCode {
@@ -249,11 +361,68 @@ mod tests {
             .ok()
             .flatten();
         let a = a.as_ref();
-        assert_eq!(a.map(|a| a.line.as_str()), Some("hi"));
+        assert_eq!(a.map(|a| &a.watch), Some(&Watch::Line("hi".to_owned())));
         assert_eq!(a.map(|a| a.cmd.len()), Some(2));
         assert!(matches!(parse_args(os(&["--help"])), Ok(None)));
         assert!(parse_args(os(&["--"])).is_err());
         assert!(parse_args(os(&["echo"])).is_err());
         assert!(parse_args(os(&["--line"])).is_err());
+    }
+
+    #[test]
+    fn parses_bytes_mode() {
+        let a = parse_args(os(&["--bytes", "--verbose", "--", "cat"]))
+            .ok()
+            .flatten();
+        let a = a.as_ref();
+        assert_eq!(a.map(|a| &a.watch), Some(&Watch::Bytes));
+        assert_eq!(a.map(|a| a.verbose), Some(true));
+        let default = parse_args(os(&["--", "cat"])).ok().flatten();
+        assert_eq!(
+            default.map(|a| a.watch),
+            Some(Watch::Line(DEFAULT_LINE.to_owned()))
+        );
+        assert!(parse_args(os(&["--bytes", "--line", "x", "--", "cat"])).is_err());
+        assert!(parse_args(os(&["--line", "x", "--bytes", "--", "cat"])).is_err());
+        assert!(parse_args(os(&["--bytes"])).is_err());
+    }
+
+    /// Hands out its data a few bytes per read, with an interruption.
+    struct Trickle {
+        data: Vec<u8>,
+        pos: usize,
+        interrupted: bool,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if !self.interrupted {
+                self.interrupted = true;
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            let n = buf.len().min(3).min(self.data.len() - self.pos);
+            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn counts_bytes() {
+        let empty = count_bytes(io::empty()).ok();
+        assert_eq!(
+            empty.map(|c| (c.bytes, c.first, c.last)),
+            Some((0, None, None))
+        );
+        let src = Trickle {
+            data: vec![7; 10],
+            pos: 0,
+            interrupted: false,
+        };
+        let c = count_bytes(src).ok();
+        assert_eq!(c.map(|c| c.bytes), Some(10));
+        assert!(c.is_some_and(|c| c.first.is_some() && c.first <= c.last));
+        let big = count_bytes(&vec![0u8; 3 * BYTES_CHUNK + 1][..]).ok();
+        assert_eq!(big.map(|c| c.bytes), Some(3 * BYTES_CHUNK as u64 + 1));
     }
 }
