@@ -100,11 +100,18 @@ pub fn run(argv: &[&str], timeout_s: u32) -> Run {
     run_env(argv, &[], timeout_s)
 }
 
+/// Where the tests' runs keep their default audit logs, instead of the
+/// user's own state directory.
+pub fn state_dir() -> PathBuf {
+    root().join("build/tests/state")
+}
+
 /// Runs `argv` from the repository root with extra environment variables.
 pub fn run_env(argv: &[&str], env: &[(&str, &str)], timeout_s: u32) -> Run {
     let out = Command::new("timeout")
         .args(["-k", "5", &timeout_s.to_string()])
         .args(argv)
+        .env("XDG_STATE_HOME", state_dir())
         .envs(env.iter().copied())
         .current_dir(root())
         .stdin(Stdio::null())
@@ -162,6 +169,7 @@ pub fn run_raw(argv: &[&str], env: &[(&str, &str)], timeout_s: u32) -> RawRun {
     let out = Command::new("timeout")
         .args(["-k", "5", &timeout_s.to_string()])
         .args(argv)
+        .env("XDG_STATE_HOME", state_dir())
         .envs(env.iter().copied())
         .current_dir(root())
         .stdin(Stdio::null())

@@ -321,6 +321,7 @@ fn kvm_two_runs_at_once_do_not_interfere() {
 fn run_with_peak_rss(argv: &[&str], timeout_s: u64) -> (Run, u64) {
     let mut child = Command::new(argv[0])
         .args(&argv[1..])
+        .env("XDG_STATE_HOME", airlock_e2e::state_dir())
         .current_dir(root())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -17,6 +17,8 @@ pub enum Exit {
     Command(u8),
     /// `doctor`: no engine can run a sandbox on this host.
     HostUnfit,
+    /// `audit verify`: the log is not intact.
+    NotIntact,
     /// Bad usage or input (clap's own usage errors use it too); nothing was started.
     Usage,
     /// The sandbox failed: the VM could not start, stopped or crashed before
@@ -40,7 +42,7 @@ impl Exit {
         match self {
             Exit::Success => 0,
             Exit::Command(code) => code,
-            Exit::HostUnfit => 1,
+            Exit::HostUnfit | Exit::NotIntact => 1,
             Exit::Usage => 2,
             Exit::SandboxFailed => 120,
             Exit::ProtocolError => 121,
@@ -78,6 +80,15 @@ Output: the command's stdout and stderr arrive on airlock's stdout and stderr
 as the command writes them. The guest console goes to a log file (see
 --console-log, --keep-console), never to the terminal.
 
+Audit log: every run writes one (see --audit), a hash-chained JSON Lines file
+of what crossed the airlock: the kernel, initrd and init hashes, the policy
+and the command (argv, and the --env names and values: never put a secret
+there), the VM's start and end, every connection, protocol error and policy
+denial, and what the guest reports (processes started, every exec in the VM).
+Records say whether the host observed a fact or the guest claimed it. Its path
+is printed at the end (`airlock: audit log: PATH`); check it with
+`airlock audit verify PATH`.
+
 Environment:
   AIRLOCK_HOME         directory holding build/ (default: found next to the airlock binary)
   AIRLOCK_KERNEL       kernel to boot when --kernel is not given
@@ -86,6 +97,7 @@ Environment:
   AIRLOCK_VHOST_VSOCK  vhost-device-vsock binary for the tcg engine
                        (default: $AIRLOCK_CACHE/tools/bin, else PATH)
   AIRLOCK_CACHE        Airlock's cache (default ~/.cache/airlock)
+  XDG_STATE_HOME       where audit logs go by default (else ~/.local/state)
   TMPDIR               where the private run directory is made
 The command gets only the variables given with --env: airlock never passes
 its own environment into the sandbox.";
@@ -96,10 +108,18 @@ Exit codes:
   1    no engine can run a sandbox here (each FAIL line says how to fix it)
   2    bad usage";
 
+const AUDIT_EXIT_CODES: &str = "\
+Exit codes:
+  0    done (verify: the log is intact)
+  1    verify: the log is not intact (the first problem and the last intact
+       record are printed)
+  2    bad usage or input (missing or unreadable file, bad key file)";
+
 const TOP_EXIT_CODES: &str = "\
 Exit codes:
   0    success (run: otherwise the command's own exit code)
-  1    doctor: no engine can run a sandbox on this host
+  1    doctor: no engine can run a sandbox on this host; audit verify: the
+       log is not intact
   2    bad usage or input; nothing was started
   120  the sandbox failed (the VM did not boot or crashed)
   121  the guest broke the protocol
@@ -132,6 +152,59 @@ pub enum Command {
     /// Check whether this host can run sandboxes, and say how to fix what is missing.
     #[command(after_help = DOCTOR_EXIT_CODES)]
     Doctor(DoctorArgs),
+    /// Check, show and sign the audit logs that runs write.
+    #[command(after_help = AUDIT_EXIT_CODES)]
+    Audit(AuditArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    pub command: AuditCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum AuditCommand {
+    /// Check a log: the hash chain, the seq numbers, every record, that it
+    /// ends with run.end and its seal, and the seal's signature. Exits 0
+    /// only if the log is intact.
+    #[command(after_help = AUDIT_EXIT_CODES)]
+    Verify(VerifyArgs),
+    /// Print a log as a timeline (time offset, source, kind, key fields),
+    /// or its records as JSON Lines. Does not verify it.
+    #[command(after_help = AUDIT_EXIT_CODES)]
+    Show(ShowArgs),
+    /// Write a new Ed25519 key pair for sealing logs: OUT (the private key,
+    /// mode 0600, for `run --audit-key`) and OUT.pub (for `verify --key`).
+    /// Each holds 64 hex digits: the 32-byte seed, or the public key.
+    #[command(after_help = AUDIT_EXIT_CODES)]
+    Keygen(KeygenArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    /// The audit log
+    pub file: PathBuf,
+    /// The public key the log must be signed with (a file of 64 hex digits)
+    #[arg(long, value_name = "PUB")]
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ShowArgs {
+    /// The audit log
+    pub file: PathBuf,
+    /// Print the records as JSON Lines instead of a timeline
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeygenArgs {
+    /// Where to write the private key (the public key goes to OUT.pub);
+    /// neither may exist yet
+    #[arg(value_name = "OUT")]
+    pub out: PathBuf,
 }
 
 /// Where the guest kernel and initrd come from.
@@ -183,6 +256,22 @@ pub struct RunArgs {
     /// where they are
     #[arg(long)]
     pub keep_console: bool,
+    /// Write the audit log to this new file [default:
+    /// $XDG_STATE_HOME/airlock/audit/UTCTIME-RUNID.jsonl, else under
+    /// ~/.local/state/airlock/audit/]
+    #[arg(long, value_name = "FILE")]
+    pub audit: Option<PathBuf>,
+    /// Sign the audit log's seal with this Ed25519 private key (a mode-0600
+    /// file of 64 hex digits, the key's seed: see `airlock audit keygen`)
+    #[arg(long, value_name = "FILE")]
+    pub audit_key: Option<PathBuf>,
+    /// Write at most this many records the guest reports; the rest are
+    /// counted in one audit.overflow record
+    #[arg(long, value_name = "N", default_value_t = crate::audit::DEFAULT_MAX_GUEST_RECORDS)]
+    pub audit_max_guest_events: u64,
+    /// Write at most this many bytes of records the guest reports
+    #[arg(long, value_name = "BYTES", default_value_t = crate::audit::DEFAULT_MAX_GUEST_BYTES)]
+    pub audit_max_guest_bytes: u64,
     /// The command to run in the sandbox, and its arguments (after `--`)
     #[arg(value_name = "CMD", trailing_var_arg = true)]
     pub command: Vec<String>,
@@ -225,6 +314,34 @@ mod tests {
         assert_eq!(args.max_output_bytes, 1 << 30);
         assert!(args.cmdline.is_none());
         assert!(args.command.is_empty());
+        assert!(args.audit.is_none());
+        assert!(args.audit_key.is_none());
+        assert_eq!(args.audit_max_guest_events, 10_000);
+        assert_eq!(args.audit_max_guest_bytes, 16 << 20);
+    }
+
+    #[test]
+    fn audit_subcommands() {
+        let cli = Cli::try_parse_from(["airlock", "audit", "verify", "f.jsonl", "--key", "k.pub"])
+            .expect("parses");
+        let Command::Audit(AuditArgs {
+            command: AuditCommand::Verify(v),
+        }) = cli.command
+        else {
+            panic!("not verify")
+        };
+        assert_eq!(v.file, PathBuf::from("f.jsonl"));
+        assert_eq!(v.key, Some(PathBuf::from("k.pub")));
+        let cli = Cli::try_parse_from(["airlock", "audit", "show", "--json", "f"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Audit(AuditArgs {
+                command: AuditCommand::Show(ShowArgs { json: true, .. })
+            })
+        ));
+        let err = Cli::try_parse_from(["airlock", "audit", "verify"]).expect_err("no file");
+        assert_eq!(err.exit_code(), 2);
+        assert_eq!(Exit::NotIntact.code(), 1);
     }
 
     #[test]

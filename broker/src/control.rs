@@ -51,7 +51,7 @@ impl Acceptor {
             .name("control-accept".into())
             .spawn({
                 let stop = Arc::clone(&stop);
-                move || accept_loop(&listener, &stop, report)
+                move || accept_loop(listener, &stop, report)
             })?;
         Ok(Acceptor {
             stop,
@@ -70,7 +70,7 @@ impl Drop for Acceptor {
     }
 }
 
-fn accept_loop(listener: &UnixListener, stop: &AtomicBool, mut report: impl FnMut(Accepted)) {
+fn accept_loop(listener: UnixListener, stop: &AtomicBool, mut report: impl FnMut(Accepted)) {
     let mut accepted = 0u32;
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
@@ -89,6 +89,9 @@ fn accept_loop(listener: &UnixListener, stop: &AtomicBool, mut report: impl FnMu
                     report(Accepted::Refused(accepted - 1));
                 }
                 if accepted >= MAX_CONNECTIONS {
+                    // Closed before it is reported: whoever hears of the
+                    // cap finds the socket refusing connections.
+                    drop(listener);
                     report(Accepted::Capped);
                     return;
                 }

@@ -6,6 +6,7 @@
 //! the code instead of calling `process::exit`, so every destructor runs:
 //! that is what kills the VM and removes the run directory.
 
+mod audit;
 mod cli;
 mod control;
 mod doctor;
@@ -24,6 +25,7 @@ fn main() -> ExitCode {
     let exit = match cli.command {
         cli::Command::Run(args) => run::main(args),
         cli::Command::Doctor(args) => doctor::main(args),
+        cli::Command::Audit(args) => audit::main(args),
     };
     ExitCode::from(exit.code())
 }

@@ -2,13 +2,17 @@
 //! stream its output, and exit with its exit code.
 //!
 //! Order: validate the arguments and encode the run spec ([`RunConfig`]) →
-//! resolve and check the kernel and initrd → pick the engine → make the
-//! private run directory ([`RunDir`]) → listen on the control port's socket
-//! → spawn the VM → [`supervise`]: hand the guest's control connection to a
-//! session thread ([`session::serve`]), watch the VM, the deadlines and the
-//! signals → [`judge`] the end → clean up (dropping the [`Vm`] kills and
-//! reaps every engine process; dropping the [`RunDir`] removes it).
-//! Everything that can be wrong with the input is found before a VM starts.
+//! resolve and check the kernel and initrd → pick the engine → load the
+//! audit key, create the audit log and write `run.start` (with the hashes of
+//! what will boot) → make the private run directory ([`RunDir`]) → listen
+//! on the control port's socket → spawn the VM → [`supervise`]: hand the
+//! guest's control connection to a session thread ([`session::serve`]),
+//! watch the VM, the deadlines, the signals and the audit log → [`judge`]
+//! the end → clean up (dropping the [`Vm`] kills and reaps every engine
+//! process; dropping the [`RunDir`] removes it) → write `run.end` and the
+//! seal. Everything that can be wrong with the input is found before a VM
+//! starts; once the audit log exists, every way the run ends is recorded in
+//! it, and a run whose log cannot be written is stopped (fail closed).
 //!
 //! Threads: the main thread supervises and owns the VM (it spawned it, which
 //! `PR_SET_PDEATHSIG` needs); [`control::Acceptor`] accepts on the control
@@ -27,8 +31,13 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use airlock_protocol::{EncodeError, ExitStatus, RunSpec, CONTROL_PORT, DEFAULT_GUEST_CID};
+use airlock_protocol::{
+    EncodeError, ExitStatus, RunSpec, CONTROL_PORT, DEFAULT_GUEST_CID, PROTOCOL_VERSION,
+};
+use ed25519_dalek::SigningKey;
+use serde_json::{json, Value};
 
+use crate::audit::{self, digest, keys, kind, AuditLog, Durability, Limits};
 use crate::cli::{Exit, ImageArgs, RunArgs};
 use crate::control::{self, Accepted, Acceptor};
 use crate::engine::{self, Available, EngineChoice, ProcessExit, Vm, VmConfig};
@@ -112,6 +121,14 @@ pub enum Error {
     Spawn(#[from] engine::Error),
     #[error("lost track of the VM")]
     Supervise(#[source] io::Error),
+    #[error(transparent)]
+    Audit(#[from] audit::Error),
+    #[error("cannot hash {} for the audit log", path.display())]
+    Digest {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl Error {
@@ -129,12 +146,29 @@ impl Error {
             | Error::Image(_)
             | Error::Engine(_)
             | Error::ConsoleLog { .. }
-            | Error::SocketPath(_) => Exit::Usage,
+            | Error::SocketPath(_)
+            | Error::Digest { .. } => Exit::Usage,
+            Error::Audit(e) => match e {
+                audit::Error::Create { .. }
+                | audit::Error::Read { .. }
+                | audit::Error::NoStateDir
+                | audit::Error::Key(_) => Exit::Usage,
+                audit::Error::Write(_) | audit::Error::Encode(_) => Exit::SandboxFailed,
+            },
             Error::RunDir { .. }
             | Error::Listen { .. }
             | Error::Signals(_)
             | Error::Spawn(_)
             | Error::Supervise(_) => Exit::SandboxFailed,
+        }
+    }
+
+    /// How the run ended, for `run.end`, when this error ended it.
+    fn how(&self) -> &'static str {
+        match self {
+            Error::Spawn(_) => "boot_failure",
+            Error::Audit(_) => "audit_failure",
+            _ => "error",
         }
     }
 }
@@ -148,6 +182,16 @@ pub enum ConsoleTarget {
     File(PathBuf),
 }
 
+/// What the audit log of a run is to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// `--audit`, made absolute; `None` for the default place.
+    pub path: Option<PathBuf>,
+    /// `--audit-key`.
+    pub key: Option<PathBuf>,
+    pub limits: Limits,
+}
+
 /// The validated `run` arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunConfig {
@@ -159,8 +203,11 @@ pub struct RunConfig {
     pub console: ConsoleTarget,
     /// The RunSpec frame, encoded (so within the protocol's limits).
     pub spec: EncodedSpec,
+    /// The same RunSpec, for the audit log.
+    pub run_spec: RunSpec,
     pub max_output_bytes: u64,
     pub extra_cmdline: Vec<String>,
+    pub audit: AuditConfig,
 }
 
 /// Parses one `--env NAME=VALUE`. The name is non-empty and holds no `=`
@@ -228,8 +275,8 @@ impl TryFrom<RunArgs> for RunConfig {
         if args.timeout == 0 {
             return Err(Error::Timeout);
         }
-        let spec = run_spec(args.command, &args.env, args.max_output_bytes)?;
-        let spec = EncodedSpec::new(spec).map_err(Error::Spec)?;
+        let run_spec = run_spec(args.command, &args.env, args.max_output_bytes)?;
+        let spec = EncodedSpec::new(run_spec.clone()).map_err(Error::Spec)?;
         let cmdline = args.cmdline.unwrap_or_default();
         if cmdline.contains('\0') {
             return Err(Error::NulInCmdline);
@@ -247,8 +294,17 @@ impl TryFrom<RunArgs> for RunConfig {
                 },
             },
             spec,
+            run_spec,
             max_output_bytes: args.max_output_bytes,
             extra_cmdline: cmdline.split_whitespace().map(str::to_owned).collect(),
+            audit: AuditConfig {
+                path: args.audit.map(|p| std::path::absolute(&p).unwrap_or(p)),
+                key: args.audit_key,
+                limits: Limits {
+                    max_guest_records: args.audit_max_guest_events,
+                    max_guest_bytes: args.audit_max_guest_bytes,
+                },
+            },
         })
     }
 }
@@ -265,6 +321,7 @@ pub fn main(args: RunArgs) -> Exit {
 }
 
 fn run(args: RunArgs) -> Result<Exit, Error> {
+    let began = Instant::now();
     let config = RunConfig::try_from(args)?;
     let image = ImagePaths::from_env(config.image.kernel.clone(), config.image.initrd.clone());
     paths::check_kernel(&image.kernel)?;
@@ -279,6 +336,155 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
         selection.reason
     );
 
+    let key = match &config.audit.key {
+        Some(path) => Some(keys::load_signing_key(path).map_err(audit::Error::from)?),
+        None => None,
+    };
+    let run_id = audit::new_run_id();
+    let audit_path = match &config.audit.path {
+        Some(path) => path.clone(),
+        None => audit::log::default_path(
+            &audit::log::default_dir()?,
+            audit::time::micros(SystemTime::now()),
+            &run_id,
+        )?,
+    };
+    let start = run_start_fields(&config, &image, &selection, &run_id, key.as_ref())?;
+    let audit = AuditLog::create(&audit_path, config.audit.limits, key)?;
+    audit.host(kind::RUN_START, start, Durability::Synced);
+    if let Some(why) = audit.failure() {
+        return Err(audit::Error::Write(why).into());
+    }
+
+    let (mut exit, end) = match boot(&config, image, &selection, &audit, began) {
+        Ok(ran) => (ran.exit, ran.end),
+        Err(e) => {
+            eprintln!("airlock: error: {}", crate::report(&e));
+            let end = json!({
+                "how": e.how(),
+                "exit_code": e.exit().code(),
+                "command_status": null,
+                "message": crate::report(&e),
+                "durations_ms": { "total": millis(began.elapsed()) },
+            });
+            (e.exit(), end)
+        }
+    };
+    if let Err(e) = audit.finish(end) {
+        eprintln!("airlock: error: {}", crate::report(&e));
+        exit = Exit::SandboxFailed;
+    }
+    eprintln!("airlock: audit log: {}", audit_path.display());
+    Ok(exit)
+}
+
+/// A duration in whole milliseconds, for the audit log.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The `run.start` record: what will boot (with hashes), the policy in
+/// force and the run spec.
+fn run_start_fields(
+    config: &RunConfig,
+    image: &ImagePaths,
+    selection: &engine::Selection,
+    run_id: &str,
+    key: Option<&SigningKey>,
+) -> Result<Value, Error> {
+    let digest_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Digest { path, source }
+    };
+    let kernel = digest::file(&image.kernel).map_err(digest_error(&image.kernel))?;
+    let initrd = digest::initrd(&image.initrd).map_err(digest_error(&image.initrd))?;
+    let init = match initrd.init {
+        Some((name, d)) => json!({ "path": name, "sha256": d.sha256, "bytes": d.bytes }),
+        None => json!({
+            "path": null,
+            "sha256": null,
+            "note": "no init found in the initrd (not an uncompressed newc cpio archive); \
+                     initrd.sha256 covers it",
+        }),
+    };
+    let spec = &config.run_spec;
+    let env: serde_json::Map<String, Value> = spec
+        .env
+        .iter()
+        .map(|(name, value)| (name.clone(), Value::String(value.clone())))
+        .collect();
+    let uid = fs::metadata("/proc/self")
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+    Ok(json!({
+        "airlock_version": env!("CARGO_PKG_VERSION"),
+        "protocol_version": PROTOCOL_VERSION,
+        "run_id": run_id,
+        "kernel": {
+            "path": image.kernel.display().to_string(),
+            "sha256": kernel.sha256,
+            "bytes": kernel.bytes,
+        },
+        "initrd": {
+            "path": image.initrd.display().to_string(),
+            "sha256": initrd.whole.sha256,
+            "bytes": initrd.whole.bytes,
+        },
+        "init": init,
+        "policy": {
+            "engine": selection.engine.name(),
+            "engine_requested": engine_name(config.engine),
+            "engine_reason": selection.reason,
+            "timeout_s": config.timeout.as_secs(),
+            "boot_deadline_s": config.timeout.min(BOOT_DEADLINE).as_secs(),
+            "max_output_bytes": config.max_output_bytes,
+            "mem_mib": config.mem_mib,
+            "cpus": config.cpus,
+            "network": "none",
+            "extra_cmdline": config.extra_cmdline,
+            "audit_max_guest_records": config.audit.limits.max_guest_records,
+            "audit_max_guest_bytes": config.audit.limits.max_guest_bytes,
+        },
+        "spec": {
+            "argv": spec.argv,
+            "env": env,
+            "env_note": "the --env names and values as given: user input, never a secret \
+                         (airlock passes nothing else of its environment into the sandbox)",
+            "cwd": spec.cwd,
+            "stdin": spec.stdin,
+            "timeout_ms": spec.timeout_ms,
+        },
+        "audit": {
+            "public_key": key.map(|k| keys::public_hex(&k.verifying_key())),
+        },
+        "host": { "pid": std::process::id(), "uid": uid },
+    }))
+}
+
+/// The engine choice as the user types it.
+fn engine_name(choice: EngineChoice) -> &'static str {
+    match choice {
+        EngineChoice::Kvm => "kvm",
+        EngineChoice::Tcg => "tcg",
+        EngineChoice::Auto => "auto",
+    }
+}
+
+/// How a booted run ended: the exit code and the `run.end` fields.
+#[derive(Debug)]
+struct Ran {
+    exit: Exit,
+    end: Value,
+}
+
+/// Boots the VM, supervises it, judges the end and tells the user.
+fn boot(
+    config: &RunConfig,
+    image: ImagePaths,
+    selection: &engine::Selection,
+    audit: &AuditLog,
+    began: Instant,
+) -> Result<Ran, Error> {
     let run_dir = RunDir::create(&config.console)?;
     let vsock_uds = run_dir.dir.join(VSOCK_NAME);
     let control_path = engine::port_path(&vsock_uds, CONTROL_PORT);
@@ -319,17 +525,35 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
     let stop = StopSignal::install().map_err(Error::Signals)?;
     let started = Instant::now();
     let mut vm = selection.engine.spawn(&vm_config)?;
+    let processes: Vec<Value> = vm
+        .processes()
+        .into_iter()
+        .map(|(name, pid)| json!({ "name": name, "pid": pid }))
+        .collect();
+    audit.host(
+        kind::VM_START,
+        json!({ "engine": selection.engine.name(), "processes": processes }),
+        Durability::Synced,
+    );
     let deadlines = Deadlines::from_start(started, config.timeout);
     let session = SessionParams {
         spec: config.spec.clone(),
         max_output_bytes: config.max_output_bytes,
         events: events_tx,
         writers: terminal,
+        audit: audit.clone(),
     };
-    let end = supervise(&mut vm, &events, &session, deadlines, &stop).map_err(Error::Supervise);
+    let mut timings = Timings::default();
+    let end = supervise(&mut vm, &events, &session, deadlines, &stop, &mut timings)
+        .map_err(Error::Supervise);
     // Whatever happened, nothing of the VM outlives this point.
     let killed = vm.kill();
     drop(acceptor);
+    audit.host(
+        kind::VM_EXIT,
+        vm_exit_fields(end.as_ref().ok(), killed.as_ref().ok()),
+        Durability::Synced,
+    );
     let end = end?;
     killed.map_err(Error::Supervise)?;
 
@@ -349,7 +573,121 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
     if let Some(kept) = run_dir.finish() {
         eprintln!("airlock: console log: {}", kept.display());
     }
-    Ok(verdict.exit)
+    let since =
+        |from: Instant, to: Option<Instant>| to.map(|t| millis(t.saturating_duration_since(from)));
+    let end = json!({
+        "how": how(&end),
+        "exit_code": verdict.exit.code(),
+        "command_status": command_status(&end).map(session::status_fields),
+        "message": verdict.message,
+        "durations_ms": {
+            "total": millis(began.elapsed()),
+            "boot": since(started, timings.hello),
+            "command": timings.hello.and_then(|hello| since(hello, timings.exited)),
+        },
+    });
+    Ok(Ran {
+        exit: verdict.exit,
+        end,
+    })
+}
+
+/// When the guest said Hello and when the command's exit status came.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timings {
+    pub hello: Option<Instant>,
+    pub exited: Option<Instant>,
+}
+
+/// The `vm.exit` record: how the VM process ended, who stopped it and why.
+fn vm_exit_fields(end: Option<&End>, exit: Option<&ProcessExit>) -> Value {
+    let (by, why) = match end {
+        Some(End::Session {
+            outcome,
+            vm: Some(_),
+        }) => (
+            "itself",
+            match outcome {
+                Outcome::Exited(_) | Outcome::SpawnFailed { .. } => {
+                    "the guest powered off after the command ended".to_owned()
+                }
+                _ => "it stopped during the control session".to_owned(),
+            },
+        ),
+        Some(End::StoppedBeforeConnect(_)) => {
+            ("itself", "it stopped before the guest connected".to_owned())
+        }
+        Some(End::SessionLost(_)) => (
+            "itself",
+            "it stopped and the control session did not finish".to_owned(),
+        ),
+        Some(End::Session { outcome, vm: None }) => (
+            "airlock",
+            match outcome {
+                Outcome::Exited(_) | Outcome::SpawnFailed { .. } => {
+                    "the guest did not power off after the command ended".to_owned()
+                }
+                Outcome::Broken(_) => "the guest broke the protocol".to_owned(),
+                Outcome::OutputClosed(_) => "our output was closed".to_owned(),
+            },
+        ),
+        Some(End::BootTimeout(limit)) => (
+            "airlock",
+            format!(
+                "the guest did not connect within the boot deadline ({} s)",
+                limit.as_secs()
+            ),
+        ),
+        Some(End::TimedOut { .. }) => ("airlock", "--timeout passed".to_owned()),
+        Some(End::Interrupted(signal)) => ("airlock", format!("airlock got signal {signal}")),
+        Some(End::AuditFailed(_)) => ("airlock", "the audit log could not be written".to_owned()),
+        None => ("airlock", "airlock lost track of the VM".to_owned()),
+    };
+    json!({
+        "status": exit.map(ToString::to_string),
+        "stopped_by": by,
+        "why": why,
+    })
+}
+
+/// The command's status as the guest reported it, if it did.
+fn command_status(end: &End) -> Option<ExitStatus> {
+    match end {
+        End::Session {
+            outcome: Outcome::Exited(status),
+            ..
+        }
+        | End::Session {
+            outcome:
+                Outcome::SpawnFailed {
+                    status: Some(status),
+                    ..
+                },
+            ..
+        } => Some(*status),
+        _ => None,
+    }
+}
+
+/// How the run ended, as `run.end` says it. Pure.
+pub fn how(end: &End) -> &'static str {
+    match end {
+        End::Session { outcome, vm } => match outcome {
+            Outcome::Exited(ExitStatus::Exited(_)) => "exited",
+            Outcome::Exited(ExitStatus::Signaled(_)) => "signaled",
+            Outcome::SpawnFailed { .. } => "spawn_failed",
+            Outcome::OutputClosed(_) => "interrupted",
+            Outcome::Broken(Violation::Closed {
+                stage: Stage::BeforeHello,
+            }) if vm.is_some() => "boot_failure",
+            Outcome::Broken(_) => "protocol_error",
+        },
+        End::StoppedBeforeConnect(_) | End::BootTimeout(_) => "boot_failure",
+        End::TimedOut { .. } => "timeout",
+        End::Interrupted(_) => "interrupted",
+        End::SessionLost(_) => "protocol_error",
+        End::AuditFailed(_) => "audit_failure",
+    }
 }
 
 /// What the other threads tell the supervisor.
@@ -407,6 +745,7 @@ struct SessionParams {
     max_output_bytes: u64,
     events: Sender<Event>,
     writers: Writers,
+    audit: AuditLog,
 }
 
 /// The running session: a handle on its stream, to shut it down.
@@ -423,6 +762,7 @@ impl SessionThread {
         let limit = params.max_output_bytes;
         let events = params.events.clone();
         let writers = params.writers;
+        let audit = params.audit.clone();
         // Detached: it ends when its stream is shut down (or at exit, if
         // stuck writing to a stdout nobody reads).
         thread::Builder::new()
@@ -439,6 +779,7 @@ impl SessionThread {
                     &mut |p| {
                         let _ = progress_events.send(Event::Progress(p));
                     },
+                    &audit,
                 );
                 let _ = events.send(Event::Ended(outcome));
             })?;
@@ -473,6 +814,8 @@ pub enum End {
     /// The VM process ended during the session, and the session thread did
     /// not finish (it is stuck).
     SessionLost(ProcessExit),
+    /// The audit log could not be written (why); the VM was stopped.
+    AuditFailed(String),
 }
 
 /// Supervises a running VM until the run is over (see [`End`]). On return
@@ -483,7 +826,10 @@ fn supervise(
     params: &SessionParams,
     deadlines: Deadlines,
     stop: &StopSignal,
+    timings: &mut Timings,
 ) -> io::Result<End> {
+    let audit = &params.audit;
+    let port = CONTROL_PORT;
     let mut session: Option<SessionThread> = None;
     let mut handshaken = false;
     // When the command's exit status arrived.
@@ -495,22 +841,53 @@ fn supervise(
     loop {
         match events.recv_timeout(POLL) {
             Ok(Event::Accepted(Accepted::Session(stream))) => {
+                audit.host(
+                    kind::CONTROL_ACCEPTED,
+                    json!({ "port": port }),
+                    Durability::Synced,
+                );
                 session = Some(SessionThread::start(stream, params)?);
             }
-            Ok(Event::Accepted(Accepted::Refused(n))) => eprintln!(
-                "airlock: guest protocol error: refused connection {n} to the control port \
-                 (one control session per run)"
-            ),
-            Ok(Event::Accepted(Accepted::Capped)) => eprintln!(
-                "airlock: guest protocol error: {} connections to the control port; \
-                 no longer accepting any",
-                control::MAX_CONNECTIONS
-            ),
+            Ok(Event::Accepted(Accepted::Refused(n))) => {
+                audit.host(
+                    kind::CONTROL_REFUSED,
+                    json!({ "port": port, "count": n }),
+                    Durability::Synced,
+                );
+                eprintln!(
+                    "airlock: guest protocol error: refused connection {n} to the control port \
+                     (one control session per run)"
+                )
+            }
+            Ok(Event::Accepted(Accepted::Capped)) => {
+                audit.host(
+                    kind::CONTROL_CAPPED,
+                    json!({ "port": port, "max": control::MAX_CONNECTIONS }),
+                    Durability::Synced,
+                );
+                eprintln!(
+                    "airlock: guest protocol error: {} connections to the control port; \
+                     no longer accepting any",
+                    control::MAX_CONNECTIONS
+                )
+            }
             Ok(Event::Accepted(Accepted::Failed(e))) => {
+                audit.host(
+                    kind::CONTROL_FAILED,
+                    json!({ "port": port, "error": e.to_string() }),
+                    Durability::Synced,
+                );
                 eprintln!("airlock: warning: the control port stopped accepting: {e}")
             }
-            Ok(Event::Progress(Progress::Handshaken)) => handshaken = true,
-            Ok(Event::Progress(Progress::Exited(_))) => exited_at = Some(Instant::now()),
+            Ok(Event::Progress(Progress::Handshaken)) => {
+                handshaken = true;
+                timings.hello = Some(Instant::now());
+            }
+            Ok(Event::Progress(Progress::Exited(_))) => {
+                let now = Instant::now();
+                exited_at = Some(now);
+                timings.exited = Some(now);
+            }
             Ok(Event::Ended(ended)) => outcome = Some(ended),
             Err(RecvTimeoutError::Timeout) => {}
             // We hold a sender ourselves (`params.events`): cannot happen.
@@ -524,6 +901,12 @@ fn supervise(
             vm.kill()?;
             end_session(session.as_ref(), events, deadlines.session_end);
             return Ok(End::Interrupted(signal));
+        }
+        // A run that can no longer be audited does not go on.
+        if let Some(why) = audit.failure() {
+            vm.kill()?;
+            end_session(session.as_ref(), events, deadlines.session_end);
+            return Ok(End::AuditFailed(why));
         }
         if vm_stopped.is_none() {
             vm_stopped = vm.try_wait()?.map(|exit| (exit, now));
@@ -746,6 +1129,11 @@ pub fn judge(end: &End, timeout: Duration) -> Verdict {
             ),
             true,
         ),
+        End::AuditFailed(why) => verdict(
+            Exit::SandboxFailed,
+            format!("error: the audit log could not be written ({why}); the sandbox was stopped"),
+            false,
+        ),
     }
 }
 
@@ -913,6 +1301,10 @@ mod tests {
             cmdline: None,
             console_log: None,
             keep_console: false,
+            audit: None,
+            audit_key: None,
+            audit_max_guest_events: 10_000,
+            audit_max_guest_bytes: 16 << 20,
             command: vec!["true".into()],
         }
     }
@@ -930,12 +1322,14 @@ mod tests {
             },
         )
         .expect("hello");
+        let (audit, _) = AuditLog::memory(crate::audit::log::TEST_LIMITS, None);
         let _ = session::serve(
             hello.as_slice(),
             &mut out,
             &config.spec,
             &mut output,
             &mut |_| {},
+            &audit,
         );
         let mut r = out.as_slice();
         let _hello = read_frame(&mut r).expect("hello");
@@ -1262,6 +1656,7 @@ mod tests {
                     max_output_bytes: 1 << 20,
                     events: tx,
                     writers: discard,
+                    audit: AuditLog::memory(crate::audit::log::TEST_LIMITS, None).0,
                 },
                 _acceptor: acceptor,
                 dir,
@@ -1308,7 +1703,15 @@ mod tests {
         }
 
         fn supervise(&self, vm: &mut Vm, deadlines: Deadlines, stop: &StopSignal) -> End {
-            supervise(vm, &self.events, &self.params, deadlines, stop).expect("supervise")
+            supervise(
+                vm,
+                &self.events,
+                &self.params,
+                deadlines,
+                stop,
+                &mut Timings::default(),
+            )
+            .expect("supervise")
         }
     }
 

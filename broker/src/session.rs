@@ -4,6 +4,7 @@
 //! guest Hello ─▶ host Hello (or Error{VersionMismatch} and close)
 //!             ◀─ RunSpec
 //! Stdout/Stderr chunks ─▶ forwarded to our stdout/stderr as they arrive
+//! AuditEvents ─▶ written to the audit log (within its caps)
 //! Exit ─▶ then nothing but the end of the connection
 //! ```
 //!
@@ -13,13 +14,21 @@
 //! most 1 MiB, is all we ever hold), anything out of order ends the
 //! conversation as a [`Violation`], and output beyond `max_output_bytes` is
 //! counted and dropped, never buffered.
+//!
+//! The audit log gets what the session sees: the guest's `Hello`, its
+//! `AuditEvent`s (guest claims, capped by the log), the exit status and a
+//! spawn failure (guest claims), the first output cut (a policy denial) and
+//! any protocol error, at the moment it happens.
 
 use std::io::{self, Read, Write};
 
 use airlock_protocol::{
-    encode, read_frame, EncodeError, ErrorCode, ExitStatus, FrameError, Message, RunSpec,
-    PROTOCOL_VERSION,
+    capability, encode, read_frame, EncodeError, ErrorCode, ExitStatus, FrameError, Message,
+    RunSpec, PROTOCOL_VERSION,
 };
+use serde_json::{json, Value};
+
+use crate::audit::{kind, AuditLog, Durability};
 
 /// What the run supervisor hears while the conversation goes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,20 +180,59 @@ impl EncodedSpec {
     }
 }
 
+/// An exit status as audit fields: `{"exited": N}` or `{"signal": N}`.
+pub fn status_fields(status: ExitStatus) -> Value {
+    match status {
+        ExitStatus::Exited(code) => json!({ "exited": code }),
+        ExitStatus::Signaled(signal) => json!({ "signal": signal }),
+    }
+}
+
 /// Runs the conversation: reads frames from `reader`, answers on `writer`,
-/// forwards output to `output`, tells `progress` what happened so far, and
-/// returns at the end of the connection or at the first violation. Never
-/// panics on input.
+/// forwards output to `output`, tells `progress` what happened so far,
+/// records what the guest says and does in `audit`, and returns at the end
+/// of the connection or at the first violation. Never panics on input.
 pub fn serve<R: Read, W: Write, O: Write, E: Write>(
+    reader: R,
+    writer: W,
+    spec: &EncodedSpec,
+    output: &mut Output<O, E>,
+    progress: &mut dyn FnMut(Progress),
+    audit: &AuditLog,
+) -> Outcome {
+    let outcome = converse(reader, writer, spec, output, progress, audit);
+    audit.set_output(output.forwarded, output.discarded);
+    if let Outcome::Broken(violation) = &outcome {
+        audit.host(
+            kind::PROTOCOL_ERROR,
+            json!({ "reason": crate::report(violation) }),
+            Durability::Synced,
+        );
+    }
+    outcome
+}
+
+fn converse<R: Read, W: Write, O: Write, E: Write>(
     mut reader: R,
     mut writer: W,
     spec: &EncodedSpec,
     output: &mut Output<O, E>,
     progress: &mut dyn FnMut(Progress),
+    audit: &AuditLog,
 ) -> Outcome {
     // Handshake.
     let version = match read_frame(&mut reader) {
-        Ok(Message::Hello { version, .. }) => version,
+        Ok(Message::Hello {
+            version,
+            capabilities,
+        }) => {
+            audit.host(
+                kind::SESSION_HELLO,
+                json!({ "version": version, "capabilities": capabilities }),
+                Durability::Buffered,
+            );
+            version
+        }
         Ok(msg) => return unexpected_or_error(msg, Stage::BeforeHello),
         Err(e) => return read_failed(e, Stage::BeforeHello),
     };
@@ -202,7 +250,7 @@ pub fn serve<R: Read, W: Write, O: Write, E: Write>(
     progress(Progress::Handshaken);
     let hello = Message::Hello {
         version: PROTOCOL_VERSION,
-        capabilities: Vec::new(),
+        capabilities: vec![capability::AUDIT.into()],
     };
     if let Err(source) = send(&mut writer, &hello) {
         return Outcome::Broken(Violation::Send {
@@ -222,18 +270,41 @@ pub fn serve<R: Read, W: Write, O: Write, E: Write>(
         let (stream, data) = match read_frame(&mut reader) {
             Ok(Message::Stdout(data)) => (Stream::Stdout, data),
             Ok(Message::Stderr(data)) => (Stream::Stderr, data),
+            Ok(Message::AuditEvent { kind, fields }) => {
+                audit.guest_event(&kind, fields);
+                continue;
+            }
             Ok(Message::Exit(status)) => break status,
             Ok(Message::Error {
                 code: ErrorCode::SpawnFailed,
                 message,
-            }) => return spawn_failed(&mut reader, &message, progress),
+            }) => return spawn_failed(&mut reader, &message, progress, audit),
             Ok(msg) => return unexpected_or_error(msg, Stage::Running),
             Err(e) => return read_failed(e, Stage::Running),
         };
+        let cut_before = output.discarded > 0;
         if let Err(e) = output.chunk(stream, &data) {
             return Outcome::OutputClosed(e);
         }
+        if !cut_before && output.discarded > 0 {
+            audit.host(
+                kind::POLICY_OUTPUT_LIMIT,
+                json!({
+                    "limit_bytes": output.limit,
+                    "stream": match stream {
+                        Stream::Stdout => "stdout",
+                        Stream::Stderr => "stderr",
+                    },
+                }),
+                Durability::Synced,
+            );
+        }
     };
+    audit.guest_claim(
+        kind::COMMAND_EXIT,
+        status_fields(status),
+        Durability::Buffered,
+    );
     progress(Progress::Exited(status));
     after_exit(&mut reader).map_or(Outcome::Exited(status), Outcome::Broken)
 }
@@ -259,7 +330,13 @@ fn spawn_failed<R: Read>(
     reader: &mut R,
     message: &str,
     progress: &mut dyn FnMut(Progress),
+    audit: &AuditLog,
 ) -> Outcome {
+    audit.guest_claim(
+        kind::COMMAND_SPAWN_FAILED,
+        json!({ "message": message }),
+        Durability::Buffered,
+    );
     let message = crate::sanitize(message.as_bytes());
     let status = match read_frame(&mut *reader) {
         Ok(Message::Exit(status)) => status,
@@ -272,6 +349,11 @@ fn spawn_failed<R: Read>(
         }
         Err(e) => return read_failed(e, Stage::Running),
     };
+    audit.guest_claim(
+        kind::COMMAND_EXIT,
+        status_fields(status),
+        Durability::Buffered,
+    );
     progress(Progress::Exited(status));
     match after_exit(reader) {
         Some(violation) => Outcome::Broken(violation),
@@ -313,6 +395,8 @@ fn read_failed(error: FrameError, stage: Stage) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::log::{Memory, TEST_LIMITS};
+    use crate::audit::record::{Record, Source};
     use airlock_protocol::{decode_body, limits::MAX_FRAME_BODY, write_frame};
     use std::io::Cursor;
     use std::os::unix::net::UnixStream;
@@ -354,19 +438,35 @@ mod tests {
         stderr: Vec<u8>,
         progress: Vec<Progress>,
         discarded: u64,
+        audit: Vec<Record>,
+    }
+
+    fn records(memory: &Memory) -> Vec<Record> {
+        memory
+            .bytes()
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).expect("record"))
+            .collect()
     }
 
     /// Runs `serve` over in-memory streams: the guest "sends" `input`.
     fn script(input: Vec<u8>, limit: u64) -> Scripted {
+        script_with(input, limit, TEST_LIMITS)
+    }
+
+    fn script_with(input: Vec<u8>, limit: u64, caps: crate::audit::Limits) -> Scripted {
         let mut sent_bytes = Vec::new();
         let mut output = Output::new(Vec::new(), Vec::new(), limit);
         let mut progress = Vec::new();
+        let (audit, memory) = AuditLog::memory(caps, None);
         let outcome = serve(
             Cursor::new(input),
             &mut sent_bytes,
             &spec(),
             &mut output,
             &mut |p| progress.push(p),
+            &audit,
         );
         let mut sent = Vec::new();
         let mut r = sent_bytes.as_slice();
@@ -380,6 +480,7 @@ mod tests {
             stderr: output.err,
             progress,
             discarded: output.discarded,
+            audit: records(&memory),
         }
     }
 
@@ -413,7 +514,7 @@ mod tests {
             r.sent[0],
             Message::Hello {
                 version: 1,
-                capabilities: vec![]
+                capabilities: vec!["audit".into()]
             }
         );
         let Message::RunSpec(spec) = &r.sent[1] else {
@@ -736,12 +837,14 @@ mod tests {
             Message::Exit(ExitStatus::Exited(0)),
         ]);
         let mut output = Output::new(Closed, Vec::new(), 100);
+        let (audit, _) = AuditLog::memory(TEST_LIMITS, None);
         let outcome = serve(
             Cursor::new(input),
             Vec::new(),
             &spec(),
             &mut output,
             &mut |_| {},
+            &audit,
         );
         assert!(matches!(outcome, Outcome::OutputClosed(_)), "{outcome:?}");
     }
@@ -771,7 +874,8 @@ mod tests {
             })
         };
         let mut output = Output::new(Vec::new(), Vec::new(), u64::MAX);
-        let outcome = serve(&host, &host, &spec(), &mut output, &mut |_| {});
+        let (audit, _) = AuditLog::memory(TEST_LIMITS, None);
+        let outcome = serve(&host, &host, &spec(), &mut output, &mut |_| {}, &audit);
         assert!(
             matches!(outcome, Outcome::Exited(ExitStatus::Exited(3))),
             "{outcome:?}"
@@ -793,5 +897,127 @@ mod tests {
         // And a good one is exactly one decodable frame.
         let spec = spec();
         assert!(matches!(decode_body(&spec.0[4..]), Ok(Message::RunSpec(_))));
+    }
+
+    fn kinds(r: &Scripted) -> Vec<(&str, Source)> {
+        r.audit
+            .iter()
+            .map(|rec| (rec.kind.as_str(), rec.source))
+            .collect()
+    }
+
+    fn event(kind: &str, fields: &[(&str, &str)]) -> Message {
+        Message::AuditEvent {
+            kind: kind.into(),
+            fields: fields
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_session_is_audited() {
+        let r = script(
+            frames(&[
+                hello(1),
+                event("process.start", &[("pid", "5"), ("argv", "sh -c ls")]),
+                Message::Stdout(b"0123456789".to_vec()),
+                event("exec", &[("pid", "6"), ("argv", "ls")]),
+                Message::Exit(ExitStatus::Exited(3)),
+            ]),
+            4,
+        );
+        assert!(matches!(r.outcome, Outcome::Exited(_)), "{r:?}");
+        assert_eq!(
+            kinds(&r),
+            [
+                ("session.hello", Source::Host),
+                ("process.start", Source::Guest),
+                ("policy.output_limit", Source::Host),
+                ("exec", Source::Guest),
+                ("command.exit", Source::Guest),
+            ]
+        );
+        assert_eq!(r.audit[0].fields["capabilities"], json!(["x"]));
+        assert_eq!(r.audit[1].fields["argv"], "sh -c ls");
+        assert_eq!(r.audit[2].fields["limit_bytes"], 4);
+        assert_eq!(r.audit[4].fields["exited"], 3);
+    }
+
+    #[test]
+    fn protocol_errors_and_spawn_failures_are_audited() {
+        let r = script(b"GET / HTTP/1.1\r\n\r\n".to_vec(), 10);
+        assert_eq!(kinds(&r), [("protocol.error", Source::Host)]);
+        let reason = r.audit[0].fields["reason"].as_str().expect("reason");
+        assert!(
+            reason.starts_with("unreadable frame at the handshake"),
+            "{reason}"
+        );
+
+        let r = script(
+            frames(&[
+                hello(1),
+                Message::Error {
+                    code: ErrorCode::SpawnFailed,
+                    message: "not found".into(),
+                },
+                Message::Exit(ExitStatus::Exited(127)),
+            ]),
+            10,
+        );
+        assert_eq!(
+            kinds(&r),
+            [
+                ("session.hello", Source::Host),
+                ("command.spawn_failed", Source::Guest),
+                ("command.exit", Source::Guest),
+            ]
+        );
+        // An AuditEvent after Exit is a protocol error like any message.
+        let r = script(
+            frames(&[
+                hello(1),
+                Message::Exit(ExitStatus::Exited(0)),
+                event("exec", &[]),
+            ]),
+            10,
+        );
+        assert!(matches!(
+            r.outcome,
+            Outcome::Broken(Violation::Unexpected {
+                kind: "AuditEvent",
+                stage: Stage::AfterExit
+            })
+        ));
+        assert_eq!(r.audit.last().expect("record").kind, "protocol.error");
+        // And before the handshake.
+        let r = script(frames(&[event("exec", &[])]), 10);
+        assert!(matches!(
+            r.outcome,
+            Outcome::Broken(Violation::Unexpected {
+                kind: "AuditEvent",
+                stage: Stage::BeforeHello
+            })
+        ));
+    }
+
+    #[test]
+    fn a_flood_of_audit_events_is_capped() {
+        let mut msgs = vec![hello(1)];
+        for i in 0..5000 {
+            msgs.push(event("exec", &[("pid", &i.to_string())]));
+        }
+        msgs.push(Message::Exit(ExitStatus::Exited(0)));
+        let caps = crate::audit::Limits {
+            max_guest_records: 50,
+            max_guest_bytes: 1 << 20,
+        };
+        let r = script_with(frames(&msgs), 10, caps);
+        assert!(matches!(r.outcome, Outcome::Exited(_)), "{r:?}");
+        let guest_events = r.audit.iter().filter(|rec| rec.kind == "exec").count();
+        assert_eq!(guest_events, 50);
+        // The exit status is not an AuditEvent: still recorded.
+        assert_eq!(r.audit.last().expect("record").kind, "command.exit");
     }
 }

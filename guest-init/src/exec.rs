@@ -256,6 +256,8 @@ pub enum Event<'a> {
     /// The host descriptor turned readable; an `Err` from the callback
     /// stops the command.
     Host,
+    /// The extra descriptor given to [`Running::pump`] turned readable.
+    Extra,
 }
 
 /// How the command ended.
@@ -303,13 +305,17 @@ impl Running {
     /// ended and `waiter` has reported the command's own end, and returns
     /// that end. Kills the process group when `timeout` passes, and when
     /// the pipes stay open [`DRAIN_GRACE`] after the command ended. `host`
-    /// is polled too: when it turns readable `on(Event::Host)` runs. An
-    /// `Err` from `on` stops the command and is returned.
+    /// is polled too: when it turns readable `on(Event::Host)` runs; and so
+    /// is `extra` (the process events socket), if given: when it turns
+    /// readable `on(Event::Extra)` runs, which must read it (poll is
+    /// level-triggered). An `Err` from `on` stops the command and is
+    /// returned.
     pub fn pump<E: From<Error>>(
         mut self,
         waiter: &mut impl ChildWait,
         timeout: Option<Duration>,
         host: BorrowedFd<'_>,
+        extra: Option<BorrowedFd<'_>>,
         mut on: impl FnMut(Event<'_>) -> Result<(), E>,
     ) -> Result<Ended, E> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
@@ -349,11 +355,12 @@ impl Running {
             ];
             let timeout_ms = poll_timeout(now, wake_times.into_iter().flatten());
 
-            let mut fds = Vec::with_capacity(4);
+            let mut fds = Vec::with_capacity(5);
             let out_at = self.stdout.as_ref().map(|p| push(&mut fds, p.as_fd()));
             let err_at = self.stderr.as_ref().map(|p| push(&mut fds, p.as_fd()));
             let host_at = push(&mut fds, host);
             let child_at = waiter.wake_fd().map(|fd| push(&mut fds, fd));
+            let extra_at = extra.map(|fd| push(&mut fds, fd));
             poll(&mut fds, timeout_ms).map_err(Error::Poll)?;
 
             if out_at.is_some_and(|i| ready(&fds, i)) {
@@ -372,6 +379,9 @@ impl Running {
             if child_at.is_some_and(|i| ready(&fds, i)) {
                 waiter.clear_wake();
                 check_child = true;
+            }
+            if extra_at.is_some_and(|i| ready(&fds, i)) {
+                on(Event::Extra)?;
             }
         };
         let status = exit_status(raw).ok_or(Error::Status(raw))?;
@@ -670,7 +680,7 @@ mod tests {
         let running = spawn(spec).expect("spawns");
         let (mut out, mut err, mut largest) = (Vec::new(), Vec::new(), 0);
         let ended = running
-            .pump::<Error>(&mut WaitPid, timeout, host.as_fd(), |event| {
+            .pump::<Error>(&mut WaitPid, timeout, host.as_fd(), None, |event| {
                 match event {
                     Event::Stdout(d) => {
                         largest = largest.max(d.len());
@@ -680,7 +690,7 @@ mod tests {
                         largest = largest.max(d.len());
                         err.extend_from_slice(d);
                     }
-                    Event::Host => panic!("the host side stayed silent"),
+                    Event::Host | Event::Extra => panic!("the host side stayed silent"),
                 }
                 Ok(())
             })

@@ -10,7 +10,8 @@
 //!    [`airlock_protocol::INIT_READY_LINE`];
 //! 5. connects to the host over vsock and runs the control session
 //!    ([`rpc`]): handshake, run spec, the command ([`exec`]) with its output
-//!    streamed as it comes, its exit status;
+//!    streamed as it comes, its exit status, and, when the host takes
+//!    them, audit events about the processes in the VM ([`procevents`]);
 //! 6. syncs, stops every process, syncs and reboots ([`power`]): without
 //!    ACPI a reset is how the VM ends, and the VMM treats it as a clean exit.
 //!
@@ -26,6 +27,7 @@ mod console;
 mod exec;
 mod mounts;
 mod power;
+mod procevents;
 mod reaper;
 mod rpc;
 mod vsock;

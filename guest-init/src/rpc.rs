@@ -13,6 +13,11 @@
 //! socket the pump polls), the command's process group is killed and the
 //! session fails, after which the init powers off.
 //!
+//! When the host's `Hello` lists the `audit` capability, the session also
+//! sends `AuditEvent`s ([`procevents`]): `process.start` once the command
+//! runs, every exec in the VM while it runs (the process events socket is
+//! polled with the command's pipes), and `process.exit` before `Exit`.
+//!
 //! Every wait has a way out: connecting gives up after
 //! [`CONNECT_PATIENCE`], the handshake after [`HANDSHAKE_TIMEOUT`], the
 //! command after its spec's timeout, and its stragglers after
@@ -30,12 +35,13 @@ use std::time::{Duration, Instant};
 
 use airlock_protocol::limits::MAX_ERROR_MESSAGE;
 use airlock_protocol::{
-    read_frame, write_frame, ErrorCode, ExitStatus, FrameError, Message, CONTROL_PORT, HOST_CID,
-    PROTOCOL_VERSION,
+    capability, read_frame, write_frame, ErrorCode, ExitStatus, FrameError, Message, CONTROL_PORT,
+    HOST_CID, PROTOCOL_VERSION,
 };
 
 use crate::console;
 use crate::exec::{self, ChildWait, Event};
+use crate::procevents;
 use crate::vsock::VsockStream;
 
 /// How long to keep trying to reach the host (the vsock device may come up
@@ -168,14 +174,17 @@ fn converse<S: Stream>(stream: &mut S, waiter: &mut impl ChildWait) -> Result<Ex
         stream,
         &Message::Hello {
             version: PROTOCOL_VERSION,
-            capabilities: vec![],
+            capabilities: vec![capability::AUDIT.into()],
         },
     )?;
-    match receive(stream, "Hello")? {
-        Message::Hello { version, .. } if version == PROTOCOL_VERSION => {}
+    let audit = match receive(stream, "Hello")? {
+        Message::Hello {
+            version,
+            capabilities,
+        } if version == PROTOCOL_VERSION => capabilities.iter().any(|c| c == capability::AUDIT),
         Message::Hello { version, .. } => return Err(Error::Version(version)),
         other => return Err(unexpected(other, "Hello")),
-    }
+    };
     let spec = match receive(stream, "RunSpec")? {
         Message::RunSpec(spec) => spec,
         other => return Err(unexpected(other, "RunSpec")),
@@ -184,6 +193,25 @@ fn converse<S: Stream>(stream: &mut S, waiter: &mut impl ChildWait) -> Result<Ex
     if console::debug_enabled() {
         console::debug(&format!("running {:?} in {}", spec.argv, spec.cwd));
     }
+
+    // Subscribed before the command starts, so that its own exec is seen.
+    let procs = if audit {
+        match procevents::Socket::open() {
+            Ok(socket) => Some(socket),
+            Err(err) => {
+                console::warn(&format!("process events unavailable: {err}"));
+                let reason = Message::AuditEvent {
+                    kind: "audit.unavailable".into(),
+                    fields: vec![("reason".into(), bounded_value(err.to_string()))],
+                };
+                send(stream, &reason)?;
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut recorder = procevents::Recorder::new();
 
     let mut running = match exec::spawn(&spec) {
         Ok(running) => running,
@@ -201,7 +229,14 @@ fn converse<S: Stream>(stream: &mut S, waiter: &mut impl ChildWait) -> Result<Ex
         }
     };
 
-    console::debug(&format!("started pid {}", running.pid()));
+    let pid = running.pid();
+    console::debug(&format!("started pid {pid}"));
+    if audit {
+        send(
+            stream,
+            &procevents::process_start(pid, &spec.argv, &spec.cwd),
+        )?;
+    }
     // From here on an early return drops `running`, which kills the
     // command's process group.
     let (wake, notify) = UnixStream::pair().map_err(Error::Setup)?;
@@ -215,9 +250,14 @@ fn converse<S: Stream>(stream: &mut S, waiter: &mut impl ChildWait) -> Result<Ex
         .map_err(Error::Setup)?;
 
     let timeout = spec.timeout_ms.map(Duration::from_millis);
-    let ended = running.pump(waiter, timeout, wake.as_fd(), |event| match event {
+    let extra = procs.as_ref().map(procevents::Socket::as_fd);
+    let ended = running.pump(waiter, timeout, wake.as_fd(), extra, |event| match event {
         Event::Stdout(data) => send(stream, &Message::Stdout(data.to_vec())),
         Event::Stderr(data) => send(stream, &Message::Stderr(data.to_vec())),
+        Event::Extra => match &procs {
+            Some(socket) => recorder.drain(socket, |m| send(stream, &m)),
+            None => Ok(()),
+        },
         Event::Host => {
             let mut buf = [0u8; 16];
             let _ = (&wake).read(&mut buf);
@@ -230,6 +270,18 @@ fn converse<S: Stream>(stream: &mut S, waiter: &mut impl ChildWait) -> Result<Ex
     })?;
     if ended.timed_out {
         console::debug("the command timed out and was killed");
+    }
+    if audit {
+        // What the kernel queued before the command's end (its own exit
+        // event included) goes out before its exit status.
+        if let Some(socket) = &procs {
+            recorder.drain(socket, |m| send(stream, &m))?;
+        }
+        recorder.flush(|m| send(stream, &m))?;
+        send(
+            stream,
+            &procevents::process_exit(pid, ended.status, ended.timed_out),
+        )?;
     }
     send(stream, &Message::Exit(ended.status))?;
     Ok(ended.status)
@@ -300,6 +352,20 @@ fn unexpected(msg: Message, expected: &'static str) -> Error {
             expected,
         },
     }
+}
+
+/// `value` cut to what an `AuditEvent` value may carry, on a character
+/// boundary.
+fn bounded_value(mut value: String) -> String {
+    let max = airlock_protocol::limits::MAX_AUDIT_VALUE;
+    if value.len() > max {
+        let mut end = max;
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
+        value.truncate(end);
+    }
+    value
 }
 
 /// `message` cut to what an `Error` frame may carry, on a character
@@ -378,7 +444,13 @@ mod tests {
         let (guest, mut host) = UnixStream::pair().expect("socketpair");
         let fake_host = thread::spawn(move || {
             let mut seen = Seen::default();
-            assert_eq!(read_frame(&mut host).expect("guest hello"), hello(1));
+            assert_eq!(
+                read_frame(&mut host).expect("guest hello"),
+                Message::Hello {
+                    version: 1,
+                    capabilities: vec!["audit".into()]
+                }
+            );
             write_frame(&mut host, &reply).expect("send hello");
             if let Some(spec) = spec {
                 write_frame(&mut host, &Message::RunSpec(spec)).expect("send spec");
@@ -424,6 +496,68 @@ mod tests {
             m,
             Message::Stdout(_) | Message::Stderr(_) | Message::Exit(_)
         )));
+    }
+
+    #[test]
+    fn with_the_audit_capability_the_command_is_audited() {
+        let audit_hello = Message::Hello {
+            version: 1,
+            capabilities: vec!["audit".into()],
+        };
+        let (result, seen) = session(
+            audit_hello,
+            Some(spec(&["sh", "-c", "echo a; exit 3"])),
+            no_script,
+        );
+        assert_eq!(result.expect("session"), ExitStatus::Exited(3));
+        assert_eq!(seen.stdout, b"a\n");
+        let events: Vec<(&str, &Vec<(String, String)>)> = seen
+            .frames
+            .iter()
+            .filter_map(|m| match m {
+                Message::AuditEvent { kind, fields } => Some((kind.as_str(), fields)),
+                _ => None,
+            })
+            .collect();
+        let field = |fields: &Vec<(String, String)>, name: &str| {
+            fields
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        let start = events
+            .iter()
+            .find(|(k, _)| *k == "process.start")
+            .expect("process.start");
+        assert_eq!(
+            field(start.1, "argv").as_deref(),
+            Some("sh -c 'echo a; exit 3'")
+        );
+        let pid = field(start.1, "pid").expect("pid");
+        // Just before Exit: the command's end.
+        let n = seen.frames.len();
+        let Message::AuditEvent { kind, fields } = &seen.frames[n - 2] else {
+            panic!("{:?}", seen.frames[n - 2])
+        };
+        assert_eq!(kind, "process.exit");
+        assert_eq!(field(fields, "code").as_deref(), Some("3"));
+        assert_eq!(field(fields, "pid"), Some(pid.clone()));
+        // Where process events can be had, the command's own exec is there
+        // (this test runs a real process on the host's kernel).
+        if !events.iter().any(|(k, _)| *k == "audit.unavailable") {
+            assert!(
+                events
+                    .iter()
+                    .any(|(k, f)| *k == "exec" && field(f, "pid") == Some(pid.clone())),
+                "{events:?}"
+            );
+        }
+        // Without the capability, nothing of it.
+        let (_, seen) = session(hello(1), Some(spec(&["true"])), no_script);
+        assert!(!seen
+            .frames
+            .iter()
+            .any(|m| matches!(m, Message::AuditEvent { .. })));
     }
 
     #[test]

@@ -194,6 +194,18 @@ mod tests {
                 message: "it broke".into(),
             });
         }
+        all.push(Message::AuditEvent {
+            kind: "exec".into(),
+            fields: vec![
+                ("pid".into(), "42".into()),
+                ("argv".into(), "ls -l /".into()),
+                ("empty".into(), String::new()),
+            ],
+        });
+        all.push(Message::AuditEvent {
+            kind: "exec.dropped".into(),
+            fields: vec![],
+        });
         all
     }
 
@@ -479,7 +491,7 @@ mod tests {
 
     #[test]
     fn rejects_unknown_tag() {
-        for tag in [0, 9, 255] {
+        for tag in [0, 10, 255] {
             assert_eq!(
                 message_error(decode(&raw_frame(tag, &[]))),
                 MessageError::UnknownTag(tag)
@@ -780,6 +792,116 @@ mod tests {
                 MessageError::ErrorCode(code)
             );
         }
+    }
+
+    /// An AuditEvent payload built by hand.
+    fn audit_payload(kind: &[u8], fields: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut p = field(kind);
+        p.extend(u32::try_from(fields.len()).expect("small").to_le_bytes());
+        for (n, v) in fields {
+            p.extend(field(n));
+            p.extend(field(v));
+        }
+        p
+    }
+
+    #[test]
+    fn audit_event_golden_bytes() {
+        let msg = Message::AuditEvent {
+            kind: "x".into(),
+            fields: vec![("k".into(), "v".into())],
+        };
+        let mut want = vec![9];
+        want.extend(audit_payload(b"x", &[(b"k", b"v")]));
+        let mut frame = u32::try_from(want.len())
+            .expect("small")
+            .to_le_bytes()
+            .to_vec();
+        frame.extend(want);
+        assert_eq!(encode(&msg), Ok(frame));
+    }
+
+    #[test]
+    fn audit_event_rules() {
+        use crate::limits::{MAX_AUDIT_FIELDS, MAX_AUDIT_NAME, MAX_AUDIT_VALUE};
+        // At the limits: decodes, and the encoder agrees.
+        let names: Vec<String> = (0..MAX_AUDIT_FIELDS).map(|i| format!("f{i}")).collect();
+        let at_limit = Message::AuditEvent {
+            kind: "k".repeat(MAX_AUDIT_NAME),
+            fields: names
+                .iter()
+                .map(|n| (n.clone(), "v".repeat(MAX_AUDIT_VALUE)))
+                .collect(),
+        };
+        let frame = encode(&at_limit).expect("at the limit");
+        assert_eq!(decode(&frame).expect("decodes"), at_limit);
+
+        let long_name = vec![b'n'; MAX_AUDIT_NAME + 1];
+        let long_value = vec![b'v'; MAX_AUDIT_VALUE + 1];
+        for (payload, want) in [
+            (audit_payload(b"", &[]), "AuditName"),
+            (audit_payload(b"Exec", &[]), "AuditName"),
+            (audit_payload(&long_name, &[]), "Length"),
+            (audit_payload(b"x", &[(b"", b"v")]), "AuditName"),
+            (audit_payload(b"x", &[(b"a b", b"v")]), "AuditName"),
+            (audit_payload(b"x", &[(&long_name, b"v")]), "Length"),
+            (audit_payload(b"x", &[(b"k", &long_value)]), "Length"),
+            (audit_payload(b"x", &[(b"k", b"a\0b")]), "Nul"),
+            (audit_payload(b"x", &[(b"k", b"\xff")]), "Utf8"),
+            (
+                audit_payload(b"x", &[(b"k", b"1"), (b"k", b"2")]),
+                "Duplicate",
+            ),
+        ] {
+            let e = message_error(decode(&raw_frame(9, &payload)));
+            let got = format!("{e:?}");
+            assert!(got.contains(want), "{got} lacks {want}");
+        }
+        // Too many fields: refused at the count, before any is read.
+        let mut p = field(b"x");
+        p.extend(
+            u32::try_from(MAX_AUDIT_FIELDS + 1)
+                .expect("small")
+                .to_le_bytes(),
+        );
+        assert!(matches!(
+            message_error(decode(&raw_frame(9, &p))),
+            MessageError::Wire(WireError::Count { .. })
+        ));
+
+        // The encoder refuses the same.
+        let event = |kind: &str, fields: Vec<(&str, String)>| Message::AuditEvent {
+            kind: kind.into(),
+            fields: fields.into_iter().map(|(n, v)| (n.into(), v)).collect(),
+        };
+        assert_eq!(
+            invalid(encode(&event("Bad", vec![]))),
+            MessageError::AuditName("audit kind")
+        );
+        assert_eq!(
+            invalid(encode(&event(
+                "x",
+                vec![("k", "1".into()), ("k", "2".into())]
+            ))),
+            MessageError::DuplicateAuditField("k".into())
+        );
+        assert!(matches!(
+            invalid(encode(&event(
+                "x",
+                vec![("k", "v".repeat(MAX_AUDIT_VALUE + 1))]
+            ))),
+            MessageError::Wire(WireError::Length { .. })
+        ));
+        let many = (0..=MAX_AUDIT_FIELDS)
+            .map(|i| (format!("f{i}"), String::new()))
+            .collect();
+        assert!(matches!(
+            invalid(encode(&Message::AuditEvent {
+                kind: "x".into(),
+                fields: many
+            })),
+            MessageError::Wire(WireError::Count { .. })
+        ));
     }
 
     #[test]

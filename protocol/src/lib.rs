@@ -37,6 +37,14 @@ pub const HOST_CID: u32 = 2;
 /// The default guest CID Airlock gives a sandbox.
 pub const DEFAULT_GUEST_CID: u32 = 3;
 
+/// Capabilities a `Hello` may list. A message kind added to version 1
+/// after its first release is sent only to a peer whose `Hello` listed
+/// its capability, so that a peer without it never sees the new tag.
+pub mod capability {
+    /// The host takes `AuditEvent` messages (and the guest can send them).
+    pub const AUDIT: &str = "audit";
+}
+
 /// Host port the guest init connects to for the control connection.
 pub const CONTROL_PORT: u32 = 1024;
 

@@ -46,3 +46,13 @@ pub const MIN_SIGNAL: i32 = 1;
 
 /// Largest signal number in `Exit{kind: 1}` (Linux `SIGRTMAX`).
 pub const MAX_SIGNAL: i32 = 64;
+
+/// Longest `AuditEvent.kind` and field name (each at least 1 byte, of
+/// `a-z`, `0-9`, `.`, `_` and `-` only).
+pub const MAX_AUDIT_NAME: usize = 64;
+
+/// Most `AuditEvent.fields` pairs.
+pub const MAX_AUDIT_FIELDS: usize = 64;
+
+/// Longest `AuditEvent` field value: 4 KiB.
+pub const MAX_AUDIT_VALUE: usize = 4 * 1024;

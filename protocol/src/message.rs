@@ -1,8 +1,9 @@
 //! The messages of protocol version 1 and their payload encodings.
 
 use crate::limits::{
-    MAX_ARGV, MAX_CAPABILITIES, MAX_CAPABILITY_LEN, MAX_CHUNK, MAX_ENV, MAX_ERROR_MESSAGE,
-    MAX_EXIT_CODE, MAX_SIGNAL, MAX_STRING, MIN_ARGV, MIN_CHUNK, MIN_SIGNAL,
+    MAX_ARGV, MAX_AUDIT_FIELDS, MAX_AUDIT_NAME, MAX_AUDIT_VALUE, MAX_CAPABILITIES,
+    MAX_CAPABILITY_LEN, MAX_CHUNK, MAX_ENV, MAX_ERROR_MESSAGE, MAX_EXIT_CODE, MAX_SIGNAL,
+    MAX_STRING, MIN_ARGV, MIN_CHUNK, MIN_SIGNAL,
 };
 use crate::wire::{Reader, WireError, Writer};
 
@@ -28,6 +29,13 @@ pub enum MessageError {
     /// An error code PROTOCOL.md does not define.
     #[error("unknown error code {0}")]
     ErrorCode(u16),
+    /// An audit kind or field name that is empty or has a character other
+    /// than `a-z`, `0-9`, `.`, `_`, `-`.
+    #[error("{0}: not a name of 1..={MAX_AUDIT_NAME} bytes of a-z 0-9 . _ -")]
+    AuditName(&'static str),
+    /// An audit field name given twice.
+    #[error("audit field {0:?} is given twice")]
+    DuplicateAuditField(String),
 }
 
 /// What the host asks the guest to run. Carries no secret: no API key, token
@@ -152,6 +160,16 @@ pub enum Message {
     Exit(ExitStatus),
     /// Either way: the conversation failed.
     Error { code: ErrorCode, message: String },
+    /// Guest → host, only after the host's `Hello` listed the
+    /// [`crate::capability::AUDIT`] capability: something the guest saw,
+    /// for the host's audit log. A claim, never verified by the host.
+    /// `kind` and each field name are 1 ..= [`MAX_AUDIT_NAME`] bytes of
+    /// `a-z 0-9 . _ -`; at most [`MAX_AUDIT_FIELDS`] fields with distinct
+    /// names; each value at most [`MAX_AUDIT_VALUE`] bytes.
+    AuditEvent {
+        kind: String,
+        fields: Vec<(String, String)>,
+    },
 }
 
 /// Wire tags, as in PROTOCOL.md.
@@ -164,6 +182,7 @@ mod tag {
     pub const STDIN_END: u8 = 6;
     pub const EXIT: u8 = 7;
     pub const ERROR: u8 = 8;
+    pub const AUDIT_EVENT: u8 = 9;
 }
 
 fn check_env_name(name: &str) -> Result<(), MessageError> {
@@ -182,6 +201,32 @@ fn check_cwd(cwd: &str) -> Result<(), MessageError> {
     }
 }
 
+/// Checks an audit kind or field name: 1 ..= [`MAX_AUDIT_NAME`] bytes of
+/// `a-z 0-9 . _ -` (the length is checked by the wire layer first).
+fn check_audit_name(field: &'static str, name: &str) -> Result<(), MessageError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_AUDIT_NAME
+        && name
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(MessageError::AuditName(field))
+    }
+}
+
+/// Checks that no audit field name repeats (at most [`MAX_AUDIT_FIELDS`]
+/// names, so the quadratic scan is bounded).
+fn check_unique_fields(fields: &[(String, String)]) -> Result<(), MessageError> {
+    for (i, (name, _)) in fields.iter().enumerate() {
+        if fields.iter().take(i).any(|(n, _)| n == name) {
+            return Err(MessageError::DuplicateAuditField(name.clone()));
+        }
+    }
+    Ok(())
+}
+
 /// Smallest encoded `string`: its length word.
 const MIN_STRING_WIRE: usize = 4;
 
@@ -197,6 +242,7 @@ impl Message {
             Self::StdinEnd => "StdinEnd",
             Self::Exit(_) => "Exit",
             Self::Error { .. } => "Error",
+            Self::AuditEvent { .. } => "AuditEvent",
         }
     }
 
@@ -211,6 +257,7 @@ impl Message {
             Self::StdinEnd => tag::STDIN_END,
             Self::Exit(_) => tag::EXIT,
             Self::Error { .. } => tag::ERROR,
+            Self::AuditEvent { .. } => tag::AUDIT_EVENT,
         }
     }
 
@@ -260,6 +307,17 @@ impl Message {
             Self::Error { code, message } => {
                 w.u16(code.code());
                 w.string("error message", message, MAX_ERROR_MESSAGE)?;
+            }
+            Self::AuditEvent { kind, fields } => {
+                w.string("audit kind", kind, MAX_AUDIT_NAME)?;
+                check_audit_name("audit kind", kind)?;
+                w.count("audit fields", fields.len(), 0, MAX_AUDIT_FIELDS)?;
+                for (name, value) in fields {
+                    w.string("audit field name", name, MAX_AUDIT_NAME)?;
+                    check_audit_name("audit field name", name)?;
+                    w.string("audit field value", value, MAX_AUDIT_VALUE)?;
+                }
+                check_unique_fields(fields)?;
             }
         }
         Ok(())
@@ -327,6 +385,23 @@ impl Message {
                 let code = ErrorCode::from_code(raw).ok_or(MessageError::ErrorCode(raw))?;
                 let message = r.string("error message", MAX_ERROR_MESSAGE)?.to_owned();
                 Self::Error { code, message }
+            }
+            tag::AUDIT_EVENT => {
+                let kind = r.string("audit kind", MAX_AUDIT_NAME)?;
+                check_audit_name("audit kind", kind)?;
+                let n = r.count("audit fields", 0, MAX_AUDIT_FIELDS)?;
+                let mut fields = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let name = r.string("audit field name", MAX_AUDIT_NAME)?;
+                    check_audit_name("audit field name", name)?;
+                    let value = r.string("audit field value", MAX_AUDIT_VALUE)?;
+                    fields.push((name.to_owned(), value.to_owned()));
+                }
+                check_unique_fields(&fields)?;
+                Self::AuditEvent {
+                    kind: kind.to_owned(),
+                    fields,
+                }
             }
             other => return Err(MessageError::UnknownTag(other)),
         };
@@ -399,13 +474,66 @@ mod tests {
                 code: ErrorCode::Internal,
                 message: String::new(),
             },
+            Message::AuditEvent {
+                kind: "exec".into(),
+                fields: vec![],
+            },
         ];
         let kinds: Vec<_> = all.iter().map(Message::kind).collect();
         assert_eq!(
             kinds,
-            ["Hello", "RunSpec", "Stdout", "Stderr", "Stdin", "StdinEnd", "Exit", "Error"]
+            [
+                "Hello",
+                "RunSpec",
+                "Stdout",
+                "Stderr",
+                "Stdin",
+                "StdinEnd",
+                "Exit",
+                "Error",
+                "AuditEvent"
+            ]
         );
         let tags: Vec<_> = all.iter().map(Message::tag).collect();
-        assert_eq!(tags, [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(tags, [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    }
+
+    #[test]
+    fn audit_names() {
+        for good in [
+            "exec",
+            "a",
+            "process.exit",
+            "x_1-2",
+            &"n".repeat(MAX_AUDIT_NAME),
+        ] {
+            assert_eq!(check_audit_name("k", good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "Exec",
+            "ex ec",
+            "ex\u{e9}c",
+            "a/b",
+            "a=b",
+            &"n".repeat(MAX_AUDIT_NAME + 1),
+        ] {
+            assert_eq!(
+                check_audit_name("k", bad),
+                Err(MessageError::AuditName("k")),
+                "{bad:?}"
+            );
+        }
+        let fields = |names: &[&str]| -> Vec<(String, String)> {
+            names
+                .iter()
+                .map(|n| ((*n).to_owned(), String::new()))
+                .collect()
+        };
+        assert_eq!(check_unique_fields(&fields(&["a", "b", "c"])), Ok(()));
+        assert_eq!(
+            check_unique_fields(&fields(&["a", "b", "a"])),
+            Err(MessageError::DuplicateAuditField("a".into()))
+        );
     }
 }

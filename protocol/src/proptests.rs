@@ -52,6 +52,22 @@ fn exit_status() -> impl Strategy<Value = ExitStatus> {
     ]
 }
 
+fn audit_name() -> impl Strategy<Value = String> {
+    proptest::string::string_regex("[a-z0-9._-]{1,16}").expect("valid regex")
+}
+
+/// An AuditEvent with distinct field names.
+fn audit_event() -> impl Strategy<Value = Message> {
+    (
+        audit_name(),
+        proptest::collection::btree_map(audit_name(), text(24), 0..8),
+    )
+        .prop_map(|(kind, fields)| Message::AuditEvent {
+            kind,
+            fields: fields.into_iter().collect(),
+        })
+}
+
 /// Any valid message.
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
@@ -69,6 +85,7 @@ fn message() -> impl Strategy<Value = Message> {
         exit_status().prop_map(Message::Exit),
         (proptest::sample::select(ErrorCode::ALL.to_vec()), text(64))
             .prop_map(|(code, message)| Message::Error { code, message }),
+        audit_event(),
     ]
 }
 
@@ -98,7 +115,7 @@ proptest! {
     /// Arbitrary payloads behind a valid header and a real tag reach deeper
     /// into the decoder than fully random bytes.
     #[test]
-    fn decoding_arbitrary_payloads_never_panics(tag in 0u8..=9, payload in vec(any::<u8>(), 0..512)) {
+    fn decoding_arbitrary_payloads_never_panics(tag in 0u8..=10, payload in vec(any::<u8>(), 0..512)) {
         let mut body = vec![tag];
         body.extend(payload);
         if let Ok(msg) = decode_body(&body) {

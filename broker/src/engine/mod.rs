@@ -466,6 +466,15 @@ impl Vm {
         helper_error.map(|()| exit)
     }
 
+    /// The engine's processes, each with its name and pid (the VM process
+    /// first).
+    pub fn processes(&self) -> Vec<(&'static str, u32)> {
+        std::iter::once(&self.main)
+            .chain(&self.helpers)
+            .map(|p| (p.name, p.child.id()))
+            .collect()
+    }
+
     /// The log files of the engine's processes, each with the process's name.
     pub fn logs(&self) -> Vec<(&'static str, &Path)> {
         std::iter::once(&self.main)
@@ -698,6 +707,10 @@ mod tests {
         assert_eq!(vm.kill().expect("kill"), ProcessExit::Signal(libc::SIGKILL));
         let names: Vec<_> = vm.logs().into_iter().map(|(name, _)| name).collect();
         assert_eq!(names, ["sleeper", "helper"]);
+        let processes = vm.processes();
+        assert_eq!(processes.len(), 2);
+        assert_eq!(processes[1].0, "helper");
+        assert_ne!(processes[0].1, processes[1].1);
     }
 
     #[test]

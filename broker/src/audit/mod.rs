@@ -1,0 +1,258 @@
+//! The audit log: a tamper-evident record of everything that crosses the
+//! airlock, one append-only JSON Lines file per run.
+//!
+//! # Format
+//!
+//! Each line is one record ([`record::Record`]):
+//!
+//! ```text
+//! {"seq":N,"ts":"2025-06-01T12:34:56.123456Z","kind":"…","source":"host"|"guest","fields":{…},"prev":"<sha256 hex>"}
+//! ```
+//!
+//! - `seq` counts from 0 with no gap; `ts` is RFC 3339 UTC (microseconds).
+//! - `source`: `host` = observed by the broker; `guest` = claimed by the
+//!   guest and not verified (a compromised guest can claim anything).
+//! - `prev` = sha256 of the previous record's canonical bytes, i.e. its
+//!   line exactly as written without the newline (64 zeros for the first).
+//!
+//! The first record is `run.start`, then come the run's records, then
+//! `run.end`, then `run.seal`, whose every byte is fixed by what precedes
+//! it (its `sha256` is the hash of `run.end`, its `ts` the `run.end`'s),
+//! signed with Ed25519 when the run had `--audit-key` ([`keys`]). A run
+//! that was killed leaves a log that stops after its last complete record.
+//!
+//! # Record kinds
+//!
+//! From the broker (`host`):
+//!
+//! | kind | when | fields |
+//! |---|---|---|
+//! | `run.start` | before the VM starts | `airlock_version`, `protocol_version`, `run_id`, `kernel`/`initrd`/`init` {`path`, `sha256`, `bytes`}, `policy` {`engine`, `engine_requested`, `timeout_s`, `boot_deadline_s`, `max_output_bytes`, `mem_mib`, `cpus`, `network`, `audit_max_guest_records`, `audit_max_guest_bytes`}, `spec` {`argv`, `env` (names and values, as given with `--env`), `env_note`, `cwd`, `stdin`}, `audit` {`public_key`}, `host` {`pid`, `uid`} |
+//! | `vm.start` | the engine's processes started | `engine`, `processes` [{`name`, `pid`}] |
+//! | `control.accepted` | the guest's control connection | `port` |
+//! | `control.refused` | a further connection, closed at once | `port`, `count` |
+//! | `control.capped` | too many connections: no longer accepting | `port`, `max` |
+//! | `control.failed` | the control listener failed | `error` |
+//! | `session.hello` | the guest's `Hello` | `version`, `capabilities` |
+//! | `policy.output_limit` | output first cut at `--max-output-bytes` | `limit_bytes`, `stream` |
+//! | `protocol.error` | the guest broke the protocol | `reason` |
+//! | `audit.overflow` | guest records were dropped at the caps (once, at the end) | `dropped_records`, `dropped_bytes`, `written_records`, `written_bytes`, `max_guest_records`, `max_guest_bytes` |
+//! | `vm.exit` | the VM is gone | `status`, `stopped_by` (`itself`/`airlock`), `why` |
+//! | `run.end` | last but the seal | `how` (`exited`, `signaled`, `spawn_failed`, `timeout`, `boot_failure`, `protocol_error`, `interrupted`, `audit_failure`, `error`), `exit_code` (airlock's), `command_status`, `message`, `durations_ms` {`total`, `boot`, `command`}, `output`, `guest_records` |
+//! | `run.seal` | the end | `sha256`, and if signed `alg`, `public_key`, `signature` |
+//! | `model.call`, `file.in`, `file.out` | reserved for the model proxy and file transfer (not yet) | |
+//!
+//! From the guest (`guest`): `command.exit` and `command.spawn_failed` (the
+//! `Exit` and `Error{SpawnFailed}` messages, as the broker read them), and
+//! the init's `AuditEvent`s, whose fields are all strings (PROTOCOL.md):
+//! `process.start` (`pid`, `argv`, `cwd`), `process.exit` (`pid`, `code` or
+//! `signal`, `timed_out`), `exec` (`pid`, `tid`, `argv` or
+//! `argv_unavailable`, `comm`: every exec in the VM, from the kernel's
+//! process events connector, rate-limited in the guest), `exit` (`pid`,
+//! `code` or `signal`, for processes whose exec was recorded),
+//! `exec.dropped` (`dropped`, `dropped_total`, `kernel_overruns`: events the
+//! guest could not report) and `audit.unavailable` (`reason`). The guest's records are capped per run
+//! (`--audit-max-guest-events`, `--audit-max-guest-bytes`); beyond the caps
+//! they are counted, not written.
+
+pub mod digest;
+pub mod keys;
+pub mod log;
+pub mod record;
+pub mod show;
+pub mod time;
+pub mod verify;
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+pub use log::{AuditLog, Durability, Limits};
+
+use crate::cli::{AuditArgs, AuditCommand, Exit};
+
+/// The record kinds the broker writes.
+pub mod kind {
+    pub const RUN_START: &str = "run.start";
+    pub const RUN_END: &str = "run.end";
+    pub const RUN_SEAL: &str = "run.seal";
+    pub const VM_START: &str = "vm.start";
+    pub const VM_EXIT: &str = "vm.exit";
+    pub const CONTROL_ACCEPTED: &str = "control.accepted";
+    pub const CONTROL_REFUSED: &str = "control.refused";
+    pub const CONTROL_CAPPED: &str = "control.capped";
+    pub const CONTROL_FAILED: &str = "control.failed";
+    pub const SESSION_HELLO: &str = "session.hello";
+    pub const POLICY_OUTPUT_LIMIT: &str = "policy.output_limit";
+    pub const PROTOCOL_ERROR: &str = "protocol.error";
+    pub const AUDIT_OVERFLOW: &str = "audit.overflow";
+    /// Guest claims read off the protocol.
+    pub const COMMAND_EXIT: &str = "command.exit";
+    pub const COMMAND_SPAWN_FAILED: &str = "command.spawn_failed";
+}
+
+/// The default of `--audit-max-guest-events`.
+pub const DEFAULT_MAX_GUEST_RECORDS: u64 = 10_000;
+/// The default of `--audit-max-guest-bytes`: 16 MiB.
+pub const DEFAULT_MAX_GUEST_BYTES: u64 = 16 << 20;
+/// Largest log `verify` and `show` read.
+const MAX_LOG_BYTES: u64 = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot create the audit log {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read the audit log {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the audit log could not be written: {0}")]
+    Write(String),
+    #[error("cannot encode an audit record: {0}")]
+    Encode(String),
+    #[error(
+        "no state directory for the audit log: set XDG_STATE_HOME or HOME, or pass --audit FILE"
+    )]
+    NoStateDir,
+    #[error(transparent)]
+    Key(#[from] keys::Error),
+}
+
+/// A fresh run id: 16 hex digits from the kernel's random source (the
+/// process id and clock if that fails).
+pub fn new_run_id() -> String {
+    let mut bytes = [0u8; 8];
+    if File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .is_err()
+    {
+        let now = time::micros(std::time::SystemTime::now());
+        let mixed = u64::from(std::process::id()).rotate_left(32) ^ now.unsigned_abs();
+        bytes = mixed.to_le_bytes();
+    }
+    record::hex(&bytes)
+}
+
+fn read_log(path: &Path) -> Result<Vec<u8>, Error> {
+    let read_error = |source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut bytes = Vec::new();
+    File::open(path)
+        .map_err(read_error)?
+        .take(MAX_LOG_BYTES)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    Ok(bytes)
+}
+
+/// `airlock audit …`.
+pub fn main(args: AuditArgs) -> Exit {
+    let result = match args.command {
+        AuditCommand::Verify(a) => verify_command(&a.file, a.key.as_deref()),
+        AuditCommand::Show(a) => show_command(&a.file, a.json),
+        AuditCommand::Keygen(a) => keygen_command(&a.out),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("airlock: error: {}", crate::report(&e));
+        Exit::Usage
+    })
+}
+
+fn verify_command(file: &Path, key: Option<&Path>) -> Result<Exit, Error> {
+    let key = key.map(keys::load_verifying_key).transpose()?;
+    let bytes = read_log(file)?;
+    let shown = crate::sanitize(file.display().to_string().as_bytes());
+    let mut out = io::stdout().lock();
+    let lines = match verify::verify(&bytes, key.as_ref()) {
+        Ok(intact) => {
+            let mut lines = vec![format!(
+                "intact: {shown}: {} records{}, from run.start to run.end, sealed",
+                intact.records,
+                intact
+                    .run_id
+                    .map(|id| format!(" (run {})", crate::sanitize(id.as_bytes())))
+                    .unwrap_or_default()
+            )];
+            lines.push(format!("run.end sha256: {}", intact.run_end_hash));
+            lines.push(match intact.signed {
+                verify::Signed::No => {
+                    "signature: none (the run had no --audit-key; the chain alone cannot rule out \
+                     a log rewritten from the changed record on)"
+                        .into()
+                }
+                verify::Signed::ByGivenKey(k) => {
+                    format!("signature: valid, by the --key given ({k})")
+                }
+                verify::Signed::ByEmbeddedKey(k) => format!(
+                    "signature: valid for the key the log names ({k}); pass --key PUB to check \
+                     that it is yours"
+                ),
+            });
+            let _ = writeln!(out, "{}", lines.join("\n"));
+            return Ok(Exit::Success);
+        }
+        Err(broken) => {
+            let mut lines = vec![
+                format!("NOT INTACT: {shown}"),
+                crate::sanitize(broken.problem.as_bytes()),
+            ];
+            lines.push(match broken.intact_through {
+                Some(good) => format!(
+                    "intact through {}: every record up to it is whole and chained",
+                    crate::sanitize(good.describe().as_bytes())
+                ),
+                None => "no record before it is intact".into(),
+            });
+            lines
+        }
+    };
+    let _ = writeln!(out, "{}", lines.join("\n"));
+    Ok(Exit::NotIntact)
+}
+
+fn show_command(file: &Path, json: bool) -> Result<Exit, Error> {
+    let bytes = read_log(file)?;
+    let lines = show::parse(&bytes);
+    let mut out = io::stdout().lock();
+    if json {
+        for line in &lines {
+            match line {
+                show::Line::Record(r) => {
+                    let text = r.to_line().map_err(|e| Error::Encode(e.to_string()))?;
+                    let _ = out.write_all(&text);
+                    let _ = out.write_all(b"\n");
+                }
+                show::Line::Bad(n, why) => eprintln!(
+                    "airlock: line {n} is not a record: {}",
+                    crate::sanitize(why.as_bytes())
+                ),
+            }
+        }
+    } else {
+        for line in show::timeline(&lines) {
+            let _ = writeln!(out, "{line}");
+        }
+        eprintln!("airlock: (not verified: run `airlock audit verify` to check the log)");
+    }
+    Ok(Exit::Success)
+}
+
+fn keygen_command(out: &Path) -> Result<Exit, Error> {
+    let (public, key) = keys::keygen(out)?;
+    eprintln!(
+        "airlock: wrote the private key {} (keep it secret; pass it to `airlock run --audit-key`) \
+         and the public key {} (for `airlock audit verify --key`): {}",
+        out.display(),
+        public.display(),
+        keys::public_hex(&key)
+    );
+    Ok(Exit::Success)
+}
