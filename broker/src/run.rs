@@ -786,6 +786,11 @@ impl SessionThread {
         Ok(SessionThread { stream: handle })
     }
 
+    /// Half-closes the conversation: the guest reads end-of-file.
+    fn close_write(&self) {
+        let _ = self.stream.shutdown(Shutdown::Write);
+    }
+
     /// Ends the conversation: the session's reads see end-of-file (after
     /// whatever is already buffered) and its writes fail.
     fn shut_down(&self) {
@@ -887,6 +892,13 @@ fn supervise(
                 let now = Instant::now();
                 exited_at = Some(now);
                 timings.exited = Some(now);
+                // Tell the guest we have its exit status: it waits for this
+                // end-of-file before powering off, so nothing it sent is
+                // lost in a VM reset. We keep reading: anything after Exit
+                // is still a violation.
+                if let Some(session) = &session {
+                    session.close_write();
+                }
             }
             Ok(Event::Ended(ended)) => outcome = Some(ended),
             Err(RecvTimeoutError::Timeout) => {}

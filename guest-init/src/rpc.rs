@@ -225,6 +225,7 @@ fn converse<S: Stream>(stream: &mut S, waiter: &mut impl ChildWait) -> Result<Ex
                 },
             )?;
             send(stream, &Message::Exit(status))?;
+            await_host_close(stream);
             return Ok(status);
         }
     };
@@ -284,8 +285,30 @@ fn converse<S: Stream>(stream: &mut S, waiter: &mut impl ChildWait) -> Result<Ex
         )?;
     }
     send(stream, &Message::Exit(ended.status))?;
+    // The host half-closes once it has read Exit (the reader thread then
+    // reports the end of the stream). Powering off before that could lose
+    // the frame in flight; a host that never answers costs EXIT_ACK_PATIENCE.
+    match violations.recv_timeout(EXIT_ACK_PATIENCE) {
+        Ok(Error::Closed) => console::debug("the host has the exit status"),
+        Ok(other) => console::debug(&format!("after Exit: {}", console::chain(&other))),
+        Err(_) => console::debug("the host did not acknowledge the exit status"),
+    }
     Ok(ended.status)
 }
+
+/// Waits (bounded) for the host's end-of-file after `Exit`, when no reader
+/// thread runs.
+fn await_host_close<S: Stream>(stream: &mut S) {
+    let _ = stream.set_read_timeout(Some(EXIT_ACK_PATIENCE));
+    match read_frame(&mut *stream) {
+        Err(FrameError::Closed) => console::debug("the host has the exit status"),
+        Ok(msg) => console::debug(&format!("after Exit the host sent {}", msg.kind())),
+        Err(err) => console::debug(&format!("after Exit: {err}")),
+    }
+}
+
+/// How long the init waits, after `Exit`, for the host to close its side.
+pub const EXIT_ACK_PATIENCE: Duration = Duration::from_secs(10);
 
 /// The `host-reader` thread: forwards `Stdin` to the command until
 /// `StdinEnd`, and reports the first frame that breaks the conversation
@@ -480,6 +503,34 @@ mod tests {
     }
 
     fn no_script(_: &mut UnixStream) {}
+
+    /// The init powers off only once the host has its exit status: after
+    /// `Exit` it waits for the host's end-of-file.
+    #[test]
+    fn after_exit_the_session_waits_for_the_host_to_close() {
+        let (guest, mut host) = UnixStream::pair().expect("socketpair");
+        let fake_host = thread::spawn(move || {
+            read_frame(&mut host).expect("guest hello");
+            write_frame(&mut host, &hello(1)).expect("hello");
+            write_frame(&mut host, &Message::RunSpec(spec(&["true"]))).expect("spec");
+            while !matches!(read_frame(&mut host), Ok(Message::Exit(_)) | Err(_)) {}
+            thread::sleep(Duration::from_millis(300));
+            let closed_at = Instant::now();
+            host.shutdown(std::net::Shutdown::Write)
+                .expect("half-close");
+            // Keep reading, as the broker does, until the guest goes away.
+            while read_frame(&mut host).is_ok() {}
+            closed_at
+        });
+        let result = serve(guest, &mut WaitPid);
+        let returned_at = Instant::now();
+        let closed_at = fake_host.join().expect("fake host");
+        assert_eq!(result.expect("session"), ExitStatus::Exited(0));
+        assert!(
+            returned_at >= closed_at,
+            "the session ended before the host closed"
+        );
+    }
 
     #[test]
     fn runs_a_command_and_streams_its_output_and_status() {
