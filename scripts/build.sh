@@ -39,3 +39,6 @@ log "building airlock, airlock-vmm (static, release)"
     || die "cargo build failed"
 "$AIRLOCK_ROOT/scripts/build-initramfs.sh" >/dev/null
 log "ready: $(cd "$AIRLOCK_ROOT" && ls build/ | tr '\n' ' ')"
+# The guest root image (Debian packages, podman + crun; needs root and Debian's
+# mirrors; cached): AIRLOCK_IMAGE=1 scripts/build.sh, or scripts/build-image.sh.
+if [ "${AIRLOCK_IMAGE:-0}" = 1 ]; then "$AIRLOCK_ROOT/scripts/build-image.sh"; fi
