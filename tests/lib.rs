@@ -106,12 +106,22 @@ pub fn state_dir() -> PathBuf {
     root().join("build/tests/state")
 }
 
-/// Runs `argv` from the repository root with extra environment variables.
+/// The initrd the runs of the tests boot unless they say otherwise: the
+/// suites written before the root image (run, audit, boot) check initramfs
+/// mode, which an existing build/rootfs.img would otherwise replace;
+/// tests/image.rs passes --image-root. Passed on into the test bed, which
+/// forwards AIRLOCK_* variables; relative to the repository root, the
+/// working directory of every run here and in the test bed.
+pub const TEST_INITRD_ENV: (&str, &str) = ("AIRLOCK_INITRD", "build/initramfs.cpio");
+
+/// Runs `argv` from the repository root with extra environment variables
+/// (and [`TEST_INITRD_ENV`] unless `env` sets it).
 pub fn run_env(argv: &[&str], env: &[(&str, &str)], timeout_s: u32) -> Run {
     let out = Command::new("timeout")
         .args(["-k", "5", &timeout_s.to_string()])
         .args(argv)
         .env("XDG_STATE_HOME", state_dir())
+        .env(TEST_INITRD_ENV.0, TEST_INITRD_ENV.1)
         .envs(env.iter().copied())
         .current_dir(root())
         .stdin(Stdio::null())
@@ -170,6 +180,7 @@ pub fn run_raw(argv: &[&str], env: &[(&str, &str)], timeout_s: u32) -> RawRun {
         .args(["-k", "5", &timeout_s.to_string()])
         .args(argv)
         .env("XDG_STATE_HOME", state_dir())
+        .env(TEST_INITRD_ENV.0, TEST_INITRD_ENV.1)
         .envs(env.iter().copied())
         .current_dir(root())
         .stdin(Stdio::null())

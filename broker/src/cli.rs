@@ -92,7 +92,8 @@ is printed at the end (`airlock: audit log: PATH`); check it with
 Environment:
   AIRLOCK_HOME         directory holding build/ (default: found next to the airlock binary)
   AIRLOCK_KERNEL       kernel to boot when --kernel is not given
-  AIRLOCK_INITRD       initrd to boot when --initrd is not given
+  AIRLOCK_INITRD       initrd to boot when --initrd is not given (and no root image)
+  AIRLOCK_ROOTFS       root image to boot when --image-root is not given
   AIRLOCK_VMM          airlock-vmm binary, when none sits next to the airlock binary
   AIRLOCK_VHOST_VSOCK  vhost-device-vsock binary for the tcg engine
                        (default: $AIRLOCK_CACHE/tools/bin, else PATH)
@@ -215,9 +216,16 @@ pub struct ImageArgs {
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
     /// Guest initrd (cpio archive holding airlock-init)
-    /// [default: $AIRLOCK_INITRD, else build/initramfs.cpio under the Airlock home]
+    /// [default: $AIRLOCK_INITRD, else build/initramfs.cpio under the Airlock home].
+    /// Given, it boots the initrd and no root image
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
+    /// Guest root image (erofs, from scripts/build-image.sh), attached
+    /// read-only; the command runs in a container on it
+    /// [default: $AIRLOCK_ROOTFS, else build/rootfs.img under the Airlock
+    /// home if it exists and no initrd was asked for]
+    #[arg(long, value_name = "PATH", conflicts_with = "initrd")]
+    pub image_root: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -245,6 +253,10 @@ pub struct RunArgs {
     /// the rest is discarded (and said so on stderr)
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_OUTPUT_BYTES)]
     pub max_output_bytes: u64,
+    /// With a root image, run the command directly in the VM rather than in
+    /// a container
+    #[arg(long)]
+    pub no_container: bool,
     /// Extra words for the guest kernel command line (e.g. airlock.debug=1)
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,

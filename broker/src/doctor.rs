@@ -84,12 +84,17 @@ pub struct DoctorFacts {
     pub vhost_vsock_version: Option<String>,
     pub image: ImagePaths,
     pub kernel: Result<(), paths::Error>,
+    /// The check of the initrd, or of the root image in image mode.
     pub initrd: Result<(), paths::Error>,
 }
 
 impl DoctorFacts {
     pub fn gather(args: &DoctorArgs) -> DoctorFacts {
-        let image = ImagePaths::from_env(args.image.kernel.clone(), args.image.initrd.clone());
+        let image = ImagePaths::from_env(
+            args.image.kernel.clone(),
+            args.image.initrd.clone(),
+            args.image.image_root.clone(),
+        );
         let qemu = paths::find_qemu();
         let qemu_version = qemu.as_ref().ok().and_then(|q| version_line(q));
         let vhost_vsock = paths::find_vhost_vsock();
@@ -102,7 +107,10 @@ impl DoctorFacts {
             vhost_vsock,
             vhost_vsock_version,
             kernel: paths::check_kernel(&image.kernel),
-            initrd: paths::check_initrd(&image.initrd),
+            initrd: match &image.root {
+                Some(root) => paths::check_root(root),
+                None => paths::check_initrd(&image.initrd),
+            },
             image,
         }
     }
@@ -221,9 +229,13 @@ pub fn checks(facts: DoctorFacts) -> (Vec<Check>, bool) {
         Ok(()) => Check::ok(format!("kernel: {} (ELF64)", facts.image.kernel.display())),
         Err(e) => Check::says(Status::Fail, format!("kernel: {}", crate::report(e))),
     });
+    let (what, path) = match &facts.image.root {
+        Some(root) => ("root image", root),
+        None => ("initrd", &facts.image.initrd),
+    };
     lines.push(match &facts.initrd {
-        Ok(()) => Check::ok(format!("initrd: {}", facts.image.initrd.display())),
-        Err(e) => Check::says(Status::Fail, format!("initrd: {}", crate::report(e))),
+        Ok(()) => Check::ok(format!("{what}: {}", path.display())),
+        Err(e) => Check::says(Status::Fail, format!("{what}: {}", crate::report(e))),
     });
 
     // The engines.
@@ -313,6 +325,7 @@ mod tests {
             image: ImagePaths {
                 kernel: "/r/build/vmlinux".into(),
                 initrd: "/r/build/initramfs.cpio".into(),
+                root: None,
             },
             kernel: if image {
                 Ok(())

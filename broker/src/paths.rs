@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_KERNEL: &str = "build/vmlinux";
 /// Default initrd, relative to the Airlock home.
 pub const DEFAULT_INITRD: &str = "build/initramfs.cpio";
+/// The root image under the Airlock home (`scripts/build-image.sh`): the
+/// default whenever it exists and no initrd was asked for.
+pub const DEFAULT_ROOTFS: &str = "build/rootfs.img";
 /// Our VMM's binary name.
 pub const VMM_BINARY: &str = "airlock-vmm";
 /// QEMU's binary name (Debian package `qemu-system-x86`).
@@ -47,6 +50,10 @@ pub enum Error {
     InitrdNotFound(PathBuf),
     #[error("initrd at {0} is not a regular file (pass the cpio archive with --initrd)")]
     InitrdNotFile(PathBuf),
+    #[error("root image not found at {0} (run scripts/build-image.sh or pass --image-root)")]
+    RootNotFound(PathBuf),
+    #[error("root image at {0} is not a regular file (pass the erofs image with --image-root)")]
+    RootNotFile(PathBuf),
     #[error(
         "{VMM_BINARY} not found in $AIRLOCK_VMM, next to the airlock binary or in PATH \
          (build it with scripts/build.sh, or set AIRLOCK_VMM)"
@@ -121,18 +128,68 @@ pub fn resolve_image(
 pub struct ImagePaths {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// The erofs root image: `Some` in image mode, when the initrd is not
+    /// booted.
+    pub root: Option<PathBuf>,
 }
 
 impl ImagePaths {
     /// Resolves the paths from the flags and the real environment (no checks).
-    pub fn from_env(kernel: Option<PathBuf>, initrd: Option<PathBuf>) -> ImagePaths {
+    pub fn from_env(
+        kernel: Option<PathBuf>,
+        initrd: Option<PathBuf>,
+        image_root: Option<PathBuf>,
+    ) -> ImagePaths {
         let home = home_from_env();
+        let root = resolve_root(
+            image_root,
+            initrd.is_some(),
+            env::var_os("AIRLOCK_ROOTFS"),
+            env::var_os("AIRLOCK_INITRD").is_some_and(|v| !v.is_empty()),
+            &home,
+        );
         let kernel = resolve_image(kernel, env::var_os("AIRLOCK_KERNEL"), &home, DEFAULT_KERNEL);
         let initrd = resolve_image(initrd, env::var_os("AIRLOCK_INITRD"), &home, DEFAULT_INITRD);
         ImagePaths {
             kernel: std::path::absolute(&kernel).unwrap_or(kernel),
             initrd: std::path::absolute(&initrd).unwrap_or(initrd),
+            root: root.map(|r| std::path::absolute(&r).unwrap_or(r)),
         }
+    }
+}
+
+/// Image mode or initramfs mode, and the image: `--image-root`, else none
+/// if `--initrd` was given, else `$AIRLOCK_ROOTFS`, else none if
+/// `$AIRLOCK_INITRD` is set, else [`DEFAULT_ROOTFS`] under `home` if that
+/// file exists, else none (the default initrd boots).
+pub fn resolve_root(
+    flag: Option<PathBuf>,
+    initrd_flag: bool,
+    env_value: Option<OsString>,
+    initrd_env: bool,
+    home: &Path,
+) -> Option<PathBuf> {
+    if flag.is_some() {
+        return flag;
+    }
+    if initrd_flag {
+        return None;
+    }
+    if let Some(value) = env_value.filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(value));
+    }
+    if initrd_env {
+        return None;
+    }
+    Some(home.join(DEFAULT_ROOTFS)).filter(|p| p.is_file())
+}
+
+/// Checks that the root image exists and is a regular file.
+pub fn check_root(path: &Path) -> Result<(), Error> {
+    match path.metadata() {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(_) => Err(Error::RootNotFile(path.to_path_buf())),
+        Err(_) => Err(Error::RootNotFound(path.to_path_buf())),
     }
 }
 
@@ -330,6 +387,37 @@ impl Drop for TestDir {
 mod tests {
     use super::*;
     use std::fs;
+
+    #[test]
+    fn image_or_initramfs_mode() {
+        let dir = TestDir::new("root-mode");
+        let home = dir.path();
+        let none = || None::<PathBuf>;
+        // No image built: the initrd boots.
+        assert_eq!(resolve_root(none(), false, None, false, home), None);
+        fs::create_dir_all(home.join("build")).expect("mkdir");
+        fs::write(home.join(DEFAULT_ROOTFS), b"x").expect("write");
+        assert_eq!(
+            resolve_root(none(), false, None, false, home),
+            Some(home.join(DEFAULT_ROOTFS))
+        );
+        // An initrd asked for means initramfs mode.
+        assert_eq!(resolve_root(none(), true, None, false, home), None);
+        assert_eq!(resolve_root(none(), false, None, true, home), None);
+        assert_eq!(
+            resolve_root(none(), true, Some("/e.img".into()), false, home),
+            None
+        );
+        // The flag beats everything; the env var beats $AIRLOCK_INITRD.
+        assert_eq!(
+            resolve_root(Some("/f.img".into()), false, None, true, home),
+            Some("/f.img".into())
+        );
+        assert_eq!(
+            resolve_root(none(), false, Some("/e.img".into()), true, home),
+            Some("/e.img".into())
+        );
+    }
 
     #[test]
     fn home_from_env_var_wins() {

@@ -17,10 +17,22 @@ pub enum Error {
 }
 
 /// The init's options.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
     /// `airlock.debug=1`: print the debug lines.
     pub debug: bool,
+    /// `airlock.container=0` (`airlock run --no-container`): in image mode,
+    /// run the command directly in the VM instead of in a container.
+    pub container: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            debug: false,
+            container: true,
+        }
+    }
 }
 
 impl Options {
@@ -35,8 +47,10 @@ impl Options {
     pub fn parse(cmdline: &str) -> Self {
         let mut options = Self::default();
         for (key, value) in params(cmdline) {
-            if key == "airlock.debug" {
-                options.debug = parse_bool(value);
+            match key {
+                "airlock.debug" => options.debug = parse_bool(value),
+                "airlock.container" => options.container = parse_bool(value),
+                _ => {}
             }
         }
         options
@@ -119,6 +133,14 @@ mod tests {
         assert!(!debug("airlock.debug=0"));
         assert!(!debug("airlock.debug="));
         assert!(!debug("airlock.debug=off"));
+    }
+
+    #[test]
+    fn container_is_on_unless_turned_off() {
+        assert!(Options::parse("").container);
+        assert!(Options::parse("airlock.container=1").container);
+        assert!(!Options::parse("quiet airlock.container=0").container);
+        assert!(!Options::parse("airlock.container=off").container);
     }
 
     #[test]

@@ -1,15 +1,21 @@
 //! `airlock-init`: the PID 1 of an Airlock microVM.
 //!
-//! The kernel starts it from the initramfs with `/dev/console` (the serial
-//! port) as stdin, stdout and stderr. In order it:
+//! The kernel starts it from the initramfs or from the root image (image
+//! mode: see [`image`]) with `/dev/console` (the serial port) as stdin,
+//! stdout and stderr. In order it:
 //!
-//! 1. mounts the pseudo filesystems from the table in [`mounts`];
-//! 2. reads the kernel command line ([`cmdline`]) for `airlock.debug=1`;
+//! 1. mounts the pseudo filesystems from the table in [`mounts`] (and, when
+//!    the root is the erofs image rather than an initramfs, the writable
+//!    tmpfs set of [`image`] mode);
+//! 2. reads the kernel command line ([`cmdline`]) for `airlock.debug=1` and
+//!    `airlock.container=0`; in image mode sets the host name and brings up
+//!    `lo`;
 //! 3. writes the boot-timer mark ([`boottimer`]) for the benchmarks;
 //! 4. installs the SIGCHLD reaper ([`reaper`]) and prints
 //!    [`airlock_protocol::INIT_READY_LINE`];
 //! 5. connects to the host over vsock and runs the control session
-//!    ([`rpc`]): handshake, run spec, the command ([`exec`]) with its output
+//!    ([`rpc`]): handshake, run spec, the command ([`exec`]; in image mode
+//!    inside a podman container unless turned off) with its output
 //!    streamed as it comes, its exit status, and, when the host takes
 //!    them, audit events about the processes in the VM ([`procevents`]);
 //! 6. syncs, stops every process, syncs and reboots ([`power`]): without
@@ -25,6 +31,7 @@ mod boottimer;
 mod cmdline;
 mod console;
 mod exec;
+mod image;
 mod mounts;
 mod power;
 mod procevents;
@@ -64,17 +71,29 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), Error> {
-    mounts::mount_all()?;
-    match cmdline::Options::read() {
-        Ok(options) => console::set_debug(options.debug),
-        Err(err) => console::warn(&console::chain(&err)),
+    let image = image::root_is_image();
+    mounts::mount_all(image)?;
+    let options = cmdline::Options::read().unwrap_or_else(|err| {
+        console::warn(&console::chain(&err));
+        cmdline::Options::default()
+    });
+    console::set_debug(options.debug);
+    if image {
+        if let Err(err) = image::set_hostname() {
+            console::warn(&format!("cannot set the host name: {err}"));
+        }
+        if let Err(err) = image::loopback_up() {
+            console::warn(&format!("cannot bring up lo: {err}"));
+        }
     }
+    let container = image && options.container;
+    console::debug(&format!("image mode: {image}; container: {container}"));
     if let Err(err) = boottimer::mark() {
         console::debug(&console::chain(&err));
     }
     let mut reaper = reaper::Reaper::install()?;
     console::out(airlock_protocol::INIT_READY_LINE);
-    let status = rpc::run(&mut reaper)?;
+    let status = rpc::run(&mut reaper, container)?;
     console::debug(&format!("command ended: {status:?}"));
     power::sync();
     Ok(())

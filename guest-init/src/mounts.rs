@@ -41,6 +41,9 @@ struct Mount {
     data: Option<&'static CStr>,
     /// A failure stops the boot; otherwise it is a warning.
     required: bool,
+    /// Mounted only in image mode ([`crate::image`]): the writable places
+    /// the container engine needs on a read-only root.
+    image_only: bool,
 }
 
 /// What the init mounts, in order. A target's parent mount comes first.
@@ -52,6 +55,7 @@ const MOUNTS: &[Mount] = &[
         flags: MS_NOSUID | MS_NODEV | MS_NOEXEC,
         data: None,
         required: true,
+        image_only: false,
     },
     Mount {
         source: c"sysfs",
@@ -60,6 +64,7 @@ const MOUNTS: &[Mount] = &[
         flags: MS_NOSUID | MS_NODEV | MS_NOEXEC,
         data: None,
         required: true,
+        image_only: false,
     },
     // For the container engine; a kernel without cgroup v2 still boots.
     Mount {
@@ -69,6 +74,7 @@ const MOUNTS: &[Mount] = &[
         flags: MS_NOSUID | MS_NODEV | MS_NOEXEC,
         data: None,
         required: false,
+        image_only: false,
     },
     // Not noexec: executable mappings of /dev/zero and friends must work.
     Mount {
@@ -78,6 +84,7 @@ const MOUNTS: &[Mount] = &[
         flags: MS_NOSUID,
         data: Some(c"mode=0755"),
         required: true,
+        image_only: false,
     },
     Mount {
         source: c"devpts",
@@ -86,6 +93,7 @@ const MOUNTS: &[Mount] = &[
         flags: MS_NOSUID | MS_NOEXEC,
         data: Some(c"mode=0620,ptmxmode=0666"),
         required: true,
+        image_only: false,
     },
     // Not noexec: builds and package managers run programs from /tmp.
     Mount {
@@ -95,6 +103,7 @@ const MOUNTS: &[Mount] = &[
         flags: MS_NOSUID | MS_NODEV,
         data: Some(c"mode=1777"),
         required: true,
+        image_only: false,
     },
     Mount {
         source: c"tmpfs",
@@ -103,13 +112,63 @@ const MOUNTS: &[Mount] = &[
         flags: MS_NOSUID | MS_NODEV,
         data: Some(c"mode=0755"),
         required: true,
+        image_only: false,
+    },
+    // Image mode only, from here on: a read-only root needs writable
+    // places for the container engine (overlayfs is refused as its graph
+    // root's backing store, so a plain tmpfs) and for the command.
+    Mount {
+        source: c"tmpfs",
+        target: c"/dev/shm",
+        fstype: c"tmpfs",
+        flags: MS_NOSUID | MS_NODEV,
+        data: Some(c"mode=1777"),
+        required: true,
+        image_only: true,
+    },
+    Mount {
+        source: c"tmpfs",
+        target: c"/var/tmp",
+        fstype: c"tmpfs",
+        flags: MS_NOSUID | MS_NODEV,
+        data: Some(c"mode=1777"),
+        required: true,
+        image_only: true,
+    },
+    Mount {
+        source: c"tmpfs",
+        target: c"/var/cache/containers",
+        fstype: c"tmpfs",
+        flags: MS_NOSUID | MS_NODEV,
+        data: Some(c"mode=0700"),
+        required: true,
+        image_only: true,
+    },
+    Mount {
+        source: c"tmpfs",
+        target: c"/var/lib/containers",
+        fstype: c"tmpfs",
+        flags: MS_NOSUID | MS_NODEV,
+        data: Some(c"mode=0700"),
+        required: true,
+        image_only: true,
+    },
+    Mount {
+        source: c"tmpfs",
+        target: c"/workspace",
+        fstype: c"tmpfs",
+        flags: MS_NOSUID | MS_NODEV,
+        data: Some(c"mode=0755"),
+        required: true,
+        image_only: true,
     },
 ];
 
-/// Mounts the table in order. Stops at the first required mount that
-/// fails; an optional one that fails is a warning.
-pub fn mount_all() -> Result<(), Error> {
-    for m in MOUNTS {
+/// Mounts the table in order (the image-only entries when `image`). Stops
+/// at the first required mount that fails; an optional one that fails is a
+/// warning.
+pub fn mount_all(image: bool) -> Result<(), Error> {
+    for m in MOUNTS.iter().filter(|m| image || !m.image_only) {
         match mount(m) {
             Ok(()) => {}
             Err(err) if !m.required => console::warn(&console::chain(&err)),
@@ -219,6 +278,29 @@ mod tests {
         }
         let cgroup = position(c"/sys/fs/cgroup").expect("cgroup2 in the table");
         assert!(!MOUNTS[cgroup].required);
+    }
+
+    #[test]
+    fn image_mode_adds_only_writable_tmpfs_for_the_container_engine() {
+        let image_only: Vec<&CStr> = MOUNTS
+            .iter()
+            .filter(|m| m.image_only)
+            .map(|m| m.target)
+            .collect();
+        assert_eq!(
+            image_only,
+            [
+                c"/dev/shm",
+                c"/var/tmp",
+                c"/var/cache/containers",
+                c"/var/lib/containers",
+                c"/workspace"
+            ]
+        );
+        for m in MOUNTS.iter().filter(|m| m.image_only) {
+            assert_eq!(m.fstype, c"tmpfs", "{:?}", m.target);
+            assert!(m.required, "{:?}", m.target);
+        }
     }
 
     #[test]

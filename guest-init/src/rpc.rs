@@ -116,10 +116,12 @@ impl Error {
 
 /// Connects to the host and runs the session; returns the command's status
 /// once its `Exit` was sent.
-pub fn run(waiter: &mut impl ChildWait) -> Result<ExitStatus, Error> {
+/// With `container`, the command runs in a podman container
+/// ([`crate::image::containerize`]).
+pub fn run(waiter: &mut impl ChildWait, container: bool) -> Result<ExitStatus, Error> {
     let stream = connect()?;
     console::debug("connected to the host");
-    serve(stream, waiter)
+    serve_in(stream, waiter, container)
 }
 
 /// Whether a failed connect is worth another try: the device or the host's
@@ -155,8 +157,18 @@ fn connect() -> Result<VsockStream, Error> {
 
 /// Runs the control conversation over `stream` (see the module docs). On a
 /// protocol error it tells the host why (best effort) before returning it.
-pub fn serve<S: Stream>(mut stream: S, waiter: &mut impl ChildWait) -> Result<ExitStatus, Error> {
-    let result = converse(&mut stream, waiter);
+#[cfg(test)]
+pub fn serve<S: Stream>(stream: S, waiter: &mut impl ChildWait) -> Result<ExitStatus, Error> {
+    serve_in(stream, waiter, false)
+}
+
+/// The control conversation, the command in a container when `container`.
+pub fn serve_in<S: Stream>(
+    mut stream: S,
+    waiter: &mut impl ChildWait,
+    container: bool,
+) -> Result<ExitStatus, Error> {
+    let result = converse(&mut stream, waiter, container);
     if let Err(err) = &result {
         if let Some(code) = err.reply_code() {
             let message = bounded(console::chain(err));
@@ -166,7 +178,11 @@ pub fn serve<S: Stream>(mut stream: S, waiter: &mut impl ChildWait) -> Result<Ex
     result
 }
 
-fn converse<S: Stream>(stream: &mut S, waiter: &mut impl ChildWait) -> Result<ExitStatus, Error> {
+fn converse<S: Stream>(
+    stream: &mut S,
+    waiter: &mut impl ChildWait,
+    container: bool,
+) -> Result<ExitStatus, Error> {
     stream
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(Error::Setup)?;
@@ -188,6 +204,11 @@ fn converse<S: Stream>(stream: &mut S, waiter: &mut impl ChildWait) -> Result<Ex
     let spec = match receive(stream, "RunSpec")? {
         Message::RunSpec(spec) => spec,
         other => return Err(unexpected(other, "RunSpec")),
+    };
+    let spec = if container {
+        crate::image::containerize(spec)
+    } else {
+        spec
     };
     stream.set_read_timeout(None).map_err(Error::Setup)?;
     if console::debug_enabled() {

@@ -20,14 +20,21 @@ pub struct Kvm {
 }
 
 impl Kvm {
-    /// `--kernel PATH --initrd PATH --mem MIB --cpus N --console PATH
-    /// --vsock-uds PATH --vsock-cid CID [--cmdline EXTRA]`.
+    /// `--kernel PATH [--initrd PATH] [--disk ro:PATH|rw:PATH]... --mem MIB
+    /// --cpus N --console PATH --vsock-uds PATH --vsock-cid CID [--cmdline EXTRA]`.
     pub fn args(&self, config: &VmConfig) -> Vec<OsString> {
-        let mut args: Vec<OsString> = vec![
-            "--kernel".into(),
-            config.kernel.clone().into(),
-            "--initrd".into(),
-            config.initrd.clone().into(),
+        let mut args: Vec<OsString> = vec!["--kernel".into(), config.kernel.clone().into()];
+        if let Some(initrd) = &config.initrd {
+            args.push("--initrd".into());
+            args.push(initrd.clone().into());
+        }
+        for disk in &config.disks {
+            let mut spec = OsString::from(if disk.read_only { "ro:" } else { "rw:" });
+            spec.push(&disk.path);
+            args.push("--disk".into());
+            args.push(spec);
+        }
+        args.extend::<[OsString; 10]>([
             "--mem".into(),
             config.mem_mib.to_string().into(),
             "--cpus".into(),
@@ -38,7 +45,7 @@ impl Kvm {
             config.vsock_uds.clone().into(),
             "--vsock-cid".into(),
             config.guest_cid.to_string().into(),
-        ];
+        ]);
         if !config.extra_cmdline.is_empty() {
             args.push("--cmdline".into());
             args.push(config.extra_cmdline.join(" ").into());
@@ -65,7 +72,8 @@ mod tests {
     fn config() -> VmConfig {
         VmConfig {
             kernel: "/k/vmlinux".into(),
-            initrd: "/k/initramfs.cpio".into(),
+            initrd: Some("/k/initramfs.cpio".into()),
+            disks: Vec::new(),
             mem_mib: 512,
             cpus: 2,
             console_log: "/tmp/run/console.log".into(),
@@ -112,6 +120,32 @@ mod tests {
             [
                 OsString::from("--cmdline"),
                 "airlock.debug=1 foo=bar".into()
+            ]
+        );
+    }
+
+    #[test]
+    fn image_mode_has_a_disk_and_no_initrd() {
+        let kvm = Kvm {
+            vmm: "/bin/airlock-vmm".into(),
+        };
+        let image = VmConfig {
+            initrd: None,
+            disks: vec![super::super::Disk {
+                path: "/b/rootfs.img".into(),
+                read_only: true,
+            }],
+            ..config()
+        };
+        let args = kvm.args(&image);
+        assert!(!args.iter().any(|a| a == "--initrd"));
+        assert_eq!(
+            args[..4],
+            [
+                OsString::from("--kernel"),
+                "/k/vmlinux".into(),
+                "--disk".into(),
+                "ro:/b/rootfs.img".into()
             ]
         );
     }

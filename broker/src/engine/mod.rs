@@ -1,6 +1,6 @@
 //! The launcher interface: one [`VmConfig`] in, one running [`Vm`] out.
 //!
-//! Two engines boot the same kernel and initrd:
+//! Two engines boot the same kernel and initrd or root image:
 //! - [`kvm::Kvm`]: our `airlock-vmm` on hardware KVM (the product);
 //! - [`tcg::Tcg`]: QEMU system emulation, for hosts without usable KVM, with
 //!   its vsock device served by a `vhost-device-vsock` helper process.
@@ -46,8 +46,11 @@ pub enum EngineChoice {
 pub struct VmConfig {
     /// Uncompressed ELF vmlinux with a PVH entry.
     pub kernel: PathBuf,
-    /// cpio archive the kernel unpacks as its root.
-    pub initrd: PathBuf,
+    /// cpio archive the kernel unpacks as its root (initramfs mode); `None`
+    /// in image mode, where the root is the first of [`VmConfig::disks`].
+    pub initrd: Option<PathBuf>,
+    /// virtio-blk disks, in the order the guest sees them (`/dev/vda`, ...).
+    pub disks: Vec<Disk>,
     pub mem_mib: u32,
     pub cpus: u8,
     /// File the serial console is written to (created or truncated by the engine).
@@ -62,6 +65,14 @@ pub struct VmConfig {
     pub vsock_uds: PathBuf,
     /// The guest's vsock context id.
     pub guest_cid: u32,
+}
+
+/// A disk image the guest sees as a virtio-blk device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    /// The guest cannot write it (the engine opens it read-only).
+    pub read_only: bool,
 }
 
 /// The file, in [`VmConfig::run_dir`], that receives the stdout and stderr of

@@ -50,7 +50,7 @@ impl Tcg {
             cmdline.push(' ');
             cmdline.push_str(word);
         }
-        vec![
+        let mut args: Vec<OsString> = vec![
             "-M".into(),
             "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off,memory-backend=mem".into(),
             "-object".into(),
@@ -79,12 +79,26 @@ impl Tcg {
             "i8042".into(),
             "-kernel".into(),
             config.kernel.clone().into(),
-            "-initrd".into(),
-            config.initrd.clone().into(),
-            "-append".into(),
-            cmdline.into(),
-            "-no-reboot".into(),
-        ]
+        ];
+        if let Some(initrd) = &config.initrd {
+            args.push("-initrd".into());
+            args.push(initrd.clone().into());
+        }
+        // microvm has virtio-mmio transports only: a virtio-blk-device on
+        // each. A comma in the path is doubled, so it cannot add options.
+        for (i, disk) in config.disks.iter().enumerate() {
+            let mut drive = OsString::from(format!(
+                "if=none,format=raw,id=d{i},readonly={},file=",
+                if disk.read_only { "on" } else { "off" }
+            ));
+            drive.push(qemu_escape(&disk.path));
+            args.push("-drive".into());
+            args.push(drive);
+            args.push("-device".into());
+            args.push(format!("virtio-blk-device,drive=d{i}").into());
+        }
+        args.extend(["-append".into(), cmdline.into(), "-no-reboot".into()]);
+        args
     }
 
     /// vhost-device-vsock's arguments for `config`. Separate flags rather
@@ -128,6 +142,19 @@ impl Tcg {
     }
 }
 
+/// A QEMU option value: every `,` doubled, as QEMU's option parser wants.
+fn qemu_escape(path: &std::path::Path) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut out = Vec::with_capacity(path.as_os_str().len());
+    for &b in path.as_os_str().as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from_vec(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,7 +162,8 @@ mod tests {
     fn config() -> VmConfig {
         VmConfig {
             kernel: "/k/vmlinux".into(),
-            initrd: "/k/initramfs.cpio".into(),
+            initrd: Some("/k/initramfs.cpio".into()),
+            disks: Vec::new(),
             mem_mib: 512,
             cpus: 2,
             console_log: "/tmp/run/console.log".into(),
@@ -192,6 +220,31 @@ mod tests {
         assert_eq!(args.last(), Some(&OsString::from("-no-reboot")));
         assert!(args.iter().any(|a| a == "-nodefaults"));
         assert!(args.iter().any(|a| a == "i8042"), "reset path for reboot=k");
+    }
+
+    #[test]
+    fn image_mode_attaches_the_disk_read_only() {
+        let config = VmConfig {
+            initrd: None,
+            disks: vec![super::super::Disk {
+                path: "/b/a,b.img".into(),
+                read_only: true,
+            }],
+            ..config()
+        };
+        let args = tcg().args(&config);
+        assert!(!args.iter().any(|a| a == "-initrd"));
+        assert_eq!(
+            value(&args, "-drive"),
+            "if=none,format=raw,id=d0,readonly=on,file=/b/a,,b.img"
+        );
+        let devices: Vec<&OsString> = args
+            .iter()
+            .zip(args.iter().skip(1))
+            .filter(|(flag, _)| *flag == "-device")
+            .map(|(_, v)| v)
+            .collect();
+        assert!(devices.iter().any(|d| *d == "virtio-blk-device,drive=d0"));
     }
 
     #[test]
