@@ -28,14 +28,33 @@ recipe=1
 shopt -s nullglob
 patches=("$cfg"/patches/*.patch)
 shopt -u nullglob
-key=$( { echo "recipe=$recipe package=$package version=$version"; hash_files "${fragments[@]}" ${patches[@]+"${patches[@]}"}; } | sha256sum | cut -c1-16)
-cached=$AIRLOCK_CACHE/kernel/$variant-$key
-mkdir -p "$AIRLOCK_BUILD"
-
-if [ -f "$cached/vmlinux" ]; then
+cache_key() {
+    key=$( { echo "recipe=$recipe package=$package version=$version"; hash_files "${fragments[@]}" ${patches[@]+"${patches[@]}"}; } | sha256sum | cut -c1-16)
+    cached=$AIRLOCK_CACHE/kernel/$variant-$key
+}
+use_cache() {
+    [ -f "$cached/vmlinux" ] || return 1
     cp --reflink=auto "$cached/vmlinux" "$out.tmp" && mv "$out.tmp" "$out"
-    log "$variant kernel from cache ($key): $out"
-    exit 0
+    log "$variant kernel from cache ($key, $package $version): $out"
+}
+cache_key
+mkdir -p "$AIRLOCK_BUILD"
+use_cache && exit 0
+
+# Debian's security archive keeps only the newest linux-source: once the pinned
+# version is gone, build the one it serves (loudly) rather than fail on every
+# fresh machine; kernel-config/SOURCE should then be updated.
+archive_has() { apt-cache madison "$package" 2>/dev/null | grep -qF "| $version |"; }
+if [ "$(dpkg-query -W -f='${Version}' "$package" 2>/dev/null || true)" != "$version" ] && ! archive_has; then
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null || true
+    if ! archive_has; then
+        candidate=$(apt-cache policy "$package" 2>/dev/null | awk '/Candidate:/ {print $2}')
+        case "$candidate" in ''|'(none)') die "$package is not in the apt archive (pinned $version)" ;; esac
+        log "warning: $package $version (pinned in kernel-config/SOURCE) is no longer in the archive; building $candidate instead: update kernel-config/SOURCE"
+        version=$candidate
+        cache_key
+        use_cache && exit 0
+    fi
 fi
 
 apt_ensure "$package=$version" bc bison flex libelf-dev libssl-dev cpio make xz-utils lz4 rsync kmod
