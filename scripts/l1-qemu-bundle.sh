@@ -46,25 +46,7 @@ mkdir -p "$tmp/lib" "$tmp/share"
 
 cp -L "$qemu_bin" "$tmp/qemu-system-x86_64"
 
-# ldd lines: "libfoo.so.1 => /lib/.../libfoo.so.1 (0x...)", "/lib64/ld-linux-x86-64.so.2 (0x...)",
-# "linux-vdso.so.1 (0x...)" (no file: provided by the kernel).
-ldd_out=$(ldd "$qemu_bin") || die "ldd $qemu_bin failed"
-if grep -q 'not found' <<<"$ldd_out"; then
-    die "ldd reports missing libraries for $qemu_bin: $(grep 'not found' <<<"$ldd_out" | tr '\n' ' ')"
-fi
-loader=
-nlibs=0
-while read -r name arrow path _; do
-    if [ "$arrow" = "=>" ]; then
-        [ -f "$path" ] || die "library $name resolves to missing file '$path'"
-        cp -L "$path" "$tmp/lib/$name"
-        nlibs=$((nlibs + 1))
-    elif [ "${name#/}" != "$name" ] && [ -f "$name" ]; then
-        loader=$name
-    fi
-done <<<"$ldd_out"
-[ -n "$loader" ] || die "ldd did not list the dynamic loader of $qemu_bin"
-cp -L "$loader" "$tmp/ld-linux-x86-64.so.2"
+bundle_libs "$qemu_bin" "$tmp"
 
 # Firmware and option ROMs. -M microvm loads bios-microvm.bin (a symlink to
 # qboot.rom here); the others are what QEMU may look up for -kernel on x86

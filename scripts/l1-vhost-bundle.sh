@@ -51,25 +51,7 @@ mkdir -p "$tmp/lib"
 
 cp -L "$src" "$tmp/vhost-device-vsock"
 
-# ldd lines: "libfoo.so.1 => /lib/.../libfoo.so.1 (0x...)", "/lib64/ld-linux-x86-64.so.2 (0x...)",
-# "linux-vdso.so.1 (0x...)" (no file: provided by the kernel).
-ldd_out=$(ldd "$src") || die "ldd $src failed (is it a dynamic x86-64 binary?)"
-if grep -q 'not found' <<<"$ldd_out"; then
-    die "ldd reports missing libraries for $src: $(grep 'not found' <<<"$ldd_out" | tr '\n' ' ')"
-fi
-loader=
-nlibs=0
-while read -r name arrow path _; do
-    if [ "$arrow" = "=>" ]; then
-        [ -f "$path" ] || die "library $name resolves to missing file '$path'"
-        cp -L "$path" "$tmp/lib/$name"
-        nlibs=$((nlibs + 1))
-    elif [ "${name#/}" != "$name" ] && [ -f "$name" ]; then
-        loader=$name
-    fi
-done <<<"$ldd_out"
-[ -n "$loader" ] || die "ldd did not list the dynamic loader of $src"
-cp -L "$loader" "$tmp/ld-linux-x86-64.so.2"
+bundle_libs "$src" "$tmp"
 
 cat > "$tmp/vhost" <<'WRAPPER'
 #!/bin/sh

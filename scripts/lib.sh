@@ -40,3 +40,30 @@ hash_files() {
     local f
     for f in "$@"; do printf '%s\n' "${f#"$AIRLOCK_ROOT"/}"; sha256sum < "$f"; done | sha256sum | cut -c1-16
 }
+
+# bundle_libs BIN DIR: copy BIN's shared libraries (as ldd resolves them) into
+# DIR/lib and its dynamic loader to DIR/ld-linux-x86-64.so.2, so that BIN runs
+# where no /lib exists (the test bed's L1). Sets nlibs to the number copied.
+bundle_libs() {
+    local bin=$1 dir=$2 ldd_out loader= name arrow path _
+    # ldd lines: "libfoo.so.1 => /lib/.../libfoo.so.1 (0x...)",
+    # "/lib64/ld-linux-x86-64.so.2 (0x...)", "linux-vdso.so.1 (0x...)" (no file:
+    # provided by the kernel).
+    ldd_out=$(ldd "$bin") || die "ldd $bin failed (is it a dynamic x86-64 binary?)"
+    if grep -q 'not found' <<<"$ldd_out"; then
+        die "ldd reports missing libraries for $bin: $(grep 'not found' <<<"$ldd_out" | tr '\n' ' ')"
+    fi
+    mkdir -p "$dir/lib"
+    nlibs=0
+    while read -r name arrow path _; do
+        if [ "$arrow" = "=>" ]; then
+            [ -f "$path" ] || die "library $name resolves to missing file '$path'"
+            cp -L "$path" "$dir/lib/$name"
+            nlibs=$((nlibs + 1))
+        elif [ "${name#/}" != "$name" ] && [ -f "$name" ]; then
+            loader=$name
+        fi
+    done <<<"$ldd_out"
+    [ -n "$loader" ] || die "ldd did not list the dynamic loader of $bin"
+    cp -L "$loader" "$dir/ld-linux-x86-64.so.2"
+}
