@@ -184,3 +184,33 @@ fn kvm_runs_in_a_debian_container_and_exits_with_the_code() {
         .expect_stderr("engine: kvm");
     assert!(field(&r, "init=").contains("podman-init"), "{r}");
 }
+
+#[test]
+fn tcg_the_workspace_reaches_the_container_and_results_come_back() {
+    let dir = airlock_e2e::scratch("image-files");
+    let ws = dir.join("ws");
+    let out = dir.join("out");
+    std::fs::create_dir_all(ws.join("sub")).expect("mkdir");
+    std::fs::write(ws.join("sub/a.txt"), b"in the container\n").expect("write");
+    std::fs::write(ws.join("id_rsa"), b"KEY\n").expect("write");
+    let (ws_s, out_s) = (ws.display().to_string(), out.display().to_string());
+    let r = tcg(
+        &["--workspace", &ws_s, "--out", &out_s],
+        &[
+            "sh",
+            "-c",
+            "cat /workspace/sub/a.txt; test -e /workspace/id_rsa || echo no-key; \
+             cp /workspace/sub/a.txt /workspace/out/b.txt",
+        ],
+        300,
+    );
+    r.expect_code(0)
+        .expect_stdout_line("in the container")
+        .expect_stdout_line("no-key");
+    assert_eq!(
+        std::fs::read(out.join("b.txt")).expect("read"),
+        b"in the container\n",
+        "{r}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -63,8 +63,8 @@ Exit codes:
        killed it); the codes below come from airlock itself, which then says
        why on stderr in a line starting with `airlock:`
   2    bad usage or input (no command, bad --env, missing or non-ELF kernel,
-       missing initrd, out-of-range value, requested engine unusable here);
-       no VM was started
+       missing initrd, out-of-range value, requested engine unusable here,
+       unreadable --workspace, --out not creatable); no VM was started
   120  the sandbox failed: the VM did not start, stopped before the guest
        connected, or the guest did not connect within the boot deadline
        (min(--timeout, 120 s)); the last console lines are shown
@@ -75,6 +75,14 @@ Exit codes:
        it is not executable)
   130  interrupted by Ctrl-C (SIGINT; 143 for SIGTERM, 129 for SIGHUP, 141
        when our stdout or stderr was closed); the sandbox was stopped
+
+Files: --workspace DIR goes into the guest's /workspace before the command
+starts; with --out DIR, what the command leaves in /workspace/out comes back
+into DIR after it exits. A result file that is refused (a path outside DIR or
+through a symlink, over --max-out-bytes, a size or sha256 mismatch, cut
+short) is reported as `airlock: refused result file PATH: REASON` and in the
+audit log; any file already at that path is left as it was. A refused file
+does not change the exit code.
 
 Output: the command's stdout and stderr arrive on airlock's stdout and stderr
 as the command writes them. The guest console goes to a log file (see
@@ -149,7 +157,7 @@ pub enum Command {
         after_help = RUN_EXIT_CODES,
         override_usage = "airlock run [OPTIONS] -- CMD [ARGS]..."
     )]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check whether this host can run sandboxes, and say how to fix what is missing.
     #[command(after_help = DOCTOR_EXIT_CODES)]
     Doctor(DoctorArgs),
@@ -284,6 +292,25 @@ pub struct RunArgs {
     /// Write at most this many bytes of records the guest reports
     #[arg(long, value_name = "BYTES", default_value_t = crate::audit::DEFAULT_MAX_GUEST_BYTES)]
     pub audit_max_guest_bytes: u64,
+    /// Copy this directory into the guest's /workspace before the command
+    /// starts (regular files and directories with their modes and mtimes;
+    /// symlinks are skipped, never followed; .env*, .ssh, .aws, .gnupg,
+    /// *.pem and id_* are never copied)
+    #[arg(long, value_name = "DIR")]
+    pub workspace: Option<PathBuf>,
+    /// Also leave out of the workspace every file or directory whose name
+    /// matches PATTERN (`*` and `?`; repeatable)
+    #[arg(long, value_name = "PATTERN", requires = "workspace")]
+    pub exclude: Vec<String>,
+    /// Bring back what the command wrote under /workspace/out into DIR
+    /// (created if missing) after it exits: each file written atomically,
+    /// never through a symlink, never outside DIR, size and sha256 checked
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Accept at most this many bytes of result files in total (and per
+    /// file); larger files are refused
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_OUTPUT_BYTES)]
+    pub max_out_bytes: u64,
     /// The command to run in the sandbox, and its arguments (after `--`)
     #[arg(value_name = "CMD", trailing_var_arg = true)]
     pub command: Vec<String>,
@@ -310,7 +337,7 @@ mod tests {
         let Command::Run(args) = cli.command else {
             panic!("not run")
         };
-        args
+        *args
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod cli;
 mod control;
 mod doctor;
 mod engine;
+mod files;
 mod host;
 mod paths;
 mod run;
@@ -23,7 +24,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let exit = match cli.command {
-        cli::Command::Run(args) => run::main(args),
+        cli::Command::Run(args) => run::main(*args),
         cli::Command::Doctor(args) => doctor::main(args),
         cli::Command::Audit(args) => audit::main(args),
     };

@@ -6,7 +6,9 @@
 //! mode ([`boot_cmdline`]) → pick the engine → load the
 //! audit key, create the audit log and write `run.start` (with the hashes of
 //! what will boot) → make the private run directory ([`RunDir`]) → listen
-//! on the control port's socket → spawn the VM → [`supervise`]: hand the
+//! on the control port's socket, and on the file ports the run serves
+//! (`--workspace`: 1025, `--out`: 1026; [`crate::files`], each stream served
+//! in its accept thread) → spawn the VM → [`supervise`]: hand the
 //! guest's control connection to a session thread ([`session::serve`]),
 //! watch the VM, the deadlines, the signals and the audit log → [`judge`]
 //! the end → clean up (dropping the [`Vm`] kills and reaps every engine
@@ -14,6 +16,9 @@
 //! seal. Everything that can be wrong with the input is found before a VM
 //! starts; once the audit log exists, every way the run ends is recorded in
 //! it, and a run whose log cannot be written is stopped (fail closed).
+//!
+//! A workspace that cannot be read, or an `--out` that cannot be created,
+//! is a usage error found before any VM starts.
 //!
 //! Threads: the main thread supervises and owns the VM (it spawned it, which
 //! `PR_SET_PDEATHSIG` needs); [`control::Acceptor`] accepts on the control
@@ -33,7 +38,8 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use airlock_protocol::{
-    EncodeError, ExitStatus, RunSpec, CONTROL_PORT, DEFAULT_GUEST_CID, PROTOCOL_VERSION,
+    EncodeError, ExitStatus, RunSpec, CONTROL_PORT, DEFAULT_GUEST_CID, FILES_IN_PORT,
+    FILES_OUT_PORT, PROTOCOL_VERSION,
 };
 use ed25519_dalek::SigningKey;
 use serde_json::{json, Value};
@@ -124,6 +130,10 @@ pub enum Error {
     Supervise(#[source] io::Error),
     #[error(transparent)]
     Audit(#[from] audit::Error),
+    #[error(transparent)]
+    Files(#[from] crate::files::Error),
+    #[error("cannot create the output directory {}", .0.display())]
+    OutDir(PathBuf, #[source] io::Error),
     #[error("cannot hash {} for the audit log", path.display())]
     Digest {
         path: PathBuf,
@@ -148,6 +158,8 @@ impl Error {
             | Error::Engine(_)
             | Error::ConsoleLog { .. }
             | Error::SocketPath(_)
+            | Error::Files(_)
+            | Error::OutDir(..)
             | Error::Digest { .. } => Exit::Usage,
             Error::Audit(e) => match e {
                 audit::Error::Create { .. }
@@ -211,6 +223,16 @@ pub struct RunConfig {
     /// In image mode, run the command in a container (not `--no-container`).
     pub container: bool,
     pub audit: AuditConfig,
+    pub files: FilesConfig,
+}
+
+/// `--workspace`, `--exclude`, `--out`, `--max-out-bytes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilesConfig {
+    pub workspace: Option<PathBuf>,
+    pub deny: crate::files::Deny,
+    pub out: Option<PathBuf>,
+    pub max_out_bytes: u64,
 }
 
 /// The kernel command line words of image mode: the root image is the
@@ -301,7 +323,9 @@ impl TryFrom<RunArgs> for RunConfig {
             return Err(Error::Timeout);
         }
         let run_spec = run_spec(args.command, &args.env, args.max_output_bytes)?;
-        let spec = EncodedSpec::new(run_spec.clone()).map_err(Error::Spec)?;
+        let mut spec = EncodedSpec::new(run_spec.clone()).map_err(Error::Spec)?;
+        spec.workspace = args.workspace.is_some();
+        spec.results = args.out.is_some();
         let cmdline = args.cmdline.unwrap_or_default();
         if cmdline.contains('\0') {
             return Err(Error::NulInCmdline);
@@ -331,6 +355,12 @@ impl TryFrom<RunArgs> for RunConfig {
                     max_guest_bytes: args.audit_max_guest_bytes,
                 },
             },
+            files: FilesConfig {
+                workspace: args.workspace.map(|p| std::path::absolute(&p).unwrap_or(p)),
+                deny: crate::files::Deny::new(&args.exclude),
+                out: args.out.map(|p| std::path::absolute(&p).unwrap_or(p)),
+                max_out_bytes: args.max_out_bytes,
+            },
         })
     }
 }
@@ -358,6 +388,12 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
     match &image.root {
         Some(root) => paths::check_root(root)?,
         None => paths::check_initrd(&image.initrd)?,
+    }
+    if let Some(ws) = &config.files.workspace {
+        crate::files::check_workspace(ws)?;
+    }
+    if let Some(out) = &config.files.out {
+        fs::create_dir_all(out).map_err(|e| Error::OutDir(out.clone(), e))?;
     }
     if image.root.is_none() && !config.container {
         eprintln!("airlock: warning: --no-container: no root image, so no container anyway");
@@ -582,6 +618,7 @@ fn boot(
         vsock_uds,
         guest_cid: DEFAULT_GUEST_CID,
     };
+    let file_acceptors = file_ports(config, &vm_config.vsock_uds, audit)?;
     let (events_tx, events) = mpsc::channel();
     let acceptor = {
         let tx = events_tx.clone();
@@ -622,6 +659,8 @@ fn boot(
     // Whatever happened, nothing of the VM outlives this point.
     let killed = vm.kill();
     drop(acceptor);
+    // Waits for a file stream still in progress: the VM is gone, so it ends.
+    drop(file_acceptors);
     audit.host(
         kind::VM_EXIT,
         vm_exit_fields(end.as_ref().ok(), killed.as_ref().ok()),
@@ -663,6 +702,133 @@ fn boot(
         exit: verdict.exit,
         end,
     })
+}
+
+/// Listens on the file ports this run serves (`--workspace`: 1025,
+/// `--out`: 1026). Each accepts one connection, served in its accept thread
+/// (so dropping the acceptor waits for the stream to end); later ones are
+/// refused like the control port's.
+fn file_ports(
+    config: &RunConfig,
+    vsock_uds: &Path,
+    audit: &AuditLog,
+) -> Result<Vec<Acceptor>, Error> {
+    let mut acceptors = Vec::new();
+    let listen = |port: u32| -> Result<UnixListener, Error> {
+        let path = engine::port_path(vsock_uds, port);
+        UnixListener::bind(&path).map_err(|source| Error::Listen { path, source })
+    };
+    let refused = |port: u32, audit: &AuditLog, accepted: Accepted| match accepted {
+        Accepted::Session(_) => {}
+        Accepted::Refused(n) => {
+            audit.host(
+                kind::CONTROL_REFUSED,
+                json!({ "port": port, "count": n }),
+                Durability::Synced,
+            );
+            eprintln!("airlock: refused extra connection {n} to file port {port}");
+        }
+        Accepted::Capped => audit.host(
+            kind::CONTROL_CAPPED,
+            json!({ "port": port, "max": control::MAX_CONNECTIONS }),
+            Durability::Synced,
+        ),
+        Accepted::Failed(e) => audit.host(
+            kind::CONTROL_FAILED,
+            json!({ "port": port, "error": e.to_string() }),
+            Durability::Synced,
+        ),
+    };
+    if let Some(root) = &config.files.workspace {
+        let port = FILES_IN_PORT;
+        let listener = listen(port)?;
+        let (root, deny, audit) = (root.clone(), config.files.deny.clone(), audit.clone());
+        let acceptor = Acceptor::start(listener, move |accepted| match accepted {
+            Accepted::Session(stream) => {
+                audit.host(
+                    kind::CONTROL_ACCEPTED,
+                    json!({ "port": port }),
+                    Durability::Synced,
+                );
+                let fields = match crate::files::send_workspace(
+                    io::BufWriter::with_capacity(256 * 1024, &stream),
+                    &root,
+                    &deny,
+                    &audit,
+                ) {
+                    Ok(sent) => {
+                        if sent.symlinks > 0 {
+                            eprintln!(
+                                "airlock: workspace: skipped {} symlink(s) (never followed)",
+                                sent.symlinks
+                            );
+                        }
+                        json!({ "direction": "in", "entries": sent.entries, "bytes": sent.bytes,
+                                "denied": sent.denied, "symlinks": sent.symlinks,
+                                "skipped": sent.skipped })
+                    }
+                    Err(e) => {
+                        eprintln!("airlock: error: {}", crate::report(&e));
+                        json!({ "direction": "in", "error": crate::report(&e) })
+                    }
+                };
+                audit.host(kind::FILES_DONE, fields, Durability::Synced);
+            }
+            other => refused(port, &audit, other),
+        })
+        .map_err(|source| Error::Listen {
+            path: engine::port_path(vsock_uds, port),
+            source,
+        })?;
+        acceptors.push(acceptor);
+    }
+    if let Some(out) = &config.files.out {
+        let port = FILES_OUT_PORT;
+        let listener = listen(port)?;
+        let (out, max, audit) = (out.clone(), config.files.max_out_bytes, audit.clone());
+        let acceptor = Acceptor::start(listener, move |accepted| match accepted {
+            Accepted::Session(stream) => {
+                audit.host(
+                    kind::CONTROL_ACCEPTED,
+                    json!({ "port": port }),
+                    Durability::Synced,
+                );
+                let result = crate::files::receive_results(
+                    BufReader::with_capacity(256 * 1024, &stream),
+                    &out,
+                    max,
+                    &audit,
+                    &mut |path, why| {
+                        eprintln!(
+                            "airlock: refused result file {}: {why}",
+                            crate::sanitize(path.as_bytes())
+                        )
+                    },
+                );
+                // Closing tells the guest we have it all.
+                let _ = stream.shutdown(Shutdown::Both);
+                let fields = match result {
+                    Ok(got) => json!({ "direction": "out", "accepted": got.accepted,
+                                       "refused": got.refused, "bytes": got.bytes }),
+                    Err(e) => {
+                        eprintln!(
+                            "airlock: refused the rest of the results: {}",
+                            crate::report(&e)
+                        );
+                        json!({ "direction": "out", "error": crate::report(&e) })
+                    }
+                };
+                audit.host(kind::FILES_DONE, fields, Durability::Synced);
+            }
+            other => refused(port, &audit, other),
+        })
+        .map_err(|source| Error::Listen {
+            path: engine::port_path(vsock_uds, port),
+            source,
+        })?;
+        acceptors.push(acceptor);
+    }
+    Ok(acceptors)
 }
 
 /// When the guest said Hello and when the command's exit status came.
@@ -1392,6 +1558,10 @@ mod tests {
             audit_key: None,
             audit_max_guest_events: 10_000,
             audit_max_guest_bytes: 16 << 20,
+            workspace: None,
+            exclude: Vec::new(),
+            out: None,
+            max_out_bytes: 1 << 30,
             command: vec!["true".into()],
         }
     }

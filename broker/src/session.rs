@@ -171,12 +171,39 @@ impl<O: Write, E: Write> Output<O, E> {
 
 /// The RunSpec, encoded before any VM starts: whatever the encoder refuses
 /// (too many arguments, too long, …) is the user's input error.
+/// Also says which file streams the host serves (capabilities `workspace`
+/// and `results` in its `Hello`; the RunSpec's bytes do not change).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EncodedSpec(Vec<u8>);
+pub struct EncodedSpec {
+    frame: Vec<u8>,
+    /// The host serves a workspace on `FILES_IN_PORT`.
+    pub workspace: bool,
+    /// The host takes results on `FILES_OUT_PORT`.
+    pub results: bool,
+}
 
 impl EncodedSpec {
     pub fn new(spec: RunSpec) -> Result<EncodedSpec, EncodeError> {
-        encode(&Message::RunSpec(spec)).map(EncodedSpec)
+        encode(&Message::RunSpec(spec)).map(|frame| EncodedSpec {
+            frame,
+            workspace: false,
+            results: false,
+        })
+    }
+
+    /// The capabilities of the host's `Hello`, given the guest's.
+    fn host_capabilities(&self, guest: &[String]) -> Vec<String> {
+        let mut caps = vec![capability::AUDIT.to_owned()];
+        if (self.workspace || self.results) && guest.iter().any(|c| c == capability::FILES) {
+            caps.push(capability::FILES.to_owned());
+            if self.workspace {
+                caps.push(capability::WORKSPACE.to_owned());
+            }
+            if self.results {
+                caps.push(capability::RESULTS.to_owned());
+            }
+        }
+        caps
     }
 }
 
@@ -221,7 +248,7 @@ fn converse<R: Read, W: Write, O: Write, E: Write>(
     audit: &AuditLog,
 ) -> Outcome {
     // Handshake.
-    let version = match read_frame(&mut reader) {
+    let (version, guest_caps) = match read_frame(&mut reader) {
         Ok(Message::Hello {
             version,
             capabilities,
@@ -231,7 +258,7 @@ fn converse<R: Read, W: Write, O: Write, E: Write>(
                 json!({ "version": version, "capabilities": capabilities }),
                 Durability::Buffered,
             );
-            version
+            (version, capabilities)
         }
         Ok(msg) => return unexpected_or_error(msg, Stage::BeforeHello),
         Err(e) => return read_failed(e, Stage::BeforeHello),
@@ -248,9 +275,16 @@ fn converse<R: Read, W: Write, O: Write, E: Write>(
         return Outcome::Broken(Violation::Version(version));
     }
     progress(Progress::Handshaken);
+    let capabilities = spec.host_capabilities(&guest_caps);
+    if (spec.workspace || spec.results) && !capabilities.iter().any(|c| c == capability::FILES) {
+        eprintln!(
+            "airlock: warning: the guest does not speak file streams: no workspace goes in \
+             and no results come out"
+        );
+    }
     let hello = Message::Hello {
         version: PROTOCOL_VERSION,
-        capabilities: vec![capability::AUDIT.into()],
+        capabilities,
     };
     if let Err(source) = send(&mut writer, &hello) {
         return Outcome::Broken(Violation::Send {
@@ -258,7 +292,7 @@ fn converse<R: Read, W: Write, O: Write, E: Write>(
             source,
         });
     }
-    if let Err(source) = writer.write_all(&spec.0).and_then(|()| writer.flush()) {
+    if let Err(source) = writer.write_all(&spec.frame).and_then(|()| writer.flush()) {
         return Outcome::Broken(Violation::Send {
             what: "RunSpec",
             source,
@@ -887,6 +921,29 @@ mod tests {
     }
 
     #[test]
+    fn file_capabilities_only_for_a_guest_that_speaks_files() {
+        let mut spec = spec();
+        let files = vec!["files".to_owned()];
+        assert_eq!(spec.host_capabilities(&files), ["audit"]);
+        spec.workspace = true;
+        assert_eq!(
+            spec.host_capabilities(&files),
+            ["audit", "files", "workspace"]
+        );
+        spec.results = true;
+        assert_eq!(
+            spec.host_capabilities(&files),
+            ["audit", "files", "workspace", "results"]
+        );
+        assert_eq!(spec.host_capabilities(&["audit".to_owned()]), ["audit"]);
+        spec.workspace = false;
+        assert_eq!(
+            spec.host_capabilities(&files),
+            ["audit", "files", "results"]
+        );
+    }
+
+    #[test]
     fn an_oversized_spec_is_refused_up_front() {
         let big = "x".repeat(airlock_protocol::limits::MAX_STRING);
         let err = EncodedSpec::new(RunSpec {
@@ -896,7 +953,10 @@ mod tests {
         assert!(matches!(err, Err(EncodeError::TooLarge(_))));
         // And a good one is exactly one decodable frame.
         let spec = spec();
-        assert!(matches!(decode_body(&spec.0[4..]), Ok(Message::RunSpec(_))));
+        assert!(matches!(
+            decode_body(&spec.frame[4..]),
+            Ok(Message::RunSpec(_))
+        ));
     }
 
     fn kinds(r: &Scripted) -> Vec<(&str, Source)> {

@@ -31,6 +31,7 @@ mod boottimer;
 mod cmdline;
 mod console;
 mod exec;
+mod files;
 mod image;
 mod mounts;
 mod power;

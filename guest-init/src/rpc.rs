@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use airlock_protocol::limits::MAX_ERROR_MESSAGE;
 use airlock_protocol::{
     capability, read_frame, write_frame, ErrorCode, ExitStatus, FrameError, Message, CONTROL_PORT,
-    HOST_CID, PROTOCOL_VERSION,
+    FILES_IN_PORT, FILES_OUT_PORT, HOST_CID, PROTOCOL_VERSION,
 };
 
 use crate::console;
@@ -190,21 +190,60 @@ fn converse<S: Stream>(
         stream,
         &Message::Hello {
             version: PROTOCOL_VERSION,
-            capabilities: vec![capability::AUDIT.into()],
+            capabilities: vec![capability::AUDIT.into(), capability::FILES.into()],
         },
     )?;
-    let audit = match receive(stream, "Hello")? {
+    let host_caps = match receive(stream, "Hello")? {
         Message::Hello {
             version,
             capabilities,
-        } if version == PROTOCOL_VERSION => capabilities.iter().any(|c| c == capability::AUDIT),
+        } if version == PROTOCOL_VERSION => capabilities,
         Message::Hello { version, .. } => return Err(Error::Version(version)),
         other => return Err(unexpected(other, "Hello")),
     };
+    let has = |cap: &str| host_caps.iter().any(|c| c == cap);
+    let audit = has(capability::AUDIT);
+    let files = has(capability::FILES);
+    let workspace = files && has(capability::WORKSPACE);
+    let results = files && has(capability::RESULTS);
     let spec = match receive(stream, "RunSpec")? {
         Message::RunSpec(spec) => spec,
         other => return Err(unexpected(other, "RunSpec")),
     };
+    if workspace || results {
+        // In image mode /workspace is a tmpfs already; in initramfs mode a
+        // directory of the root.
+        let root = std::path::Path::new(crate::files::WORKSPACE);
+        let fetched = if workspace {
+            crate::files::receive_workspace(root, FILES_IN_PORT).map(|n| {
+                console::debug(&format!("workspace: {n} entries"));
+            })
+        } else {
+            Ok(())
+        };
+        // The command writes its results there.
+        let fetched = fetched.and_then(|()| {
+            if results {
+                std::fs::create_dir_all(root.join(crate::files::OUT_DIR))
+                    .map_err(|e| crate::files::Error::Io(root.join(crate::files::OUT_DIR), e))
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(err) = fetched {
+            let status = ExitStatus::Exited(126);
+            send(
+                stream,
+                &Message::Error {
+                    code: ErrorCode::SpawnFailed,
+                    message: bounded(format!("workspace: {}", console::chain(&err))),
+                },
+            )?;
+            send(stream, &Message::Exit(status))?;
+            await_host_close(stream);
+            return Ok(status);
+        }
+    }
     let spec = if container {
         crate::image::containerize(spec)
     } else {
@@ -304,6 +343,16 @@ fn converse<S: Stream>(
             stream,
             &procevents::process_exit(pid, ended.status, ended.timed_out),
         )?;
+    }
+    if results {
+        // Before Exit: the host reads the results while the VM still runs,
+        // and closes the connection once it has them all.
+        let root = std::path::Path::new(crate::files::WORKSPACE);
+        match crate::files::send_results(root, FILES_OUT_PORT) {
+            Ok(true) => console::debug("results sent"),
+            Ok(false) => console::debug("no /workspace/out: no results"),
+            Err(err) => console::warn(&format!("results: {}", console::chain(&err))),
+        }
     }
     send(stream, &Message::Exit(ended.status))?;
     // The host half-closes once it has read Exit (the reader thread then
@@ -492,7 +541,7 @@ mod tests {
                 read_frame(&mut host).expect("guest hello"),
                 Message::Hello {
                     version: 1,
-                    capabilities: vec!["audit".into()]
+                    capabilities: vec!["audit".into(), "files".into()]
                 }
             );
             write_frame(&mut host, &reply).expect("send hello");

@@ -142,8 +142,11 @@ pub fn write_frame<W: Write>(mut writer: W, msg: &Message) -> Result<(), FrameEr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limits::{MAX_ARGV, MAX_CAPABILITIES, MAX_CHUNK, MAX_ERROR_MESSAGE, MAX_STRING};
-    use crate::message::{ErrorCode, ExitStatus, RunSpec};
+    use crate::limits::{
+        MAX_ARGV, MAX_CAPABILITIES, MAX_CHUNK, MAX_ERROR_MESSAGE, MAX_FILE_CHUNK, MAX_FILE_PATH,
+        MAX_STRING,
+    };
+    use crate::message::{ErrorCode, ExitStatus, FileEntry, FileKind, RunSpec};
     use crate::wire::WireError;
 
     fn spec() -> RunSpec {
@@ -206,6 +209,28 @@ mod tests {
             kind: "exec.dropped".into(),
             fields: vec![],
         });
+        all.extend([
+            Message::FileEntry(FileEntry {
+                path: "src/main.rs".into(),
+                kind: FileKind::File,
+                mode: 0o755,
+                mtime: 1_700_000_000,
+                size: 12,
+            }),
+            Message::FileEntry(FileEntry {
+                path: "d".into(),
+                kind: FileKind::Dir,
+                mode: 0o700,
+                mtime: -5,
+                size: 0,
+            }),
+            Message::FileData(vec![9; MAX_FILE_CHUNK]),
+            Message::FileEnd { sha256: [0xab; 32] },
+            Message::FilesDone {
+                count: 3,
+                bytes: u64::MAX,
+            },
+        ]);
         all
     }
 
@@ -491,7 +516,7 @@ mod tests {
 
     #[test]
     fn rejects_unknown_tag() {
-        for tag in [0, 10, 255] {
+        for tag in [0, 14, 255] {
             assert_eq!(
                 message_error(decode(&raw_frame(tag, &[]))),
                 MessageError::UnknownTag(tag)
@@ -910,5 +935,100 @@ mod tests {
         assert_eq!(e.to_string(), "unknown message tag 0");
         let e = invalid(encode(&Message::Stdin(vec![])));
         assert_eq!(e.to_string(), "data: length 0 outside 1..=65536");
+    }
+
+    #[test]
+    fn file_messages_golden_bytes() {
+        let entry = Message::FileEntry(FileEntry {
+            path: "a/b".into(),
+            kind: FileKind::File,
+            mode: 0o644,
+            mtime: 2,
+            size: 3,
+        });
+        let mut payload = field(b"a/b");
+        payload.push(1);
+        payload.extend(0o644u32.to_le_bytes());
+        payload.extend(2i64.to_le_bytes());
+        payload.extend(3u64.to_le_bytes());
+        assert_eq!(encode(&entry), Ok(raw_frame(10, &payload)));
+        assert_eq!(
+            encode(&Message::FileData(vec![7])),
+            Ok(raw_frame(11, &field(&[7])))
+        );
+        assert_eq!(
+            encode(&Message::FileEnd { sha256: [1; 32] }),
+            Ok(raw_frame(12, &field(&[1; 32])))
+        );
+        let mut done = 4u64.to_le_bytes().to_vec();
+        done.extend(5u64.to_le_bytes());
+        assert_eq!(
+            encode(&Message::FilesDone { count: 4, bytes: 5 }),
+            Ok(raw_frame(13, &done))
+        );
+    }
+
+    #[test]
+    fn file_message_rules() {
+        let entry_payload = |path: &[u8], kind: u8, mode: u32, size: u64| {
+            let mut p = field(path);
+            p.push(kind);
+            p.extend(mode.to_le_bytes());
+            p.extend(0i64.to_le_bytes());
+            p.extend(size.to_le_bytes());
+            p
+        };
+        assert!(decode(&raw_frame(10, &entry_payload(b"ok", 1, 0o600, 1))).is_ok());
+        // Components are the receiver's to check (one entry refused, not
+        // the stream); the codec refuses only an empty path, bad UTF-8, NUL.
+        for path in [&b"../etc/passwd"[..], b"/abs", b"a//b", b"a/./b"] {
+            assert!(decode(&raw_frame(10, &entry_payload(path, 1, 0o600, 1))).is_ok());
+        }
+        for path in [&b""[..], b"a\0b", b"\xff"] {
+            assert!(decode(&raw_frame(10, &entry_payload(path, 1, 0o600, 1))).is_err());
+        }
+        let long = vec![b'p'; MAX_FILE_PATH + 1];
+        assert!(matches!(
+            message_error(decode(&raw_frame(10, &entry_payload(&long, 1, 0, 0)))),
+            MessageError::Wire(WireError::Length { .. })
+        ));
+        assert_eq!(
+            message_error(decode(&raw_frame(10, &entry_payload(b"x", 2, 0, 0)))),
+            MessageError::FileKind(2)
+        );
+        assert_eq!(
+            message_error(decode(&raw_frame(
+                10,
+                &entry_payload(b"x", 1, 0o170_000, 0)
+            ))),
+            MessageError::FileMode(0o170_000)
+        );
+        assert_eq!(
+            message_error(decode(&raw_frame(10, &entry_payload(b"x", 0, 0o755, 1)))),
+            MessageError::DirSize(1)
+        );
+        // FileData: 1 ..= 64 KiB.
+        assert!(decode(&raw_frame(11, &field(&[]))).is_err());
+        assert!(decode(&raw_frame(11, &field(&vec![1; MAX_FILE_CHUNK]))).is_ok());
+        assert!(matches!(
+            message_error(decode(&raw_frame(11, &field(&vec![1; MAX_FILE_CHUNK + 1])))),
+            MessageError::Wire(WireError::Length { .. })
+        ));
+        assert!(encode(&Message::FileData(vec![0; MAX_FILE_CHUNK + 1])).is_err());
+        assert!(encode(&Message::FileData(vec![])).is_err());
+        // FileEnd: exactly 32 bytes.
+        assert!(decode(&raw_frame(12, &field(&[0; 31]))).is_err());
+        assert!(decode(&raw_frame(12, &field(&[0; 33]))).is_err());
+        // The encoder refuses an empty path too.
+        assert_eq!(
+            invalid(encode(&Message::FileEntry(FileEntry {
+                path: String::new(),
+                kind: FileKind::File,
+                mode: 0,
+                mtime: 0,
+                size: 0,
+            }))),
+            MessageError::FilePath
+        );
     }
 }

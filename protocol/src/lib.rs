@@ -25,7 +25,9 @@ mod proptests;
 pub use frame::{
     body_len, decode_body, encode, read_frame, write_frame, DecodeError, EncodeError, FrameError,
 };
-pub use message::{ErrorCode, ExitStatus, Message, MessageError, RunSpec};
+pub use message::{
+    check_file_path, ErrorCode, ExitStatus, FileEntry, FileKind, Message, MessageError, RunSpec,
+};
 pub use wire::WireError;
 
 /// Protocol version spoken by this build. Bumped on any wire change.
@@ -43,10 +45,27 @@ pub const DEFAULT_GUEST_CID: u32 = 3;
 pub mod capability {
     /// The host takes `AuditEvent` messages (and the guest can send them).
     pub const AUDIT: &str = "audit";
+    /// Both sides speak the file-stream messages (`FileEntry`, `FileData`,
+    /// `FileEnd`, `FilesDone`) on the file ports.
+    pub const FILES: &str = "files";
+    /// Host only: it has a workspace for the guest to fetch from
+    /// [`crate::FILES_IN_PORT`] before the command starts.
+    pub const WORKSPACE: &str = "workspace";
+    /// Host only: it wants the guest's `/workspace/out` on
+    /// [`crate::FILES_OUT_PORT`] after the command exits.
+    pub const RESULTS: &str = "results";
 }
 
 /// Host port the guest init connects to for the control connection.
 pub const CONTROL_PORT: u32 = 1024;
+
+/// Host port the guest init connects to, after the `RunSpec`, to read the
+/// workspace (host → guest file stream).
+pub const FILES_IN_PORT: u32 = 1025;
+
+/// Host port the guest connects to, after the command exits and before its
+/// `Exit`, to send `/workspace/out` (guest → host file stream).
+pub const FILES_OUT_PORT: u32 = 1026;
 
 /// The line the init prints on the console when it has started.
 pub const INIT_READY_LINE: &str = "airlock-init: ready";

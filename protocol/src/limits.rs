@@ -56,3 +56,16 @@ pub const MAX_AUDIT_FIELDS: usize = 64;
 
 /// Longest `AuditEvent` field value: 4 KiB.
 pub const MAX_AUDIT_VALUE: usize = 4 * 1024;
+
+/// Longest `FileEntry.path`: 4 KiB (Linux `PATH_MAX`).
+pub const MAX_FILE_PATH: usize = 4096;
+
+/// Most bytes in a `FileData` chunk: 64 KiB.
+pub const MAX_FILE_CHUNK: usize = 64 * 1024;
+
+/// Bytes of the sha256 digest in `FileEnd`.
+pub const SHA256_LEN: usize = 32;
+
+/// Permission bits a `FileEntry.mode` may carry (`0o7777`); the file type is
+/// `FileEntry.kind`, never the mode.
+pub const FILE_MODE_MASK: u32 = 0o7777;

@@ -1,9 +1,9 @@
 //! The messages of protocol version 1 and their payload encodings.
 
 use crate::limits::{
-    MAX_ARGV, MAX_AUDIT_FIELDS, MAX_AUDIT_NAME, MAX_AUDIT_VALUE, MAX_CAPABILITIES,
-    MAX_CAPABILITY_LEN, MAX_CHUNK, MAX_ENV, MAX_ERROR_MESSAGE, MAX_EXIT_CODE, MAX_SIGNAL,
-    MAX_STRING, MIN_ARGV, MIN_CHUNK, MIN_SIGNAL,
+    FILE_MODE_MASK, MAX_ARGV, MAX_AUDIT_FIELDS, MAX_AUDIT_NAME, MAX_AUDIT_VALUE, MAX_CAPABILITIES,
+    MAX_CAPABILITY_LEN, MAX_CHUNK, MAX_ENV, MAX_ERROR_MESSAGE, MAX_EXIT_CODE, MAX_FILE_CHUNK,
+    MAX_FILE_PATH, MAX_SIGNAL, MAX_STRING, MIN_ARGV, MIN_CHUNK, MIN_SIGNAL, SHA256_LEN,
 };
 use crate::wire::{Reader, WireError, Writer};
 
@@ -36,6 +36,96 @@ pub enum MessageError {
     /// An audit field name given twice.
     #[error("audit field {0:?} is given twice")]
     DuplicateAuditField(String),
+    /// A file path that is empty (in a message), or (from
+    /// [`check_file_path`]) absolute or with an empty, `.` or `..` component.
+    #[error("file path is not a relative path of normal components")]
+    FilePath,
+    /// A file kind other than 0 (directory) or 1 (regular file).
+    #[error("unknown file kind {0}")]
+    FileKind(u8),
+    /// A file mode with bits outside `0o7777`.
+    #[error("file mode {0:#o} has bits outside 0o7777")]
+    FileMode(u32),
+    /// A directory entry with a non-zero size.
+    #[error("directory entry with size {0}")]
+    DirSize(u64),
+}
+
+/// What a `FileEntry` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FileKind {
+    /// A directory (wire 0); no data follows.
+    Dir,
+    /// A regular file (wire 1); `FileData` chunks and a `FileEnd` follow.
+    File,
+}
+
+impl FileKind {
+    /// The wire value.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Dir => 0,
+            Self::File => 1,
+        }
+    }
+
+    /// The kind for a wire value.
+    pub fn from_code(code: u8) -> Result<Self, MessageError> {
+        match code {
+            0 => Ok(Self::Dir),
+            1 => Ok(Self::File),
+            other => Err(MessageError::FileKind(other)),
+        }
+    }
+}
+
+/// One entry of a file stream (workspace in, results out): a directory, or
+/// a regular file whose `size` bytes follow as `FileData` chunks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileEntry {
+    /// Path relative to the stream's root, `/`-separated, 1 ..=
+    /// [`MAX_FILE_PATH`] bytes. The codec checks only its length, UTF-8 and
+    /// NUL: a receiver checks the components (with [`check_file_path`] or
+    /// its own) where it uses them, and refuses that one entry.
+    pub path: String,
+    /// Directory or regular file.
+    pub kind: FileKind,
+    /// Permission bits (within [`FILE_MODE_MASK`]).
+    pub mode: u32,
+    /// Modification time, seconds since the Unix epoch (may be negative).
+    pub mtime: i64,
+    /// Bytes of data that follow; 0 for a directory.
+    pub size: u64,
+}
+
+/// Checks a file path: 1 ..= [`MAX_FILE_PATH`] bytes without NUL, relative,
+/// components neither empty nor `.` nor `..`. Not a codec rule (a bad path
+/// refuses one entry, not the stream): senders and receivers call it.
+pub fn check_file_path(path: &str) -> Result<(), MessageError> {
+    let ok = !path.is_empty()
+        && path.len() <= MAX_FILE_PATH
+        && !path.contains('\0')
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..");
+    if ok {
+        Ok(())
+    } else {
+        Err(MessageError::FilePath)
+    }
+}
+
+fn check_file_entry(e: &FileEntry) -> Result<(), MessageError> {
+    if e.path.is_empty() {
+        return Err(MessageError::FilePath);
+    }
+    if e.mode & !FILE_MODE_MASK != 0 {
+        return Err(MessageError::FileMode(e.mode));
+    }
+    if e.kind == FileKind::Dir && e.size != 0 {
+        return Err(MessageError::DirSize(e.size));
+    }
+    Ok(())
 }
 
 /// What the host asks the guest to run. Carries no secret: no API key, token
@@ -170,6 +260,15 @@ pub enum Message {
         kind: String,
         fields: Vec<(String, String)>,
     },
+    /// Sender → receiver on a file connection (only with the
+    /// [`crate::capability::FILES`] capability): the next directory or file.
+    FileEntry(FileEntry),
+    /// A chunk (1 ..= [`MAX_FILE_CHUNK`] bytes) of the current file's data.
+    FileData(Vec<u8>),
+    /// The end of the current file: the sha256 the sender computed.
+    FileEnd { sha256: [u8; SHA256_LEN] },
+    /// The end of the stream: how many entries and data bytes it held.
+    FilesDone { count: u64, bytes: u64 },
 }
 
 /// Wire tags, as in PROTOCOL.md.
@@ -183,6 +282,10 @@ mod tag {
     pub const EXIT: u8 = 7;
     pub const ERROR: u8 = 8;
     pub const AUDIT_EVENT: u8 = 9;
+    pub const FILE_ENTRY: u8 = 10;
+    pub const FILE_DATA: u8 = 11;
+    pub const FILE_END: u8 = 12;
+    pub const FILES_DONE: u8 = 13;
 }
 
 fn check_env_name(name: &str) -> Result<(), MessageError> {
@@ -243,6 +346,10 @@ impl Message {
             Self::Exit(_) => "Exit",
             Self::Error { .. } => "Error",
             Self::AuditEvent { .. } => "AuditEvent",
+            Self::FileEntry(_) => "FileEntry",
+            Self::FileData(_) => "FileData",
+            Self::FileEnd { .. } => "FileEnd",
+            Self::FilesDone { .. } => "FilesDone",
         }
     }
 
@@ -258,6 +365,10 @@ impl Message {
             Self::Exit(_) => tag::EXIT,
             Self::Error { .. } => tag::ERROR,
             Self::AuditEvent { .. } => tag::AUDIT_EVENT,
+            Self::FileEntry(_) => tag::FILE_ENTRY,
+            Self::FileData(_) => tag::FILE_DATA,
+            Self::FileEnd { .. } => tag::FILE_END,
+            Self::FilesDone { .. } => tag::FILES_DONE,
         }
     }
 
@@ -318,6 +429,24 @@ impl Message {
                     w.string("audit field value", value, MAX_AUDIT_VALUE)?;
                 }
                 check_unique_fields(fields)?;
+            }
+            Self::FileEntry(e) => {
+                w.string("file path", &e.path, MAX_FILE_PATH)?;
+                check_file_entry(e)?;
+                w.u8(e.kind.code());
+                w.u32(e.mode);
+                w.i64(e.mtime);
+                w.u64(e.size);
+            }
+            Self::FileData(data) => {
+                w.bytes("file data", data, MIN_CHUNK, MAX_FILE_CHUNK)?;
+            }
+            Self::FileEnd { sha256 } => {
+                w.bytes("sha256", sha256, SHA256_LEN, SHA256_LEN)?;
+            }
+            Self::FilesDone { count, bytes } => {
+                w.u64(*count);
+                w.u64(*bytes);
             }
         }
         Ok(())
@@ -403,6 +532,36 @@ impl Message {
                     fields,
                 }
             }
+            tag::FILE_ENTRY => {
+                let path = r.string("file path", MAX_FILE_PATH)?.to_owned();
+                let kind = FileKind::from_code(r.u8("file kind")?)?;
+                let mode = r.u32("file mode")?;
+                let mtime = r.i64("file mtime")?;
+                let size = r.u64("file size")?;
+                let e = FileEntry {
+                    path,
+                    kind,
+                    mode,
+                    mtime,
+                    size,
+                };
+                check_file_entry(&e)?;
+                Self::FileEntry(e)
+            }
+            tag::FILE_DATA => {
+                Self::FileData(r.bytes("file data", MIN_CHUNK, MAX_FILE_CHUNK)?.to_vec())
+            }
+            tag::FILE_END => {
+                let raw = r.bytes("sha256", SHA256_LEN, SHA256_LEN)?;
+                let mut sha256 = [0u8; SHA256_LEN];
+                sha256.copy_from_slice(raw);
+                Self::FileEnd { sha256 }
+            }
+            tag::FILES_DONE => {
+                let count = r.u64("file count")?;
+                let bytes = r.u64("file bytes")?;
+                Self::FilesDone { count, bytes }
+            }
             other => return Err(MessageError::UnknownTag(other)),
         };
         r.finish()?;
@@ -478,6 +637,16 @@ mod tests {
                 kind: "exec".into(),
                 fields: vec![],
             },
+            Message::FileEntry(FileEntry {
+                path: "a".into(),
+                kind: FileKind::File,
+                mode: 0o644,
+                mtime: 0,
+                size: 1,
+            }),
+            Message::FileData(vec![1]),
+            Message::FileEnd { sha256: [0; 32] },
+            Message::FilesDone { count: 0, bytes: 0 },
         ];
         let kinds: Vec<_> = all.iter().map(Message::kind).collect();
         assert_eq!(
@@ -491,11 +660,15 @@ mod tests {
                 "StdinEnd",
                 "Exit",
                 "Error",
-                "AuditEvent"
+                "AuditEvent",
+                "FileEntry",
+                "FileData",
+                "FileEnd",
+                "FilesDone"
             ]
         );
         let tags: Vec<_> = all.iter().map(Message::tag).collect();
-        assert_eq!(tags, [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(tags, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
     }
 
     #[test]
@@ -535,5 +708,57 @@ mod tests {
             check_unique_fields(&fields(&["a", "b", "a"])),
             Err(MessageError::DuplicateAuditField("a".into()))
         );
+    }
+
+    #[test]
+    fn file_paths() {
+        for good in [
+            "a",
+            "a/b",
+            "a.b/.c/..d",
+            "out/x y",
+            &"p".repeat(MAX_FILE_PATH),
+        ] {
+            assert_eq!(check_file_path(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../b",
+            "a/./b",
+            ".",
+            "a//b",
+            "a/",
+            "a\0b",
+            &"p".repeat(MAX_FILE_PATH + 1),
+        ] {
+            assert_eq!(check_file_path(bad), Err(MessageError::FilePath), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn file_entry_rules() {
+        let e = |kind, mode, size| FileEntry {
+            path: "x".into(),
+            kind,
+            mode,
+            mtime: -1,
+            size,
+        };
+        assert_eq!(
+            check_file_entry(&e(FileKind::File, 0o7777, u64::MAX)),
+            Ok(())
+        );
+        assert_eq!(check_file_entry(&e(FileKind::Dir, 0o755, 0)), Ok(()));
+        assert_eq!(
+            check_file_entry(&e(FileKind::File, 0o10644, 0)),
+            Err(MessageError::FileMode(0o10644))
+        );
+        assert_eq!(
+            check_file_entry(&e(FileKind::Dir, 0o755, 1)),
+            Err(MessageError::DirSize(1))
+        );
+        assert_eq!(FileKind::from_code(2), Err(MessageError::FileKind(2)));
     }
 }

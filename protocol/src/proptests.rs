@@ -4,7 +4,9 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 
 use crate::limits::{MAX_CHUNK, MIN_SIGNAL};
-use crate::{decode_body, encode, read_frame, ErrorCode, ExitStatus, Message, RunSpec};
+use crate::{
+    decode_body, encode, read_frame, ErrorCode, ExitStatus, FileEntry, FileKind, Message, RunSpec,
+};
 
 /// A string without NUL of up to `max_chars` chars.
 fn text(max_chars: usize) -> impl Strategy<Value = String> {
@@ -68,6 +70,36 @@ fn audit_event() -> impl Strategy<Value = Message> {
         })
 }
 
+/// A valid relative file path of 1..4 normal components.
+fn file_path() -> impl Strategy<Value = String> {
+    vec(
+        proptest::string::string_regex("[^\\x00/]{1,12}")
+            .expect("valid regex")
+            .prop_filter("normal component", |c| c != "." && c != ".."),
+        1..4,
+    )
+    .prop_map(|parts| parts.join("/"))
+}
+
+fn file_entry() -> impl Strategy<Value = Message> {
+    (
+        file_path(),
+        any::<bool>(),
+        0u32..=0o7777,
+        any::<i64>(),
+        any::<u64>(),
+    )
+        .prop_map(|(path, dir, mode, mtime, size)| {
+            Message::FileEntry(FileEntry {
+                path,
+                kind: if dir { FileKind::Dir } else { FileKind::File },
+                mode,
+                mtime,
+                size: if dir { 0 } else { size },
+            })
+        })
+}
+
 /// Any valid message.
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
@@ -86,6 +118,10 @@ fn message() -> impl Strategy<Value = Message> {
         (proptest::sample::select(ErrorCode::ALL.to_vec()), text(64))
             .prop_map(|(code, message)| Message::Error { code, message }),
         audit_event(),
+        file_entry(),
+        chunk().prop_map(Message::FileData),
+        any::<[u8; 32]>().prop_map(|sha256| Message::FileEnd { sha256 }),
+        (any::<u64>(), any::<u64>()).prop_map(|(count, bytes)| Message::FilesDone { count, bytes }),
     ]
 }
 
@@ -115,7 +151,7 @@ proptest! {
     /// Arbitrary payloads behind a valid header and a real tag reach deeper
     /// into the decoder than fully random bytes.
     #[test]
-    fn decoding_arbitrary_payloads_never_panics(tag in 0u8..=10, payload in vec(any::<u8>(), 0..512)) {
+    fn decoding_arbitrary_payloads_never_panics(tag in 0u8..=14, payload in vec(any::<u8>(), 0..512)) {
         let mut body = vec![tag];
         body.extend(payload);
         if let Ok(msg) = decode_body(&body) {

@@ -167,6 +167,11 @@ impl<'a> Reader<'a> {
         self.array(field).map(u64::from_le_bytes)
     }
 
+    /// A little-endian `i64`.
+    pub fn i64(&mut self, field: &'static str) -> Result<i64, WireError> {
+        self.array(field).map(i64::from_le_bytes)
+    }
+
     /// A `u8` that must be 0 or 1.
     pub fn flag(&mut self, field: &'static str) -> Result<bool, WireError> {
         let v = self.u8(field)?;
@@ -265,6 +270,11 @@ impl Writer {
 
     /// A little-endian `u64`.
     pub fn u64(&mut self, v: u64) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+
+    /// A little-endian `i64`.
+    pub fn i64(&mut self, v: i64) {
         self.buf.extend_from_slice(&v.to_le_bytes());
     }
 

@@ -13,6 +13,14 @@
 //!    every connection starts a frame announcing the largest allowed body;
 //! 5. `unserved`: connections to ports nobody serves.
 //!
+//! `airlock-hostile results` instead attacks the results port (1026, served
+//! when the run has `--out`): on one connection, a valid file `good.txt`,
+//! then `../../etc/passwd`, `/etc/passwd`, `out-link/x` (the test makes
+//! `out-link` a symlink in `--out`), `huge` claiming 10 GB, `over` (2000
+//! bytes, over the test's `--max-out-bytes 1000`), `badsum` (wrong sha256)
+//! and `keep.txt` cut short (100 bytes claimed, 10 sent), then `FilesDone`.
+//! It prints `hostile: results sent` on stdout.
+//!
 //! One line per step goes to stderr (what was sent, what came back). Then it
 //! prints `hostile: done` on stdout and exits 0; whatever the host does
 //! (answer, close, refuse), the program itself never hangs: every socket has
@@ -28,7 +36,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use airlock_protocol::limits::MAX_FRAME_BODY;
-use airlock_protocol::{encode, Message, CONTROL_PORT, HOST_CID, PROTOCOL_VERSION};
+use airlock_protocol::{
+    encode, FileEntry, FileKind, Message, CONTROL_PORT, FILES_OUT_PORT, HOST_CID, PROTOCOL_VERSION,
+};
+use sha2::{Digest, Sha256};
 
 /// Most bytes per `write` (vhost-device-vsock 0.3.0 stalls on 64 KiB).
 const MAX_WRITE: usize = 32 * 1024;
@@ -332,10 +343,82 @@ fn unserved() {
     }
 }
 
+/// The frames of one file: entry, data in one chunk, end (with `sha256`,
+/// or the real digest).
+fn file_frames(path: &str, size: u64, data: &[u8], sha256: Option<[u8; 32]>) -> Vec<Message> {
+    let mut msgs = vec![Message::FileEntry(FileEntry {
+        path: path.into(),
+        kind: FileKind::File,
+        mode: 0o644,
+        mtime: 1_600_000_000,
+        size,
+    })];
+    if !data.is_empty() {
+        msgs.push(Message::FileData(data.to_vec()));
+    }
+    let sha256 = sha256.unwrap_or_else(|| Sha256::digest(data).into());
+    msgs.push(Message::FileEnd { sha256 });
+    msgs
+}
+
+/// `airlock-hostile results`: see the module docs.
+fn results() -> ExitCode {
+    let mut msgs = Vec::new();
+    msgs.extend(file_frames("good.txt", 5, b"good\n", None));
+    msgs.extend(file_frames("../../etc/passwd", 5, b"root\n", None));
+    msgs.extend(file_frames("/etc/passwd", 5, b"root\n", None));
+    msgs.extend(file_frames("out-link/x", 7, b"escape\n", None));
+    msgs.extend(file_frames("huge", 10_000_000_000, b"", Some([0; 32])));
+    msgs.extend(file_frames("over", 2000, &[b'o'; 2000], None));
+    msgs.extend(file_frames("badsum", 4, b"data", Some([7; 32])));
+    msgs.extend(file_frames("keep.txt", 100, &[b'p'; 10], Some([0; 32])));
+    msgs.push(Message::FilesDone { count: 8, bytes: 0 });
+    let mut bytes = Vec::new();
+    for msg in &msgs {
+        match encode(msg) {
+            Ok(frame) => bytes.extend(frame),
+            Err(err) => {
+                report(&format!("results: cannot encode {}: {err}", msg.kind()));
+                return ExitCode::from(1);
+            }
+        }
+    }
+    match Vsock::connect(FILES_OUT_PORT) {
+        Err(err) => {
+            report(&format!("results: connect failed: {err}"));
+            return ExitCode::from(1);
+        }
+        Ok(mut sock) => {
+            let (sent, err) = sock.send(&bytes);
+            // The host closes once it has read FilesDone.
+            let mut how = "quiet";
+            for _ in 0..20 {
+                let (_, h) = sock.answer();
+                how = h;
+                if h != "quiet" {
+                    break;
+                }
+            }
+            let err = err.map_or_else(String::new, |e| format!(" (send stopped: {e})"));
+            report(&format!(
+                "results: sent {sent} of {} bytes{err}; then the host {how}",
+                bytes.len()
+            ));
+        }
+    }
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "hostile: results sent");
+    let _ = out.flush();
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     if let Err(err) = Vsock::socket() {
         report(&format!("error: cannot create a vsock socket: {err}"));
         return ExitCode::from(1);
+    }
+    if std::env::args().nth(1).as_deref() == Some("results") {
+        return results();
     }
     probe("garbage", &garbage(4096));
     probe("huge-header", &huge_header());

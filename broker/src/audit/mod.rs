@@ -86,6 +86,13 @@ pub mod kind {
     pub const POLICY_OUTPUT_LIMIT: &str = "policy.output_limit";
     pub const PROTOCOL_ERROR: &str = "protocol.error";
     pub const AUDIT_OVERFLOW: &str = "audit.overflow";
+    /// A workspace file sent to the guest (`path`, `size`, `sha256`).
+    pub const FILE_IN: &str = "file.in";
+    /// A result file from the guest: `path`, and `size` + `sha256` and
+    /// `accepted: true`, or `accepted: false` and `reason`.
+    pub const FILE_OUT: &str = "file.out";
+    /// A workspace or results stream as a whole (counts, or its error).
+    pub const FILES_DONE: &str = "files.done";
     /// Guest claims read off the protocol.
     pub const COMMAND_EXIT: &str = "command.exit";
     pub const COMMAND_SPAWN_FAILED: &str = "command.spawn_failed";

@@ -1,0 +1,840 @@
+//! Files over the RPC: the workspace in (`--workspace`, port 1025) and the
+//! results out (`--out`, port 1026). See PROTOCOL.md, "File streams".
+//!
+//! Sending: a depth-first walk of the workspace, streamed file by file in
+//! 64 KiB chunks (never the whole tree in memory). Only directories and
+//! regular files go; symlinks are skipped (never followed) and counted, and
+//! names on the deny list are skipped.
+//!
+//! Receiving: the guest is hostile. Every path is checked where it is used:
+//! each directory on the way is opened relative to its parent with
+//! `O_NOFOLLOW | O_DIRECTORY` (so a symlink in the way is refused, not
+//! followed) and created with `mkdirat` if missing; a file is written to a
+//! temporary file in its own directory (`O_CREAT | O_EXCL | O_NOFOLLOW`),
+//! fsynced, and renamed over its name only if its size and our own sha256
+//! match what the guest announced. A refused file leaves whatever was at
+//! its name untouched. Sizes are bounded per file and in total.
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use airlock_protocol::limits::{FILE_MODE_MASK, MAX_FILE_CHUNK, MAX_FILE_PATH};
+use airlock_protocol::{
+    check_file_path, read_frame, write_frame, FileEntry, FileKind, FrameError, Message,
+};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::audit::{kind, AuditLog, Durability};
+
+/// Names never sent from a workspace, matched against each path
+/// component's name.
+pub const DEFAULT_DENY: [&str; 6] = [".env*", ".ssh", ".aws", ".gnupg", "*.pem", "id_*"];
+
+/// Most entries a results stream may hold; beyond, the stream is cut.
+pub const MAX_RESULT_ENTRIES: u64 = 100_000;
+
+/// What can go wrong with a whole stream (a single refused file is not an
+/// error: it is reported and the stream goes on).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read the workspace {}", .0.display())]
+    Workspace(PathBuf, #[source] io::Error),
+    #[error("cannot read {}", .0.display())]
+    Read(PathBuf, #[source] io::Error),
+    #[error("{} changed size while it was being sent", .0.display())]
+    Changed(PathBuf),
+    #[error("cannot send the workspace")]
+    Send(#[source] FrameError),
+    #[error("cannot open the output directory {}", .0.display())]
+    OutDir(PathBuf, #[source] io::Error),
+    #[error("the results stream is malformed: {0}")]
+    Stream(String),
+    #[error("the results stream failed")]
+    Receive(#[source] FrameError),
+}
+
+/// A `*`/`?` glob over one name (bytes): `*` any run, `?` any one byte.
+pub fn glob_match(pattern: &[u8], name: &[u8]) -> bool {
+    let (mut p, mut n) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, n));
+                p += 1;
+            }
+            Some(&c) if c == b'?' || c == name[n] => {
+                p += 1;
+                n += 1;
+            }
+            _ => match star {
+                Some((sp, sn)) => {
+                    p = sp + 1;
+                    n = sn + 1;
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p.min(pattern.len())..].iter().all(|&c| c == b'*')
+}
+
+/// The deny list: the defaults plus every `--exclude`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deny {
+    patterns: Vec<String>,
+}
+
+impl Deny {
+    pub fn new(extra: &[String]) -> Deny {
+        let mut patterns: Vec<String> = DEFAULT_DENY.iter().map(|p| (*p).to_owned()).collect();
+        patterns.extend(extra.iter().cloned());
+        Deny { patterns }
+    }
+
+    /// Whether a path component named `name` is kept out.
+    pub fn denies(&self, name: &OsStr) -> bool {
+        self.patterns
+            .iter()
+            .any(|p| glob_match(p.as_bytes(), name.as_bytes()))
+    }
+}
+
+/// Checks, before any VM starts, that the workspace is a readable
+/// directory (not a symlink to one is fine: the user named it).
+pub fn check_workspace(root: &Path) -> Result<(), Error> {
+    let meta = std::fs::metadata(root).map_err(|e| Error::Workspace(root.into(), e))?;
+    if !meta.is_dir() {
+        return Err(Error::Workspace(
+            root.into(),
+            io::Error::new(io::ErrorKind::InvalidInput, "not a directory"),
+        ));
+    }
+    std::fs::read_dir(root).map_err(|e| Error::Workspace(root.into(), e))?;
+    Ok(())
+}
+
+/// What a stream carried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sent {
+    pub entries: u64,
+    pub bytes: u64,
+    pub denied: u64,
+    pub symlinks: u64,
+    /// Other file types, and names that are not UTF-8 or too long.
+    pub skipped: u64,
+}
+
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn mtime_of(meta: &std::fs::Metadata) -> i64 {
+    meta.mtime()
+}
+
+/// Streams the workspace at `root` to `w` (then `FilesDone`), one `file.in`
+/// audit record per file.
+pub fn send_workspace<W: Write>(
+    mut w: W,
+    root: &Path,
+    deny: &Deny,
+    audit: &AuditLog,
+) -> Result<Sent, Error> {
+    let mut sent = Sent::default();
+    // Depth-first with an explicit stack of directories still to list; a
+    // directory's entry is sent before anything inside it.
+    let mut stack: Vec<(PathBuf, String)> = vec![(root.to_path_buf(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(&dir)
+            .map_err(|e| Error::Read(dir.clone(), e))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::Read(dir.clone(), e))?;
+        names.sort();
+        let mut subdirs = Vec::new();
+        for name in names {
+            if deny.denies(&name) {
+                sent.denied += 1;
+                continue;
+            }
+            let path = dir.join(&name);
+            let Some(name_str) = name.to_str() else {
+                sent.skipped += 1;
+                continue;
+            };
+            let rel_path = if rel.is_empty() {
+                name_str.to_owned()
+            } else {
+                format!("{rel}/{name_str}")
+            };
+            if rel_path.len() > MAX_FILE_PATH || check_file_path(&rel_path).is_err() {
+                sent.skipped += 1;
+                continue;
+            }
+            let meta =
+                std::fs::symlink_metadata(&path).map_err(|e| Error::Read(path.clone(), e))?;
+            let ft = meta.file_type();
+            if ft.is_symlink() {
+                sent.symlinks += 1;
+            } else if ft.is_dir() {
+                let entry = FileEntry {
+                    path: rel_path.clone(),
+                    kind: FileKind::Dir,
+                    mode: meta.permissions().mode() & FILE_MODE_MASK,
+                    mtime: mtime_of(&meta),
+                    size: 0,
+                };
+                write_frame(&mut w, &Message::FileEntry(entry)).map_err(Error::Send)?;
+                sent.entries += 1;
+                subdirs.push((path, rel_path));
+            } else if ft.is_file() {
+                send_file(&mut w, &path, rel_path, audit, &mut sent)?;
+            } else {
+                sent.skipped += 1;
+            }
+        }
+        // Reversed so that the stack pops them in name order.
+        stack.extend(subdirs.into_iter().rev());
+    }
+    write_frame(
+        &mut w,
+        &Message::FilesDone {
+            count: sent.entries,
+            bytes: sent.bytes,
+        },
+    )
+    .map_err(Error::Send)?;
+    w.flush().map_err(|e| Error::Send(FrameError::Io(e)))?;
+    Ok(sent)
+}
+
+fn send_file<W: Write>(
+    w: &mut W,
+    path: &Path,
+    rel_path: String,
+    audit: &AuditLog,
+    sent: &mut Sent,
+) -> Result<(), Error> {
+    let read_err = |e| Error::Read(path.to_path_buf(), e);
+    // O_NOFOLLOW: swapped for a symlink since the lstat, it is not followed.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        sent.skipped += 1;
+        return Ok(());
+    }
+    let size = meta.len();
+    let entry = FileEntry {
+        path: rel_path.clone(),
+        kind: FileKind::File,
+        mode: meta.permissions().mode() & FILE_MODE_MASK,
+        mtime: mtime_of(&meta),
+        size,
+    };
+    write_frame(&mut *w, &Message::FileEntry(entry)).map_err(Error::Send)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; MAX_FILE_CHUNK];
+    let mut left = size;
+    while left > 0 {
+        let want = usize::try_from(left.min(MAX_FILE_CHUNK as u64)).unwrap_or(MAX_FILE_CHUNK);
+        let n = match file.read(&mut buf[..want]) {
+            Ok(0) => return Err(Error::Changed(path.to_path_buf())),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_err(e)),
+        };
+        hasher.update(&buf[..n]);
+        write_frame(&mut *w, &Message::FileData(buf[..n].to_vec())).map_err(Error::Send)?;
+        left -= n as u64;
+    }
+    let sha256: [u8; 32] = hasher.finalize().into();
+    write_frame(&mut *w, &Message::FileEnd { sha256 }).map_err(Error::Send)?;
+    sent.entries += 1;
+    sent.bytes += size;
+    audit.host(
+        kind::FILE_IN,
+        json!({ "path": rel_path, "size": size, "sha256": hex(&sha256) }),
+        Durability::Buffered,
+    );
+    Ok(())
+}
+
+// ---- receiving ----
+
+/// A path component as a C string (a NUL in it is an error).
+fn c_name(name: &str) -> io::Result<CString> {
+    CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))
+}
+
+/// `openat(dir, name, flags, mode)`, never following a symlink at `name`.
+fn open_at(dir: RawFd, name: &str, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+    let name = c_name(name)?;
+    // SAFETY: `name` is a NUL-terminated string that outlives the call; the
+    // returned descriptor, if any, is new and owned by nobody else.
+    let fd = unsafe {
+        libc::openat(
+            dir,
+            name.as_ptr(),
+            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            libc::c_uint::from(mode),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by openat and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn mkdir_at(dir: RawFd, name: &str, mode: libc::mode_t) -> io::Result<()> {
+    let name = c_name(name)?;
+    // SAFETY: `name` is NUL-terminated and outlives the call.
+    if unsafe { libc::mkdirat(dir, name.as_ptr(), mode) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn unlink_at(dir: RawFd, name: &str) {
+    if let Ok(name) = c_name(name) {
+        // SAFETY: `name` is NUL-terminated and outlives the call. Best effort.
+        unsafe { libc::unlinkat(dir, name.as_ptr(), 0) };
+    }
+}
+
+fn rename_at(dir: RawFd, from: &str, to: &str) -> io::Result<()> {
+    let (from, to) = (c_name(from)?, c_name(to)?);
+    // SAFETY: both names are NUL-terminated and outlive the call; renameat
+    // replaces a symlink at `to` itself, never its target.
+    if unsafe { libc::renameat(dir, from.as_ptr(), dir, to.as_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn set_mtime(fd: RawFd, mtime: i64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: mtime,
+        tv_nsec: 0,
+    };
+    let times = [ts, ts];
+    // SAFETY: `times` is two valid timespecs that outlive the call.
+    if unsafe { libc::futimens(fd, times.as_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The components of a path the guest sent, checked here, at the point of
+/// use: relative, each non-empty, not `.`/`..`, no NUL.
+fn components(path: &str) -> Result<Vec<&str>, String> {
+    if path.is_empty() || path.len() > MAX_FILE_PATH {
+        return Err("empty or too long path".into());
+    }
+    if path.starts_with('/') {
+        return Err("absolute path".into());
+    }
+    if path.contains('\0') {
+        return Err("NUL in path".into());
+    }
+    let parts: Vec<&str> = path.split('/').collect();
+    if parts.contains(&"..") {
+        return Err("'..' in path".into());
+    }
+    if parts.iter().any(|c| c.is_empty() || *c == ".") {
+        return Err("empty or '.' component".into());
+    }
+    Ok(parts)
+}
+
+/// Opens (creating if missing) each directory of `dirs` below `root`, never
+/// following a symlink.
+fn open_dirs(root: &OwnedFd, dirs: &[&str]) -> Result<OwnedFd, String> {
+    let mut cur = root.try_clone().map_err(|e| format!("dup: {e}"))?;
+    for name in dirs {
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY;
+        let next = match open_at(cur.as_raw_fd(), name, flags, 0) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                mkdir_at(cur.as_raw_fd(), name, 0o755)
+                    .map_err(|e| format!("cannot create directory {name}: {e}"))?;
+                open_at(cur.as_raw_fd(), name, flags, 0)
+                    .map_err(|e| format!("cannot open directory {name}: {e}"))?
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) => {
+                return Err(format!("{name} is a symlink or not a directory"))
+            }
+            Err(e) => return Err(format!("cannot open directory {name}: {e}")),
+        };
+        cur = next;
+    }
+    Ok(cur)
+}
+
+/// The file being received.
+struct Current {
+    path: String,
+    size: u64,
+    got: u64,
+    hasher: Sha256,
+    /// `None` once refused: the data is read and dropped.
+    target: Option<Target>,
+    refusal: Option<String>,
+    mode: u32,
+    mtime: i64,
+}
+
+struct Target {
+    dir: OwnedFd,
+    name: String,
+    tmp: String,
+    file: File,
+}
+
+impl Target {
+    fn discard(self) {
+        drop(self.file);
+        unlink_at(self.dir.as_raw_fd(), &self.tmp);
+    }
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn create_temp(dir: &OwnedFd, name: &str) -> Result<(String, File), String> {
+    for _ in 0..16 {
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = format!(".airlock-part-{}-{n}", std::process::id());
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL;
+        match open_at(dir.as_raw_fd(), &tmp, flags, 0o600) {
+            Ok(fd) => return Ok((tmp, File::from(fd))),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(format!("cannot create a temporary file for {name}: {e}")),
+        }
+    }
+    Err(format!("cannot create a temporary file for {name}"))
+}
+
+/// The results receiver's view of the run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Received {
+    pub accepted: u64,
+    pub refused: u64,
+    pub bytes: u64,
+}
+
+/// Receives a results stream from `r` into `out` within `max_bytes` (per
+/// file and in total). Each refused file is reported to `refused` (path,
+/// reason), audited as `file.out` with `accepted: false`, and skipped; a
+/// malformed stream ends it with an error (the file in progress refused).
+pub fn receive_results<R: Read>(
+    mut r: R,
+    out: &Path,
+    max_bytes: u64,
+    audit: &AuditLog,
+    refused: &mut dyn FnMut(&str, &str),
+) -> Result<Received, Error> {
+    // The user's own --out (a symlink there is the user's choice), opened
+    // once: everything below is reached relative to this descriptor.
+    let root: OwnedFd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(out)
+        .map_err(|e| Error::OutDir(out.into(), e))?
+        .into();
+    let mut got = Received::default();
+    let mut budget = max_bytes;
+    let mut entries = 0u64;
+    let mut current: Option<Current> = None;
+    // `size`: what the guest claimed; `sha256`: ours, of what it sent.
+    let mut refuse =
+        |path: &str, why: &str, size: Option<u64>, sha: Option<String>, got: &mut Received| {
+            got.refused += 1;
+            refused(path, why);
+            audit.host(
+                kind::FILE_OUT,
+                json!({ "path": path, "size": size, "sha256": sha, "accepted": false,
+                    "reason": why }),
+                Durability::Buffered,
+            );
+        };
+    let result = loop {
+        let msg = match read_frame(&mut r) {
+            Ok(msg) => msg,
+            Err(e) => break Err(Error::Receive(e)),
+        };
+        match (msg, current.take()) {
+            (Message::FileEntry(entry), None) => {
+                entries += 1;
+                if entries > MAX_RESULT_ENTRIES {
+                    break Err(Error::Stream(format!(
+                        "more than {MAX_RESULT_ENTRIES} entries"
+                    )));
+                }
+                match entry.kind {
+                    FileKind::Dir => {
+                        if let Err(why) = make_dir(&root, &entry) {
+                            refuse(&entry.path, &why, None, None, &mut got);
+                        }
+                    }
+                    FileKind::File => {
+                        current = Some(start_file(&root, entry, budget));
+                    }
+                }
+            }
+            (Message::FileData(data), Some(mut cur)) => {
+                let n = data.len() as u64;
+                if n > cur.size - cur.got {
+                    let path = cur.path.clone();
+                    if let Some(t) = cur.target.take() {
+                        t.discard();
+                    }
+                    refuse(
+                        &path,
+                        "more data than its size",
+                        Some(cur.size),
+                        None,
+                        &mut got,
+                    );
+                    break Err(Error::Stream(format!("{path}: more data than its size")));
+                }
+                cur.got += n;
+                cur.hasher.update(&data);
+                if let Some(t) = cur.target.as_mut() {
+                    if let Err(e) = t.file.write_all(&data) {
+                        if let Some(t) = cur.target.take() {
+                            t.discard();
+                        }
+                        cur.refusal = Some(format!("write failed: {e}"));
+                    }
+                }
+                current = Some(cur);
+            }
+            (Message::FileEnd { sha256 }, Some(cur)) => {
+                let reserved = cur.size;
+                match finish_file(cur, &sha256) {
+                    Ok((path, size, digest)) => {
+                        got.accepted += 1;
+                        got.bytes += size;
+                        budget = budget.saturating_sub(size);
+                        audit.host(
+                            kind::FILE_OUT,
+                            json!({ "path": path, "size": size, "sha256": hex(&digest),
+                                    "accepted": true }),
+                            Durability::Buffered,
+                        );
+                    }
+                    Err((path, why, digest)) => {
+                        refuse(&path, &why, Some(reserved), Some(hex(&digest)), &mut got);
+                    }
+                }
+            }
+            (Message::FilesDone { .. }, None) => break Ok(()),
+            (msg, cur) => {
+                let what = msg.kind();
+                if let Some(mut cur) = cur {
+                    if let Some(t) = cur.target.take() {
+                        t.discard();
+                    }
+                    refuse(
+                        &cur.path,
+                        "incomplete (the stream broke)",
+                        Some(cur.size),
+                        None,
+                        &mut got,
+                    );
+                }
+                break Err(Error::Stream(format!("unexpected {what}")));
+            }
+        }
+    };
+    if let Some(mut cur) = current.take() {
+        if let Some(t) = cur.target.take() {
+            t.discard();
+        }
+        refuse(
+            &cur.path,
+            "incomplete (the stream ended)",
+            Some(cur.size),
+            None,
+            &mut got,
+        );
+    }
+    result.map(|()| got)
+}
+
+fn make_dir(root: &OwnedFd, entry: &FileEntry) -> Result<(), String> {
+    let parts = components(&entry.path)?;
+    let dir = open_dirs(root, &parts)?;
+    // Keep it writable by us: later entries go inside it.
+    let mode = (entry.mode & FILE_MODE_MASK) | 0o700;
+    // SAFETY: fchmod on a descriptor we own; no memory is passed.
+    if unsafe { libc::fchmod(dir.as_raw_fd(), mode) } < 0 {
+        return Err(format!("chmod: {}", io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn start_file(root: &OwnedFd, entry: FileEntry, budget: u64) -> Current {
+    let mut cur = Current {
+        path: entry.path.clone(),
+        size: entry.size,
+        got: 0,
+        hasher: Sha256::new(),
+        target: None,
+        refusal: None,
+        mode: entry.mode & FILE_MODE_MASK,
+        mtime: entry.mtime,
+    };
+    if entry.size > budget {
+        cur.refusal = Some(format!(
+            "{} bytes is over the limit ({budget} bytes left of --max-out-bytes)",
+            entry.size
+        ));
+        return cur;
+    }
+    let open = || -> Result<Target, String> {
+        let parts = components(&entry.path)?;
+        let (name, dirs) = parts.split_last().ok_or("empty path")?;
+        let dir = open_dirs(root, dirs)?;
+        let (tmp, file) = create_temp(&dir, name)?;
+        Ok(Target {
+            dir,
+            name: (*name).to_owned(),
+            tmp,
+            file,
+        })
+    };
+    match open() {
+        Ok(t) => cur.target = Some(t),
+        Err(why) => cur.refusal = Some(why),
+    }
+    cur
+}
+
+/// Accepted: path, size, sha256; refused: path, reason, our sha256.
+type Finished = Result<(String, u64, [u8; 32]), (String, String, [u8; 32])>;
+
+fn finish_file(mut cur: Current, sha256: &[u8; 32]) -> Finished {
+    let digest: [u8; 32] = cur.hasher.clone().finalize().into();
+    let why = if let Some(why) = cur.refusal.take() {
+        Some(why)
+    } else if cur.got != cur.size {
+        Some(format!("short file: {} of {} bytes", cur.got, cur.size))
+    } else if &digest != sha256 {
+        Some("sha256 mismatch".to_owned())
+    } else {
+        None
+    };
+    let Some(t) = cur.target.take() else {
+        return Err((cur.path, why.unwrap_or_else(|| "refused".into()), digest));
+    };
+    if let Some(why) = why {
+        t.discard();
+        return Err((cur.path, why, digest));
+    }
+    let commit = || -> io::Result<()> {
+        t.file
+            .set_permissions(std::fs::Permissions::from_mode(cur.mode))?;
+        set_mtime(t.file.as_raw_fd(), cur.mtime)?;
+        t.file.sync_all()?;
+        rename_at(t.dir.as_raw_fd(), &t.tmp, &t.name)?;
+        // SAFETY: fsync on a directory descriptor we own.
+        unsafe { libc::fsync(t.dir.as_raw_fd()) };
+        Ok(())
+    };
+    match commit() {
+        Ok(()) => Ok((cur.path, cur.size, digest)),
+        Err(e) => {
+            t.discard();
+            Err((cur.path, format!("cannot write it: {e}"), digest))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::log::TEST_LIMITS;
+    use crate::paths::TestDir;
+    use airlock_protocol::encode;
+
+    #[test]
+    fn globs() {
+        for (p, n, want) in [
+            (".env*", ".env", true),
+            (".env*", ".env.local", true),
+            (".env*", "x.env", false),
+            ("*.pem", "key.pem", true),
+            ("*.pem", "key.pem.txt", false),
+            ("id_*", "id_rsa", true),
+            ("a?c", "abc", true),
+            ("a?c", "ac", false),
+            ("*", "", true),
+            ("**x", "yx", true),
+            ("a*b*c", "aXbYbZc", true),
+            ("a*b*c", "aXbYbZ", false),
+        ] {
+            assert_eq!(glob_match(p.as_bytes(), n.as_bytes()), want, "{p} {n}");
+        }
+        let deny = Deny::new(&["*.log".into()]);
+        assert!(deny.denies(OsStr::new(".ssh")));
+        assert!(deny.denies(OsStr::new("x.log")));
+        assert!(!deny.denies(OsStr::new("main.rs")));
+    }
+
+    #[test]
+    fn paths_are_checked_at_the_point_of_use() {
+        assert!(components("a/b").is_ok());
+        for bad in ["", "/etc", "../x", "a/../b", "a//b", "./a", "a\0b"] {
+            assert!(components(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn frames(msgs: &[Message]) -> Vec<u8> {
+        msgs.iter()
+            .flat_map(|m| encode(m).expect("valid"))
+            .collect()
+    }
+
+    fn entry(path: &str, kind: FileKind, size: u64) -> Message {
+        Message::FileEntry(FileEntry {
+            path: path.into(),
+            kind,
+            mode: 0o755,
+            mtime: 1_000_000,
+            size,
+        })
+    }
+
+    fn file(path: &str, data: &[u8]) -> Vec<Message> {
+        let sha256: [u8; 32] = Sha256::digest(data).into();
+        let mut v = vec![entry(path, FileKind::File, data.len() as u64)];
+        if !data.is_empty() {
+            v.push(Message::FileData(data.to_vec()));
+        }
+        v.push(Message::FileEnd { sha256 });
+        v
+    }
+
+    #[test]
+    fn workspace_round_trips_through_the_receiver() {
+        let src = TestDir::new("files-src");
+        let dst = TestDir::new("files-dst");
+        let s = src.path();
+        std::fs::create_dir(s.join("sub")).expect("mkdir");
+        std::fs::write(s.join("a.txt"), b"hello").expect("write");
+        std::fs::write(s.join("sub/run.sh"), b"#!/bin/sh\necho hi\n").expect("write");
+        std::fs::set_permissions(s.join("sub/run.sh"), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        std::fs::write(s.join(".env"), b"SECRET=1").expect("write");
+        std::fs::write(s.join("big"), vec![7u8; 200_000]).expect("write");
+        std::os::unix::fs::symlink("/etc/passwd", s.join("link")).expect("symlink");
+        let (audit, _mem) = AuditLog::memory(TEST_LIMITS, None);
+        let mut buf = Vec::new();
+        let sent = send_workspace(&mut buf, s, &Deny::new(&[]), &audit).expect("send");
+        assert_eq!(sent.denied, 1);
+        assert_eq!(sent.symlinks, 1);
+        assert_eq!(sent.entries, 4);
+        let mut refusals = Vec::new();
+        let got = receive_results(&buf[..], dst.path(), 1 << 30, &audit, &mut |p, w| {
+            refusals.push((p.to_owned(), w.to_owned()))
+        })
+        .expect("receive");
+        assert!(refusals.is_empty(), "{refusals:?}");
+        assert_eq!(got.accepted, 3);
+        let d = dst.path();
+        assert_eq!(std::fs::read(d.join("a.txt")).expect("read"), b"hello");
+        assert_eq!(
+            std::fs::read(d.join("big")).expect("read"),
+            vec![7u8; 200_000]
+        );
+        let meta = std::fs::metadata(d.join("sub/run.sh")).expect("meta");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o755);
+        let src_meta = std::fs::metadata(s.join("sub/run.sh")).expect("meta");
+        assert_eq!(meta.mtime(), src_meta.mtime());
+        assert!(!d.join(".env").exists());
+        assert!(!d.join("link").exists());
+    }
+
+    #[test]
+    fn hostile_results_are_refused() {
+        let dst = TestDir::new("files-hostile");
+        let outside = TestDir::new("files-outside");
+        let d = dst.path();
+        std::os::unix::fs::symlink(outside.path(), d.join("out-link")).expect("symlink");
+        std::fs::write(d.join("keep"), b"original").expect("write");
+        let mut msgs = Vec::new();
+        msgs.extend(file("ok", b"fine"));
+        msgs.extend(file("out-link/x", b"escape"));
+        msgs.push(entry("big", FileKind::File, 10 << 30));
+        msgs.push(Message::FileEnd { sha256: [0; 32] });
+        msgs.extend(file("over", &[1u8; 100]));
+        let mut bad = file("badsum", b"data");
+        if let Some(Message::FileEnd { sha256 }) = bad.last_mut() {
+            sha256[0] ^= 1;
+        }
+        msgs.extend(bad);
+        msgs.push(entry("keep", FileKind::File, 20));
+        msgs.push(Message::FileData(vec![0; 10]));
+        msgs.push(Message::FileEnd { sha256: [0; 32] });
+        msgs.extend(file("../../etc/passwd", b"root"));
+        msgs.extend(file("/etc/passwd", b"root"));
+        msgs.push(entry("a/./b", FileKind::Dir, 0));
+        msgs.push(Message::FilesDone { count: 0, bytes: 0 });
+        let input = frames(&msgs);
+        let (audit, _mem) = AuditLog::memory(TEST_LIMITS, None);
+        let mut refusals = Vec::new();
+        let got = receive_results(&input[..], d, 50, &audit, &mut |p, w| {
+            refusals.push((p.to_owned(), w.to_owned()))
+        })
+        .expect("receive");
+        assert_eq!(got.accepted, 1, "{refusals:?}");
+        let paths: Vec<_> = refusals.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "out-link/x",
+                "big",
+                "over",
+                "badsum",
+                "keep",
+                "../../etc/passwd",
+                "/etc/passwd",
+                "a/./b"
+            ]
+        );
+        assert_eq!(std::fs::read(d.join("ok")).expect("read"), b"fine");
+        assert_eq!(std::fs::read(d.join("keep")).expect("read"), b"original");
+        assert_eq!(std::fs::read_dir(outside.path()).expect("ls").count(), 0);
+        // No temporary file left behind.
+        let names: Vec<_> = std::fs::read_dir(d)
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert!(names
+            .iter()
+            .all(|n| !n.to_string_lossy().starts_with(".airlock-part")));
+        // A stream that ends in the middle of a file: refused, not written.
+        let input = frames(&[
+            entry("keep", FileKind::File, 8),
+            Message::FileData(b"partial".to_vec()),
+        ]);
+        let mut n = 0;
+        assert!(receive_results(&input[..], d, 50, &audit, &mut |_, _| n += 1).is_err());
+        assert_eq!(n, 1);
+        assert_eq!(std::fs::read(d.join("keep")).expect("read"), b"original");
+    }
+}

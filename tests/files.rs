@@ -1,0 +1,169 @@
+//! `airlock run --workspace DIR --out DIR`: the workspace goes into the
+//! guest's /workspace (minus the deny list), and what the command leaves in
+//! /workspace/out comes back, byte for byte with its modes; a hostile guest's
+//! results are refused file by file and nothing lands outside --out.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use airlock_e2e::{bin, rel, run_env, scratch, testbed, Run};
+
+/// `airlock run --engine tcg [OPTS] -- CMD...` on this host.
+fn tcg(opts: &[&str], cmd: &[&str]) -> Run {
+    let airlock = bin("airlock");
+    let mut argv = vec![airlock.as_str(), "run", "--engine", "tcg"];
+    argv.extend_from_slice(opts);
+    argv.push("--");
+    argv.extend_from_slice(cmd);
+    run_env(&argv, &[], 300)
+}
+
+fn write(path: &Path, data: &[u8], mode: u32) {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).expect("mkdir");
+    }
+    fs::write(path, data).expect("write");
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).expect("metadata").permissions().mode() & 0o7777
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+const GUEST_SCRIPT: &str = "\
+ls -la /workspace /workspace/sub
+/workspace/run.sh
+cat /workspace/hello.txt
+test -e /workspace/.env || echo no-env-here
+mkdir -p /workspace/out/sub
+echo result > /workspace/out/r.txt
+echo deep > /workspace/out/sub/d.txt
+printf '#!/bin/sh\\necho x\\n' > /workspace/out/x.sh
+chmod 755 /workspace/out/x.sh
+chmod 640 /workspace/out/r.txt
+";
+
+#[test]
+fn tcg_workspace_goes_in_and_results_come_back() {
+    let dir = scratch("files-tcg");
+    let ws = dir.join("ws");
+    let out = dir.join("out");
+    write(&ws.join("hello.txt"), b"hello world\n", 0o644);
+    write(&ws.join("sub/data.txt"), b"data\n", 0o600);
+    write(&ws.join("run.sh"), b"#!/bin/sh\necho script ran\n", 0o755);
+    write(&ws.join(".env"), b"SECRET=do-not-leak\n", 0o600);
+    let (ws_s, out_s) = (ws.display().to_string(), out.display().to_string());
+    let r = tcg(
+        &["--workspace", &ws_s, "--out", &out_s],
+        &["sh", "-c", GUEST_SCRIPT],
+    );
+    r.expect_code(0)
+        .expect_stdout_line("script ran")
+        .expect_stdout_line("hello world")
+        .expect_stdout_line("no-env-here");
+    assert!(r.stdout.contains("hello.txt"), "{r}");
+    assert!(r.stdout.contains("data.txt"), "{r}");
+    assert!(
+        r.stdout.contains("-rwxr-xr-x") && r.stdout.contains("run.sh"),
+        "{r}"
+    );
+    assert!(!r.stdout.contains(".env"), "the .env went in\n{r}");
+    assert!(!r.stderr.contains("refused"), "{r}");
+    assert_eq!(read(&out.join("r.txt")), b"result\n");
+    assert_eq!(mode(&out.join("r.txt")), 0o640);
+    assert_eq!(read(&out.join("sub/d.txt")), b"deep\n");
+    assert_eq!(read(&out.join("x.sh")), b"#!/bin/sh\necho x\n");
+    assert_eq!(mode(&out.join("x.sh")), 0o755);
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_unreadable_workspace_is_a_usage_error_before_any_vm() {
+    let dir = scratch("files-missing");
+    let missing = dir.join("nope").display().to_string();
+    tcg(&["--workspace", &missing], &["true"])
+        .expect_code(2)
+        .expect_stderr("cannot read the workspace");
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tcg_hostile_results_are_refused_and_nothing_escapes_out() {
+    let dir = scratch("files-hostile");
+    let out = dir.join("out");
+    let outside = dir.join("outside");
+    fs::create_dir_all(&out).expect("mkdir");
+    fs::create_dir_all(&outside).expect("mkdir");
+    write(&out.join("keep.txt"), b"original\n", 0o644);
+    std::os::unix::fs::symlink(&outside, out.join("out-link")).expect("symlink");
+    let passwd_before = read(Path::new("/etc/passwd"));
+    let initrd = airlock_e2e::build_file("initramfs-test.cpio");
+    let out_s = out.display().to_string();
+    let r = tcg(
+        &[
+            "--initrd",
+            &initrd,
+            "--out",
+            &out_s,
+            "--max-out-bytes",
+            "1000",
+        ],
+        &["airlock-hostile", "results"],
+    );
+    r.expect_code(0).expect_stdout_line("hostile: results sent");
+    for path in [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "out-link/x",
+        "huge",
+        "over",
+        "badsum",
+        "keep.txt",
+    ] {
+        r.expect_stderr(&format!("airlock: refused result file {path}: "));
+    }
+    assert!(!r.stderr.contains("refused result file good.txt"), "{r}");
+    assert_eq!(read(&out.join("good.txt")), b"good\n");
+    assert_eq!(read(&out.join("keep.txt")), b"original\n");
+    assert_eq!(read(Path::new("/etc/passwd")), passwd_before);
+    assert_eq!(fs::read_dir(&outside).expect("ls").count(), 0, "{r}");
+    // Nothing next to --out but what the test made.
+    let mut beside: Vec<_> = fs::read_dir(&dir)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    beside.sort();
+    assert_eq!(beside, ["out", "outside"], "{r}");
+    // Inside --out: the good file, the untouched ones, no temporaries.
+    let mut inside: Vec<_> = fs::read_dir(&out)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    inside.sort();
+    assert_eq!(inside, ["good.txt", "keep.txt", "out-link"], "{r}");
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn kvm_workspace_in_and_results_out() {
+    let dir = scratch("files-kvm");
+    let ws = dir.join("ws");
+    let out = dir.join("out");
+    write(&ws.join("a.txt"), b"through kvm\n", 0o644);
+    let script = format!(
+        "$A run --engine kvm --workspace {} --out {} -- sh -c \
+         'cat /workspace/a.txt; cp /workspace/a.txt /workspace/out/b.txt'",
+        rel(&ws),
+        rel(&out)
+    );
+    let full = format!("A={}; {script}", bin("airlock"));
+    let r = testbed(&["sh", "-c", &full], 600);
+    r.expect_code(0).expect_stdout_line("through kvm");
+    assert_eq!(read(&out.join("b.txt")), b"through kvm\n", "{r}");
+    let _ = fs::remove_dir_all(&dir);
+}
