@@ -57,6 +57,23 @@ fn tcg_runs_in_a_debian_container_of_its_own() {
 }
 
 #[test]
+fn tcg_the_container_has_memory_and_pids_limits() {
+    // 512 MiB VM: the agent gets what the kernel reports as MemTotal (a
+    // little under 512 MiB) less the VM's reserve (a quarter of it).
+    let script =
+        "echo mem=$(cat /sys/fs/cgroup/memory.max); echo pids=$(cat /sys/fs/cgroup/pids.max)";
+    let r = tcg(&["--mem", "512"], &["sh", "-c", script], 300);
+    r.expect_code(0).expect_stdout_line("pids=4096");
+    let mem: u64 = field(&r, "mem=")
+        .parse()
+        .unwrap_or_else(|_| panic!("memory.max is not a limit\n{r}"));
+    assert!(
+        (256 << 20..=384 << 20).contains(&mem),
+        "memory.max {mem}\n{r}"
+    );
+}
+
+#[test]
 fn tcg_the_built_image_is_the_default() {
     // No --image-root, no initrd asked for: build/rootfs.img boots.
     let airlock = bin("airlock");

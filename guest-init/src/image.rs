@@ -86,7 +86,7 @@ pub fn loopback_up() -> io::Result<()> {
 /// environment passed with `--env` (the container gets nothing else but
 /// podman's defaults: `PATH`, `HOME`, `TERM` unless given, `container`,
 /// `HOSTNAME`). podman itself runs with the init's default environment.
-pub fn containerize(spec: RunSpec) -> RunSpec {
+pub fn containerize(spec: RunSpec, memory_mib: Option<u64>) -> RunSpec {
     let mut argv: Vec<String> = [
         PODMAN,
         "run",
@@ -110,6 +110,12 @@ pub fn containerize(spec: RunSpec) -> RunSpec {
     .map(str::to_owned)
     .collect();
     argv.push(spec.cwd.clone());
+    if let Some(mib) = memory_mib {
+        // The container's memory cgroup (tmpfs pages it writes count too):
+        // the agent cannot starve the init, podman and the control session.
+        argv.push("--memory".into());
+        argv.push(format!("{mib}m"));
+    }
     if spec.stdin {
         argv.push("-i".into());
     }
@@ -130,6 +136,29 @@ pub fn containerize(spec: RunSpec) -> RunSpec {
     }
 }
 
+/// What the VM keeps for itself (kernel, init, podman, conmon): a quarter of
+/// its memory, at least this much.
+const RESERVED_MIB: u64 = 96;
+/// The smallest limit worth setting; below it the VM is too small to split.
+const MIN_AGENT_MIB: u64 = 32;
+
+/// The agent container's memory limit for a VM with `total_kib` of memory
+/// (`MemTotal` in /proc/meminfo): all but a reserve for the VM itself.
+pub fn agent_memory_mib(total_kib: u64) -> Option<u64> {
+    let total = total_kib / 1024;
+    let limit = total.checked_sub(RESERVED_MIB.max(total / 4))?;
+    (limit >= MIN_AGENT_MIB).then_some(limit)
+}
+
+/// `MemTotal` from `/proc/meminfo`, in KiB.
+pub fn mem_total_kib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,7 +173,7 @@ mod tests {
             max_output_bytes: 10,
             stdin: false,
         };
-        let out = containerize(spec);
+        let out = containerize(spec, Some(700));
         let argv: Vec<&str> = out.argv.iter().map(String::as_str).collect();
         assert_eq!(argv[..3], [PODMAN, "run", "--rm"]);
         let pos = |s: &str| argv.iter().position(|a| *a == s).expect(s);
@@ -153,6 +182,7 @@ mod tests {
         assert_eq!(argv[pos("--rootfs") + 1..], ["/:O", "sh", "-c", "exit 7"]);
         assert!(argv.windows(2).any(|w| w == ["--env", "A=1 2"]));
         assert!(argv.windows(2).any(|w| w == ["--env", "B=x=y"]));
+        assert_eq!(argv[pos("--memory") + 1], "700m");
         assert!(!argv.contains(&"-i"));
         assert!(out.env.is_empty());
         assert_eq!(out.cwd, "/");
@@ -170,6 +200,19 @@ mod tests {
             max_output_bytes: 10,
             stdin: true,
         };
-        assert!(containerize(spec).argv.iter().any(|a| a == "-i"));
+        let out = containerize(spec, None);
+        assert!(out.argv.iter().any(|a| a == "-i"));
+        assert!(
+            !out.argv.iter().any(|a| a == "--memory"),
+            "no limit when unknown"
+        );
+    }
+
+    #[test]
+    fn the_agent_gets_all_memory_but_the_vms_reserve() {
+        assert_eq!(agent_memory_mib(1024 * 1024), Some(768));
+        assert_eq!(agent_memory_mib(256 * 1024), Some(160));
+        assert_eq!(agent_memory_mib(120 * 1024), None, "too small to split");
+        assert_eq!(agent_memory_mib(0), None);
     }
 }

@@ -245,7 +245,8 @@ fn converse<S: Stream>(
         }
     }
     let spec = if container {
-        crate::image::containerize(spec)
+        let memory = crate::image::mem_total_kib().and_then(crate::image::agent_memory_mib);
+        crate::image::containerize(spec, memory)
     } else {
         spec
     };
