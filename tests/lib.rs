@@ -117,20 +117,11 @@ pub const TEST_INITRD_ENV: (&str, &str) = ("AIRLOCK_INITRD", "build/initramfs.cp
 /// Runs `argv` from the repository root with extra environment variables
 /// (and [`TEST_INITRD_ENV`] unless `env` sets it).
 pub fn run_env(argv: &[&str], env: &[(&str, &str)], timeout_s: u32) -> Run {
-    let out = Command::new("timeout")
-        .args(["-k", "5", &timeout_s.to_string()])
-        .args(argv)
-        .env("XDG_STATE_HOME", state_dir())
-        .env(TEST_INITRD_ENV.0, TEST_INITRD_ENV.1)
-        .envs(env.iter().copied())
-        .current_dir(root())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {argv:?}: {e}"));
+    let raw = run_raw(argv, env, timeout_s);
     Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        code: raw.code,
+        stdout: String::from_utf8_lossy(&raw.stdout).into_owned(),
+        stderr: raw.stderr,
     }
 }
 
