@@ -54,6 +54,13 @@ pub mod capability {
     /// Host only: it wants the guest's `/workspace/out` on
     /// [`crate::FILES_OUT_PORT`] after the command exits.
     pub const RESULTS: &str = "results";
+    /// Both sides relay model calls (`HttpRequest`, `HttpResponse`,
+    /// `HttpBody`, `HttpEnd`) on [`crate::MODEL_PORT`]: in the host's
+    /// `Hello`, the host serves that port; in the guest's, the guest can run
+    /// the in-guest model endpoint.
+    pub const MODEL: &str = "model";
+    /// Guest only: it understands `Collect` (results chosen by patterns).
+    pub const COLLECT: &str = "collect";
 }
 
 /// Host port the guest init connects to for the control connection.
@@ -66,6 +73,10 @@ pub const FILES_IN_PORT: u32 = 1025;
 /// Host port the guest connects to, after the command exits and before its
 /// `Exit`, to send `/workspace/out` (guest → host file stream).
 pub const FILES_OUT_PORT: u32 = 1026;
+
+/// Host port the guest connects to, once per HTTP request to the in-guest
+/// model endpoint, to relay that request to the host's model proxy.
+pub const MODEL_PORT: u32 = 1027;
 
 /// The line the init prints on the console when it has started.
 pub const INIT_READY_LINE: &str = "airlock-init: ready";

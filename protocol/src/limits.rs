@@ -69,3 +69,29 @@ pub const SHA256_LEN: usize = 32;
 /// Permission bits a `FileEntry.mode` may carry (`0o7777`); the file type is
 /// `FileEntry.kind`, never the mode.
 pub const FILE_MODE_MASK: u32 = 0o7777;
+
+/// Longest `HttpRequest.method`: 1 ..= 16 bytes of `A-Z`.
+pub const MAX_HTTP_METHOD: usize = 16;
+
+/// Longest `HttpRequest.target` (path and query): 8 KiB.
+pub const MAX_HTTP_TARGET: usize = 8 * 1024;
+
+/// Most header pairs in an `HttpRequest` or `HttpResponse`.
+pub const MAX_HTTP_HEADERS: usize = 100;
+
+/// Longest header name (1 ..= 256 bytes of HTTP token characters).
+pub const MAX_HTTP_HEADER_NAME: usize = 256;
+
+/// Longest header value (no CR, LF or NUL): 8 KiB.
+pub const MAX_HTTP_HEADER_VALUE: usize = 8 * 1024;
+
+/// Most bytes in an `HttpBody` chunk: 64 KiB.
+pub const MAX_HTTP_CHUNK: usize = 64 * 1024;
+
+/// Smallest and largest `HttpResponse.status`.
+pub const MIN_HTTP_STATUS: u16 = 100;
+/// Largest `HttpResponse.status`.
+pub const MAX_HTTP_STATUS: u16 = 599;
+
+/// Most `Collect.patterns`.
+pub const MAX_COLLECT_PATTERNS: usize = 64;

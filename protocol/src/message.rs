@@ -5,6 +5,10 @@ use crate::limits::{
     MAX_CAPABILITY_LEN, MAX_CHUNK, MAX_ENV, MAX_ERROR_MESSAGE, MAX_EXIT_CODE, MAX_FILE_CHUNK,
     MAX_FILE_PATH, MAX_SIGNAL, MAX_STRING, MIN_ARGV, MIN_CHUNK, MIN_SIGNAL, SHA256_LEN,
 };
+use crate::limits::{
+    MAX_COLLECT_PATTERNS, MAX_HTTP_CHUNK, MAX_HTTP_HEADERS, MAX_HTTP_HEADER_NAME,
+    MAX_HTTP_HEADER_VALUE, MAX_HTTP_METHOD, MAX_HTTP_STATUS, MAX_HTTP_TARGET, MIN_HTTP_STATUS,
+};
 use crate::wire::{Reader, WireError, Writer};
 
 /// A message that breaks the rules of PROTOCOL.md, found while encoding or
@@ -49,6 +53,23 @@ pub enum MessageError {
     /// A directory entry with a non-zero size.
     #[error("directory entry with size {0}")]
     DirSize(u64),
+    /// An HTTP method that is empty or has a byte other than `A-Z`.
+    #[error("http method is not 1..={MAX_HTTP_METHOD} bytes of A-Z")]
+    HttpMethod,
+    /// An HTTP target that does not start with `/` (absolute URLs and
+    /// `authority` forms are refused) or holds a control byte or space.
+    #[error("http target is not an origin-form path")]
+    HttpTarget,
+    /// A header name that is not an HTTP token, or a value with CR, LF or
+    /// NUL.
+    #[error("http header {0:?} is malformed")]
+    HttpHeader(String),
+    /// A status outside 100 ..= 599.
+    #[error("http status {0} is out of range")]
+    HttpStatus(u16),
+    /// A collect pattern that is empty, absolute or has a `..` component.
+    #[error("collect pattern {0:?} is not a relative pattern")]
+    CollectPattern(String),
 }
 
 /// What a `FileEntry` names.
@@ -269,6 +290,103 @@ pub enum Message {
     FileEnd { sha256: [u8; SHA256_LEN] },
     /// The end of the stream: how many entries and data bytes it held.
     FilesDone { count: u64, bytes: u64 },
+    /// Guest → host, first on a model connection (port
+    /// [`crate::MODEL_PORT`], only with the [`crate::capability::MODEL`]
+    /// capability): one HTTP request's head. Its body follows as `HttpBody`
+    /// chunks and an `HttpEnd`. `method` is 1 ..= 16 bytes of `A-Z`;
+    /// `target` is origin form (starts with `/`, printable ASCII, no space);
+    /// header names are HTTP tokens, values hold no CR, LF or NUL.
+    HttpRequest {
+        method: String,
+        target: String,
+        headers: Vec<(String, String)>,
+    },
+    /// Host → guest on a model connection, after the request's `HttpEnd`:
+    /// the response head (status 100 ..= 599); its body follows as
+    /// `HttpBody` chunks, as the upstream produces them, and an `HttpEnd`.
+    HttpResponse {
+        status: u16,
+        headers: Vec<(String, String)>,
+    },
+    /// A chunk (1 ..= [`MAX_HTTP_CHUNK`] bytes) of an HTTP body, either way.
+    HttpBody(Vec<u8>),
+    /// The end of an HTTP body, either way.
+    HttpEnd,
+    /// Host → guest on the control connection, right after `RunSpec`, only
+    /// when the guest's `Hello` listed [`crate::capability::COLLECT`]: the
+    /// results to send instead of `/workspace/out`, as glob patterns
+    /// relative to `/workspace` (`*` and `?` within a component, `**` for
+    /// any number of components). 1 ..= 64 patterns.
+    Collect { patterns: Vec<String> },
+}
+
+/// Checks an HTTP method: 1 ..= [`MAX_HTTP_METHOD`] bytes of `A-Z`.
+fn check_http_method(m: &str) -> Result<(), MessageError> {
+    if !m.is_empty() && m.len() <= MAX_HTTP_METHOD && m.bytes().all(|b| b.is_ascii_uppercase()) {
+        Ok(())
+    } else {
+        Err(MessageError::HttpMethod)
+    }
+}
+
+/// Checks an HTTP target: origin form (starts with `/`), printable ASCII
+/// without spaces.
+fn check_http_target(t: &str) -> Result<(), MessageError> {
+    if t.starts_with('/') && t.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        Err(MessageError::HttpTarget)
+    }
+}
+
+/// Checks header pairs: names are RFC 9110 tokens, values have no CR, LF
+/// or NUL.
+fn check_http_headers(headers: &[(String, String)]) -> Result<(), MessageError> {
+    for (name, value) in headers {
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        let ok = !name.is_empty()
+            && name.bytes().all(token)
+            && !value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0));
+        if !ok {
+            return Err(MessageError::HttpHeader(name.clone()));
+        }
+    }
+    Ok(())
+}
+
+fn check_http_status(status: u16) -> Result<(), MessageError> {
+    if (MIN_HTTP_STATUS..=MAX_HTTP_STATUS).contains(&status) {
+        Ok(())
+    } else {
+        Err(MessageError::HttpStatus(status))
+    }
+}
+
+/// Checks a collect pattern: non-empty, relative, no empty, `.` or `..`
+/// component (the glob characters `*`, `?` and `**` are allowed).
+fn check_collect_pattern(p: &str) -> Result<(), MessageError> {
+    check_file_path(p).map_err(|_| MessageError::CollectPattern(p.to_owned()))
+}
+
+fn write_headers(w: &mut Writer, headers: &[(String, String)]) -> Result<(), MessageError> {
+    w.count("http headers", headers.len(), 0, MAX_HTTP_HEADERS)?;
+    for (name, value) in headers {
+        w.string("http header name", name, MAX_HTTP_HEADER_NAME)?;
+        w.string("http header value", value, MAX_HTTP_HEADER_VALUE)?;
+    }
+    check_http_headers(headers)
+}
+
+fn read_headers(r: &mut Reader<'_>) -> Result<Vec<(String, String)>, MessageError> {
+    let n = r.count("http headers", 0, MAX_HTTP_HEADERS)?;
+    let mut headers = Vec::with_capacity(n);
+    for _ in 0..n {
+        let name = r.string("http header name", MAX_HTTP_HEADER_NAME)?;
+        let value = r.string("http header value", MAX_HTTP_HEADER_VALUE)?;
+        headers.push((name.to_owned(), value.to_owned()));
+    }
+    check_http_headers(&headers)?;
+    Ok(headers)
 }
 
 /// Wire tags, as in PROTOCOL.md.
@@ -286,6 +404,11 @@ mod tag {
     pub const FILE_DATA: u8 = 11;
     pub const FILE_END: u8 = 12;
     pub const FILES_DONE: u8 = 13;
+    pub const HTTP_REQUEST: u8 = 14;
+    pub const HTTP_RESPONSE: u8 = 15;
+    pub const HTTP_BODY: u8 = 16;
+    pub const HTTP_END: u8 = 17;
+    pub const COLLECT: u8 = 18;
 }
 
 fn check_env_name(name: &str) -> Result<(), MessageError> {
@@ -350,6 +473,11 @@ impl Message {
             Self::FileData(_) => "FileData",
             Self::FileEnd { .. } => "FileEnd",
             Self::FilesDone { .. } => "FilesDone",
+            Self::HttpRequest { .. } => "HttpRequest",
+            Self::HttpResponse { .. } => "HttpResponse",
+            Self::HttpBody(_) => "HttpBody",
+            Self::HttpEnd => "HttpEnd",
+            Self::Collect { .. } => "Collect",
         }
     }
 
@@ -369,6 +497,11 @@ impl Message {
             Self::FileData(_) => tag::FILE_DATA,
             Self::FileEnd { .. } => tag::FILE_END,
             Self::FilesDone { .. } => tag::FILES_DONE,
+            Self::HttpRequest { .. } => tag::HTTP_REQUEST,
+            Self::HttpResponse { .. } => tag::HTTP_RESPONSE,
+            Self::HttpBody(_) => tag::HTTP_BODY,
+            Self::HttpEnd => tag::HTTP_END,
+            Self::Collect { .. } => tag::COLLECT,
         }
     }
 
@@ -447,6 +580,33 @@ impl Message {
             Self::FilesDone { count, bytes } => {
                 w.u64(*count);
                 w.u64(*bytes);
+            }
+            Self::HttpRequest {
+                method,
+                target,
+                headers,
+            } => {
+                w.string("http method", method, MAX_HTTP_METHOD)?;
+                check_http_method(method)?;
+                w.string("http target", target, MAX_HTTP_TARGET)?;
+                check_http_target(target)?;
+                write_headers(w, headers)?;
+            }
+            Self::HttpResponse { status, headers } => {
+                check_http_status(*status)?;
+                w.u16(*status);
+                write_headers(w, headers)?;
+            }
+            Self::HttpBody(data) => {
+                w.bytes("http body", data, MIN_CHUNK, MAX_HTTP_CHUNK)?;
+            }
+            Self::HttpEnd => {}
+            Self::Collect { patterns } => {
+                w.count("collect patterns", patterns.len(), 1, MAX_COLLECT_PATTERNS)?;
+                for p in patterns {
+                    w.string("collect pattern", p, MAX_FILE_PATH)?;
+                    check_collect_pattern(p)?;
+                }
             }
         }
         Ok(())
@@ -562,6 +722,38 @@ impl Message {
                 let bytes = r.u64("file bytes")?;
                 Self::FilesDone { count, bytes }
             }
+            tag::HTTP_REQUEST => {
+                let method = r.string("http method", MAX_HTTP_METHOD)?.to_owned();
+                check_http_method(&method)?;
+                let target = r.string("http target", MAX_HTTP_TARGET)?.to_owned();
+                check_http_target(&target)?;
+                let headers = read_headers(&mut r)?;
+                Self::HttpRequest {
+                    method,
+                    target,
+                    headers,
+                }
+            }
+            tag::HTTP_RESPONSE => {
+                let status = r.u16("http status")?;
+                check_http_status(status)?;
+                let headers = read_headers(&mut r)?;
+                Self::HttpResponse { status, headers }
+            }
+            tag::HTTP_BODY => {
+                Self::HttpBody(r.bytes("http body", MIN_CHUNK, MAX_HTTP_CHUNK)?.to_vec())
+            }
+            tag::HTTP_END => Self::HttpEnd,
+            tag::COLLECT => {
+                let n = r.count("collect patterns", 1, MAX_COLLECT_PATTERNS)?;
+                let mut patterns = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let p = r.string("collect pattern", MAX_FILE_PATH)?;
+                    check_collect_pattern(p)?;
+                    patterns.push(p.to_owned());
+                }
+                Self::Collect { patterns }
+            }
             other => return Err(MessageError::UnknownTag(other)),
         };
         r.finish()?;
@@ -647,6 +839,20 @@ mod tests {
             Message::FileData(vec![1]),
             Message::FileEnd { sha256: [0; 32] },
             Message::FilesDone { count: 0, bytes: 0 },
+            Message::HttpRequest {
+                method: "GET".into(),
+                target: "/v1/models".into(),
+                headers: vec![],
+            },
+            Message::HttpResponse {
+                status: 200,
+                headers: vec![],
+            },
+            Message::HttpBody(vec![1]),
+            Message::HttpEnd,
+            Message::Collect {
+                patterns: vec!["*.txt".into()],
+            },
         ];
         let kinds: Vec<_> = all.iter().map(Message::kind).collect();
         assert_eq!(
@@ -664,11 +870,19 @@ mod tests {
                 "FileEntry",
                 "FileData",
                 "FileEnd",
-                "FilesDone"
+                "FilesDone",
+                "HttpRequest",
+                "HttpResponse",
+                "HttpBody",
+                "HttpEnd",
+                "Collect"
             ]
         );
         let tags: Vec<_> = all.iter().map(Message::tag).collect();
-        assert_eq!(tags, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
+        assert_eq!(
+            tags,
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]
+        );
     }
 
     #[test]
@@ -734,6 +948,44 @@ mod tests {
             &"p".repeat(MAX_FILE_PATH + 1),
         ] {
             assert_eq!(check_file_path(bad), Err(MessageError::FilePath), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn http_rules() {
+        assert_eq!(check_http_method("POST"), Ok(()));
+        for bad in ["", "post", "GET ", &"A".repeat(MAX_HTTP_METHOD + 1)] {
+            assert_eq!(
+                check_http_method(bad),
+                Err(MessageError::HttpMethod),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(check_http_target("/v1/messages?beta=true"), Ok(()));
+        for bad in ["", "v1", "http://evil/v1", "/a b", "/a\r\nX: y", "//x\0"] {
+            assert_eq!(
+                check_http_target(bad),
+                Err(MessageError::HttpTarget),
+                "{bad:?}"
+            );
+        }
+        let h = |n: &str, v: &str| vec![(n.to_owned(), v.to_owned())];
+        assert_eq!(check_http_headers(&h("x-api-key", "abc def")), Ok(()));
+        for (n, v) in [
+            ("", "x"),
+            ("a b", "x"),
+            ("a:b", "x"),
+            ("a", "x\r\ny: z"),
+            ("a", "\0"),
+        ] {
+            assert!(check_http_headers(&h(n, v)).is_err(), "{n:?} {v:?}");
+        }
+        assert_eq!(check_http_status(200), Ok(()));
+        assert_eq!(check_http_status(99), Err(MessageError::HttpStatus(99)));
+        assert_eq!(check_http_status(600), Err(MessageError::HttpStatus(600)));
+        assert_eq!(check_collect_pattern("**/*.txt"), Ok(()));
+        for bad in ["", "/etc/*", "../x", "a/../b"] {
+            assert!(check_collect_pattern(bad).is_err(), "{bad:?}");
         }
     }
 

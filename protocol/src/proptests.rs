@@ -122,6 +122,22 @@ fn message() -> impl Strategy<Value = Message> {
         chunk().prop_map(Message::FileData),
         any::<[u8; 32]>().prop_map(|sha256| Message::FileEnd { sha256 }),
         (any::<u64>(), any::<u64>()).prop_map(|(count, bytes)| Message::FilesDone { count, bytes }),
+        (
+            "[A-Z]{1,16}",
+            "/[!-~]{0,64}",
+            vec(("[a-zA-Z0-9-]{1,20}", "[ -~]{0,40}"), 0..=8)
+        )
+            .prop_map(|(method, target, headers)| Message::HttpRequest {
+                method,
+                target,
+                headers
+            }),
+        (100u16..=599, vec(("[a-z-]{1,20}", "[ -~]{0,40}"), 0..=8))
+            .prop_map(|(status, headers)| Message::HttpResponse { status, headers }),
+        chunk().prop_map(Message::HttpBody),
+        Just(Message::HttpEnd),
+        vec("[a-z*?]{1,8}(/[a-z*?]{1,8}){0,3}", 1..=4)
+            .prop_map(|patterns| Message::Collect { patterns }),
     ]
 }
 
@@ -151,7 +167,7 @@ proptest! {
     /// Arbitrary payloads behind a valid header and a real tag reach deeper
     /// into the decoder than fully random bytes.
     #[test]
-    fn decoding_arbitrary_payloads_never_panics(tag in 0u8..=14, payload in vec(any::<u8>(), 0..512)) {
+    fn decoding_arbitrary_payloads_never_panics(tag in 0u8..=19, payload in vec(any::<u8>(), 0..512)) {
         let mut body = vec![tag];
         body.extend(payload);
         if let Ok(msg) = decode_body(&body) {
