@@ -307,6 +307,24 @@ pub struct RunArgs {
     /// never through a symlink, never outside DIR, size and sha256 checked
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Bring back, instead of /workspace/out, the files under /workspace
+    /// whose path (relative to /workspace) matches PATTERN: `*` and `?`
+    /// within one path component, `**` for any number of components
+    /// (repeatable; needs --out)
+    #[arg(long, value_name = "PATTERN", requires = "out")]
+    pub collect: Vec<String>,
+    /// Run the command in a container made from this OCI or docker image
+    /// archive (`podman save` / `docker save` output, uncompressed tar)
+    /// instead of the guest image's own root; loaded offline in the VM,
+    /// attached read-only
+    #[arg(long = "image", value_name = "FILE", conflicts_with = "no_container")]
+    pub image_archive: Option<PathBuf>,
+    /// Let the command use podman itself (nested containers): its
+    /// container is privileged within the VM and gets its own empty
+    /// container storage. The VM stays the isolation boundary; the
+    /// container layer then no longer confines the command within the VM
+    #[arg(long, conflicts_with = "no_container")]
+    pub nested: bool,
     /// Accept at most this many bytes of result files in total (and per
     /// file); larger files are refused
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_OUTPUT_BYTES)]

@@ -458,6 +458,9 @@ pub fn receive_results<R: Read>(
     let mut budget = max_bytes;
     let mut entries = 0u64;
     let mut current: Option<Current> = None;
+    // Directory mtimes are set at the end: writing inside a directory
+    // changes its mtime.
+    let mut dir_times: Vec<(String, i64)> = Vec::new();
     // `size`: what the guest claimed; `sha256`: ours, of what it sent.
     let mut refuse =
         |path: &str, why: &str, size: Option<u64>, sha: Option<String>, got: &mut Received| {
@@ -485,8 +488,9 @@ pub fn receive_results<R: Read>(
                 }
                 match entry.kind {
                     FileKind::Dir => {
-                        if let Err(why) = make_dir(&root, &entry) {
-                            refuse(&entry.path, &why, None, None, &mut got);
+                        match make_dir(&root, &entry) {
+                            Ok(()) => dir_times.push((entry.path, entry.mtime)),
+                            Err(why) => refuse(&entry.path, &why, None, None, &mut got),
                         }
                     }
                     FileKind::File => {
@@ -571,6 +575,15 @@ pub fn receive_results<R: Read>(
             None,
             &mut got,
         );
+    }
+    // Deepest first (parents come before children in the stream), each
+    // directory reached again without following a symlink.
+    for (path, mtime) in dir_times.iter().rev() {
+        if let Ok(parts) = components(path) {
+            if let Ok(dir) = open_dirs(&root, &parts) {
+                let _ = set_mtime(dir.as_raw_fd(), *mtime);
+            }
+        }
     }
     result.map(|()| got)
 }
@@ -742,6 +755,8 @@ mod tests {
         std::fs::write(s.join(".env"), b"SECRET=1").expect("write");
         std::fs::write(s.join("big"), vec![7u8; 200_000]).expect("write");
         std::os::unix::fs::symlink("/etc/passwd", s.join("link")).expect("symlink");
+        let old = std::fs::File::open(s.join("sub")).expect("open sub");
+        set_mtime(old.as_raw_fd(), 1_234_567).expect("set dir mtime");
         let (audit, _mem) = AuditLog::memory(TEST_LIMITS, None);
         let mut buf = Vec::new();
         let sent = send_workspace(&mut buf, s, &Deny::new(&[]), &audit).expect("send");
@@ -765,6 +780,8 @@ mod tests {
         assert_eq!(meta.permissions().mode() & 0o777, 0o755);
         let src_meta = std::fs::metadata(s.join("sub/run.sh")).expect("meta");
         assert_eq!(meta.mtime(), src_meta.mtime());
+        let dir_meta = std::fs::metadata(d.join("sub")).expect("meta");
+        assert_eq!(dir_meta.mtime(), 1_234_567, "directory mtimes survive");
         assert!(!d.join(".env").exists());
         assert!(!d.join("link").exists());
     }

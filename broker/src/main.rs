@@ -6,6 +6,7 @@
 //! the code instead of calling `process::exit`, so every destructor runs:
 //! that is what kills the VM and removes the run directory.
 
+mod archive;
 mod audit;
 mod cli;
 mod control;

@@ -101,6 +101,18 @@ pub enum Error {
     #[error(transparent)]
     Image(#[from] paths::Error),
     #[error(transparent)]
+    Archive(#[from] crate::archive::Error),
+    #[error(
+        "--image needs the guest root image (its podman loads the archive): not with --initrd"
+    )]
+    ArchiveWithoutRoot,
+    #[error("--nested needs the guest root image (podman is in it): not with --initrd")]
+    NestedWithoutRoot,
+    #[error("--collect {0:?}: not a relative pattern (no leading /, no empty, . or .. component)")]
+    CollectPattern(String),
+    #[error("--collect is given more than {max} times", max = airlock_protocol::limits::MAX_COLLECT_PATTERNS)]
+    TooManyCollect,
+    #[error(transparent)]
     Engine(#[from] engine::SelectError),
     #[error("cannot create the console log at {}", path.display())]
     ConsoleLog {
@@ -155,6 +167,11 @@ impl Error {
             | Error::NulInCmdline
             | Error::Spec(_)
             | Error::Image(_)
+            | Error::Archive(_)
+            | Error::ArchiveWithoutRoot
+            | Error::NestedWithoutRoot
+            | Error::CollectPattern(_)
+            | Error::TooManyCollect
             | Error::Engine(_)
             | Error::ConsoleLog { .. }
             | Error::SocketPath(_)
@@ -222,6 +239,10 @@ pub struct RunConfig {
     pub extra_cmdline: Vec<String>,
     /// In image mode, run the command in a container (not `--no-container`).
     pub container: bool,
+    /// `--image`: the container's image archive, made absolute.
+    pub archive: Option<PathBuf>,
+    /// `--nested`: the command may run podman itself.
+    pub nested: bool,
     pub audit: AuditConfig,
     pub files: FilesConfig,
 }
@@ -233,6 +254,8 @@ pub struct FilesConfig {
     pub deny: crate::files::Deny,
     pub out: Option<PathBuf>,
     pub max_out_bytes: u64,
+    /// `--collect` patterns (empty: `/workspace/out`).
+    pub collect: Vec<String>,
 }
 
 /// The kernel command line words of image mode: the root image is the
@@ -241,6 +264,11 @@ const IMAGE_CMDLINE: [&str; 3] = ["root=/dev/vda", "rootfstype=erofs", "ro"];
 /// Tells the init to run the command directly in the VM (read from
 /// /proc/cmdline; the protocol is unchanged).
 const NO_CONTAINER_CMDLINE: &str = "airlock.container=0";
+/// Tells the init that the second disk is an image archive to load and run
+/// the container from.
+const ARCHIVE_CMDLINE: &str = "airlock.archive=1";
+/// Tells the init to give the container what nested podman needs.
+const NESTED_CMDLINE: &str = "airlock.nested=1";
 
 /// The words appended to the engine's base command line: in image mode
 /// the root, and `airlock.container=0` for `--no-container`; then the
@@ -251,6 +279,12 @@ pub fn boot_cmdline(config: &RunConfig, image: &ImagePaths) -> Vec<String> {
         words.extend(IMAGE_CMDLINE.iter().map(|w| (*w).to_owned()));
         if !config.container {
             words.push(NO_CONTAINER_CMDLINE.to_owned());
+        }
+        if config.archive.is_some() {
+            words.push(ARCHIVE_CMDLINE.to_owned());
+        }
+        if config.nested {
+            words.push(NESTED_CMDLINE.to_owned());
         }
     }
     words.extend(config.extra_cmdline.iter().cloned());
@@ -326,6 +360,17 @@ impl TryFrom<RunArgs> for RunConfig {
         let mut spec = EncodedSpec::new(run_spec.clone()).map_err(Error::Spec)?;
         spec.workspace = args.workspace.is_some();
         spec.results = args.out.is_some();
+        if args.collect.len() > airlock_protocol::limits::MAX_COLLECT_PATTERNS {
+            return Err(Error::TooManyCollect);
+        }
+        if let Some(bad) = args
+            .collect
+            .iter()
+            .find(|p| airlock_protocol::check_file_path(p).is_err())
+        {
+            return Err(Error::CollectPattern(bad.clone()));
+        }
+        spec.set_collect(&args.collect).map_err(Error::Spec)?;
         let cmdline = args.cmdline.unwrap_or_default();
         if cmdline.contains('\0') {
             return Err(Error::NulInCmdline);
@@ -347,6 +392,10 @@ impl TryFrom<RunArgs> for RunConfig {
             max_output_bytes: args.max_output_bytes,
             extra_cmdline: cmdline.split_whitespace().map(str::to_owned).collect(),
             container: !args.no_container,
+            archive: args
+                .image_archive
+                .map(|p| std::path::absolute(&p).unwrap_or(p)),
+            nested: args.nested,
             audit: AuditConfig {
                 path: args.audit.map(|p| std::path::absolute(&p).unwrap_or(p)),
                 key: args.audit_key,
@@ -360,6 +409,7 @@ impl TryFrom<RunArgs> for RunConfig {
                 deny: crate::files::Deny::new(&args.exclude),
                 out: args.out.map(|p| std::path::absolute(&p).unwrap_or(p)),
                 max_out_bytes: args.max_out_bytes,
+                collect: args.collect,
             },
         })
     }
@@ -398,6 +448,14 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
     if image.root.is_none() && !config.container {
         eprintln!("airlock: warning: --no-container: no root image, so no container anyway");
     }
+    let archive_format = match &config.archive {
+        Some(_) if image.root.is_none() => return Err(Error::ArchiveWithoutRoot),
+        Some(path) => Some(crate::archive::check(path)?),
+        None => None,
+    };
+    if config.nested && image.root.is_none() {
+        return Err(Error::NestedWithoutRoot);
+    }
     let selection = engine::select(config.engine, Available::gather())?;
     if let Some(warning) = &selection.warning {
         eprintln!("airlock: warning: {warning}");
@@ -421,7 +479,19 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
             &run_id,
         )?,
     };
-    let start = run_start_fields(&config, &image, &selection, &run_id, key.as_ref())?;
+    let mut start = run_start_fields(&config, &image, &selection, &run_id, key.as_ref())?;
+    if let (Some(path), Some(format)) = (&config.archive, archive_format) {
+        let d = digest::file(path).map_err(|source| Error::Digest {
+            path: path.clone(),
+            source,
+        })?;
+        start["container_image"] = json!({
+            "path": path.display().to_string(),
+            "format": format.name(),
+            "sha256": d.sha256,
+            "bytes": d.bytes,
+        });
+    }
     let audit = AuditLog::create(&audit_path, config.audit.limits, key)?;
     audit.host(kind::RUN_START, start, Durability::Synced);
     if let Some(why) = audit.failure() {
@@ -539,6 +609,8 @@ fn run_start_fields(
             "extra_cmdline": config.extra_cmdline,
             "boot_cmdline": boot_cmdline(config, image),
             "container": image.root.is_some() && config.container,
+            "nested_containers": config.nested,
+            "collect": config.files.collect,
             "audit_max_guest_records": config.audit.limits.max_guest_records,
             "audit_max_guest_bytes": config.audit.limits.max_guest_bytes,
         },
@@ -599,10 +671,13 @@ fn boot(
     let (initrd, disks) = match image.root {
         Some(path) => (
             None,
-            vec![Disk {
-                path,
-                read_only: true,
-            }],
+            std::iter::once(path)
+                .chain(config.archive.clone())
+                .map(|path| Disk {
+                    path,
+                    read_only: true,
+                })
+                .collect(),
         ),
         None => (Some(image.initrd), Vec::new()),
     };
@@ -1562,6 +1637,9 @@ mod tests {
             exclude: Vec::new(),
             out: None,
             max_out_bytes: 1 << 30,
+            collect: Vec::new(),
+            image_archive: None,
+            nested: false,
             command: vec!["true".into()],
         }
     }
@@ -1650,8 +1728,42 @@ mod tests {
                 "airlock.debug=1"
             ]
         );
+        config.container = true;
+        config.archive = Some("/a.tar".into());
+        config.nested = true;
+        assert_eq!(
+            boot_cmdline(&config, &image),
+            [
+                "root=/dev/vda",
+                "rootfstype=erofs",
+                "ro",
+                "airlock.archive=1",
+                "airlock.nested=1",
+                "airlock.debug=1"
+            ]
+        );
         image.root = None;
         assert_eq!(boot_cmdline(&config, &image), ["airlock.debug=1"]);
+    }
+
+    #[test]
+    fn collect_patterns_must_be_relative() {
+        for bad in ["/etc/*", "../x", "a/../b", ""] {
+            let err = RunConfig::try_from(RunArgs {
+                collect: vec![bad.into()],
+                out: Some("/tmp/o".into()),
+                ..args()
+            })
+            .expect_err(bad);
+            assert!(matches!(err, Error::CollectPattern(_)), "{bad}: {err}");
+            assert_eq!(err.exit(), Exit::Usage);
+        }
+        let too_many = RunConfig::try_from(RunArgs {
+            collect: vec!["x".into(); 65],
+            out: Some("/tmp/o".into()),
+            ..args()
+        });
+        assert!(matches!(too_many, Err(Error::TooManyCollect)));
     }
 
     #[test]

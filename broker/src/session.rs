@@ -180,6 +180,8 @@ pub struct EncodedSpec {
     pub workspace: bool,
     /// The host takes results on `FILES_OUT_PORT`.
     pub results: bool,
+    /// The `Collect` frame sent after the RunSpec, for `--collect`.
+    collect: Option<Vec<u8>>,
 }
 
 impl EncodedSpec {
@@ -188,7 +190,20 @@ impl EncodedSpec {
             frame,
             workspace: false,
             results: false,
+            collect: None,
         })
+    }
+
+    /// Asks for the results named by `patterns` (none: `/workspace/out`).
+    pub fn set_collect(&mut self, patterns: &[String]) -> Result<(), EncodeError> {
+        self.collect = if patterns.is_empty() {
+            None
+        } else {
+            Some(encode(&Message::Collect {
+                patterns: patterns.to_vec(),
+            })?)
+        };
+        Ok(())
     }
 
     /// The capabilities of the host's `Hello`, given the guest's.
@@ -297,6 +312,20 @@ fn converse<R: Read, W: Write, O: Write, E: Write>(
             what: "RunSpec",
             source,
         });
+    }
+    if let Some(collect) = &spec.collect {
+        if guest_caps.iter().any(|c| c == capability::COLLECT) {
+            if let Err(source) = writer.write_all(collect).and_then(|()| writer.flush()) {
+                return Outcome::Broken(Violation::Send {
+                    what: "Collect",
+                    source,
+                });
+            }
+        } else {
+            eprintln!(
+                "airlock: warning: the guest does not understand --collect: it sends                  /workspace/out instead"
+            );
+        }
     }
 
     // The command runs.
