@@ -1,0 +1,697 @@
+//! `airlock-upstream`: a local model API for Airlock's tests, benchmarks and
+//! offline demo. It speaks the Anthropic Messages API (`POST /v1/messages`)
+//! and the OpenAI Chat Completions API (`POST /v1/chat/completions`), both
+//! streaming (server-sent events) and not, and `GET /v1/models`, and plays
+//! a scripted conversation ([`script`]) including tool calls.
+//!
+//! Every request is logged as one JSON line to `--log` (method, path, all
+//! headers, the key it carried, body sha256, turn, and for streams when the
+//! first and last events were sent), so tests can check what reached the
+//! upstream. One thread per connection, at most [`MAX_CONNECTIONS`] at once
+//! (beyond that: 503).
+
+mod http;
+mod script;
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::http::{Chunked, Request};
+use crate::script::{pieces, thirds, Script, Turn};
+
+/// Most connections served at once.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A scripted model API (Anthropic Messages and OpenAI Chat Completions) on
+/// a local port, for tests and offline demos.
+///
+/// Prints the bound address (HOST:PORT) as the first line of stdout, then
+/// serves until killed.
+#[derive(Debug, Parser)]
+#[command(name = "airlock-upstream", version)]
+struct Cli {
+    /// The conversation to play: {"turns": [{"text": ...} | {"tool": {"name": ..., "input": {...}}}, ...]}
+    #[arg(long, value_name = "FILE")]
+    script: PathBuf,
+    /// Address to listen on (port 0: any free port)
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Append one JSON line per request to this file
+    #[arg(long, value_name = "FILE")]
+    log: Option<PathBuf>,
+    /// Wait this long between streamed events
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    delay_ms: u64,
+    /// Answer 401 (as the real APIs do) unless the request carries this key
+    /// (x-api-key for Anthropic, Authorization: Bearer for OpenAI)
+    #[arg(long, value_name = "KEY")]
+    key: Option<String>,
+}
+
+/// Which API a request speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Anthropic,
+    OpenAi,
+}
+
+impl Api {
+    fn name(self) -> &'static str {
+        match self {
+            Api::Anthropic => "anthropic",
+            Api::OpenAi => "openai",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Server {
+    script: Script,
+    log: Option<Mutex<File>>,
+    delay: Duration,
+    key: Option<String>,
+    busy: AtomicUsize,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let text = match std::fs::read_to_string(&cli.script) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "airlock-upstream: cannot read {}: {e}",
+                cli.script.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let script = match Script::parse(&text) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("airlock-upstream: {}: {e}", cli.script.display());
+            return ExitCode::from(2);
+        }
+    };
+    let log = match &cli.log {
+        Some(path) => match OpenOptions::new().create(true).append(true).open(path) {
+            Ok(f) => Some(Mutex::new(f)),
+            Err(e) => {
+                eprintln!("airlock-upstream: cannot open {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    let listener = match TcpListener::bind(&cli.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("airlock-upstream: cannot listen on {}: {e}", cli.listen);
+            return ExitCode::from(2);
+        }
+    };
+    match listener.local_addr() {
+        Ok(addr) => {
+            let mut out = io::stdout().lock();
+            let _ = writeln!(out, "{addr}");
+            let _ = out.flush();
+        }
+        Err(e) => {
+            eprintln!("airlock-upstream: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let server = Arc::new(Server {
+        script,
+        log,
+        delay: Duration::from_millis(cli.delay_ms),
+        key: cli.key,
+        busy: AtomicUsize::new(0),
+    });
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        if server.busy.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            server.busy.fetch_sub(1, Ordering::SeqCst);
+            let _ = http::respond(&stream, 503, "text/plain", b"too many connections\n");
+            continue;
+        }
+        let server = Arc::clone(&server);
+        let spawned = thread::Builder::new().name("conn".into()).spawn(move || {
+            server.serve(stream);
+            server.busy.fetch_sub(1, Ordering::SeqCst);
+        });
+        if spawned.is_err() {
+            eprintln!("airlock-upstream: cannot start a thread");
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// What one request led to, for the log.
+#[derive(Debug, Default)]
+struct Served {
+    status: u16,
+    turn: Option<usize>,
+    stream: bool,
+    first_event_ms: Option<u64>,
+    last_event_ms: Option<u64>,
+    events: usize,
+    response_bytes: usize,
+}
+
+impl Server {
+    fn serve(&self, stream: TcpStream) {
+        let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+        let _ = stream.set_nodelay(true);
+        let received_ms = now_ms();
+        let req = match http::read_request(&stream) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = http::respond(&stream, 400, "text/plain", format!("{e}\n").as_bytes());
+                return;
+            }
+        };
+        let api = if req.path() == "/v1/chat/completions"
+            || (req.path() == "/v1/models" && req.header("anthropic-version").is_none())
+        {
+            Api::OpenAi
+        } else {
+            Api::Anthropic
+        };
+        let key = match api {
+            Api::Anthropic => req.header("x-api-key").map(str::to_owned),
+            Api::OpenAi => req
+                .header("authorization")
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::to_owned),
+        };
+        let served = self
+            .answer(&stream, &req, api, key.as_deref())
+            .unwrap_or_else(|e| {
+                Served {
+                    status: 599,
+                    first_event_ms: None,
+                    ..Served::default()
+                }
+                .with_error(&e)
+            });
+        self.log(&req, api, key, received_ms, &served);
+    }
+
+    fn answer(
+        &self,
+        stream: &TcpStream,
+        req: &Request,
+        api: Api,
+        key: Option<&str>,
+    ) -> io::Result<Served> {
+        if let Some(want) = &self.key {
+            if key != Some(want.as_str()) {
+                let body = error_body(api, 401, "authentication_error", "invalid x-api-key");
+                http::respond(stream, 401, "application/json", &body)?;
+                return Ok(Served::status(401));
+            }
+        }
+        match (req.method.as_str(), req.path()) {
+            ("GET", "/v1/models") => {
+                let body = models(api).to_string();
+                http::respond(stream, 200, "application/json", body.as_bytes())?;
+                Ok(Served::status(200))
+            }
+            ("POST", "/v1/messages" | "/v1/chat/completions") => {
+                let body: Value = match serde_json::from_slice(&req.body) {
+                    Ok(v @ Value::Object(_)) => v,
+                    _ => {
+                        let body = error_body(
+                            api,
+                            400,
+                            "invalid_request_error",
+                            "body is not a JSON object",
+                        );
+                        http::respond(stream, 400, "application/json", &body)?;
+                        return Ok(Served::status(400));
+                    }
+                };
+                self.complete(stream, req, api, &body)
+            }
+            (_, "/v1/models" | "/v1/messages" | "/v1/chat/completions") => {
+                let body = error_body(api, 405, "invalid_request_error", "method not allowed");
+                http::respond(stream, 405, "application/json", &body)?;
+                Ok(Served::status(405))
+            }
+            _ => {
+                let body = error_body(api, 404, "not_found_error", "no such endpoint");
+                http::respond(stream, 404, "application/json", &body)?;
+                Ok(Served::status(404))
+            }
+        }
+    }
+
+    fn complete(
+        &self,
+        stream: &TcpStream,
+        req: &Request,
+        api: Api,
+        body: &Value,
+    ) -> io::Result<Served> {
+        let messages = body.get("messages").and_then(Value::as_array);
+        let turn_index = messages
+            .map(|m| {
+                m.iter()
+                    .filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+                    .count()
+            })
+            .unwrap_or(0);
+        let turn = self.script.turn(turn_index);
+        let model = body
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or("scripted")
+            .to_owned();
+        let input_tokens = (req.body.len() / 4).max(1);
+        let tool_json = turn
+            .tool
+            .as_ref()
+            .map(|t| t.input.to_string())
+            .unwrap_or_default();
+        let output_tokens =
+            (turn.text.as_deref().unwrap_or_default().len() + tool_json.len()) / 4 + 1;
+        let usage = Usage {
+            input: input_tokens,
+            output: output_tokens,
+        };
+        let streaming = body.get("stream").and_then(Value::as_bool) == Some(true);
+        let reply = Reply {
+            id: format!(
+                "{}_local_{turn_index}",
+                if api == Api::Anthropic {
+                    "msg"
+                } else {
+                    "chatcmpl"
+                }
+            ),
+            model,
+            turn,
+            turn_index,
+            usage,
+            tool_json,
+        };
+        let mut served = Served {
+            status: 200,
+            turn: Some(turn_index),
+            stream: streaming,
+            ..Served::default()
+        };
+        if !streaming {
+            let json = match api {
+                Api::Anthropic => reply.anthropic_json(),
+                Api::OpenAi => reply.openai_json(),
+            }
+            .to_string();
+            http::respond(stream, 200, "application/json", json.as_bytes())?;
+            served.response_bytes = json.len();
+            return Ok(served);
+        }
+        let events = match api {
+            Api::Anthropic => reply.anthropic_events(),
+            Api::OpenAi => {
+                let usage = body
+                    .get("stream_options")
+                    .and_then(|o| o.get("include_usage"))
+                    .and_then(Value::as_bool)
+                    == Some(true);
+                reply.openai_events(usage)
+            }
+        };
+        let mut out = Chunked::start(stream, "text/event-stream")?;
+        for (i, event) in events.iter().enumerate() {
+            if i > 0 && !self.delay.is_zero() {
+                thread::sleep(self.delay);
+            }
+            out.send(event.as_bytes())?;
+            let t = now_ms();
+            served.first_event_ms.get_or_insert(t);
+            served.last_event_ms = Some(t);
+            served.events += 1;
+            served.response_bytes += event.len();
+        }
+        out.finish()?;
+        Ok(served)
+    }
+
+    fn log(&self, req: &Request, api: Api, key: Option<String>, received_ms: u64, served: &Served) {
+        let Some(log) = &self.log else { return };
+        let headers: Vec<Value> = req.headers.iter().map(|(n, v)| json!([n, v])).collect();
+        let line = json!({
+            "received_ms": received_ms,
+            "method": req.method,
+            "target": req.target,
+            "path": req.path(),
+            "api": api.name(),
+            "headers": headers,
+            "key": key,
+            "body_bytes": req.body.len(),
+            "body_sha256": hex(&Sha256::digest(&req.body)),
+            "status": served.status,
+            "turn": served.turn,
+            "stream": served.stream,
+            "events": served.events,
+            "first_event_ms": served.first_event_ms,
+            "last_event_ms": served.last_event_ms,
+            "response_bytes": served.response_bytes,
+        });
+        let mut f = log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = writeln!(f, "{line}");
+        let _ = f.flush();
+    }
+}
+
+impl Served {
+    fn status(status: u16) -> Served {
+        Served {
+            status,
+            ..Served::default()
+        }
+    }
+
+    fn with_error(self, e: &io::Error) -> Served {
+        eprintln!("airlock-upstream: connection ended: {e}");
+        self
+    }
+}
+
+fn error_body(api: Api, status: u16, kind: &str, message: &str) -> Vec<u8> {
+    let v = match api {
+        Api::Anthropic => json!({ "type": "error", "error": { "type": kind, "message": message } }),
+        Api::OpenAi => json!({ "error": { "message": message, "type": kind, "code": status } }),
+    };
+    v.to_string().into_bytes()
+}
+
+fn models(api: Api) -> Value {
+    let ids = ["claude-scripted-1", "gpt-scripted-1"];
+    match api {
+        Api::Anthropic => json!({
+            "data": ids.iter().map(|id| json!({
+                "type": "model", "id": id, "display_name": id, "created_at": "2025-01-01T00:00:00Z"
+            })).collect::<Vec<_>>(),
+            "has_more": false,
+            "first_id": ids[0],
+            "last_id": ids[1],
+        }),
+        Api::OpenAi => json!({
+            "object": "list",
+            "data": ids.iter().map(|id| json!({
+                "id": id, "object": "model", "created": 1_735_689_600, "owned_by": "airlock"
+            })).collect::<Vec<_>>(),
+        }),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    input: usize,
+    output: usize,
+}
+
+/// One scripted reply, ready to render in either API's shape.
+#[derive(Debug)]
+struct Reply {
+    id: String,
+    model: String,
+    turn: Turn,
+    turn_index: usize,
+    usage: Usage,
+    tool_json: String,
+}
+
+fn sse(event: &str, data: &Value) -> String {
+    format!("event: {event}\ndata: {data}\n\n")
+}
+
+impl Reply {
+    fn tool_id(&self, prefix: &str) -> String {
+        format!("{prefix}_local_{}", self.turn_index)
+    }
+
+    fn anthropic_stop_reason(&self) -> &'static str {
+        if self.turn.tool.is_some() {
+            "tool_use"
+        } else {
+            "end_turn"
+        }
+    }
+
+    fn anthropic_json(&self) -> Value {
+        let mut content = Vec::new();
+        if let Some(text) = &self.turn.text {
+            content.push(json!({ "type": "text", "text": text }));
+        }
+        if let Some(tool) = &self.turn.tool {
+            content.push(json!({ "type": "tool_use", "id": self.tool_id("toolu"), "name": tool.name, "input": tool.input }));
+        }
+        json!({
+            "id": self.id, "type": "message", "role": "assistant", "model": self.model,
+            "content": content, "stop_reason": self.anthropic_stop_reason(), "stop_sequence": null,
+            "usage": { "input_tokens": self.usage.input, "output_tokens": self.usage.output },
+        })
+    }
+
+    fn anthropic_events(&self) -> Vec<String> {
+        let mut out = vec![sse(
+            "message_start",
+            &json!({ "type": "message_start", "message": {
+                "id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": { "input_tokens": self.usage.input, "output_tokens": 1 } } }),
+        )];
+        let mut index = 0;
+        if let Some(text) = &self.turn.text {
+            out.push(sse("content_block_start", &json!({ "type": "content_block_start", "index": index, "content_block": { "type": "text", "text": "" } })));
+            out.push(sse("ping", &json!({ "type": "ping" })));
+            for piece in pieces(text) {
+                out.push(sse("content_block_delta", &json!({ "type": "content_block_delta", "index": index, "delta": { "type": "text_delta", "text": piece } })));
+            }
+            out.push(sse(
+                "content_block_stop",
+                &json!({ "type": "content_block_stop", "index": index }),
+            ));
+            index += 1;
+        }
+        if let Some(tool) = &self.turn.tool {
+            out.push(sse("content_block_start", &json!({ "type": "content_block_start", "index": index,
+                "content_block": { "type": "tool_use", "id": self.tool_id("toolu"), "name": tool.name, "input": {} } })));
+            for piece in thirds(&self.tool_json) {
+                out.push(sse("content_block_delta", &json!({ "type": "content_block_delta", "index": index, "delta": { "type": "input_json_delta", "partial_json": piece } })));
+            }
+            out.push(sse(
+                "content_block_stop",
+                &json!({ "type": "content_block_stop", "index": index }),
+            ));
+        }
+        out.push(sse(
+            "message_delta",
+            &json!({ "type": "message_delta",
+            "delta": { "stop_reason": self.anthropic_stop_reason(), "stop_sequence": null },
+            "usage": { "output_tokens": self.usage.output } }),
+        ));
+        out.push(sse("message_stop", &json!({ "type": "message_stop" })));
+        out
+    }
+
+    fn openai_finish(&self) -> &'static str {
+        if self.turn.tool.is_some() {
+            "tool_calls"
+        } else {
+            "stop"
+        }
+    }
+
+    fn openai_usage(&self) -> Value {
+        json!({ "prompt_tokens": self.usage.input, "completion_tokens": self.usage.output,
+                "total_tokens": self.usage.input + self.usage.output })
+    }
+
+    fn openai_json(&self) -> Value {
+        let mut message = json!({ "role": "assistant", "content": self.turn.text });
+        if let Some(tool) = &self.turn.tool {
+            message["tool_calls"] = json!([{ "id": self.tool_id("call"), "type": "function",
+                "function": { "name": tool.name, "arguments": self.tool_json } }]);
+        }
+        json!({
+            "id": self.id, "object": "chat.completion", "created": now_ms() / 1000, "model": self.model,
+            "choices": [{ "index": 0, "message": message, "finish_reason": self.openai_finish() }],
+            "usage": self.openai_usage(),
+        })
+    }
+
+    fn openai_events(&self, usage: bool) -> Vec<String> {
+        let created = now_ms() / 1000;
+        let chunk = |choices: Value| {
+            let v = json!({ "id": self.id, "object": "chat.completion.chunk", "created": created,
+                            "model": self.model, "choices": choices });
+            format!("data: {v}\n\n")
+        };
+        let mut out = vec![chunk(
+            json!([{ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null }]),
+        )];
+        if let Some(text) = &self.turn.text {
+            for piece in pieces(text) {
+                out.push(chunk(
+                    json!([{ "index": 0, "delta": { "content": piece }, "finish_reason": null }]),
+                ));
+            }
+        }
+        if let Some(tool) = &self.turn.tool {
+            out.push(chunk(json!([{ "index": 0, "delta": { "tool_calls": [{ "index": 0, "id": self.tool_id("call"),
+                "type": "function", "function": { "name": tool.name, "arguments": "" } }] }, "finish_reason": null }])));
+            for piece in thirds(&self.tool_json) {
+                out.push(chunk(
+                    json!([{ "index": 0, "delta": { "tool_calls": [{ "index": 0,
+                    "function": { "arguments": piece } }] }, "finish_reason": null }]),
+                ));
+            }
+        }
+        out.push(chunk(
+            json!([{ "index": 0, "delta": {}, "finish_reason": self.openai_finish() }]),
+        ));
+        if usage {
+            let v = json!({ "id": self.id, "object": "chat.completion.chunk", "created": created,
+                            "model": self.model, "choices": [], "usage": self.openai_usage() });
+            out.push(format!("data: {v}\n\n"));
+        }
+        out.push("data: [DONE]\n\n".to_owned());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::script::ToolCall;
+
+    fn reply(text: Option<&str>, tool: bool) -> Reply {
+        let tool = tool.then(|| ToolCall {
+            name: "bash".into(),
+            input: json!({ "command": "ls -la /workspace" }),
+        });
+        let tool_json = tool
+            .as_ref()
+            .map(|t| t.input.to_string())
+            .unwrap_or_default();
+        Reply {
+            id: "msg_1".into(),
+            model: "m".into(),
+            turn: Turn {
+                text: text.map(str::to_owned),
+                tool,
+            },
+            turn_index: 0,
+            usage: Usage {
+                input: 10,
+                output: 7,
+            },
+            tool_json,
+        }
+    }
+
+    /// The JSON of each `data:` line of SSE events.
+    fn data(events: &[String]) -> Vec<Value> {
+        events
+            .iter()
+            .flat_map(|e| e.lines())
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).expect("json"))
+            .collect()
+    }
+
+    #[test]
+    fn anthropic_stream_rebuilds_the_tool_call() {
+        let r = reply(Some("Looking at the workspace now."), true);
+        let events = data(&r.anthropic_events());
+        let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+        assert_eq!(types.first(), Some(&"message_start"));
+        assert_eq!(types.last(), Some(&"message_stop"));
+        let text: String = events
+            .iter()
+            .filter(|e| e["delta"]["type"] == "text_delta")
+            .filter_map(|e| e["delta"]["text"].as_str())
+            .collect();
+        assert_eq!(text, "Looking at the workspace now.");
+        let json: String = events
+            .iter()
+            .filter(|e| e["delta"]["type"] == "input_json_delta")
+            .filter_map(|e| e["delta"]["partial_json"].as_str())
+            .collect();
+        let input: Value = serde_json::from_str(&json).expect("input json");
+        assert_eq!(input["command"], "ls -la /workspace");
+        let delta = events
+            .iter()
+            .find(|e| e["type"] == "message_delta")
+            .expect("delta");
+        assert_eq!(delta["usage"]["output_tokens"], 7);
+        assert_eq!(delta["delta"]["stop_reason"], "tool_use");
+    }
+
+    #[test]
+    fn openai_stream_ends_with_usage_and_done() {
+        let r = reply(None, true);
+        let raw = r.openai_events(true);
+        assert_eq!(raw.last().map(String::as_str), Some("data: [DONE]\n\n"));
+        let events = data(&raw);
+        assert_eq!(
+            events.last().expect("usage")["usage"]["completion_tokens"],
+            7
+        );
+        let args: String = events
+            .iter()
+            .filter_map(|e| {
+                e["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str()
+            })
+            .collect();
+        assert_eq!(
+            serde_json::from_str::<Value>(&args).expect("args")["command"],
+            "ls -la /workspace"
+        );
+        assert!(data(&r.openai_events(false))
+            .iter()
+            .all(|e| e.get("usage").is_none()));
+    }
+
+    #[test]
+    fn whole_replies() {
+        let r = reply(Some("done"), false);
+        let a = r.anthropic_json();
+        assert_eq!(a["content"][0]["text"], "done");
+        assert_eq!(a["stop_reason"], "end_turn");
+        let o = reply(None, true).openai_json();
+        assert_eq!(o["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(o["usage"]["prompt_tokens"], 10);
+    }
+}
