@@ -216,6 +216,9 @@ impl EncodedSpec {
             }
             if self.results {
                 caps.push(capability::RESULTS.to_owned());
+                if self.collect.is_some() && guest.iter().any(|c| c == capability::COLLECT) {
+                    caps.push(capability::COLLECT.to_owned());
+                }
             }
         }
         caps
@@ -299,7 +302,7 @@ fn converse<R: Read, W: Write, O: Write, E: Write>(
     }
     let hello = Message::Hello {
         version: PROTOCOL_VERSION,
-        capabilities,
+        capabilities: capabilities.clone(),
     };
     if let Err(source) = send(&mut writer, &hello) {
         return Outcome::Broken(Violation::Send {
@@ -314,7 +317,7 @@ fn converse<R: Read, W: Write, O: Write, E: Write>(
         });
     }
     if let Some(collect) = &spec.collect {
-        if guest_caps.iter().any(|c| c == capability::COLLECT) {
+        if capabilities.iter().any(|c| c == capability::COLLECT) {
             if let Err(source) = writer.write_all(collect).and_then(|()| writer.flush()) {
                 return Outcome::Broken(Violation::Send {
                     what: "Collect",

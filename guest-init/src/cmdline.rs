@@ -24,6 +24,12 @@ pub struct Options {
     /// `airlock.container=0` (`airlock run --no-container`): in image mode,
     /// run the command directly in the VM instead of in a container.
     pub container: bool,
+    /// `airlock.archive=1` (`airlock run --image FILE`): a second read-only
+    /// disk holds an image archive; the container runs from it.
+    pub archive: bool,
+    /// `airlock.nested=1` (`airlock run --nested`): the container gets what
+    /// podman inside it needs.
+    pub nested: bool,
 }
 
 impl Default for Options {
@@ -31,6 +37,8 @@ impl Default for Options {
         Self {
             debug: false,
             container: true,
+            archive: false,
+            nested: false,
         }
     }
 }
@@ -50,6 +58,8 @@ impl Options {
             match key {
                 "airlock.debug" => options.debug = parse_bool(value),
                 "airlock.container" => options.container = parse_bool(value),
+                "airlock.archive" => options.archive = parse_bool(value),
+                "airlock.nested" => options.nested = parse_bool(value),
                 _ => {}
             }
         }
@@ -141,6 +151,14 @@ mod tests {
         assert!(Options::parse("airlock.container=1").container);
         assert!(!Options::parse("quiet airlock.container=0").container);
         assert!(!Options::parse("airlock.container=off").container);
+    }
+
+    #[test]
+    fn archive_and_nested_are_off_unless_asked() {
+        let o = Options::parse("root=/dev/vda");
+        assert!(!o.archive && !o.nested);
+        let o = Options::parse("airlock.archive=1 airlock.nested=1");
+        assert!(o.archive && o.nested);
     }
 
     #[test]

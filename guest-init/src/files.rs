@@ -7,8 +7,13 @@
 //! [`check_file_path`], files are created with `O_NOFOLLOW`, and the
 //! directories the host names are created here (a symlink in the way fails
 //! `create_dir` / is refused). Sending never follows a symlink either
-//! (`lstat`; symlinks and other types are skipped). Directory mtimes are not
-//! preserved (creating entries inside a directory changes its mtime).
+//! (`lstat`; symlinks and other types are skipped). Directory mtimes are set
+//! once the stream has ended (creating entries inside a directory changes
+//! its mtime).
+//!
+//! With `airlock run --collect`, the results are the files under
+//! `/workspace` that match the host's patterns ([`glob_path`]) rather than
+//! `/workspace/out`, sent with their paths relative to `/workspace`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -107,11 +112,15 @@ struct Open {
 pub fn receive<R: Read>(mut r: R, root: &Path) -> Result<u64, Error> {
     let mut count = 0u64;
     let mut current: Option<Open> = None;
+    let mut dir_times: Vec<(PathBuf, i64)> = Vec::new();
     loop {
         let msg = read_frame(&mut r).map_err(Error::Receive)?;
         match (msg, current.take()) {
             (Message::FileEntry(entry), None) => {
                 count += 1;
+                if entry.kind == FileKind::Dir {
+                    dir_times.push((root.join(&entry.path), entry.mtime));
+                }
                 current = start(root, entry)?;
             }
             (Message::FileData(data), Some(mut open)) => {
@@ -141,7 +150,18 @@ pub fn receive<R: Read>(mut r: R, root: &Path) -> Result<u64, Error> {
                     .map_err(|e| Error::Io(open.path.clone(), e.into_error()))?;
                 set_mtime(&file, open.mtime).map_err(io_at(&open.path))?;
             }
-            (Message::FilesDone { .. }, None) => return Ok(count),
+            (Message::FilesDone { .. }, None) => {
+                // Deepest first: parents come before children in the stream.
+                for (path, mtime) in dir_times.iter().rev() {
+                    let dir = OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                        .open(path)
+                        .map_err(io_at(path))?;
+                    set_mtime(&dir, *mtime).map_err(io_at(path))?;
+                }
+                return Ok(count);
+            }
             (msg, _) => return Err(Error::Stream(format!("unexpected {}", msg.kind()))),
         }
     }
@@ -187,18 +207,22 @@ fn start(root: &Path, entry: FileEntry) -> Result<Option<Open>, Error> {
     }
 }
 
-/// Sends `root/out` (if it is a directory) to the host's results port, then
+/// Sends `root/out` (if it is a directory), or with `collect` the files
+/// under `root` matching those patterns, to the host's results port, then
 /// waits (bounded) for the host to close the connection. `Ok(false)` when
 /// there was nothing to send.
-pub fn send_results(root: &Path, port: u32) -> Result<bool, Error> {
-    let out = root.join(OUT_DIR);
-    match fs::symlink_metadata(&out) {
+pub fn send_results(root: &Path, collect: Option<&[String]>, port: u32) -> Result<bool, Error> {
+    let (dir, patterns) = match collect {
+        Some(patterns) => (root.to_path_buf(), patterns),
+        None => (root.join(OUT_DIR), &[][..]),
+    };
+    match fs::symlink_metadata(&dir) {
         Ok(meta) if meta.is_dir() => {}
         _ => return Ok(false),
     }
     let stream = VsockStream::connect(HOST_CID, port).map_err(|e| Error::Connect(port, e))?;
     let mut reader = stream.try_clone().map_err(|e| Error::Connect(port, e))?;
-    send(BufWriter::with_capacity(256 * 1024, stream), &out)?;
+    send_matching(BufWriter::with_capacity(256 * 1024, stream), &dir, patterns)?;
     let _ = reader.set_read_timeout(Some(CLOSE_PATIENCE));
     let mut buf = [0u8; 64];
     // The host answers nothing: end of file (or an error) means "got it".
@@ -206,13 +230,72 @@ pub fn send_results(root: &Path, port: u32) -> Result<bool, Error> {
     Ok(true)
 }
 
+/// Whether `path` (relative, `/`-separated) matches `pattern`: `*` and `?`
+/// within one component, `**` as a whole component for any number of
+/// components (none included).
+pub fn glob_path(pattern: &str, path: &str) -> bool {
+    let p: Vec<&str> = pattern.split('/').collect();
+    let n: Vec<&str> = path.split('/').collect();
+    match_components(&p, &n)
+}
+
+fn match_components(p: &[&str], n: &[&str]) -> bool {
+    match p.split_first() {
+        None => n.is_empty(),
+        Some((&"**", rest)) => (0..=n.len()).any(|skip| match_components(rest, &n[skip..])),
+        Some((first, rest)) => n.split_first().is_some_and(|(name, names)| {
+            glob_component(first.as_bytes(), name.as_bytes()) && match_components(rest, names)
+        }),
+    }
+}
+
+/// `*` and `?` within one name (a leading `.` is matched like any byte).
+fn glob_component(p: &[u8], n: &[u8]) -> bool {
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        match p.get(pi) {
+            Some(b'*') => {
+                star = Some((pi, ni));
+                pi += 1;
+            }
+            Some(&c) if c == b'?' || c == n[ni] => {
+                pi += 1;
+                ni += 1;
+            }
+            _ => match star {
+                Some((sp, sn)) => {
+                    pi = sp + 1;
+                    ni = sn + 1;
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
 /// Writes the file stream of the tree under `root` to `w` (no symlink
 /// followed), then `FilesDone`.
-pub fn send<W: Write>(mut w: W, root: &Path) -> Result<(), Error> {
+#[cfg(test)]
+pub fn send<W: Write>(w: W, root: &Path) -> Result<(), Error> {
+    send_matching(w, root, &[])
+}
+
+/// Like `send`, but with `patterns` only the files whose path matches one
+/// of them, or lies under a directory that does (none: everything). A
+/// selected file's directories are sent before it.
+pub fn send_matching<W: Write>(mut w: W, root: &Path, patterns: &[String]) -> Result<(), Error> {
+    let selected = |rel: &str| patterns.is_empty() || patterns.iter().any(|p| glob_path(p, rel));
+    // Directories not sent yet, in walk order: sent when a file under them is.
+    let mut pending: Vec<FileEntry> = Vec::new();
     let (mut count, mut bytes) = (0u64, 0u64);
-    let mut stack: Vec<(PathBuf, String)> = vec![(root.to_path_buf(), String::new())];
+    // (directory, its relative path, whether it or a parent was selected)
+    let mut stack: Vec<(PathBuf, String, bool)> =
+        vec![(root.to_path_buf(), String::new(), patterns.is_empty())];
     let mut buf = vec![0u8; MAX_FILE_CHUNK];
-    while let Some((dir, rel)) = stack.pop() {
+    while let Some((dir, rel, dir_selected)) = stack.pop() {
         let mut names: Vec<_> = fs::read_dir(&dir)
             .map_err(io_at(&dir))?
             .filter_map(|e| e.ok().map(|e| e.file_name()))
@@ -242,10 +325,20 @@ pub fn send<W: Write>(mut w: W, root: &Path) -> Result<(), Error> {
                     mtime: meta.mtime(),
                     size: 0,
                 };
-                write_frame(&mut w, &Message::FileEntry(entry)).map_err(Error::Send)?;
-                count += 1;
-                subdirs.push((path, rel_path));
+                let take = dir_selected || selected(&rel_path);
+                if take {
+                    flush_pending(&mut w, &mut pending, &rel_path, &mut count)?;
+                    write_frame(&mut w, &Message::FileEntry(entry)).map_err(Error::Send)?;
+                    count += 1;
+                } else {
+                    pending.push(entry);
+                }
+                subdirs.push((path, rel_path, take));
             } else if meta.is_file() {
+                if !(dir_selected || selected(&rel_path)) {
+                    continue;
+                }
+                flush_pending(&mut w, &mut pending, &rel_path, &mut count)?;
                 let Ok(mut file) = OpenOptions::new()
                     .read(true)
                     .custom_flags(libc::O_NOFOLLOW)
@@ -291,8 +384,30 @@ pub fn send<W: Write>(mut w: W, root: &Path) -> Result<(), Error> {
         }
         stack.extend(subdirs.into_iter().rev());
     }
+    // Drop the pending directories nothing was sent from.
+    pending.clear();
     write_frame(&mut w, &Message::FilesDone { count, bytes }).map_err(Error::Send)?;
     w.flush().map_err(|e| Error::Send(FrameError::Io(e)))
+}
+
+/// Sends the pending directories that are ancestors of `rel` (parents
+/// first, as they were found) and forgets them; the others stay pending.
+fn flush_pending<W: Write>(
+    w: &mut W,
+    pending: &mut Vec<FileEntry>,
+    rel: &str,
+    count: &mut u64,
+) -> Result<(), Error> {
+    let is_ancestor = |e: &FileEntry| {
+        rel.strip_prefix(e.path.as_str())
+            .is_some_and(|rest| rest.starts_with('/'))
+    };
+    for entry in pending.iter().filter(|e| is_ancestor(e)) {
+        write_frame(&mut *w, &Message::FileEntry(entry.clone())).map_err(Error::Send)?;
+        *count += 1;
+    }
+    pending.retain(|e| !is_ancestor(e));
+    Ok(())
 }
 
 #[cfg(test)]
@@ -322,8 +437,75 @@ mod tests {
         let meta = fs::metadata(dst.join("d/x.sh")).expect("meta");
         assert_eq!(meta.permissions().mode() & 0o777, 0o755);
         assert!(fs::symlink_metadata(dst.join("l")).is_err());
+        let dir = File::open(src.join("d")).expect("open");
+        set_mtime(&dir, 1_500_000_000).expect("mtime");
+        let dst2 = tmp("dst2");
+        let mut buf = Vec::new();
+        send(&mut buf, &src).expect("send");
+        receive(&buf[..], &dst2).expect("receive");
+        let meta = fs::metadata(dst2.join("d")).expect("meta");
+        assert_eq!(meta.mtime(), 1_500_000_000, "directory mtimes survive");
         let _ = fs::remove_dir_all(&src);
         let _ = fs::remove_dir_all(&dst);
+        let _ = fs::remove_dir_all(&dst2);
+    }
+
+    #[test]
+    fn globs_match_paths_by_component() {
+        for (p, n, want) in [
+            ("*.txt", "a.txt", true),
+            ("*.txt", "d/a.txt", false),
+            ("**/*.txt", "d/a.txt", true),
+            ("**/*.txt", "a.txt", true),
+            ("d/**", "d/e/f", true),
+            ("d/**", "d", true),
+            ("d/*/f", "d/e/f", true),
+            ("d/*/f", "d/e/g/f", false),
+            ("?.rs", "ab.rs", false),
+            ("a*b*c", "aXbYbZc", true),
+            ("report", "report", true),
+        ] {
+            assert_eq!(glob_path(p, n), want, "{p} {n}");
+        }
+    }
+
+    #[test]
+    fn collect_sends_only_matches_with_their_directories() {
+        let src = tmp("collect");
+        let dst = tmp("collect-dst");
+        fs::create_dir_all(src.join("build/logs")).expect("mkdir");
+        fs::create_dir_all(src.join("src")).expect("mkdir");
+        fs::write(src.join("build/logs/a.log"), b"log").expect("write");
+        fs::write(src.join("build/app"), b"bin").expect("write");
+        fs::write(src.join("src/main.rs"), b"fn main() {}").expect("write");
+        fs::write(src.join("notes.txt"), b"n").expect("write");
+        let mut buf = Vec::new();
+        send_matching(&mut buf, &src, &["**/*.log".into(), "notes.txt".into()]).expect("send");
+        // build, build/logs, build/logs/a.log, notes.txt
+        assert_eq!(receive(&buf[..], &dst).expect("receive"), 4);
+        assert_eq!(
+            fs::read(dst.join("build/logs/a.log")).expect("read"),
+            b"log"
+        );
+        assert_eq!(fs::read(dst.join("notes.txt")).expect("read"), b"n");
+        assert!(!dst.join("build/app").exists());
+        assert!(
+            !dst.join("src").exists(),
+            "no empty directories for nothing"
+        );
+        let dst2 = tmp("collect-dst2");
+        let mut buf = Vec::new();
+        send_matching(&mut buf, &src, &["build".into()]).expect("send");
+        receive(&buf[..], &dst2).expect("receive");
+        assert!(
+            dst2.join("build/app").exists(),
+            "a matched directory brings its tree"
+        );
+        assert!(dst2.join("build/logs/a.log").exists());
+        assert!(!dst2.join("notes.txt").exists());
+        for d in [&src, &dst, &dst2] {
+            let _ = fs::remove_dir_all(d);
+        }
     }
 
     #[test]

@@ -86,7 +86,7 @@ pub fn loopback_up() -> io::Result<()> {
 /// environment passed with `--env` (the container gets nothing else but
 /// podman's defaults: `PATH`, `HOME`, `TERM` unless given, `container`,
 /// `HOSTNAME`). podman itself runs with the init's default environment.
-pub fn containerize(spec: RunSpec, memory_mib: Option<u64>) -> RunSpec {
+pub fn containerize(spec: RunSpec, container: &Container) -> RunSpec {
     let mut argv: Vec<String> = [
         PODMAN,
         "run",
@@ -110,7 +110,21 @@ pub fn containerize(spec: RunSpec, memory_mib: Option<u64>) -> RunSpec {
     .map(str::to_owned)
     .collect();
     argv.push(spec.cwd.clone());
-    if let Some(mib) = memory_mib {
+    if container.nested {
+        // podman inside the container needs to mount, make namespaces and
+        // cgroups (a privileged container within the VM) and a container
+        // store that is not itself on overlayfs ("'overlay' is not
+        // supported over overlayfs"): a tmpfs of its own.
+        argv.extend(
+            [
+                "--privileged",
+                "--mount",
+                "type=tmpfs,destination=/var/lib/containers",
+            ]
+            .map(str::to_owned),
+        );
+    }
+    if let Some(mib) = container.memory_mib {
         // The container's memory cgroup (tmpfs pages it writes count too):
         // the agent cannot starve the init, podman and the control session.
         argv.push("--memory".into());
@@ -123,10 +137,16 @@ pub fn containerize(spec: RunSpec, memory_mib: Option<u64>) -> RunSpec {
         argv.push("--env".into());
         argv.push(format!("{name}={value}"));
     }
-    // `--rootfs` is a switch: its path is the first operand, after which
-    // podman parses no more options, so the command (even one that starts
-    // with `-`) follows it verbatim.
-    argv.extend(["--rootfs".into(), "/:O".into()]);
+    match &container.image {
+        // The image's own entrypoint is cleared: the command runs exactly
+        // as given, as it does on the guest image. The image is the first
+        // operand, after which podman parses no more options.
+        Some(image) => argv.extend(["--entrypoint=".into(), image.clone()]),
+        // `--rootfs` is a switch: its path is the first operand, after
+        // which podman parses no more options, so the command (even one
+        // that starts with `-`) follows it verbatim.
+        None => argv.extend(["--rootfs".into(), "/:O".into()]),
+    }
     argv.extend(spec.argv);
     RunSpec {
         argv,
@@ -134,6 +154,104 @@ pub fn containerize(spec: RunSpec, memory_mib: Option<u64>) -> RunSpec {
         cwd: "/".into(),
         ..spec
     }
+}
+
+/// What the kernel command line asks of the container.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Mode {
+    /// `airlock.nested=1`.
+    pub nested: bool,
+    /// `airlock.archive=1`.
+    pub archive: bool,
+}
+
+/// How the agent's container is made.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Container {
+    /// Its memory cgroup limit, in MiB (`None`: no limit).
+    pub memory_mib: Option<u64>,
+    /// Give it what podman inside it needs (`airlock.nested=1`).
+    pub nested: bool,
+    /// Run it from this loaded image (`airlock.archive=1`) instead of the
+    /// guest image's own root.
+    pub image: Option<String>,
+}
+
+/// Where the init looks for block devices.
+const SYS_BLOCK: &str = "/sys/block";
+
+/// Finds the image-archive disk: the read-only virtio disk that is not the
+/// root (`airlock run --image` attaches it after the root image).
+pub fn archive_device() -> io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let root_dev = std::fs::metadata("/")?.dev();
+    let root = (libc::major(root_dev), libc::minor(root_dev));
+    let mut names: Vec<String> = std::fs::read_dir(SYS_BLOCK)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("vd"))
+        .collect();
+    names.sort();
+    for name in names {
+        let sys = std::path::Path::new(SYS_BLOCK).join(&name);
+        let dev = std::fs::read_to_string(sys.join("dev")).unwrap_or_default();
+        let is_root = dev
+            .trim()
+            .split_once(':')
+            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+            == Some(root);
+        let read_only = std::fs::read_to_string(sys.join("ro")).is_ok_and(|v| v.trim() == "1");
+        if !is_root && read_only {
+            return Ok(format!("/dev/{name}"));
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        "no read-only disk besides the root holds the image archive",
+    ))
+}
+
+/// The image a `podman load` output names (`Loaded image: REF` or
+/// `Loaded image(s): REF[,REF…]`; the first one).
+pub fn loaded_image(stdout: &str) -> Option<String> {
+    stdout.lines().find_map(|line| {
+        let (_, refs) = line.split_once("Loaded image")?;
+        let refs = refs.split_once(':')?.1;
+        refs.split(',')
+            .map(str::trim)
+            .find(|r| !r.is_empty())
+            .map(str::to_owned)
+    })
+}
+
+/// Loads the image archive into the VM's container store (`podman load`,
+/// offline) and returns the image to run.
+pub fn load_archive() -> io::Result<String> {
+    let device = archive_device()?;
+    let out = std::process::Command::new(PODMAN)
+        .args(["load", "--input", &device])
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("HOME", "/root")
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        let why: String = stderr.trim().chars().take(1000).collect();
+        return Err(io::Error::other(format!(
+            "podman load failed ({}): {why}",
+            out.status
+        )));
+    }
+    loaded_image(&stdout).ok_or_else(|| {
+        io::Error::other(format!(
+            "podman load named no image: {}",
+            stdout.trim().chars().take(500).collect::<String>()
+        ))
+    })
 }
 
 /// What the VM keeps for itself (kernel, init, podman, conmon): a quarter of
@@ -173,7 +291,13 @@ mod tests {
             max_output_bytes: 10,
             stdin: false,
         };
-        let out = containerize(spec, Some(700));
+        let out = containerize(
+            spec,
+            &Container {
+                memory_mib: Some(700),
+                ..Container::default()
+            },
+        );
         let argv: Vec<&str> = out.argv.iter().map(String::as_str).collect();
         assert_eq!(argv[..3], [PODMAN, "run", "--rm"]);
         let pos = |s: &str| argv.iter().position(|a| *a == s).expect(s);
@@ -188,6 +312,54 @@ mod tests {
         assert_eq!(out.cwd, "/");
         assert_eq!(out.timeout_ms, Some(5));
         assert_eq!(out.max_output_bytes, 10);
+        assert!(!argv.contains(&"--privileged"), "not nested by default");
+    }
+
+    #[test]
+    fn nested_and_archive_containers() {
+        let spec = RunSpec {
+            argv: vec!["-x".into(), "y".into()],
+            env: Vec::new(),
+            cwd: "/".into(),
+            timeout_ms: None,
+            max_output_bytes: 10,
+            stdin: false,
+        };
+        let out = containerize(
+            spec,
+            &Container {
+                memory_mib: None,
+                nested: true,
+                image: Some("localhost/agent:1".into()),
+            },
+        );
+        let argv: Vec<&str> = out.argv.iter().map(String::as_str).collect();
+        assert!(argv.contains(&"--privileged"));
+        assert!(argv
+            .windows(2)
+            .any(|w| w == ["--mount", "type=tmpfs,destination=/var/lib/containers"]));
+        assert!(!argv.contains(&"--rootfs"));
+        assert_eq!(
+            argv[argv.len() - 4..],
+            ["--entrypoint=", "localhost/agent:1", "-x", "y"]
+        );
+    }
+
+    #[test]
+    fn the_loaded_image_is_read_from_podmans_output() {
+        assert_eq!(
+            loaded_image("Loaded image: localhost/airlock-test:latest\n").as_deref(),
+            Some("localhost/airlock-test:latest")
+        );
+        assert_eq!(
+            loaded_image("Getting image source signatures\nLoaded image(s): a:1, b:2\n").as_deref(),
+            Some("a:1")
+        );
+        assert_eq!(
+            loaded_image("Loaded image: sha256:abc\n").as_deref(),
+            Some("sha256:abc")
+        );
+        assert_eq!(loaded_image("nothing\n"), None);
     }
 
     #[test]
@@ -200,7 +372,7 @@ mod tests {
             max_output_bytes: 10,
             stdin: true,
         };
-        let out = containerize(spec, None);
+        let out = containerize(spec, &Container::default());
         assert!(out.argv.iter().any(|a| a == "-i"));
         assert!(
             !out.argv.iter().any(|a| a == "--memory"),

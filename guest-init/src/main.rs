@@ -94,7 +94,11 @@ fn run() -> Result<(), Error> {
     }
     let mut reaper = reaper::Reaper::install()?;
     console::out(airlock_protocol::INIT_READY_LINE);
-    let status = rpc::run(&mut reaper, container)?;
+    let mode = container.then_some(image::Mode {
+        nested: options.nested,
+        archive: options.archive,
+    });
+    let status = rpc::run(&mut reaper, mode)?;
     console::debug(&format!("command ended: {status:?}"));
     power::sync();
     Ok(())

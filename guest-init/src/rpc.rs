@@ -118,7 +118,10 @@ impl Error {
 /// once its `Exit` was sent.
 /// With `container`, the command runs in a podman container
 /// ([`crate::image::containerize`]).
-pub fn run(waiter: &mut impl ChildWait, container: bool) -> Result<ExitStatus, Error> {
+pub fn run(
+    waiter: &mut impl ChildWait,
+    container: Option<crate::image::Mode>,
+) -> Result<ExitStatus, Error> {
     let stream = connect()?;
     console::debug("connected to the host");
     serve_in(stream, waiter, container)
@@ -159,14 +162,14 @@ fn connect() -> Result<VsockStream, Error> {
 /// protocol error it tells the host why (best effort) before returning it.
 #[cfg(test)]
 pub fn serve<S: Stream>(stream: S, waiter: &mut impl ChildWait) -> Result<ExitStatus, Error> {
-    serve_in(stream, waiter, false)
+    serve_in(stream, waiter, None)
 }
 
 /// The control conversation, the command in a container when `container`.
 pub fn serve_in<S: Stream>(
     mut stream: S,
     waiter: &mut impl ChildWait,
-    container: bool,
+    container: Option<crate::image::Mode>,
 ) -> Result<ExitStatus, Error> {
     let result = converse(&mut stream, waiter, container);
     if let Err(err) = &result {
@@ -181,7 +184,7 @@ pub fn serve_in<S: Stream>(
 fn converse<S: Stream>(
     stream: &mut S,
     waiter: &mut impl ChildWait,
-    container: bool,
+    container: Option<crate::image::Mode>,
 ) -> Result<ExitStatus, Error> {
     stream
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
@@ -190,7 +193,11 @@ fn converse<S: Stream>(
         stream,
         &Message::Hello {
             version: PROTOCOL_VERSION,
-            capabilities: vec![capability::AUDIT.into(), capability::FILES.into()],
+            capabilities: vec![
+                capability::AUDIT.into(),
+                capability::FILES.into(),
+                capability::COLLECT.into(),
+            ],
         },
     )?;
     let host_caps = match receive(stream, "Hello")? {
@@ -209,6 +216,16 @@ fn converse<S: Stream>(
     let spec = match receive(stream, "RunSpec")? {
         Message::RunSpec(spec) => spec,
         other => return Err(unexpected(other, "RunSpec")),
+    };
+    // Results by pattern instead of /workspace/out, when the host says a
+    // Collect follows.
+    let collect = if results && has(capability::COLLECT) {
+        match receive(stream, "Collect")? {
+            Message::Collect { patterns } => Some(patterns),
+            other => return Err(unexpected(other, "Collect")),
+        }
+    } else {
+        None
     };
     if workspace || results {
         // In image mode /workspace is a tmpfs already; in initramfs mode a
@@ -244,11 +261,39 @@ fn converse<S: Stream>(
             return Ok(status);
         }
     }
-    let spec = if container {
-        let memory = crate::image::mem_total_kib().and_then(crate::image::agent_memory_mib);
-        crate::image::containerize(spec, memory)
-    } else {
-        spec
+    let spec = match container {
+        Some(mode) => {
+            let image = if mode.archive {
+                match crate::image::load_archive() {
+                    Ok(image) => {
+                        console::debug(&format!("loaded image {image}"));
+                        Some(image)
+                    }
+                    Err(err) => {
+                        let status = ExitStatus::Exited(125);
+                        send(
+                            stream,
+                            &Message::Error {
+                                code: ErrorCode::SpawnFailed,
+                                message: bounded(format!("image archive: {err}")),
+                            },
+                        )?;
+                        send(stream, &Message::Exit(status))?;
+                        await_host_close(stream);
+                        return Ok(status);
+                    }
+                }
+            } else {
+                None
+            };
+            let setup = crate::image::Container {
+                memory_mib: crate::image::mem_total_kib().and_then(crate::image::agent_memory_mib),
+                nested: mode.nested,
+                image,
+            };
+            crate::image::containerize(spec, &setup)
+        }
+        None => spec,
     };
     stream.set_read_timeout(None).map_err(Error::Setup)?;
     if console::debug_enabled() {
@@ -349,7 +394,7 @@ fn converse<S: Stream>(
         // Before Exit: the host reads the results while the VM still runs,
         // and closes the connection once it has them all.
         let root = std::path::Path::new(crate::files::WORKSPACE);
-        match crate::files::send_results(root, FILES_OUT_PORT) {
+        match crate::files::send_results(root, collect.as_deref(), FILES_OUT_PORT) {
             Ok(true) => console::debug("results sent"),
             Ok(false) => console::debug("no /workspace/out: no results"),
             Err(err) => console::warn(&format!("results: {}", console::chain(&err))),

@@ -59,7 +59,9 @@ pub mod capability {
     /// `Hello`, the host serves that port; in the guest's, the guest can run
     /// the in-guest model endpoint.
     pub const MODEL: &str = "model";
-    /// Guest only: it understands `Collect` (results chosen by patterns).
+    /// In the guest's `Hello`: it understands `Collect` (results chosen by
+    /// patterns). In the host's (only with `results`, and only if the
+    /// guest listed it): a `Collect` follows the `RunSpec`.
     pub const COLLECT: &str = "collect";
 }
 
