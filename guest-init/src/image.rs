@@ -79,7 +79,8 @@ pub fn loopback_up() -> io::Result<()> {
     Ok(())
 }
 
-/// The spec that runs `spec` in a fresh podman container: no network, the
+/// The spec that runs `spec` in a fresh podman container: no network device
+/// (`--network none`, or the model endpoint's loopback-only namespace), the
 /// image's own root as an overlay (`--rootfs /:O`; writes land in tmpfs and
 /// vanish with the VM), `/workspace` shared, the working directory kept as
 /// the spec says (the broker sends `/`, as without a container), the spec's
@@ -97,7 +98,7 @@ pub fn containerize(spec: RunSpec, container: &Container) -> RunSpec {
         // `kill -9 $$`), and its orphans are reaped.
         "--init",
         "--network",
-        "none",
+        container.network.as_deref().unwrap_or("none"),
         "--hostname",
         "airlock",
         "--pids-limit",
@@ -175,6 +176,10 @@ pub struct Container {
     /// Run it from this loaded image (`airlock.archive=1`) instead of the
     /// guest image's own root.
     pub image: Option<String>,
+    /// Its `--network`: `ns:PATH`, the namespace of the model endpoint
+    /// ([`crate::model`]), which holds only `lo`; `None`: `none`. Either
+    /// way the container has no network device.
+    pub network: Option<String>,
 }
 
 /// Where the init looks for block devices.
@@ -331,6 +336,7 @@ mod tests {
                 memory_mib: None,
                 nested: true,
                 image: Some("localhost/agent:1".into()),
+                network: Some("ns:/run/airlock/netns/agent".into()),
             },
         );
         let argv: Vec<&str> = out.argv.iter().map(String::as_str).collect();
@@ -339,6 +345,12 @@ mod tests {
             .windows(2)
             .any(|w| w == ["--mount", "type=tmpfs,destination=/var/lib/containers"]));
         assert!(!argv.contains(&"--rootfs"));
+        assert!(
+            argv.windows(2)
+                .any(|w| w == ["--network", "ns:/run/airlock/netns/agent"]),
+            "the model endpoint's namespace"
+        );
+        assert!(!argv.contains(&"none"));
         assert_eq!(
             argv[argv.len() - 4..],
             ["--entrypoint=", "localhost/agent:1", "-x", "y"]

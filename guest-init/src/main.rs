@@ -18,6 +18,8 @@
 //!    inside a podman container unless turned off) with its output
 //!    streamed as it comes, its exit status, and, when the host takes
 //!    them, audit events about the processes in the VM ([`procevents`]);
+//!    when the host relays model calls, the in-guest model endpoint
+//!    ([`model`]) serves the command on 127.0.0.1;
 //! 6. syncs, stops every process, syncs and reboots ([`power`]): without
 //!    ACPI a reset is how the VM ends, and the VMM treats it as a clean exit.
 //!
@@ -33,6 +35,7 @@ mod console;
 mod exec;
 mod files;
 mod image;
+mod model;
 mod mounts;
 mod power;
 mod procevents;

@@ -197,6 +197,7 @@ fn converse<S: Stream>(
                 capability::AUDIT.into(),
                 capability::FILES.into(),
                 capability::COLLECT.into(),
+                capability::MODEL.into(),
             ],
         },
     )?;
@@ -213,7 +214,8 @@ fn converse<S: Stream>(
     let files = has(capability::FILES);
     let workspace = files && has(capability::WORKSPACE);
     let results = files && has(capability::RESULTS);
-    let spec = match receive(stream, "RunSpec")? {
+    let model = has(capability::MODEL);
+    let mut spec = match receive(stream, "RunSpec")? {
         Message::RunSpec(spec) => spec,
         other => return Err(unexpected(other, "RunSpec")),
     };
@@ -261,6 +263,19 @@ fn converse<S: Stream>(
             return Ok(status);
         }
     }
+    // The model endpoint, before the command: its variables go into the
+    // command's environment, its network namespace to the container.
+    let mut network = None;
+    if model {
+        match crate::model::start(container.is_some()) {
+            Ok(ns) => {
+                network = ns;
+                let extra = crate::model::agent_env(&spec.env);
+                spec.env.extend(extra);
+            }
+            Err(err) => console::warn(&format!("model endpoint: {}", console::chain(&err))),
+        }
+    }
     let spec = match container {
         Some(mode) => {
             let image = if mode.archive {
@@ -290,6 +305,7 @@ fn converse<S: Stream>(
                 memory_mib: crate::image::mem_total_kib().and_then(crate::image::agent_memory_mib),
                 nested: mode.nested,
                 image,
+                network,
             };
             crate::image::containerize(spec, &setup)
         }
@@ -587,7 +603,12 @@ mod tests {
                 read_frame(&mut host).expect("guest hello"),
                 Message::Hello {
                     version: 1,
-                    capabilities: vec!["audit".into(), "files".into()]
+                    capabilities: vec![
+                        "audit".into(),
+                        "files".into(),
+                        "collect".into(),
+                        "model".into()
+                    ]
                 }
             );
             write_frame(&mut host, &reply).expect("send hello");
