@@ -7,7 +7,9 @@
 #                        minbase, merged-/usr, no docs/man/locales, with podman,
 #                        crun, catatonit, podman-docker (`docker`), bash, git,
 #                        python3, e2fsprogs, ...; airlock-init as /sbin/airlock-init
-#                        and /sbin/init; scripts/image/*.conf in /etc/containers.
+#                        and /sbin/init; scripts/image/*.conf in /etc/containers;
+#                        the reference agent scripts/image/airlock-agent as
+#                        /usr/local/bin/airlock-agent.
 # build/rootfs.manifest  the Debian packages in it, `name<TAB>version`, sorted.
 #
 # Needs root (mmdebstrap, chown) and Debian's mirrors; needs
@@ -26,7 +28,7 @@ use_cache=1
 case "${1:-}" in
     '') ;;
     --no-cache) use_cache=0 ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
 esac
 [ $# -le 1 ] || die "too many arguments (see --help)"
@@ -140,6 +142,11 @@ dpkg-query --admindir="$root/var/lib/dpkg" -W -f='${binary:Package}\t${Version}\
 # symlink to usr/sbin. minbase has no init package.
 install -m 755 "$stage/airlock-init" "$root/usr/sbin/airlock-init"
 ln -sfn airlock-init "$root/usr/sbin/init"
+
+# The reference agent (Python 3 standard library only): a tool-use loop over
+# the Anthropic Messages API, pointed at the in-guest model endpoint by the
+# init's ANTHROPIC_BASE_URL. Its mtime is clamped by mkfs.erofs -T below.
+install -m 755 "$image_dir/airlock-agent" "$root/usr/local/bin/airlock-agent"
 
 # The container engine's configuration (commented in the files themselves).
 install -m 644 "$image_dir/containers.conf" "$image_dir/storage.conf" "$root/etc/containers/"
