@@ -269,6 +269,8 @@ const NO_CONTAINER_CMDLINE: &str = "airlock.container=0";
 const ARCHIVE_CMDLINE: &str = "airlock.archive=1";
 /// Tells the init to give the container what nested podman needs.
 const NESTED_CMDLINE: &str = "airlock.nested=1";
+/// The host's wall clock at boot, in seconds since the epoch.
+const EPOCH_CMDLINE: &str = "airlock.epoch";
 
 /// The words appended to the engine's base command line: in image mode
 /// the root, and `airlock.container=0` for `--no-container`; then the
@@ -667,7 +669,12 @@ fn boot(
         path: control_path.clone(),
         source,
     })?;
-    let extra_cmdline = boot_cmdline(config, &image);
+    let mut extra_cmdline = boot_cmdline(config, &image);
+    // The guest has no clock of its own worth trusting: the init sets it
+    // from this (files the command writes get real mtimes). Not a secret.
+    if let Ok(now) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
+        extra_cmdline.insert(0, format!("{EPOCH_CMDLINE}={}", now.as_secs()));
+    }
     let (initrd, disks) = match image.root {
         Some(path) => (
             None,

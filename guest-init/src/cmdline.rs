@@ -30,6 +30,8 @@ pub struct Options {
     /// `airlock.nested=1` (`airlock run --nested`): the container gets what
     /// podman inside it needs.
     pub nested: bool,
+    /// `airlock.epoch=SECS`: the host's wall clock at boot.
+    pub epoch: Option<i64>,
 }
 
 impl Default for Options {
@@ -39,6 +41,7 @@ impl Default for Options {
             container: true,
             archive: false,
             nested: false,
+            epoch: None,
         }
     }
 }
@@ -60,6 +63,7 @@ impl Options {
                 "airlock.container" => options.container = parse_bool(value),
                 "airlock.archive" => options.archive = parse_bool(value),
                 "airlock.nested" => options.nested = parse_bool(value),
+                "airlock.epoch" => options.epoch = value.and_then(|v| v.parse().ok()),
                 _ => {}
             }
         }
@@ -159,6 +163,8 @@ mod tests {
         assert!(!o.archive && !o.nested);
         let o = Options::parse("airlock.archive=1 airlock.nested=1");
         assert!(o.archive && o.nested);
+        assert_eq!(Options::parse("airlock.epoch=1800000000").epoch, Some(1_800_000_000));
+        assert_eq!(Options::parse("airlock.epoch=soon").epoch, None);
     }
 
     #[test]

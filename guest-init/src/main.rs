@@ -30,6 +30,7 @@
 //! Run anywhere else than as PID 1, it touches nothing and exits with 2.
 
 mod boottimer;
+mod clock;
 mod cmdline;
 mod console;
 mod exec;
@@ -82,6 +83,11 @@ fn run() -> Result<(), Error> {
         cmdline::Options::default()
     });
     console::set_debug(options.debug);
+    if let Some(epoch) = options.epoch {
+        if let Err(err) = clock::set_if_behind(epoch) {
+            console::warn(&format!("cannot set the clock: {err}"));
+        }
+    }
     if image {
         if let Err(err) = image::set_hostname() {
             console::warn(&format!("cannot set the host name: {err}"));
