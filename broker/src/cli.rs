@@ -329,9 +329,58 @@ pub struct RunArgs {
     /// file); larger files are refused
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_OUTPUT_BYTES)]
     pub max_out_bytes: u64,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// The command to run in the sandbox, and its arguments (after `--`)
     #[arg(value_name = "CMD", trailing_var_arg = true)]
     pub command: Vec<String>,
+}
+
+/// The model proxy: how the agent's model calls leave the sandbox.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ModelArgs {
+    /// Forward the agent's model calls (Anthropic Messages, OpenAI Chat
+    /// Completions) to this base URL, e.g. https://api.anthropic.com, with
+    /// the key from $ANTHROPIC_API_KEY / $OPENAI_API_KEY (or
+    /// --model-key-env / --model-key-file). Without it every model call
+    /// gets an API-shaped 403
+    #[arg(long, value_name = "URL")]
+    pub model_upstream: Option<String>,
+    /// Take the API key (for both APIs) from this variable of airlock's
+    /// environment
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "model_upstream",
+        conflicts_with = "model_key_file"
+    )]
+    pub model_key_env: Option<String>,
+    /// Take the API key from this file: one line (the key, for both APIs),
+    /// or ANTHROPIC_API_KEY=... / OPENAI_API_KEY=... lines
+    #[arg(long, value_name = "PATH", requires = "model_upstream")]
+    pub model_key_file: Option<PathBuf>,
+    /// The model policy, a JSON file: {"allowed_models": [...],
+    /// "max_requests": N, "max_tokens_per_run": N, "max_request_bytes": N}
+    /// (every field optional; the flags below override it)
+    #[arg(long, value_name = "FILE")]
+    pub model_policy: Option<PathBuf>,
+    /// Allow only this model (repeatable) [default: any]
+    #[arg(long = "model-allow", value_name = "MODEL")]
+    pub model_allow: Vec<String>,
+    /// Refuse model calls (429) after this many in the run [default: 200]
+    #[arg(long, value_name = "N")]
+    pub model_max_requests: Option<u64>,
+    /// Refuse model calls (429) once the run has used this many tokens
+    /// (input + output, from the responses' usage) [default: no limit]
+    #[arg(long, value_name = "N")]
+    pub model_max_tokens: Option<u64>,
+    /// Refuse (413) a model request whose body is larger [default: 1 MiB]
+    #[arg(long, value_name = "BYTES")]
+    pub model_max_request_bytes: Option<u64>,
+    /// Debugging and tests: after the VM stops, leave a copy of its RAM at
+    /// PATH (a new file)
+    #[arg(long, value_name = "PATH", hide = true)]
+    pub debug_dump_guest_memory: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -14,6 +14,7 @@ mod doctor;
 mod engine;
 mod files;
 mod host;
+mod model;
 mod paths;
 mod run;
 mod session;

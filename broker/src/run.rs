@@ -152,6 +152,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Model(#[from] crate::model::config::Error),
 }
 
 impl Error {
@@ -177,7 +179,8 @@ impl Error {
             | Error::SocketPath(_)
             | Error::Files(_)
             | Error::OutDir(..)
-            | Error::Digest { .. } => Exit::Usage,
+            | Error::Digest { .. }
+            | Error::Model(_) => Exit::Usage,
             Error::Audit(e) => match e {
                 audit::Error::Create { .. }
                 | audit::Error::Read { .. }
@@ -245,6 +248,10 @@ pub struct RunConfig {
     pub nested: bool,
     pub audit: AuditConfig,
     pub files: FilesConfig,
+    /// The model proxy (`--model-*`), keys included (never logged).
+    pub model: crate::model::Settings,
+    /// `--debug-dump-guest-memory`.
+    pub dump_memory: Option<PathBuf>,
 }
 
 /// `--workspace`, `--exclude`, `--out`, `--max-out-bytes`.
@@ -413,8 +420,33 @@ impl TryFrom<RunArgs> for RunConfig {
                 max_out_bytes: args.max_out_bytes,
                 collect: args.collect,
             },
+            model: model_settings(&args.model)?,
+            dump_memory: args
+                .model
+                .debug_dump_guest_memory
+                .map(|p| std::path::absolute(&p).unwrap_or(p)),
         })
     }
+}
+
+/// The model proxy's settings; the keys come from airlock's environment
+/// (or `--model-key-file`), only when `--model-upstream` is given.
+fn model_settings(args: &crate::cli::ModelArgs) -> Result<crate::model::Settings, Error> {
+    let args = crate::model::Args {
+        upstream: args.model_upstream.clone(),
+        key_env: args.model_key_env.clone(),
+        key_file: args.model_key_file.clone(),
+        policy_file: args.model_policy.clone(),
+        overrides: crate::model::policy::Overrides {
+            allowed_models: args.model_allow.clone(),
+            max_requests: args.model_max_requests,
+            max_tokens_per_run: args.model_max_tokens,
+            max_request_bytes: args.model_max_request_bytes,
+        },
+    };
+    Ok(crate::model::Settings::resolve(&args, &|name| {
+        std::env::var(name).ok()
+    })?)
 }
 
 /// `airlock run`.
@@ -615,6 +647,7 @@ fn run_start_fields(
             "collect": config.files.collect,
             "audit_max_guest_records": config.audit.limits.max_guest_records,
             "audit_max_guest_bytes": config.audit.limits.max_guest_bytes,
+            "model": config.model.fields(),
         },
         "spec": {
             "argv": spec.argv,
@@ -701,6 +734,7 @@ fn boot(
         guest_cid: DEFAULT_GUEST_CID,
     };
     let file_acceptors = file_ports(config, &vm_config.vsock_uds, audit)?;
+    let model_port = model_port(config, &vm_config.vsock_uds, audit)?;
     let (events_tx, events) = mpsc::channel();
     let acceptor = {
         let tx = events_tx.clone();
@@ -743,6 +777,8 @@ fn boot(
     drop(acceptor);
     // Waits for a file stream still in progress: the VM is gone, so it ends.
     drop(file_acceptors);
+    // Calls still in progress end; `model.summary` is written.
+    drop(model_port);
     audit.host(
         kind::VM_EXIT,
         vm_exit_fields(end.as_ref().ok(), killed.as_ref().ok()),
@@ -911,6 +947,19 @@ fn file_ports(
         acceptors.push(acceptor);
     }
     Ok(acceptors)
+}
+
+/// Listens on the model port (1027): always, so that an agent without
+/// `--model-upstream` gets an API-shaped refusal rather than no answer.
+fn model_port(
+    config: &RunConfig,
+    vsock_uds: &Path,
+    audit: &AuditLog,
+) -> Result<crate::model::ModelPort, Error> {
+    crate::model::listen(&config.model, vsock_uds, audit).map_err(|source| Error::Listen {
+        path: engine::port_path(vsock_uds, airlock_protocol::MODEL_PORT),
+        source,
+    })
 }
 
 /// When the guest said Hello and when the command's exit status came.
@@ -1647,6 +1696,7 @@ mod tests {
             collect: Vec::new(),
             image_archive: None,
             nested: false,
+            model: crate::cli::ModelArgs::default(),
             command: vec!["true".into()],
         }
     }

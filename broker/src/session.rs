@@ -221,6 +221,11 @@ impl EncodedSpec {
                 }
             }
         }
+        // The model port is always served (a run without --model-upstream
+        // answers every call with an API-shaped 403).
+        if guest.iter().any(|c| c == capability::MODEL) {
+            caps.push(capability::MODEL.to_owned());
+        }
         caps
     }
 }

@@ -1,0 +1,379 @@
+//! The model proxy's settings from the command line, validated before any
+//! VM starts: the upstream URL, the API keys (from the host's environment
+//! or a secrets file; never logged, never sent to the guest), the policy.
+
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::policy::{self, Overrides, Policy};
+use super::rules::Api;
+
+/// Largest secrets file read.
+const MAX_KEY_FILE: u64 = 64 * 1024;
+/// Longest key accepted.
+const MAX_KEY: usize = 4096;
+/// The environment variables read by default, per API.
+pub const ANTHROPIC_KEY_ENV: &str = "ANTHROPIC_API_KEY";
+pub const OPENAI_KEY_ENV: &str = "OPENAI_API_KEY";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--model-upstream {0:?}: {1}")]
+    Url(String, &'static str),
+    #[error(
+        "--model-upstream is set but there is no API key: set {ANTHROPIC_KEY_ENV} or \
+         {OPENAI_KEY_ENV}, or pass --model-key-env NAME or --model-key-file PATH"
+    )]
+    NoKey,
+    #[error("--model-key-env {0}: that variable is not set (or empty) in airlock's environment")]
+    KeyEnv(String),
+    #[error("cannot read the key file {}", .0.display())]
+    KeyFile(PathBuf, #[source] std::io::Error),
+    #[error("the key from {0} is not one line of printable ASCII of at most {MAX_KEY} bytes")]
+    BadKey(String),
+    #[error(transparent)]
+    Policy(#[from] policy::Error),
+}
+
+/// An API key. Its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    #[cfg(test)]
+    pub fn for_tests(key: &str) -> Secret {
+        Secret(key.to_owned())
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// A key and where it came from (for messages and the audit log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key {
+    pub secret: Secret,
+    pub source: String,
+}
+
+/// The upstream base URL, split.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `http` or `https`.
+    pub scheme: String,
+    /// `host[:port]`.
+    pub authority: String,
+    /// A base path without a trailing `/` (often empty).
+    pub base: String,
+}
+
+impl Upstream {
+    /// Parses `http(s)://host[:port][/base]`; no user info, query or
+    /// fragment.
+    pub fn parse(url: &str) -> Result<Upstream, Error> {
+        let bad = |why| Error::Url(url.to_owned(), why);
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad("not an http:// or https:// URL"))?;
+        let scheme = scheme.to_ascii_lowercase();
+        if scheme != "http" && scheme != "https" {
+            return Err(bad("the scheme must be http or https"));
+        }
+        if rest.contains(['?', '#']) {
+            return Err(bad("no query or fragment allowed"));
+        }
+        if !rest.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(bad("holds spaces or non-ASCII characters"));
+        }
+        let (authority, base) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        if authority.is_empty() {
+            return Err(bad("no host"));
+        }
+        if authority.contains('@') {
+            return Err(bad(
+                "no user or password in the URL: the key comes from the environment",
+            ));
+        }
+        Ok(Upstream {
+            scheme,
+            authority: authority.to_owned(),
+            base: base.to_owned(),
+        })
+    }
+
+    /// The URL of `target` (which starts with `/`) on this upstream.
+    pub fn url(&self, target: &str) -> String {
+        format!("{}://{}{}{target}", self.scheme, self.authority, self.base)
+    }
+
+    pub fn display(&self) -> String {
+        self.url("")
+    }
+}
+
+/// The model proxy's settings for one run.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// `None`: every call is refused (403).
+    pub upstream: Option<Upstream>,
+    pub anthropic_key: Option<Key>,
+    pub openai_key: Option<Key>,
+    pub policy: Policy,
+}
+
+/// What the user typed.
+#[derive(Debug, Clone, Default)]
+pub struct Args {
+    pub upstream: Option<String>,
+    pub key_env: Option<String>,
+    pub key_file: Option<PathBuf>,
+    pub policy_file: Option<PathBuf>,
+    pub overrides: Overrides,
+}
+
+fn check_key(value: &str, source: &str) -> Result<Key, Error> {
+    let value = value.trim();
+    if value.is_empty() || value.len() > MAX_KEY || !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::BadKey(source.to_owned()));
+    }
+    Ok(Key {
+        secret: Secret(value.to_owned()),
+        source: source.to_owned(),
+    })
+}
+
+/// Keys from a secrets file: `ANTHROPIC_API_KEY=…` / `OPENAI_API_KEY=…`
+/// lines (`export ` and quotes allowed, `#` comments), or else the whole
+/// file (one line) as the key of both APIs.
+fn keys_from_file(path: &Path) -> Result<(Option<Key>, Option<Key>), Error> {
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_KEY_FILE).read_to_string(&mut text))
+        .map_err(|e| Error::KeyFile(path.to_path_buf(), e))?;
+    let shown = path.display().to_string();
+    let (mut anthropic, mut openai) = (None, None);
+    let mut named = false;
+    for line in text.lines() {
+        let line = line.trim();
+        let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
+        let value = value.trim().trim_matches(|c| c == '"' || c == '\'');
+        match name.trim() {
+            ANTHROPIC_KEY_ENV => {
+                named = true;
+                anthropic = Some(check_key(value, &format!("{shown} ({ANTHROPIC_KEY_ENV})"))?);
+            }
+            OPENAI_KEY_ENV => {
+                named = true;
+                openai = Some(check_key(value, &format!("{shown} ({OPENAI_KEY_ENV})"))?);
+            }
+            _ => {}
+        }
+    }
+    if !named {
+        let key = check_key(&text, &shown)?;
+        return Ok((Some(key.clone()), Some(key)));
+    }
+    Ok((anthropic, openai))
+}
+
+impl Settings {
+    /// Validates the arguments and reads the keys from `env` (the host's
+    /// environment) or the key file. Keys are read only when an upstream
+    /// is set.
+    pub fn resolve(args: &Args, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, Error> {
+        let policy = Policy::load(args.policy_file.as_deref(), &args.overrides)?;
+        let Some(url) = &args.upstream else {
+            return Ok(Settings {
+                policy,
+                ..Settings::default()
+            });
+        };
+        let upstream = Upstream::parse(url)?;
+        let nonempty = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+        let (anthropic_key, openai_key) = if let Some(path) = &args.key_file {
+            keys_from_file(path)?
+        } else if let Some(name) = &args.key_env {
+            let value = nonempty(name).ok_or_else(|| Error::KeyEnv(name.clone()))?;
+            let key = check_key(&value, &format!("${name}"))?;
+            (Some(key.clone()), Some(key))
+        } else {
+            let from = |name: &str| {
+                nonempty(name)
+                    .map(|v| check_key(&v, &format!("${name}")))
+                    .transpose()
+            };
+            (from(ANTHROPIC_KEY_ENV)?, from(OPENAI_KEY_ENV)?)
+        };
+        if anthropic_key.is_none() && openai_key.is_none() {
+            return Err(Error::NoKey);
+        }
+        Ok(Settings {
+            upstream: Some(upstream),
+            anthropic_key,
+            openai_key,
+            policy,
+        })
+    }
+
+    pub fn key(&self, api: Api) -> Option<&Key> {
+        match api {
+            Api::Anthropic => self.anthropic_key.as_ref(),
+            Api::OpenAi => self.openai_key.as_ref(),
+        }
+    }
+
+    /// The settings as `run.start` records them: where keys come from,
+    /// never the keys.
+    pub fn fields(&self) -> Value {
+        json!({
+            "upstream": self.upstream.as_ref().map(Upstream::display),
+            "anthropic_key_from": self.anthropic_key.as_ref().map(|k| k.source.clone()),
+            "openai_key_from": self.openai_key.as_ref().map(|k| k.source.clone()),
+            "policy": self.policy.fields(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paths::TestDir;
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    fn args(upstream: &str) -> Args {
+        Args {
+            upstream: Some(upstream.into()),
+            ..Args::default()
+        }
+    }
+
+    #[test]
+    fn urls() {
+        let u = Upstream::parse("https://api.anthropic.com").expect("plain");
+        assert_eq!(
+            u.url("/v1/messages"),
+            "https://api.anthropic.com/v1/messages"
+        );
+        let u = Upstream::parse("http://127.0.0.1:8080/proxy/").expect("base");
+        assert_eq!(u.url("/v1/models"), "http://127.0.0.1:8080/proxy/v1/models");
+        for bad in [
+            "ftp://x",
+            "api.anthropic.com",
+            "https://",
+            "https://u:p@x",
+            "https://x/?a",
+            "http://x y",
+        ] {
+            assert!(matches!(Upstream::parse(bad), Err(Error::Url(..))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_from_the_environment() {
+        let none = Settings::resolve(&Args::default(), &env(&[("ANTHROPIC_API_KEY", "k")]))
+            .expect("no upstream");
+        assert!(none.upstream.is_none() && none.anthropic_key.is_none());
+        let s = Settings::resolve(
+            &args("http://h"),
+            &env(&[("ANTHROPIC_API_KEY", " sk-ant-1\n")]),
+        )
+        .expect("env");
+        assert_eq!(
+            s.key(Api::Anthropic).map(|k| k.secret.expose()),
+            Some("sk-ant-1")
+        );
+        assert!(s.key(Api::OpenAi).is_none());
+        assert!(
+            !format!("{s:?}").contains("sk-ant-1"),
+            "Debug shows the key"
+        );
+        assert!(!s.fields().to_string().contains("sk-ant-1"));
+        assert!(matches!(
+            Settings::resolve(&args("http://h"), &env(&[])),
+            Err(Error::NoKey)
+        ));
+        assert!(matches!(
+            Settings::resolve(&args("http://h"), &env(&[("ANTHROPIC_API_KEY", "a b")])),
+            Err(Error::BadKey(_))
+        ));
+        let a = Args {
+            key_env: Some("MY_KEY".into()),
+            ..args("http://h")
+        };
+        let s = Settings::resolve(&a, &env(&[("MY_KEY", "mine"), ("OPENAI_API_KEY", "other")]))
+            .expect("named");
+        assert_eq!(s.key(Api::OpenAi).map(|k| k.secret.expose()), Some("mine"));
+        assert!(matches!(
+            Settings::resolve(&a, &env(&[])),
+            Err(Error::KeyEnv(_))
+        ));
+    }
+
+    #[test]
+    fn keys_from_a_file() {
+        let dir = TestDir::new("keys");
+        let path = dir.path().join("secrets");
+        std::fs::write(&path, "sk-whole\n").expect("write");
+        let a = Args {
+            key_file: Some(path.clone()),
+            ..args("http://h")
+        };
+        let s = Settings::resolve(&a, &env(&[])).expect("whole");
+        assert_eq!(
+            s.key(Api::OpenAi).map(|k| k.secret.expose()),
+            Some("sk-whole")
+        );
+        assert_eq!(
+            s.key(Api::Anthropic).map(|k| k.secret.expose()),
+            Some("sk-whole")
+        );
+        std::fs::write(
+            &path,
+            "# keys\nexport ANTHROPIC_API_KEY=\"sk-a\"\nOTHER=1\n",
+        )
+        .expect("write");
+        let s = Settings::resolve(&a, &env(&[])).expect("named");
+        assert_eq!(
+            s.key(Api::Anthropic).map(|k| k.secret.expose()),
+            Some("sk-a")
+        );
+        assert!(s.key(Api::OpenAi).is_none());
+        std::fs::write(&path, "two\nlines\n").expect("write");
+        assert!(matches!(
+            Settings::resolve(&a, &env(&[])),
+            Err(Error::BadKey(_))
+        ));
+        let missing = Args {
+            key_file: Some(dir.path().join("nope")),
+            ..args("http://h")
+        };
+        assert!(matches!(
+            Settings::resolve(&missing, &env(&[])),
+            Err(Error::KeyFile(..))
+        ));
+    }
+}

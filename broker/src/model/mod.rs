@@ -1,0 +1,228 @@
+//! The model proxy: the host end of the model port
+//! ([`airlock_protocol::MODEL_PORT`], 1027; PROTOCOL.md "Model calls").
+//!
+//! The guest init relays each HTTP request the agent makes to its in-guest
+//! endpoint over a connection of its own. Here each connection gets a
+//! thread ([`proxy::Proxy::serve`]): the request is checked against the
+//! allow list and the header rules ([`rules`]), the run's policy and budget
+//! ([`policy`]), forwarded with the real key ([`config`]: from the host's
+//! environment or a secrets file; it never enters the guest) over HTTP or
+//! HTTPS (ureq + rustls), and the answer relayed chunk by chunk as the
+//! upstream produces it, its token usage read on the way ([`usage`]).
+//! Every call is audited (`model.call`), every refusal too
+//! (`model.denied`, with an API-shaped JSON error for the agent).
+//!
+//! Bounds: at most [`MAX_CONCURRENT`] connections are served at once (the
+//! next waits to be accepted); after [`MAX_CONNECTIONS`] in a run the port
+//! closes. Request bodies are bounded by the policy, frames by the
+//! protocol.
+
+pub mod config;
+pub mod policy;
+pub mod proxy;
+pub mod rules;
+pub mod usage;
+
+use std::io;
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+pub use config::{Args, Settings};
+
+use crate::audit::{AuditLog, Durability};
+
+/// Audit record kinds of the model proxy.
+pub mod kind {
+    /// A call forwarded to the upstream: `call`, `api`, `method`, `target`,
+    /// `model`, `status`, `input_tokens`, `output_tokens`, `latency_ms`,
+    /// `upstream_head_ms`, `first_chunk_ms`, `request_bytes`,
+    /// `request_sha256`, `response_bytes`, `response_sha256`, `complete`,
+    /// `error`, `dropped_headers`.
+    pub const CALL: &str = "model.call";
+    /// A call refused: `api`, `method`, `target`, `model`, `reason`,
+    /// `status`, `message`, `request_bytes`, `dropped_headers`.
+    pub const DENIED: &str = "model.denied";
+    /// A model connection that broke the protocol: `port`, `reason`.
+    pub const PROTOCOL_ERROR: &str = "model.protocol_error";
+    /// The model port stopped accepting (`max`).
+    pub const CAPPED: &str = "model.capped";
+    /// At the end of the run: the counts and tokens.
+    pub const SUMMARY: &str = "model.summary";
+}
+
+/// Most model connections served at once.
+pub const MAX_CONCURRENT: usize = 16;
+/// Most model connections accepted in one run.
+pub const MAX_CONNECTIONS: u64 = 10_000;
+/// At the end, how long connections still in progress get to finish.
+const FINISH: Duration = Duration::from_secs(2);
+
+/// The connections in progress, to wait for and to shut down.
+#[derive(Debug, Default)]
+struct Live {
+    streams: Mutex<Vec<(u64, UnixStream)>>,
+    changed: Condvar,
+}
+
+impl Live {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, UnixStream)>> {
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until fewer than `n` are live, or `stop`.
+    fn wait_below(&self, n: usize, stop: &AtomicBool) {
+        let mut live = self.lock();
+        while live.len() >= n && !stop.load(Ordering::SeqCst) {
+            live = self
+                .changed
+                .wait_timeout(live, Duration::from_millis(100))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().retain(|(i, _)| *i != id);
+        self.changed.notify_all();
+    }
+}
+
+/// The model port of a run. Dropping it stops accepting, gives the calls in
+/// progress [`FINISH`] to end, shuts down the rest and writes
+/// `model.summary`.
+#[derive(Debug)]
+pub struct ModelPort {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    live: Arc<Live>,
+    proxy: Arc<proxy::Proxy>,
+    audit: AuditLog,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Listens on `<vsock_uds>_1027` and serves model calls until dropped.
+pub fn listen(settings: &Settings, vsock_uds: &Path, audit: &AuditLog) -> io::Result<ModelPort> {
+    let path = crate::engine::port_path(vsock_uds, airlock_protocol::MODEL_PORT);
+    let listener = UnixListener::bind(&path)?;
+    let proxy = Arc::new(proxy::Proxy::new(settings.clone(), audit.clone()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let live = Arc::new(Live::default());
+    let thread = thread::Builder::new().name("model-accept".into()).spawn({
+        let (proxy, stop, live, audit) = (
+            Arc::clone(&proxy),
+            Arc::clone(&stop),
+            Arc::clone(&live),
+            audit.clone(),
+        );
+        move || accept_loop(&listener, &proxy, &stop, &live, &audit)
+    })?;
+    Ok(ModelPort {
+        path,
+        stop,
+        live,
+        proxy,
+        audit: audit.clone(),
+        thread: Some(thread),
+    })
+}
+
+fn accept_loop(
+    listener: &UnixListener,
+    proxy: &Arc<proxy::Proxy>,
+    stop: &AtomicBool,
+    live: &Arc<Live>,
+    audit: &AuditLog,
+) {
+    let mut accepted = 0u64;
+    loop {
+        live.wait_below(MAX_CONCURRENT, stop);
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e)
+                if e.kind() == io::ErrorKind::Interrupted
+                    || e.kind() == io::ErrorKind::ConnectionAborted =>
+            {
+                continue
+            }
+            Err(e) => {
+                audit.host(
+                    crate::audit::kind::CONTROL_FAILED,
+                    json!({ "port": airlock_protocol::MODEL_PORT, "error": e.to_string() }),
+                    Durability::Synced,
+                );
+                return;
+            }
+        };
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        accepted += 1;
+        let id = accepted;
+        match stream.try_clone() {
+            Ok(handle) => live.lock().push((id, handle)),
+            Err(_) => continue,
+        }
+        let spawned = thread::Builder::new().name(format!("model-{id}")).spawn({
+            let (proxy, live) = (Arc::clone(proxy), Arc::clone(live));
+            move || {
+                proxy.serve(&stream);
+                let _ = stream.shutdown(Shutdown::Both);
+                live.remove(id);
+            }
+        });
+        if spawned.is_err() {
+            live.remove(id);
+        }
+        if accepted >= MAX_CONNECTIONS {
+            audit.host(
+                kind::CAPPED,
+                json!({ "port": airlock_protocol::MODEL_PORT, "max": MAX_CONNECTIONS }),
+                Durability::Synced,
+            );
+            return;
+        }
+    }
+}
+
+impl Drop for ModelPort {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes a blocking accept; the loop sees the flag and ends.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+        let deadline = Instant::now() + FINISH;
+        let mut live = self.live.lock();
+        while !live.is_empty() && Instant::now() < deadline {
+            live = self
+                .live
+                .changed
+                .wait_timeout(live, Duration::from_millis(50))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        for (_, stream) in live.iter() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        let unfinished = live.len();
+        drop(live);
+        let mut fields = self.proxy.summary();
+        fields["unfinished_at_end"] = json!(unfinished);
+        self.audit.host(kind::SUMMARY, fields, Durability::Synced);
+    }
+}
+
+#[cfg(test)]
+mod tests;

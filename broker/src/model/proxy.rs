@@ -1,0 +1,561 @@
+//! One model call: read the guest's request off its vsock connection
+//! (bounded), check it against the rules and the policy, forward it to the
+//! upstream with the real key, relay the response chunk by chunk as it
+//! arrives, and audit the call (or its refusal).
+
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use airlock_protocol::limits::MAX_HTTP_CHUNK;
+use airlock_protocol::{encode, read_frame, FrameError, Message};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::config::Settings;
+use super::kind;
+use super::policy::{Budget, Exhausted};
+use super::rules::{self, Api, Denial, Reason};
+use super::usage::{Scanner, Usage};
+use crate::audit::{AuditLog, Durability};
+
+/// How long the guest may take between frames of its request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// A body over the policy's limit is read and dropped up to this many
+/// bytes (so that the guest gets its 413); beyond, the connection closes.
+const MAX_DRAIN: u64 = 64 << 20;
+/// How long to wait for the upstream to answer a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long to wait for the upstream's response head.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Most `model.denied` and `model.protocol_error` records per run; beyond,
+/// they are counted in `model.summary`.
+const MAX_DENIAL_RECORDS: u64 = 1000;
+/// Most lines about upstream failures on stderr per run.
+const MAX_NOTICES: u64 = 5;
+/// Longest request target put in an audit record.
+const MAX_AUDIT_TARGET: usize = 512;
+
+/// A request as the guest sent it.
+#[derive(Debug)]
+struct Request {
+    method: String,
+    target: String,
+    headers: Vec<(String, String)>,
+    /// Kept up to the policy's limit.
+    body: Vec<u8>,
+    /// All body bytes the guest sent.
+    body_bytes: u64,
+    sha256: String,
+}
+
+/// Why a connection was dropped without an answer.
+#[derive(Debug, thiserror::Error)]
+enum Broken {
+    #[error("the guest broke the model protocol")]
+    Frame(#[source] FrameError),
+    #[error("unexpected {0} on a model connection")]
+    Unexpected(&'static str),
+    #[error("request body over {MAX_DRAIN} bytes")]
+    Flood,
+}
+
+/// The proxy of one run, shared by its connections.
+#[derive(Debug)]
+pub struct Proxy {
+    settings: Settings,
+    budget: Budget,
+    audit: AuditLog,
+    agent: ureq::Agent,
+    calls: AtomicU64,
+    denied: AtomicU64,
+    broken: AtomicU64,
+    notices: AtomicU64,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn short(target: &str) -> &str {
+    let mut end = target.len().min(MAX_AUDIT_TARGET);
+    while !target.is_char_boundary(end) {
+        end -= 1;
+    }
+    &target[..end]
+}
+
+/// Reads `HttpRequest`, `HttpBody`…, `HttpEnd`, keeping at most `max`
+/// body bytes.
+fn read_request<R: Read>(mut r: R, max: u64) -> Result<Request, Broken> {
+    let (method, target, headers) = match read_frame(&mut r).map_err(Broken::Frame)? {
+        Message::HttpRequest {
+            method,
+            target,
+            headers,
+        } => (method, target, headers),
+        other => return Err(Broken::Unexpected(other.kind())),
+    };
+    let mut body = Vec::new();
+    let mut body_bytes = 0u64;
+    let mut hash = Sha256::new();
+    loop {
+        match read_frame(&mut r).map_err(Broken::Frame)? {
+            Message::HttpBody(data) => {
+                let n = u64::try_from(data.len()).unwrap_or(u64::MAX);
+                body_bytes = body_bytes.saturating_add(n);
+                hash.update(&data);
+                if body_bytes > MAX_DRAIN {
+                    return Err(Broken::Flood);
+                }
+                if body_bytes <= max {
+                    body.extend_from_slice(&data);
+                }
+            }
+            Message::HttpEnd => break,
+            other => return Err(Broken::Unexpected(other.kind())),
+        }
+    }
+    Ok(Request {
+        method,
+        target,
+        headers,
+        body,
+        body_bytes,
+        sha256: hex(&hash.finalize()),
+    })
+}
+
+fn send<W: Write>(w: &mut W, msg: &Message) -> io::Result<()> {
+    let frame = encode(msg).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    w.write_all(&frame)?;
+    w.flush()
+}
+
+/// Writes a whole small response.
+fn respond<W: Write>(
+    w: &mut W,
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: &[u8],
+) -> io::Result<()> {
+    send(w, &Message::HttpResponse { status, headers })?;
+    for chunk in body.chunks(MAX_HTTP_CHUNK) {
+        send(w, &Message::HttpBody(chunk.to_vec()))?;
+    }
+    send(w, &Message::HttpEnd)
+}
+
+/// A header pair the protocol can carry back to the guest.
+fn carriable(name: &str, value: &str) -> bool {
+    use airlock_protocol::limits::{MAX_HTTP_HEADER_NAME, MAX_HTTP_HEADER_VALUE};
+    !name.is_empty()
+        && name.len() <= MAX_HTTP_HEADER_NAME
+        && value.len() <= MAX_HTTP_HEADER_VALUE
+        && !value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0))
+}
+
+/// What a forwarded call led to.
+#[derive(Debug, Default)]
+struct Relayed {
+    status: Option<u16>,
+    head_ms: Option<u64>,
+    first_chunk_ms: Option<u64>,
+    response_bytes: u64,
+    response_sha256: Option<String>,
+    usage: Usage,
+    /// What went wrong, if something did.
+    error: Option<String>,
+    /// The response reached the guest whole.
+    complete: bool,
+}
+
+impl Proxy {
+    pub fn new(settings: Settings, audit: AuditLog) -> Proxy {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .timeout_recv_response(Some(RESPONSE_TIMEOUT))
+            // A redirect goes back to the guest as it is: never follow one
+            // to another host with the key.
+            .max_redirects(0)
+            .max_redirects_will_error(false)
+            .user_agent("")
+            .accept("")
+            // Identity, so that the usage can be read on the way.
+            .accept_encoding("identity")
+            .build()
+            .into();
+        Proxy {
+            settings,
+            budget: Budget::default(),
+            audit,
+            agent,
+            calls: AtomicU64::new(0),
+            denied: AtomicU64::new(0),
+            broken: AtomicU64::new(0),
+            notices: AtomicU64::new(0),
+        }
+    }
+
+    /// Serves one connection from the guest, to its end. Never panics on
+    /// the guest's input.
+    pub fn serve(&self, stream: &UnixStream) {
+        let started = Instant::now();
+        let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
+        let max = self.settings.policy.max_request_bytes;
+        let req = match read_request(BufReader::new(stream), max) {
+            Ok(r) => r,
+            Err(e) => {
+                if self.broken.fetch_add(1, Ordering::SeqCst) < MAX_DENIAL_RECORDS {
+                    self.audit.host(
+                        kind::PROTOCOL_ERROR,
+                        json!({ "port": airlock_protocol::MODEL_PORT, "reason": crate::report(&e) }),
+                        Durability::Synced,
+                    );
+                }
+                return;
+            }
+        };
+        let mut out = stream;
+        let (_, dropped) = rules::filter_request_headers(&req.headers);
+        // Credentials the guest tried to send: dropped, never forwarded.
+        let credentials: Vec<&String> =
+            dropped.iter().filter(|n| rules::is_credential(n)).collect();
+        let checked = self.check(&req);
+        let (route, model, body, injected) = match checked {
+            Ok(ok) => ok,
+            Err((denial, model)) => {
+                let _ = respond(&mut out, denial.status(), denial.headers(), &denial.body());
+                if self.denied.fetch_add(1, Ordering::SeqCst) < MAX_DENIAL_RECORDS {
+                    self.audit.host(
+                        kind::DENIED,
+                        json!({
+                            "api": denial.api.name(),
+                            "method": req.method,
+                            "target": short(&req.target),
+                            "model": model,
+                            "reason": denial.reason.name(),
+                            "status": denial.status(),
+                            "message": denial.message,
+                            "request_bytes": req.body_bytes,
+                            "dropped_headers": dropped,
+                            "guest_credentials_dropped": credentials,
+                        }),
+                        Durability::Synced,
+                    );
+                }
+                return;
+            }
+        };
+        let number = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let relayed = self.forward(&req, &route, &body, &mut out, started);
+        if relayed.status == Some(502) && relayed.head_ms.is_none() {
+            // Unreachable: the guest got an API-shaped 502; the user hears
+            // of the first few.
+            if self.notices.fetch_add(1, Ordering::SeqCst) < MAX_NOTICES {
+                eprintln!(
+                    "airlock: model upstream {} unreachable: {} (the agent got a 502)",
+                    self.settings
+                        .upstream
+                        .as_ref()
+                        .map(|u| u.display())
+                        .unwrap_or_default(),
+                    relayed.error.as_deref().unwrap_or("unknown error"),
+                );
+            }
+        }
+        self.budget.spend(
+            relayed.usage.input.unwrap_or(0),
+            relayed.usage.output.unwrap_or(0),
+        );
+        let forwarded_sha = injected.then(|| hex(&Sha256::digest(&body)));
+        self.audit.host(
+            kind::CALL,
+            json!({
+                "call": number,
+                "api": route.api.name(),
+                "method": req.method,
+                "target": short(&req.target),
+                "model": model,
+                "status": relayed.status,
+                "input_tokens": relayed.usage.input,
+                "output_tokens": relayed.usage.output,
+                "latency_ms": millis(started.elapsed()),
+                "upstream_head_ms": relayed.head_ms,
+                "first_chunk_ms": relayed.first_chunk_ms,
+                "request_bytes": req.body_bytes,
+                "request_sha256": req.sha256,
+                "forwarded_sha256": forwarded_sha,
+                "include_usage_added": injected,
+                "response_bytes": relayed.response_bytes,
+                "response_sha256": relayed.response_sha256,
+                "complete": relayed.complete,
+                "error": relayed.error,
+                "dropped_headers": dropped,
+                "guest_credentials_dropped": credentials,
+            }),
+            Durability::Synced,
+        );
+    }
+
+    /// The rules and the policy, in order. On success: the route, the
+    /// model named, the body to forward, whether `include_usage` was added.
+    #[allow(clippy::type_complexity)]
+    fn check(
+        &self,
+        req: &Request,
+    ) -> Result<(rules::Route, Option<String>, Vec<u8>, bool), (Denial, Option<String>)> {
+        let policy = &self.settings.policy;
+        let route = rules::route(&req.method, &req.target, &req.headers).map_err(|d| (d, None))?;
+        let api = route.api;
+        rules::check_host(api, &req.headers).map_err(|d| (d, None))?;
+        let deny = |reason, message: String, model: Option<String>| {
+            Err((Denial::new(api, reason, message), model))
+        };
+        if req.body_bytes > policy.max_request_bytes {
+            return deny(
+                Reason::BodyTooLarge,
+                format!(
+                    "request body of {} bytes is over airlock's limit of {} bytes",
+                    req.body_bytes, policy.max_request_bytes
+                ),
+                None,
+            );
+        }
+        let mut json: Option<Value> = None;
+        if route.completion {
+            match serde_json::from_slice::<Value>(&req.body) {
+                Ok(v @ Value::Object(_)) => json = Some(v),
+                _ => {
+                    return deny(
+                        Reason::BadBody,
+                        "the request body is not a JSON object".into(),
+                        None,
+                    )
+                }
+            }
+        }
+        let model = json
+            .as_ref()
+            .and_then(|v| v.get("model"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        if self.settings.upstream.is_none() {
+            return deny(
+                Reason::NoUpstream,
+                "model calls are not enabled for this sandbox: airlock run was given no --model-upstream".into(),
+                model,
+            );
+        }
+        if self.settings.key(api).is_none() {
+            return deny(
+                Reason::NoKey,
+                format!(
+                    "airlock has no API key for the {} API on this host",
+                    api.name()
+                ),
+                model,
+            );
+        }
+        if route.completion {
+            match &model {
+                Some(m) if policy.allows_model(m) => {}
+                Some(m) => {
+                    return deny(
+                        Reason::ModelNotAllowed,
+                        format!(
+                            "model {m:?} is not allowed by airlock's policy (allowed: {})",
+                            policy
+                                .allowed_models
+                                .as_deref()
+                                .unwrap_or_default()
+                                .join(", ")
+                        ),
+                        model,
+                    )
+                }
+                None => return deny(Reason::BadBody, "the request names no model".into(), None),
+            }
+        }
+        match self.budget.admit(policy) {
+            Ok(_) => {}
+            Err(Exhausted::Requests(max)) => {
+                return deny(
+                    Reason::RequestBudget,
+                    format!("airlock's budget of {max} model requests for this run is spent"),
+                    model,
+                )
+            }
+            Err(Exhausted::Tokens { used, max }) => {
+                return deny(
+                    Reason::TokenBudget,
+                    format!("airlock's budget of {max} tokens for this run is spent ({used} used)"),
+                    model,
+                )
+            }
+        }
+        // An OpenAI stream reports usage only when asked: ask, so that the
+        // token budget holds.
+        let mut injected = false;
+        if let Some(Value::Object(obj)) = json.as_mut() {
+            let streaming = obj.get("stream").and_then(Value::as_bool) == Some(true);
+            let asked = obj
+                .get("stream_options")
+                .and_then(|o| o.get("include_usage"))
+                .and_then(Value::as_bool)
+                == Some(true);
+            if api == Api::OpenAi && streaming && !asked {
+                match obj.get_mut("stream_options") {
+                    Some(Value::Object(opts)) => {
+                        opts.insert("include_usage".into(), Value::Bool(true));
+                    }
+                    _ => {
+                        obj.insert("stream_options".into(), json!({ "include_usage": true }));
+                    }
+                }
+                injected = true;
+            }
+        }
+        let body = match (injected, json) {
+            (true, Some(v)) => v.to_string().into_bytes(),
+            _ => req.body.clone(),
+        };
+        Ok((route, model, body, injected))
+    }
+
+    /// Sends the call upstream and relays the answer to `out`.
+    fn forward<W: Write>(
+        &self,
+        req: &Request,
+        route: &rules::Route,
+        body: &[u8],
+        out: &mut W,
+        started: Instant,
+    ) -> Relayed {
+        let mut relayed = Relayed::default();
+        let (Some(upstream), Some(key)) = (&self.settings.upstream, self.settings.key(route.api))
+        else {
+            relayed.error = Some("no upstream or key".into());
+            return relayed;
+        };
+        let (kept, _) = rules::filter_request_headers(&req.headers);
+        let mut builder = ureq::http::Request::builder()
+            .method(req.method.as_str())
+            .uri(upstream.url(&route.target));
+        for (name, value) in &kept {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        builder = match route.api {
+            Api::Anthropic => builder.header("x-api-key", key.secret.expose()),
+            Api::OpenAi => {
+                builder.header("authorization", format!("Bearer {}", key.secret.expose()))
+            }
+        };
+        let result = if route.completion {
+            builder
+                .body(body.to_vec())
+                .map_err(ureq::Error::from)
+                .and_then(|r| self.agent.run(r))
+        } else {
+            builder
+                .body(())
+                .map_err(ureq::Error::from)
+                .and_then(|r| self.agent.run(r))
+        };
+        let response = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let denial = Denial::new(
+                    route.api,
+                    Reason::Unreachable,
+                    format!("airlock could not reach the model upstream: {e}"),
+                );
+                relayed.status = Some(denial.status());
+                relayed.error = Some(e.to_string());
+                relayed.complete =
+                    respond(out, denial.status(), denial.headers(), &denial.body()).is_ok();
+                return relayed;
+            }
+        };
+        relayed.head_ms = Some(millis(started.elapsed()));
+        let status = response.status().as_u16();
+        relayed.status = Some(status);
+        let mut headers = Vec::new();
+        let mut content_type = None;
+        for (name, value) in response.headers() {
+            let Ok(value) = value.to_str() else { continue };
+            if name.as_str() == "content-type" {
+                content_type = Some(value.to_owned());
+            }
+            if rules::keep_response_header(name.as_str())
+                && carriable(name.as_str(), value)
+                && headers.len() < airlock_protocol::limits::MAX_HTTP_HEADERS
+            {
+                headers.push((name.as_str().to_owned(), value.to_owned()));
+            }
+        }
+        if let Err(e) = send(out, &Message::HttpResponse { status, headers }) {
+            relayed.error = Some(format!("the guest went away: {e}"));
+            return relayed;
+        }
+        let mut scanner = Scanner::new(content_type.as_deref());
+        let mut hash = Sha256::new();
+        let mut reader = response.into_body().into_reader();
+        let mut buf = vec![0u8; MAX_HTTP_CHUNK];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Cut short: closing without HttpEnd tells the guest.
+                    relayed.error = Some(format!("the upstream's response was cut short: {e}"));
+                    break;
+                }
+            };
+            let chunk = &buf[..n];
+            relayed
+                .first_chunk_ms
+                .get_or_insert_with(|| millis(started.elapsed()));
+            scanner.feed(chunk);
+            hash.update(chunk);
+            relayed.response_bytes += u64::try_from(n).unwrap_or(u64::MAX);
+            if let Err(e) = send(out, &Message::HttpBody(chunk.to_vec())) {
+                relayed.error = Some(format!("the guest went away: {e}"));
+                break;
+            }
+        }
+        relayed.usage = scanner.finish();
+        relayed.response_sha256 = Some(hex(&hash.finalize()));
+        if relayed.error.is_none() {
+            match send(out, &Message::HttpEnd) {
+                Ok(()) => relayed.complete = true,
+                Err(e) => relayed.error = Some(format!("the guest went away: {e}")),
+            }
+        }
+        relayed
+    }
+
+    /// The `model.summary` record's fields.
+    pub fn summary(&self) -> Value {
+        let c = self.budget.counts();
+        let denied = self.denied.load(Ordering::SeqCst);
+        let broken = self.broken.load(Ordering::SeqCst);
+        json!({
+            "calls": self.calls.load(Ordering::SeqCst),
+            "denied": denied,
+            "protocol_errors": broken,
+            "unrecorded": denied.saturating_sub(MAX_DENIAL_RECORDS)
+                + broken.saturating_sub(MAX_DENIAL_RECORDS),
+            "requests_admitted": c.requests,
+            "input_tokens": c.input_tokens,
+            "output_tokens": c.output_tokens,
+        })
+    }
+}

@@ -1,0 +1,552 @@
+//! The proxy end to end over a socket pair (the guest's side played here)
+//! and a fake upstream on a loopback port.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use airlock_protocol::{read_frame, write_frame, Message};
+use serde_json::Value;
+
+use super::config::{Key, Secret, Settings, Upstream};
+use super::policy::Policy;
+use super::proxy::Proxy;
+use crate::audit::log::{Memory, TEST_LIMITS};
+use crate::audit::AuditLog;
+
+const REAL_KEY: &str = "sk-real-host-key-0123456789";
+
+/// What the fake upstream got.
+#[derive(Debug)]
+struct Got {
+    head: String,
+    body: Vec<u8>,
+}
+
+/// A fake upstream: serves one connection at a time; for each, sends what
+/// `pieces` holds, waiting on `gate` (if any) after the second (the head
+/// and the first body chunk).
+fn upstream(
+    pieces: Vec<Vec<u8>>,
+    gate: Option<mpsc::Receiver<()>>,
+) -> (String, mpsc::Receiver<Got>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut r = BufReader::new(stream.try_clone().expect("clone"));
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                head.push_str(&line);
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            let mut body = vec![0; len];
+            let _ = r.read_exact(&mut body);
+            let _ = tx.send(Got { head, body });
+            for (i, piece) in pieces.iter().enumerate() {
+                let _ = stream.write_all(piece);
+                let _ = stream.flush();
+                // After the response head and the first chunk.
+                if i == 1 {
+                    if let Some(g) = &gate {
+                        let _ = g.recv_timeout(Duration::from_secs(20));
+                    }
+                }
+            }
+        }
+    });
+    (format!("http://{addr}"), rx)
+}
+
+fn chunked(parts: &[&str]) -> Vec<Vec<u8>> {
+    let mut out = vec![b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nset-cookie: a=b\r\nrequest-id: req_1\r\n\r\n".to_vec()];
+    for p in parts {
+        out.push(format!("{:x}\r\n{p}\r\n", p.len()).into_bytes());
+    }
+    out.push(b"0\r\n\r\n".to_vec());
+    out
+}
+
+fn json_reply(status: u16, body: &str) -> Vec<Vec<u8>> {
+    vec![format!(
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()]
+}
+
+fn settings(url: Option<&str>, policy: Policy) -> Settings {
+    let key = Key {
+        secret: Secret::for_tests(REAL_KEY),
+        source: "test".into(),
+    };
+    Settings {
+        upstream: url.map(|u| Upstream::parse(u).expect("url")),
+        anthropic_key: Some(key.clone()),
+        openai_key: Some(key),
+        policy,
+    }
+}
+
+struct Harness {
+    proxy: std::sync::Arc<Proxy>,
+    audit: Memory,
+}
+
+impl Harness {
+    fn new(settings: Settings) -> Harness {
+        let (log, audit) = AuditLog::memory(TEST_LIMITS, None);
+        Harness {
+            proxy: std::sync::Arc::new(Proxy::new(settings, log)),
+            audit,
+        }
+    }
+
+    /// A guest connection served by the proxy in a thread.
+    fn connect(&self) -> (UnixStream, thread::JoinHandle<()>) {
+        let (guest, host) = UnixStream::pair().expect("pair");
+        let proxy = std::sync::Arc::clone(&self.proxy);
+        let t = thread::spawn(move || {
+            proxy.serve(&host);
+            let _ = host.shutdown(std::net::Shutdown::Both);
+        });
+        guest
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        (guest, t)
+    }
+
+    /// Sends one request and reads the whole answer.
+    fn call(&self, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Answer {
+        let (mut guest, t) = self.connect();
+        send_request(&mut guest, method, target, headers, body);
+        let answer = read_answer(&mut guest);
+        t.join().expect("proxy thread");
+        answer
+    }
+
+    fn records(&self, kind: &str) -> Vec<Value> {
+        self.audit
+            .bytes()
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice::<Value>(l).expect("record"))
+            .filter(|r| r["kind"] == kind)
+            .map(|r| r["fields"].clone())
+            .collect()
+    }
+}
+
+fn send_request(
+    guest: &mut UnixStream,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) {
+    let headers = headers
+        .iter()
+        .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+        .collect();
+    write_frame(
+        &mut *guest,
+        &Message::HttpRequest {
+            method: method.into(),
+            target: target.into(),
+            headers,
+        },
+    )
+    .expect("head");
+    for chunk in body.chunks(64 * 1024) {
+        write_frame(&mut *guest, &Message::HttpBody(chunk.to_vec())).expect("body");
+    }
+    write_frame(&mut *guest, &Message::HttpEnd).expect("end");
+}
+
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    chunks: Vec<Vec<u8>>,
+    ended: bool,
+}
+
+impl Answer {
+    fn body(&self) -> Vec<u8> {
+        self.chunks.concat()
+    }
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body()).expect("json body")
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn read_head(guest: &mut UnixStream) -> (u16, Vec<(String, String)>) {
+    match read_frame(&mut *guest).expect("response head") {
+        Message::HttpResponse { status, headers } => (status, headers),
+        other => panic!("not a response head: {other:?}"),
+    }
+}
+
+fn read_answer(guest: &mut UnixStream) -> Answer {
+    let (status, headers) = read_head(guest);
+    let mut chunks = Vec::new();
+    let mut ended = false;
+    loop {
+        match read_frame(&mut *guest) {
+            Ok(Message::HttpBody(d)) => chunks.push(d),
+            Ok(Message::HttpEnd) => {
+                ended = true;
+                break;
+            }
+            _ => break,
+        }
+    }
+    Answer {
+        status,
+        headers,
+        chunks,
+        ended,
+    }
+}
+
+const SSE_1: &str = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":11,\"output_tokens\":1}}}\n\n";
+const SSE_2: &str = "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":6}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+
+#[test]
+fn forwards_with_the_real_key_and_streams_incrementally() {
+    let (gate_tx, gate) = mpsc::channel();
+    let (url, got) = upstream(chunked(&[SSE_1, SSE_2]), Some(gate));
+    let h = Harness::new(settings(Some(&url), Policy::default()));
+    let (mut guest, t) = h.connect();
+    let body = br#"{"model":"claude-x","stream":true,"messages":[]}"#;
+    send_request(
+        &mut guest,
+        "POST",
+        "/v1/messages",
+        &[
+            ("x-api-key", "placeholder-from-guest"),
+            ("Authorization", "Bearer guest-token"),
+            ("anthropic-version", "2023-06-01"),
+            ("content-type", "application/json"),
+            ("Cookie", "c=1"),
+        ],
+        body,
+    );
+    let (status, headers) = read_head(&mut guest);
+    assert_eq!(status, 200);
+    assert!(headers
+        .iter()
+        .any(|(n, v)| n == "request-id" && v == "req_1"));
+    assert!(!headers
+        .iter()
+        .any(|(n, _)| n == "set-cookie" || n == "transfer-encoding"));
+    // The first event arrives while the upstream still holds back the rest.
+    let Message::HttpBody(first) = read_frame(&mut guest).expect("first chunk") else {
+        panic!("not a body chunk")
+    };
+    assert_eq!(first, SSE_1.as_bytes());
+    gate_tx.send(()).expect("release");
+    let rest = read_answer_rest(&mut guest);
+    assert_eq!(rest, SSE_2.as_bytes());
+    t.join().expect("proxy");
+
+    let got = got
+        .recv_timeout(Duration::from_secs(5))
+        .expect("upstream got it");
+    let head = got.head.to_ascii_lowercase();
+    assert!(head.starts_with("post /v1/messages http/1.1\r\n"), "{head}");
+    assert!(
+        head.contains(&format!("x-api-key: {}\r\n", REAL_KEY.to_ascii_lowercase())),
+        "{head}"
+    );
+    assert_eq!(head.matches("x-api-key").count(), 1, "{head}");
+    assert!(
+        !head.contains("placeholder") && !head.contains("guest-token") && !head.contains("cookie"),
+        "{head}"
+    );
+    assert!(!head.contains("authorization"), "{head}");
+    assert!(head.contains("anthropic-version: 2023-06-01\r\n"));
+    assert!(
+        head.contains(&format!("host: {}\r\n", url.trim_start_matches("http://"))),
+        "{head}"
+    );
+    assert_eq!(got.body, body);
+
+    let calls = h.records(super::kind::CALL);
+    assert_eq!(calls.len(), 1);
+    let c = &calls[0];
+    assert_eq!(c["status"], 200);
+    assert_eq!(c["model"], "claude-x");
+    assert_eq!(
+        (c["input_tokens"].as_u64(), c["output_tokens"].as_u64()),
+        (Some(11), Some(6))
+    );
+    assert_eq!(c["complete"], true);
+    assert_eq!(
+        c["request_sha256"],
+        crate::audit::record::hex(&<sha2::Sha256 as sha2::Digest>::digest(body))
+    );
+    assert_eq!(c["response_bytes"], SSE_1.len() + SSE_2.len());
+    let dropped: Vec<&str> = c["dropped_headers"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(dropped, ["x-api-key", "authorization", "cookie"]);
+    assert!(!String::from_utf8_lossy(&h.audit.bytes()).contains(REAL_KEY));
+}
+
+fn read_answer_rest(guest: &mut UnixStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        match read_frame(&mut *guest).expect("frame") {
+            Message::HttpBody(d) => out.extend_from_slice(&d),
+            Message::HttpEnd => return out,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn openai_gets_a_bearer_key_and_usage_is_asked_for() {
+    let sse = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\ndata: [DONE]\n\n";
+    let (url, got) = upstream(chunked(&[sse]), None);
+    let h = Harness::new(settings(Some(&url), Policy::default()));
+    let a = h.call(
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", "Bearer sk-placeholder")],
+        br#"{"model":"gpt-x","stream":true,"messages":[]}"#,
+    );
+    assert_eq!((a.status, a.ended), (200, true));
+    let got = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+    assert!(
+        got.head
+            .contains(&format!("authorization: Bearer {REAL_KEY}\r\n")),
+        "{}",
+        got.head
+    );
+    assert!(!got.head.contains("sk-placeholder"));
+    let sent: Value = serde_json::from_slice(&got.body).expect("json");
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    let c = &h.records(super::kind::CALL)[0];
+    assert_eq!(
+        (c["input_tokens"].as_u64(), c["output_tokens"].as_u64()),
+        (Some(3), Some(4))
+    );
+    assert_eq!(c["include_usage_added"], true);
+}
+
+#[test]
+fn refusals_are_api_shaped_and_audited() {
+    let (url, got) = upstream(json_reply(200, "{}"), None);
+    let policy = Policy {
+        allowed_models: Some(vec!["ok-model".into()]),
+        max_request_bytes: 100,
+        ..Policy::default()
+    };
+    let h = Harness::new(settings(Some(&url), policy));
+    let anthropic = [("anthropic-version", "2023-06-01")];
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a [(&'a str, &'a str)],
+        &'a [u8],
+        u16,
+        &'a str,
+    );
+    let cases: &[Case] = &[
+        (
+            "POST",
+            "/v1/files",
+            &anthropic,
+            b"{}",
+            404,
+            "path_not_allowed",
+        ),
+        (
+            "GET",
+            "/v1/messages",
+            &anthropic,
+            b"",
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "POST",
+            "/v1/messages",
+            &[("host", "api.evil.example")],
+            br#"{"model":"ok-model"}"#,
+            403,
+            "other_host",
+        ),
+        (
+            "POST",
+            "/v1/messages",
+            &[],
+            &[b'x'; 101],
+            413,
+            "body_too_large",
+        ),
+        ("POST", "/v1/messages", &[], b"not json", 400, "bad_body"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            br#"{"model":"other"}"#,
+            403,
+            "model_not_allowed",
+        ),
+    ];
+    for (method, target, headers, body, status, reason) in cases {
+        let a = h.call(method, target, headers, body);
+        assert_eq!(a.status, *status, "{method} {target}");
+        assert!(a.ended);
+        assert_eq!(a.header("x-airlock-denied"), Some(*reason));
+        let v = a.json();
+        if *target == "/v1/chat/completions" {
+            assert_eq!(v["error"]["code"], *reason, "{v}");
+        } else {
+            assert_eq!(v["type"], "error", "{v}");
+            assert!(v["error"]["message"].is_string());
+        }
+    }
+    let denied = h.records(super::kind::DENIED);
+    let reasons: Vec<&str> = denied.iter().filter_map(|d| d["reason"].as_str()).collect();
+    assert_eq!(reasons, cases.iter().map(|c| c.5).collect::<Vec<_>>());
+    assert!(
+        got.try_recv().is_err(),
+        "a refused call reached the upstream"
+    );
+}
+
+#[test]
+fn the_request_budget_holds_under_a_flood() {
+    let policy = Policy {
+        max_requests: 2,
+        ..Policy::default()
+    };
+    let (url, got) = upstream_n(2, r#"{"usage":{"input_tokens":1,"output_tokens":1}}"#);
+    let h = Harness::new(settings(Some(&url), policy));
+    let statuses: Vec<u16> = (0..12)
+        .map(|_| {
+            h.call("POST", "/v1/messages", &[], br#"{"model":"m"}"#)
+                .status
+        })
+        .collect();
+    assert_eq!(&statuses[..2], [200, 200]);
+    assert!(statuses[2..].iter().all(|s| *s == 429), "{statuses:?}");
+    assert_eq!(got.iter().take(2).count(), 2);
+    assert_eq!(h.records(super::kind::DENIED).len(), 10);
+    assert_eq!(h.proxy.summary()["requests_admitted"], 2);
+}
+
+/// A fake upstream that answers `n` connections with the same JSON.
+fn upstream_n(n: usize, body: &'static str) -> (String, mpsc::Receiver<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for stream in listener.incoming().take(n) {
+            let Ok(mut stream) = stream else { return };
+            let mut buf = vec![0u8; 65536];
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(&json_reply(200, body).concat());
+            let _ = tx.send(());
+        }
+    });
+    (format!("http://{addr}"), rx)
+}
+
+#[test]
+fn token_budget_counts_the_usage() {
+    let policy = Policy {
+        max_tokens_per_run: Some(10),
+        ..Policy::default()
+    };
+    let (url, _got) = upstream_n(1, r#"{"usage":{"input_tokens":8,"output_tokens":4}}"#);
+    let h = Harness::new(settings(Some(&url), policy));
+    assert_eq!(
+        h.call("POST", "/v1/messages", &[], br#"{"model":"m"}"#)
+            .status,
+        200
+    );
+    let a = h.call("POST", "/v1/messages", &[], br#"{"model":"m"}"#);
+    assert_eq!(a.status, 429);
+    assert_eq!(a.json()["error"]["type"], "rate_limit_error");
+}
+
+#[test]
+fn no_upstream_means_403_and_unreachable_means_502() {
+    let h = Harness::new(Settings::default());
+    let a = h.call("POST", "/v1/messages", &[], br#"{"model":"m"}"#);
+    assert_eq!(a.status, 403);
+    assert_eq!(a.json()["error"]["type"], "permission_error");
+    assert!(a.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("--model-upstream"));
+
+    // A port nothing listens on.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let h = Harness::new(settings(
+        Some(&format!("http://127.0.0.1:{port}")),
+        Policy::default(),
+    ));
+    let a = h.call("POST", "/v1/chat/completions", &[], br#"{"model":"m"}"#);
+    assert_eq!(a.status, 502);
+    assert_eq!(a.json()["error"]["code"], "upstream_unreachable");
+    let c = &h.records(super::kind::CALL)[0];
+    assert_eq!(c["status"], 502);
+    assert!(c["error"].is_string());
+}
+
+#[test]
+fn garbage_on_the_port_is_audited_and_harmless() {
+    let h = Harness::new(Settings::default());
+    for garbage in [&b"\xff\xff\xff\xff"[..], b"\x05\x00\x00\x00\x03hello", b""] {
+        let (mut guest, t) = h.connect();
+        let _ = guest.write_all(garbage);
+        let _ = guest.shutdown(std::net::Shutdown::Write);
+        let mut rest = Vec::new();
+        let _ = guest.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "answered garbage");
+        t.join().expect("no panic");
+    }
+    // A body frame before the head, and a second head.
+    let (mut guest, t) = h.connect();
+    write_frame(&mut guest, &Message::HttpEnd).expect("write");
+    t.join().expect("no panic");
+    assert_eq!(h.records(super::kind::PROTOCOL_ERROR).len(), 4);
+}
