@@ -8,7 +8,8 @@
 #                                 -> $AIRLOCK_CACHE/tools/bin/  (cached, ~3-5 min cold)
 #   - the guest kernel            -> build/vmlinux          (cached, ~5-10 min cold)
 #   - the test bed's L1 kernel    -> build/l1-vmlinux       (cached; skipped with --no-l1)
-#   - airlock, airlock-vmm, airlock-init, static (glibc, crt-static), release
+#   - airlock, airlock-vmm, airlock-init, airlock-upstream (the scripted model
+#     API for tests and the offline demo), static (glibc, crt-static), release
 #                                 -> target/x86_64-unknown-linux-gnu/release/
 #   - the initramfs with airlock-init as /init -> build/initramfs.cpio
 set -euo pipefail
@@ -18,7 +19,7 @@ l1=1
 case "${1:-}" in
     '') ;;
     --no-l1) l1=0 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
 esac
 
@@ -33,9 +34,9 @@ if [ ! -x "$vhost_vsock" ]; then
 fi
 "$AIRLOCK_ROOT/scripts/build-kernel.sh" guest
 [ "$l1" -eq 0 ] || "$AIRLOCK_ROOT/scripts/build-kernel.sh" l1
-log "building airlock, airlock-vmm (static, release)"
+log "building airlock, airlock-vmm, airlock-upstream (static, release)"
 (cd "$AIRLOCK_ROOT" && RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --release --target x86_64-unknown-linux-gnu -p airlock -p airlock-vmm) \
+    cargo build --release --target x86_64-unknown-linux-gnu -p airlock -p airlock-vmm -p airlock-upstream) \
     || die "cargo build failed"
 "$AIRLOCK_ROOT/scripts/build-initramfs.sh" >/dev/null
 log "ready: $(cd "$AIRLOCK_ROOT" && ls build/ | tr '\n' ' ')"
