@@ -293,7 +293,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "BYTES", default_value_t = crate::audit::DEFAULT_MAX_GUEST_BYTES)]
     pub audit_max_guest_bytes: u64,
     /// Copy this directory into the guest's /workspace before the command
-    /// starts (regular files and directories with their modes and mtimes;
+    /// starts, and run the command there (regular files and directories
+    /// with their modes and mtimes;
     /// symlinks are skipped, never followed; .env*, .ssh, .aws, .gnupg,
     /// *.pem and id_* are never copied)
     #[arg(long, value_name = "DIR")]
@@ -303,7 +304,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATTERN", requires = "workspace")]
     pub exclude: Vec<String>,
     /// Bring back what the command wrote under /workspace/out into DIR
-    /// (created if missing) after it exits: each file written atomically,
+    /// (created if missing) after it exits; the command runs in /workspace.
+    /// Each file is written atomically,
     /// never through a symlink, never outside DIR, size and sha256 checked
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,

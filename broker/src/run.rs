@@ -73,6 +73,8 @@ const SESSION_END: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_millis(20);
 /// The working directory of the command in the guest.
 const GUEST_CWD: &str = "/";
+/// The working directory with `--workspace` or `--out`.
+const WORKSPACE_CWD: &str = "/workspace";
 /// The hybrid-vsock base socket's name in the run directory.
 const VSOCK_NAME: &str = "vsock";
 /// Longest Unix socket path (`sun_path` is 108 bytes with its NUL).
@@ -365,7 +367,11 @@ impl TryFrom<RunArgs> for RunConfig {
         if args.timeout == 0 {
             return Err(Error::Timeout);
         }
-        let run_spec = run_spec(args.command, &args.env, args.max_output_bytes)?;
+        let mut run_spec = run_spec(args.command, &args.env, args.max_output_bytes)?;
+        if args.workspace.is_some() || args.out.is_some() {
+            // The command works on its copy of the workspace.
+            run_spec.cwd = WORKSPACE_CWD.into();
+        }
         let mut spec = EncodedSpec::new(run_spec.clone()).map_err(Error::Spec)?;
         spec.workspace = args.workspace.is_some();
         spec.results = args.out.is_some();
@@ -1801,6 +1807,24 @@ mod tests {
         );
         image.root = None;
         assert_eq!(boot_cmdline(&config, &image), ["airlock.debug=1"]);
+    }
+
+    #[test]
+    fn with_a_workspace_the_command_runs_in_it() {
+        let plain = RunConfig::try_from(args()).expect("valid");
+        assert_eq!(plain.run_spec.cwd, GUEST_CWD);
+        let ws = RunConfig::try_from(RunArgs {
+            workspace: Some("/tmp/ws".into()),
+            ..args()
+        })
+        .expect("valid");
+        assert_eq!(ws.run_spec.cwd, WORKSPACE_CWD);
+        let out = RunConfig::try_from(RunArgs {
+            out: Some("/tmp/o".into()),
+            ..args()
+        })
+        .expect("valid");
+        assert_eq!(sent_spec(&out).cwd, WORKSPACE_CWD);
     }
 
     #[test]
