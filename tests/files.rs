@@ -93,6 +93,41 @@ fn an_unreadable_workspace_is_a_usage_error_before_any_vm() {
 }
 
 #[test]
+fn an_unreadable_workspace_file_is_a_usage_error_before_any_vm() {
+    let dir = scratch("files-unreadable");
+    let ws = dir.join("ws");
+    write(&ws.join("fine.txt"), b"ok\n", 0o644);
+    write(&ws.join("deep/locked.txt"), b"no\n", 0o000);
+    let ws_s = ws.display().to_string();
+    // airlock without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH: even as root
+    // it honours the file's mode 000, as any other user's airlock would.
+    let airlock = bin("airlock");
+    let argv = [
+        "setpriv",
+        "--bounding-set",
+        "-dac_override,-dac_read_search",
+        airlock.as_str(),
+        "run",
+        "--engine",
+        "tcg",
+        "--workspace",
+        &ws_s,
+        "--",
+        "true",
+    ];
+    let r = run_env(&argv, &[], 120);
+    r.expect_code(2)
+        .expect_one_line_error("deep/locked.txt")
+        .expect_stderr("Permission denied");
+    assert_eq!(
+        airlock_e2e::processes_mentioning(&ws_s),
+        "",
+        "a VM was left running"
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn tcg_hostile_results_are_refused_and_nothing_escapes_out() {
     let dir = scratch("files-hostile");
     let out = dir.join("out");

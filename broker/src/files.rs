@@ -109,8 +109,11 @@ impl Deny {
 }
 
 /// Checks, before any VM starts, that the workspace is a readable
-/// directory (not a symlink to one is fine: the user named it).
-pub fn check_workspace(root: &Path) -> Result<(), Error> {
+/// directory (a symlink to one is fine: the user named it) and that every
+/// directory and regular file that would be sent (the deny list applied,
+/// symlinks not followed) can be listed or opened: an unreadable file is
+/// the user's error, named before boot, not a broken stream mid-run.
+pub fn check_workspace(root: &Path, deny: &Deny) -> Result<(), Error> {
     let meta = std::fs::metadata(root).map_err(|e| Error::Workspace(root.into(), e))?;
     if !meta.is_dir() {
         return Err(Error::Workspace(
@@ -119,6 +122,29 @@ pub fn check_workspace(root: &Path) -> Result<(), Error> {
         ));
     }
     std::fs::read_dir(root).map_err(|e| Error::Workspace(root.into(), e))?;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir).map_err(|e| Error::Read(dir.clone(), e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::Read(dir.clone(), e))?;
+            if deny.denies(&entry.file_name()) {
+                continue;
+            }
+            let path = entry.path();
+            let ft = entry
+                .file_type()
+                .map_err(|e| Error::Read(path.clone(), e))?;
+            if ft.is_dir() {
+                stack.push(path);
+            } else if ft.is_file() {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                    .open(&path)
+                    .map_err(|e| Error::Read(path.clone(), e))?;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -487,12 +513,10 @@ pub fn receive_results<R: Read>(
                     )));
                 }
                 match entry.kind {
-                    FileKind::Dir => {
-                        match make_dir(&root, &entry) {
-                            Ok(()) => dir_times.push((entry.path, entry.mtime)),
-                            Err(why) => refuse(&entry.path, &why, None, None, &mut got),
-                        }
-                    }
+                    FileKind::Dir => match make_dir(&root, &entry) {
+                        Ok(()) => dir_times.push((entry.path, entry.mtime)),
+                        Err(why) => refuse(&entry.path, &why, None, None, &mut got),
+                    },
                     FileKind::File => {
                         current = Some(start_file(&root, entry, budget));
                     }
@@ -706,6 +730,66 @@ mod tests {
         assert!(deny.denies(OsStr::new(".ssh")));
         assert!(deny.denies(OsStr::new("x.log")));
         assert!(!deny.denies(OsStr::new("main.rs")));
+    }
+
+    /// Drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from this thread's
+    /// effective set (capabilities are per thread), so that even root
+    /// honours file modes in it.
+    fn without_dac_override() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let mut header = Header {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: capget/capset read and write exactly a v3 header and two
+        // data structs, which live across the calls.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+                0
+            );
+            // CAP_DAC_OVERRIDE = 1, CAP_DAC_READ_SEARCH = 2.
+            data[0].effective &= !((1 << 1) | (1 << 2));
+            assert_eq!(libc::syscall(libc::SYS_capset, &header, data.as_ptr()), 0);
+        }
+    }
+
+    #[test]
+    fn an_unreadable_workspace_file_is_named_before_boot() {
+        let ws = TestDir::new("files-unreadable");
+        let w = ws.path().to_path_buf();
+        std::fs::create_dir_all(w.join("sub")).expect("mkdir");
+        std::fs::write(w.join("sub/ok.txt"), b"fine").expect("write");
+        std::fs::write(w.join("sub/locked.txt"), b"secret").expect("write");
+        std::fs::set_permissions(w.join("sub/locked.txt"), std::fs::Permissions::from_mode(0))
+            .expect("chmod");
+        std::fs::write(w.join("denied.pem"), b"x").expect("write");
+        std::fs::set_permissions(w.join("denied.pem"), std::fs::Permissions::from_mode(0))
+            .expect("chmod");
+        let checked = std::thread::spawn(move || {
+            without_dac_override();
+            (
+                check_workspace(&w, &Deny::new(&[])).map_err(|e| e.to_string()),
+                check_workspace(&w, &Deny::new(&["locked.txt".into()])).map_err(|e| e.to_string()),
+            )
+        })
+        .join()
+        .expect("thread");
+        let err = checked.0.expect_err("locked.txt cannot be read");
+        assert!(err.contains("sub/locked.txt"), "{err}");
+        assert_eq!(checked.1, Ok(()), "denied files are not opened");
     }
 
     #[test]

@@ -480,7 +480,7 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
         None => paths::check_initrd(&image.initrd)?,
     }
     if let Some(ws) = &config.files.workspace {
-        crate::files::check_workspace(ws)?;
+        crate::files::check_workspace(ws, &config.files.deny)?;
     }
     if let Some(out) = &config.files.out {
         fs::create_dir_all(out).map_err(|e| Error::OutDir(out.clone(), e))?;
