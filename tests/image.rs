@@ -231,3 +231,147 @@ fn tcg_the_workspace_reaches_the_container_and_results_come_back() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---- the in-guest model endpoint (guest side; the proxy is tests/model.rs) ----
+
+/// Run in the agent's view: what the model endpoint looks like from there.
+/// Prints the variables the init set, the network interfaces, whether a
+/// connection out of the VM gets anywhere, and the status and shape of an
+/// answer from the endpoint (with no upstream configured it is an
+/// API-shaped refusal: the host's 403, or the init's own 502 when the host
+/// does not relay).
+const MODEL_PROBE: &str = r#"
+import errno, json, os, socket, urllib.error, urllib.request
+for name in ("ANTHROPIC_BASE_URL", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY", "OPENAI_API_KEY"):
+    print(name + "=" + os.environ.get(name, "<unset>"))
+import fcntl, struct
+lines = open("/proc/net/dev").read().splitlines()[2:]
+names = sorted(l.split(":")[0].strip() for l in lines)
+q = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def up(name):  # SIOCGIFFLAGS & IFF_UP
+    req = struct.pack("16sH", name.encode(), 0).ljust(40, b"\0")
+    return struct.unpack("16sH", fcntl.ioctl(q.fileno(), 0x8913, req)[:18])[1] & 1
+print("ifaces=" + ",".join("%s:%s" % (n, "up" if up(n) else "down") for n in names))
+s = socket.socket()
+s.settimeout(5)
+try:
+    s.connect(("10.0.2.2", 80))
+    print("egress=open")
+except OSError as e:
+    print("egress=" + (errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__))
+base = os.environ.get("AIRLOCK_PROBE_URL", "http://127.0.0.1:8088")
+req = urllib.request.Request(base + "/v1/messages", data=b'{"model":"m","max_tokens":1,"messages":[]}',
+                             headers={"content-type": "application/json"})
+try:
+    r = urllib.request.urlopen(req, timeout=120)
+    status, body = r.status, r.read()
+except urllib.error.HTTPError as e:
+    status, body = e.code, e.read()
+print("status=%d" % status)
+err = json.loads(body)
+print("shape=%s/%s" % (err.get("type"), bool(err.get("error", {}).get("message"))))
+"#;
+
+/// Keys set in the environment of `airlock` itself: they must never reach
+/// the guest.
+const HOST_KEYS: [(&str, &str); 2] = [
+    ("ANTHROPIC_API_KEY", "sk-ant-host-secret-e2e-0123456789"),
+    ("OPENAI_API_KEY", "sk-openai-host-secret-e2e-0123456789"),
+];
+
+fn tcg_model_probe(opts: &[&str]) -> Run {
+    let airlock = bin("airlock");
+    let image = build_file("rootfs.img");
+    let mut argv = vec![
+        airlock.as_str(),
+        "run",
+        "--engine",
+        "tcg",
+        "--image-root",
+        image.as_str(),
+    ];
+    argv.extend_from_slice(opts);
+    argv.extend(["--", "python3", "-c", MODEL_PROBE]);
+    let r = run_env(&argv, &HOST_KEYS, 300);
+    for (_, secret) in HOST_KEYS {
+        assert!(
+            !r.stdout.contains(secret) && !r.stderr.contains(secret),
+            "a host key reached the guest\n{r}"
+        );
+    }
+    r
+}
+
+/// The shared facts of [`MODEL_PROBE`]'s output: the endpoint's variables
+/// and placeholder keys, loopback only, no way out, an API-shaped answer.
+fn expect_model_endpoint(r: &Run) {
+    r.expect_code(0)
+        .expect_stdout_line("ANTHROPIC_API_KEY=airlock-placeholder")
+        .expect_stdout_line("OPENAI_API_KEY=airlock-placeholder")
+        .expect_stdout_line("egress=ENETUNREACH")
+        .expect_stdout_line("shape=error/True");
+    // Loopback, up; besides it at most `sit0`, down: the IPv6-in-IPv4
+    // fallback tunnel the kernel (CONFIG_IPV6_SIT) puts in every network
+    // namespace, which carries nothing without another interface. No
+    // network device.
+    let ifaces: Vec<&str> = field(r, "ifaces=").split(',').collect();
+    assert!(ifaces.contains(&"lo:up"), "{r}");
+    assert!(
+        ifaces.iter().all(|i| *i == "lo:up" || *i == "sit0:down"),
+        "an interface besides lo\n{r}"
+    );
+    let status: u16 = field(r, "status=").parse().expect("a status");
+    assert!((400..600).contains(&status), "status {status}\n{r}");
+}
+
+#[test]
+fn tcg_the_container_reaches_the_model_endpoint_and_has_no_other_interface() {
+    // The user's own base URL wins over the init's.
+    let r = tcg_model_probe(&["-e", "OPENAI_BASE_URL=http://elsewhere.invalid/v1"]);
+    expect_model_endpoint(&r);
+    r.expect_stdout_line("ANTHROPIC_BASE_URL=http://127.0.0.1:8088")
+        .expect_stdout_line("OPENAI_BASE_URL=http://elsewhere.invalid/v1");
+}
+
+#[test]
+fn tcg_without_a_container_the_endpoint_is_in_the_vm() {
+    let r = tcg_model_probe(&["--no-container"]);
+    expect_model_endpoint(&r);
+    r.expect_stdout_line("ANTHROPIC_BASE_URL=http://127.0.0.1:8088")
+        .expect_stdout_line("OPENAI_BASE_URL=http://127.0.0.1:8088/v1");
+}
+
+#[test]
+fn tcg_initramfs_mode_serves_the_endpoint_too() {
+    // The initramfs has busybox, not python: wget prints the status line of
+    // the endpoint's (refusing) answer, which proves an HTTP server is there.
+    let airlock = bin("airlock");
+    let r = run_env(
+        &[
+            &airlock,
+            "run",
+            "--engine",
+            "tcg",
+            "--",
+            "sh",
+            "-c",
+            "echo \"base=$ANTHROPIC_BASE_URL\"; wget -q -O - http://127.0.0.1:8088/v1/models; echo wget=$?",
+        ],
+        &HOST_KEYS,
+        300,
+    );
+    r.expect_code(0)
+        .expect_stdout_line("base=http://127.0.0.1:8088")
+        .expect_stdout_line("wget=1");
+    assert!(
+        r.stderr.contains("server returned error: HTTP/1.1 4")
+            || r.stderr.contains("server returned error: HTTP/1.1 5"),
+        "no HTTP answer from the endpoint\n{r}"
+    );
+    for (_, secret) in HOST_KEYS {
+        assert!(
+            !r.stdout.contains(secret) && !r.stderr.contains(secret),
+            "{r}"
+        );
+    }
+}
