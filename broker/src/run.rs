@@ -738,6 +738,7 @@ fn boot(
         run_dir: run_dir.dir.clone(),
         vsock_uds,
         guest_cid: DEFAULT_GUEST_CID,
+        dump_memory: config.dump_memory.clone(),
     };
     let file_acceptors = file_ports(config, &vm_config.vsock_uds, audit)?;
     let model_port = model_port(config, &vm_config.vsock_uds, audit)?;

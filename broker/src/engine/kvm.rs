@@ -50,6 +50,10 @@ impl Kvm {
             args.push("--cmdline".into());
             args.push(config.extra_cmdline.join(" ").into());
         }
+        if let Some(path) = &config.dump_memory {
+            args.push("--dump-memory".into());
+            args.push(path.clone().into());
+        }
         args
     }
 
@@ -81,6 +85,7 @@ mod tests {
             run_dir: "/tmp/run".into(),
             vsock_uds: "/tmp/run/vsock".into(),
             guest_cid: 3,
+            dump_memory: None,
         }
     }
 

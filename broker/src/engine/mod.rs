@@ -65,6 +65,9 @@ pub struct VmConfig {
     pub vsock_uds: PathBuf,
     /// The guest's vsock context id.
     pub guest_cid: u32,
+    /// Debugging and tests (`--debug-dump-guest-memory`): leave a copy of
+    /// the guest's RAM here once the VM has stopped.
+    pub dump_memory: Option<PathBuf>,
 }
 
 /// A disk image the guest sees as a virtio-blk device.

@@ -50,11 +50,23 @@ impl Tcg {
             cmdline.push(' ');
             cmdline.push_str(word);
         }
+        // Guest RAM: a shared memfd; for --debug-dump-guest-memory a shared
+        // file at that path instead, which QEMU leaves behind when it exits.
+        let backend = match &config.dump_memory {
+            None => OsString::from(format!("memory-backend-memfd,id=mem,size={mem}M,share=on")),
+            Some(path) => {
+                let mut b = OsString::from(format!(
+                    "memory-backend-file,id=mem,size={mem}M,share=on,mem-path="
+                ));
+                b.push(qemu_escape(path));
+                b
+            }
+        };
         let mut args: Vec<OsString> = vec![
             "-M".into(),
             "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off,memory-backend=mem".into(),
             "-object".into(),
-            format!("memory-backend-memfd,id=mem,size={mem}M,share=on").into(),
+            backend,
             "-accel".into(),
             "tcg".into(),
             "-cpu".into(),
@@ -171,6 +183,7 @@ mod tests {
             run_dir: "/tmp/run".into(),
             vsock_uds: "/tmp/run/vsock".into(),
             guest_cid: 3,
+            dump_memory: None,
         }
     }
 
@@ -245,6 +258,18 @@ mod tests {
             .map(|(_, v)| v)
             .collect();
         assert!(devices.iter().any(|d| *d == "virtio-blk-device,drive=d0"));
+    }
+
+    #[test]
+    fn a_memory_dump_backs_the_ram_with_that_file() {
+        let config = VmConfig {
+            dump_memory: Some("/d/ram,1".into()),
+            ..config()
+        };
+        assert_eq!(
+            value(&tcg().args(&config), "-object"),
+            "memory-backend-file,id=mem,size=512M,share=on,mem-path=/d/ram,,1"
+        );
     }
 
     #[test]
