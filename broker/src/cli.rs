@@ -97,6 +97,16 @@ Records say whether the host observed a fact or the guest claimed it. Its path
 is printed at the end (`airlock: audit log: PATH`); check it with
 `airlock audit verify PATH`.
 
+Model calls: the agent in the sandbox calls the Anthropic Messages or OpenAI
+Chat Completions API at its own endpoint (ANTHROPIC_BASE_URL, OPENAI_BASE_URL,
+with placeholder keys). With --model-upstream URL, airlock forwards POST
+/v1/messages, POST /v1/chat/completions and GET /v1/models there with the real
+key (from ANTHROPIC_API_KEY / OPENAI_API_KEY, --model-key-env or
+--model-key-file: it never enters the sandbox), within the --model-* policy,
+and records each call in the audit log. Anything else, and every call when
+there is no --model-upstream, gets an API-shaped error (403, 404, 413, 429,
+or 502 when the upstream cannot be reached, also said on stderr).
+
 Environment:
   AIRLOCK_HOME         directory holding build/ (default: found next to the airlock binary)
   AIRLOCK_KERNEL       kernel to boot when --kernel is not given
@@ -108,6 +118,8 @@ Environment:
   AIRLOCK_CACHE        Airlock's cache (default ~/.cache/airlock)
   XDG_STATE_HOME       where audit logs go by default (else ~/.local/state)
   TMPDIR               where the private run directory is made
+  ANTHROPIC_API_KEY    with --model-upstream: the key for Anthropic calls
+  OPENAI_API_KEY       with --model-upstream: the key for OpenAI calls
 The command gets only the variables given with --env: airlock never passes
 its own environment into the sandbox.";
 

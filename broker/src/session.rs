@@ -958,6 +958,16 @@ mod tests {
     }
 
     #[test]
+    fn the_model_capability_for_a_guest_that_serves_the_endpoint() {
+        let spec = spec();
+        assert_eq!(
+            spec.host_capabilities(&["audit".to_owned(), "model".to_owned()]),
+            ["audit", "model"]
+        );
+        assert_eq!(spec.host_capabilities(&["audit".to_owned()]), ["audit"]);
+    }
+
+    #[test]
     fn file_capabilities_only_for_a_guest_that_speaks_files() {
         let mut spec = spec();
         let files = vec!["files".to_owned()];

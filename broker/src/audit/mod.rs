@@ -40,7 +40,12 @@
 //! | `vm.exit` | the VM is gone | `status`, `stopped_by` (`itself`/`airlock`), `why` |
 //! | `run.end` | last but the seal | `how` (`exited`, `signaled`, `spawn_failed`, `timeout`, `boot_failure`, `protocol_error`, `interrupted`, `audit_failure`, `error`), `exit_code` (airlock's), `command_status`, `message`, `durations_ms` {`total`, `boot`, `command`}, `output`, `guest_records` |
 //! | `run.seal` | the end | `sha256`, and if signed `alg`, `public_key`, `signature` |
-//! | `model.call`, `file.in`, `file.out` | reserved for the model proxy and file transfer (not yet) | |
+//! | `model.call` | a model call forwarded upstream (see `crate::model`) | `call`, `api`, `method`, `target`, `model`, `status`, `input_tokens`, `output_tokens` (from the response's usage, streaming included), `latency_ms`, `upstream_head_ms`, `first_chunk_ms`, `request_bytes`, `request_sha256`, `forwarded_sha256`, `include_usage_added`, `response_bytes`, `response_sha256`, `complete`, `error`, `dropped_headers`, `guest_credentials_dropped` |
+//! | `model.denied` | a model call refused (the agent got an API-shaped error) | `api`, `method`, `target`, `model`, `reason`, `status`, `message`, `request_bytes`, `dropped_headers`, `guest_credentials_dropped` |
+//! | `model.protocol_error` | a model connection broke the protocol (closed unanswered) | `port`, `reason` |
+//! | `model.capped` | too many model connections: no longer accepting | `port`, `max` |
+//! | `model.summary` | at the end of every run | `calls`, `denied`, `protocol_errors`, `unrecorded`, `requests_admitted`, `input_tokens`, `output_tokens`, `unfinished_at_end` |
+//! | `file.in`, `file.out` | reserved for file transfer | |
 //!
 //! From the guest (`guest`): `command.exit` and `command.spawn_failed` (the
 //! `Exit` and `Error{SpawnFailed}` messages, as the broker read them), and
