@@ -22,6 +22,8 @@ use crate::audit::{AuditLog, Durability};
 
 /// How long the guest may take between frames of its request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a write of the answer to the guest may block.
+const RESPONSE_WRITE_TIMEOUT: Duration = Duration::from_secs(300);
 /// A body over the policy's limit is read and dropped up to this many
 /// bytes (so that the guest gets its 413); beyond, the connection closes.
 const MAX_DRAIN: u64 = 64 << 20;
@@ -208,6 +210,9 @@ impl Proxy {
     pub fn serve(&self, stream: &UnixStream) {
         let started = Instant::now();
         let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
+        // An agent that stops reading its answer does not hold the thread
+        // (and the upstream connection) for ever.
+        let _ = stream.set_write_timeout(Some(RESPONSE_WRITE_TIMEOUT));
         let max = self.settings.policy.max_request_bytes;
         let req = match read_request(BufReader::new(stream), max) {
             Ok(r) => r,
