@@ -244,3 +244,140 @@ pub fn sha256_hex(data: &[u8]) -> String {
         .unwrap_or_default()
         .to_owned()
 }
+
+/// Peak resident memory of a run, in KiB.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Peaks {
+    /// `airlock` itself (its VmHWM).
+    pub broker_kib: u64,
+    /// `airlock` and every process under it (QEMU or airlock-vmm, the
+    /// vsock backend), summed at each sample (every 50 ms).
+    pub tree_kib: u64,
+}
+
+/// The field `name` (in kB) of `/proc/PID/status`.
+fn status_kib(pid: u32, name: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+}
+
+/// `pid` and all its descendants (from each process's parent in
+/// `/proc/*/stat`).
+fn process_tree(pid: u32) -> Vec<u32> {
+    let mut parent_of: Vec<(u32, u32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+                continue;
+            };
+            // "pid (comm) state ppid ...": comm may hold spaces and parens.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok());
+            if let Some(ppid) = ppid {
+                parent_of.push((p, ppid));
+            }
+        }
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(
+            parent_of
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    tree
+}
+
+/// Runs `argv` like [`run`] (same environment, no `timeout` wrapper, so
+/// that `airlock` is the child) while sampling the peak memory of it and of
+/// its process tree.
+pub fn run_with_peaks(argv: &[&str], timeout_s: u64) -> (Run, Peaks) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(argv[0])
+        .args(&argv[1..])
+        .env("XDG_STATE_HOME", state_dir())
+        .env(TEST_INITRD_ENV.0, TEST_INITRD_ENV.1)
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {argv:?}: {e}"));
+    let pid = child.id();
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let mut peaks = Peaks::default();
+            while !done.load(Ordering::Relaxed) {
+                if let Some(kib) = status_kib(pid, "VmHWM:") {
+                    peaks.broker_kib = peaks.broker_kib.max(kib);
+                }
+                let sum: u64 = process_tree(pid)
+                    .into_iter()
+                    .filter_map(|p| status_kib(p, "VmRSS:"))
+                    .sum();
+                peaks.tree_kib = peaks.tree_kib.max(sum);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peaks
+        })
+    };
+    let (mut out, mut err) = (
+        child.stdout.take().expect("stdout"),
+        child.stderr.take().expect("stderr"),
+    );
+    let out_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out, &mut b);
+        String::from_utf8_lossy(&b).into_owned()
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut err, &mut b);
+        String::from_utf8_lossy(&b).into_owned()
+    });
+    let deadline = Instant::now() + Duration::from_secs(timeout_s);
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            done.store(true, Ordering::Relaxed);
+            panic!("{argv:?} did not finish within {timeout_s} s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    done.store(true, Ordering::Relaxed);
+    let run = Run {
+        code,
+        stdout: out_t.join().expect("stdout"),
+        stderr: err_t.join().expect("stderr"),
+    };
+    (run, sampler.join().expect("sampler"))
+}
+
+/// The audit log a run named on its stderr (`airlock: audit log: PATH`).
+pub fn audit_log_of(r: &Run) -> PathBuf {
+    r.stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("airlock: audit log: "))
+        .map(|p| PathBuf::from(p.trim()))
+        .unwrap_or_else(|| panic!("no audit log named\n{r}"))
+}
