@@ -353,6 +353,7 @@ print(f"openai usage={usage[-1]['completion_tokens'] if usage else None}", flush
             sent_gap + 5 >= 400 * (events - 1),
             "{api}: upstream did not space its events: {q}"
         );
+        eprintln!("{api}: the upstream spread {events} events over {sent_gap} ms; the guest saw them over {seen_gap} ms");
         // Relayed at the end, the guest would see them all at once.
         assert!(
             seen_gap * 2 >= sent_gap,
