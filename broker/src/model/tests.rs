@@ -550,3 +550,40 @@ fn garbage_on_the_port_is_audited_and_harmless() {
     t.join().expect("no panic");
     assert_eq!(h.records(super::kind::PROTOCOL_ERROR).len(), 4);
 }
+
+#[test]
+fn the_port_serves_many_connections_at_once_and_sums_up_at_the_end() {
+    let dir = crate::paths::TestDir::new("model-port");
+    let uds = dir.path().join("vsock");
+    let (log, audit) = AuditLog::memory(TEST_LIMITS, None);
+    let port = super::listen(&Settings::default(), &uds, &log).expect("listen");
+    let path = crate::engine::port_path(&uds, airlock_protocol::MODEL_PORT);
+    // More than MAX_CONCURRENT connections, all open at once, each answered.
+    let mut guests: Vec<UnixStream> = (0..super::MAX_CONCURRENT + 8)
+        .map(|_| UnixStream::connect(&path).expect("connect"))
+        .collect();
+    for g in &mut guests {
+        g.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        send_request(g, "POST", "/v1/messages", &[], br#"{"model":"m"}"#);
+    }
+    for g in &mut guests {
+        let a = read_answer(g);
+        assert_eq!((a.status, a.ended), (403, true));
+    }
+    drop(port);
+    let h = Harness {
+        proxy: std::sync::Arc::new(Proxy::new(Settings::default(), log)),
+        audit,
+    };
+    let summary = h.records(super::kind::SUMMARY);
+    assert_eq!(summary.len(), 1);
+    assert_eq!(summary[0]["denied"], super::MAX_CONCURRENT + 8);
+    assert_eq!(summary[0]["unfinished_at_end"], 0);
+    assert_eq!(
+        h.records(super::kind::DENIED).len(),
+        super::MAX_CONCURRENT + 8
+    );
+    // The socket is gone.
+    assert!(UnixStream::connect(&path).is_err());
+}
