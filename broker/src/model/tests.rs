@@ -587,3 +587,32 @@ fn the_port_serves_many_connections_at_once_and_sums_up_at_the_end() {
     // The socket is gone.
     assert!(UnixStream::connect(&path).is_err());
 }
+
+#[test]
+fn https_goes_through_rustls() {
+    // A plain-TCP server where TLS is expected: the handshake fails, the
+    // agent gets a 502 naming it, nothing panics (the TLS stack is wired).
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    thread::spawn(move || {
+        for stream in listener.incoming().take(1) {
+            let Ok(mut s) = stream else { return };
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+        }
+    });
+    let h = Harness::new(settings(
+        Some(&format!("https://{addr}")),
+        Policy::default(),
+    ));
+    let a = h.call("POST", "/v1/messages", &[], br#"{"model":"m"}"#);
+    assert_eq!(a.status, 502);
+    let c = &h.records(super::kind::CALL)[0];
+    let error = c["error"].as_str().unwrap_or_default().to_ascii_lowercase();
+    assert!(
+        error.contains("tls")
+            || error.contains("record")
+            || error.contains("handshake")
+            || error.contains("corrupt"),
+        "{error}"
+    );
+}
