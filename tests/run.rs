@@ -180,14 +180,15 @@ fn tcg_a_missing_command_is_reported() {
 }
 
 #[test]
-fn tcg_output_beyond_the_limit_is_cut_and_reported() {
+fn tcg_output_beyond_the_limit_is_cut_and_stops_the_run() {
     let r = tcg(
         &["--max-output-bytes", "1000"],
         &["sh", "-c", "head -c 100000 /dev/zero | tr '\\0' x"],
         &[],
         300,
     );
-    r.expect_code(0).expect_stderr("--max-output-bytes");
+    // What fits is forwarded; then the sandbox is stopped, exit 125.
+    r.expect_code(125).expect_stderr("--max-output-bytes");
     assert_eq!(r.stdout.len(), 1000, "{}", r.stderr);
 }
 
@@ -211,7 +212,7 @@ fn run_rejects_bad_usage_before_starting_anything() {
     .expect_one_line_error("--env A is given twice");
     let r = run(&[&airlock, "run", "--help"], 30);
     r.expect_code(0);
-    for code in ["120", "121", "124", "127", "130"] {
+    for code in ["120", "121", "124", "125", "127", "130"] {
         assert!(
             r.stdout.contains(code),
             "--help lacks exit code {code}\n{r}"

@@ -29,6 +29,9 @@ pub enum Exit {
     ProtocolError,
     /// The sandbox ran past `--timeout` and was stopped.
     Timeout,
+    /// The command's output reached `--max-output-bytes`; the sandbox was
+    /// stopped.
+    OutputLimit,
     /// The guest could not start the command (not found, not executable).
     SpawnFailed,
     /// A signal asked us to stop, or our output was closed (SIGPIPE); the
@@ -47,6 +50,7 @@ impl Exit {
             Exit::SandboxFailed => 120,
             Exit::ProtocolError => 121,
             Exit::Timeout => 124,
+            Exit::OutputLimit => 125,
             Exit::SpawnFailed => 127,
             // The shell convention, 128 + signal number: 130 for SIGINT, 143 for SIGTERM.
             Exit::Interrupted(signal) => u8::try_from(128 + signal.clamp(1, 127)).unwrap_or(130),
@@ -71,6 +75,8 @@ Exit codes:
   121  the guest broke the protocol: a malformed or unexpected message, or the
        VM stopped before the command's exit status arrived
   124  timeout: the sandbox ran longer than --timeout and was stopped
+  125  output limit: the command's stdout plus stderr reached
+       --max-output-bytes; what fitted was forwarded, the sandbox was stopped
   127  the command could not be started in the sandbox (not found; 126 when
        it is not executable)
   130  interrupted by Ctrl-C (SIGINT; 143 for SIGTERM, 129 for SIGHUP, 141
@@ -270,7 +276,7 @@ pub struct RunArgs {
     #[arg(long = "env", short = 'e', value_name = "NAME=VALUE")]
     pub env: Vec<String>,
     /// Forward at most this many bytes of the command's stdout plus stderr;
-    /// the rest is discarded (and said so on stderr)
+    /// reaching it stops the sandbox (exit 125)
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_OUTPUT_BYTES)]
     pub max_output_bytes: u64,
     /// With a root image, run the command directly in the VM rather than in

@@ -1006,6 +1006,7 @@ fn vm_exit_fields(end: Option<&End>, exit: Option<&ProcessExit>) -> Value {
                 }
                 Outcome::Broken(_) => "the guest broke the protocol".to_owned(),
                 Outcome::OutputClosed(_) => "our output was closed".to_owned(),
+                Outcome::OutputLimit(_) => "the output limit was reached".to_owned(),
             },
         ),
         Some(End::BootTimeout(limit)) => (
@@ -1054,6 +1055,7 @@ pub fn how(end: &End) -> &'static str {
             Outcome::Exited(ExitStatus::Signaled(_)) => "signaled",
             Outcome::SpawnFailed { .. } => "spawn_failed",
             Outcome::OutputClosed(_) => "interrupted",
+            Outcome::OutputLimit(_) => "output_limit",
             Outcome::Broken(Violation::Closed {
                 stage: Stage::BeforeHello,
             }) if vm.is_some() => "boot_failure",
@@ -1443,6 +1445,14 @@ pub fn judge(end: &End, timeout: Duration) -> Verdict {
             (Outcome::OutputClosed(e), _) => verdict(
                 Exit::Interrupted(libc::SIGPIPE),
                 format!("our output was closed ({e}); the sandbox was stopped"),
+                false,
+            ),
+            (Outcome::OutputLimit(limit), _) => verdict(
+                Exit::OutputLimit,
+                format!(
+                    "error: the command's output reached --max-output-bytes ({limit} bytes); \
+                     the sandbox was stopped"
+                ),
                 false,
             ),
             (
@@ -1965,6 +1975,21 @@ mod tests {
     }
 
     const T: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn the_output_limit_stops_the_run_with_125() {
+        let v = judge(&session(Outcome::OutputLimit(1000), None), T);
+        assert_eq!(v.exit, Exit::OutputLimit);
+        assert_eq!(v.exit.code(), 125);
+        assert!(v
+            .message
+            .expect("says why")
+            .contains("--max-output-bytes (1000 bytes)"));
+        assert_eq!(
+            how(&session(Outcome::OutputLimit(1), None)),
+            "output_limit"
+        );
+    }
 
     #[test]
     fn judging_a_completed_command() {

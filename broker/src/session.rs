@@ -57,6 +57,9 @@ pub enum Outcome {
     /// Writing the command's output to our stdout or stderr failed (the
     /// reader went away).
     OutputClosed(io::Error),
+    /// The command's output reached `--max-output-bytes`: what fitted was
+    /// forwarded, and the session stops there (the run is stopped).
+    OutputLimit(u64),
 }
 
 /// Where in the conversation something happened.
@@ -158,7 +161,7 @@ impl<O: Write, E: Write> Output<O, E> {
                 writeln!(
                     self.err,
                     "\nairlock: the command's output reached --max-output-bytes ({} bytes); \
-                     the rest is discarded",
+                     the sandbox is stopped",
                     self.limit
                 )?;
                 self.err.flush()?;
@@ -369,6 +372,7 @@ fn converse<R: Read, W: Write, O: Write, E: Write>(
                 }),
                 Durability::Synced,
             );
+            return Outcome::OutputLimit(output.limit);
         }
     };
     audit.guest_claim(
@@ -865,7 +869,7 @@ mod tests {
     }
 
     #[test]
-    fn output_beyond_the_limit_is_discarded_and_reported_once() {
+    fn output_beyond_the_limit_ends_the_session_once_what_fits_is_out() {
         let r = script(
             frames(&[
                 hello(1),
@@ -876,8 +880,8 @@ mod tests {
             ]),
             7,
         );
-        assert!(matches!(r.outcome, Outcome::Exited(_)), "{r:?}");
-        assert_eq!(r.stdout, b"12345");
+        assert!(matches!(r.outcome, Outcome::OutputLimit(7)), "{r:?}");
+        assert_eq!(r.stdout, b"12345", "nothing is read after the limit");
         let stderr = String::from_utf8(r.stderr).expect("utf8");
         assert!(
             stderr.starts_with(
@@ -886,7 +890,7 @@ mod tests {
             "{stderr}"
         );
         assert_eq!(stderr.matches("airlock:").count(), 1, "{stderr}");
-        assert_eq!(r.discarded, 6);
+        assert_eq!(r.discarded, 3);
     }
 
     /// A writer that is closed, like a pipe whose reader exited.
@@ -1033,7 +1037,7 @@ mod tests {
                 event("exec", &[("pid", "6"), ("argv", "ls")]),
                 Message::Exit(ExitStatus::Exited(3)),
             ]),
-            4,
+            100,
         );
         assert!(matches!(r.outcome, Outcome::Exited(_)), "{r:?}");
         assert_eq!(
@@ -1041,15 +1045,31 @@ mod tests {
             [
                 ("session.hello", Source::Host),
                 ("process.start", Source::Guest),
-                ("policy.output_limit", Source::Host),
                 ("exec", Source::Guest),
                 ("command.exit", Source::Guest),
             ]
         );
         assert_eq!(r.audit[0].fields["capabilities"], json!(["x"]));
         assert_eq!(r.audit[1].fields["argv"], "sh -c ls");
-        assert_eq!(r.audit[2].fields["limit_bytes"], 4);
-        assert_eq!(r.audit[4].fields["exited"], 3);
+        assert_eq!(r.audit[3].fields["exited"], 3);
+        // Over the limit: recorded, and the session ends there.
+        let r = script(
+            frames(&[
+                hello(1),
+                Message::Stdout(b"0123456789".to_vec()),
+                Message::Exit(ExitStatus::Exited(3)),
+            ]),
+            4,
+        );
+        assert!(matches!(r.outcome, Outcome::OutputLimit(4)), "{r:?}");
+        assert_eq!(
+            kinds(&r),
+            [
+                ("session.hello", Source::Host),
+                ("policy.output_limit", Source::Host),
+            ]
+        );
+        assert_eq!(r.audit[1].fields["limit_bytes"], 4);
     }
 
     #[test]
