@@ -32,6 +32,8 @@ pub enum Exit {
     /// The command's output reached `--max-output-bytes`; the sandbox was
     /// stopped.
     OutputLimit,
+    /// The command was killed after the guest ran out of memory.
+    OutOfMemory,
     /// The guest could not start the command (not found, not executable).
     SpawnFailed,
     /// A signal asked us to stop, or our output was closed (SIGPIPE); the
@@ -51,6 +53,7 @@ impl Exit {
             Exit::ProtocolError => 121,
             Exit::Timeout => 124,
             Exit::OutputLimit => 125,
+            Exit::OutOfMemory => 123,
             Exit::SpawnFailed => 127,
             // The shell convention, 128 + signal number: 130 for SIGINT, 143 for SIGTERM.
             Exit::Interrupted(signal) => u8::try_from(128 + signal.clamp(1, 127)).unwrap_or(130),
@@ -74,6 +77,9 @@ Exit codes:
        (min(--timeout, 120 s)); the last console lines are shown
   121  the guest broke the protocol: a malformed or unexpected message, or the
        VM stopped before the command's exit status arrived
+  123  out of memory: the command was killed after the guest kernel killed
+       processes for memory (the VM has --mem MiB; the command's container
+       a little less)
   124  timeout: the sandbox ran longer than --timeout and was stopped
   125  output limit: the command's stdout plus stderr reached
        --max-output-bytes; what fitted was forwarded, the sandbox was stopped

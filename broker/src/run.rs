@@ -985,7 +985,7 @@ fn vm_exit_fields(end: Option<&End>, exit: Option<&ProcessExit>) -> Value {
         }) => (
             "itself",
             match outcome {
-                Outcome::Exited(_) | Outcome::SpawnFailed { .. } => {
+                Outcome::Exited(_) | Outcome::OutOfMemory(_) | Outcome::SpawnFailed { .. } => {
                     "the guest powered off after the command ended".to_owned()
                 }
                 _ => "it stopped during the control session".to_owned(),
@@ -1001,7 +1001,7 @@ fn vm_exit_fields(end: Option<&End>, exit: Option<&ProcessExit>) -> Value {
         Some(End::Session { outcome, vm: None }) => (
             "airlock",
             match outcome {
-                Outcome::Exited(_) | Outcome::SpawnFailed { .. } => {
+                Outcome::Exited(_) | Outcome::OutOfMemory(_) | Outcome::SpawnFailed { .. } => {
                     "the guest did not power off after the command ended".to_owned()
                 }
                 Outcome::Broken(_) => "the guest broke the protocol".to_owned(),
@@ -1032,7 +1032,7 @@ fn vm_exit_fields(end: Option<&End>, exit: Option<&ProcessExit>) -> Value {
 fn command_status(end: &End) -> Option<ExitStatus> {
     match end {
         End::Session {
-            outcome: Outcome::Exited(status),
+            outcome: Outcome::Exited(status) | Outcome::OutOfMemory(status),
             ..
         }
         | End::Session {
@@ -1056,6 +1056,7 @@ pub fn how(end: &End) -> &'static str {
             Outcome::SpawnFailed { .. } => "spawn_failed",
             Outcome::OutputClosed(_) => "interrupted",
             Outcome::OutputLimit(_) => "output_limit",
+            Outcome::OutOfMemory(_) => "out_of_memory",
             Outcome::Broken(Violation::Closed {
                 stage: Stage::BeforeHello,
             }) if vm.is_some() => "boot_failure",
@@ -1305,7 +1306,7 @@ fn supervise(
 
         // The conversation is over.
         if let Some(ended) = outcome.take() {
-            let command_done = matches!(ended, Outcome::Exited(_));
+            let command_done = matches!(ended, Outcome::Exited(_) | Outcome::OutOfMemory(_));
             let grace_left = exited_at.is_some_and(|at| now < at + deadlines.power_off_grace);
             if command_done && vm_stopped.is_none() && grace_left {
                 // Let the guest power off by itself.
@@ -1445,6 +1446,18 @@ pub fn judge(end: &End, timeout: Duration) -> Verdict {
             (Outcome::OutputClosed(e), _) => verdict(
                 Exit::Interrupted(libc::SIGPIPE),
                 format!("our output was closed ({e}); the sandbox was stopped"),
+                false,
+            ),
+            (Outcome::OutOfMemory(status), _) => verdict(
+                Exit::OutOfMemory,
+                format!(
+                    "error: the sandbox ran out of memory: the command was killed ({}) after \
+                     the guest kernel killed processes for memory (raise --mem)",
+                    match status {
+                        ExitStatus::Signaled(sig) => format!("signal {sig}"),
+                        ExitStatus::Exited(code) => format!("exit {code}"),
+                    }
+                ),
                 false,
             ),
             (Outcome::OutputLimit(limit), _) => verdict(
@@ -1977,6 +1990,26 @@ mod tests {
     const T: Duration = Duration::from_secs(300);
 
     #[test]
+    fn a_memory_kill_is_out_of_memory_123() {
+        let v = judge(
+            &session(
+                Outcome::OutOfMemory(ExitStatus::Exited(137)),
+                Some(ProcessExit::Code(0)),
+            ),
+            T,
+        );
+        assert_eq!(v.exit.code(), 123);
+        assert!(v.message.expect("says why").contains("out of memory"));
+        assert_eq!(
+            how(&session(
+                Outcome::OutOfMemory(ExitStatus::Signaled(9)),
+                None
+            )),
+            "out_of_memory"
+        );
+    }
+
+    #[test]
     fn the_output_limit_stops_the_run_with_125() {
         let v = judge(&session(Outcome::OutputLimit(1000), None), T);
         assert_eq!(v.exit, Exit::OutputLimit);
@@ -1985,10 +2018,7 @@ mod tests {
             .message
             .expect("says why")
             .contains("--max-output-bytes (1000 bytes)"));
-        assert_eq!(
-            how(&session(Outcome::OutputLimit(1), None)),
-            "output_limit"
-        );
+        assert_eq!(how(&session(Outcome::OutputLimit(1), None)), "output_limit");
     }
 
     #[test]

@@ -60,6 +60,20 @@ pub enum Outcome {
     /// The command's output reached `--max-output-bytes`: what fitted was
     /// forwarded, and the session stops there (the run is stopped).
     OutputLimit(u64),
+    /// The command was killed (SIGKILL, or 137 through its container) and
+    /// the guest reported that the kernel killed processes for memory while
+    /// it ran: the sandbox ran out of memory. A guest claim, which only
+    /// changes how the end is reported.
+    OutOfMemory(ExitStatus),
+}
+
+/// The guest's audit event saying the kernel killed processes for memory.
+pub const OOM_EVENT: &str = "memory.oom";
+
+/// Whether `status` is what a memory kill looks like: SIGKILL, or 137 from
+/// a container engine that reports its command's SIGKILL as 128 + 9.
+fn killed(status: ExitStatus) -> bool {
+    matches!(status, ExitStatus::Signaled(9) | ExitStatus::Exited(137))
 }
 
 /// Where in the conversation something happened.
@@ -340,11 +354,13 @@ fn converse<R: Read, W: Write, O: Write, E: Write>(
     }
 
     // The command runs.
+    let mut oom = false;
     let status = loop {
         let (stream, data) = match read_frame(&mut reader) {
             Ok(Message::Stdout(data)) => (Stream::Stdout, data),
             Ok(Message::Stderr(data)) => (Stream::Stderr, data),
             Ok(Message::AuditEvent { kind, fields }) => {
+                oom |= kind == OOM_EVENT;
                 audit.guest_event(&kind, fields);
                 continue;
             }
@@ -381,7 +397,12 @@ fn converse<R: Read, W: Write, O: Write, E: Write>(
         Durability::Buffered,
     );
     progress(Progress::Exited(status));
-    after_exit(&mut reader).map_or(Outcome::Exited(status), Outcome::Broken)
+    let ended = if oom && killed(status) {
+        Outcome::OutOfMemory(status)
+    } else {
+        Outcome::Exited(status)
+    };
+    after_exit(&mut reader).map_or(ended, Outcome::Broken)
 }
 
 /// After `Exit` the guest only powers off: anything more is a violation.
@@ -866,6 +887,32 @@ mod tests {
             panic!("{r:?}")
         };
         assert_eq!(v.to_string(), "the guest reported Internal: oops");
+    }
+
+    #[test]
+    fn a_kill_after_the_guest_saw_the_oom_killer_is_out_of_memory() {
+        let oom = event(OOM_EVENT, &[("oom_kills", "1")]);
+        for (msgs, want_oom) in [
+            (
+                vec![oom.clone(), Message::Exit(ExitStatus::Exited(137))],
+                true,
+            ),
+            (
+                vec![oom.clone(), Message::Exit(ExitStatus::Signaled(9))],
+                true,
+            ),
+            (vec![oom, Message::Exit(ExitStatus::Exited(1))], false),
+            (vec![Message::Exit(ExitStatus::Exited(137))], false),
+        ] {
+            let mut all = vec![hello(1)];
+            all.extend(msgs);
+            let r = script(frames(&all), 100);
+            assert_eq!(
+                matches!(r.outcome, Outcome::OutOfMemory(_)),
+                want_oom,
+                "{r:?}"
+            );
+        }
     }
 
     #[test]

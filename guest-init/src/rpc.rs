@@ -335,6 +335,7 @@ fn converse<S: Stream>(
     };
     let mut recorder = procevents::Recorder::new();
 
+    let oom_before = oom_kills();
     let mut running = match exec::spawn(&spec) {
         Ok(running) => running,
         Err(err) => {
@@ -401,6 +402,19 @@ fn converse<S: Stream>(
             recorder.drain(socket, |m| send(stream, &m))?;
         }
         recorder.flush(|m| send(stream, &m))?;
+        if let (Some(before), Some(after)) = (oom_before, oom_kills()) {
+            if after > before {
+                // The kernel (or the container's memory cgroup) killed
+                // processes for memory while the command ran.
+                send(
+                    stream,
+                    &Message::AuditEvent {
+                        kind: "memory.oom".into(),
+                        fields: vec![("oom_kills".into(), (after - before).to_string())],
+                    },
+                )?;
+            }
+        }
         send(
             stream,
             &procevents::process_exit(pid, ended.status, ended.timed_out),
@@ -426,6 +440,16 @@ fn converse<S: Stream>(
         Err(_) => console::debug("the host did not acknowledge the exit status"),
     }
     Ok(ended.status)
+}
+
+/// How many processes the kernel has killed for memory since boot (the
+/// `oom_kill` line of `/proc/vmstat`, which counts memory-cgroup kills too).
+fn oom_kills() -> Option<u64> {
+    let vmstat = std::fs::read_to_string("/proc/vmstat").ok()?;
+    vmstat
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Waits (bounded) for the host's end-of-file after `Exit`, when no reader
