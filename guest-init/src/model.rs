@@ -22,7 +22,10 @@
 //! [`MAX_CONNECTIONS`] at once (beyond that: `429`). A request's head is at
 //! most [`MAX_HEAD`] bytes, its body at most [`MAX_BODY`] (by
 //! `Content-Length` or chunked), every client read and write times out
-//! after [`CLIENT_TIMEOUT`]. Hop-by-hop headers are dropped ([`HOP_BY_HOP`]
+//! after [`CLIENT_TIMEOUT`] and the whole request must arrive within
+//! [`REQUEST_DEADLINE`] (a client trickling bytes cannot keep a slot);
+//! each read from the host waits at most [`HOST_TIMEOUT`] (a model may
+//! think for minutes). Hop-by-hop headers are dropped ([`HOP_BY_HOP`]
 //! and those `Connection` names); absolute-URL targets are refused. The
 //! response goes back with `Connection: close`, chunked (or with the
 //! host's `Content-Length`), each `HttpBody` written as it arrives so that
@@ -222,18 +225,34 @@ impl Relay for VsockRelay {
 
 /// Serves `listener` on a thread of its own, for ever (the VM's end stops it).
 pub fn spawn_server<R: Relay>(listener: TcpListener, relay: R) -> Result<(), Error> {
-    spawn_server_with(listener, relay, MAX_CONNECTIONS)
+    spawn_server_with(listener, relay, Limits::DEFAULT)
+}
+
+/// The server's limits that tests make smaller.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// Most connections at once.
+    connections: usize,
+    /// Longest time to read one request.
+    request_deadline: Duration,
+}
+
+impl Limits {
+    const DEFAULT: Self = Self {
+        connections: MAX_CONNECTIONS,
+        request_deadline: REQUEST_DEADLINE,
+    };
 }
 
 fn spawn_server_with<R: Relay>(
     listener: TcpListener,
     relay: R,
-    max_connections: usize,
+    limits: Limits,
 ) -> Result<(), Error> {
     let relay = Arc::new(relay);
     thread::Builder::new()
         .name("model-accept".into())
-        .spawn(move || accept_loop(&listener, &relay, max_connections))
+        .spawn(move || accept_loop(&listener, &relay, limits))
         .map_err(Error::Thread)?;
     Ok(())
 }
@@ -247,7 +266,8 @@ impl Drop for Slot {
     }
 }
 
-fn accept_loop<R: Relay>(listener: &TcpListener, relay: &Arc<R>, max: usize) {
+fn accept_loop<R: Relay>(listener: &TcpListener, relay: &Arc<R>, limits: Limits) {
+    let max = limits.connections;
     let live = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         let mut conn = match conn {
@@ -277,7 +297,7 @@ fn accept_loop<R: Relay>(listener: &TcpListener, relay: &Arc<R>, max: usize) {
             .name("model-conn".into())
             .spawn(move || {
                 let _slot = slot;
-                serve_connection(conn, &*relay);
+                serve_connection(conn, &*relay, limits.request_deadline);
             });
         if let Err(err) = spawned {
             // The closure (and so the slot and the connection) was dropped.
@@ -286,13 +306,13 @@ fn accept_loop<R: Relay>(listener: &TcpListener, relay: &Arc<R>, max: usize) {
     }
 }
 
-fn serve_connection<R: Relay>(conn: TcpStream, relay: &R) {
+fn serve_connection<R: Relay>(conn: TcpStream, relay: &R, request_deadline: Duration) {
     if conn.set_write_timeout(Some(CLIENT_TIMEOUT)).is_err() {
         return;
     }
     let reader = Deadlined {
         conn: &conn,
-        deadline: Instant::now() + REQUEST_DEADLINE,
+        deadline: Instant::now() + request_deadline,
     };
     let done = handle(reader, &conn, relay);
     console::debug(&format!("model endpoint: {done}"));
@@ -1079,11 +1099,21 @@ mod tests {
 
     /// A server on an ephemeral port of the test machine's loopback.
     fn server<R: Relay>(relay: R, max: usize) -> SocketAddrV4 {
+        server_with(
+            relay,
+            Limits {
+                connections: max,
+                ..Limits::DEFAULT
+            },
+        )
+    }
+
+    fn server_with<R: Relay>(relay: R, limits: Limits) -> SocketAddrV4 {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
             panic!("not v4")
         };
-        spawn_server_with(listener, relay, max).expect("server");
+        spawn_server_with(listener, relay, limits).expect("server");
         addr
     }
 
@@ -1591,6 +1621,58 @@ mod tests {
             thread::sleep(Duration::from_millis(20));
         }
         next.join().expect("host");
+    }
+
+    #[test]
+    fn a_client_that_trickles_its_request_loses_its_slot_at_the_deadline() {
+        let (relay, hosts) = fake_relay();
+        let addr = server_with(
+            relay,
+            Limits {
+                connections: 1,
+                request_deadline: Duration::from_millis(600),
+            },
+        );
+        let mut c = client(addr);
+        c.write_all(b"GET /v1/models HTTP/1.1\r\n").expect("send");
+        // One byte every 50 ms: each read succeeds, the request never ends.
+        // Only the deadline answers it (the per-read timeout never fires,
+        // and this client gives up reading after 10 s).
+        let mut response = Vec::new();
+        for _ in 0..100 {
+            thread::sleep(Duration::from_millis(50));
+            if c.write_all(b"X").is_err() {
+                break;
+            }
+            let _ = c.set_nonblocking(true);
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = c.read(&mut buf) {
+                response.extend_from_slice(&buf[..n]);
+            }
+            let _ = c.set_nonblocking(false);
+            if !response.is_empty() {
+                break;
+            }
+        }
+        let _ = c.read_to_end(&mut response);
+        assert_eq!(
+            parse_response(&response).0,
+            408,
+            "{}",
+            String::from_utf8_lossy(&response)
+        );
+        assert!(hosts.try_recv().is_err(), "the host was asked");
+        // The slot is free again (the lingering close is bounded too).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, _, _) = parse_response(&exchange(addr, b"GET http://x/ HTTP/1.1\r\n\r\n"));
+            if status == 400 {
+                break;
+            }
+            assert_eq!(status, 429);
+            assert!(Instant::now() < deadline, "the slot was never freed");
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     #[test]
