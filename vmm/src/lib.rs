@@ -21,13 +21,21 @@
 //! 5. **vCPUs**: CPUID, MSRs, FPU, LAPIC, and the PVH entry registers on
 //!    the boot CPU ([`vcpu`]).
 //!
+//! 6. **Jail** (the `airlock-vmm` binary, unless `--no-jail`): with everything
+//!    open, the process locks itself in ([`jail`]; its namespaces were made
+//!    first thing in `main`).
+//!
 //! [`vmm::Vmm::run`] then starts one named thread per vCPU and runs the event
-//! loop on the calling thread until the guest resets, powers off or fails.
+//! loop on the calling thread until the guest resets, powers off or fails;
+//! [`vmm::Vmm::run_hardened`] also installs each thread's [`seccomp`] filter
+//! before it runs guest-driven code.
 
 pub mod arch;
 pub mod config;
 pub mod devices;
+pub mod jail;
 pub mod memory;
+pub mod seccomp;
 pub mod tiny_guest;
 pub mod vcpu;
 pub mod vmm;

@@ -2,10 +2,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use airlock_vmm::config::{Console, DiskConfig, VmConfig, VsockConfig, MAX_MEM_MIB, MIN_MEM_MIB};
-use airlock_vmm::vmm::Vmm;
+use airlock_vmm::vmm::{Hardening, Outcome, Vmm};
+use airlock_vmm::{jail, seccomp};
 use clap::Parser;
 
 /// Boot an Airlock microVM on KVM.
@@ -56,6 +57,23 @@ struct Cli {
     /// The guest's vsock context id (3 or more).
     #[arg(long, value_name = "CID", default_value_t = 3, requires = "vsock_uds")]
     vsock_cid: u32,
+    /// Debugging only: run without the seccomp filters.
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Debugging only: run without the jail (namespaces, empty root, rlimits,
+    /// dropped privileges).
+    #[arg(long)]
+    no_jail: bool,
+    /// The uid and gid to run as when started by root.
+    #[arg(long, value_name = "ID", default_value_t = jail::DEFAULT_ID)]
+    jail_uid: u32,
+    /// Test hook: SECS after the guest's init started, make a forbidden
+    /// system call.
+    #[arg(long, value_name = "SECS", hide = true)]
+    test_forbidden_syscall: Option<u64>,
+    /// Test hook: print what the process sees from inside the jail.
+    #[arg(long, hide = true)]
+    test_report_jail: bool,
 }
 
 fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
@@ -96,10 +114,44 @@ impl From<Cli> for VmConfig {
     }
 }
 
+/// Builds the VM, jails the process (unless `--no-jail`) and runs the guest
+/// with the seccomp filters (unless `--no-seccomp`).
+fn build_and_run(cli: Cli, start: Instant) -> Result<Outcome, Box<dyn std::error::Error>> {
+    // Single-threaded here: the namespaces (a user namespace needs it) and
+    // the fork into the new PID namespace come before anything else.
+    let jail = if cli.no_jail {
+        eprintln!("airlock-vmm: WARNING: --no-jail: the VMM runs with the host's file system, network and privileges (debugging only)");
+        None
+    } else {
+        Some(jail::enter_namespaces(cli.jail_uid, cli.test_report_jail)?)
+    };
+    let filters = if cli.no_seccomp {
+        eprintln!("airlock-vmm: WARNING: --no-seccomp: the VMM runs without system call filters (debugging only)");
+        None
+    } else {
+        Some(seccomp::Filters::new()?)
+    };
+    let test_forbidden_syscall = cli.test_forbidden_syscall.map(Duration::from_secs);
+    let report = cli.test_report_jail;
+    let config = VmConfig::from(cli);
+    let vmm = Vmm::new(&config, start)?;
+    if let Some(jail) = &jail {
+        let socket_dir = config.vsock.as_ref().and_then(|v| v.uds.parent());
+        let socket_dir = socket_dir.filter(|d| !d.as_os_str().is_empty());
+        jail.lock_down(socket_dir, config.mem_bytes(), config.cpus)?;
+        if report {
+            jail.report();
+        }
+    }
+    Ok(vmm.run_hardened(Hardening {
+        filters,
+        test_forbidden_syscall,
+    })?)
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
-    let config = VmConfig::from(Cli::parse());
-    let outcome = Vmm::new(&config, start).and_then(Vmm::run);
+    let outcome = build_and_run(Cli::parse(), start);
     match outcome {
         Ok(outcome) if outcome.stop.is_clean() => {
             if let Some((refused, malformed)) = outcome.vsock_rejects.filter(|r| *r != (0, 0)) {
@@ -118,14 +170,17 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             let mut msg = e.to_string();
-            let mut source = std::error::Error::source(&e);
+            let mut source = e.source();
             while let Some(s) = source {
                 msg.push_str(": ");
                 msg.push_str(&s.to_string());
                 source = s.source();
             }
             eprintln!("airlock-vmm: error: {msg}");
-            ExitCode::from(if e.is_bad_input() { 2 } else { 1 })
+            let bad_input = e
+                .downcast_ref::<airlock_vmm::vmm::Error>()
+                .is_some_and(airlock_vmm::vmm::Error::is_bad_input);
+            ExitCode::from(if bad_input { 2 } else { 1 })
         }
     }
 }

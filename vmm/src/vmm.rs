@@ -33,6 +33,7 @@ use crate::devices::virtio::vsock::{self as vsock_dev, Vsock};
 use crate::devices::virtio::IrqLine;
 use crate::devices::EventFdTrigger;
 use crate::memory::{self, GuestMemoryMmap};
+use crate::seccomp;
 use crate::vcpu::{self, Request, Stop, Vcpu};
 
 /// The KVM API version this VMM speaks.
@@ -107,6 +108,9 @@ pub enum Error {
     /// An eventfd, signal handler, console file or thread.
     #[error("failed to {0}")]
     Io(&'static str, #[source] io::Error),
+    /// A seccomp filter could not be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::Error),
     /// The event loop failed.
     #[error("event loop failed: {0:?}")]
     EventLoop(event_manager::Error),
@@ -332,8 +336,15 @@ impl Vmm {
 
     /// Runs the guest to its end: starts one thread per vCPU, runs the event
     /// loop on this thread, then stops every vCPU and flushes the console.
-    pub fn run(mut self) -> Result<Outcome, Error> {
+    pub fn run(self) -> Result<Outcome, Error> {
+        self.run_hardened(Hardening::default())
+    }
+
+    /// [`Vmm::run`], with each thread's seccomp filter installed before it
+    /// runs guest-driven code (the VMM thread's once every vCPU thread exists).
+    pub fn run_hardened(mut self, hardening: Hardening) -> Result<Outcome, Error> {
         vcpu::install_kick_handler().map_err(|e| Error::Io("install the vCPU kick handler", e))?;
+        let vcpu_filter = hardening.filters.as_ref().map(|f| Arc::new(f.vcpu.clone()));
         let exit_evt =
             EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Io("create the exit eventfd", e))?;
         let (exit_tx, exit_rx) = mpsc::channel();
@@ -346,9 +357,22 @@ impl Vmm {
                     .try_clone()
                     .map_err(|e| Error::Io("clone the exit eventfd", e))?,
             );
+            let filter = vcpu_filter.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.id()))
-                .spawn(move || vcpu.run(&req_rx, &tx, &evt))
+                .spawn(move || {
+                    if let Some(filter) = filter {
+                        if let Err(e) = seccomp::apply(&filter) {
+                            let _ = tx.send((
+                                vcpu.id(),
+                                Stop::Failed(format!("vCPU {}: {e}", vcpu.id())),
+                            ));
+                            let _ = evt.write(1);
+                            return;
+                        }
+                    }
+                    vcpu.run(&req_rx, &tx, &evt)
+                })
                 .map_err(|e| Error::Io("spawn a vCPU thread", e));
             match handle {
                 Ok(h) => threads.push((h, req_tx)),
@@ -360,7 +384,9 @@ impl Vmm {
         }
         drop(exit_tx);
 
-        let result = self.event_loop(exit_evt, exit_rx);
+        let result = self
+            .harden_this_thread(&hardening)
+            .and_then(|()| self.event_loop(exit_evt, exit_rx, hardening.test_forbidden_syscall));
         stop_vcpus(threads);
         if let Ok(mut serial) = self.serial.lock() {
             let _ = serial.flush();
@@ -381,7 +407,20 @@ impl Vmm {
         })
     }
 
-    fn event_loop(&self, exit_evt: EventFd, exit_rx: Receiver<(u8, Stop)>) -> Result<Stop, Error> {
+    /// On the VMM thread, once the vCPU threads exist.
+    fn harden_this_thread(&self, hardening: &Hardening) -> Result<(), Error> {
+        if let Some(filters) = &hardening.filters {
+            seccomp::apply(&filters.vmm)?;
+        }
+        Ok(())
+    }
+
+    fn event_loop(
+        &self,
+        exit_evt: EventFd,
+        exit_rx: Receiver<(u8, Stop)>,
+        forbidden_syscall_after: Option<Duration>,
+    ) -> Result<Stop, Error> {
         let reset = self
             .reset_evt
             .try_clone()
@@ -401,11 +440,48 @@ impl Vmm {
         for disk in &self.disks {
             manager.add_subscriber(disk.clone());
         }
+        let mut forbidden_syscall_after = forbidden_syscall_after;
         loop {
-            manager.run().map_err(Error::EventLoop)?;
+            match forbidden_syscall_after {
+                None => {
+                    manager.run().map_err(Error::EventLoop)?;
+                }
+                Some(after) => {
+                    manager.run_with_timeout(100).map_err(Error::EventLoop)?;
+                    let reached = self.boot_timer.lock().ok().and_then(|t| t.reached());
+                    if reached.is_some_and(|r| self.start.elapsed() >= r + after) {
+                        forbidden_syscall_after = None;
+                        test_forbidden_syscall();
+                    }
+                }
+            }
             if let Some(stop) = watcher.lock().ok().and_then(|w| w.stop.clone()) {
                 return Ok(stop);
             }
+        }
+    }
+}
+
+/// What [`Vmm::run_hardened`] applies.
+#[derive(Debug, Default)]
+pub struct Hardening {
+    /// Per-thread seccomp filters; `None` runs unfiltered (`--no-seccomp`).
+    pub filters: Option<seccomp::Filters>,
+    /// Test hook: this long after the guest's init reached the boot-timer
+    /// mark, the VMM thread makes a system call its filter forbids.
+    pub test_forbidden_syscall: Option<Duration>,
+}
+
+/// What a compromised VMM would try first: an Internet socket. The VMM
+/// thread's filter kills the process here.
+fn test_forbidden_syscall() {
+    eprintln!("airlock-vmm: test: making a forbidden system call (socket(AF_INET))");
+    // SAFETY: socket(2) with constant arguments; a returned fd is closed.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if fd >= 0 {
+            eprintln!("airlock-vmm: test: socket(AF_INET) was allowed");
+            libc::close(fd);
         }
     }
 }

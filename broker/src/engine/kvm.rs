@@ -59,6 +59,13 @@ impl Kvm {
 
     /// Starts the VMM.
     pub fn spawn(&self, config: &VmConfig) -> Result<Vm, Error> {
+        share_sockets_with_jail(config).map_err(|e| Error::Spawn {
+            program: self.vmm.clone(),
+            source: std::io::Error::new(
+                e.kind(),
+                format!("cannot give its jail access to the run's sockets: {e}"),
+            ),
+        })?;
         let vmm = Process::spawn(
             "airlock-vmm",
             &self.vmm,
@@ -67,6 +74,46 @@ impl Kvm {
         )?;
         Ok(Vm::new(vmm, Vec::new()))
     }
+}
+
+/// The uid and gid `airlock-vmm` jails itself as when started by root (its
+/// `--jail-uid` default).
+pub const JAIL_ID: u32 = 65534;
+
+/// Started by root, the VMM drops to [`JAIL_ID`] inside its jail but must
+/// still connect to the run's `<vsock_uds>_<port>` sockets: the socket
+/// directory becomes searchable (not readable, not writable) by the jail
+/// group, and each socket already bound there connectable by it. Sockets
+/// bound later need [`share_socket`]. Not root: the VMM stays our user.
+fn share_sockets_with_jail(config: &VmConfig) -> std::io::Result<()> {
+    use std::os::unix::fs::{chown, FileTypeExt, PermissionsExt};
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let Some(dir) = config.vsock_uds.parent() else {
+        return Ok(());
+    };
+    chown(dir, None, Some(JAIL_ID))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_socket() {
+            share_socket(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Lets the jailed VMM connect to `socket` (when we are root).
+pub fn share_socket(socket: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{chown, PermissionsExt};
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    chown(socket, None, Some(JAIL_ID))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
 }
 
 #[cfg(test)]

@@ -1,0 +1,315 @@
+//! Per-thread seccomp filters (built with rust-vmm's `seccompiler`).
+//!
+//! Each thread installs its own filter once its setup is done and before it
+//! touches guest-controlled data: a vCPU thread first thing in its thread
+//! function, the VMM (event-loop) thread once every vCPU thread exists. A
+//! system call outside the list kills the whole process (`SIGSYS`): a
+//! half-dead VMM is worse than a dead one, and the broker then reports the
+//! run as failed.
+//!
+//! The lists were taken from `strace -f` of full runs in the test bed
+//! (initramfs and image boot, vsock control session, workspace in and
+//! results out, 50 MB of output) plus the error paths read from the code.
+//! Everything done during setup (opening files, KVM_CREATE_*, binding the
+//! vsock socket, spawning threads) is not in them.
+
+use std::collections::BTreeMap;
+
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// Errors building or installing a filter.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A rule or the filter is malformed (a bug in this module).
+    #[error("failed to build the seccomp filter")]
+    Build(#[source] seccompiler::BackendError),
+    /// The filter could not be compiled to BPF.
+    #[error("failed to compile the seccomp filter")]
+    Compile(#[source] seccompiler::BackendError),
+    /// `seccomp(2)` refused the filter.
+    #[error("failed to install the seccomp filter")]
+    Install(#[source] seccompiler::Error),
+}
+
+// The KVM ioctls the running VM uses, as the kernel's _IO/_IOR macros encode
+// them (kvm-ioctls does not export its numbers).
+const KVMIO: u64 = 0xAE;
+const IOC_READ: u64 = 2;
+const fn io(nr: u64) -> u64 {
+    (KVMIO << 8) | nr
+}
+const fn ior(nr: u64, size: usize) -> u64 {
+    // A struct size always fits the 14-bit size field (checked by the test).
+    (IOC_READ << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
+}
+/// `KVM_RUN`.
+pub const KVM_RUN: u64 = io(0x80);
+/// `KVM_GET_REGS` (the failure report's RIP).
+pub const KVM_GET_REGS: u64 = ior(0x81, std::mem::size_of::<kvm_regs>());
+/// `KVM_GET_SREGS` (the failure report's page-table walk).
+pub const KVM_GET_SREGS: u64 = ior(0x83, std::mem::size_of::<kvm_sregs>());
+
+/// The compiled filters, one per kind of thread.
+#[derive(Debug, Clone)]
+pub struct Filters {
+    /// For the VMM thread (event loop, devices, vsock muxer).
+    pub vmm: BpfProgram,
+    /// For each vCPU thread.
+    pub vcpu: BpfProgram,
+}
+
+impl Filters {
+    /// Compiles both filters (default action: kill the process).
+    pub fn new() -> Result<Self, Error> {
+        Ok(Self {
+            vmm: compile(vmm_rules()?)?,
+            vcpu: compile(vcpu_rules()?)?,
+        })
+    }
+}
+
+/// How many system calls each list allows: (VMM thread, vCPU thread).
+pub fn list_sizes() -> Result<(usize, usize), Error> {
+    Ok((vmm_rules()?.len(), vcpu_rules()?.len()))
+}
+
+/// Installs `filter` on the calling thread (and sets `PR_SET_NO_NEW_PRIVS`,
+/// which seccomp requires of an unprivileged caller).
+pub fn apply(filter: &BpfProgram) -> Result<(), Error> {
+    seccompiler::apply_filter(filter).map_err(Error::Install)
+}
+
+type Rules = BTreeMap<i64, Vec<SeccompRule>>;
+
+fn compile(rules: Rules) -> Result<BpfProgram, Error> {
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(Error::Build)?;
+    filter.try_into().map_err(Error::Compile)
+}
+
+/// `arg == value` on the low 32 bits (ioctl numbers, domains, signals).
+fn eq(arg: u8, value: impl TryInto<u64>) -> Result<SeccompCondition, Error> {
+    let value = value
+        .try_into()
+        .map_err(|_| Error::Build(seccompiler::BackendError::InvalidArgumentNumber))?;
+    eq64(arg, value)
+}
+
+fn eq64(arg: u8, value: u64) -> Result<SeccompCondition, Error> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+        .map_err(Error::Build)
+}
+
+/// `arg & mask == 0`.
+fn clear(arg: u8, mask: u64) -> Result<SeccompCondition, Error> {
+    SeccompCondition::new(
+        arg,
+        SeccompCmpArgLen::Qword,
+        SeccompCmpOp::MaskedEq(mask),
+        0,
+    )
+    .map_err(Error::Build)
+}
+
+/// One rule per alternative; each alternative's conditions must all hold.
+fn any_of(alternatives: Vec<Vec<SeccompCondition>>) -> Result<Vec<SeccompRule>, Error> {
+    alternatives
+        .into_iter()
+        .map(|c| SeccompRule::new(c).map_err(Error::Build))
+        .collect()
+}
+
+fn ioctls(requests: &[u64]) -> Result<Vec<SeccompRule>, Error> {
+    any_of(
+        requests
+            .iter()
+            .map(|&r| eq(1, r).map(|c| vec![c]))
+            .collect::<Result<_, _>>()?,
+    )
+}
+
+/// No executable memory: the VMM maps no code after it starts.
+fn no_exec(prot_arg: u8) -> Result<Vec<SeccompRule>, Error> {
+    any_of(vec![vec![clear(
+        prot_arg,
+        libc::PROT_EXEC.unsigned_abs().into(),
+    )?]])
+}
+
+/// What every thread needs to allocate, synchronise and end.
+fn common(rules: &mut Rules) -> Result<(), Error> {
+    let always: &[i64] = &[
+        libc::SYS_read,           // eventfds, sockets (VMM) and eventfd drains (vCPU)
+        libc::SYS_write,          // eventfds (irqs, exit), console, stderr, sockets
+        libc::SYS_close,          // dropped connections, a vCPU's fds at thread end
+        libc::SYS_futex,          // Mutex, channels, thread join
+        libc::SYS_brk,            // malloc
+        libc::SYS_munmap,         // free of large blocks, thread stacks
+        libc::SYS_mremap,         // realloc of large buffers
+        libc::SYS_madvise,        // malloc trimming, glibc frees a finished thread's stack
+        libc::SYS_sched_yield,    // std's channel backoff
+        libc::SYS_clock_gettime,  // Instant::now when the vDSO cannot read the clock
+        libc::SYS_rt_sigprocmask, // thread exit and std's signal masking
+        libc::SYS_rt_sigreturn,   // return from the vCPU kick handler
+        libc::SYS_sigaltstack,    // std removes a thread's alternate signal stack at its end
+        libc::SYS_getrandom,      // HashMap keys of a thread's first map
+        libc::SYS_exit,           // a thread ends
+        libc::SYS_exit_group,     // the process ends
+    ];
+    for &nr in always {
+        rules.insert(nr, Vec::new());
+    }
+    rules.insert(libc::SYS_mmap, no_exec(2)?); // malloc arenas and large blocks
+    rules.insert(libc::SYS_mprotect, no_exec(2)?); // malloc grows a thread arena
+    Ok(())
+}
+
+fn vmm_rules() -> Result<Rules, Error> {
+    let mut rules = Rules::new();
+    common(&mut rules)?;
+    let always: &[i64] = &[
+        libc::SYS_epoll_create1,   // the event manager is built on this thread
+        libc::SYS_epoll_ctl,       // (un)watching eventfds and connections
+        libc::SYS_epoll_wait,      // the event loop
+        libc::SYS_epoll_pwait,     // the same, as some libcs implement it
+        libc::SYS_pread64,         // virtio-blk reads
+        libc::SYS_pwrite64,        // virtio-blk writes (rw disks)
+        libc::SYS_fdatasync,       // virtio-blk flush
+        libc::SYS_connect,         // guest-initiated vsock connection to <uds>_PORT
+        libc::SYS_accept4,         // host-initiated vsock connection on <uds>
+        libc::SYS_recvfrom,        // vsock socket reads
+        libc::SYS_sendto,          // vsock socket writes
+        libc::SYS_shutdown,        // half-closing a vsock connection
+        libc::SYS_getsockopt,      // SO_ERROR of a non-blocking connect
+        libc::SYS_getpid,          // pthread_kill's tgkill needs the tgid
+        libc::SYS_clock_nanosleep, // stop_vcpus waits between kicks
+        libc::SYS_unlink,          // the muxer removes its socket at the end
+    ];
+    for &nr in always {
+        rules.insert(nr, Vec::new());
+    }
+    // Only Unix sockets (vsock connections); no other family.
+    rules.insert(libc::SYS_socket, any_of(vec![vec![eq(0, libc::AF_UNIX)?]])?);
+    // set_nonblocking on sockets.
+    rules.insert(libc::SYS_ioctl, ioctls(&[libc::FIONBIO])?);
+    // fcntl: EventFd::try_clone in the event loop; std and the event manager
+    // query and set fd flags.
+    rules.insert(
+        libc::SYS_fcntl,
+        any_of(
+            [
+                libc::F_DUPFD_CLOEXEC,
+                libc::F_GETFD,
+                libc::F_SETFD,
+                libc::F_GETFL,
+                libc::F_SETFL,
+            ]
+            .iter()
+            .map(|&op| eq(1, op).map(|c| vec![c]))
+            .collect::<Result<_, _>>()?,
+        )?,
+    );
+    // Kicking vCPU threads out of KVM_RUN, with the kick signal only.
+    rules.insert(
+        libc::SYS_tgkill,
+        any_of(vec![vec![eq(2, crate::vcpu::kick_signal())?]])?,
+    );
+    Ok(rules)
+}
+
+fn vcpu_rules() -> Result<Rules, Error> {
+    let mut rules = Rules::new();
+    common(&mut rules)?;
+    // Running the guest, and the registers for a failure report.
+    rules.insert(
+        libc::SYS_ioctl,
+        ioctls(&[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS])?,
+    );
+    Ok(rules)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_headers() {
+        assert_eq!(KVM_RUN, 0xae80);
+        assert_eq!(KVM_GET_REGS, 0x8090_ae81);
+        assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
+    }
+
+    #[test]
+    fn both_filters_compile_and_are_small() {
+        let f = Filters::new().expect("filters");
+        assert!(!f.vmm.is_empty() && !f.vcpu.is_empty());
+        let (vmm, vcpu) = list_sizes().expect("sizes");
+        assert!(vcpu < vmm && vmm < 50, "{vmm} {vcpu}");
+    }
+
+    /// Runs `body` in a forked child with `filter` installed; returns how
+    /// the child ended (`Ok(code)` or `Err(signal)`).
+    fn in_child(filter: &BpfProgram, body: fn() -> i32) -> Result<i32, i32> {
+        // SAFETY: the child only installs the prebuilt filter, makes raw
+        // system calls and _exits; it touches no lock another thread of the
+        // test harness could hold.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            let code = if apply(filter).is_ok() { body() } else { 99 };
+            // SAFETY: ends the forked child without running Rust's exit path.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above; status is a valid out pointer.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(rc, pid);
+        if libc::WIFSIGNALED(status) {
+            Err(libc::WTERMSIG(status))
+        } else {
+            Ok(libc::WEXITSTATUS(status))
+        }
+    }
+
+    #[test]
+    fn the_vmm_filter_allows_unix_sockets_and_kills_on_inet() {
+        let f = Filters::new().expect("filters");
+        let unix = || {
+            // SAFETY: plain socket(2) and close(2) on the returned fd.
+            let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+            // SAFETY: closes the fd just opened.
+            i32::from(fd < 0 || unsafe { libc::close(fd) } != 0)
+        };
+        assert_eq!(in_child(&f.vmm, unix), Ok(0));
+        // SAFETY: plain socket(2); the filter kills the child before it returns.
+        let inet = || unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        assert_eq!(in_child(&f.vmm, inet), Err(libc::SIGSYS));
+    }
+
+    #[test]
+    fn the_vcpu_filter_allows_kvm_run_only_among_ioctls() {
+        let f = Filters::new().expect("filters");
+        // KVM_RUN on a bad fd passes the filter and fails with EBADF.
+        let run = || {
+            // SAFETY: an ioctl on an fd that is not open fails with EBADF.
+            let rc = unsafe { libc::ioctl(-1, KVM_RUN as libc::c_ulong, 0) };
+            i32::from(rc != -1)
+        };
+        assert_eq!(in_child(&f.vcpu, run), Ok(0));
+        // SAFETY: as above; the filter kills the child first.
+        let other = || unsafe { libc::ioctl(-1, libc::FIONBIO as libc::c_ulong, 0) };
+        assert_eq!(in_child(&f.vcpu, other), Err(libc::SIGSYS));
+        // SAFETY: getpid(2) has no arguments; the vCPU filter does not allow it.
+        let getpid = || unsafe { libc::getpid() };
+        assert_eq!(in_child(&f.vcpu, getpid), Err(libc::SIGSYS));
+    }
+}
