@@ -37,13 +37,15 @@ use std::ffi::CString;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use airlock_protocol::limits::{MAX_HTTP_CHUNK, MAX_HTTP_HEADERS};
+use airlock_protocol::limits::{MAX_AUDIT_VALUE, MAX_HTTP_CHUNK, MAX_HTTP_HEADERS};
 use airlock_protocol::{read_frame, write_frame, FrameError, Message, HOST_CID, MODEL_PORT};
 
 use crate::console;
@@ -223,9 +225,68 @@ impl Relay for VsockRelay {
     }
 }
 
-/// Serves `listener` on a thread of its own, for ever (the VM's end stops it).
-pub fn spawn_server<R: Relay>(listener: TcpListener, relay: R) -> Result<(), Error> {
-    spawn_server_with(listener, relay, Limits::DEFAULT)
+/// Most refusal reports waiting for the control session; more are dropped.
+const MAX_PENDING_REPORTS: usize = 64;
+
+/// Where the endpoint reports the requests it answers itself (refusals, and
+/// a host it cannot reach): as `model.refused` audit claims for the control
+/// session to send, which it is woken for through `wake`.
+#[derive(Debug, Clone)]
+pub struct Reporter {
+    reports: SyncSender<Message>,
+    wake: Arc<UnixStream>,
+}
+
+impl Reporter {
+    /// A reporter that wakes `wake`'s peer after each report, and the
+    /// receiving end of its reports.
+    pub fn new(wake: UnixStream) -> (Self, Receiver<Message>) {
+        let (reports, rx) = mpsc::sync_channel(MAX_PENDING_REPORTS);
+        let wake = Arc::new(wake);
+        (Self { reports, wake }, rx)
+    }
+
+    /// `AuditEvent{model.refused}`: `status`, `request` (method and target,
+    /// when the request line was read) and `reason`.
+    fn refused(&self, request: Option<&str>, status: u16, reason: &str) {
+        let mut fields = vec![("status".to_owned(), status.to_string())];
+        if let Some(request) = request {
+            fields.push(("request".to_owned(), audit_value(request)));
+        }
+        fields.push(("reason".to_owned(), audit_value(reason)));
+        let event = Message::AuditEvent {
+            kind: "model.refused".into(),
+            fields,
+        };
+        // A full queue drops the report: the agent cannot make the init
+        // hold more than MAX_PENDING_REPORTS.
+        if self.reports.try_send(event).is_ok() {
+            let _ = (&*self.wake).write_all(&[1]);
+        }
+    }
+}
+
+/// `text` cut to an audit value's limit on a character boundary, without NUL.
+fn audit_value(text: &str) -> String {
+    let mut value = text.replace('\0', "");
+    if value.len() > MAX_AUDIT_VALUE {
+        let mut end = MAX_AUDIT_VALUE;
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
+        value.truncate(end);
+    }
+    value
+}
+
+/// Serves `listener` on a thread of its own, for ever (the VM's end stops
+/// it), reporting its own answers to `reporter` if any.
+pub fn spawn_server<R: Relay>(
+    listener: TcpListener,
+    relay: R,
+    reporter: Option<Reporter>,
+) -> Result<(), Error> {
+    spawn_server_with(listener, relay, Limits::DEFAULT, reporter)
 }
 
 /// The server's limits that tests make smaller.
@@ -248,11 +309,12 @@ fn spawn_server_with<R: Relay>(
     listener: TcpListener,
     relay: R,
     limits: Limits,
+    reporter: Option<Reporter>,
 ) -> Result<(), Error> {
     let relay = Arc::new(relay);
     thread::Builder::new()
         .name("model-accept".into())
-        .spawn(move || accept_loop(&listener, &relay, limits))
+        .spawn(move || accept_loop(&listener, &relay, limits, reporter.as_ref()))
         .map_err(Error::Thread)?;
     Ok(())
 }
@@ -266,7 +328,12 @@ impl Drop for Slot {
     }
 }
 
-fn accept_loop<R: Relay>(listener: &TcpListener, relay: &Arc<R>, limits: Limits) {
+fn accept_loop<R: Relay>(
+    listener: &TcpListener,
+    relay: &Arc<R>,
+    limits: Limits,
+    reporter: Option<&Reporter>,
+) {
     let max = limits.connections;
     let live = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
@@ -289,15 +356,19 @@ fn accept_loop<R: Relay>(listener: &TcpListener, relay: &Arc<R>, limits: Limits)
             );
             let _ = write_refusal(&mut conn, &refusal);
             let _ = conn.shutdown(Shutdown::Write);
+            if let Some(reporter) = reporter {
+                reporter.refused(None, refusal.status, &refusal.message);
+            }
             continue;
         }
         let slot = Slot(Arc::clone(&live));
         let relay = Arc::clone(relay);
+        let reporter = reporter.cloned();
         let spawned = thread::Builder::new()
             .name("model-conn".into())
             .spawn(move || {
                 let _slot = slot;
-                serve_connection(conn, &*relay, limits.request_deadline);
+                serve_connection(conn, &*relay, limits.request_deadline, reporter.as_ref());
             });
         if let Err(err) = spawned {
             // The closure (and so the slot and the connection) was dropped.
@@ -306,7 +377,12 @@ fn accept_loop<R: Relay>(listener: &TcpListener, relay: &Arc<R>, limits: Limits)
     }
 }
 
-fn serve_connection<R: Relay>(conn: TcpStream, relay: &R, request_deadline: Duration) {
+fn serve_connection<R: Relay>(
+    conn: TcpStream,
+    relay: &R,
+    request_deadline: Duration,
+    reporter: Option<&Reporter>,
+) {
     if conn.set_write_timeout(Some(CLIENT_TIMEOUT)).is_err() {
         return;
     }
@@ -316,6 +392,9 @@ fn serve_connection<R: Relay>(conn: TcpStream, relay: &R, request_deadline: Dura
     };
     let done = handle(reader, &conn, relay);
     console::debug(&format!("model endpoint: {done}"));
+    if let (Some(reporter), Done::Refused(request, status, reason)) = (reporter, &done) {
+        reporter.refused(request.as_deref(), *status, reason);
+    }
     // Lingering close: the answer is out; read what the agent still sends
     // (bounded in bytes and time) until it closes, so that closing does not
     // reset the connection under an answer still in flight.
@@ -506,8 +585,17 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-/// Reads and checks a request head (see the module docs).
-fn read_head(r: &mut impl BufRead) -> Result<Option<Head>, Refusal> {
+/// Reads and checks a request head (see the module docs). A refusal comes
+/// with the request's method and target when the request line was read.
+fn read_head(r: &mut impl BufRead) -> Result<Option<Head>, (Option<String>, Refusal)> {
+    let mut request = None;
+    read_head_into(r, &mut request).map_err(|refusal| (request, refusal))
+}
+
+fn read_head_into(
+    r: &mut impl BufRead,
+    request: &mut Option<String>,
+) -> Result<Option<Head>, Refusal> {
     let head_too_long = || {
         Refusal::new(
             431,
@@ -528,6 +616,7 @@ fn read_head(r: &mut impl BufRead) -> Result<Option<Head>, Refusal> {
     else {
         return Err(Refusal::bad("malformed request line"));
     };
+    *request = Some(format!("{method} {target}"));
     if method.is_empty() || !method.bytes().all(is_tchar) {
         return Err(Refusal::bad("malformed request method"));
     }
@@ -824,8 +913,9 @@ fn copy_exact(
 enum Done {
     /// The agent closed without a request.
     Idle,
-    /// The endpoint answered itself.
-    Refused(u16, String),
+    /// The endpoint answered itself, before the host saw the request (the
+    /// request line, when it was read).
+    Refused(Option<String>, u16, String),
     /// The host's answer was relayed (status, body bytes).
     Relayed(String, u16, u64),
     /// The relay broke half way.
@@ -836,7 +926,7 @@ impl std::fmt::Display for Done {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Idle => write!(f, "connection closed without a request"),
-            Self::Refused(status, why) => write!(f, "refused with {status}: {why}"),
+            Self::Refused(_, status, why) => write!(f, "refused with {status}: {why}"),
             Self::Relayed(req, status, n) => write!(f, "{req} -> {status}, {n} body bytes"),
             Self::Broken(req, why) => write!(f, "{req}: {why}"),
         }
@@ -855,14 +945,14 @@ fn host_broke(what: impl std::fmt::Display) -> Refusal {
 /// Serves one request read from `reader`, answering on `out`.
 fn handle<R: Relay>(reader: impl Read, mut out: impl Write, relay: &R) -> Done {
     let mut reader = BufReader::with_capacity(16 * 1024, reader);
-    let refuse = |out: &mut dyn Write, refusal: Refusal| {
+    let refuse = |out: &mut dyn Write, request: Option<String>, refusal: Refusal| {
         let _ = write_refusal(out, &refusal);
-        Done::Refused(refusal.status, refusal.message)
+        Done::Refused(request, refusal.status, refusal.message)
     };
     let head = match read_head(&mut reader) {
         Ok(Some(head)) => head,
         Ok(None) => return Done::Idle,
-        Err(refusal) => return refuse(&mut out, refusal),
+        Err((request, refusal)) => return refuse(&mut out, request, refusal),
     };
     let request = format!("{} {}", head.method, head.target);
     let mut host = match relay.connect() {
@@ -870,6 +960,7 @@ fn handle<R: Relay>(reader: impl Read, mut out: impl Write, relay: &R) -> Done {
         Err(err) => {
             return refuse(
                 &mut out,
+                Some(request),
                 Refusal::new(
                     502,
                     "api_error",
@@ -884,7 +975,7 @@ fn handle<R: Relay>(reader: impl Read, mut out: impl Write, relay: &R) -> Done {
         headers: head.headers.clone(),
     };
     if let Err(err) = write_frame(&mut host, &start) {
-        return refuse(&mut out, host_broke(err));
+        return refuse(&mut out, Some(request), host_broke(err));
     }
     if head.expect_continue
         && head.body != Body::None
@@ -909,7 +1000,7 @@ fn handle<R: Relay>(reader: impl Read, mut out: impl Write, relay: &R) -> Done {
     if let Err(refusal) = body {
         // The host sees the connection end without HttpEnd: no request.
         drop(host);
-        return refuse(&mut out, refusal);
+        return refuse(&mut out, Some(request), refusal);
     }
     if host_ok {
         let _ = write_frame(&mut host, &Message::HttpEnd);
@@ -929,7 +1020,7 @@ fn relay_response(
         Ok(Message::HttpResponse { status, .. }) => {
             let refusal = host_broke(format!("the host answered with status {status}"));
             let _ = write_refusal(out, &refusal);
-            return Done::Refused(refusal.status, refusal.message);
+            return Done::Broken(request, refusal.message);
         }
         Ok(other) => {
             let refusal = host_broke(format!(
@@ -937,12 +1028,12 @@ fn relay_response(
                 other.kind()
             ));
             let _ = write_refusal(out, &refusal);
-            return Done::Refused(refusal.status, refusal.message);
+            return Done::Broken(request, refusal.message);
         }
         Err(err) => {
             let refusal = host_broke(describe_frame_error(&err));
             let _ = write_refusal(out, &refusal);
-            return Done::Refused(refusal.status, refusal.message);
+            return Done::Broken(request, refusal.message);
         }
     };
     let no_body = head.method == "HEAD" || status == 204 || status == 304;
@@ -1046,13 +1137,13 @@ fn describe_frame_error(err: &FrameError) -> String {
 /// Starts the endpoint for a run; returns the `--network` value for the
 /// agent's container (`ns:PATH`), if any. Failures are warned about: the
 /// run goes on without the endpoint (and so without the variables).
-pub fn start(container: bool) -> Result<Option<String>, Error> {
+pub fn start(container: bool, reporter: Option<Reporter>) -> Result<Option<String>, Error> {
     let listener = if container {
         listen_in_new_netns()?
     } else {
         listen_here()?
     };
-    spawn_server(listener, VsockRelay)?;
+    spawn_server(listener, VsockRelay, reporter)?;
     console::debug(&format!("model endpoint on 127.0.0.1:{PORT}"));
     Ok(container.then(|| format!("ns:{NETNS_PATH}")))
 }
@@ -1061,7 +1152,7 @@ pub fn start(container: bool) -> Result<Option<String>, Error> {
 mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
-    use std::sync::mpsc::{self, Receiver, Sender};
+    use std::sync::mpsc::Sender;
     use std::sync::Mutex;
 
     /// Hands the host end of each new connection to the test.
@@ -1113,7 +1204,7 @@ mod tests {
         let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
             panic!("not v4")
         };
-        spawn_server_with(listener, relay, limits).expect("server");
+        spawn_server_with(listener, relay, limits, None).expect("server");
         addr
     }
 
@@ -1673,6 +1764,65 @@ mod tests {
             assert!(Instant::now() < deadline, "the slot was never freed");
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    #[test]
+    fn the_endpoints_own_answers_are_reported_as_audit_claims() {
+        let (wake_rx, wake_tx) = UnixStream::pair().expect("socketpair");
+        let (reporter, reports) = Reporter::new(wake_tx);
+        let (relay, hosts) = fake_relay();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
+            panic!("not v4")
+        };
+        spawn_server_with(listener, relay, Limits::DEFAULT, Some(reporter)).expect("server");
+        let field = |m: &Message, name: &str| match m {
+            Message::AuditEvent { kind, fields } => {
+                assert_eq!(kind, "model.refused");
+                fields
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v.clone())
+            }
+            other => panic!("{other:?}"),
+        };
+        // Relayed: the host saw it, nothing to report.
+        let host = thread::spawn(move || {
+            let mut host = hosts.recv().expect("a connection");
+            read_request(&mut host);
+            respond(&mut host, 403, &[], &[b"{}"]);
+        });
+        assert_eq!(
+            parse_response(&exchange(addr, b"GET /v1/models HTTP/1.1\r\n\r\n")).0,
+            403
+        );
+        host.join().expect("host");
+        // Refused by the endpoint itself: reported, and the session woken.
+        let target = format!("http://evil.example/{}", "a".repeat(5000));
+        let request = format!("POST {target} HTTP/1.1\r\n\r\n");
+        assert_eq!(parse_response(&exchange(addr, request.as_bytes())).0, 400);
+        let report = reports
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a report");
+        assert_eq!(field(&report, "status").as_deref(), Some("400"));
+        let seen = field(&report, "request").expect("the request");
+        assert!(seen.starts_with("POST http://evil.example/aaa"), "{seen}");
+        assert_eq!(seen.len(), MAX_AUDIT_VALUE, "bounded");
+        assert!(field(&report, "reason")
+            .expect("reason")
+            .contains("absolute URL"));
+        let mut byte = [0u8; 1];
+        (&wake_rx).read_exact(&mut byte).expect("woken");
+        // A head that never names a request: reported without one.
+        assert_eq!(
+            parse_response(&exchange(addr, b"\x16\x03\x01 TLS?\r\n\r\n")).0,
+            400
+        );
+        let report = reports
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a report");
+        assert_eq!(field(&report, "request"), None);
+        assert!(reports.try_recv().is_err(), "one report per refusal");
     }
 
     #[test]

@@ -264,10 +264,22 @@ fn converse<S: Stream>(
         }
     }
     // The model endpoint, before the command: its variables go into the
-    // command's environment, its network namespace to the container.
+    // command's environment, its network namespace to the container. The
+    // requests it refuses itself are audit claims, sent by the pump below
+    // when the endpoint wakes it through `wake`.
+    let (wake, notify) = UnixStream::pair().map_err(Error::Setup)?;
     let mut network = None;
+    let mut model_reports = None;
     if model {
-        match crate::model::start(container.is_some()) {
+        let reporter = if audit {
+            let (reporter, reports) =
+                crate::model::Reporter::new(notify.try_clone().map_err(Error::Setup)?);
+            model_reports = Some(reports);
+            Some(reporter)
+        } else {
+            None
+        };
+        match crate::model::start(container.is_some(), reporter) {
             Ok(ns) => {
                 network = ns;
                 let extra = crate::model::agent_env(&spec.env);
@@ -335,7 +347,7 @@ fn converse<S: Stream>(
     };
     let mut recorder = procevents::Recorder::new();
 
-    let oom_before = oom_kills();
+    let mut oom_watch = OomWatch::start();
     let mut running = match exec::spawn(&spec) {
         Ok(running) => running,
         Err(err) => {
@@ -363,7 +375,6 @@ fn converse<S: Stream>(
     }
     // From here on an early return drops `running`, which kills the
     // command's process group.
-    let (wake, notify) = UnixStream::pair().map_err(Error::Setup)?;
     let (events, violations) = mpsc::channel();
     let reader = stream.try_clone().map_err(Error::Setup)?;
     let stdin = running.take_stdin();
@@ -385,6 +396,11 @@ fn converse<S: Stream>(
         Event::Host => {
             let mut buf = [0u8; 16];
             let _ = (&wake).read(&mut buf);
+            if let Some(reports) = &model_reports {
+                while let Ok(report) = reports.try_recv() {
+                    send(stream, &report)?;
+                }
+            }
             match violations.try_recv() {
                 Ok(err) => Err(err),
                 Err(TryRecvError::Empty) => Ok(()),
@@ -402,17 +418,21 @@ fn converse<S: Stream>(
             recorder.drain(socket, |m| send(stream, &m))?;
         }
         recorder.flush(|m| send(stream, &m))?;
-        if let (Some(before), Some(after)) = (oom_before, oom_kills()) {
-            if after > before {
-                // The kernel (or the container's memory cgroup) killed
-                // processes for memory while the command ran.
-                send(
-                    stream,
-                    &Message::AuditEvent {
-                        kind: "memory.oom".into(),
-                        fields: vec![("oom_kills".into(), (after - before).to_string())],
-                    },
-                )?;
+        let kills = oom_watch.as_mut().map_or(0, OomWatch::kills);
+        if kills > 0 {
+            // The kernel (or the container's memory cgroup) killed
+            // processes for memory while the command ran.
+            send(
+                stream,
+                &Message::AuditEvent {
+                    kind: "memory.oom".into(),
+                    fields: vec![("oom_kills".into(), kills.to_string())],
+                },
+            )?;
+        }
+        if let Some(reports) = &model_reports {
+            while let Ok(report) = reports.try_recv() {
+                send(stream, &report)?;
             }
         }
         send(
@@ -442,14 +462,53 @@ fn converse<S: Stream>(
     Ok(ended.status)
 }
 
-/// How many processes the kernel has killed for memory since boot (the
-/// `oom_kill` line of `/proc/vmstat`, which counts memory-cgroup kills too).
-fn oom_kills() -> Option<u64> {
-    let vmstat = std::fs::read_to_string("/proc/vmstat").ok()?;
-    vmstat
-        .lines()
-        .find_map(|l| l.strip_prefix("oom_kill "))
-        .and_then(|v| v.trim().parse().ok())
+/// Watches the kernel log for OOM kills from now on. The guest kernel has
+/// no VM event counters (`/proc/vmstat` has no `oom_kill`), so the init
+/// reads the kernel's own "Out of memory: Killed process" and "Memory
+/// cgroup out of memory: Killed process" records from `/dev/kmsg`.
+struct OomWatch {
+    kmsg: std::fs::File,
+}
+
+impl OomWatch {
+    /// Opens `/dev/kmsg` positioned after the records logged so far.
+    fn start() -> Option<OomWatch> {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut kmsg = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/kmsg")
+            .ok()?;
+        kmsg.seek(SeekFrom::End(0)).ok()?;
+        Some(OomWatch { kmsg })
+    }
+
+    /// The OOM kills logged since [`OomWatch::start`] or the last call.
+    fn kills(&mut self) -> u64 {
+        let mut kills = 0;
+        // One record per read; at most this many are looked at.
+        let mut buf = [0u8; 8192];
+        for _ in 0..100_000 {
+            match self.kmsg.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => kills += u64::from(is_oom_kill(&buf[..n])),
+                // EPIPE: older records were overwritten; go on reading.
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        kills
+    }
+}
+
+/// Whether a `/dev/kmsg` record is the kernel killing a process for memory.
+fn is_oom_kill(record: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(record);
+    let message = text.split_once(';').map_or(&*text, |(_, m)| m);
+    message.contains("out of memory: Killed process")
+        || message.contains("Out of memory: Killed process")
 }
 
 /// Waits (bounded) for the host's end-of-file after `Exit`, when no reader
@@ -981,6 +1040,18 @@ mod tests {
         let cut = bounded(odd);
         assert_eq!(cut.len(), MAX_ERROR_MESSAGE - 1);
         assert!(cut.is_char_boundary(cut.len()));
+    }
+
+    #[test]
+    fn oom_kill_records_are_recognised() {
+        assert!(is_oom_kill(
+            b"3,512,9000,-;Out of memory: Killed process 77 (python3) total-vm:1kB\n"
+        ));
+        assert!(is_oom_kill(
+            b"3,513,9001,-;Memory cgroup out of memory: Killed process 78 (python3)\n"
+        ));
+        assert!(!is_oom_kill(b"6,514,9002,-;python3 invoked oom-killer: gfp_mask=0x0\n"));
+        assert!(!is_oom_kill(b"6,515,9003,-;Killed process 1 (init)\n"));
     }
 
     #[test]
