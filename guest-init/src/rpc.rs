@@ -1050,7 +1050,9 @@ mod tests {
         assert!(is_oom_kill(
             b"3,513,9001,-;Memory cgroup out of memory: Killed process 78 (python3)\n"
         ));
-        assert!(!is_oom_kill(b"6,514,9002,-;python3 invoked oom-killer: gfp_mask=0x0\n"));
+        assert!(!is_oom_kill(
+            b"6,514,9002,-;python3 invoked oom-killer: gfp_mask=0x0\n"
+        ));
         assert!(!is_oom_kill(b"6,515,9003,-;Killed process 1 (init)\n"));
     }
 
