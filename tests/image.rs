@@ -270,6 +270,9 @@ except urllib.error.HTTPError as e:
 print("status=%d" % status)
 err = json.loads(body)
 print("shape=%s/%s" % (err.get("type"), bool(err.get("error", {}).get("message"))))
+raw = socket.create_connection(("127.0.0.1", 8088), timeout=60)
+raw.sendall(b"GET http://evil.example/v1/models HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+print("absolute=" + raw.recv(4096).split(b"\r\n")[0].decode())
 "#;
 
 /// Keys set in the environment of `airlock` itself: they must never reach
@@ -309,7 +312,8 @@ fn expect_model_endpoint(r: &Run) {
         .expect_stdout_line("ANTHROPIC_API_KEY=airlock-placeholder")
         .expect_stdout_line("OPENAI_API_KEY=airlock-placeholder")
         .expect_stdout_line("egress=ENETUNREACH")
-        .expect_stdout_line("shape=error/True");
+        .expect_stdout_line("shape=error/True")
+        .expect_stdout_line("absolute=HTTP/1.1 400 Bad Request");
     // Loopback, up; besides it at most `sit0`, down: the IPv6-in-IPv4
     // fallback tunnel the kernel (CONFIG_IPV6_SIT) puts in every network
     // namespace, which carries nothing without another interface. No
@@ -326,9 +330,32 @@ fn expect_model_endpoint(r: &Run) {
 
 #[test]
 fn tcg_the_container_reaches_the_model_endpoint_and_has_no_other_interface() {
+    let dir = airlock_e2e::TempDir::new("model-endpoint");
+    let log = dir.path().join("a.jsonl");
+    let log_str = log.to_str().expect("utf-8");
     // The user's own base URL wins over the init's.
-    let r = tcg_model_probe(&["-e", "OPENAI_BASE_URL=http://elsewhere.invalid/v1"]);
+    let r = tcg_model_probe(&[
+        "--audit",
+        log_str,
+        "-e",
+        "OPENAI_BASE_URL=http://elsewhere.invalid/v1",
+    ]);
     expect_model_endpoint(&r);
+    // The absolute URL never left the VM; the init says so in the audit
+    // log (a guest claim).
+    let text = std::fs::read_to_string(&log).expect("audit log");
+    let refused: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .filter(|v: &serde_json::Value| v["kind"] == "model.refused")
+        .collect();
+    assert_eq!(refused.len(), 1, "{text}");
+    assert_eq!(refused[0]["source"], "guest", "{text}");
+    assert_eq!(refused[0]["fields"]["status"], "400", "{text}");
+    assert_eq!(
+        refused[0]["fields"]["request"], "GET http://evil.example/v1/models",
+        "{text}"
+    );
     r.expect_stdout_line("ANTHROPIC_BASE_URL=http://127.0.0.1:8088")
         .expect_stdout_line("OPENAI_BASE_URL=http://elsewhere.invalid/v1");
 }
