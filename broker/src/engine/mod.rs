@@ -13,6 +13,7 @@
 //! (the VM process exits 0 when the guest reboots cleanly). A [`Vm`] owns
 //! every process of its engine and kills and reaps them all when dropped.
 
+pub mod console;
 pub mod kvm;
 pub mod tcg;
 
@@ -436,17 +437,41 @@ impl Drop for Process {
 pub struct Vm {
     main: Process,
     helpers: Vec<Process>,
+    /// Copies the console to its log when the engine cannot cap it itself
+    /// (tcg); finished once the VM process has ended.
+    console: Option<console::ConsolePump>,
 }
 
 impl Vm {
     pub(crate) fn new(main: Process, helpers: Vec<Process>) -> Vm {
-        Vm { main, helpers }
+        Vm {
+            main,
+            helpers,
+            console: None,
+        }
+    }
+
+    /// The same VM, its console copied by `pump`.
+    pub(crate) fn with_console(mut self, pump: console::ConsolePump) -> Vm {
+        self.console = Some(pump);
+        self
+    }
+
+    /// Copies the rest of the console (if a pump does) and stops copying.
+    fn finish_console(&mut self) {
+        if let Some(pump) = &mut self.console {
+            pump.finish();
+        }
     }
 
     /// The exit of the VM process, if it has ended (reaping it). Helpers
     /// keep running until [`Vm::kill`]: they may still hold guest bytes.
     pub fn try_wait(&mut self) -> io::Result<Option<ProcessExit>> {
-        self.main.try_wait()
+        let exit = self.main.try_wait()?;
+        if exit.is_some() {
+            self.finish_console();
+        }
+        Ok(exit)
     }
 
     /// Waits up to `timeout` for the VM process to end.
@@ -470,6 +495,7 @@ impl Vm {
     /// returns how the VM process ended.
     pub fn kill(&mut self) -> io::Result<ProcessExit> {
         let exit = self.main.kill();
+        self.finish_console();
         let mut helper_error = Ok(());
         for helper in &mut self.helpers {
             if let Err(e) = helper.kill() {

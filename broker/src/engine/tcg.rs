@@ -26,6 +26,9 @@ use super::{Error, Process, Vm, VmConfig, BASE_CMDLINE, VM_LOG};
 pub const VHOST_SOCKET: &str = "vhost.sock";
 /// The helper's log, in the run directory.
 pub const VHOST_LOG: &str = "vhost-device-vsock.log";
+/// The console FIFOs' base name in the run directory (QEMU opens `.in` and
+/// `.out`).
+const CONSOLE_PIPE: &str = "console";
 /// How long the helper may take to create its socket (it takes milliseconds).
 const VHOST_READY: Duration = Duration::from_secs(10);
 
@@ -41,8 +44,10 @@ impl Tcg {
     /// QEMU's arguments for `config`.
     pub fn args(&self, config: &VmConfig) -> Vec<OsString> {
         let mem = config.mem_mib;
-        let mut serial = OsString::from("file:");
-        serial.push(&config.console_log);
+        // The console goes through FIFOs (`console.in`, `console.out` in
+        // the run directory) to a capped copy (see `console`).
+        let mut serial = OsString::from("pipe,id=con0,path=");
+        serial.push(qemu_escape(&config.run_dir.join(CONSOLE_PIPE)));
         let mut chardev = OsString::from("socket,id=vsock0,path=");
         chardev.push(config.run_dir.join(VHOST_SOCKET));
         let mut cmdline = String::from(BASE_CMDLINE);
@@ -79,8 +84,10 @@ impl Tcg {
             "-no-user-config".into(),
             "-display".into(),
             "none".into(),
-            "-serial".into(),
+            "-chardev".into(),
             serial,
+            "-serial".into(),
+            "chardev:con0".into(),
             "-chardev".into(),
             chardev,
             "-device".into(),
@@ -144,13 +151,29 @@ impl Tcg {
                 waited: VHOST_READY,
             });
         }
+        let pipe = config.run_dir.join(CONSOLE_PIPE);
+        let pipe_in = pipe.with_extension("in");
+        let pipe_out = pipe.with_extension("out");
+        let fifo_error = |path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Log { path, source }
+        };
+        for fifo in [&pipe_in, &pipe_out] {
+            super::console::mkfifo(fifo).map_err(fifo_error(fifo))?;
+        }
+        let pump = super::console::ConsolePump::start(
+            &pipe_out,
+            &config.console_log,
+            super::console::CONSOLE_CAP,
+        )
+        .map_err(fifo_error(&config.console_log))?;
         let qemu = Process::spawn(
             "qemu",
             &self.qemu,
             &self.args(config),
             &config.run_dir.join(VM_LOG),
         )?;
-        Ok(Vm::new(qemu, vec![helper]))
+        Ok(Vm::new(qemu, vec![helper]).with_console(pump))
     }
 }
 
@@ -210,7 +233,10 @@ mod tests {
         assert_eq!(value(&args, "-smp"), "2");
         assert_eq!(value(&args, "-kernel"), "/k/vmlinux");
         assert_eq!(value(&args, "-initrd"), "/k/initramfs.cpio");
-        assert_eq!(value(&args, "-serial"), "file:/tmp/run/console.log");
+        assert_eq!(value(&args, "-serial"), "chardev:con0");
+        assert!(args
+            .iter()
+            .any(|a| a.to_str() == Some("pipe,id=con0,path=/tmp/run/console")));
         assert_eq!(value(&args, "-accel"), "tcg");
         assert_eq!(
             value(&args, "-object"),
@@ -222,10 +248,9 @@ mod tests {
             value(&args, "-append"),
             "console=ttyS0 reboot=k panic=-1 quiet"
         );
-        assert_eq!(
-            value(&args, "-chardev"),
-            "socket,id=vsock0,path=/tmp/run/vhost.sock"
-        );
+        assert!(args
+            .iter()
+            .any(|a| a.to_str() == Some("socket,id=vsock0,path=/tmp/run/vhost.sock")));
         assert_eq!(
             value(&args, "-device"),
             "vhost-user-vsock-device,chardev=vsock0"
