@@ -478,8 +478,20 @@ subprocess.run(["tar", "-c", "--exclude=./proc", "--exclude=./sys", "--exclude=.
     let _ = std::fs::remove_file(&dump);
 }
 
+/// Where `needle` first occurs in `hay` (glibc's memmem: a GiB of guest
+/// RAM is searched in well under a second, even in a debug build).
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    // SAFETY: both pointers and lengths come from live slices, which memmem
+    // only reads; the result is null or points into `hay`.
+    let p = unsafe {
+        libc::memmem(
+            hay.as_ptr().cast(),
+            hay.len(),
+            needle.as_ptr().cast(),
+            needle.len(),
+        )
+    };
+    (!p.is_null()).then(|| p as usize - hay.as_ptr() as usize)
 }
 
 /// A hostile agent, through the in-guest endpoint: a path outside the
@@ -745,7 +757,9 @@ fn model_bad_input_is_a_usage_error() {
 }
 
 /// Our own VMM (the kvm engine) in the nested test bed: the reference agent
-/// completes the scripted task through the model proxy.
+/// completes the scripted task through the model proxy, and the guest's RAM,
+/// dumped by the VMM after the guest stopped, holds the agent's words but
+/// not the key.
 #[test]
 fn kvm_reference_agent_in_the_test_bed() {
     let dir = scratch("model-kvm");
@@ -755,23 +769,42 @@ fn kvm_reference_agent_in_the_test_bed() {
     let airlock = bin("airlock");
     let image = build_file("rootfs.img");
     let out = dir.join("out");
+    let dump = dir.join("guest.ram");
+    let _ = std::fs::remove_file(&dump);
     let s = format!(
         "set -e; ifconfig lo 127.0.0.1 up 2>/dev/null || ip link set lo up; \
          {up} --script {script} --log {log} --key {key} > {addr} & \
          for i in $(seq 100); do [ -s {addr} ] && break; sleep 0.1; done; \
-         ANTHROPIC_API_KEY={key} {airlock} run --engine kvm --mem 1024 --image-root {image} \
-         --model-upstream http://$(head -1 {addr}) --out {out} -- \
+         ANTHROPIC_API_KEY={key} {airlock} run --engine kvm --mem 512 --image-root {image} \
+         --model-upstream http://$(head -1 {addr}) --out {out} --debug-dump-guest-memory {dump} -- \
          airlock-agent 'Look at the workspace and write a summary'",
         up = upstream_bin,
         script = rel(&script),
         log = rel(&dir.join("upstream.jsonl")),
         addr = rel(&dir.join("addr")),
         out = rel(&out),
+        dump = rel(&dump),
     );
     let r = testbed(&["sh", "-c", &s], 900);
-    r.expect_code(0);
+    r.expect_code(0).expect_stderr("engine: kvm");
     assert!(r.stdout.contains("Done: I listed the workspace"), "{r}");
     assert!(out.join("summary.txt").exists(), "{r}");
     let log = std::fs::read_to_string(dir.join("upstream.jsonl")).expect("upstream log");
-    assert_eq!(log.lines().count(), 3, "{log}");
+    let reqs: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(reqs.len(), 3, "{log}");
+    assert!(reqs.iter().all(|q| q["key"] == key.as_str()), "{log}");
+    let ram = std::fs::read(&dump).unwrap_or_else(|e| panic!("no RAM dump: {e}\n{r}"));
+    assert_eq!(ram.len(), 512 << 20);
+    assert!(
+        find(&ram, b"Done: I listed the workspace").is_some(),
+        "the dump is not the guest's RAM"
+    );
+    assert!(
+        find(&ram, key.as_bytes()).is_none(),
+        "the key is in the guest's RAM"
+    );
+    let _ = std::fs::remove_file(&dump);
 }

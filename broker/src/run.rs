@@ -63,6 +63,8 @@ const PANIC_MARKER: &str = "Kernel panic";
 pub const BOOT_DEADLINE: Duration = Duration::from_secs(120);
 /// How long the guest may take to power off after the command's exit status.
 pub const POWER_OFF_GRACE: Duration = Duration::from_secs(10);
+/// The same with `--debug-dump-guest-memory`, which the VMM writes first.
+const DUMP_GRACE: Duration = Duration::from_secs(300);
 /// After the VM process ends before the exit status came, how long the
 /// session may still read what the engine had in flight.
 const DRAIN: Duration = Duration::from_secs(1);
@@ -768,7 +770,11 @@ fn boot(
         json!({ "engine": selection.engine.name(), "processes": processes }),
         Durability::Synced,
     );
-    let deadlines = Deadlines::from_start(started, config.timeout);
+    let mut deadlines = Deadlines::from_start(started, config.timeout);
+    if config.dump_memory.is_some() {
+        // The engine writes the guest's RAM out before it exits.
+        deadlines.power_off_grace = DUMP_GRACE;
+    }
     let session = SessionParams {
         spec: config.spec.clone(),
         max_output_bytes: config.max_output_bytes,

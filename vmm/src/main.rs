@@ -74,6 +74,29 @@ struct Cli {
     /// Test hook: print what the process sees from inside the jail.
     #[arg(long, hide = true)]
     test_report_jail: bool,
+    /// Debugging and tests: once the guest has stopped, write its RAM
+    /// (every region in guest-physical order, without the MMIO gap) to
+    /// this file (created mode 0600, or truncated).
+    #[arg(long, value_name = "PATH", hide = true)]
+    dump_memory: Option<PathBuf>,
+}
+
+/// Opens the `--dump-memory` file: before the jail, which leaves no file
+/// system to open it in.
+fn open_dump(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot create the memory dump {}: {e}", path.display()),
+            )
+        })
 }
 
 fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
@@ -117,6 +140,7 @@ impl From<Cli> for VmConfig {
 /// Builds the VM, jails the process (unless `--no-jail`) and runs the guest
 /// with the seccomp filters (unless `--no-seccomp`).
 fn build_and_run(cli: Cli, start: Instant) -> Result<Outcome, Box<dyn std::error::Error>> {
+    let dump = cli.dump_memory.as_deref().map(open_dump).transpose()?;
     // Single-threaded here: the namespaces (a user namespace needs it) and
     // the fork into the new PID namespace come before anything else.
     let jail = if cli.no_jail {
@@ -143,10 +167,18 @@ fn build_and_run(cli: Cli, start: Instant) -> Result<Outcome, Box<dyn std::error
             jail.report();
         }
     }
-    Ok(vmm.run_hardened(Hardening {
+    // The same mappings (the regions are shared), kept for the dump.
+    let mem = dump.is_some().then(|| vmm.memory().clone());
+    let outcome = vmm.run_hardened(Hardening {
         filters,
         test_forbidden_syscall,
-    })?)
+    })?;
+    if let (Some(mut file), Some(mem)) = (dump, mem) {
+        airlock_vmm::memory::dump(&mem, &mut file).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot write the memory dump: {e}"))
+        })?;
+    }
+    Ok(outcome)
 }
 
 fn main() -> ExitCode {
