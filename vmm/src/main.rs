@@ -153,6 +153,7 @@ fn build_and_run(cli: Cli, start: Instant) -> Result<Outcome, Box<dyn std::error
         eprintln!("airlock-vmm: WARNING: --no-seccomp: the VMM runs without system call filters (debugging only)");
         None
     } else {
+        seccomp::install_sigsys_handler()?;
         Some(seccomp::Filters::new()?)
     };
     let test_forbidden_syscall = cli.test_forbidden_syscall.map(Duration::from_secs);

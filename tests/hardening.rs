@@ -1,0 +1,151 @@
+//! The VMM's own confinement: per-thread seccomp filters and the jail.
+//! Checked through `airlock run --engine kvm` in the nested test bed, with
+//! hidden VMM test flags added by a wrapper (`$AIRLOCK_VMM`), and on this
+//! host for what needs no guest.
+
+use std::path::{Path, PathBuf};
+
+use airlock_e2e::{bin, rel, root, run, scratch, testbed, Run};
+
+/// A wrapper that runs airlock-vmm with `extra` flags, for `$AIRLOCK_VMM`.
+fn vmm_wrapper(dir: &Path, name: &str, extra: &str) -> PathBuf {
+    let wrapper = dir.join(name);
+    let vmm = root().join(bin("airlock-vmm"));
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nexec {} \"$@\" {extra}\n", vmm.display()),
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    wrapper
+}
+
+/// Runs a shell script in the test bed with `$A` set to airlock.
+fn in_testbed(script: &str, timeout_s: u32) -> Run {
+    let full = format!("A={}; {script}", bin("airlock"));
+    testbed(&["sh", "-c", &full], timeout_s)
+}
+
+#[test]
+fn kvm_a_forbidden_system_call_kills_the_vmm_and_the_run_fails_clearly() {
+    let dir = scratch("seccomp-kill");
+    // 5 s after the guest's init started, the VMM thread opens an AF_INET
+    // socket, which its filter does not allow.
+    let wrapper = vmm_wrapper(&dir, "vmm", "--test-forbidden-syscall 5");
+    // The VMM's log (vm.log) stays in the kept run directory; busybox has
+    // no pgrep in the test bed, ps does.
+    let r = in_testbed(
+        &format!(
+            "AIRLOCK_VMM={} $A run --engine kvm --keep-console -- sh -c 'echo started; sleep 300' \
+             2> /tmp/err; code=$?; cat /tmp/err >&2; \
+             c=$(sed -n 's/^airlock: console log: //p' /tmp/err); \
+             sed 's/^/vm.log: /' \"$(dirname \"$c\")/vm.log\"; \
+             sleep 1; if ps | grep -q '[a]irlock-vmm'; then echo LEFT-BEHIND; fi; exit $code",
+            rel(&wrapper)
+        ),
+        600,
+    );
+    // The command was running (Hello came), then the VM died under it: the
+    // broker's "VM stopped before the exit status" code, 121.
+    r.expect_code(121).expect_stdout_line("started");
+    // The VMM's log names the cause.
+    assert!(r.stdout.contains("making a forbidden system call"), "{r}");
+    assert!(
+        r.stdout.lines().any(|l| l.starts_with("vm.log: ")
+            && l.contains("seccomp: a VMM thread made system call 41") // socket
+            && l.contains("killed by SIGSYS")),
+        "{r}"
+    );
+    assert!(!r.stdout.contains("LEFT-BEHIND"), "{r}");
+    assert!(
+        !r.stdout.contains("socket(AF_INET) was allowed"),
+        "the filter let the call through\n{r}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `jail-report: KEY VALUE` lines the VMM printed into its log.
+fn report<'a>(r: &'a Run, key: &str) -> Vec<&'a str> {
+    let prefix = format!("jail-report: {key} ");
+    r.stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .collect()
+}
+
+#[test]
+fn kvm_the_vmm_runs_jailed_unprivileged_without_network_or_host_files() {
+    let dir = scratch("jail-report");
+    let wrapper = vmm_wrapper(&dir, "vmm", "--test-report-jail");
+    // The VMM's log (vm.log) stays in the kept run directory.
+    let r = in_testbed(
+        &format!(
+            "AIRLOCK_VMM={} $A run --engine kvm --keep-console -- echo guest-ran 2> /tmp/err; \
+             code=$?; cat /tmp/err >&2; c=$(sed -n 's/^airlock: console log: //p' /tmp/err); \
+             cat \"$(dirname \"$c\")/vm.log\"; exit $code",
+            rel(&wrapper)
+        ),
+        600,
+    );
+    r.expect_code(0).expect_stdout_line("guest-ran");
+    // Started by root (the test bed's user), it runs as nobody.
+    assert_eq!(report(&r, "uid"), ["65534 gid 65534"], "{r}");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(report(&r, set), ["0000000000000000"], "{set}\n{r}");
+    }
+    assert_eq!(report(&r, "NoNewPrivs"), ["1"], "{r}");
+    // Its own network namespace: only the interfaces every new namespace
+    // has, none of them up.
+    let ifaces = report(&r, "interface");
+    assert!(!ifaces.is_empty(), "no interface report\n{r}");
+    assert!(
+        ifaces.iter().all(|l| l.ends_with(" down")),
+        "an interface is up: {ifaces:?}\n{r}"
+    );
+    assert!(
+        !report(&r, "interfaces").iter().any(|l| l.contains("eth")),
+        "{r}"
+    );
+    // An empty root: no host files, no devices, no /proc.
+    for path in ["/etc/passwd", "/dev/kvm", "/proc/self/status"] {
+        assert_eq!(
+            report(&r, &format!("open {path}")),
+            ["failed errno 2"],
+            "{path}\n{r}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+// ---- on this host: no guest needed ----
+
+#[test]
+fn a_jailed_vmm_exits_with_its_own_code_through_the_jail() {
+    // The jail forks: the parent must exit like the VMM inside (2: bad input).
+    let r = run(
+        &[&bin("airlock-vmm"), "--kernel", "/nonexistent/vmlinux"],
+        60,
+    );
+    r.expect_code(2).expect_stderr("kernel not found");
+}
+
+#[test]
+fn running_without_seccomp_or_jail_is_loud() {
+    let r = run(
+        &[
+            &bin("airlock-vmm"),
+            "--no-seccomp",
+            "--no-jail",
+            "--kernel",
+            "/nonexistent/vmlinux",
+        ],
+        60,
+    );
+    r.expect_code(2)
+        .expect_stderr("WARNING: --no-jail")
+        .expect_stderr("WARNING: --no-seccomp");
+}
