@@ -121,6 +121,36 @@ fn kvm_the_vmm_runs_jailed_unprivileged_without_network_or_host_files() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+#[test]
+fn kvm_an_unprivileged_vmm_jails_itself_in_a_user_namespace() {
+    // Run directly as an ordinary user (uid 1000, made up in the test bed's
+    // throw-away root, with /dev/kvm opened up to it): no root to drop, so
+    // the jail's namespaces hang off a user namespace; the guest still
+    // boots under the filters. /etc/passwd exists in the test bed, so the
+    // failed open is the jail's doing.
+    let script = format!(
+        "chmod 666 /dev/kvm; mkdir -p /tmp/u /etc; chmod 777 /tmp/u; \
+         printf 'root:x:0:0::/root:/bin/sh\\nu:x:1000:1000::/tmp:/bin/sh\\n' > /etc/passwd; \
+         printf 'root:x:0:\\nu:x:1000:\\n' > /etc/group; \
+         su u -c '{} --kernel build/vmlinux --initrd build/initramfs.cpio --console none \
+         --vsock-uds /tmp/u/v --test-report-jail' 2>&1",
+        root().join(bin("airlock-vmm")).display()
+    );
+    let r = testbed(&["sh", "-c", &script], 600);
+    r.expect_code(0)
+        .expect_stdout_line("jail-report: uid 1000 gid 1000")
+        .expect_stdout_line("jail-report: CapEff 0000000000000000")
+        .expect_stdout_line("jail-report: CapBnd 0000000000000000")
+        .expect_stdout_line("jail-report: NoNewPrivs 1")
+        .expect_stdout_line("jail-report: open /etc/passwd failed errno 2");
+    // The guest ran (its init reached the boot timer) and ended cleanly.
+    assert!(r.stdout.contains("guest init reached"), "{r}");
+    assert!(
+        r.stdout.contains("guest stopped: guest reset the machine"),
+        "{r}"
+    );
+}
+
 // ---- on this host: no guest needed ----
 
 #[test]
