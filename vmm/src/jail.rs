@@ -112,6 +112,12 @@ pub fn enter_namespaces(jail_id: u32, report: bool) -> Result<Jail, Error> {
     // SAFETY: geteuid/getegid have no preconditions.
     let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let user_ns = euid != 0;
+    if !user_ns && jail_id == 0 {
+        return Err(Error::Sys(
+            "run as root inside the jail (--jail-uid 0); use --no-jail to debug",
+            io::ErrorKind::InvalidInput.into(),
+        ));
+    }
     let mut flags = libc::CLONE_NEWNS
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWNET
