@@ -773,8 +773,11 @@ mod tests {
         std::fs::create_dir_all(w.join("sub")).expect("mkdir");
         std::fs::write(w.join("sub/ok.txt"), b"fine").expect("write");
         std::fs::write(w.join("sub/locked.txt"), b"secret").expect("write");
-        std::fs::set_permissions(w.join("sub/locked.txt"), std::fs::Permissions::from_mode(0o000))
-            .expect("chmod");
+        std::fs::set_permissions(
+            w.join("sub/locked.txt"),
+            std::fs::Permissions::from_mode(0o000),
+        )
+        .expect("chmod");
         std::fs::write(w.join("denied.pem"), b"x").expect("write");
         std::fs::set_permissions(w.join("denied.pem"), std::fs::Permissions::from_mode(0o000))
             .expect("chmod");

@@ -163,7 +163,10 @@ mod tests {
         assert!(!o.archive && !o.nested);
         let o = Options::parse("airlock.archive=1 airlock.nested=1");
         assert!(o.archive && o.nested);
-        assert_eq!(Options::parse("airlock.epoch=1800000000").epoch, Some(1_800_000_000));
+        assert_eq!(
+            Options::parse("airlock.epoch=1800000000").epoch,
+            Some(1_800_000_000)
+        );
         assert_eq!(Options::parse("airlock.epoch=soon").epoch, None);
     }
 
