@@ -523,9 +523,11 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
     };
     let mut start = run_start_fields(&config, &image, &selection, &run_id, key.as_ref())?;
     if let (Some(path), Some(format)) = (&config.archive, archive_format) {
-        let d = digest::file(path).map_err(|source| Error::Digest {
-            path: path.clone(),
-            source,
+        let d = digest::file_cached(path, digest_cache().as_deref()).map_err(|source| {
+            Error::Digest {
+                path: path.clone(),
+                source,
+            }
         })?;
         start["container_image"] = json!({
             "path": path.display().to_string(),
@@ -562,6 +564,16 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
     Ok(exit)
 }
 
+/// Where file digests are remembered: `digests/` in the Airlock cache.
+fn digest_cache() -> Option<PathBuf> {
+    paths::cache_dir(
+        std::env::var_os("AIRLOCK_CACHE"),
+        std::env::var_os("XDG_CACHE_HOME"),
+        std::env::var_os("HOME"),
+    )
+    .map(|c| c.join("digests"))
+}
+
 /// A duration in whole milliseconds, for the audit log.
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -580,12 +592,14 @@ fn run_start_fields(
         let path = path.to_path_buf();
         move |source| Error::Digest { path, source }
     };
-    let kernel = digest::file(&image.kernel).map_err(digest_error(&image.kernel))?;
+    let cache = digest_cache();
+    let kernel = digest::file_cached(&image.kernel, cache.as_deref())
+        .map_err(digest_error(&image.kernel))?;
     let (initrd, root, init) = match &image.root {
         // Image mode: the init is /sbin/init inside the image, which the
         // image's hash covers (140 MB hash in about 0.3 s: simply done).
         Some(root) => {
-            let d = digest::file(root).map_err(digest_error(root))?;
+            let d = digest::file_cached(root, cache.as_deref()).map_err(digest_error(root))?;
             let root = json!({
                 "path": root.display().to_string(),
                 "sha256": d.sha256,

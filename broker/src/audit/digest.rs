@@ -63,8 +63,77 @@ impl<R: Read> Hashing<R> {
 }
 
 /// The sha256 of a file.
+#[cfg(test)]
 pub fn file(path: &Path) -> io::Result<FileDigest> {
     Hashing::new(BufReader::with_capacity(64 * 1024, File::open(path)?)).finish()
+}
+
+/// The sha256 of a file, remembered in `cache` (a directory, created mode
+/// 0700) under the file's identity: device, inode, size, mtime and ctime,
+/// to the nanosecond. Any write to the file changes its mtime and ctime,
+/// and nobody but root can set a ctime, so a file that kept its identity
+/// kept its bytes. A large root image is then hashed once, not on every
+/// run (on hardware KVM the hash would cost more than the boot). Without a
+/// usable cache it just hashes.
+pub fn file_cached(path: &Path, cache: Option<&Path>) -> io::Result<FileDigest> {
+    use std::os::unix::fs::MetadataExt;
+    let file = File::open(path)?;
+    let meta = file.metadata()?;
+    let identity = format!(
+        "airlock-digest-v1 {} {} {} {}.{} {}.{}",
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    );
+    let entry = cache.map(|dir| dir.join(&hex(&Sha256::digest(identity.as_bytes()))[..32]));
+    if let Some(entry) = &entry {
+        if let Some(d) = std::fs::read_to_string(entry)
+            .ok()
+            .and_then(|text| parse_entry(&text, meta.len()))
+        {
+            return Ok(d);
+        }
+    }
+    let d = Hashing::new(BufReader::with_capacity(64 * 1024, file)).finish()?;
+    if let (Some(dir), Some(entry)) = (cache, &entry) {
+        // Best effort: a cache that cannot be written only costs time.
+        let _ = remember(dir, entry, &d);
+    }
+    Ok(d)
+}
+
+/// A cache entry: `<64 hex digits> <size>\n`, for a file of `size` bytes.
+fn parse_entry(text: &str, size: u64) -> Option<FileDigest> {
+    let (sha, bytes) = text.trim_end().split_once(' ')?;
+    let ok = sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit());
+    (ok && bytes.parse::<u64>().ok()? == size).then(|| FileDigest {
+        sha256: sha.to_ascii_lowercase(),
+        bytes: size,
+    })
+}
+
+fn remember(dir: &Path, entry: &Path, d: &FileDigest) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let tmp = entry.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(format!("{} {}\n", d.sha256, d.bytes).as_bytes())?;
+    drop(f);
+    std::fs::rename(&tmp, entry).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 /// The names under which a cpio archive holds the init the kernel runs.
@@ -132,6 +201,45 @@ pub fn initrd(path: &Path) -> io::Result<InitrdDigest> {
         whole: reader.finish()?,
         init,
     })
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_digest_is_used_until_the_file_changes() {
+        let dir = crate::paths::TestDir::new("digest-cache");
+        let path = dir.path().join("image");
+        let cache = dir.path().join("cache");
+        std::fs::write(&path, b"first").expect("write");
+        let first = file_cached(&path, Some(&cache)).expect("hash");
+        assert_eq!(first, file(&path).expect("hash"));
+        assert_eq!(std::fs::read_dir(&cache).expect("cache").count(), 1);
+        // Poison the entry: a second call must trust it (proving it is
+        // used) as long as the file is the same.
+        let entry = std::fs::read_dir(&cache)
+            .expect("cache")
+            .next()
+            .expect("entry")
+            .expect("entry")
+            .path();
+        let forged = format!("{} 5\n", "ab".repeat(32));
+        std::fs::write(&entry, &forged).expect("write");
+        assert_eq!(
+            file_cached(&path, Some(&cache)).expect("hash").sha256,
+            "ab".repeat(32)
+        );
+        // Any write changes the identity: hashed again.
+        std::fs::write(&path, b"other").expect("write");
+        let again = file_cached(&path, Some(&cache)).expect("hash");
+        assert_eq!(again, file(&path).expect("hash"));
+        assert_ne!(again.sha256, "ab".repeat(32));
+        // A malformed entry or no cache: hashed.
+        assert_eq!(parse_entry("zz 5", 5), None);
+        assert_eq!(parse_entry(&forged, 6), None);
+        assert_eq!(file_cached(&path, None).expect("hash"), again);
+    }
 }
 
 #[cfg(test)]
