@@ -33,7 +33,10 @@ fuzz_target!(|data: &[u8]| {
     let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]).verifying_key();
     for key in [None, Some(&key)] {
         if let Ok(intact) = verify::verify(data, key) {
-            let lines = data.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count();
+            let lines = data
+                .split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .count();
             assert_eq!(intact.records, lines, "records vs lines");
         }
     }

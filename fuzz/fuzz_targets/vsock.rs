@@ -19,9 +19,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
 use airlock_vmm::devices::virtio::vsock::muxer::{Muxer, HOST_CID};
-use airlock_vmm::devices::virtio::vsock::packet::{
-    read_tx, Header, RxBuffer, MAX_PKT_DATA,
-};
+use airlock_vmm::devices::virtio::vsock::packet::{read_tx, Header, RxBuffer, MAX_PKT_DATA};
 use libfuzzer_sys::fuzz_target;
 
 const GUEST_CID: u64 = 3;

@@ -42,15 +42,19 @@ pub fn guest(data: &[u8], heads: &[u16]) -> Option<(GuestMemoryMmap, Queue)> {
         // addr: keep it within 2 MiB so some land in RAM.
         let addr = u64::from_le_bytes(desc[..8].try_into().ok()?) & 0x1f_ffff;
         desc[..8].copy_from_slice(&addr.to_le_bytes());
-        mem.write_slice(&desc, table.unchecked_add(16 * i as u64)).ok()?;
+        mem.write_slice(&desc, table.unchecked_add(16 * i as u64))
+            .ok()?;
     }
     let avail = GuestAddress(queue.avail_ring());
     for (i, head) in heads.iter().enumerate() {
-        mem.write_obj(head % QSIZE, avail.unchecked_add(4 + 2 * i as u64)).ok()?;
+        mem.write_obj(head % QSIZE, avail.unchecked_add(4 + 2 * i as u64))
+            .ok()?;
     }
-    mem.write_obj(heads.len() as u16, avail.unchecked_add(2)).ok()?;
+    mem.write_obj(heads.len() as u16, avail.unchecked_add(2))
+        .ok()?;
     let room = MEM - DATA as usize;
-    mem.write_slice(&rest[..rest.len().min(room)], GuestAddress(DATA)).ok()?;
+    mem.write_slice(&rest[..rest.len().min(room)], GuestAddress(DATA))
+        .ok()?;
     Some((mem, queue))
 }
 
