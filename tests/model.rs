@@ -376,9 +376,10 @@ print(f"openai usage={usage[-1]['completion_tokens'] if usage else None}", flush
 }
 
 /// The upstream gets the host's key; the guest never does: after a model
-/// call, nothing in any process's environment, in any file system (the
-/// guest streams them to us) or anywhere in the VM's RAM (dumped by the
-/// engine after the VM stopped) holds the key. A marker the guest made at
+/// call, nothing in any process's environment, in any writable file system
+/// (the guest streams them to us; the read-only root image is read here) or
+/// anywhere in the VM's RAM (dumped by the engine after the VM stopped)
+/// holds the key. A marker the guest made at
 /// run time is found in the RAM dump, so the dump is the guest's memory.
 #[test]
 fn tcg_the_key_never_enters_the_guest() {
@@ -406,7 +407,13 @@ for pid in os.listdir("/proc"):
         except OSError:
             pass
 sys.stdout.flush()
-subprocess.run(["tar", "-c", "--exclude=./proc", "--exclude=./sys", "--exclude=./dev", "-C", "/", "."],
+# Every writable file system (the read-only root image is scanned on the host).
+skip = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "mqueue", "securityfs",
+        "debugfs", "tracefs", "bpf", "pstore", "configfs", "fusectl", "hugetlbfs"}
+mounts = [m.split()[1] for m in open("/proc/mounts")
+          if m.split()[2] not in skip and "rw" in m.split()[3].split(",")]
+print("writable: " + " ".join(mounts), file=sys.stderr, flush=True)
+subprocess.run(["tar", "-c", "--one-file-system", "-C", "/"] + [m.lstrip("/") or "." for m in mounts],
                stderr=subprocess.DEVNULL)
 "#
     );
@@ -426,26 +433,33 @@ subprocess.run(["tar", "-c", "--exclude=./proc", "--exclude=./sys", "--exclude=.
             &url,
             "--debug-dump-guest-memory",
             &rel(&dump),
+            "--timeout",
+            "1500",
             "--",
             "python3",
             "-c",
             &cmd,
         ],
         &[("ANTHROPIC_API_KEY", &key)],
-        900,
+        1700,
     );
     assert_eq!(raw.code, Some(0), "{}", raw.stderr);
     assert!(raw.stderr.contains("call status=200"), "{}", raw.stderr);
     let reqs = upstream.requests();
     assert_eq!(reqs.len(), 1);
     assert_eq!(reqs[0]["key"], key.as_str());
-    // The file systems came back whole enough: the root image's files are there.
+    // The writable file systems came back, /tmp with the marker among them.
+    let writable = raw
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("writable: "))
+        .unwrap_or_else(|| panic!("no list of file systems\n{}", raw.stderr));
+    assert!(writable.split(' ').any(|m| m == "/tmp"), "{writable}");
+    let marker = format!("airlock-ram-marker-{}", 7 * 191 * 1009);
     assert!(
-        raw.stdout.len() > 50 << 20,
-        "only {} bytes of file systems",
-        raw.stdout.len()
+        find(&raw.stdout, marker.as_bytes()).is_some(),
+        "the file systems did not come back"
     );
-    assert!(find(&raw.stdout, b"airlock-agent").is_some());
     assert!(
         find(&raw.stdout, b"ANTHROPIC_API_KEY=airlock-placeholder").is_some(),
         "the scan missed the environment"
@@ -454,15 +468,16 @@ subprocess.run(["tar", "-c", "--exclude=./proc", "--exclude=./sys", "--exclude=.
         find(&raw.stdout, key.as_bytes()).is_none(),
         "the key is in the guest's environment or files"
     );
+    let root_image = std::fs::read(root().join(&image)).expect("read the root image");
+    assert!(
+        find(&root_image, key.as_bytes()).is_none(),
+        "the key is in the root image"
+    );
     let ram =
         std::fs::read(&dump).unwrap_or_else(|e| panic!("no RAM dump at {}: {e}", dump.display()));
     assert!(ram.len() >= 200 << 20, "dump of {} bytes", ram.len());
     assert!(
-        find(
-            &ram,
-            format!("airlock-ram-marker-{}", 7 * 191 * 1009).as_bytes()
-        )
-        .is_some(),
+        find(&ram, marker.as_bytes()).is_some(),
         "the dump is not the guest's RAM"
     );
     assert!(
@@ -758,8 +773,8 @@ fn model_bad_input_is_a_usage_error() {
 
 /// Our own VMM (the kvm engine) in the nested test bed: the reference agent
 /// completes the scripted task through the model proxy, and the guest's RAM,
-/// dumped by the VMM after the guest stopped, holds the agent's words but
-/// not the key.
+/// dumped by the VMM after the guest stopped, holds the file the agent wrote
+/// (in the guest's tmpfs) but not the key.
 #[test]
 fn kvm_reference_agent_in_the_test_bed() {
     let dir = scratch("model-kvm");
@@ -799,7 +814,7 @@ fn kvm_reference_agent_in_the_test_bed() {
     let ram = std::fs::read(&dump).unwrap_or_else(|e| panic!("no RAM dump: {e}\n{r}"));
     assert_eq!(ram.len(), 512 << 20);
     assert!(
-        find(&ram, b"Done: I listed the workspace").is_some(),
+        find(&ram, b"Summary written by the scripted model").is_some(),
         "the dump is not the guest's RAM"
     );
     assert!(
