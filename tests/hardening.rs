@@ -61,6 +61,14 @@ fn kvm_a_forbidden_system_call_kills_the_vmm_and_the_run_fails_clearly() {
         "{r}"
     );
     assert!(!r.stdout.contains("LEFT-BEHIND"), "{r}");
+    // airlock's own report says how the VM process ended and shows the
+    // seccomp line from its log.
+    assert!(r.stderr.contains("signal 31"), "{r}");
+    assert!(
+        r.stderr
+            .contains("seccomp: a VMM thread made system call 41"),
+        "{r}"
+    );
     assert!(
         !r.stdout.contains("socket(AF_INET) was allowed"),
         "the filter let the call through\n{r}"

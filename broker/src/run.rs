@@ -1243,6 +1243,8 @@ fn supervise(
     let mut outcome: Option<Outcome> = None;
     // How and when the VM process ended by itself.
     let mut vm_stopped: Option<(ProcessExit, Instant)> = None;
+    // When the conversation broke, if it did.
+    let mut broken_at: Option<Instant> = None;
     loop {
         match events.recv_timeout(POLL) {
             Ok(Event::Accepted(Accepted::Session(stream))) => {
@@ -1328,8 +1330,14 @@ fn supervise(
         if let Some(ended) = outcome.take() {
             let command_done = matches!(ended, Outcome::Exited(_) | Outcome::OutOfMemory(_));
             let grace_left = exited_at.is_some_and(|at| now < at + deadlines.power_off_grace);
-            if command_done && vm_stopped.is_none() && grace_left {
-                // Let the guest power off by itself.
+            // A connection that broke may be the VM process dying (a VMM
+            // crash, its seccomp filter): give it a moment to end by itself,
+            // so that the report says how it ended and shows its log.
+            let broken = matches!(ended, Outcome::Broken(_));
+            let broke_at = *broken_at.get_or_insert(now);
+            let dying = broken && now < broke_at + deadlines.drain;
+            if vm_stopped.is_none() && ((command_done && grace_left) || dying) {
+                // Let the guest power off (or the VM process end) by itself.
                 outcome = Some(ended);
             } else {
                 return Ok(End::Session {
@@ -2419,6 +2427,36 @@ mod tests {
             "{end:?}"
         );
         assert_eq!(judge(&end, T).exit.code(), 121);
+    }
+
+    #[test]
+    fn supervise_a_vm_process_dying_with_its_connection_is_reported() {
+        // The VMM killed by its seccomp filter: the connection breaks a
+        // moment before the process is gone.
+        let h = Harness::new("sup-dying");
+        let mut vm = h.vm("sleep 0.1; kill -SYS $$");
+        let control = h.control.clone();
+        let guest = thread::spawn(move || {
+            let mut stream = UnixStream::connect(&control).expect("connect");
+            stream.write_all(b"\xff\xff\xff\xffgarbage").expect("write");
+        });
+        let end = h.supervise(&mut vm, quick(Duration::from_secs(30)), &no_signal());
+        let _ = vm.kill();
+        guest.join().expect("guest");
+        assert!(
+            matches!(
+                end,
+                End::Session {
+                    outcome: Outcome::Broken(_),
+                    vm: Some(ProcessExit::Signal(31))
+                }
+            ),
+            "{end:?}"
+        );
+        let v = judge(&end, T);
+        assert_eq!(v.exit.code(), 121);
+        assert!(v.message.expect("why").contains("signal 31"));
+        assert!(v.diagnostics, "the VM's log is shown");
     }
 
     #[test]
