@@ -12,25 +12,12 @@ use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use airlock_e2e::{
-    bin, build_file, processes_mentioning, rel, root, run, scratch, sha256_hex, testbed, Run,
+    bin, build_file, processes_mentioning, rel, root, scratch, sha256_hex, testbed, Run,
 };
 
 /// `airlock run --engine tcg --image-root build/rootfs.img [OPTS] -- CMD...`.
 fn tcg(opts: &[&str], cmd: &[&str]) -> Run {
-    let airlock = bin("airlock");
-    let image = build_file("rootfs.img");
-    let mut argv = vec![
-        airlock.as_str(),
-        "run",
-        "--engine",
-        "tcg",
-        "--image-root",
-        image.as_str(),
-    ];
-    argv.extend_from_slice(opts);
-    argv.push("--");
-    argv.extend_from_slice(cmd);
-    run(&argv, 300)
+    airlock_e2e::tcg_on_image(opts, cmd, &[], 300)
 }
 
 /// A tiny root filesystem: Debian's static busybox as /bin/sh and friends,

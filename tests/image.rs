@@ -4,7 +4,7 @@
 //! container on it. Checked on the tcg engine on this host and through our
 //! VMM (the kvm engine) inside the nested test bed.
 
-use airlock_e2e::{bin, build_file, root, run, run_env, sha256_hex, testbed, Run};
+use airlock_e2e::{bin, build_file, root, run_env, sha256_hex, testbed, Run};
 
 /// Prints the distribution, the shell's PID and the PID 1's command line.
 const WHERE_AM_I: &str =
@@ -12,20 +12,7 @@ const WHERE_AM_I: &str =
 
 /// `airlock run --engine tcg --image-root build/rootfs.img [OPTS] -- CMD...`.
 fn tcg(opts: &[&str], cmd: &[&str], timeout_s: u32) -> Run {
-    let airlock = bin("airlock");
-    let image = build_file("rootfs.img");
-    let mut argv = vec![
-        airlock.as_str(),
-        "run",
-        "--engine",
-        "tcg",
-        "--image-root",
-        image.as_str(),
-    ];
-    argv.extend_from_slice(opts);
-    argv.push("--");
-    argv.extend_from_slice(cmd);
-    run(&argv, timeout_s)
+    airlock_e2e::tcg_on_image(opts, cmd, &[], timeout_s)
 }
 
 /// The line of `r`'s stdout that starts with `prefix`, without it.
@@ -283,19 +270,7 @@ const HOST_KEYS: [(&str, &str); 2] = [
 ];
 
 fn tcg_model_probe(opts: &[&str]) -> Run {
-    let airlock = bin("airlock");
-    let image = build_file("rootfs.img");
-    let mut argv = vec![
-        airlock.as_str(),
-        "run",
-        "--engine",
-        "tcg",
-        "--image-root",
-        image.as_str(),
-    ];
-    argv.extend_from_slice(opts);
-    argv.extend(["--", "python3", "-c", MODEL_PROBE]);
-    let r = run_env(&argv, &HOST_KEYS, 300);
+    let r = airlock_e2e::tcg_on_image(opts, &["python3", "-c", MODEL_PROBE], &HOST_KEYS, 300);
     for (_, secret) in HOST_KEYS {
         assert!(
             !r.stdout.contains(secret) && !r.stderr.contains(secret),

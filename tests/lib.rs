@@ -381,3 +381,22 @@ pub fn audit_log_of(r: &Run) -> PathBuf {
         .map(|p| PathBuf::from(p.trim()))
         .unwrap_or_else(|| panic!("no audit log named\n{r}"))
 }
+
+/// `airlock run --engine tcg --image-root build/rootfs.img OPTS -- CMD` on
+/// this host, with `env` added to airlock's environment.
+pub fn tcg_on_image(opts: &[&str], cmd: &[&str], env: &[(&str, &str)], timeout_s: u32) -> Run {
+    let airlock = bin("airlock");
+    let image = build_file("rootfs.img");
+    let mut argv = vec![
+        airlock.as_str(),
+        "run",
+        "--engine",
+        "tcg",
+        "--image-root",
+        image.as_str(),
+    ];
+    argv.extend_from_slice(opts);
+    argv.push("--");
+    argv.extend_from_slice(cmd);
+    run_env(&argv, env, timeout_s)
+}

@@ -80,20 +80,7 @@ impl Drop for Upstream {
 /// `airlock run --engine tcg --image-root build/rootfs.img OPTS -- CMD` with
 /// `env` added to airlock's environment.
 fn tcg(opts: &[&str], cmd: &[&str], env: &[(&str, &str)], timeout_s: u32) -> Run {
-    let airlock = bin("airlock");
-    let image = build_file("rootfs.img");
-    let mut argv = vec![
-        airlock.as_str(),
-        "run",
-        "--engine",
-        "tcg",
-        "--image-root",
-        image.as_str(),
-    ];
-    argv.extend_from_slice(opts);
-    argv.push("--");
-    argv.extend_from_slice(cmd);
-    run_env(&argv, env, timeout_s)
+    airlock_e2e::tcg_on_image(opts, cmd, env, timeout_s)
 }
 
 /// The records of an audit log.

@@ -319,71 +319,6 @@ fn kvm_two_runs_at_once_do_not_interfere() {
 
 // ---- a hostile guest ----
 
-/// Runs `argv` (no wrapper) and samples its peak resident memory (VmHWM)
-/// until it exits; returns the run and the peak in KiB.
-fn run_with_peak_rss(argv: &[&str], timeout_s: u64) -> (Run, u64) {
-    let mut child = Command::new(argv[0])
-        .args(&argv[1..])
-        .env("XDG_STATE_HOME", airlock_e2e::state_dir())
-        .current_dir(root())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let status_path = format!("/proc/{}/status", child.id());
-    let peak = thread::spawn(move || {
-        let mut peak = 0u64;
-        while let Ok(s) = std::fs::read_to_string(&status_path) {
-            if let Some(kib) = s
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-            {
-                peak = peak.max(kib);
-            }
-            // Stop at the zombie: its status no longer has memory lines.
-            if s.contains("State:\tZ") {
-                break;
-            }
-            thread::sleep(std::time::Duration::from_millis(20));
-        }
-        peak
-    });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
-    let (mut out, mut err) = (
-        child.stdout.take().expect("out"),
-        child.stderr.take().expect("err"),
-    );
-    let out_t = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut out, &mut s);
-        s
-    });
-    let err_t = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut err, &mut s);
-        s
-    });
-    let code = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status.code();
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{argv:?} did not finish within {timeout_s} s");
-        }
-        thread::sleep(std::time::Duration::from_millis(50));
-    };
-    let run = Run {
-        code,
-        stdout: out_t.join().expect("stdout"),
-        stderr: err_t.join().expect("stderr"),
-    };
-    (run, peak.join().expect("peak"))
-}
-
 #[test]
 fn tcg_hostile_guest_is_refused_bounded_and_the_run_still_reports_its_exit() {
     // The command is a guest program that opens raw vsock connections to the
@@ -391,7 +326,7 @@ fn tcg_hostile_guest_is_refused_bounded_and_the_run_still_reports_its_exit() {
     // and a flood of connections and bytes, then exits 0.
     let airlock = root().join(bin("airlock"));
     let initrd = airlock_e2e::build_file("initramfs-test.cpio");
-    let (r, peak_kib) = run_with_peak_rss(
+    let (r, peaks) = airlock_e2e::run_with_peaks(
         &[
             airlock.to_str().expect("utf8"),
             "run",
@@ -416,6 +351,7 @@ fn tcg_hostile_guest_is_refused_bounded_and_the_run_still_reports_its_exit() {
     );
     assert!(refusals <= 64, "refusals are capped per run\n{r}");
     // The broker never buffers what the guest floods it with.
+    let peak_kib = peaks.broker_kib;
     assert!(peak_kib > 0, "the sampler saw the broker");
     assert!(peak_kib < 64 * 1024, "broker peak RSS {peak_kib} KiB\n{r}");
 }
