@@ -777,7 +777,8 @@ fn kvm_reference_agent_in_the_test_bed() {
         "set -e; ifconfig lo 127.0.0.1 up 2>/dev/null || ip link set lo up; \
          {up} --script {script} --log {log} --key {key} > {addr} & \
          for i in $(seq 100); do [ -s {addr} ] && break; sleep 0.1; done; \
-         ANTHROPIC_API_KEY={key} {airlock} run --engine kvm --mem 512 --image-root {image} \
+         ANTHROPIC_API_KEY={key} {airlock} run --engine kvm --mem 512 --timeout 800 \
+         --image-root {image} \
          --model-upstream http://$(head -1 {addr}) --out {out} --debug-dump-guest-memory {dump} -- \
          airlock-agent 'Look at the workspace and write a summary'",
         up = upstream_bin,
