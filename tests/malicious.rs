@@ -197,27 +197,24 @@ fn tcg_output_flood_is_cut_at_the_limit_and_stops_the_run() {
     assert!(r.stderr.contains("max-output-bytes"), "said so\n{r}");
 }
 
+/// `airlock run --engine tcg [OPTS] --initrd build/initramfs.cpio
+/// --cmdline rdinit=PID1 -- true`, sampled for memory: the guest kernel runs
+/// PID1 instead of the init.
+fn tcg_initrd_pid1(pid1: &str, opts: &[&str]) -> (Run, Peaks) {
+    let airlock = airlock_e2e::root().join(bin("airlock"));
+    let initrd = build_file("initramfs.cpio");
+    let rdinit = format!("rdinit={pid1}");
+    let mut argv = vec![airlock.to_str().expect("utf8"), "run", "--engine", "tcg"];
+    argv.extend_from_slice(opts);
+    argv.extend(["--initrd", &initrd, "--cmdline", &rdinit, "--", "true"]);
+    run_with_peaks(&argv, 200)
+}
+
 #[test]
 fn tcg_guest_kernel_panic_is_a_failed_sandbox() {
     // PID 1 exits at once (busybox with no applet prints its usage): the
     // kernel panics ("Attempted to kill init") and, with panic=-1, resets.
-    let airlock = airlock_e2e::root().join(bin("airlock"));
-    let initrd = build_file("initramfs.cpio");
-    let (r, peaks) = run_with_peaks(
-        &[
-            airlock.to_str().expect("utf8"),
-            "run",
-            "--engine",
-            "tcg",
-            "--initrd",
-            &initrd,
-            "--cmdline",
-            "rdinit=/bin/busybox",
-            "--",
-            "true",
-        ],
-        200,
-    );
+    let (r, peaks) = tcg_initrd_pid1("/bin/busybox", &[]);
     survived(&r, peaks, 120, "boot_failure");
     assert!(
         r.stderr.contains("Kernel panic"),
@@ -229,25 +226,7 @@ fn tcg_guest_kernel_panic_is_a_failed_sandbox() {
 fn tcg_guest_that_never_boots_is_stopped_at_the_deadline() {
     // PID 1 reads the console forever (cat of an input nobody types on):
     // the guest never connects.
-    let airlock = airlock_e2e::root().join(bin("airlock"));
-    let initrd = build_file("initramfs.cpio");
-    let (r, peaks) = run_with_peaks(
-        &[
-            airlock.to_str().expect("utf8"),
-            "run",
-            "--engine",
-            "tcg",
-            "--timeout",
-            "20",
-            "--initrd",
-            &initrd,
-            "--cmdline",
-            "rdinit=/bin/cat",
-            "--",
-            "true",
-        ],
-        200,
-    );
+    let (r, peaks) = tcg_initrd_pid1("/bin/cat", &["--timeout", "20"]);
     survived(&r, peaks, 124, "timeout");
 }
 
