@@ -763,14 +763,12 @@ fn model_bad_input_is_a_usage_error() {
 /// dumped by the VMM after the guest stopped, holds the file the agent wrote
 /// (in the guest's tmpfs) but not the key.
 ///
-/// KNOWN BUG, not a passing test: in 2 of the last 3 CI dry runs one model
-/// response (served by the upstream in milliseconds) never reached the
-/// agent through airlock-vmm's vsock device, so the agent timed out; the
-/// same test on the tcg engine (vhost-device-vsock) always passes. Ignored
-/// until the RX-path stall is found; run it with
-/// `cargo test -p airlock-e2e --test model -- --ignored`.
+/// This run once stalled intermittently: when the guest's endpoint closed a
+/// vsock connection before the broker did, the VMM closed the host socket
+/// while epoll still watched it, so the next connection's socket (same fd
+/// number) was never watched and its response waited forever. Regression-tested in the
+/// VMM by `host_data_wakes_the_device_for_every_connection_in_turn`.
 #[test]
-#[ignore = "intermittent stall of a model response in airlock-vmm's vsock RX path; see the doc comment"]
 fn kvm_reference_agent_in_the_test_bed() {
     let dir = scratch("model-kvm");
     let key = secret_key("kvm");

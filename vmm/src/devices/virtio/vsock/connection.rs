@@ -84,15 +84,10 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// A connection over `stream` (set non-blocking here).
-    pub fn new(
-        stream: UnixStream,
-        local_port: u32,
-        peer_port: u32,
-        state: State,
-    ) -> io::Result<Self> {
-        stream.set_nonblocking(true)?;
-        Ok(Self {
+    /// A connection over `stream`, which the caller has made non-blocking
+    /// (the event loop must never wait on a host socket).
+    pub fn new(stream: UnixStream, local_port: u32, peer_port: u32, state: State) -> Self {
+        Self {
             stream,
             local_port,
             peer_port,
@@ -107,12 +102,18 @@ impl Connection {
             peer_shut_rcv: false,
             host_eof: false,
             host_write_shut: false,
-        })
+        }
     }
 
     /// The host stream (for epoll and the CONNECT handshake).
     pub fn stream(&self) -> &UnixStream {
         &self.stream
+    }
+
+    /// Gives the host stream back (to be closed once the event loop has
+    /// stopped watching it).
+    pub fn into_stream(self) -> UnixStream {
+        self.stream
     }
 
     /// Records the guest's credit from any packet header it sent.
@@ -257,10 +258,8 @@ mod tests {
 
     fn pair() -> (Connection, UnixStream) {
         let (a, b) = UnixStream::pair().expect("pair");
-        (
-            Connection::new(a, 1024, 5000, State::Established).expect("conn"),
-            b,
-        )
+        a.set_nonblocking(true).expect("non-blocking");
+        (Connection::new(a, 1024, 5000, State::Established), b)
     }
 
     #[test]

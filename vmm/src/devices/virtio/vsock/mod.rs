@@ -249,6 +249,9 @@ impl MutEventSubscriber for Vsock {
         }
         self.process_rx();
         self.sync_interests(ops);
+        // Only now, with epoll no longer watching them, may the sockets of
+        // finished connections close (their numbers get reused).
+        self.muxer.close_retired();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
@@ -396,6 +399,215 @@ mod tests {
         dev.process_tx();
         assert_eq!(dev.malformed, 1);
         assert_eq!(txm.used().idx().load(), 3, "bad buffers are still returned");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod event_loop_tests {
+    //! The device under the real event loop: host data must wake it.
+    use super::packet::{
+        Header, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND,
+        TYPE_STREAM,
+    };
+    use super::*;
+    use event_manager::{EventManager, SubscriberOps};
+    use std::io::Write;
+    use std::os::unix::net::UnixListener;
+    use std::sync::Mutex;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    const F_WRITE: u16 = 2;
+    const RX_BUF: u64 = 0x10_0000;
+    const TX_BUF: u64 = 0x40_0000;
+    const RX_LEN: u32 = 4096;
+
+    /// The guest side: the three queues in guest memory, the queue kicks,
+    /// and the RX packets read back from the used ring.
+    struct Guest<'a> {
+        mem: &'a GuestMemoryMmap,
+        rx: MockSplitQueue<'a, GuestMemoryMmap>,
+        tx: MockSplitQueue<'a, GuestMemoryMmap>,
+        kicks: Vec<EventFd>,
+        rx_added: u16,
+        rx_seen: u16,
+        tx_added: u16,
+    }
+
+    impl Guest<'_> {
+        fn add_rx_buffers(&mut self, n: u16) {
+            let descs: Vec<RawDescriptor> = (0..n)
+                .map(|i| {
+                    let addr = RX_BUF + u64::from(self.rx_added + i) * u64::from(RX_LEN);
+                    RawDescriptor::from(Descriptor::new(addr, RX_LEN, F_WRITE, 0))
+                })
+                .collect();
+            self.rx
+                .add_desc_chains(&descs, self.rx_added)
+                .expect("rx buffers");
+            self.rx_added += n;
+            self.kicks[RX].write(1).expect("kick rx");
+        }
+
+        fn send(&mut self, h: &Header, data: &[u8]) {
+            let at = TX_BUF + u64::from(self.tx_added) * 0x1000;
+            let mut h = *h;
+            h.len = u32::try_from(data.len()).expect("len");
+            self.mem
+                .write_slice(&h.to_bytes(), GuestAddress(at))
+                .expect("w");
+            self.mem
+                .write_slice(data, GuestAddress(at + 44))
+                .expect("w");
+            let len = 44 + h.len;
+            self.tx
+                .add_desc_chains(
+                    &[RawDescriptor::from(Descriptor::new(at, len, 0, 0))],
+                    self.tx_added,
+                )
+                .expect("tx");
+            self.tx_added += 1;
+            self.kicks[TX].write(1).expect("kick tx");
+        }
+
+        /// Packets the device has put in the RX used ring since last time.
+        fn received(&mut self) -> Vec<(Header, Vec<u8>)> {
+            let mut out = Vec::new();
+            while self.rx_seen < self.rx.used().idx().load() {
+                let addr = RX_BUF + u64::from(self.rx_seen) * u64::from(RX_LEN);
+                let mut raw = [0u8; 44];
+                self.mem
+                    .read_slice(&mut raw, GuestAddress(addr))
+                    .expect("r");
+                let h = Header::from_bytes(&raw);
+                let mut data = vec![0u8; usize::try_from(h.len).expect("len")];
+                self.mem
+                    .read_slice(&mut data, GuestAddress(addr + 44))
+                    .expect("r");
+                out.push((h, data));
+                self.rx_seen += 1;
+            }
+            out
+        }
+    }
+
+    fn from_guest(op: u16, guest_port: u32) -> Header {
+        Header {
+            src_cid: 3,
+            dst_cid: 2,
+            src_port: guest_port,
+            dst_port: 1027,
+            len: 0,
+            type_: TYPE_STREAM,
+            op,
+            flags: 0,
+            buf_alloc: 65536,
+            fwd_cnt: 0,
+        }
+    }
+
+    type Manager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+    /// Runs the event loop until the guest has received `want` more
+    /// packets or two seconds passed (a stall).
+    fn pump(em: &mut Manager, guest: &mut Guest, want: usize) -> Vec<(Header, Vec<u8>)> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut got = Vec::new();
+        while got.len() < want && std::time::Instant::now() < deadline {
+            em.run_with_timeout(50).expect("event loop");
+            got.extend(guest.received());
+        }
+        got
+    }
+
+    /// Short-lived guest connections one after another (the model port's
+    /// pattern: one connection per HTTP request). A closed connection's
+    /// socket number is reused by the next one, and the next one's host
+    /// data must still wake the event loop while the guest sits idle.
+    #[test]
+    fn host_data_wakes_the_device_for_every_connection_in_turn() {
+        let dir = std::env::temp_dir().join(format!("airlock-vsockloop-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let host = UnixListener::bind(dir.join("v.sock_1027")).expect("bind");
+        let mem = crate::memory::create(16 << 20).expect("mem");
+        let rx = MockSplitQueue::create(&mem, GuestAddress(0), QUEUE_SIZE);
+        let tx = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), QUEUE_SIZE);
+        let ev = MockSplitQueue::create(&mem, GuestAddress(0x4_0000), QUEUE_SIZE);
+        let queues = vec![
+            rx.create_queue::<Queue>().expect("rx"),
+            tx.create_queue::<Queue>().expect("tx"),
+            ev.create_queue::<Queue>().expect("ev"),
+        ];
+        let kicks: Vec<EventFd> = (0..3)
+            .map(|_| EventFd::new(EFD_NONBLOCK).expect("evt"))
+            .collect();
+        let irq = Arc::new(IrqLine::new(EventFd::new(EFD_NONBLOCK).expect("irq")));
+        let evts = kicks
+            .iter()
+            .map(|e| e.try_clone().expect("clone"))
+            .collect();
+        let mut dev = Vsock::new(3, dir.join("v.sock"), mem.clone(), irq, evts).expect("dev");
+        dev.activate(VIRTIO_F_VERSION_1, queues).expect("activate");
+        let dev = Arc::new(Mutex::new(dev));
+        let mut em: Manager = EventManager::new().expect("event manager");
+        em.add_subscriber(dev.clone());
+        let mut guest = Guest {
+            mem: &mem,
+            rx,
+            tx,
+            kicks,
+            rx_added: 0,
+            rx_seen: 0,
+            tx_added: 0,
+        };
+
+        for (round, guest_port) in (5000..5006).enumerate() {
+            guest.add_rx_buffers(8);
+            guest.send(&from_guest(OP_REQUEST, guest_port), &[]);
+            let got = pump(&mut em, &mut guest, 1);
+            assert_eq!(got.len(), 1, "round {round}: a response to the request");
+            assert_eq!(got[0].0.op, OP_RESPONSE, "round {round}");
+            let (mut s, _) = host.accept().expect("accept");
+
+            // The guest is idle now: only the host's answer can wake the VMM.
+            let answer = format!("answer {round}");
+            s.write_all(answer.as_bytes()).expect("write");
+            let host_closes_first = round % 2 == 0;
+            if host_closes_first {
+                drop(s);
+                let got = pump(&mut em, &mut guest, 2);
+                let ops: Vec<u16> = got.iter().map(|(h, _)| h.op).collect();
+                assert_eq!(
+                    ops,
+                    [OP_RW, OP_SHUTDOWN],
+                    "round {round}: the answer, then the host's close"
+                );
+                assert_eq!(got[0].1, answer.as_bytes(), "round {round}");
+                assert_eq!(got[1].0.flags, SHUTDOWN_RCV | SHUTDOWN_SEND);
+            } else {
+                let got = pump(&mut em, &mut guest, 1);
+                assert_eq!(got.len(), 1, "round {round}: the answer");
+                assert_eq!((got[0].0.op, &got[0].1[..]), (OP_RW, answer.as_bytes()));
+            }
+
+            // The guest closes its side: the device forgets the stream, even
+            // while the host still holds its end open.
+            let mut shut = from_guest(OP_SHUTDOWN, guest_port);
+            shut.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+            guest.send(&shut, &[]);
+            let got = pump(&mut em, &mut guest, 1);
+            assert_eq!(
+                got.first().map(|(h, _)| h.op),
+                Some(OP_RST),
+                "round {round}"
+            );
+            assert_eq!(dev.lock().expect("dev").muxer.connections(), 0);
+        }
+        assert_eq!(dev.lock().expect("dev").muxer.connections(), 0);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

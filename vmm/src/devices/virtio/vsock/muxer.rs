@@ -73,6 +73,11 @@ pub struct Muxer {
     next_id: u64,
     control: VecDeque<Header>,
     next_local_port: u32,
+    /// Sockets of forgotten connections and handshakes, kept open until the
+    /// event loop has stopped watching them: closing a watched fd first
+    /// would leave the loop's registration behind under a number the next
+    /// socket reuses, and that socket would never be watched.
+    retired: Vec<UnixStream>,
     /// Round-robin start for fairness between connections.
     rx_turn: usize,
     /// Packets refused since start (for the exit report).
@@ -143,6 +148,7 @@ impl Muxer {
             ids: HashMap::new(),
             next_id: 1,
             control: VecDeque::new(),
+            retired: Vec::new(),
             next_local_port: FIRST_LOCAL_PORT,
             rx_turn: 0,
             refused: 0,
@@ -214,7 +220,7 @@ impl Muxer {
             }
             OP_RW if conn.state == State::Established => {
                 if conn.on_guest_data(data).is_err() {
-                    self.conns.remove(&key);
+                    self.forget(key);
                     self.reset(key.0, key.1);
                     return;
                 }
@@ -223,7 +229,7 @@ impl Muxer {
                 conn.on_guest_shutdown(h.flags & SHUTDOWN_SEND != 0, h.flags & SHUTDOWN_RCV != 0);
             }
             OP_RST => {
-                self.conns.remove(&key);
+                self.forget(key);
                 return;
             }
             OP_CREDIT_UPDATE => {}
@@ -234,7 +240,7 @@ impl Muxer {
                 self.queue_control(h);
             }
             _ => {
-                self.conns.remove(&key);
+                self.forget(key);
                 self.reset(key.0, key.1);
                 return;
             }
@@ -249,10 +255,9 @@ impl Muxer {
             return;
         }
         let path = PathBuf::from(format!("{}_{}", self.uds.display(), h.dst_port));
-        let conn = connect_nonblocking(&path)
-            .and_then(|s| Connection::new(s, h.dst_port, h.src_port, State::Established));
-        match conn {
-            Ok(mut conn) => {
+        match connect_nonblocking(&path) {
+            Ok(stream) => {
+                let mut conn = Connection::new(stream, h.dst_port, h.src_port, State::Established);
                 conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);
                 self.track(&conn);
                 self.conns.insert(key, conn);
@@ -265,10 +270,29 @@ impl Muxer {
 
     fn finish_if_done(&mut self, key: Key) {
         if self.conns.get(&key).is_some_and(Connection::is_done) {
-            self.conns.remove(&key);
+            self.forget(key);
             let h = self.header(key.0, key.1, OP_RST, 0);
             self.queue_control(h);
         }
+    }
+
+    /// Drops a connection; its socket is retired, not closed yet.
+    fn forget(&mut self, key: Key) {
+        if let Some(conn) = self.conns.remove(&key) {
+            self.retire(conn.into_stream());
+        }
+    }
+
+    fn retire(&mut self, stream: UnixStream) {
+        self.ids.remove(&stream.as_raw_fd());
+        self.retired.push(stream);
+    }
+
+    /// Closes the sockets of forgotten connections. Call only after the
+    /// event loop has been brought in line with [`Muxer::interests`], which
+    /// no longer lists them.
+    pub fn close_retired(&mut self) {
+        self.retired.clear();
     }
 
     /// The next packet for the guest, with at most `capacity` payload bytes:
@@ -361,7 +385,9 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 _ => {
-                    self.connecting.remove(&fd);
+                    if let Some((stream, _, _)) = self.connecting.remove(&fd) {
+                        self.retire(stream);
+                    }
                     return;
                 }
             }
@@ -373,14 +399,14 @@ impl Muxer {
             .ok()
             .and_then(|l| l.strip_prefix("CONNECT "))
             .and_then(|p| p.trim().parse::<u32>().ok());
-        let Some(peer) = port else { return };
-        if self.conns.len() >= MAX_CONNECTIONS {
-            return;
-        }
-        let local = self.alloc_local_port(peer);
-        let Ok(conn) = Connection::new(stream, local, peer, State::Connecting) else {
+        let Some(peer) = port.filter(|_| self.conns.len() < MAX_CONNECTIONS) else {
+            // A bad line or too many connections: the client sees EOF.
+            self.retire(stream);
             return;
         };
+        let local = self.alloc_local_port(peer);
+        // `accept` made the stream non-blocking.
+        let conn = Connection::new(stream, local, peer, State::Connecting);
         self.track(&conn);
         self.conns.insert((local, peer), conn);
         let req = self.header(local, peer, OP_REQUEST, 0);
