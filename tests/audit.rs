@@ -8,12 +8,14 @@
 //! name (`ls`): the kernel sees no exec then, so the commands name `/bin/ls`
 //! and `/bin/true` to make real execs.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use airlock_e2e::{bin, build_file, rel, root, run, run_env, scratch, sha256_hex, testbed, Run};
+use airlock_e2e::{
+    audit_records as records, bin, build_file, rel, root, run, run_env, scratch, sha256_hex,
+    testbed, Run,
+};
 use serde_json::Value;
 
 /// The command of the clean-run tests.
@@ -35,18 +37,6 @@ fn audit(args: &[&str]) -> Run {
     let mut argv = vec![airlock.as_str(), "audit"];
     argv.extend_from_slice(args);
     run(&argv, 60)
-}
-
-/// The records of an audit log; panics on a line that is not JSON.
-fn records(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("cannot read the audit log {}: {e}", path.display()));
-    text.lines()
-        .map(|l| {
-            serde_json::from_str(l)
-                .unwrap_or_else(|e| panic!("not JSON in {}: {e}: {l}", path.display()))
-        })
-        .collect()
 }
 
 fn kind(r: &Value) -> &str {

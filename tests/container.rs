@@ -12,7 +12,8 @@ use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use airlock_e2e::{
-    bin, build_file, processes_mentioning, rel, root, scratch, sha256_hex, testbed, Run,
+    audit_log_of, audit_records, bin, build_file, fields_of_kind, processes_mentioning, rel, root,
+    scratch, sha256_hex, testbed, Run,
 };
 
 /// `airlock run --engine tcg --image-root build/rootfs.img [OPTS] -- CMD...`.
@@ -45,17 +46,11 @@ fn image_archive(rootfs: &Path, tag: &str, out: &Path) {
 
 /// The `run.start` record of the audit log named on `r`'s stderr.
 fn run_start(r: &Run) -> serde_json::Value {
-    let path = r
-        .stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("airlock: audit log: "))
-        .unwrap_or_else(|| panic!("no audit log named\n{r}"));
-    let text = fs::read_to_string(path.trim()).expect("read the audit log");
-    text.lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON record"))
-        .find(|v| v["kind"] == "run.start")
-        .map(|v| v["fields"].clone())
-        .unwrap_or_else(|| panic!("no run.start record in {path}"))
+    let path = audit_log_of(r);
+    fields_of_kind(&audit_records(&path), "run.start")
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no run.start record in {}", path.display()))
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use airlock_e2e::{bin, rel, run_env, scratch, testbed, Run};
+use airlock_e2e::{audit_records, bin, fields_of_kind, rel, run_env, scratch, testbed, Run};
 
 /// `airlock run --engine tcg [OPTS] -- CMD...` on this host.
 fn tcg(opts: &[&str], cmd: &[&str]) -> Run {
@@ -58,8 +58,10 @@ fn tcg_workspace_goes_in_and_results_come_back() {
     write(&ws.join("run.sh"), b"#!/bin/sh\necho script ran\n", 0o755);
     write(&ws.join(".env"), b"SECRET=do-not-leak\n", 0o600);
     let (ws_s, out_s) = (ws.display().to_string(), out.display().to_string());
+    let log = dir.join("audit.jsonl");
+    let log_s = log.display().to_string();
     let r = tcg(
-        &["--workspace", &ws_s, "--out", &out_s],
+        &["--workspace", &ws_s, "--out", &out_s, "--audit", &log_s],
         &["sh", "-c", GUEST_SCRIPT],
     );
     r.expect_code(0)
@@ -79,6 +81,33 @@ fn tcg_workspace_goes_in_and_results_come_back() {
     assert_eq!(read(&out.join("sub/d.txt")), b"deep\n");
     assert_eq!(read(&out.join("x.sh")), b"#!/bin/sh\necho x\n");
     assert_eq!(mode(&out.join("x.sh")), 0o755);
+    // The host's record of both transfers: three files and a directory
+    // in (the .env denied), three results out, nothing refused.
+    let records = audit_records(&log);
+    let done = fields_of_kind(&records, "files.done");
+    let find = |direction: &str| {
+        done.iter()
+            .find(|f| f["direction"] == direction)
+            .unwrap_or_else(|| panic!("no files.done {direction} in {records:#?}"))
+    };
+    let sent = find("in");
+    assert_eq!(
+        (sent["entries"].as_u64(), sent["denied"].as_u64()),
+        (Some(4), Some(1)),
+        "{sent}"
+    );
+    assert_eq!(sent["bytes"].as_u64(), Some(12 + 5 + 26), "{sent}");
+    let got = find("out");
+    assert_eq!(
+        (got["accepted"].as_u64(), got["refused"].as_u64()),
+        (Some(3), Some(0)),
+        "{got}"
+    );
+    let ports: Vec<u64> = fields_of_kind(&records, "control.accepted")
+        .iter()
+        .filter_map(|f| f["port"].as_u64())
+        .collect();
+    assert!(ports.contains(&1025) && ports.contains(&1026), "{ports:?}");
     let _ = fs::remove_dir_all(&dir);
 }
 

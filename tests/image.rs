@@ -4,7 +4,7 @@
 //! container on it. Checked on the tcg engine on this host and through our
 //! VMM (the kvm engine) inside the nested test bed.
 
-use airlock_e2e::{bin, build_file, root, run_env, sha256_hex, testbed, Run};
+use airlock_e2e::{audit_records, bin, build_file, root, run_env, sha256_hex, testbed, Run};
 
 /// Prints the distribution, the shell's PID and the PID 1's command line.
 const WHERE_AM_I: &str =
@@ -142,17 +142,16 @@ fn tcg_audit_names_the_image() {
     let log = dir.path().join("a.jsonl");
     let log_str = log.to_str().expect("utf-8");
     tcg(&["--audit", log_str], &["true"], 300).expect_code(0);
-    let text = std::fs::read_to_string(&log).expect("audit log");
-    let start: serde_json::Value =
-        serde_json::from_str(text.lines().next().expect("a record")).expect("json");
-    let fields = &start["fields"];
+    let records = audit_records(&log);
+    let fields = &records.first().expect("a record")["fields"];
+    assert_eq!(records[0]["kind"], "run.start");
     assert_eq!(
         fields["root_image"]["sha256"].as_str(),
         Some(image_sha().as_str()),
-        "{text}"
+        "{fields}"
     );
-    assert!(fields["initrd"].is_null(), "{text}");
-    assert_eq!(fields["policy"]["container"], true, "{text}");
+    assert!(fields["initrd"].is_null(), "{fields}");
+    assert_eq!(fields["policy"]["container"], true, "{fields}");
 }
 
 #[test]
@@ -312,18 +311,17 @@ fn tcg_the_container_reaches_the_model_endpoint_and_has_no_other_interface() {
     expect_model_endpoint(&r);
     // The absolute URL never left the VM; the init says so in the audit
     // log (a guest claim).
-    let text = std::fs::read_to_string(&log).expect("audit log");
-    let refused: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .filter(|v: &serde_json::Value| v["kind"] == "model.refused")
+    let records = audit_records(&log);
+    let refused: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|v| v["kind"] == "model.refused")
         .collect();
-    assert_eq!(refused.len(), 1, "{text}");
-    assert_eq!(refused[0]["source"], "guest", "{text}");
-    assert_eq!(refused[0]["fields"]["status"], "400", "{text}");
+    assert_eq!(refused.len(), 1, "{records:#?}");
+    assert_eq!(refused[0]["source"], "guest", "{records:#?}");
+    assert_eq!(refused[0]["fields"]["status"], "400", "{records:#?}");
     assert_eq!(
         refused[0]["fields"]["request"], "GET http://evil.example/v1/models",
-        "{text}"
+        "{records:#?}"
     );
     r.expect_stdout_line("ANTHROPIC_BASE_URL=http://127.0.0.1:8088")
         .expect_stdout_line("OPENAI_BASE_URL=http://elsewhere.invalid/v1");

@@ -373,6 +373,27 @@ pub fn run_with_peaks(argv: &[&str], timeout_s: u64) -> (Run, Peaks) {
     (run, sampler.join().expect("sampler"))
 }
 
+/// The records of an audit log; panics on a line that is not JSON.
+pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read the audit log {}: {e}", path.display()));
+    text.lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("not JSON in {}: {e}: {l}", path.display()))
+        })
+        .collect()
+}
+
+/// The fields of each record of `kind`, in log order.
+pub fn fields_of_kind(records: &[serde_json::Value], kind: &str) -> Vec<serde_json::Value> {
+    records
+        .iter()
+        .filter(|r| r["kind"] == kind)
+        .map(|r| r["fields"].clone())
+        .collect()
+}
+
 /// The audit log a run named on its stderr (`airlock: audit log: PATH`).
 pub fn audit_log_of(r: &Run) -> PathBuf {
     r.stderr

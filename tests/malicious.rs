@@ -15,8 +15,8 @@ use std::fs;
 use std::path::Path;
 
 use airlock_e2e::{
-    audit_log_of, bin, build_file, processes_mentioning, run_env, run_with_peaks, scratch,
-    sha256_hex, testbed, Peaks, Run,
+    audit_log_of, audit_records, bin, build_file, fields_of_kind, processes_mentioning, run_env,
+    run_with_peaks, scratch, sha256_hex, testbed, Peaks, Run,
 };
 
 /// Guest memory of every run here, in MiB.
@@ -67,14 +67,11 @@ fn survived(r: &Run, peaks: Peaks, code: i32, how: &str) {
     let airlock = bin("airlock");
     let verify = run_env(&[airlock.as_str(), "audit", "verify", &log_s], &[], 60);
     verify.expect_code(0);
-    let text = fs::read_to_string(&log).expect("read the audit log");
-    let end = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["kind"] == "run.end")
+    let end = fields_of_kind(&audit_records(&log), "run.end")
+        .pop()
         .unwrap_or_else(|| panic!("no run.end in {log_s}"));
-    assert_eq!(end["fields"]["how"], how, "{end}\n{r}");
-    assert_eq!(end["fields"]["exit_code"], code, "{end}");
+    assert_eq!(end["how"], how, "{end}\n{r}");
+    assert_eq!(end["exit_code"], code, "{end}");
     let run_dir_leftovers = processes_mentioning("qemu-system-x86_64 -name airlock");
     assert!(
         !run_dir_leftovers.contains(&format!("{}", std::process::id())),

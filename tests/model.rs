@@ -13,7 +13,10 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use airlock_e2e::{bin, build_file, rel, root, run_env, run_raw, scratch, testbed, Run};
+use airlock_e2e::{
+    audit_records as records, bin, build_file, fields_of_kind as of_kind, rel, root, run_env,
+    run_raw, scratch, testbed, Run,
+};
 use serde_json::Value;
 
 /// A key no guest may see: unique per test process.
@@ -81,24 +84,6 @@ impl Drop for Upstream {
 /// `env` added to airlock's environment.
 fn tcg(opts: &[&str], cmd: &[&str], env: &[(&str, &str)], timeout_s: u32) -> Run {
     airlock_e2e::tcg_on_image(opts, cmd, env, timeout_s)
-}
-
-/// The records of an audit log.
-fn records(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("cannot read the audit log {}: {e}", path.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("audit record"))
-        .collect()
-}
-
-/// The fields of the records of `kind`.
-fn of_kind(records: &[Value], kind: &str) -> Vec<Value> {
-    records
-        .iter()
-        .filter(|r| r["kind"] == kind)
-        .map(|r| r["fields"].clone())
-        .collect()
 }
 
 /// Checks the log with `airlock audit verify`.

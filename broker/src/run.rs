@@ -859,12 +859,92 @@ fn file_ports(
     audit: &AuditLog,
 ) -> Result<Vec<Acceptor>, Error> {
     let mut acceptors = Vec::new();
-    let listen = |port: u32| -> Result<UnixListener, Error> {
-        let path = engine::port_path(vsock_uds, port);
-        UnixListener::bind(&path).map_err(|source| Error::Listen { path, source })
+    if let Some(root) = &config.files.workspace {
+        let (root, deny, log) = (root.clone(), config.files.deny.clone(), audit.clone());
+        let serve = move |stream: &UnixStream| match crate::files::send_workspace(
+            io::BufWriter::with_capacity(256 * 1024, stream),
+            &root,
+            &deny,
+            &log,
+        ) {
+            Ok(sent) => {
+                if sent.symlinks > 0 {
+                    eprintln!(
+                        "airlock: workspace: skipped {} symlink(s) (never followed)",
+                        sent.symlinks
+                    );
+                }
+                json!({ "direction": "in", "entries": sent.entries, "bytes": sent.bytes,
+                        "denied": sent.denied, "symlinks": sent.symlinks,
+                        "skipped": sent.skipped })
+            }
+            Err(e) => {
+                eprintln!("airlock: error: {}", crate::report(&e));
+                json!({ "direction": "in", "error": crate::report(&e) })
+            }
+        };
+        acceptors.push(file_port(FILES_IN_PORT, vsock_uds, audit, serve)?);
+    }
+    if let Some(out) = &config.files.out {
+        let (out, max, log) = (out.clone(), config.files.max_out_bytes, audit.clone());
+        let serve = move |stream: &UnixStream| {
+            let result = crate::files::receive_results(
+                BufReader::with_capacity(256 * 1024, stream),
+                &out,
+                max,
+                &log,
+                &mut |path, why| {
+                    eprintln!(
+                        "airlock: refused result file {}: {why}",
+                        crate::sanitize(path.as_bytes())
+                    )
+                },
+            );
+            // Closing tells the guest we have it all.
+            let _ = stream.shutdown(Shutdown::Both);
+            match result {
+                Ok(got) => json!({ "direction": "out", "accepted": got.accepted,
+                                   "refused": got.refused, "bytes": got.bytes }),
+                Err(e) => {
+                    eprintln!(
+                        "airlock: refused the rest of the results: {}",
+                        crate::report(&e)
+                    );
+                    json!({ "direction": "out", "error": crate::report(&e) })
+                }
+            }
+        };
+        acceptors.push(file_port(FILES_OUT_PORT, vsock_uds, audit, serve)?);
+    }
+    Ok(acceptors)
+}
+
+/// One file port: its first connection is audited as accepted, served by
+/// `serve` (whose fields make the `files.done` record), later ones are
+/// refused and audited.
+fn file_port(
+    port: u32,
+    vsock_uds: &Path,
+    audit: &AuditLog,
+    mut serve: impl FnMut(&UnixStream) -> Value + Send + 'static,
+) -> Result<Acceptor, Error> {
+    let path = engine::port_path(vsock_uds, port);
+    let listen_error = |source| Error::Listen {
+        path: path.clone(),
+        source,
     };
-    let refused = |port: u32, audit: &AuditLog, accepted: Accepted| match accepted {
-        Accepted::Session(_) => {}
+    let listener = UnixListener::bind(&path).map_err(listen_error)?;
+    let audit = audit.clone();
+    Acceptor::start(listener, move |accepted| match accepted {
+        Accepted::Session(stream) => {
+            audit.host(
+                kind::CONTROL_ACCEPTED,
+                json!({ "port": port }),
+                Durability::Synced,
+            );
+            let fields = serve(&stream);
+            audit.host(kind::FILES_DONE, fields, Durability::Synced);
+        }
         Accepted::Refused(n) => {
             audit.host(
                 kind::CONTROL_REFUSED,
@@ -883,97 +963,8 @@ fn file_ports(
             json!({ "port": port, "error": e.to_string() }),
             Durability::Synced,
         ),
-    };
-    if let Some(root) = &config.files.workspace {
-        let port = FILES_IN_PORT;
-        let listener = listen(port)?;
-        let (root, deny, audit) = (root.clone(), config.files.deny.clone(), audit.clone());
-        let acceptor = Acceptor::start(listener, move |accepted| match accepted {
-            Accepted::Session(stream) => {
-                audit.host(
-                    kind::CONTROL_ACCEPTED,
-                    json!({ "port": port }),
-                    Durability::Synced,
-                );
-                let fields = match crate::files::send_workspace(
-                    io::BufWriter::with_capacity(256 * 1024, &stream),
-                    &root,
-                    &deny,
-                    &audit,
-                ) {
-                    Ok(sent) => {
-                        if sent.symlinks > 0 {
-                            eprintln!(
-                                "airlock: workspace: skipped {} symlink(s) (never followed)",
-                                sent.symlinks
-                            );
-                        }
-                        json!({ "direction": "in", "entries": sent.entries, "bytes": sent.bytes,
-                                "denied": sent.denied, "symlinks": sent.symlinks,
-                                "skipped": sent.skipped })
-                    }
-                    Err(e) => {
-                        eprintln!("airlock: error: {}", crate::report(&e));
-                        json!({ "direction": "in", "error": crate::report(&e) })
-                    }
-                };
-                audit.host(kind::FILES_DONE, fields, Durability::Synced);
-            }
-            other => refused(port, &audit, other),
-        })
-        .map_err(|source| Error::Listen {
-            path: engine::port_path(vsock_uds, port),
-            source,
-        })?;
-        acceptors.push(acceptor);
-    }
-    if let Some(out) = &config.files.out {
-        let port = FILES_OUT_PORT;
-        let listener = listen(port)?;
-        let (out, max, audit) = (out.clone(), config.files.max_out_bytes, audit.clone());
-        let acceptor = Acceptor::start(listener, move |accepted| match accepted {
-            Accepted::Session(stream) => {
-                audit.host(
-                    kind::CONTROL_ACCEPTED,
-                    json!({ "port": port }),
-                    Durability::Synced,
-                );
-                let result = crate::files::receive_results(
-                    BufReader::with_capacity(256 * 1024, &stream),
-                    &out,
-                    max,
-                    &audit,
-                    &mut |path, why| {
-                        eprintln!(
-                            "airlock: refused result file {}: {why}",
-                            crate::sanitize(path.as_bytes())
-                        )
-                    },
-                );
-                // Closing tells the guest we have it all.
-                let _ = stream.shutdown(Shutdown::Both);
-                let fields = match result {
-                    Ok(got) => json!({ "direction": "out", "accepted": got.accepted,
-                                       "refused": got.refused, "bytes": got.bytes }),
-                    Err(e) => {
-                        eprintln!(
-                            "airlock: refused the rest of the results: {}",
-                            crate::report(&e)
-                        );
-                        json!({ "direction": "out", "error": crate::report(&e) })
-                    }
-                };
-                audit.host(kind::FILES_DONE, fields, Durability::Synced);
-            }
-            other => refused(port, &audit, other),
-        })
-        .map_err(|source| Error::Listen {
-            path: engine::port_path(vsock_uds, port),
-            source,
-        })?;
-        acceptors.push(acceptor);
-    }
-    Ok(acceptors)
+    })
+    .map_err(listen_error)
 }
 
 /// Listens on the model port (1027): always, so that an agent without
