@@ -16,6 +16,7 @@ mod files;
 mod host;
 mod model;
 mod paths;
+mod pinned;
 mod run;
 mod session;
 

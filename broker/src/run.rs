@@ -49,6 +49,7 @@ use crate::cli::{Exit, ImageArgs, RunArgs};
 use crate::control::{self, Accepted, Acceptor};
 use crate::engine::{self, Available, Disk, EngineChoice, ProcessExit, Vm, VmConfig};
 use crate::paths::{self, ImagePaths};
+use crate::pinned::Pinned;
 use crate::session::{self, EncodedSpec, Outcome, Output, Progress, Stage, Violation};
 
 /// Guest memory bounds, in MiB.
@@ -150,6 +151,12 @@ pub enum Error {
     Files(#[from] crate::files::Error),
     #[error("cannot create the output directory {}", .0.display())]
     OutDir(PathBuf, #[source] io::Error),
+    #[error("cannot open {}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot hash {} for the audit log", path.display())]
     Digest {
         path: PathBuf,
@@ -183,6 +190,7 @@ impl Error {
             | Error::SocketPath(_)
             | Error::Files(_)
             | Error::OutDir(..)
+            | Error::Pin { .. }
             | Error::Digest { .. }
             | Error::Model(_) => Exit::Usage,
             Error::Audit(e) => match e {
@@ -286,9 +294,9 @@ const EPOCH_CMDLINE: &str = "airlock.epoch";
 /// The words appended to the engine's base command line: in image mode
 /// the root, and `airlock.container=0` for `--no-container`; then the
 /// user's `--cmdline`, which comes last so that it can override.
-pub fn boot_cmdline(config: &RunConfig, image: &ImagePaths) -> Vec<String> {
+pub fn boot_cmdline(config: &RunConfig, image_mode: bool) -> Vec<String> {
     let mut words: Vec<String> = Vec::new();
-    if image.root.is_some() {
+    if image_mode {
         words.extend(IMAGE_CMDLINE.iter().map(|w| (*w).to_owned()));
         if !config.container {
             words.push(NO_CONTAINER_CMDLINE.to_owned());
@@ -498,6 +506,8 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
     if config.nested && image.root.is_none() {
         return Err(Error::NestedWithoutRoot);
     }
+    // From here on airlock hashes, and the engine boots, these open files.
+    let pins = Pins::open(&image, config.archive.as_deref())?;
     let selection = engine::select(config.engine, Available::gather())?;
     if let Some(warning) = &selection.warning {
         eprintln!("airlock: warning: {warning}");
@@ -521,14 +531,16 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
             &run_id,
         )?,
     };
-    let mut start = run_start_fields(&config, &image, &selection, &run_id, key.as_ref())?;
-    if let (Some(path), Some(format)) = (&config.archive, archive_format) {
-        let d = digest::file_cached(path, digest_cache().as_deref()).map_err(|source| {
-            Error::Digest {
-                path: path.clone(),
-                source,
-            }
-        })?;
+    let mut start = run_start_fields(&config, &pins, &selection, &run_id, key.as_ref())?;
+    if let (Some(pin), Some(format)) = (&pins.archive, archive_format) {
+        let path = pin.path();
+        let d =
+            digest::file_cached(&pin.fd_path(), digest_cache().as_deref()).map_err(|source| {
+                Error::Digest {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
         start["container_image"] = json!({
             "path": path.display().to_string(),
             "format": format.name(),
@@ -542,7 +554,7 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
         return Err(audit::Error::Write(why).into());
     }
 
-    let (mut exit, end) = match boot(&config, image, &selection, &audit, began) {
+    let (mut exit, end) = match boot(&config, &pins, &selection, &audit, began) {
         Ok(ran) => (ran.exit, ran.end),
         Err(e) => {
             eprintln!("airlock: error: {}", crate::report(&e));
@@ -564,6 +576,44 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
     Ok(exit)
 }
 
+/// The files a run boots, opened once: hashed for `run.start` and read by
+/// the engine through the same descriptors ([`crate::pinned`]).
+#[derive(Debug)]
+struct Pins {
+    kernel: Pinned,
+    /// The initrd (initramfs mode) or the root image (image mode).
+    root: Pinned,
+    image_mode: bool,
+    /// The container image archive (`--image`), the second disk.
+    archive: Option<Pinned>,
+}
+
+impl Pins {
+    fn open(image: &ImagePaths, archive: Option<&Path>) -> Result<Pins, Error> {
+        let pin = |path: &Path| {
+            Pinned::open(path).map_err(|source| Error::Pin {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        Ok(Pins {
+            kernel: pin(&image.kernel)?,
+            root: pin(image.root.as_deref().unwrap_or(&image.initrd))?,
+            image_mode: image.root.is_some(),
+            archive: archive.map(pin).transpose()?,
+        })
+    }
+
+    /// Every descriptor the VM process must inherit.
+    fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        [Some(&self.kernel), Some(&self.root), self.archive.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(Pinned::fd)
+            .collect()
+    }
+}
+
 /// Where file digests are remembered: `digests/` in the Airlock cache.
 fn digest_cache() -> Option<PathBuf> {
     paths::cache_dir(
@@ -583,53 +633,52 @@ fn millis(d: Duration) -> u64 {
 /// force and the run spec.
 fn run_start_fields(
     config: &RunConfig,
-    image: &ImagePaths,
+    pins: &Pins,
     selection: &engine::Selection,
     run_id: &str,
     key: Option<&SigningKey>,
 ) -> Result<Value, Error> {
-    let digest_error = |path: &Path| {
-        let path = path.to_path_buf();
+    let digest_error = |pin: &Pinned| {
+        let path = pin.path().to_path_buf();
         move |source| Error::Digest { path, source }
     };
     let cache = digest_cache();
-    let kernel = digest::file_cached(&image.kernel, cache.as_deref())
-        .map_err(digest_error(&image.kernel))?;
-    let (initrd, root, init) = match &image.root {
+    let kernel = digest::file_cached(&pins.kernel.fd_path(), cache.as_deref())
+        .map_err(digest_error(&pins.kernel))?;
+    let root = &pins.root;
+    let (initrd, root, init) = if pins.image_mode {
         // Image mode: the init is /sbin/init inside the image, which the
         // image's hash covers (140 MB hash in about 0.3 s: simply done).
-        Some(root) => {
-            let d = digest::file_cached(root, cache.as_deref()).map_err(digest_error(root))?;
-            let root = json!({
-                "path": root.display().to_string(),
-                "sha256": d.sha256,
-                "bytes": d.bytes,
-            });
-            let init = json!({
-                "path": "/sbin/init",
+        let d =
+            digest::file_cached(&root.fd_path(), cache.as_deref()).map_err(digest_error(root))?;
+        let fields = json!({
+            "path": root.path().display().to_string(),
+            "sha256": d.sha256,
+            "bytes": d.bytes,
+        });
+        let init = json!({
+            "path": "/sbin/init",
+            "sha256": null,
+            "note": "inside the root image; root_image.sha256 covers it",
+        });
+        (Value::Null, fields, init)
+    } else {
+        let initrd = digest::initrd(&root.fd_path()).map_err(digest_error(root))?;
+        let init = match initrd.init {
+            Some((name, d)) => json!({ "path": name, "sha256": d.sha256, "bytes": d.bytes }),
+            None => json!({
+                "path": null,
                 "sha256": null,
-                "note": "inside the root image; root_image.sha256 covers it",
-            });
-            (Value::Null, root, init)
-        }
-        None => {
-            let initrd = digest::initrd(&image.initrd).map_err(digest_error(&image.initrd))?;
-            let init = match initrd.init {
-                Some((name, d)) => json!({ "path": name, "sha256": d.sha256, "bytes": d.bytes }),
-                None => json!({
-                    "path": null,
-                    "sha256": null,
-                    "note": "no init found in the initrd (not an uncompressed newc cpio archive); \
-                             initrd.sha256 covers it",
-                }),
-            };
-            let fields = json!({
-                "path": image.initrd.display().to_string(),
-                "sha256": initrd.whole.sha256,
-                "bytes": initrd.whole.bytes,
-            });
-            (fields, Value::Null, init)
-        }
+                "note": "no init found in the initrd (not an uncompressed newc cpio archive); \
+                         initrd.sha256 covers it",
+            }),
+        };
+        let fields = json!({
+            "path": root.path().display().to_string(),
+            "sha256": initrd.whole.sha256,
+            "bytes": initrd.whole.bytes,
+        });
+        (fields, Value::Null, init)
     };
     let spec = &config.run_spec;
     let env: serde_json::Map<String, Value> = spec
@@ -645,7 +694,7 @@ fn run_start_fields(
         "protocol_version": PROTOCOL_VERSION,
         "run_id": run_id,
         "kernel": {
-            "path": image.kernel.display().to_string(),
+            "path": pins.kernel.path().display().to_string(),
             "sha256": kernel.sha256,
             "bytes": kernel.bytes,
         },
@@ -663,8 +712,8 @@ fn run_start_fields(
             "cpus": config.cpus,
             "network": "none",
             "extra_cmdline": config.extra_cmdline,
-            "boot_cmdline": boot_cmdline(config, image),
-            "container": image.root.is_some() && config.container,
+            "boot_cmdline": boot_cmdline(config, pins.image_mode),
+            "container": pins.image_mode && config.container,
             "nested_containers": config.nested,
             "collect": config.files.collect,
             "audit_max_guest_records": config.audit.limits.max_guest_records,
@@ -706,7 +755,7 @@ struct Ran {
 /// Boots the VM, supervises it, judges the end and tells the user.
 fn boot(
     config: &RunConfig,
-    image: ImagePaths,
+    pins: &Pins,
     selection: &engine::Selection,
     audit: &AuditLog,
     began: Instant,
@@ -724,27 +773,27 @@ fn boot(
         path: control_path.clone(),
         source,
     })?;
-    let mut extra_cmdline = boot_cmdline(config, &image);
+    let mut extra_cmdline = boot_cmdline(config, pins.image_mode);
     // The guest has no clock of its own worth trusting: the init sets it
     // from this (files the command writes get real mtimes). Not a secret.
     if let Ok(now) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
         extra_cmdline.insert(0, format!("{EPOCH_CMDLINE}={}", now.as_secs()));
     }
-    let (initrd, disks) = match image.root {
-        Some(path) => (
-            None,
-            std::iter::once(path)
-                .chain(config.archive.clone())
-                .map(|path| Disk {
-                    path,
-                    read_only: true,
-                })
-                .collect(),
-        ),
-        None => (Some(image.initrd), Vec::new()),
+    // The engine reads the pinned files through the descriptors it inherits.
+    let (initrd, disks) = if pins.image_mode {
+        let disks = std::iter::once(&pins.root)
+            .chain(pins.archive.as_ref())
+            .map(|pin| Disk {
+                path: pin.fd_path(),
+                read_only: true,
+            })
+            .collect();
+        (None, disks)
+    } else {
+        (Some(pins.root.fd_path()), Vec::new())
     };
     let vm_config = VmConfig {
-        kernel: image.kernel,
+        kernel: pins.kernel.fd_path(),
         initrd,
         disks,
         mem_mib: config.mem_mib,
@@ -755,6 +804,7 @@ fn boot(
         vsock_uds,
         guest_cid: DEFAULT_GUEST_CID,
         dump_memory: config.dump_memory.clone(),
+        inherited_fds: pins.fds(),
     };
     let file_acceptors = file_ports(config, &vm_config.vsock_uds, audit)?;
     let model_port = model_port(config, &vm_config.vsock_uds, audit)?;
@@ -1814,18 +1864,13 @@ mod tests {
             ..args()
         })
         .expect("valid");
-        let mut image = ImagePaths {
-            kernel: "/k".into(),
-            initrd: "/i".into(),
-            root: Some("/r.img".into()),
-        };
         assert_eq!(
-            boot_cmdline(&config, &image),
+            boot_cmdline(&config, true),
             ["root=/dev/vda", "rootfstype=erofs", "ro", "airlock.debug=1"]
         );
         config.container = false;
         assert_eq!(
-            boot_cmdline(&config, &image),
+            boot_cmdline(&config, true),
             [
                 "root=/dev/vda",
                 "rootfstype=erofs",
@@ -1838,7 +1883,7 @@ mod tests {
         config.archive = Some("/a.tar".into());
         config.nested = true;
         assert_eq!(
-            boot_cmdline(&config, &image),
+            boot_cmdline(&config, true),
             [
                 "root=/dev/vda",
                 "rootfstype=erofs",
@@ -1848,8 +1893,7 @@ mod tests {
                 "airlock.debug=1"
             ]
         );
-        image.root = None;
-        assert_eq!(boot_cmdline(&config, &image), ["airlock.debug=1"]);
+        assert_eq!(boot_cmdline(&config, false), ["airlock.debug=1"]);
     }
 
     #[test]
@@ -2232,6 +2276,7 @@ mod tests {
                 Path::new("/bin/sh"),
                 &["-c".into(), script.into()],
                 &self.dir.path().join("vm.log"),
+                &[],
             )
             .expect("spawn");
             Vm::new(main, Vec::new())

@@ -71,6 +71,7 @@ impl Kvm {
             &self.vmm,
             &self.args(config),
             &config.run_dir.join(VM_LOG),
+            &config.inherited_fds,
         )?;
         Ok(Vm::new(vmm, Vec::new()))
     }
@@ -133,6 +134,7 @@ mod tests {
             vsock_uds: "/tmp/run/vsock".into(),
             guest_cid: 3,
             dump_memory: None,
+            inherited_fds: Vec::new(),
         }
     }
 

@@ -21,6 +21,7 @@ use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::RawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -69,6 +70,10 @@ pub struct VmConfig {
     /// Debugging and tests (`--debug-dump-guest-memory`): leave a copy of
     /// the guest's RAM here once the VM has stopped.
     pub dump_memory: Option<PathBuf>,
+    /// Descriptors the VM process inherits: the kernel, initrd and disks
+    /// airlock opened and hashed ([`crate::pinned`]), named above as
+    /// `/proc/self/fd/N`. The caller keeps them open until the VM started.
+    pub inherited_fds: Vec<RawFd>,
 }
 
 /// A disk image the guest sees as a virtio-blk device.
@@ -309,13 +314,16 @@ pub(crate) struct Process {
 }
 
 impl Process {
-    /// Starts `program` with `args`, its output appended to `log`. Must be
-    /// called from the main thread (see the `PR_SET_PDEATHSIG` note).
+    /// Starts `program` with `args`, its output appended to `log`; of
+    /// airlock's descriptors it inherits only `inherit` (and its standard
+    /// streams). Must be called from the main thread (see the
+    /// `PR_SET_PDEATHSIG` note).
     pub(crate) fn spawn(
         name: &'static str,
         program: &Path,
         args: &[OsString],
         log: &Path,
+        inherit: &[RawFd],
     ) -> Result<Process, Error> {
         let log_error = |source| Error::Log {
             path: log.to_path_buf(),
@@ -344,13 +352,22 @@ impl Process {
             // we stop the VM in order (kill, reap, clean up).
             .process_group(0);
         let parent = libc::pid_t::try_from(std::process::id()).ok();
+        let inherit = inherit.to_vec();
         // SAFETY: the closure runs in the forked child before exec, where only
-        // async-signal-safe calls are allowed: prctl(2) and getppid(2) are
-        // plain system calls, and the errors are built from raw errno values
-        // without allocating. PR_SET_PDEATHSIG fires when the forking thread
-        // exits; we spawn from the main thread, which lives until airlock exits.
+        // async-signal-safe calls are allowed: fcntl(2), prctl(2) and
+        // getppid(2) are plain system calls, `inherit` was allocated before
+        // the fork and is only read, and the errors are built from raw errno
+        // values without allocating. PR_SET_PDEATHSIG fires when the forking
+        // thread exits; we spawn from the main thread, which lives until
+        // airlock exits.
         unsafe {
             command.pre_exec(move || {
+                // Close-on-exec off in the child's copy of the table only.
+                for &fd in &inherit {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(io::Error::last_os_error());
                 }
@@ -719,8 +736,43 @@ mod tests {
             Path::new("/bin/sh"),
             &["-c".into(), script.into()],
             &dir.join(format!("{name}.log")),
+            &[],
         )
         .expect("spawn sh")
+    }
+
+    #[test]
+    fn the_vm_process_inherits_only_the_pinned_descriptors() {
+        let dir = paths::TestDir::new("vm-fds");
+        let pinned = dir.path().join("pinned");
+        let other = dir.path().join("other");
+        std::fs::write(&pinned, "pinned bytes\n").expect("write");
+        std::fs::write(&other, "other bytes\n").expect("write");
+        let pinned = crate::pinned::Pinned::open(&pinned).expect("pin");
+        let other = crate::pinned::Pinned::open(&other).expect("pin");
+        let script = format!(
+            "cat {}; test -e /proc/self/fd/{} && echo LEAKED; exit 0",
+            pinned.fd_path().display(),
+            other.fd()
+        );
+        let p = Process::spawn(
+            "fds",
+            Path::new("/bin/sh"),
+            &["-c".into(), script.into()],
+            &dir.path().join("fds.log"),
+            &[pinned.fd()],
+        )
+        .expect("spawn sh");
+        let mut vm = Vm::new(p, Vec::new());
+        assert_eq!(
+            vm.wait_timeout(Duration::from_secs(10)).expect("wait"),
+            Some(ProcessExit::Code(0))
+        );
+        assert_eq!(
+            tail_lines(&dir.path().join("fds.log"), 5),
+            ["pinned bytes"],
+            "the pinned file is readable through its descriptor, nothing else leaks"
+        );
     }
 
     #[test]

@@ -142,6 +142,7 @@ impl Tcg {
             &self.vhost_vsock,
             &self.vhost_args(config),
             &config.run_dir.join(VHOST_LOG),
+            &[],
         )?;
         // On any error below, dropping `helper` kills and reaps it.
         if !helper.wait_ready(VHOST_READY, || socket.exists())? {
@@ -172,6 +173,7 @@ impl Tcg {
             &self.qemu,
             &self.args(config),
             &config.run_dir.join(VM_LOG),
+            &config.inherited_fds,
         )?;
         Ok(Vm::new(qemu, vec![helper]).with_console(pump))
     }
@@ -207,6 +209,7 @@ mod tests {
             vsock_uds: "/tmp/run/vsock".into(),
             guest_cid: 3,
             dump_memory: None,
+            inherited_fds: Vec::new(),
         }
     }
 
