@@ -385,6 +385,15 @@ pub struct ModelArgs {
     /// or ANTHROPIC_API_KEY=... / OPENAI_API_KEY=... lines
     #[arg(long, value_name = "PATH", requires = "model_upstream")]
     pub model_key_file: Option<PathBuf>,
+    /// Also trust the CA certificates in this PEM file for an https://
+    /// --model-upstream, besides the built-in (Mozilla) roots: for a
+    /// TLS-inspecting corporate proxy or a gateway with an internal CA.
+    /// The file is read once before the VM starts (its path and sha256 go
+    /// in the audit log); an unreadable file, one without a certificate or
+    /// malformed PEM is refused, and so is an http:// upstream (nothing to
+    /// verify)
+    #[arg(long, value_name = "PATH", requires = "model_upstream")]
+    pub model_ca: Option<PathBuf>,
     /// The model policy, a JSON file: {"allowed_models": [...],
     /// "max_requests": N, "max_tokens_per_run": N, "max_request_bytes": N}
     /// (every field optional; the flags below override it)

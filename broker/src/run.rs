@@ -452,6 +452,7 @@ fn model_settings(args: &crate::cli::ModelArgs) -> Result<crate::model::Settings
         upstream: args.model_upstream.clone(),
         key_env: args.model_key_env.clone(),
         key_file: args.model_key_file.clone(),
+        ca_file: args.model_ca.clone(),
         policy_file: args.model_policy.clone(),
         overrides: crate::model::policy::Overrides {
             allowed_models: args.model_allow.clone(),

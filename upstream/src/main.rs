@@ -8,10 +8,12 @@
 //! headers, the key it carried, body sha256, turn, and for streams when the
 //! first and last events were sent), so tests can check what reached the
 //! upstream. One thread per connection, at most [`MAX_CONNECTIONS`] at once
-//! (beyond that: 503).
+//! (beyond that: 503). With `--tls-cert` and `--tls-key` it serves HTTPS
+//! ([`tls`]) instead of plain HTTP, the rest unchanged.
 
 mod http;
 mod script;
+mod tls;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -29,6 +31,7 @@ use sha2::{Digest, Sha256};
 
 use crate::http::{Chunked, Request};
 use crate::script::{pieces, thirds, Script, Turn};
+use crate::tls::Conn;
 
 /// Most connections served at once.
 const MAX_CONNECTIONS: usize = 64;
@@ -59,6 +62,13 @@ struct Cli {
     /// (x-api-key for Anthropic, Authorization: Bearer for OpenAI)
     #[arg(long, value_name = "KEY")]
     key: Option<String>,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first) instead of
+    /// plain HTTP
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM)
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// Which API a request speaks.
@@ -83,6 +93,7 @@ struct Server {
     log: Option<Mutex<File>>,
     delay: Duration,
     key: Option<String>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     busy: AtomicUsize,
 }
 
@@ -126,6 +137,16 @@ fn main() -> ExitCode {
         },
         None => None,
     };
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => match tls::server_config(cert, key) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("airlock-upstream: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
     let listener = match TcpListener::bind(&cli.listen) {
         Ok(l) => l,
         Err(e) => {
@@ -149,13 +170,16 @@ fn main() -> ExitCode {
         log,
         delay: Duration::from_millis(cli.delay_ms),
         key: cli.key,
+        tls,
         busy: AtomicUsize::new(0),
     });
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         if server.busy.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             server.busy.fetch_sub(1, Ordering::SeqCst);
-            let _ = http::respond(&stream, 503, "text/plain", b"too many connections\n");
+            if server.tls.is_none() {
+                let _ = http::respond(&stream, 503, "text/plain", b"too many connections\n");
+            }
             continue;
         }
         let server = Arc::clone(&server);
@@ -186,11 +210,23 @@ impl Server {
     fn serve(&self, stream: TcpStream) {
         let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
         let _ = stream.set_nodelay(true);
+        let mut conn = match Conn::accept(stream, self.tls.as_ref()) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("airlock-upstream: TLS handshake failed: {e}");
+                return;
+            }
+        };
+        self.serve_conn(&mut conn);
+        conn.close();
+    }
+
+    fn serve_conn(&self, stream: &mut Conn) {
         let received_ms = now_ms();
-        let req = match http::read_request(&stream) {
+        let req = match http::read_request(&mut *stream) {
             Ok(r) => r,
             Err(e) => {
-                let _ = http::respond(&stream, 400, "text/plain", format!("{e}\n").as_bytes());
+                let _ = http::respond(stream, 400, "text/plain", format!("{e}\n").as_bytes());
                 return;
             }
         };
@@ -209,7 +245,7 @@ impl Server {
                 .map(str::to_owned),
         };
         let served = self
-            .answer(&stream, &req, api, key.as_deref())
+            .answer(stream, &req, api, key.as_deref())
             .unwrap_or_else(|e| {
                 Served {
                     status: 599,
@@ -223,7 +259,7 @@ impl Server {
 
     fn answer(
         &self,
-        stream: &TcpStream,
+        stream: &mut Conn,
         req: &Request,
         api: Api,
         key: Option<&str>,
@@ -231,14 +267,14 @@ impl Server {
         if let Some(want) = &self.key {
             if key != Some(want.as_str()) {
                 let body = error_body(api, 401, "authentication_error", "invalid x-api-key");
-                http::respond(stream, 401, "application/json", &body)?;
+                http::respond(&mut *stream, 401, "application/json", &body)?;
                 return Ok(Served::status(401));
             }
         }
         match (req.method.as_str(), req.path()) {
             ("GET", "/v1/models") => {
                 let body = models(api).to_string();
-                http::respond(stream, 200, "application/json", body.as_bytes())?;
+                http::respond(&mut *stream, 200, "application/json", body.as_bytes())?;
                 Ok(Served::status(200))
             }
             ("POST", "/v1/messages" | "/v1/chat/completions") => {
@@ -251,7 +287,7 @@ impl Server {
                             "invalid_request_error",
                             "body is not a JSON object",
                         );
-                        http::respond(stream, 400, "application/json", &body)?;
+                        http::respond(&mut *stream, 400, "application/json", &body)?;
                         return Ok(Served::status(400));
                     }
                 };
@@ -259,12 +295,12 @@ impl Server {
             }
             (_, "/v1/models" | "/v1/messages" | "/v1/chat/completions") => {
                 let body = error_body(api, 405, "invalid_request_error", "method not allowed");
-                http::respond(stream, 405, "application/json", &body)?;
+                http::respond(&mut *stream, 405, "application/json", &body)?;
                 Ok(Served::status(405))
             }
             _ => {
                 let body = error_body(api, 404, "not_found_error", "no such endpoint");
-                http::respond(stream, 404, "application/json", &body)?;
+                http::respond(&mut *stream, 404, "application/json", &body)?;
                 Ok(Served::status(404))
             }
         }
@@ -272,7 +308,7 @@ impl Server {
 
     fn complete(
         &self,
-        stream: &TcpStream,
+        stream: &mut Conn,
         req: &Request,
         api: Api,
         body: &Value,
@@ -331,7 +367,7 @@ impl Server {
                 Api::OpenAi => reply.openai_json(),
             }
             .to_string();
-            http::respond(stream, 200, "application/json", json.as_bytes())?;
+            http::respond(&mut *stream, 200, "application/json", json.as_bytes())?;
             served.response_bytes = json.len();
             return Ok(served);
         }
@@ -346,7 +382,7 @@ impl Server {
                 reply.openai_events(usage)
             }
         };
-        let mut out = Chunked::start(stream, "text/event-stream")?;
+        let mut out = Chunked::start(&mut *stream, "text/event-stream")?;
         for (i, event) in events.iter().enumerate() {
             if i > 0 && !self.delay.is_zero() {
                 thread::sleep(self.delay);
@@ -682,6 +718,71 @@ mod tests {
         assert!(data(&r.openai_events(false))
             .iter()
             .all(|e| e.get("usage").is_none()));
+    }
+
+    /// With --tls-cert/--tls-key the same API is served over HTTPS, a
+    /// stream included, and the request is logged with its key.
+    #[test]
+    fn serves_https() {
+        let dir = std::env::temp_dir().join(format!("airlock-upstream-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, made.cert.pem()).expect("write");
+        std::fs::write(&key, made.signing_key.serialize_pem()).expect("write");
+        let log = dir.join("log.jsonl");
+        let server = Arc::new(Server {
+            script: Script::parse(r#"{"turns":[{"text":"over TLS"}]}"#).expect("script"),
+            log: Some(Mutex::new(File::create(&log).expect("log"))),
+            delay: Duration::ZERO,
+            key: None,
+            tls: Some(tls::server_config(&cert, &key).expect("tls config")),
+            busy: AtomicUsize::new(0),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let s = Arc::clone(&server);
+        let t = thread::spawn(move || {
+            let (sock, _) = listener.accept().expect("accept");
+            s.serve(sock);
+        });
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(made.cert.der().clone()).expect("root");
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+        let mut tls = rustls::StreamOwned::new(conn, TcpStream::connect(addr).expect("connect"));
+        let body = r#"{"model":"m","stream":true,"messages":[]}"#;
+        write!(
+            tls,
+            "POST /v1/messages HTTP/1.1\r\nhost: localhost\r\nx-api-key: sk-tls\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("send");
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut tls, &mut answer).expect("a clean TLS close");
+        t.join().expect("server");
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(
+            answer.contains("over TLS") && answer.contains("message_stop"),
+            "{answer}"
+        );
+        assert!(answer.ends_with("0\r\n\r\n"), "{answer}");
+        let line: Value =
+            serde_json::from_str(&std::fs::read_to_string(&log).expect("log")).expect("json");
+        assert_eq!(
+            (line["key"].as_str(), line["status"].as_u64()),
+            (Some("sk-tls"), Some(200))
+        );
+        assert_eq!(line["stream"], true);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

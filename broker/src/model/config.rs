@@ -7,6 +7,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use super::policy::{self, Overrides, Policy};
 use super::rules::Api;
@@ -15,6 +16,11 @@ use super::rules::Api;
 const MAX_KEY_FILE: u64 = 64 * 1024;
 /// Longest key accepted.
 const MAX_KEY: usize = 4096;
+/// Largest `--model-ca` file read (a distribution's whole bundle is
+/// about 200 KiB).
+const MAX_CA_FILE: u64 = 4 << 20;
+/// Most certificates taken from it.
+const MAX_CA_CERTS: usize = 1000;
 /// The environment variables read by default, per API.
 pub const ANTHROPIC_KEY_ENV: &str = "ANTHROPIC_API_KEY";
 pub const OPENAI_KEY_ENV: &str = "OPENAI_API_KEY";
@@ -34,6 +40,16 @@ pub enum Error {
     KeyFile(PathBuf, #[source] std::io::Error),
     #[error("the key from {0} is not one line of printable ASCII of at most {MAX_KEY} bytes")]
     BadKey(String),
+    #[error("--model-ca {}: cannot read it", .0.display())]
+    CaRead(PathBuf, #[source] std::io::Error),
+    #[error("--model-ca {path}: {1}", path = .0.display())]
+    CaBad(PathBuf, String),
+    #[error(
+        "--model-ca {path} is given but --model-upstream {1} is plain http: there is no TLS \
+         to verify (use an https:// upstream, or drop --model-ca)",
+        path = .0.display()
+    )]
+    CaWithoutTls(PathBuf, String),
     #[error(transparent)]
     Policy(#[from] policy::Error),
 }
@@ -124,6 +140,79 @@ impl Upstream {
     }
 }
 
+/// Extra CA certificates the proxy trusts for an `https://` upstream, on
+/// top of the built-in (Mozilla) roots: `--model-ca`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaFile {
+    /// As given on the command line.
+    pub path: PathBuf,
+    /// Of the bytes read (the file is read once).
+    pub sha256: String,
+    /// The certificates, DER, each checked to be a usable trust anchor.
+    pub certs: Vec<Vec<u8>>,
+}
+
+impl CaFile {
+    /// Reads and checks a PEM file of CA certificates: readable, at most
+    /// [`MAX_CA_FILE`] bytes, well-formed PEM, at least one certificate,
+    /// each an X.509 certificate rustls can use as a root. Other PEM
+    /// sections (keys, CRLs) are ignored.
+    pub fn load(path: &Path) -> Result<CaFile, Error> {
+        let bad = |why: String| Error::CaBad(path.to_path_buf(), why);
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_CA_FILE + 1).read_to_end(&mut bytes))
+            .map_err(|e| Error::CaRead(path.to_path_buf(), e))?;
+        if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > MAX_CA_FILE {
+            return Err(bad(format!("larger than {MAX_CA_FILE} bytes")));
+        }
+        let mut certs = Vec::new();
+        for item in ureq::tls::parse_pem(&bytes) {
+            let item = item.map_err(|e| bad(format!("malformed PEM: {e}")))?;
+            let ureq::tls::PemItem::Certificate(cert) = item else {
+                continue;
+            };
+            if certs.len() == MAX_CA_CERTS {
+                return Err(bad(format!("more than {MAX_CA_CERTS} certificates")));
+            }
+            let der = cert.der().to_vec();
+            rustls::RootCertStore::empty()
+                .add(rustls::pki_types::CertificateDer::from(der.as_slice()))
+                .map_err(|e| {
+                    bad(format!(
+                        "certificate {} is not a usable X.509 CA certificate: {e}",
+                        certs.len() + 1
+                    ))
+                })?;
+            certs.push(der);
+        }
+        if certs.is_empty() {
+            return Err(bad(
+                "no certificate in it (expected PEM: -----BEGIN CERTIFICATE----- blocks)".into(),
+            ));
+        }
+        Ok(CaFile {
+            path: path.to_path_buf(),
+            sha256: hex(&Sha256::digest(&bytes)),
+            certs,
+        })
+    }
+
+    /// What `run.start` records: where from and which file, never the
+    /// certificates.
+    pub fn fields(&self) -> Value {
+        json!({
+            "path": self.path.display().to_string(),
+            "sha256": self.sha256,
+            "certificates": self.certs.len(),
+        })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The model proxy's settings for one run.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Settings {
@@ -131,6 +220,8 @@ pub struct Settings {
     pub upstream: Option<Upstream>,
     pub anthropic_key: Option<Key>,
     pub openai_key: Option<Key>,
+    /// Trusted for the upstream besides the built-in roots (`https` only).
+    pub ca: Option<CaFile>,
     pub policy: Policy,
 }
 
@@ -140,6 +231,8 @@ pub struct Args {
     pub upstream: Option<String>,
     pub key_env: Option<String>,
     pub key_file: Option<PathBuf>,
+    /// `--model-ca`: a PEM file of extra CA certificates.
+    pub ca_file: Option<PathBuf>,
     pub policy_file: Option<PathBuf>,
     pub overrides: Overrides,
 }
@@ -205,6 +298,15 @@ impl Settings {
             });
         };
         let upstream = Upstream::parse(url)?;
+        // Checked before the keys: a CA for a plaintext upstream is a
+        // mistake worth stopping on (the user believes the link verified).
+        let ca = match &args.ca_file {
+            Some(path) if upstream.scheme != "https" => {
+                return Err(Error::CaWithoutTls(path.clone(), upstream.display()))
+            }
+            Some(path) => Some(CaFile::load(path)?),
+            None => None,
+        };
         let nonempty = |name: &str| env(name).filter(|v| !v.trim().is_empty());
         let (anthropic_key, openai_key) = if let Some(path) = &args.key_file {
             keys_from_file(path)?
@@ -227,6 +329,7 @@ impl Settings {
             upstream: Some(upstream),
             anthropic_key,
             openai_key,
+            ca,
             policy,
         })
     }
@@ -245,6 +348,7 @@ impl Settings {
             "upstream": self.upstream.as_ref().map(Upstream::display),
             "anthropic_key_from": self.anthropic_key.as_ref().map(|k| k.source.clone()),
             "openai_key_from": self.openai_key.as_ref().map(|k| k.source.clone()),
+            "ca_file": self.ca.as_ref().map(CaFile::fields),
             "policy": self.policy.fields(),
         })
     }
@@ -375,5 +479,104 @@ mod tests {
             Settings::resolve(&missing, &env(&[])),
             Err(Error::KeyFile(..))
         ));
+    }
+
+    /// A CA certificate, PEM, made here.
+    fn ca_pem(name: &str) -> String {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().expect("key");
+        params.self_signed(&key).expect("sign").pem()
+    }
+
+    #[test]
+    fn ca_files() {
+        let dir = TestDir::new("model-ca");
+        let path = dir.path().join("ca.pem");
+        let (one, two) = (ca_pem("One CA"), ca_pem("Two CA"));
+        // A bundle of two, with a key and a comment that are skipped.
+        let key = rcgen::KeyPair::generate().expect("key").serialize_pem();
+        let text = format!("# corporate roots\n{one}{key}{two}");
+        std::fs::write(&path, &text).expect("write");
+        let a = Args {
+            ca_file: Some(path.clone()),
+            ..args("https://gateway.internal:8443")
+        };
+        let s = Settings::resolve(&a, &env(&[("ANTHROPIC_API_KEY", "k")])).expect("ca");
+        let ca = s.ca.as_ref().expect("the CA file");
+        assert_eq!(ca.certs.len(), 2);
+        let fields = s.fields();
+        assert_eq!(fields["ca_file"]["path"], path.display().to_string());
+        assert_eq!(
+            fields["ca_file"]["sha256"],
+            hex(&Sha256::digest(text.as_bytes()))
+        );
+        assert_eq!(fields["ca_file"]["certificates"], 2);
+        let body_line = one.lines().nth(1).expect("a base64 line");
+        assert!(
+            !fields.to_string().contains(body_line),
+            "the certificate is recorded"
+        );
+        // No --model-ca: null in the record, the built-in roots alone.
+        let s = Settings::resolve(&args("https://h"), &env(&[("ANTHROPIC_API_KEY", "k")]))
+            .expect("no ca");
+        assert!(s.ca.is_none() && s.fields()["ca_file"].is_null());
+    }
+
+    #[test]
+    fn bad_ca_files_are_refused_naming_the_file() {
+        let dir = TestDir::new("model-ca-bad");
+        let path = dir.path().join("ca.pem");
+        let shown = path.display().to_string();
+        let cases: [(&str, &str); 5] = [
+            ("", "no certificate in it"),
+            ("just some text\n", "no certificate in it"),
+            (
+                "-----BEGIN CERTIFICATE-----\n!!! not base64 !!!\n-----END CERTIFICATE-----\n",
+                "malformed PEM",
+            ),
+            (
+                "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n",
+                "malformed PEM",
+            ),
+            (
+                "-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n",
+                "certificate 1 is not a usable X.509 CA certificate",
+            ),
+        ];
+        let a = Args {
+            ca_file: Some(path.clone()),
+            ..args("https://h")
+        };
+        let key = env(&[("ANTHROPIC_API_KEY", "k")]);
+        for (text, want) in cases {
+            std::fs::write(&path, text).expect("write");
+            let e = Settings::resolve(&a, &key).expect_err(text);
+            assert!(matches!(e, Error::CaBad(..)), "{text:?}: {e:?}");
+            let line = e.to_string();
+            assert!(
+                line.contains(&shown) && line.contains(want),
+                "{text:?}: {line}"
+            );
+        }
+        let missing = Args {
+            ca_file: Some(dir.path().join("nope.pem")),
+            ..args("https://h")
+        };
+        let e = Settings::resolve(&missing, &key).expect_err("missing");
+        assert!(matches!(e, Error::CaRead(..)), "{e:?}");
+        assert!(e.to_string().contains("nope.pem"), "{e}");
+        // A CA for a plaintext upstream: refused, even with a good file.
+        std::fs::write(&path, ca_pem("One CA")).expect("write");
+        let plain = Args {
+            ca_file: Some(path.clone()),
+            ..args("http://127.0.0.1:8080")
+        };
+        let e = Settings::resolve(&plain, &key).expect_err("http");
+        assert!(matches!(e, Error::CaWithoutTls(..)), "{e:?}");
+        assert!(e.to_string().contains("plain http"), "{e}");
     }
 }

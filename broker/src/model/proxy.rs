@@ -92,6 +92,27 @@ fn short(target: &str) -> &str {
     &target[..end]
 }
 
+/// The TLS error behind a failed call, if it is one.
+fn tls_error(e: &ureq::Error) -> Option<&rustls::Error> {
+    match e {
+        ureq::Error::Rustls(t) => Some(t),
+        ureq::Error::Io(io) => io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        _ => None,
+    }
+}
+
+/// Why the upstream could not be reached, for the agent's 502, the audit
+/// record and stderr: a TLS failure is named as one.
+fn unreachable_reason(e: &ureq::Error) -> String {
+    match tls_error(e) {
+        Some(t @ rustls::Error::InvalidCertificate(_)) => {
+            format!("TLS handshake failed: the upstream's certificate is not trusted: {t}")
+        }
+        Some(t) => format!("TLS handshake failed: {t}"),
+        None => e.to_string(),
+    }
+}
+
 /// Reads `HttpRequest`, `HttpBody`…, `HttpEnd`, keeping at most `max`
 /// body bytes.
 fn read_request<R: Read>(mut r: R, max: u64) -> Result<Request, Broken> {
@@ -179,7 +200,21 @@ struct Relayed {
 
 impl Proxy {
     pub fn new(settings: Settings, audit: AuditLog) -> Proxy {
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(ca) = &settings.ca {
+            // The built-in roots and the user's: ureq takes one list.
+            let roots = webpki_root_certs::TLS_SERVER_ROOT_CERTS
+                .iter()
+                .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+                .chain(
+                    ca.certs
+                        .iter()
+                        .map(|der| ureq::tls::Certificate::from_der(der).to_owned()),
+                );
+            tls = tls.root_certs(ureq::tls::RootCerts::from(roots));
+        }
         let agent = ureq::Agent::config_builder()
+            .tls_config(tls.build())
             .http_status_as_error(false)
             .timeout_connect(Some(CONNECT_TIMEOUT))
             .timeout_recv_response(Some(RESPONSE_TIMEOUT))
@@ -264,14 +299,22 @@ impl Proxy {
             // Unreachable: the guest got an API-shaped 502; the user hears
             // of the first few.
             if self.notices.fetch_add(1, Ordering::SeqCst) < MAX_NOTICES {
+                let error = relayed.error.as_deref().unwrap_or("unknown error");
+                let hint = match &self.settings.ca {
+                    _ if !error.contains("certificate is not trusted") => String::new(),
+                    None => "; for a private or corporate CA, pass it with --model-ca FILE".into(),
+                    Some(ca) => format!(
+                        "; neither the built-in roots nor --model-ca {} vouch for it",
+                        ca.path.display()
+                    ),
+                };
                 eprintln!(
-                    "airlock: model upstream {} unreachable: {} (the agent got a 502)",
+                    "airlock: model upstream {} unreachable: {error} (the agent got a 502){hint}",
                     self.settings
                         .upstream
                         .as_ref()
                         .map(|u| u.display())
                         .unwrap_or_default(),
-                    relayed.error.as_deref().unwrap_or("unknown error"),
                 );
             }
         }
@@ -476,13 +519,14 @@ impl Proxy {
         let response = match result {
             Ok(r) => r,
             Err(e) => {
+                let why = unreachable_reason(&e);
                 let denial = Denial::new(
                     route.api,
                     Reason::Unreachable,
-                    format!("airlock could not reach the model upstream: {e}"),
+                    format!("airlock could not reach the model upstream: {why}"),
                 );
                 relayed.status = Some(denial.status());
-                relayed.error = Some(e.to_string());
+                relayed.error = Some(why);
                 relayed.complete =
                     respond(out, denial.status(), denial.headers(), &denial.body()).is_ok();
                 return relayed;

@@ -26,6 +26,32 @@ struct Got {
     body: Vec<u8>,
 }
 
+/// Reads a request's head and its `content-length` body.
+fn read_got<R: BufRead>(mut r: R) -> Got {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let len = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    let _ = r.read_exact(&mut body);
+    Got { head, body }
+}
+
 /// A fake upstream: serves one connection at a time; for each, sends what
 /// `pieces` holds, waiting on `gate` (if any) after the second (the head
 /// and the first body chunk).
@@ -39,29 +65,8 @@ fn upstream(
     thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { return };
-            let mut r = BufReader::new(stream.try_clone().expect("clone"));
-            let mut head = String::new();
-            loop {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 {
-                    break;
-                }
-                head.push_str(&line);
-                if line == "\r\n" {
-                    break;
-                }
-            }
-            let len = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                })
-                .unwrap_or(0);
-            let mut body = vec![0; len];
-            let _ = r.read_exact(&mut body);
-            let _ = tx.send(Got { head, body });
+            let got = read_got(BufReader::new(stream.try_clone().expect("clone")));
+            let _ = tx.send(got);
             for (i, piece) in pieces.iter().enumerate() {
                 let _ = stream.write_all(piece);
                 let _ = stream.flush();
@@ -103,6 +108,7 @@ fn settings(url: Option<&str>, policy: Policy) -> Settings {
         upstream: url.map(|u| Upstream::parse(u).expect("url")),
         anthropic_key: Some(key.clone()),
         openai_key: Some(key),
+        ca: None,
         policy,
     }
 }
@@ -615,4 +621,195 @@ fn https_goes_through_rustls() {
             || error.contains("corrupt"),
         "{error}"
     );
+}
+
+/// A CA (PEM) and a server certificate it signed for `names`, with its key.
+struct Pki {
+    ca: String,
+    cert: String,
+    key: String,
+}
+
+fn pki(ca_name: &str, names: &[&str]) -> Pki {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, ca_name);
+    let ca_key = rcgen::KeyPair::generate().expect("ca key");
+    let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).expect("ca");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let cert = rcgen::CertificateParams::new(names)
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("sign");
+    Pki {
+        ca: ca.pem(),
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    }
+}
+
+/// What the TLS upstream saw of one connection: the request, or why the
+/// handshake failed.
+type Seen = Result<Got, String>;
+
+/// A fake HTTPS upstream (rustls) serving `pki`'s certificate: answers
+/// each connection with `pieces`.
+fn tls_upstream(pki: &Pki, pieces: Vec<Vec<u8>>) -> (u16, mpsc::Receiver<Seen>) {
+    use rustls::pki_types::pem::PemObject;
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(pki.cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("cert");
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(pki.key.as_bytes()).expect("key");
+    let config = std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config"),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for sock in listener.incoming() {
+            let Ok(mut sock) = sock else { return };
+            let _ = sock.set_read_timeout(Some(Duration::from_secs(20)));
+            let mut conn =
+                rustls::ServerConnection::new(std::sync::Arc::clone(&config)).expect("conn");
+            let mut failed = None;
+            while conn.is_handshaking() {
+                if let Err(e) = conn.complete_io(&mut sock) {
+                    failed = Some(e.to_string());
+                    break;
+                }
+            }
+            if let Some(e) = failed {
+                let _ = tx.send(Err(e));
+                continue;
+            }
+            let mut tls = rustls::StreamOwned::new(conn, sock);
+            let _ = tx.send(Ok(read_got(BufReader::new(&mut tls))));
+            for piece in &pieces {
+                let _ = tls.write_all(piece);
+                let _ = tls.flush();
+            }
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+        }
+    });
+    (port, rx)
+}
+
+/// `settings` for `url`, trusting the CA in `ca_pem` (written to `dir`).
+fn settings_with_ca(url: &str, ca_pem: &str, dir: &crate::paths::TestDir) -> Settings {
+    let path = dir.path().join("ca.pem");
+    std::fs::write(&path, ca_pem).expect("write ca");
+    Settings {
+        ca: Some(super::config::CaFile::load(&path).expect("load ca")),
+        ..settings(Some(url), Policy::default())
+    }
+}
+
+const STREAM_BODY: &[u8] = br#"{"model":"claude-x","stream":true,"messages":[]}"#;
+
+#[test]
+fn https_with_model_ca_goes_end_to_end_with_the_real_key() {
+    let dir = crate::paths::TestDir::new("model-ca-ok");
+    let pki = pki("Airlock Test CA", &["127.0.0.1", "localhost"]);
+    let (port, seen) = tls_upstream(&pki, chunked(&[SSE_1, SSE_2]));
+    // By IP address and by name: the certificate holds both.
+    for host in ["127.0.0.1", "localhost"] {
+        let h = Harness::new(settings_with_ca(
+            &format!("https://{host}:{port}"),
+            &pki.ca,
+            &dir,
+        ));
+        let a = h.call(
+            "POST",
+            "/v1/messages",
+            &[("x-api-key", "placeholder-from-guest")],
+            STREAM_BODY,
+        );
+        assert_eq!((a.status, a.ended), (200, true), "{host}: {a:?}");
+        assert_eq!(a.body(), format!("{SSE_1}{SSE_2}").as_bytes());
+        let got = seen
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the upstream saw a connection")
+            .expect("the handshake succeeded");
+        let head = got.head.to_ascii_lowercase();
+        assert!(
+            head.contains(&format!("x-api-key: {}\r\n", REAL_KEY.to_ascii_lowercase())),
+            "{head}"
+        );
+        assert!(!head.contains("placeholder"), "{head}");
+        assert_eq!(got.body, STREAM_BODY);
+        let c = &h.records(super::kind::CALL)[0];
+        assert_eq!(c["status"], 200);
+        assert_eq!(c["complete"], true);
+        assert!(c["error"].is_null(), "{c}");
+        assert_eq!(
+            (c["input_tokens"].as_u64(), c["output_tokens"].as_u64()),
+            (Some(11), Some(6))
+        );
+    }
+}
+
+/// Calls `url` through a proxy with `settings`; the call must fail at the
+/// TLS handshake: the agent gets an API-shaped 502 naming it, the call is
+/// audited with the error, the upstream saw no request. Returns the error.
+fn refused_at_handshake(settings: Settings, seen: &mpsc::Receiver<Seen>) -> String {
+    let h = Harness::new(settings);
+    let a = h.call("POST", "/v1/messages", &[], STREAM_BODY);
+    assert_eq!((a.status, a.ended), (502, true), "{a:?}");
+    let v = a.json();
+    assert_eq!(v["type"], "error", "{v}");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("TLS") && message.contains("certificate"),
+        "{message}"
+    );
+    let c = &h.records(super::kind::CALL)[0];
+    assert_eq!(c["status"], 502);
+    assert_eq!(c["complete"], true);
+    assert!(c["upstream_head_ms"].is_null());
+    let error = c["error"].as_str().expect("an error").to_owned();
+    match seen.recv_timeout(Duration::from_secs(10)) {
+        Ok(Err(_)) => {}
+        other => panic!("the upstream should have seen a failed handshake: {other:?}"),
+    }
+    assert!(!String::from_utf8_lossy(&h.audit.bytes()).contains(REAL_KEY));
+    error
+}
+
+#[test]
+fn https_without_the_ca_is_refused_as_untrusted() {
+    let test_ca = pki("Airlock Test CA", &["127.0.0.1"]);
+    let (port, seen) = tls_upstream(&test_ca, chunked(&[SSE_1]));
+    let url = format!("https://127.0.0.1:{port}");
+    // The built-in roots alone do not know the test CA.
+    let error = refused_at_handshake(settings(Some(&url), Policy::default()), &seen);
+    assert!(error.contains("UnknownIssuer"), "{error}");
+    // Nor does another CA.
+    let dir = crate::paths::TestDir::new("model-ca-other");
+    let other = pki("Another CA", &["127.0.0.1"]);
+    let error = refused_at_handshake(settings_with_ca(&url, &other.ca, &dir), &seen);
+    assert!(error.contains("UnknownIssuer"), "{error}");
+}
+
+#[test]
+fn https_with_the_ca_but_another_name_is_refused() {
+    let dir = crate::paths::TestDir::new("model-ca-name");
+    let pki = pki("Airlock Test CA", &["gateway.internal.example"]);
+    let (port, seen) = tls_upstream(&pki, chunked(&[SSE_1]));
+    let error = refused_at_handshake(
+        settings_with_ca(&format!("https://127.0.0.1:{port}"), &pki.ca, &dir),
+        &seen,
+    );
+    assert!(error.contains("not valid for name"), "{error}");
 }
