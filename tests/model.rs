@@ -802,3 +802,254 @@ fn kvm_reference_agent_in_the_test_bed() {
     );
     let _ = std::fs::remove_file(&dump);
 }
+
+/// A CA and a server certificate it signed for 127.0.0.1 and localhost,
+/// made at test time: `(ca.pem, cert.pem, key.pem)` in `dir`.
+fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Airlock e2e CA");
+    let ca_key = rcgen::KeyPair::generate().expect("ca key");
+    let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).expect("ca");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("sign");
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    write(&paths.0, &ca.pem());
+    write(&paths.1, &cert.pem());
+    write(&paths.2, &key.serialize_pem());
+    paths
+}
+
+/// An HTTPS upstream with a private CA (airlock-upstream --tls-cert):
+/// with `--model-ca`, a streamed call from inside the sandbox completes
+/// over TLS, the upstream gets the host's key and the guest never holds it
+/// (its environment, its output and its RAM); run.start records which CA
+/// file was trusted (path and sha256).
+#[test]
+fn tcg_https_upstream_with_model_ca() {
+    let dir = scratch("model-https");
+    let (ca, cert, tls_key) = test_pki(&dir);
+    let key = secret_key("https");
+    let script = dir.join("script.json");
+    write(
+        &script,
+        r#"{"turns":[{"text":"Hello over TLS through the airlock, in several pieces."}]}"#,
+    );
+    let upstream = Upstream::start(
+        &script,
+        &dir,
+        &[
+            "--key",
+            &key,
+            "--tls-cert",
+            cert.to_str().expect("utf-8"),
+            "--tls-key",
+            tls_key.to_str().expect("utf-8"),
+        ],
+    );
+    let url = format!("https://{}", upstream.addr);
+    let audit = dir.join("audit.jsonl");
+    let _ = std::fs::remove_file(&audit);
+    let dump = dir.join("guest.ram");
+    let _ = std::fs::remove_file(&dump);
+    let py = format!(
+        "{PY_PRELUDE}{}",
+        r#"
+import urllib.request
+req = urllib.request.Request(BASE + "/v1/messages", data=json.dumps(dict(MSG, stream=True)).encode(),
+                             headers=ANTHROPIC, method="POST")
+events = []
+with urllib.request.urlopen(req, timeout=300) as r:
+    print(f"status={r.status}", flush=True)
+    for line in r:
+        if line.startswith(b"data:"):
+            events.append(json.loads(line[5:]))
+text = "".join(e.get("delta", {}).get("text", "") for e in events if e.get("type") == "content_block_delta")
+print(f"events={len(events)} last={events[-1]['type']}", flush=True)
+print("text=" + text, flush=True)
+print("guest_key=" + os.environ.get("ANTHROPIC_API_KEY", ""), flush=True)
+"#
+    );
+    let r = tcg(
+        &[
+            "--model-upstream",
+            &url,
+            "--model-ca",
+            &rel(&ca),
+            "--audit",
+            &rel(&audit),
+            "--debug-dump-guest-memory",
+            &rel(&dump),
+        ],
+        &["python3", "-c", &py],
+        &[("ANTHROPIC_API_KEY", &key)],
+        600,
+    );
+    r.expect_code(0);
+    assert_eq!(field(&r, "status="), "200", "{r}");
+    assert_eq!(
+        field(&r, "text="),
+        "Hello over TLS through the airlock, in several pieces."
+    );
+    let events = field(&r, "events=");
+    assert!(events.ends_with("last=message_stop"), "{events}");
+    assert!(
+        field(&r, "guest_key=").starts_with("airlock-placeholder"),
+        "{r}"
+    );
+    assert!(!r.stdout.contains(&key) && !r.stderr.contains(&key), "{r}");
+    assert!(!r.stderr.contains("unreachable"), "{r}");
+
+    let reqs = upstream.requests();
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    assert_eq!(
+        reqs[0]["key"],
+        key.as_str(),
+        "the upstream did not get the host's key"
+    );
+    assert_eq!(
+        (reqs[0]["status"].as_u64(), reqs[0]["stream"].as_bool()),
+        (Some(200), Some(true))
+    );
+    assert!(
+        reqs[0]["events"].as_u64().is_some_and(|n| n > 3),
+        "{}",
+        reqs[0]
+    );
+
+    let recs = records(&audit);
+    verify(&audit);
+    let calls = of_kind(&recs, "model.call");
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0]["status"], 200);
+    assert_eq!(calls[0]["complete"], true);
+    assert!(calls[0]["error"].is_null(), "{}", calls[0]);
+    assert_eq!(calls[0]["request_sha256"], reqs[0]["body_sha256"]);
+    let start = &of_kind(&recs, "run.start")[0];
+    let trusted = &start["policy"]["model"]["ca_file"];
+    assert_eq!(trusted["path"], rel(&ca), "{start}");
+    let ca_bytes = std::fs::read(&ca).expect("ca");
+    let want: String = <sha2::Sha256 as sha2::Digest>::digest(&ca_bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(trusted["sha256"], want.as_str());
+    assert_eq!(trusted["certificates"], 1);
+    let text = std::fs::read_to_string(&audit).expect("audit");
+    assert!(!text.contains(&key), "the key is in the audit log");
+
+    let ram =
+        std::fs::read(&dump).unwrap_or_else(|e| panic!("no RAM dump at {}: {e}", dump.display()));
+    assert!(ram.len() >= 200 << 20, "dump of {} bytes", ram.len());
+    assert!(
+        find(&ram, b"Hello over TLS through the airlock").is_some(),
+        "the dump is not the guest's RAM"
+    );
+    assert!(
+        find(&ram, key.as_bytes()).is_none(),
+        "the key is in the guest's RAM"
+    );
+    let _ = std::fs::remove_file(&dump);
+
+    // Without --model-ca the same upstream is not trusted: the agent gets
+    // an API-shaped 502 naming the TLS failure, the user is told on stderr
+    // (with the way out), nothing reached the upstream.
+    let py = format!(
+        "{PY_PRELUDE}{}",
+        r#"
+status, _, body = call("POST", "/v1/messages", ANTHROPIC, MSG)
+show("untrusted", status, body)
+print("message=" + json.loads(body)["error"]["message"], flush=True)
+"#
+    );
+    let r = tcg(
+        &["--model-upstream", &url],
+        &["python3", "-c", &py],
+        &[("ANTHROPIC_API_KEY", &key)],
+        600,
+    );
+    r.expect_code(0);
+    assert_eq!(
+        field(&r, "untrusted "),
+        "status=502 type=api_error code=None"
+    );
+    let message = field(&r, "message=");
+    assert!(
+        message.contains("TLS handshake failed") && message.contains("UnknownIssuer"),
+        "{message}"
+    );
+    r.expect_stderr(&format!(
+        "airlock: model upstream {url} unreachable: TLS handshake failed"
+    ))
+    .expect_stderr("pass it with --model-ca FILE");
+    assert_eq!(
+        upstream.requests().len(),
+        1,
+        "an untrusted call reached the upstream"
+    );
+}
+
+/// A bad --model-ca is found before any VM starts, in one line naming the
+/// file: missing, no certificate in it, malformed PEM, or given for a
+/// plain http:// upstream (there is nothing to verify: refused rather than
+/// silently ignored).
+#[test]
+fn model_ca_bad_input_is_a_usage_error() {
+    let dir = scratch("model-ca-usage");
+    let airlock = bin("airlock");
+    let (good, _, _) = test_pki(&dir);
+    let missing = rel(&dir.join("missing.pem"));
+    let empty = dir.join("empty.pem");
+    write(
+        &empty,
+        "these are not the certificates you are looking for\n",
+    );
+    let malformed = dir.join("malformed.pem");
+    write(
+        &malformed,
+        "-----BEGIN CERTIFICATE-----\n!!! not base64 !!!\n-----END CERTIFICATE-----\n",
+    );
+    let (empty, malformed, good) = (rel(&empty), rel(&malformed), rel(&good));
+    let https = "https://127.0.0.1:9";
+    let cases: [(&[&str], Vec<&str>); 4] = [
+        (&[https, &missing], vec![missing.as_str(), "cannot read it"]),
+        (&[https, &empty], vec![empty.as_str(), "no certificate"]),
+        (
+            &[https, &malformed],
+            vec![malformed.as_str(), "malformed PEM"],
+        ),
+        (
+            &["http://127.0.0.1:9", &good],
+            vec![good.as_str(), "plain http"],
+        ),
+    ];
+    for (opts, texts) in cases {
+        let argv = [
+            airlock.as_str(),
+            "run",
+            "--engine",
+            "tcg",
+            "--model-upstream",
+            opts[0],
+            "--model-ca",
+            opts[1],
+            "--",
+            "true",
+        ];
+        let r = run_env(&argv, &[("ANTHROPIC_API_KEY", "sk-test")], 60);
+        r.expect_code(2);
+        for text in texts {
+            r.expect_one_line_error(text);
+        }
+        assert!(r.stderr.contains("--model-ca"), "{r}");
+    }
+}

@@ -7,8 +7,10 @@
 //! allow list and the header rules ([`rules`]), the run's policy and budget
 //! ([`policy`]), forwarded with the real key ([`config`]: from the host's
 //! environment or a secrets file; it never enters the guest) over HTTP or
-//! HTTPS (ureq + rustls), and the answer relayed chunk by chunk as the
-//! upstream produces it, its token usage read on the way ([`usage`]).
+//! HTTPS (ureq + rustls, trusting Mozilla's roots and those of the
+//! user's `--model-ca` file, [`config::CaFile`]), and the answer relayed
+//! chunk by chunk as the upstream produces it, its token usage read on the
+//! way ([`usage`]).
 //! Every call is audited (`model.call`), every refusal too
 //! (`model.denied`, with an API-shaped JSON error for the agent).
 //!
