@@ -406,7 +406,9 @@ pub struct ModelArgs {
     #[arg(long, value_name = "N")]
     pub model_max_requests: Option<u64>,
     /// Refuse model calls (429) once the run has used this many tokens
-    /// (input + output, from the responses' usage) [default: no limit]
+    /// (input + output, from the responses' usage); each call's output cap
+    /// (max_tokens / max_completion_tokens) is lowered to the tokens left
+    /// [default: no limit]
     #[arg(long, value_name = "N")]
     pub model_max_tokens: Option<u64>,
     /// Refuse (413) a model request whose body is larger [default: 1 MiB]

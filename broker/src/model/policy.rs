@@ -154,6 +154,16 @@ pub enum Exhausted {
     Tokens { used: u64, max: u64 },
 }
 
+/// A call [`Budget::admit`] let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    /// Its number in the run, from 1.
+    pub number: u64,
+    /// Tokens left of the run's budget when it started (`None`: no token
+    /// budget): the most output the call may ask for.
+    pub tokens_left: Option<u64>,
+}
+
 /// The run's counts, shared by the connections.
 #[derive(Debug, Default)]
 pub struct Budget {
@@ -176,22 +186,28 @@ impl Budget {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Admits one more call if both budgets allow it, counting it. A call
-    /// in flight may take the token count past the budget; the next is
-    /// refused.
-    pub fn admit(&self, policy: &Policy) -> Result<u64, Exhausted> {
+    /// Admits one more call if both budgets allow it, counting it. The
+    /// proxy caps the call's output at the tokens left; its input (unknown
+    /// until the upstream counts it) may still take the count past the
+    /// budget, and the next call is refused.
+    pub fn admit(&self, policy: &Policy) -> Result<Admitted, Exhausted> {
         let mut c = self.lock();
         if c.requests >= policy.max_requests {
             return Err(Exhausted::Requests(policy.max_requests));
         }
+        let mut tokens_left = None;
         if let Some(max) = policy.max_tokens_per_run {
             let used = c.input_tokens.saturating_add(c.output_tokens);
             if used >= max {
                 return Err(Exhausted::Tokens { used, max });
             }
+            tokens_left = Some(max - used);
         }
         c.requests += 1;
-        Ok(c.requests)
+        Ok(Admitted {
+            number: c.requests,
+            tokens_left,
+        })
     }
 
     /// Adds the tokens a call used.
@@ -281,9 +297,15 @@ mod tests {
             ..Policy::default()
         };
         let b = Budget::default();
-        assert_eq!(b.admit(&p), Ok(1));
+        let admitted = |number, left| {
+            Ok(Admitted {
+                number,
+                tokens_left: Some(left),
+            })
+        };
+        assert_eq!(b.admit(&p), admitted(1, 50));
         b.spend(10, 5);
-        assert_eq!(b.admit(&p), Ok(2));
+        assert_eq!(b.admit(&p), admitted(2, 35));
         assert_eq!(b.admit(&p), Err(Exhausted::Requests(2)));
         let p = Policy {
             max_requests: 10,

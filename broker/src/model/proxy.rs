@@ -92,6 +92,61 @@ fn short(target: &str) -> &str {
     &target[..end]
 }
 
+/// What airlock changed in a request body before forwarding it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Rewrites {
+    /// `stream_options.include_usage` added to an OpenAI stream.
+    include_usage: bool,
+    /// The output-token cap lowered (or set) to the run's tokens left.
+    max_tokens: Option<OutputCap>,
+}
+
+impl Rewrites {
+    fn any(&self) -> bool {
+        self.include_usage || self.max_tokens.is_some()
+    }
+}
+
+/// An output-token cap airlock set on a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OutputCap {
+    field: &'static str,
+    /// What the agent asked for (`None`: nothing, or not a number).
+    asked: Option<u64>,
+    sent: u64,
+}
+
+/// Under a token budget, no call may ask for more output than the run has
+/// left: the request's cap (`max_tokens` for Anthropic; for OpenAI
+/// `max_completion_tokens`, or the older `max_tokens` if that is the one
+/// given) is lowered to `left`, or set when missing or not a number.
+/// `None` when the agent already asked for no more.
+fn cap_output_tokens(
+    api: Api,
+    obj: &mut serde_json::Map<String, Value>,
+    left: u64,
+) -> Option<OutputCap> {
+    let field = match api {
+        Api::Anthropic => "max_tokens",
+        Api::OpenAi
+            if !obj.contains_key("max_completion_tokens") && obj.contains_key("max_tokens") =>
+        {
+            "max_tokens"
+        }
+        Api::OpenAi => "max_completion_tokens",
+    };
+    let asked = obj.get(field).and_then(Value::as_u64);
+    if asked.is_some_and(|a| a <= left) {
+        return None;
+    }
+    obj.insert(field.into(), Value::from(left));
+    Some(OutputCap {
+        field,
+        asked,
+        sent: left,
+    })
+}
+
 /// The TLS error behind a failed call, if it is one.
 fn tls_error(e: &ureq::Error) -> Option<&rustls::Error> {
     match e {
@@ -268,7 +323,7 @@ impl Proxy {
         let credentials: Vec<&String> =
             dropped.iter().filter(|n| rules::is_credential(n)).collect();
         let checked = self.check(&req);
-        let (route, model, body, injected) = match checked {
+        let (route, model, body, rewrites) = match checked {
             Ok(ok) => ok,
             Err((denial, model)) => {
                 let _ = respond(&mut out, denial.status(), denial.headers(), &denial.body());
@@ -322,7 +377,7 @@ impl Proxy {
             relayed.usage.input.unwrap_or(0),
             relayed.usage.output.unwrap_or(0),
         );
-        let forwarded_sha = injected.then(|| hex(&Sha256::digest(&body)));
+        let forwarded_sha = rewrites.any().then(|| hex(&Sha256::digest(&body)));
         self.audit.host(
             kind::CALL,
             json!({
@@ -340,7 +395,12 @@ impl Proxy {
                 "request_bytes": req.body_bytes,
                 "request_sha256": req.sha256,
                 "forwarded_sha256": forwarded_sha,
-                "include_usage_added": injected,
+                "include_usage_added": rewrites.include_usage,
+                "max_tokens_capped": rewrites.max_tokens.map(|c| json!({
+                    "field": c.field,
+                    "asked": c.asked,
+                    "sent": c.sent,
+                })),
                 "response_bytes": relayed.response_bytes,
                 "response_sha256": relayed.response_sha256,
                 "complete": relayed.complete,
@@ -353,12 +413,12 @@ impl Proxy {
     }
 
     /// The rules and the policy, in order. On success: the route, the
-    /// model named, the body to forward, whether `include_usage` was added.
+    /// model named, the body to forward and what airlock changed in it.
     #[allow(clippy::type_complexity)]
     fn check(
         &self,
         req: &Request,
-    ) -> Result<(rules::Route, Option<String>, Vec<u8>, bool), (Denial, Option<String>)> {
+    ) -> Result<(rules::Route, Option<String>, Vec<u8>, Rewrites), (Denial, Option<String>)> {
         let policy = &self.settings.policy;
         let route = rules::route(&req.method, &req.target, &req.headers).map_err(|d| (d, None))?;
         let api = route.api;
@@ -431,8 +491,8 @@ impl Proxy {
                 None => return deny(Reason::BadBody, "the request names no model".into(), None),
             }
         }
-        match self.budget.admit(policy) {
-            Ok(_) => {}
+        let tokens_left = match self.budget.admit(policy) {
+            Ok(admitted) => admitted.tokens_left,
             Err(Exhausted::Requests(max)) => {
                 return deny(
                     Reason::RequestBudget,
@@ -447,10 +507,13 @@ impl Proxy {
                     model,
                 )
             }
+        };
+        let mut rewrites = Rewrites::default();
+        if let (Some(Value::Object(obj)), Some(left)) = (json.as_mut(), tokens_left) {
+            rewrites.max_tokens = cap_output_tokens(api, obj, left);
         }
         // An OpenAI stream reports usage only when asked: ask, so that the
         // token budget holds.
-        let mut injected = false;
         if let Some(Value::Object(obj)) = json.as_mut() {
             let streaming = obj.get("stream").and_then(Value::as_bool) == Some(true);
             let asked = obj
@@ -467,14 +530,14 @@ impl Proxy {
                         obj.insert("stream_options".into(), json!({ "include_usage": true }));
                     }
                 }
-                injected = true;
+                rewrites.include_usage = true;
             }
         }
-        let body = match (injected, json) {
-            (true, Some(v)) => v.to_string().into_bytes(),
+        let body = match json {
+            Some(v) if rewrites.any() => v.to_string().into_bytes(),
             _ => req.body.clone(),
         };
-        Ok((route, model, body, injected))
+        Ok((route, model, body, rewrites))
     }
 
     /// Sends the call upstream and relays the answer to `out`.

@@ -509,6 +509,77 @@ fn token_budget_counts_the_usage() {
     assert_eq!(a.json()["error"]["type"], "rate_limit_error");
 }
 
+/// Under a token budget no call asks the upstream for more output than the
+/// run has left; the audit record says what the agent asked and what went.
+#[test]
+fn output_is_capped_at_the_tokens_left() {
+    let policy = Policy {
+        max_tokens_per_run: Some(100),
+        ..Policy::default()
+    };
+    let usage = r#"{"usage":{"input_tokens":30,"output_tokens":10}}"#;
+    let (url, got) = upstream(json_reply(200, usage), None);
+    let h = Harness::new(settings(Some(&url), policy));
+    let sent = |body: &[u8], target: &str| {
+        assert_eq!(h.call("POST", target, &[], body).status, 200);
+        let got = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+        serde_json::from_slice::<Value>(&got.body).expect("json")
+    };
+    // Anthropic: 4096 asked, the whole budget left.
+    let first = sent(
+        br#"{"model":"m","max_tokens":4096,"messages":[]}"#,
+        "/v1/messages",
+    );
+    assert_eq!(first["max_tokens"], 100);
+    assert_eq!(
+        first["messages"],
+        serde_json::json!([]),
+        "the rest unchanged"
+    );
+    // 40 used: a small ask goes through as it is, byte for byte.
+    let body = br#"{"model":"m","max_tokens":16}"#;
+    assert_eq!(sent(body, "/v1/messages")["max_tokens"], 16);
+    // 80 used: OpenAI without a cap gets one; the older field is honoured.
+    let openai = sent(br#"{"model":"m","messages":[]}"#, "/v1/chat/completions");
+    assert_eq!(openai["max_completion_tokens"], 20);
+    assert!(openai.get("max_tokens").is_none());
+    let calls = h.records(super::kind::CALL);
+    let capped: Vec<&Value> = calls.iter().map(|c| &c["max_tokens_capped"]).collect();
+    assert_eq!(
+        capped[0],
+        &serde_json::json!({"field": "max_tokens", "asked": 4096, "sent": 100})
+    );
+    assert!(capped[1].is_null(), "{calls:?}");
+    assert_eq!(calls[1]["forwarded_sha256"], Value::Null, "sent unchanged");
+    assert_eq!(
+        capped[2],
+        &serde_json::json!({"field": "max_completion_tokens", "asked": null, "sent": 20})
+    );
+    assert!(calls[0]["forwarded_sha256"].is_string());
+    assert_ne!(calls[0]["forwarded_sha256"], calls[0]["request_sha256"]);
+}
+
+#[test]
+fn the_older_openai_field_is_capped_when_it_is_the_one_given() {
+    let policy = Policy {
+        max_tokens_per_run: Some(50),
+        ..Policy::default()
+    };
+    let (url, got) = upstream(json_reply(200, "{}"), None);
+    let h = Harness::new(settings(Some(&url), policy));
+    let a = h.call(
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        br#"{"model":"m","max_tokens":999}"#,
+    );
+    assert_eq!(a.status, 200);
+    let got = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+    let sent: Value = serde_json::from_slice(&got.body).expect("json");
+    assert_eq!(sent["max_tokens"], 50);
+    assert!(sent.get("max_completion_tokens").is_none());
+}
+
 #[test]
 fn no_upstream_means_403_and_unreachable_means_502() {
     let h = Harness::new(Settings::default());
