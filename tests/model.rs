@@ -241,6 +241,53 @@ fn tcg_reference_agent_completes_the_scripted_task() {
     );
 }
 
+/// Under `--model-max-tokens` the agent's generous `max_tokens` is lowered
+/// to what the run has left, call after call: what the upstream received is
+/// what the audit log says was forwarded, and the agent still finishes.
+#[test]
+fn tcg_the_token_budget_caps_each_calls_output() {
+    let dir = scratch("model-budget");
+    let key = secret_key("budget");
+    let script = root().join("upstream/scripts/demo.json");
+    let upstream = Upstream::start(&script, &dir, &["--key", &key]);
+    let audit = dir.join("audit.jsonl");
+    let _ = std::fs::remove_file(&audit);
+    let budget: u64 = 50_000;
+    let r = tcg(
+        &[
+            "--model-upstream",
+            &upstream.url(),
+            "--model-max-tokens",
+            &budget.to_string(),
+            "--audit",
+            &rel(&audit),
+        ],
+        &["airlock-agent", "--max-tokens", "100000", "Summarize"],
+        &[("ANTHROPIC_API_KEY", &key)],
+        600,
+    );
+    r.expect_code(0);
+    let reqs = upstream.requests();
+    let recs = records(&audit);
+    verify(&audit);
+    let calls = of_kind(&recs, "model.call");
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    assert_eq!(reqs.len(), 3, "{reqs:?}");
+    let mut used = 0;
+    for (call, q) in calls.iter().zip(&reqs) {
+        assert_eq!(
+            call["max_tokens_capped"],
+            serde_json::json!({"field": "max_tokens", "asked": 100000, "sent": budget - used}),
+            "{call}"
+        );
+        assert_eq!(call["forwarded_sha256"], q["body_sha256"], "{call}\n{q}");
+        assert_ne!(call["request_sha256"], q["body_sha256"], "{call}");
+        used += call["input_tokens"].as_u64().expect("input tokens")
+            + call["output_tokens"].as_u64().expect("output tokens");
+    }
+    assert!(used < budget, "the task fits the budget: {used}");
+}
+
 /// Server-sent events reach the guest as the upstream produces them (the
 /// guest sees the first event long before the last, as the upstream spaced
 /// them), for both APIs; the OpenAI stream's usage is asked for by the
