@@ -492,24 +492,33 @@ subprocess.run(["tar", "-c", "--one-file-system", "-C", "/"] + [m.lstrip("/") or
         find(&root_image, key.as_bytes()).is_none(),
         "the key is in the root image"
     );
+    let size = scan_ram_dump(&dump, marker.as_bytes(), &key);
+    assert!(size >= 200 << 20, "dump of {size} bytes");
+}
+
+/// Scans the guest RAM dump at `dump` and removes it: `marker`, which the
+/// guest made, must be there (so the scan is real), the key and either
+/// half of it must not. Returns the dump's size.
+fn scan_ram_dump(dump: &Path, marker: &[u8], key: &str) -> usize {
     let ram =
-        std::fs::read(&dump).unwrap_or_else(|e| panic!("no RAM dump at {}: {e}", dump.display()));
-    assert!(ram.len() >= 200 << 20, "dump of {} bytes", ram.len());
+        std::fs::read(dump).unwrap_or_else(|e| panic!("no RAM dump at {}: {e}", dump.display()));
     assert!(
-        find(&ram, marker.as_bytes()).is_some(),
+        find(&ram, marker).is_some(),
         "the dump is not the guest's RAM"
     );
     assert!(
         find(&ram, key.as_bytes()).is_none(),
         "the key is in the guest's RAM"
     );
-    // Neither half of it either.
     let half = key.len() / 2;
-    assert!(
-        find(&ram, &key.as_bytes()[half..]).is_none(),
-        "part of the key is in the guest's RAM"
-    );
-    let _ = std::fs::remove_file(&dump);
+    for part in [&key.as_bytes()[..half], &key.as_bytes()[half..]] {
+        assert!(
+            find(&ram, part).is_none(),
+            "part of the key is in the guest's RAM"
+        );
+    }
+    let _ = std::fs::remove_file(dump);
+    ram.len()
 }
 
 /// Where `needle` first occurs in `hay` (glibc's memmem: a GiB of guest
@@ -837,17 +846,8 @@ fn kvm_reference_agent_in_the_test_bed() {
         .collect();
     assert_eq!(reqs.len(), 3, "{log}");
     assert!(reqs.iter().all(|q| q["key"] == key.as_str()), "{log}");
-    let ram = std::fs::read(&dump).unwrap_or_else(|e| panic!("no RAM dump: {e}\n{r}"));
-    assert_eq!(ram.len(), 512 << 20);
-    assert!(
-        find(&ram, b"Summary written by the scripted model").is_some(),
-        "the dump is not the guest's RAM"
-    );
-    assert!(
-        find(&ram, key.as_bytes()).is_none(),
-        "the key is in the guest's RAM"
-    );
-    let _ = std::fs::remove_file(&dump);
+    let size = scan_ram_dump(&dump, b"Summary written by the scripted model", &key);
+    assert_eq!(size, 512 << 20, "{r}");
 }
 
 /// A CA and a server certificate it signed for 127.0.0.1 and localhost,
@@ -994,18 +994,8 @@ print("guest_key=" + os.environ.get("ANTHROPIC_API_KEY", ""), flush=True)
     let text = std::fs::read_to_string(&audit).expect("audit");
     assert!(!text.contains(&key), "the key is in the audit log");
 
-    let ram =
-        std::fs::read(&dump).unwrap_or_else(|e| panic!("no RAM dump at {}: {e}", dump.display()));
-    assert!(ram.len() >= 200 << 20, "dump of {} bytes", ram.len());
-    assert!(
-        find(&ram, b"Hello over TLS through the airlock").is_some(),
-        "the dump is not the guest's RAM"
-    );
-    assert!(
-        find(&ram, key.as_bytes()).is_none(),
-        "the key is in the guest's RAM"
-    );
-    let _ = std::fs::remove_file(&dump);
+    let size = scan_ram_dump(&dump, b"Hello over TLS through the airlock", &key);
+    assert!(size >= 200 << 20, "dump of {size} bytes");
 
     // Without --model-ca the same upstream is not trusted: the agent gets
     // an API-shaped 502 naming the TLS failure, the user is told on stderr
