@@ -117,12 +117,7 @@ pub const TEST_INITRD_ENV: (&str, &str) = ("AIRLOCK_INITRD", "build/initramfs.cp
 /// Runs `argv` from the repository root with extra environment variables
 /// (and [`TEST_INITRD_ENV`] unless `env` sets it).
 pub fn run_env(argv: &[&str], env: &[(&str, &str)], timeout_s: u32) -> Run {
-    let raw = run_raw(argv, env, timeout_s);
-    Run {
-        code: raw.code,
-        stdout: String::from_utf8_lossy(&raw.stdout).into_owned(),
-        stderr: raw.stderr,
-    }
+    run_raw(argv, env, timeout_s).into_run()
 }
 
 /// Runs `argv` inside the nested test bed (L1 Linux with real `kvm_amd`).
@@ -163,6 +158,17 @@ pub struct RawRun {
     pub stdout: Vec<u8>,
     /// Standard error, lossily decoded.
     pub stderr: String,
+}
+
+impl RawRun {
+    /// The same run with stdout lossily decoded.
+    pub fn into_run(self) -> Run {
+        Run {
+            code: self.code,
+            stdout: String::from_utf8_lossy(&self.stdout).into_owned(),
+            stderr: self.stderr,
+        }
+    }
 }
 
 /// Like [`run_env`], keeping stdout as bytes.
@@ -406,6 +412,16 @@ pub fn audit_log_of(r: &Run) -> PathBuf {
 /// `airlock run --engine tcg --image-root build/rootfs.img OPTS -- CMD` on
 /// this host, with `env` added to airlock's environment.
 pub fn tcg_on_image(opts: &[&str], cmd: &[&str], env: &[(&str, &str)], timeout_s: u32) -> Run {
+    tcg_on_image_raw(opts, cmd, env, timeout_s).into_run()
+}
+
+/// [`tcg_on_image`] with stdout kept as bytes.
+pub fn tcg_on_image_raw(
+    opts: &[&str],
+    cmd: &[&str],
+    env: &[(&str, &str)],
+    timeout_s: u32,
+) -> RawRun {
     let airlock = bin("airlock");
     let image = build_file("rootfs.img");
     let mut argv = vec![
@@ -419,5 +435,5 @@ pub fn tcg_on_image(opts: &[&str], cmd: &[&str], env: &[(&str, &str)], timeout_s
     argv.extend_from_slice(opts);
     argv.push("--");
     argv.extend_from_slice(cmd);
-    run_env(&argv, env, timeout_s)
+    run_raw(&argv, env, timeout_s)
 }

@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 
 use airlock_e2e::{
     audit_records as records, bin, build_file, fields_of_kind as of_kind, rel, root, run_env,
-    run_raw, scratch, testbed, Run,
+    scratch, testbed, Run,
 };
 use serde_json::Value;
 
@@ -436,17 +436,10 @@ subprocess.run(["tar", "-c", "--one-file-system", "-C", "/"] + [m.lstrip("/") or
                stderr=subprocess.DEVNULL)
 "#
     );
-    let airlock = bin("airlock");
     let image = build_file("rootfs.img");
     let url = upstream.url();
-    let raw = run_raw(
+    let raw = airlock_e2e::tcg_on_image_raw(
         &[
-            airlock.as_str(),
-            "run",
-            "--engine",
-            "tcg",
-            "--image-root",
-            image.as_str(),
             "--no-container",
             "--model-upstream",
             &url,
@@ -454,11 +447,8 @@ subprocess.run(["tar", "-c", "--one-file-system", "-C", "/"] + [m.lstrip("/") or
             &rel(&dump),
             "--timeout",
             "1500",
-            "--",
-            "python3",
-            "-c",
-            &cmd,
         ],
+        &["python3", "-c", &cmd],
         &[("ANTHROPIC_API_KEY", &key)],
         1700,
     );
