@@ -481,15 +481,9 @@ mod tests {
         ));
     }
 
-    /// A CA certificate, PEM, made here.
+    /// A CA certificate, PEM, made here (the proxy tests' PKI maker).
     fn ca_pem(name: &str) -> String {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let key = rcgen::KeyPair::generate().expect("key");
-        params.self_signed(&key).expect("sign").pem()
+        crate::model::tests::pki(name, &["localhost"]).ca
     }
 
     #[test]

@@ -695,13 +695,13 @@ fn https_goes_through_rustls() {
 }
 
 /// A CA (PEM) and a server certificate it signed for `names`, with its key.
-struct Pki {
-    ca: String,
+pub(super) struct Pki {
+    pub(super) ca: String,
     cert: String,
     key: String,
 }
 
-fn pki(ca_name: &str, names: &[&str]) -> Pki {
+pub(super) fn pki(ca_name: &str, names: &[&str]) -> Pki {
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     params
