@@ -6,7 +6,15 @@
 //! regular files go; symlinks are skipped (never followed) and counted, and
 //! names on the deny list are skipped.
 //!
-//! Receiving: the guest is hostile. Every path is checked where it is used:
+//! Receiving: the guest is hostile. The host decides what lands in `--out`:
+//! modes are the host's ([`result_mode`]: no setuid, setgid, sticky or
+//! group/world write, whatever the guest says), a directory that was
+//! already there is never changed, `--collect` is checked here
+//! ([`ResultsPolicy`]; the init's own filtering is a courtesy), and
+//! everything the stream can make the host do is bounded: entries, path
+//! depth, `file.out` records and stderr lines (the rest counted and hashed
+//! in `files.done`), remembered directories, and time (the run's deadline
+//! abandons the rest). Every path is checked where it is used:
 //! each directory on the way is opened relative to its parent with
 //! `O_NOFOLLOW | O_DIRECTORY` (so a symlink in the way is refused, not
 //! followed) and created with `mkdirat` if missing; a file is written to a
@@ -23,6 +31,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use airlock_protocol::limits::{FILE_MODE_MASK, MAX_FILE_CHUNK, MAX_FILE_PATH};
 use airlock_protocol::{
@@ -39,6 +48,22 @@ pub const DEFAULT_DENY: [&str; 6] = [".env*", ".ssh", ".aws", ".gnupg", "*.pem",
 
 /// Most entries a results stream may hold; beyond, the stream is cut.
 pub const MAX_RESULT_ENTRIES: u64 = 100_000;
+
+/// Deepest result path, in components (each level costs an `openat`).
+pub const MAX_RESULT_DEPTH: usize = 128;
+
+/// Most `file.out` records one results stream writes (accepted and refused
+/// together); the rest are counted, and hashed, in `files.done`.
+pub const MAX_FILE_RECORDS: u64 = 10_000;
+
+/// Most refused result files named on stderr; `files.done` counts the rest.
+pub const MAX_REFUSAL_LINES: u64 = 20;
+
+/// Most directories whose mtime a results stream restores at its end.
+pub const MAX_DIR_TIMES: usize = 10_000;
+
+/// Most bytes of directory paths remembered for that.
+pub const MAX_DIR_TIME_BYTES: usize = 4 << 20;
 
 /// What can go wrong with a whole stream (a single refused file is not an
 /// error: it is reported and the stream goes on).
@@ -58,6 +83,8 @@ pub enum Error {
     Stream(String),
     #[error("the results stream failed")]
     Receive(#[source] FrameError),
+    #[error("the run's time was up (--timeout): the rest of the results were abandoned")]
+    Abandoned,
 }
 
 /// A `*`/`?` glob over one name (bytes): `*` any run, `?` any one byte.
@@ -377,6 +404,9 @@ fn components(path: &str) -> Result<Vec<&str>, String> {
         return Err("NUL in path".into());
     }
     let parts: Vec<&str> = path.split('/').collect();
+    if parts.len() > MAX_RESULT_DEPTH {
+        return Err(format!("deeper than {MAX_RESULT_DEPTH} components"));
+    }
     if parts.contains(&"..") {
         return Err("'..' in path".into());
     }
@@ -387,27 +417,54 @@ fn components(path: &str) -> Result<Vec<&str>, String> {
 }
 
 /// Opens (creating if missing) each directory of `dirs` below `root`, never
-/// following a symlink.
-fn open_dirs(root: &OwnedFd, dirs: &[&str]) -> Result<OwnedFd, String> {
+/// following a symlink. A directory it creates gets mode `0755` whatever
+/// the umask; one that exists is not touched. The flag says whether the
+/// last one was created here.
+fn open_dirs(root: &OwnedFd, dirs: &[&str]) -> Result<(OwnedFd, bool), String> {
     let mut cur = root.try_clone().map_err(|e| format!("dup: {e}"))?;
+    let mut created = false;
     for name in dirs {
         let flags = libc::O_RDONLY | libc::O_DIRECTORY;
+        created = false;
         let next = match open_at(cur.as_raw_fd(), name, flags, 0) {
             Ok(fd) => fd,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                mkdir_at(cur.as_raw_fd(), name, 0o755)
+                mkdir_at(cur.as_raw_fd(), name, 0o700)
                     .map_err(|e| format!("cannot create directory {name}: {e}"))?;
-                open_at(cur.as_raw_fd(), name, flags, 0)
-                    .map_err(|e| format!("cannot open directory {name}: {e}"))?
+                let fd = open_at(cur.as_raw_fd(), name, flags, 0)
+                    .map_err(|e| format!("cannot open directory {name}: {e}"))?;
+                let mode = result_mode(FileKind::Dir, 0);
+                // SAFETY: fchmod on a descriptor we own; no memory is passed.
+                if unsafe { libc::fchmod(fd.as_raw_fd(), mode) } < 0 {
+                    return Err(format!("chmod {name}: {}", io::Error::last_os_error()));
+                }
+                created = true;
+                fd
             }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) => {
-                return Err(format!("{name} is a symlink or not a directory"))
-            }
-            Err(e) => return Err(format!("cannot open directory {name}: {e}")),
+            Err(e) => return Err(dir_error(name, &e)),
         };
         cur = next;
     }
+    Ok((cur, created))
+}
+
+/// Opens each directory of `dirs` below `root` that is already there,
+/// never following a symlink, creating nothing.
+fn reopen_dirs(root: &OwnedFd, dirs: &[&str]) -> Result<OwnedFd, String> {
+    let mut cur = root.try_clone().map_err(|e| format!("dup: {e}"))?;
+    for name in dirs {
+        cur = open_at(cur.as_raw_fd(), name, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+            .map_err(|e| dir_error(name, &e))?;
+    }
     Ok(cur)
+}
+
+fn dir_error(name: &str, e: &io::Error) -> String {
+    if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) {
+        format!("{name} is a symlink or not a directory")
+    } else {
+        format!("cannot open directory {name}: {e}")
+    }
 }
 
 /// The file being received.
@@ -454,24 +511,245 @@ fn create_temp(dir: &OwnedFd, name: &str) -> Result<(String, File), String> {
 }
 
 /// The results receiver's view of the run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Received {
     pub accepted: u64,
     pub refused: u64,
     pub bytes: u64,
+    /// Refused files not named on stderr (past [`MAX_REFUSAL_LINES`]).
+    pub unnamed: u64,
+    /// `file.out` records not written (past [`MAX_FILE_RECORDS`]): how many
+    /// accepted and refused, and the sha256 of the records they would have
+    /// been (one JSON object a line), so the log still pins them.
+    pub unrecorded_accepted: u64,
+    pub unrecorded_refused: u64,
+    pub unrecorded_sha256: Option<String>,
+    /// Directories whose mtime was not restored (past [`MAX_DIR_TIMES`]).
+    pub dir_times_dropped: u64,
 }
 
-/// Receives a results stream from `r` into `out` within `max_bytes` (per
-/// file and in total). Each refused file is reported to `refused` (path,
-/// reason), audited as `file.out` with `accepted: false`, and skipped; a
-/// malformed stream ends it with an error (the file in progress refused).
+/// What the host allows of a results stream. The guest's own filtering
+/// (`--collect` in the init) is a courtesy; this is the check.
+#[derive(Debug, Clone, Copy)]
+pub struct ResultsPolicy<'a> {
+    /// The user's `--out`.
+    pub out: &'a Path,
+    /// `--max-out-bytes`: per file and in total.
+    pub max_bytes: u64,
+    /// `--collect` patterns; empty: everything under `/workspace/out`.
+    pub collect: &'a [String],
+    /// When the run's time is up: past it the rest of the stream is
+    /// abandoned ([`Error::Abandoned`]), however much is left.
+    pub deadline: Option<Instant>,
+}
+
+/// The permission bits the host gives a result, whatever the guest said:
+/// directories `0755`; files `0755` if the guest's owner-execute bit is
+/// set, else `0644`. Never setuid, setgid, sticky, or group/world writable.
+pub fn result_mode(kind: FileKind, guest_mode: u32) -> u32 {
+    match kind {
+        FileKind::Dir => 0o755,
+        FileKind::File if guest_mode & 0o100 != 0 => 0o755,
+        FileKind::File => 0o644,
+    }
+}
+
+/// Whether `--collect` lets the results stream carry `path` (a relative
+/// path already split into components). A file must match a pattern, or lie
+/// under a directory that does; a directory may also be on the way to
+/// something a pattern could match (the init sends a matched file's
+/// directories before it).
+fn collect_allows(collect: &[String], parts: &[&str], kind: FileKind) -> bool {
+    if collect.is_empty() {
+        return true;
+    }
+    collect.iter().any(|pattern| {
+        let scan = glob_scan(pattern, parts);
+        scan.matched || (kind == FileKind::Dir && scan.alive)
+    })
+}
+
+/// How a `/`-separated glob pattern (`*` and `?` within a component, `**`
+/// as a whole component for any number of components) meets a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GlobScan {
+    /// The pattern matches the path or one of its ancestors.
+    matched: bool,
+    /// The pattern could still match the path or something below it.
+    alive: bool,
+}
+
+/// Runs `pattern` over `names` as an automaton over components: time
+/// `O(pattern components × names)`, whatever the `**`s, so a hostile path
+/// costs no more than its length.
+fn glob_scan(pattern: &str, names: &[&str]) -> GlobScan {
+    let p: Vec<&str> = pattern.split('/').collect();
+    // states[i]: pattern position i reached after the names consumed.
+    let mut states = vec![false; p.len() + 1];
+    let close = |states: &mut Vec<bool>| {
+        for i in 0..p.len() {
+            if states[i] && p[i] == "**" {
+                states[i + 1] = true;
+            }
+        }
+    };
+    states[0] = true;
+    close(&mut states);
+    let mut matched = false;
+    for name in names {
+        let mut next = vec![false; p.len() + 1];
+        for i in 0..p.len() {
+            if !states[i] {
+                continue;
+            }
+            if p[i] == "**" {
+                next[i] = true;
+            } else if glob_match(p[i].as_bytes(), name.as_bytes()) {
+                next[i + 1] = true;
+            }
+        }
+        close(&mut next);
+        states = next;
+        matched |= states[p.len()];
+        if !states.iter().any(|&s| s) {
+            break;
+        }
+    }
+    GlobScan {
+        matched,
+        alive: states.iter().any(|&s| s),
+    }
+}
+
+/// Reads through to `inner`, which has a short read timeout, until
+/// `deadline`: then every read fails with `TimedOut`, so that no stream
+/// keeps airlock past the run's time.
+struct DeadlineReader<R> {
+    inner: R,
+    deadline: Option<Instant>,
+}
+
+impl<R: Read> Read for DeadlineReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the run's time is up",
+                ));
+            }
+            match self.inner.read(buf) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Where every file's fate goes: the `file.out` records (at most
+/// [`MAX_FILE_RECORDS`]), the stderr callback (at most
+/// [`MAX_REFUSAL_LINES`]), and the counts.
+struct Tally<'a> {
+    audit: &'a AuditLog,
+    refused: &'a mut dyn FnMut(&str, &str),
+    got: Received,
+    records: u64,
+    lines: u64,
+    unrecorded: Sha256,
+}
+
+impl Tally<'_> {
+    fn record(&mut self, fields: serde_json::Value, accepted: bool) {
+        if self.records < MAX_FILE_RECORDS {
+            self.records += 1;
+            self.audit
+                .host(kind::FILE_OUT, fields, Durability::Buffered);
+            return;
+        }
+        if accepted {
+            self.got.unrecorded_accepted += 1;
+        } else {
+            self.got.unrecorded_refused += 1;
+        }
+        self.unrecorded.update(fields.to_string().as_bytes());
+        self.unrecorded.update(b"\n");
+    }
+
+    /// `size`: what the guest claimed; `sha`: ours, of what it sent.
+    fn refuse(&mut self, path: &str, why: &str, size: Option<u64>, sha: Option<String>) {
+        self.got.refused += 1;
+        if self.lines < MAX_REFUSAL_LINES {
+            self.lines += 1;
+            (self.refused)(path, why);
+        } else {
+            self.got.unnamed += 1;
+        }
+        self.record(
+            json!({ "path": path, "size": size, "sha256": sha, "accepted": false,
+                    "reason": why }),
+            false,
+        );
+    }
+
+    fn accept(&mut self, path: &str, size: u64, sha: String) {
+        self.got.accepted += 1;
+        self.got.bytes += size;
+        self.record(
+            json!({ "path": path, "size": size, "sha256": sha, "accepted": true }),
+            true,
+        );
+    }
+
+    fn finish(mut self) -> Received {
+        if self.got.unrecorded_accepted + self.got.unrecorded_refused > 0 {
+            self.got.unrecorded_sha256 = Some(hex(&self.unrecorded.finalize()));
+        }
+        self.got
+    }
+}
+
+/// Directories this stream made, whose mtimes are set at the end (writing
+/// inside a directory changes its mtime); bounded in count and bytes.
+#[derive(Default)]
+struct DirTimes {
+    dirs: Vec<(String, i64)>,
+    bytes: usize,
+    dropped: u64,
+}
+
+impl DirTimes {
+    fn remember(&mut self, path: &str, mtime: i64) {
+        if self.dirs.len() >= MAX_DIR_TIMES || self.bytes + path.len() > MAX_DIR_TIME_BYTES {
+            self.dropped += 1;
+            return;
+        }
+        self.bytes += path.len();
+        self.dirs.push((path.to_owned(), mtime));
+    }
+}
+
+/// Receives a results stream from `r` into `policy.out` within its limits.
+/// Each refused file is reported to `refused` (path, reason; the first
+/// [`MAX_REFUSAL_LINES`]), audited as `file.out` with `accepted: false`,
+/// and skipped; a malformed stream ends it with an error (the file in
+/// progress refused), and so does the run's deadline.
 pub fn receive_results<R: Read>(
-    mut r: R,
-    out: &Path,
-    max_bytes: u64,
+    r: R,
+    policy: &ResultsPolicy<'_>,
     audit: &AuditLog,
     refused: &mut dyn FnMut(&str, &str),
 ) -> Result<Received, Error> {
+    let out = policy.out;
+    let mut r = DeadlineReader {
+        inner: r,
+        deadline: policy.deadline,
+    };
     // The user's own --out (a symlink there is the user's choice), opened
     // once: everything below is reached relative to this descriptor.
     let root: OwnedFd = std::fs::OpenOptions::new()
@@ -480,28 +758,26 @@ pub fn receive_results<R: Read>(
         .open(out)
         .map_err(|e| Error::OutDir(out.into(), e))?
         .into();
-    let mut got = Received::default();
-    let mut budget = max_bytes;
+    let mut tally = Tally {
+        audit,
+        refused,
+        got: Received::default(),
+        records: 0,
+        lines: 0,
+        unrecorded: Sha256::new(),
+    };
+    let mut budget = policy.max_bytes;
     let mut entries = 0u64;
     let mut current: Option<Current> = None;
-    // Directory mtimes are set at the end: writing inside a directory
-    // changes its mtime.
-    let mut dir_times: Vec<(String, i64)> = Vec::new();
-    // `size`: what the guest claimed; `sha256`: ours, of what it sent.
-    let mut refuse =
-        |path: &str, why: &str, size: Option<u64>, sha: Option<String>, got: &mut Received| {
-            got.refused += 1;
-            refused(path, why);
-            audit.host(
-                kind::FILE_OUT,
-                json!({ "path": path, "size": size, "sha256": sha, "accepted": false,
-                    "reason": why }),
-                Durability::Buffered,
-            );
-        };
+    let mut dir_times = DirTimes::default();
+    let late = || policy.deadline.is_some_and(|d| Instant::now() >= d);
     let result = loop {
+        if late() {
+            break Err(Error::Abandoned);
+        }
         let msg = match read_frame(&mut r) {
             Ok(msg) => msg,
+            Err(_) if late() => break Err(Error::Abandoned),
             Err(e) => break Err(Error::Receive(e)),
         };
         match (msg, current.take()) {
@@ -513,12 +789,13 @@ pub fn receive_results<R: Read>(
                     )));
                 }
                 match entry.kind {
-                    FileKind::Dir => match make_dir(&root, &entry) {
-                        Ok(()) => dir_times.push((entry.path, entry.mtime)),
-                        Err(why) => refuse(&entry.path, &why, None, None, &mut got),
+                    FileKind::Dir => match make_dir(&root, &entry, policy.collect) {
+                        Ok(true) => dir_times.remember(&entry.path, entry.mtime),
+                        Ok(false) => {}
+                        Err(why) => tally.refuse(&entry.path, &why, None, None),
                     },
                     FileKind::File => {
-                        current = Some(start_file(&root, entry, budget));
+                        current = Some(start_file(&root, entry, budget, policy.collect));
                     }
                 }
             }
@@ -529,13 +806,7 @@ pub fn receive_results<R: Read>(
                     if let Some(t) = cur.target.take() {
                         t.discard();
                     }
-                    refuse(
-                        &path,
-                        "more data than its size",
-                        Some(cur.size),
-                        None,
-                        &mut got,
-                    );
+                    tally.refuse(&path, "more data than its size", Some(cur.size), None);
                     break Err(Error::Stream(format!("{path}: more data than its size")));
                 }
                 cur.got += n;
@@ -554,18 +825,11 @@ pub fn receive_results<R: Read>(
                 let reserved = cur.size;
                 match finish_file(cur, &sha256) {
                     Ok((path, size, digest)) => {
-                        got.accepted += 1;
-                        got.bytes += size;
                         budget = budget.saturating_sub(size);
-                        audit.host(
-                            kind::FILE_OUT,
-                            json!({ "path": path, "size": size, "sha256": hex(&digest),
-                                    "accepted": true }),
-                            Durability::Buffered,
-                        );
+                        tally.accept(&path, size, hex(&digest));
                     }
                     Err((path, why, digest)) => {
-                        refuse(&path, &why, Some(reserved), Some(hex(&digest)), &mut got);
+                        tally.refuse(&path, &why, Some(reserved), Some(hex(&digest)));
                     }
                 }
             }
@@ -576,12 +840,11 @@ pub fn receive_results<R: Read>(
                     if let Some(t) = cur.target.take() {
                         t.discard();
                     }
-                    refuse(
+                    tally.refuse(
                         &cur.path,
                         "incomplete (the stream broke)",
                         Some(cur.size),
                         None,
-                        &mut got,
                     );
                 }
                 break Err(Error::Stream(format!("unexpected {what}")));
@@ -592,39 +855,47 @@ pub fn receive_results<R: Read>(
         if let Some(t) = cur.target.take() {
             t.discard();
         }
-        refuse(
-            &cur.path,
-            "incomplete (the stream ended)",
-            Some(cur.size),
-            None,
-            &mut got,
-        );
+        let why = if matches!(result, Err(Error::Abandoned)) {
+            "incomplete (the run's time was up)"
+        } else {
+            "incomplete (the stream ended)"
+        };
+        tally.refuse(&cur.path, why, Some(cur.size), None);
     }
     // Deepest first (parents come before children in the stream), each
-    // directory reached again without following a symlink.
-    for (path, mtime) in dir_times.iter().rev() {
+    // directory reached again without following a symlink; not past the
+    // deadline.
+    for (path, mtime) in dir_times.dirs.iter().rev() {
+        if late() {
+            break;
+        }
         if let Ok(parts) = components(path) {
-            if let Ok(dir) = open_dirs(&root, &parts) {
+            if let Ok(dir) = reopen_dirs(&root, &parts) {
                 let _ = set_mtime(dir.as_raw_fd(), *mtime);
             }
         }
     }
+    let mut got = tally.finish();
+    got.dir_times_dropped = dir_times.dropped;
     result.map(|()| got)
 }
 
-fn make_dir(root: &OwnedFd, entry: &FileEntry) -> Result<(), String> {
+/// Makes (or finds) the directory `entry` names. `Ok(true)` when this
+/// stream created it (then it gets the host's mode and, later, the guest's
+/// mtime); a directory that was already there is left exactly as it is.
+fn make_dir(root: &OwnedFd, entry: &FileEntry, collect: &[String]) -> Result<bool, String> {
     let parts = components(&entry.path)?;
-    let dir = open_dirs(root, &parts)?;
-    // Keep it writable by us: later entries go inside it.
-    let mode = (entry.mode & FILE_MODE_MASK) | 0o700;
-    // SAFETY: fchmod on a descriptor we own; no memory is passed.
-    if unsafe { libc::fchmod(dir.as_raw_fd(), mode) } < 0 {
-        return Err(format!("chmod: {}", io::Error::last_os_error()));
+    if !collect_allows(collect, &parts, FileKind::Dir) {
+        return Err(NOT_COLLECTED.into());
     }
-    Ok(())
+    let (_, created) = open_dirs(root, &parts)?;
+    Ok(created)
 }
 
-fn start_file(root: &OwnedFd, entry: FileEntry, budget: u64) -> Current {
+/// The refusal of a path no `--collect` pattern asked for.
+const NOT_COLLECTED: &str = "not matched by any --collect pattern";
+
+fn start_file(root: &OwnedFd, entry: FileEntry, budget: u64, collect: &[String]) -> Current {
     let mut cur = Current {
         path: entry.path.clone(),
         size: entry.size,
@@ -632,20 +903,22 @@ fn start_file(root: &OwnedFd, entry: FileEntry, budget: u64) -> Current {
         hasher: Sha256::new(),
         target: None,
         refusal: None,
-        mode: entry.mode & FILE_MODE_MASK,
+        mode: result_mode(FileKind::File, entry.mode),
         mtime: entry.mtime,
     };
-    if entry.size > budget {
-        cur.refusal = Some(format!(
-            "{} bytes is over the limit ({budget} bytes left of --max-out-bytes)",
-            entry.size
-        ));
-        return cur;
-    }
     let open = || -> Result<Target, String> {
         let parts = components(&entry.path)?;
+        if !collect_allows(collect, &parts, FileKind::File) {
+            return Err(NOT_COLLECTED.into());
+        }
+        if entry.size > budget {
+            return Err(format!(
+                "{} bytes is over the limit ({budget} bytes left of --max-out-bytes)",
+                entry.size
+            ));
+        }
         let (name, dirs) = parts.split_last().ok_or("empty path")?;
-        let dir = open_dirs(root, dirs)?;
+        let (dir, _) = open_dirs(root, dirs)?;
         let (tmp, file) = create_temp(&dir, name)?;
         Ok(Target {
             dir,
@@ -803,6 +1076,15 @@ mod tests {
         }
     }
 
+    fn policy(out: &Path, max_bytes: u64) -> ResultsPolicy<'_> {
+        ResultsPolicy {
+            out,
+            max_bytes,
+            collect: &[],
+            deadline: None,
+        }
+    }
+
     fn frames(msgs: &[Message]) -> Vec<u8> {
         msgs.iter()
             .flat_map(|m| encode(m).expect("valid"))
@@ -851,9 +1133,12 @@ mod tests {
         assert_eq!(sent.symlinks, 1);
         assert_eq!(sent.entries, 4);
         let mut refusals = Vec::new();
-        let got = receive_results(&buf[..], dst.path(), 1 << 30, &audit, &mut |p, w| {
-            refusals.push((p.to_owned(), w.to_owned()))
-        })
+        let got = receive_results(
+            &buf[..],
+            &policy(dst.path(), 1 << 30),
+            &audit,
+            &mut |p, w| refusals.push((p.to_owned(), w.to_owned())),
+        )
         .expect("receive");
         assert!(refusals.is_empty(), "{refusals:?}");
         assert_eq!(got.accepted, 3);
@@ -901,7 +1186,7 @@ mod tests {
         let input = frames(&msgs);
         let (audit, _mem) = AuditLog::memory(TEST_LIMITS, None);
         let mut refusals = Vec::new();
-        let got = receive_results(&input[..], d, 50, &audit, &mut |p, w| {
+        let got = receive_results(&input[..], &policy(d, 50), &audit, &mut |p, w| {
             refusals.push((p.to_owned(), w.to_owned()))
         })
         .expect("receive");
@@ -937,8 +1222,256 @@ mod tests {
             Message::FileData(b"partial".to_vec()),
         ]);
         let mut n = 0;
-        assert!(receive_results(&input[..], d, 50, &audit, &mut |_, _| n += 1).is_err());
+        assert!(receive_results(&input[..], &policy(d, 50), &audit, &mut |_, _| n += 1).is_err());
         assert_eq!(n, 1);
         assert_eq!(std::fs::read(d.join("keep")).expect("read"), b"original");
+    }
+
+    fn entry_mode(path: &str, kind: FileKind, size: u64, mode: u32) -> Message {
+        Message::FileEntry(FileEntry {
+            path: path.into(),
+            kind,
+            mode,
+            mtime: 1_000_000,
+            size,
+        })
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    #[test]
+    fn the_host_decides_result_modes_and_leaves_existing_directories_alone() {
+        let dst = TestDir::new("files-modes");
+        let d = dst.path();
+        std::fs::create_dir(d.join("old")).expect("mkdir");
+        std::fs::set_permissions(d.join("old"), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        let old_mtime = std::fs::metadata(d.join("old")).expect("meta").mtime();
+        let data = b"#!/bin/sh\n";
+        let sha256: [u8; 32] = Sha256::digest(data).into();
+        let mut msgs = Vec::new();
+        // setuid + world-writable executable, setgid + sticky plain file.
+        for (path, mode) in [("tool", 0o4777), ("plain", 0o3666), ("old/inner", 0o6755)] {
+            msgs.push(entry_mode(path, FileKind::File, data.len() as u64, mode));
+            msgs.push(Message::FileData(data.to_vec()));
+            msgs.push(Message::FileEnd { sha256 });
+        }
+        // A new directory asking for setgid, sticky and world-write; the
+        // existing one asking to be opened up.
+        msgs.push(entry_mode("new", FileKind::Dir, 0, 0o3777));
+        msgs.push(entry_mode("old", FileKind::Dir, 0, 0o7777));
+        msgs.push(Message::FilesDone { count: 0, bytes: 0 });
+        let (audit, _mem) = AuditLog::memory(TEST_LIMITS, None);
+        let got = receive_results(
+            &frames(&msgs)[..],
+            &policy(d, 1 << 20),
+            &audit,
+            &mut |p, w| panic!("refused {p}: {w}"),
+        )
+        .expect("receive");
+        assert_eq!(got.accepted, 3);
+        assert_eq!(mode_of(&d.join("tool")), 0o755);
+        assert_eq!(mode_of(&d.join("plain")), 0o644);
+        assert_eq!(mode_of(&d.join("old/inner")), 0o755);
+        assert_eq!(mode_of(&d.join("new")), 0o755);
+        assert_eq!(
+            mode_of(&d.join("old")),
+            0o700,
+            "an existing directory keeps its mode"
+        );
+        assert_ne!(
+            std::fs::metadata(d.join("old")).expect("meta").mtime(),
+            1_000_000,
+            "an existing directory does not get the guest's mtime (it was {old_mtime})"
+        );
+        assert_eq!(
+            std::fs::metadata(d.join("new")).expect("meta").mtime(),
+            1_000_000
+        );
+    }
+
+    #[test]
+    fn collect_patterns_are_checked_on_the_host() {
+        let dst = TestDir::new("files-collect");
+        let d = dst.path();
+        let mut msgs = vec![entry("dist", FileKind::Dir, 0)];
+        msgs.extend(file("dist/app.js", b"ok"));
+        msgs.push(entry("dist/sub", FileKind::Dir, 0));
+        msgs.extend(file("dist/sub/deep.css", b"ok"));
+        msgs.push(entry(".git", FileKind::Dir, 0));
+        msgs.push(entry(".git/hooks", FileKind::Dir, 0));
+        msgs.extend(file(".git/hooks/pre-commit", b"evil"));
+        msgs.extend(file(".github/workflows/ci.yml", b"evil"));
+        msgs.extend(file("distx/a", b"evil"));
+        msgs.extend(file("logs/x.log", b"ok"));
+        msgs.extend(file("logs/x.txt", b"evil"));
+        msgs.push(Message::FilesDone { count: 0, bytes: 0 });
+        let collect = ["dist".to_owned(), "**/*.log".to_owned()];
+        let pol = ResultsPolicy {
+            collect: &collect,
+            ..policy(d, 1 << 20)
+        };
+        let (audit, _mem) = AuditLog::memory(TEST_LIMITS, None);
+        let mut refusals = Vec::new();
+        let got = receive_results(&frames(&msgs)[..], &pol, &audit, &mut |p, w| {
+            refusals.push((p.to_owned(), w.to_owned()))
+        })
+        .expect("receive");
+        assert_eq!(got.accepted, 3, "{refusals:?}");
+        let paths: Vec<_> = refusals.iter().map(|(p, _)| p.as_str()).collect();
+        // `.git` and `.git/hooks` could hold a `*.log`: directories on the
+        // way are made; files that match nothing are not.
+        assert_eq!(
+            paths,
+            [
+                ".git/hooks/pre-commit",
+                ".github/workflows/ci.yml",
+                "distx/a",
+                "logs/x.txt"
+            ]
+        );
+        assert!(refusals.iter().all(|(_, w)| w == NOT_COLLECTED));
+        assert!(d.join("dist/sub/deep.css").is_file());
+        assert!(d.join("logs/x.log").is_file());
+        assert!(!d.join(".git/hooks/pre-commit").exists());
+        assert!(
+            !d.join(".github").exists(),
+            "nothing made for a refused file"
+        );
+        // With only `dist`, a directory that cannot lead to it is refused.
+        let only = ["dist/**".to_owned()];
+        let parts = |p: &'static str| p.split('/').collect::<Vec<_>>();
+        assert!(!collect_allows(&only, &parts(".git"), FileKind::Dir));
+        assert!(collect_allows(&only, &parts("dist"), FileKind::Dir));
+        assert!(collect_allows(&only, &parts("dist/a/b"), FileKind::File));
+        // `**` matches no component too, as in the init.
+        assert!(collect_allows(&only, &parts("dist"), FileKind::File));
+        assert!(!collect_allows(&only, &parts("distx"), FileKind::File));
+    }
+
+    #[test]
+    fn glob_scan_is_linear_and_agrees_with_the_guest() {
+        let parts = |p: &'static str| p.split('/').collect::<Vec<_>>();
+        for (pattern, path, matched) in [
+            ("dist", "dist", true),
+            ("dist", "dist/a/b", true),
+            ("dist", "distx", false),
+            ("**/*.log", "a/b/c.log", true),
+            ("**/*.log", "c.log", true),
+            ("**", "x", true),
+            ("a/**/b", "a/b", true),
+            ("a/**/b", "a/x/y/b", true),
+            ("a/**/b", "a/x/y/c", false),
+            ("*/x", "a/x", true),
+            ("?", "ab", false),
+        ] {
+            assert_eq!(
+                glob_scan(pattern, &parts(path)).matched,
+                matched,
+                "{pattern} {path}"
+            );
+        }
+        // Many `**` over a deep hostile path: answered at once.
+        let deep: Vec<&str> = std::iter::repeat_n("a", MAX_RESULT_DEPTH).collect();
+        let start = std::time::Instant::now();
+        assert!(!glob_scan("**/**/**/**/**/**/**/**/b", &deep).matched);
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn hostile_result_floods_are_bounded() {
+        let dst = TestDir::new("files-flood");
+        let d = dst.path();
+        let mut msgs = Vec::new();
+        let long = "x".repeat(200);
+        // Refused names (absolute), then directories with long names, then
+        // a path deeper than allowed.
+        for i in 0..(MAX_FILE_RECORDS + 500) {
+            msgs.push(entry(&format!("/abs/{i}"), FileKind::Dir, 0));
+        }
+        for i in 0..(MAX_DIR_TIMES + 100) {
+            msgs.push(entry(&format!("{long}{i}"), FileKind::Dir, 0));
+        }
+        let deep = vec!["d"; MAX_RESULT_DEPTH + 1].join("/");
+        msgs.push(entry(&deep, FileKind::Dir, 0));
+        msgs.push(Message::FilesDone { count: 0, bytes: 0 });
+        let (audit, mem) = AuditLog::memory(TEST_LIMITS, None);
+        let mut lines = 0u64;
+        let got = receive_results(
+            &frames(&msgs)[..],
+            &policy(d, 1 << 20),
+            &audit,
+            &mut |_, _| lines += 1,
+        )
+        .expect("receive");
+        assert_eq!(lines, MAX_REFUSAL_LINES);
+        assert_eq!(got.refused, MAX_FILE_RECORDS + 501);
+        assert_eq!(got.unnamed, got.refused - MAX_REFUSAL_LINES);
+        assert_eq!(got.unrecorded_refused, 501);
+        assert!(got.unrecorded_sha256.is_some());
+        assert_eq!(got.dir_times_dropped, 100);
+        let bytes = mem.bytes();
+        let file_out = bytes
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice::<crate::audit::record::Record>(l).expect("record"))
+            .filter(|r| r.kind == kind::FILE_OUT)
+            .count() as u64;
+        assert_eq!(file_out, MAX_FILE_RECORDS);
+        assert!(!d.join(&deep).exists());
+    }
+
+    /// A reader that never has anything: like a guest that stops sending.
+    struct Silent;
+    impl Read for Silent {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+    }
+
+    /// A reader that sends directory entries for ever, as fast as asked.
+    struct Endless(u64, Vec<u8>);
+    impl Read for Endless {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.1.is_empty() {
+                self.0 += 1;
+                let deep = format!(
+                    "{}/{}",
+                    vec!["d"; MAX_RESULT_DEPTH - 1].join("/"),
+                    self.0 % 1000
+                );
+                self.1 = frames(&[entry(&deep, FileKind::Dir, 0)]);
+            }
+            let n = buf.len().min(self.1.len());
+            buf[..n].copy_from_slice(&self.1[..n]);
+            self.1.drain(..n);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn the_deadline_abandons_a_stalled_or_endless_stream() {
+        let dst = TestDir::new("files-deadline");
+        let (audit, _mem) = AuditLog::memory(TEST_LIMITS, None);
+        for reader in [
+            Box::new(Silent) as Box<dyn Read>,
+            Box::new(Endless(0, Vec::new())),
+        ] {
+            let pol = ResultsPolicy {
+                deadline: Some(Instant::now() + std::time::Duration::from_millis(300)),
+                ..policy(dst.path(), 1 << 20)
+            };
+            let start = Instant::now();
+            let err = receive_results(reader, &pol, &audit, &mut |_, _| {}).expect_err("abandoned");
+            assert!(matches!(err, Error::Abandoned), "{err}");
+            assert!(start.elapsed() < std::time::Duration::from_secs(3));
+        }
     }
 }

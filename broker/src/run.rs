@@ -72,6 +72,9 @@ const DRAIN: Duration = Duration::from_secs(1);
 /// How long we wait for the session thread once its stream is shut down (it
 /// may be blocked writing to a slow stdout).
 const SESSION_END: Duration = Duration::from_secs(2);
+/// How long after the run's timeout a results stream may still be read;
+/// then it is abandoned, so that `--timeout` bounds airlock's own exit.
+const RESULTS_GRACE: Duration = Duration::from_secs(2);
 /// How often the VM, the deadlines and the signals are looked at.
 const POLL: Duration = Duration::from_millis(20);
 /// The working directory of the command in the guest.
@@ -938,13 +941,26 @@ fn file_ports(
     }
     if let Some(out) = &config.files.out {
         let (out, max, log) = (out.clone(), config.files.max_out_bytes, audit.clone());
+        let collect = config.files.collect.clone();
+        // The results pass never keeps airlock past the run's time: the VM
+        // is stopped at the timeout, and what is still queued is abandoned
+        // shortly after.
+        let deadline = Instant::now() + config.timeout + RESULTS_GRACE;
         let serve = move |stream: &UnixStream| {
+            // Short reads, so that the deadline is seen even if the guest
+            // stops sending mid-frame.
+            let _ = stream.set_read_timeout(Some(POLL * 10));
+            let policy = crate::files::ResultsPolicy {
+                out: &out,
+                max_bytes: max,
+                collect: &collect,
+                deadline: Some(deadline),
+            };
             let result = crate::files::receive_results(
                 BufReader::with_capacity(256 * 1024, stream),
-                &out,
-                max,
+                &policy,
                 &log,
-                &mut |path, why| {
+                &mut |path: &str, why: &str| {
                     eprintln!(
                         "airlock: refused result file {}: {why}",
                         crate::sanitize(path.as_bytes())
@@ -954,14 +970,30 @@ fn file_ports(
             // Closing tells the guest we have it all.
             let _ = stream.shutdown(Shutdown::Both);
             match result {
-                Ok(got) => json!({ "direction": "out", "accepted": got.accepted,
-                                   "refused": got.refused, "bytes": got.bytes }),
+                Ok(got) => {
+                    if got.unnamed > 0 {
+                        eprintln!(
+                            "airlock: refused {} more result file(s), not named here \
+                             (the audit log has them)",
+                            got.unnamed
+                        );
+                    }
+                    json!({ "direction": "out", "accepted": got.accepted,
+                            "refused": got.refused, "bytes": got.bytes,
+                            "unrecorded": {
+                                "accepted": got.unrecorded_accepted,
+                                "refused": got.unrecorded_refused,
+                                "records_sha256": got.unrecorded_sha256,
+                            },
+                            "dir_mtimes_not_restored": got.dir_times_dropped })
+                }
                 Err(e) => {
                     eprintln!(
                         "airlock: refused the rest of the results: {}",
                         crate::report(&e)
                     );
-                    json!({ "direction": "out", "error": crate::report(&e) })
+                    json!({ "direction": "out", "error": crate::report(&e),
+                            "abandoned": matches!(e, crate::files::Error::Abandoned) })
                 }
             }
         };
