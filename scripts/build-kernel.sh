@@ -66,6 +66,8 @@ src=$AIRLOCK_CACHE/kernel/src-$src_key
 mkdir -p "$AIRLOCK_CACHE/kernel"
 exec 9>"$AIRLOCK_CACHE/kernel/.lock"
 flock 9
+# Another build of the same kernel may have finished while we waited.
+use_cache && exit 0
 if [ ! -f "$src/.airlock-ready" ]; then
     log "unpacking $tarball"
     rm -rf "$src" "$src.tmp"

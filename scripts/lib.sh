@@ -29,9 +29,9 @@ apt_ensure() {
     done
     [ ${#missing[@]} -eq 0 ] && return 0
     log "installing Debian packages: ${missing[*]}"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --allow-downgrades --no-install-recommends "${missing[@]}" >/dev/null \
         || { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null &&
-             as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; } \
+             as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --allow-downgrades --no-install-recommends "${missing[@]}" >/dev/null; } \
         || die "apt-get install ${missing[*]} failed"
 }
 
