@@ -400,10 +400,14 @@ pub fn fields_of_kind(records: &[serde_json::Value], kind: &str) -> Vec<serde_js
         .collect()
 }
 
-/// The audit log a run named on its stderr (`airlock: audit log: PATH`).
+/// The audit log a run named on its stderr (`airlock: audit log: PATH`):
+/// the last such line, which airlock prints after the VM is gone. The
+/// sandbox's own stderr, which comes before it, may hold a forged one.
+/// (Scripts should rather use `--audit FILE` or `--report FILE`.)
 pub fn audit_log_of(r: &Run) -> PathBuf {
     r.stderr
         .lines()
+        .rev()
         .find_map(|l| l.strip_prefix("airlock: audit log: "))
         .map(|p| PathBuf::from(p.trim()))
         .unwrap_or_else(|| panic!("no audit log named\n{r}"))

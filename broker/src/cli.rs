@@ -309,6 +309,13 @@ pub struct RunArgs {
     /// file of 64 hex digits, the key's seed: see `airlock audit keygen`)
     #[arg(long, value_name = "FILE")]
     pub audit_key: Option<PathBuf>,
+    /// When the run ends, write a JSON summary to FILE (replaced
+    /// atomically): exit code, how the run ended, the audit log's path,
+    /// sha256 and record count, the console log. Written by airlock alone,
+    /// so scripts can find the audit log without reading stderr, where the
+    /// sandbox's own output also goes
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
     /// Write at most this many records the guest reports; the rest are
     /// counted in one audit.overflow record
     #[arg(long, value_name = "N", default_value_t = crate::audit::DEFAULT_MAX_GUEST_RECORDS)]
@@ -330,7 +337,11 @@ pub struct RunArgs {
     /// Bring back what the command wrote under /workspace/out into DIR
     /// (created if missing) after it exits; the command runs in /workspace.
     /// Each file is written atomically,
-    /// never through a symlink, never outside DIR, size and sha256 checked
+    /// never through a symlink, never outside DIR, size and sha256 checked,
+    /// with modes airlock chooses (0644, or 0755 if executable; directories
+    /// 0755; never setuid, setgid or group/world writable); directories
+    /// already in DIR are left as they are. --audit, --console-log and
+    /// --report cannot be inside DIR
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Bring back, instead of /workspace/out, the files under /workspace

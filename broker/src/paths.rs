@@ -355,6 +355,41 @@ pub fn find_vhost_vsock() -> Result<PathBuf, Error> {
     )
 }
 
+/// Whether `path` (which need not exist yet) is `dir` or lies below it,
+/// however either is spelled: the nearest existing ancestor of `path` (its
+/// symlinks resolved) and each of that one's parents are compared with
+/// `dir` by device and inode, so `..`, symlinks and bind mounts of `dir`
+/// are all seen through.
+pub fn is_within(dir: &Path, path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let target = std::fs::metadata(dir)?;
+    let id = (target.dev(), target.ino());
+    let absolute = std::path::absolute(path)?;
+    let mut probe = absolute.as_path();
+    // The nearest part of the path that exists.
+    let existing = loop {
+        match probe.canonicalize() {
+            Ok(p) => break p,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match probe.parent() {
+                Some(parent) => probe = parent,
+                None => return Ok(false),
+            },
+            Err(e) => return Err(e),
+        }
+    };
+    let mut cur = existing.as_path();
+    loop {
+        let meta = std::fs::metadata(cur)?;
+        if (meta.dev(), meta.ino()) == id {
+            return Ok(true);
+        }
+        match cur.parent() {
+            Some(parent) => cur = parent,
+            None => return Ok(false),
+        }
+    }
+}
+
 /// A fresh, empty directory under the system temp dir, removed on drop.
 #[cfg(test)]
 pub(crate) struct TestDir(PathBuf);
@@ -387,6 +422,40 @@ impl Drop for TestDir {
 mod tests {
     use super::*;
     use std::fs;
+
+    #[test]
+    fn paths_within_a_directory_are_seen_through_symlinks_and_dotdot() {
+        let dir = TestDir::new("within");
+        let d = dir.path();
+        let out = d.join("out");
+        fs::create_dir_all(out.join("sub")).expect("mkdir");
+        fs::create_dir_all(d.join("elsewhere")).expect("mkdir");
+        std::os::unix::fs::symlink(&out, d.join("alias")).expect("symlink");
+        for inside in [
+            out.join("audit.jsonl"),
+            out.join("sub/deeper/not-yet/audit.jsonl"),
+            d.join("alias/audit.jsonl"),
+            d.join("elsewhere/../out/audit.jsonl"),
+            out.clone(),
+        ] {
+            assert!(
+                is_within(&out, &inside).expect("check"),
+                "{}",
+                inside.display()
+            );
+        }
+        for outside in [
+            d.join("audit.jsonl"),
+            d.join("elsewhere/audit.jsonl"),
+            d.join("outx/audit.jsonl"),
+        ] {
+            assert!(
+                !is_within(&out, &outside).expect("check"),
+                "{}",
+                outside.display()
+            );
+        }
+    }
 
     #[test]
     fn image_or_initramfs_mode() {

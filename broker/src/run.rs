@@ -168,6 +168,19 @@ pub enum Error {
     },
     #[error(transparent)]
     Model(#[from] crate::model::config::Error),
+    #[error(
+        "{what} {} is inside --out {}, where the sandbox's results are written (a result \
+         could replace it): put it somewhere else", path.display(), out.display()
+    )]
+    InsideOut {
+        what: &'static str,
+        path: PathBuf,
+        out: PathBuf,
+    },
+    #[error("cannot check where {} is", .0.display())]
+    Place(PathBuf, #[source] io::Error),
+    #[error("cannot write the report {}", .0.display())]
+    Report(PathBuf, #[source] io::Error),
 }
 
 impl Error {
@@ -195,13 +208,19 @@ impl Error {
             | Error::OutDir(..)
             | Error::Pin { .. }
             | Error::Digest { .. }
-            | Error::Model(_) => Exit::Usage,
+            | Error::Model(_)
+            | Error::InsideOut { .. }
+            | Error::Place(..) => Exit::Usage,
+            Error::Report(..) => Exit::SandboxFailed,
             Error::Audit(e) => match e {
                 audit::Error::Create { .. }
                 | audit::Error::Read { .. }
                 | audit::Error::NoStateDir
                 | audit::Error::Key(_) => Exit::Usage,
-                audit::Error::Write(_) | audit::Error::Encode(_) => Exit::SandboxFailed,
+                audit::Error::Write(_)
+                | audit::Error::Encode(_)
+                | audit::Error::Replaced { .. }
+                | audit::Error::Lost { .. } => Exit::SandboxFailed,
             },
             Error::RunDir { .. }
             | Error::Listen { .. }
@@ -265,6 +284,8 @@ pub struct RunConfig {
     pub files: FilesConfig,
     /// The model proxy (`--model-*`), keys included (never logged).
     pub model: crate::model::Settings,
+    /// `--report FILE`: the run's summary, written by airlock at the end.
+    pub report: Option<PathBuf>,
     /// `--debug-dump-guest-memory`.
     pub dump_memory: Option<PathBuf>,
 }
@@ -440,6 +461,7 @@ impl TryFrom<RunArgs> for RunConfig {
                 collect: args.collect,
             },
             model: model_settings(&args.model)?,
+            report: args.report.map(|p| std::path::absolute(&p).unwrap_or(p)),
             dump_memory: args
                 .model
                 .debug_dump_guest_memory
@@ -535,6 +557,31 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
             &run_id,
         )?,
     };
+    // Nothing airlock writes for the user may be where results land: a
+    // result named like it would replace it mid-run.
+    if let Some(out) = &config.files.out {
+        let what = if config.audit.path.is_some() {
+            "--audit"
+        } else {
+            "the default audit log (pass --audit FILE elsewhere)"
+        };
+        let mut checks = vec![(what, audit_path.clone())];
+        if let ConsoleTarget::File(path) = &config.console {
+            checks.push(("--console-log", path.clone()));
+        }
+        if let Some(path) = &config.report {
+            checks.push(("--report", path.clone()));
+        }
+        for (what, path) in checks {
+            if paths::is_within(out, &path).map_err(|e| Error::Place(path.clone(), e))? {
+                return Err(Error::InsideOut {
+                    what,
+                    path,
+                    out: out.clone(),
+                });
+            }
+        }
+    }
     let mut start = run_start_fields(&config, &pins, &selection, &run_id, key.as_ref())?;
     if let (Some(pin), Some(format)) = (&pins.archive, archive_format) {
         let path = pin.path();
@@ -558,8 +605,8 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
         return Err(audit::Error::Write(why).into());
     }
 
-    let (mut exit, end) = match boot(&config, &pins, &selection, &audit, began) {
-        Ok(ran) => (ran.exit, ran.end),
+    let (mut exit, end, console_log) = match boot(&config, &pins, &selection, &audit, began) {
+        Ok(ran) => (ran.exit, ran.end, ran.console_log),
         Err(e) => {
             eprintln!("airlock: error: {}", crate::report(&e));
             let end = json!({
@@ -569,15 +616,87 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
                 "message": crate::report(&e),
                 "durations_ms": { "total": millis(began.elapsed()) },
             });
-            (e.exit(), end)
+            (e.exit(), end, None)
         }
     };
-    if let Err(e) = audit.finish(end) {
-        eprintln!("airlock: error: {}", crate::report(&e));
-        exit = Exit::SandboxFailed;
-    }
+    let finished = match audit.finish(end.clone()) {
+        Ok(finished) => Some(finished),
+        Err(e) => {
+            eprintln!("airlock: error: {}", crate::report(&e));
+            exit = Exit::SandboxFailed;
+            None
+        }
+    };
+    // The log is judged where the user will look for it.
+    let placed = match audit.check_place() {
+        Some(Ok(placed)) => Some(placed),
+        Some(Err(e)) => {
+            eprintln!("airlock: error: {}", crate::report(&e));
+            exit = Exit::SandboxFailed;
+            None
+        }
+        None => None,
+    };
     eprintln!("airlock: audit log: {}", audit_path.display());
+    if let Some(path) = &config.report {
+        let report = json!({
+            "airlock_version": env!("CARGO_PKG_VERSION"),
+            "run_id": run_id,
+            "exit_code": exit.code(),
+            "how": end["how"],
+            "command_status": end["command_status"],
+            "message": end["message"],
+            "audit_log": {
+                "path": audit_path.display().to_string(),
+                "intact_at_path": placed.is_some(),
+                "sha256": placed.as_ref().map(|p| p.sha256.clone()),
+                "bytes": placed.as_ref().map(|p| p.bytes),
+                "records": finished.as_ref().map(|f| f.records),
+                "run_end_sha256": finished.as_ref().map(|f| f.run_end_hash.clone()),
+                "signed": config.audit.key.is_some(),
+            },
+            "console_log": console_log.map(|p| p.display().to_string()),
+            "out": config.files.out.as_ref().map(|p| p.display().to_string()),
+        });
+        if let Err(e) = write_report(path, &report) {
+            let e = Error::Report(path.clone(), e);
+            eprintln!("airlock: error: {}", crate::report(&e));
+            exit = Exit::SandboxFailed;
+        }
+    }
     Ok(exit)
+}
+
+/// Writes `report` to `path` atomically: a new temporary file beside it,
+/// synced, renamed over it.
+fn write_report(path: &Path, report: &Value) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file name"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".airlock-{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let mut bytes = serde_json::to_vec_pretty(report).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    let written = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// The files a run boots, opened once: hashed for `run.start` and read by
@@ -754,6 +873,8 @@ fn engine_name(choice: EngineChoice) -> &'static str {
 struct Ran {
     exit: Exit,
     end: Value,
+    /// The console log, when it is kept.
+    console_log: Option<PathBuf>,
 }
 
 /// Boots the VM, supervises it, judges the end and tells the user.
@@ -881,7 +1002,8 @@ fn boot(
         }
     }
     drop(vm);
-    if let Some(kept) = run_dir.finish() {
+    let console_log = run_dir.finish();
+    if let Some(kept) = &console_log {
         eprintln!("airlock: console log: {}", kept.display());
     }
     let since =
@@ -900,6 +1022,7 @@ fn boot(
     Ok(Ran {
         exit: verdict.exit,
         end,
+        console_log,
     })
 }
 
@@ -1819,6 +1942,7 @@ mod tests {
             keep_console: false,
             audit: None,
             audit_key: None,
+            report: None,
             audit_max_guest_events: 10_000,
             audit_max_guest_bytes: 16 << 20,
             workspace: None,

@@ -12,7 +12,8 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
@@ -21,7 +22,7 @@ use ed25519_dalek::SigningKey;
 use serde_json::{json, Map, Value};
 
 use super::keys;
-use super::record::{object, sha256_hex, Record, Source, ZERO_HASH};
+use super::record::{hex, object, sha256_hex, Record, Source, ZERO_HASH};
 use super::time;
 use super::{kind, Error};
 
@@ -167,6 +168,27 @@ impl Inner {
 #[derive(Debug, Clone)]
 pub struct AuditLog {
     inner: Arc<Mutex<Inner>>,
+    /// Where the log file was created, for [`AuditLog::check_place`].
+    place: Option<Arc<Place>>,
+}
+
+/// The log file airlock created: its path, identity, and a read-only
+/// descriptor on it (opened at creation, before any guest ran).
+#[derive(Debug)]
+struct Place {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    reader: File,
+}
+
+/// What [`AuditLog::check_place`] found: the log is at its path, and these
+/// are its bytes' sha256 and size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub bytes: u64,
 }
 
 impl AuditLog {
@@ -184,26 +206,78 @@ impl AuditLog {
                 failed: None,
                 finished: false,
             })),
+            place: None,
         }
     }
 
     /// Creates the log file at `path`: a new file (never an existing one,
     /// nor through a symlink), mode 0600, append-only.
     pub fn create(path: &Path, limits: Limits, key: Option<SigningKey>) -> Result<AuditLog, Error> {
+        let create_error = |source| Error::Create {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = OpenOptions::new()
             .append(true)
             .create_new(true)
             .mode(0o600)
             .open(path)
-            .map_err(|source| Error::Create {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            .map_err(create_error)?;
         // Best effort: make the new file's name durable with it.
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             let _ = File::open(dir).and_then(|d| d.sync_all());
         }
-        Ok(AuditLog::new(Box::new(file), limits, key))
+        // A second, read-only descriptor on the same file, from the one we
+        // hold (not the path): the end of the run reads the log through it.
+        let reader =
+            File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(create_error)?;
+        let meta = file.metadata().map_err(create_error)?;
+        let mut log = AuditLog::new(Box::new(file), limits, key);
+        log.place = Some(Arc::new(Place {
+            path: path.to_path_buf(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            reader,
+        }));
+        Ok(log)
+    }
+
+    /// After [`AuditLog::finish`]: checks that the file at the log's path
+    /// is still the one airlock wrote (a result renamed over it, or its
+    /// removal, would leave airlock writing to an unlinked file and the
+    /// path naming something else). If it is, returns its sha256 and size;
+    /// if not, copies what airlock wrote to a new file beside it and says
+    /// where. A log not made by [`AuditLog::create`] has no place: `None`.
+    pub fn check_place(&self) -> Option<Result<Placed, Error>> {
+        let place = self.place.as_ref()?;
+        let (sha256, bytes) = match digest_of(&place.reader) {
+            Ok(d) => d,
+            Err(source) => {
+                return Some(Err(Error::Read {
+                    path: place.path.clone(),
+                    source,
+                }))
+            }
+        };
+        let here = std::fs::symlink_metadata(&place.path)
+            .is_ok_and(|m| m.dev() == place.dev && m.ino() == place.ino);
+        if here {
+            return Some(Ok(Placed {
+                path: place.path.clone(),
+                sha256,
+                bytes,
+            }));
+        }
+        Some(Err(match keep_copy(place) {
+            Ok(kept) => Error::Replaced {
+                path: place.path.clone(),
+                kept,
+            },
+            Err(source) => Error::Lost {
+                path: place.path.clone(),
+                source,
+            },
+        }))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -427,6 +501,67 @@ impl AuditLog {
     }
 }
 
+/// The sha256 (hex) and size of everything in `file`, read from its start
+/// (positioned reads: the descriptor's offset is not used).
+fn digest_of(file: &File) -> io::Result<(String, u64)> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::FileExt;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut at = 0u64;
+    loop {
+        let n = file.read_at(&mut buf, at)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok((hex(&hasher.finalize()), at))
+}
+
+/// Copies the log airlock wrote (through its own descriptor) to a new file
+/// beside its path: `PATH.airlock-kept`, or `PATH.airlock-kept-N`.
+fn keep_copy(place: &Place) -> io::Result<PathBuf> {
+    use std::os::unix::fs::FileExt;
+    let mut name = place.path.clone().into_os_string();
+    name.push(".airlock-kept");
+    let base = PathBuf::from(name);
+    for n in 0..100 {
+        let path = if n == 0 {
+            base.clone()
+        } else {
+            PathBuf::from(format!("{}-{n}", base.display()))
+        };
+        let mut out = match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        };
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut at = 0u64;
+        loop {
+            let n = place.reader.read_at(&mut buf, at)?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n])?;
+            at += n as u64;
+        }
+        out.sync_all()?;
+        return Ok(path);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        "no free name for a copy",
+    ))
+}
+
 #[cfg(test)]
 pub const TEST_LIMITS: Limits = Limits {
     max_guest_records: 1000,
@@ -444,6 +579,45 @@ mod tests {
             .filter(|l| !l.is_empty())
             .map(|l| serde_json::from_slice(l).expect("record"))
             .collect()
+    }
+
+    #[test]
+    fn a_log_replaced_during_the_run_is_caught_and_kept() {
+        let dir = crate::paths::TestDir::new("audit-place");
+        let path = dir.path().join("audit.jsonl");
+        // Intact: the path's file is ours, and its digest is given.
+        let log = AuditLog::create(&path, TEST_LIMITS, None).expect("create");
+        log.host(kind::RUN_START, json!({"a": 1}), Durability::Synced);
+        log.finish(json!({"how": "exited"})).expect("finish");
+        let placed = log.check_place().expect("a place").expect("intact");
+        let bytes = std::fs::read(&path).expect("read");
+        assert_eq!(placed.bytes, bytes.len() as u64);
+        assert_eq!(placed.sha256, sha256_hex(&bytes));
+        std::fs::remove_file(&path).expect("rm");
+
+        // A forgery renamed over the live log (as a result named like it
+        // would be): airlock says so, and keeps what it wrote.
+        let log = AuditLog::create(&path, TEST_LIMITS, None).expect("create");
+        log.host(kind::RUN_START, json!({"a": 1}), Durability::Synced);
+        let forged = dir.path().join("forged");
+        std::fs::write(&forged, b"{\"forged\": true}\n").expect("write");
+        std::fs::rename(&forged, &path).expect("rename");
+        log.finish(json!({"how": "exited"})).expect("finish");
+        let err = log.check_place().expect("a place").expect_err("replaced");
+        let Error::Replaced { kept, .. } = &err else {
+            panic!("{err}")
+        };
+        let kept_bytes = std::fs::read(kept).expect("kept copy");
+        assert!(kept_bytes.starts_with(b"{"));
+        assert!(String::from_utf8_lossy(&kept_bytes).contains("run.seal"));
+        assert_eq!(std::fs::read(&path).expect("read"), b"{\"forged\": true}\n");
+        assert!(err.to_string().contains("replaced or removed"), "{err}");
+        // Removed altogether: the same.
+        std::fs::remove_file(&path).expect("rm");
+        assert!(matches!(
+            log.check_place().expect("a place"),
+            Err(Error::Replaced { .. })
+        ));
     }
 
     #[test]

@@ -134,6 +134,20 @@ pub enum Error {
     NoStateDir,
     #[error(transparent)]
     Key(#[from] keys::Error),
+    #[error(
+        "the audit log {} was replaced or removed during the run: the file there is not the \
+         log airlock wrote, which is kept at {}", path.display(), kept.display()
+    )]
+    Replaced { path: PathBuf, kept: PathBuf },
+    #[error(
+        "the audit log {} was replaced or removed during the run, and the log airlock wrote \
+         could not be kept beside it", path.display()
+    )]
+    Lost {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// A fresh run id: 16 hex digits from the kernel's random source (the
