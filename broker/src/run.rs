@@ -963,6 +963,7 @@ fn boot(
     if config.dump_memory.is_some() {
         // The engine writes the guest's RAM out before it exits.
         deadlines.power_off_grace = DUMP_GRACE;
+        deadlines.past_timeout = None;
     }
     let session = SessionParams {
         spec: config.spec.clone(),
@@ -1310,6 +1311,10 @@ pub struct Deadlines {
     pub drain: Duration,
     /// [`SESSION_END`].
     pub session_end: Duration,
+    /// After `--timeout`, how long a guest that already sent its exit
+    /// status may still take to power off ([`RESULTS_GRACE`]; `None`: the
+    /// whole grace, as when the VMM dumps guest memory first).
+    pub past_timeout: Option<Duration>,
 }
 
 impl Deadlines {
@@ -1323,6 +1328,18 @@ impl Deadlines {
             power_off_grace: POWER_OFF_GRACE,
             drain: DRAIN,
             session_end: SESSION_END,
+            past_timeout: Some(RESULTS_GRACE),
+        }
+    }
+
+    /// When a guest whose command ended at `exited_at` must be off: the
+    /// power-off grace, but never more than [`Deadlines::past_timeout`]
+    /// beyond `--timeout`, which thus bounds airlock's own exit.
+    pub fn power_off_by(&self, exited_at: Instant) -> Instant {
+        let end = exited_at + self.power_off_grace;
+        match self.past_timeout {
+            Some(past) => end.min(self.timeout.max(exited_at) + past),
+            None => end,
         }
     }
 }
@@ -1526,7 +1543,7 @@ fn supervise(
         // The conversation is over.
         if let Some(ended) = outcome.take() {
             let command_done = matches!(ended, Outcome::Exited(_) | Outcome::OutOfMemory(_));
-            let grace_left = exited_at.is_some_and(|at| now < at + deadlines.power_off_grace);
+            let grace_left = exited_at.is_some_and(|at| now < deadlines.power_off_by(at));
             // A connection that broke may be the VM process dying (a VMM
             // crash, its seccomp filter): give it a moment to end by itself,
             // so that the report says how it ended and shows its log.
@@ -1567,7 +1584,7 @@ fn supervise(
         }
 
         // The command ended but the guest does not power off.
-        if exited_at.is_some_and(|at| now >= at + deadlines.power_off_grace) {
+        if exited_at.is_some_and(|at| now >= deadlines.power_off_by(at)) {
             vm.kill()?;
             if let Some(session) = &session {
                 session.shut_down();
@@ -2478,6 +2495,25 @@ mod tests {
             version: 1,
             capabilities: vec![],
         }
+    }
+
+    #[test]
+    fn the_power_off_grace_never_runs_far_past_the_timeout() {
+        let start = Instant::now();
+        let d = Deadlines::from_start(start, Duration::from_secs(100));
+        // Early exit: the whole grace.
+        let early = start + Duration::from_secs(10);
+        assert_eq!(d.power_off_by(early), early + POWER_OFF_GRACE);
+        // Just before the timeout: cut to RESULTS_GRACE past it.
+        let late = start + Duration::from_secs(99);
+        assert_eq!(d.power_off_by(late), d.timeout + RESULTS_GRACE);
+        // Dumping guest memory keeps its whole grace.
+        let dumping = Deadlines {
+            power_off_grace: DUMP_GRACE,
+            past_timeout: None,
+            ..d
+        };
+        assert_eq!(dumping.power_off_by(late), late + DUMP_GRACE);
     }
 
     fn quick(timeout: Duration) -> Deadlines {
