@@ -521,29 +521,6 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
     if let Some(out) = &config.files.out {
         fs::create_dir_all(out).map_err(|e| Error::OutDir(out.clone(), e))?;
     }
-    if image.root.is_none() && !config.container {
-        eprintln!("airlock: warning: --no-container: no root image, so no container anyway");
-    }
-    let archive_format = match &config.archive {
-        Some(_) if image.root.is_none() => return Err(Error::ArchiveWithoutRoot),
-        Some(path) => Some(crate::archive::check(path)?),
-        None => None,
-    };
-    if config.nested && image.root.is_none() {
-        return Err(Error::NestedWithoutRoot);
-    }
-    // From here on airlock hashes, and the engine boots, these open files.
-    let pins = Pins::open(&image, config.archive.as_deref())?;
-    let selection = engine::select(config.engine, Available::gather())?;
-    if let Some(warning) = &selection.warning {
-        eprintln!("airlock: warning: {warning}");
-    }
-    eprintln!(
-        "airlock: engine: {} ({})",
-        selection.engine.name(),
-        selection.reason
-    );
-
     let key = match &config.audit.key {
         Some(path) => Some(keys::load_signing_key(path).map_err(audit::Error::from)?),
         None => None,
@@ -582,6 +559,29 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
             }
         }
     }
+    if image.root.is_none() && !config.container {
+        eprintln!("airlock: warning: --no-container: no root image, so no container anyway");
+    }
+    let archive_format = match &config.archive {
+        Some(_) if image.root.is_none() => return Err(Error::ArchiveWithoutRoot),
+        Some(path) => Some(crate::archive::check(path)?),
+        None => None,
+    };
+    if config.nested && image.root.is_none() {
+        return Err(Error::NestedWithoutRoot);
+    }
+    // From here on airlock hashes, and the engine boots, these open files.
+    let pins = Pins::open(&image, config.archive.as_deref())?;
+    let selection = engine::select(config.engine, Available::gather())?;
+    if let Some(warning) = &selection.warning {
+        eprintln!("airlock: warning: {warning}");
+    }
+    eprintln!(
+        "airlock: engine: {} ({})",
+        selection.engine.name(),
+        selection.reason
+    );
+
     let mut start = run_start_fields(&config, &pins, &selection, &run_id, key.as_ref())?;
     if let (Some(pin), Some(format)) = (&pins.archive, archive_format) {
         let path = pin.path();
