@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::config::Settings;
 use super::kind;
-use super::policy::{Budget, Exhausted};
+use super::policy::{self, Ask, Budget, Exhausted, Reserved};
 use super::rules::{self, Api, Denial, Reason};
 use super::usage::{Scanner, Usage};
 use crate::audit::{AuditLog, Durability};
@@ -114,37 +114,86 @@ struct OutputCap {
     /// What the agent asked for (`None`: nothing, or not a number).
     asked: Option<u64>,
     sent: u64,
+    /// OpenAI's older `max_tokens`, given besides `max_completion_tokens`
+    /// (an upstream or gateway may honour either), lowered too.
+    also: Option<&'static str>,
+}
+
+/// The output-cap fields of a request body, the one airlock records first:
+/// `max_tokens` for Anthropic; for OpenAI `max_completion_tokens`, or the
+/// older `max_tokens` if that is the only one given, and both when both are.
+fn cap_fields(api: Api, obj: &serde_json::Map<String, Value>) -> &'static [&'static str] {
+    match api {
+        Api::Anthropic => &["max_tokens"],
+        Api::OpenAi => match (
+            obj.contains_key("max_completion_tokens"),
+            obj.contains_key("max_tokens"),
+        ) {
+            (true, true) => &["max_completion_tokens", "max_tokens"],
+            (false, true) => &["max_tokens"],
+            _ => &["max_completion_tokens"],
+        },
+    }
+}
+
+/// What a completion asks of the budget: the largest output cap it gives
+/// (`None` if one is missing or not a number, as the upstream's default
+/// then applies), OpenAI's `n` (any API: a gateway may honour it on
+/// either) and the input estimate. A `n` that is not a positive integer
+/// is refused.
+fn ask_of(
+    api: Api,
+    obj: &serde_json::Map<String, Value>,
+    body_bytes: u64,
+) -> Result<Ask, &'static str> {
+    let mut output = Some(0u64);
+    for field in cap_fields(api, obj) {
+        let asked = obj.get(*field).and_then(Value::as_u64);
+        output = output.zip(asked).map(|(a, b)| a.max(b));
+    }
+    let n = match obj.get("n") {
+        None | Some(Value::Null) => 1,
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n >= 1)
+            .ok_or("n must be a positive integer")?,
+    };
+    Ok(Ask {
+        output,
+        n,
+        input_estimate: policy::input_estimate(body_bytes),
+    })
 }
 
 /// Under a token budget, no call may ask for more output than the run has
-/// left: the request's cap (`max_tokens` for Anthropic; for OpenAI
-/// `max_completion_tokens`, or the older `max_tokens` if that is the one
-/// given) is lowered to `left`, or set when missing or not a number.
-/// `None` when the agent already asked for no more.
+/// left (`limit`, per choice): the request's cap fields ([`cap_fields`])
+/// are lowered to `limit`, or set when missing or not a number. `None`
+/// when the agent already asked for no more.
 fn cap_output_tokens(
     api: Api,
     obj: &mut serde_json::Map<String, Value>,
-    left: u64,
+    limit: u64,
 ) -> Option<OutputCap> {
-    let field = match api {
-        Api::Anthropic => "max_tokens",
-        Api::OpenAi
-            if !obj.contains_key("max_completion_tokens") && obj.contains_key("max_tokens") =>
-        {
-            "max_tokens"
+    let mut capped: Option<OutputCap> = None;
+    for field in cap_fields(api, obj) {
+        let asked = obj.get(*field).and_then(Value::as_u64);
+        if asked.is_some_and(|a| a <= limit) {
+            continue;
         }
-        Api::OpenAi => "max_completion_tokens",
-    };
-    let asked = obj.get(field).and_then(Value::as_u64);
-    if asked.is_some_and(|a| a <= left) {
-        return None;
+        obj.insert((*field).into(), Value::from(limit));
+        match &mut capped {
+            None => {
+                capped = Some(OutputCap {
+                    field,
+                    asked,
+                    sent: limit,
+                    also: None,
+                })
+            }
+            Some(first) => first.also = Some(field),
+        }
     }
-    obj.insert(field.into(), Value::from(left));
-    Some(OutputCap {
-        field,
-        asked,
-        sent: left,
-    })
+    capped
 }
 
 /// The TLS error behind a failed call, if it is one.
@@ -238,6 +287,36 @@ fn carriable(name: &str, value: &str) -> bool {
         && !value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0))
 }
 
+/// A call that passed the rules and the policy.
+#[derive(Debug)]
+struct Checked {
+    route: rules::Route,
+    /// The model the body names.
+    model: Option<String>,
+    /// The body to forward.
+    body: Vec<u8>,
+    /// What airlock changed in it.
+    rewrites: Rewrites,
+    /// What it holds against the token budget until it ends.
+    reserved: Option<Reserved>,
+}
+
+/// The tokens a call that ended is charged: the upstream's counts; where
+/// the upstream answered 2xx without a count, what the call reserved (it
+/// may have used as much); nothing when it was not reached.
+fn charge(relayed: &Relayed, reserved: Option<&Reserved>) -> (u64, u64) {
+    let answered =
+        relayed.head_ms.is_some() && relayed.status.is_some_and(|s| (200..300).contains(&s));
+    let (input, output) = match reserved {
+        Some(r) if answered => (r.input_estimate, r.output),
+        _ => (0, 0),
+    };
+    (
+        relayed.usage.input.unwrap_or(input),
+        relayed.usage.output.unwrap_or(output),
+    )
+}
+
 /// What a forwarded call led to.
 #[derive(Debug, Default)]
 struct Relayed {
@@ -323,7 +402,13 @@ impl Proxy {
         let credentials: Vec<&String> =
             dropped.iter().filter(|n| rules::is_credential(n)).collect();
         let checked = self.check(&req);
-        let (route, model, body, rewrites) = match checked {
+        let Checked {
+            route,
+            model,
+            body,
+            rewrites,
+            reserved,
+        } = match checked {
             Ok(ok) => ok,
             Err((denial, model)) => {
                 let _ = respond(&mut out, denial.status(), denial.headers(), &denial.body());
@@ -373,10 +458,9 @@ impl Proxy {
                 );
             }
         }
-        self.budget.spend(
-            relayed.usage.input.unwrap_or(0),
-            relayed.usage.output.unwrap_or(0),
-        );
+        let (charged_input, charged_output) = charge(&relayed, reserved.as_ref());
+        self.budget
+            .settle(reserved.as_ref(), charged_input, charged_output);
         let forwarded_sha = rewrites.any().then(|| hex(&Sha256::digest(&body)));
         self.audit.host(
             kind::CALL,
@@ -396,11 +480,19 @@ impl Proxy {
                 "request_sha256": req.sha256,
                 "forwarded_sha256": forwarded_sha,
                 "include_usage_added": rewrites.include_usage,
-                "max_tokens_capped": rewrites.max_tokens.map(|c| json!({
-                    "field": c.field,
-                    "asked": c.asked,
-                    "sent": c.sent,
+                "max_tokens_capped": rewrites.max_tokens.map(|c| {
+                    let mut v = json!({ "field": c.field, "asked": c.asked, "sent": c.sent });
+                    if let Some(also) = c.also {
+                        v["also"] = json!(also);
+                    }
+                    v
+                }),
+                "reserved": reserved.map(|r| json!({
+                    "output": r.output,
+                    "input_estimate": r.input_estimate,
+                    "n": r.n,
                 })),
+                "charged": { "input": charged_input, "output": charged_output },
                 "response_bytes": relayed.response_bytes,
                 "response_sha256": relayed.response_sha256,
                 "complete": relayed.complete,
@@ -415,10 +507,7 @@ impl Proxy {
     /// The rules and the policy, in order. On success: the route, the
     /// model named, the body to forward and what airlock changed in it.
     #[allow(clippy::type_complexity)]
-    fn check(
-        &self,
-        req: &Request,
-    ) -> Result<(rules::Route, Option<String>, Vec<u8>, Rewrites), (Denial, Option<String>)> {
+    fn check(&self, req: &Request) -> Result<Checked, (Denial, Option<String>)> {
         let policy = &self.settings.policy;
         let route = rules::route(&req.method, &req.target, &req.headers).map_err(|d| (d, None))?;
         let api = route.api;
@@ -491,8 +580,17 @@ impl Proxy {
                 None => return deny(Reason::BadBody, "the request names no model".into(), None),
             }
         }
-        let tokens_left = match self.budget.admit(policy) {
-            Ok(admitted) => admitted.tokens_left,
+        let ask = match json.as_ref() {
+            Some(Value::Object(obj)) => match ask_of(api, obj, req.body_bytes) {
+                Ok(ask) => Some(ask),
+                Err(why) => return deny(Reason::BadBody, why.into(), model),
+            },
+            _ => None,
+        };
+        // From here on the call is admitted: nothing refuses it, and what
+        // it reserved is settled when it ends (`serve`).
+        let admitted = match self.budget.admit(policy, ask.as_ref()) {
+            Ok(admitted) => admitted,
             Err(Exhausted::Requests(max)) => {
                 return deny(
                     Reason::RequestBudget,
@@ -500,17 +598,34 @@ impl Proxy {
                     model,
                 )
             }
-            Err(Exhausted::Tokens { used, max }) => {
+            Err(Exhausted::Tokens {
+                used,
+                reserved,
+                max,
+            }) => {
                 return deny(
                     Reason::TokenBudget,
-                    format!("airlock's budget of {max} tokens for this run is spent ({used} used)"),
+                    format!(
+                        "airlock's budget of {max} tokens for this run is spent ({used} used, \
+                         {reserved} held by calls in progress)"
+                    ),
+                    model,
+                )
+            }
+            Err(Exhausted::Choices { n, left }) => {
+                return deny(
+                    Reason::TokenBudget,
+                    format!(
+                        "this request asks for {n} choices (n) but only {left} tokens of \
+                         airlock's budget for this run are left"
+                    ),
                     model,
                 )
             }
         };
         let mut rewrites = Rewrites::default();
-        if let (Some(Value::Object(obj)), Some(left)) = (json.as_mut(), tokens_left) {
-            rewrites.max_tokens = cap_output_tokens(api, obj, left);
+        if let (Some(Value::Object(obj)), Some(limit)) = (json.as_mut(), admitted.output_limit) {
+            rewrites.max_tokens = cap_output_tokens(api, obj, limit);
         }
         // An OpenAI stream reports usage only when asked: ask, so that the
         // token budget holds.
@@ -537,7 +652,13 @@ impl Proxy {
             Some(v) if rewrites.any() => v.to_string().into_bytes(),
             _ => req.body.clone(),
         };
-        Ok((route, model, body, rewrites))
+        Ok(Checked {
+            route,
+            model,
+            body,
+            rewrites,
+            reserved: admitted.reserved,
+        })
     }
 
     /// Sends the call upstream and relays the answer to `out`.

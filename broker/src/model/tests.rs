@@ -884,3 +884,212 @@ fn https_with_the_ca_but_another_name_is_refused() {
     );
     assert!(error.contains("not valid for name"), "{error}");
 }
+
+/// A fake upstream serving each connection in a thread of its own: it
+/// passes on what it got at once, then holds its answer (`reply` of the
+/// request) until `release` is set.
+fn held_upstream(
+    reply: fn(&Got) -> String,
+) -> (
+    String,
+    mpsc::Receiver<Got>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel();
+    let release = std::sync::Arc::new(AtomicBool::new(false));
+    let held = std::sync::Arc::clone(&release);
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let (tx, held) = (tx.clone(), std::sync::Arc::clone(&held));
+            thread::spawn(move || {
+                let got = read_got(BufReader::new(stream.try_clone().expect("clone")));
+                let body = reply(&got);
+                let _ = tx.send(got);
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                while !held.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(5));
+                }
+                let _ = stream.write_all(&json_reply(200, &body).concat());
+            });
+        }
+    });
+    (format!("http://{addr}"), rx, release)
+}
+
+/// The output caps an upstream got: `n ×` the largest cap field.
+fn sent_output(got: &Got) -> u64 {
+    let v: Value = serde_json::from_slice(&got.body).expect("json");
+    let cap = ["max_tokens", "max_completion_tokens"]
+        .iter()
+        .filter_map(|f| v[*f].as_u64())
+        .max()
+        .expect("a cap was sent");
+    cap * v["n"].as_u64().unwrap_or(1)
+}
+
+/// The usage a model that spends every token it may would report.
+fn greedy_usage(got: &Got) -> String {
+    let input = got.body.len() as u64 / 4;
+    let output = sent_output(got);
+    if got.head.starts_with("POST /v1/chat/completions") {
+        format!(r#"{{"usage":{{"prompt_tokens":{input},"completion_tokens":{output}}}}}"#)
+    } else {
+        format!(r#"{{"usage":{{"input_tokens":{input},"output_tokens":{output}}}}}"#)
+    }
+}
+
+/// Twelve calls at once under a budget of 1000 tokens, each asking for
+/// 300 tokens of output (OpenAI's with n = 2): all are in flight together
+/// (the upstream answers none until every call was forwarded or refused),
+/// yet the output caps sent upstream, times n, add up to no more than the
+/// budget, and so does the output a greedy model reports; the rest are
+/// refused with the API's 429, and every call's reservation is recorded.
+#[test]
+fn concurrent_calls_cannot_spend_more_than_the_budget() {
+    const BUDGET: u64 = 1000;
+    let policy = Policy {
+        max_tokens_per_run: Some(BUDGET),
+        ..Policy::default()
+    };
+    let (url, got, release) = held_upstream(greedy_usage);
+    let h = Harness::new(settings(Some(&url), policy));
+    let (done_tx, done) = mpsc::channel();
+    let mut received = Vec::new();
+    let mut answers = Vec::new();
+    thread::scope(|s| {
+        for i in 0..12 {
+            let (h, done_tx) = (&h, done_tx.clone());
+            s.spawn(move || {
+                let a = if i % 3 == 0 {
+                    h.call(
+                        "POST",
+                        "/v1/chat/completions",
+                        &[],
+                        br#"{"model":"gpt-x","n":2,"max_completion_tokens":150,"messages":[{"role":"user","content":"hello"}]}"#,
+                    )
+                } else {
+                    h.call(
+                        "POST",
+                        "/v1/messages",
+                        &[],
+                        br#"{"model":"claude-x","max_tokens":300,"messages":[{"role":"user","content":"hello"}]}"#,
+                    )
+                };
+                let _ = done_tx.send(a);
+            });
+        }
+        // Until every call is either at the upstream (held) or answered.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while received.len() + answers.len() < 12 && std::time::Instant::now() < deadline {
+            while let Ok(g) = got.try_recv() {
+                received.push(g);
+            }
+            while let Ok(a) = done.try_recv() {
+                answers.push(a);
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(received.len() + answers.len(), 12, "calls got stuck");
+        assert!(
+            answers.iter().all(|a| a.status == 429),
+            "a call was answered while the upstream held them all: {answers:?}"
+        );
+        release.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    while let Ok(a) = done.try_recv() {
+        answers.push(a);
+    }
+    assert_eq!(answers.len(), 12);
+    let forwarded = answers.iter().filter(|a| a.status == 200).count();
+    assert_eq!(forwarded, received.len());
+    assert!(forwarded >= 2, "fewer than two calls in flight together");
+    let refused: Vec<&Answer> = answers.iter().filter(|a| a.status != 200).collect();
+    assert!(!refused.is_empty(), "12 × 300 fit in {BUDGET}?");
+    for a in &refused {
+        assert_eq!(a.status, 429, "{a:?}");
+        assert_eq!(a.header("x-airlock-denied"), Some("token_budget"));
+    }
+    let sent: u64 = received.iter().map(sent_output).sum();
+    assert!(
+        sent <= BUDGET,
+        "{sent} tokens of output asked of the upstream"
+    );
+    let calls = h.records(super::kind::CALL);
+    assert_eq!(calls.len(), forwarded);
+    let reported: u64 = calls
+        .iter()
+        .map(|c| c["output_tokens"].as_u64().expect("output"))
+        .sum();
+    assert_eq!(reported, sent, "the greedy model spent every cap");
+    assert!(reported <= BUDGET);
+    let reserved: u64 = calls
+        .iter()
+        .map(|c| c["reserved"]["output"].as_u64().expect("reserved"))
+        .sum();
+    assert_eq!(reserved, sent, "each call reserved what it was sent");
+    assert!(calls.iter().any(|c| c["reserved"]["n"] == 2) || forwarded < 3);
+    for c in &calls {
+        assert_eq!(c["charged"]["output"], c["output_tokens"], "{c}");
+    }
+    // Every reservation was settled.
+    assert_eq!(h.proxy.summary()["output_tokens"].as_u64(), Some(reported));
+}
+
+/// OpenAI's `n` multiplies the output: a call's cap is what is left shared
+/// by its choices; an `n` no token can be left for is refused (429), one
+/// that is not a positive integer is a bad body (400).
+#[test]
+fn openai_n_is_accounted() {
+    let policy = Policy {
+        max_tokens_per_run: Some(100),
+        ..Policy::default()
+    };
+    let (url, got) = upstream(json_reply(200, "{}"), None);
+    let h = Harness::new(settings(Some(&url), policy));
+    for (n, status, reason) in [
+        ("0", 400, "bad_body"),
+        ("-1", 400, "bad_body"),
+        ("1.5", 400, "bad_body"),
+        ("\"2\"", 400, "bad_body"),
+        ("101", 429, "token_budget"),
+    ] {
+        let body = format!(r#"{{"model":"m","n":{n}}}"#);
+        let a = h.call("POST", "/v1/chat/completions", &[], body.as_bytes());
+        assert_eq!(a.status, status, "n = {n}");
+        assert_eq!(a.header("x-airlock-denied"), Some(reason), "n = {n}");
+    }
+    assert!(got.try_recv().is_err(), "a refused call went upstream");
+    // n = 4 of 100 left: 25 each, in both cap fields, 100 reserved. The
+    // upstream reports no usage: the call is charged what it reserved.
+    let a = h.call(
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        br#"{"model":"m","n":4,"max_tokens":1000,"max_completion_tokens":60}"#,
+    );
+    assert_eq!(a.status, 200);
+    let got = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+    let sent: Value = serde_json::from_slice(&got.body).expect("json");
+    assert_eq!(
+        (
+            sent["max_completion_tokens"].as_u64(),
+            sent["max_tokens"].as_u64()
+        ),
+        (Some(25), Some(25))
+    );
+    let c = &h.records(super::kind::CALL)[0];
+    assert_eq!(
+        c["max_tokens_capped"],
+        serde_json::json!({"field": "max_completion_tokens", "asked": 60, "sent": 25, "also": "max_tokens"})
+    );
+    assert_eq!(c["reserved"]["output"], 100);
+    assert_eq!(c["reserved"]["n"], 4);
+    assert_eq!(c["charged"]["output"], 100);
+    // Nothing is left.
+    let a = h.call("POST", "/v1/messages", &[], br#"{"model":"m"}"#);
+    assert_eq!(a.status, 429);
+}
