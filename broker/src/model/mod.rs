@@ -23,6 +23,7 @@ pub mod config;
 pub mod policy;
 pub mod proxy;
 pub mod rules;
+pub mod scrub;
 pub mod usage;
 
 use std::io;

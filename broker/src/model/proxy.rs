@@ -17,6 +17,7 @@ use super::config::Settings;
 use super::kind;
 use super::policy::{self, Ask, Budget, Exhausted, Reserved};
 use super::rules::{self, Api, Denial, Reason};
+use super::scrub::Scrubber;
 use super::usage::{Scanner, Usage};
 use crate::audit::{AuditLog, Durability};
 
@@ -67,6 +68,8 @@ enum Broken {
 #[derive(Debug)]
 pub struct Proxy {
     settings: Settings,
+    /// Every configured key, to mask in what goes back to the guest.
+    scrubber: Scrubber,
     budget: Budget,
     audit: AuditLog,
     agent: ureq::Agent,
@@ -278,6 +281,17 @@ fn respond<W: Write>(
     send(w, &Message::HttpEnd)
 }
 
+/// Sends body bytes the scrubber let through, in frames the protocol
+/// carries, adding them to `hash`, and empties `data`.
+fn relay<W: Write>(out: &mut W, data: &mut Vec<u8>, hash: &mut Sha256) -> io::Result<()> {
+    hash.update(&data[..]);
+    let sent = data
+        .chunks(MAX_HTTP_CHUNK)
+        .try_for_each(|piece| send(out, &Message::HttpBody(piece.to_vec())));
+    data.clear();
+    sent
+}
+
 /// A header pair the protocol can carry back to the guest.
 fn carriable(name: &str, value: &str) -> bool {
     use airlock_protocol::limits::{MAX_HTTP_HEADER_NAME, MAX_HTTP_HEADER_VALUE};
@@ -330,6 +344,10 @@ struct Relayed {
     error: Option<String>,
     /// The response reached the guest whole.
     complete: bool,
+    /// Keys masked in the response headers (a header whose name holds
+    /// one is dropped and counted here) and in its body.
+    scrubbed_headers: usize,
+    scrubbed_body: usize,
 }
 
 impl Proxy {
@@ -362,8 +380,15 @@ impl Proxy {
             .accept_encoding("identity")
             .build()
             .into();
+        let scrubber = Scrubber::new(
+            [&settings.anthropic_key, &settings.openai_key]
+                .into_iter()
+                .flatten()
+                .map(|k| k.secret.expose()),
+        );
         Proxy {
             settings,
+            scrubber,
             budget: Budget::default(),
             audit,
             agent,
@@ -458,6 +483,15 @@ impl Proxy {
                 );
             }
         }
+        let mut relayed = relayed;
+        relayed.error = relayed.error.map(|e| self.scrubber.scrub_str(&e).0);
+        let scrubbed = relayed.scrubbed_headers + relayed.scrubbed_body;
+        if scrubbed > 0 {
+            eprintln!(
+                "airlock: warning: model call {number}: the upstream sent an API key back \
+                 ({scrubbed} times); airlock masked it before the agent saw it"
+            );
+        }
         let (charged_input, charged_output) = charge(&relayed, reserved.as_ref());
         self.budget
             .settle(reserved.as_ref(), charged_input, charged_output);
@@ -493,6 +527,10 @@ impl Proxy {
                     "n": r.n,
                 })),
                 "charged": { "input": charged_input, "output": charged_output },
+                "scrubbed": (scrubbed > 0).then(|| json!({
+                    "headers": relayed.scrubbed_headers,
+                    "body": relayed.scrubbed_body,
+                })),
                 "response_bytes": relayed.response_bytes,
                 "response_sha256": relayed.response_sha256,
                 "complete": relayed.complete,
@@ -704,6 +742,8 @@ impl Proxy {
             Ok(r) => r,
             Err(e) => {
                 let why = unreachable_reason(&e);
+                // An error may quote what was sent: scrubbed like the rest.
+                let why = self.scrubber.scrub_str(&why).0;
                 let denial = Denial::new(
                     route.api,
                     Reason::Unreachable,
@@ -730,7 +770,13 @@ impl Proxy {
                 && carriable(name.as_str(), value)
                 && headers.len() < airlock_protocol::limits::MAX_HTTP_HEADERS
             {
-                headers.push((name.as_str().to_owned(), value.to_owned()));
+                if self.scrubber.finds(name.as_str()) {
+                    relayed.scrubbed_headers += 1;
+                    continue;
+                }
+                let (value, n) = self.scrubber.scrub_str(value);
+                relayed.scrubbed_headers += n;
+                headers.push((name.as_str().to_owned(), value));
             }
         }
         if let Err(e) = send(out, &Message::HttpResponse { status, headers }) {
@@ -738,9 +784,12 @@ impl Proxy {
             return relayed;
         }
         let mut scanner = Scanner::new(content_type.as_deref());
+        let mut scrub = self.scrubber.stream();
+        let mut scrubbed = Vec::with_capacity(MAX_HTTP_CHUNK);
         let mut hash = Sha256::new();
         let mut reader = response.into_body().into_reader();
         let mut buf = vec![0u8; MAX_HTTP_CHUNK];
+        let mut guest_gone = false;
         loop {
             let n = match reader.read(&mut buf) {
                 Ok(0) => break,
@@ -757,11 +806,23 @@ impl Proxy {
                 .first_chunk_ms
                 .get_or_insert_with(|| millis(started.elapsed()));
             scanner.feed(chunk);
-            hash.update(chunk);
             relayed.response_bytes += u64::try_from(n).unwrap_or(u64::MAX);
-            if let Err(e) = send(out, &Message::HttpBody(chunk.to_vec())) {
+            scrub.feed(chunk, &mut scrubbed);
+            if scrubbed.is_empty() {
+                continue;
+            }
+            if let Err(e) = relay(out, &mut scrubbed, &mut hash) {
                 relayed.error = Some(format!("the guest went away: {e}"));
+                guest_gone = true;
                 break;
+            }
+        }
+        // What was held back as a possible key's beginning.
+        scrub.finish(&mut scrubbed);
+        relayed.scrubbed_body = scrub.count();
+        if !scrubbed.is_empty() && !guest_gone {
+            if let Err(e) = relay(out, &mut scrubbed, &mut hash) {
+                relayed.error = Some(format!("the guest went away: {e}"));
             }
         }
         relayed.usage = scanner.finish();

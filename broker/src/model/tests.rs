@@ -1093,3 +1093,148 @@ fn openai_n_is_accounted() {
     let a = h.call("POST", "/v1/messages", &[], br#"{"model":"m"}"#);
     assert_eq!(a.status, 429);
 }
+
+/// A reflecting upstream: it answers with the request's headers echoed in
+/// its response headers and, as server-sent events, in its body (with a
+/// second, OpenAI key it knows of), written in 1- and 3-byte HTTP chunks
+/// so that every key straddles chunk boundaries.
+fn reflecting_upstream(other_key: &'static str) -> (String, mpsc::Receiver<Got>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let got = read_got(BufReader::new(stream.try_clone().expect("clone")));
+            let key = got
+                .head
+                .lines()
+                .find_map(|l| l.strip_prefix("x-api-key: "))
+                .unwrap_or_default()
+                .to_owned();
+            let mut head = String::from(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n",
+            );
+            head.push_str(&format!("anthropic-echo-x-api-key: {key}\r\n"));
+            head.push_str(&format!("request-id: req_{key}_1\r\n"));
+            head.push_str(&format!("anthropic-{}: 1\r\n", key.to_ascii_lowercase()));
+            head.push_str("\r\n");
+            let dump = got.head.replace("\r\n", "\\n");
+            let body = format!(
+                "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"usage\":{{\"input_tokens\":3,\"output_tokens\":1}}}}}}\n\n\
+                 event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"delta\":{{\"type\":\"text_delta\",\"text\":\"you sent: {dump}\"}}}}\n\n\
+                 event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"delta\":{{\"type\":\"text_delta\",\"text\":\"and the other key is {other_key}, shouting: {upper}\"}}}}\n\n\
+                 event: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n",
+                upper = key.to_ascii_uppercase(),
+            );
+            let _ = tx.send(got);
+            let _ = stream.write_all(head.as_bytes());
+            let mut rest = body.as_bytes();
+            let mut odd = true;
+            while !rest.is_empty() {
+                let n = rest.len().min(if odd { 1 } else { 3 });
+                odd = !odd;
+                let _ = stream.write_all(format!("{n:x}\r\n").as_bytes());
+                let _ = stream.write_all(&rest[..n]);
+                let _ = stream.write_all(b"\r\n");
+                let _ = stream.flush();
+                rest = &rest[n..];
+                thread::sleep(Duration::from_micros(200));
+            }
+            let _ = stream.write_all(b"0\r\n\r\n");
+        }
+    });
+    (format!("http://{addr}"), rx)
+}
+
+fn has_ci(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+}
+
+/// An upstream that reflects the request never shows the guest a key: not
+/// in a header value, not in a header name (dropped), not in the streamed
+/// body however it is split, in any case, nor the other provider's key;
+/// lengths are kept (a same-length mask), the scrub is audited and the
+/// usage is still read.
+#[test]
+fn a_reflecting_upstream_never_shows_the_key_to_the_guest() {
+    const OTHER_KEY: &str = "sk-openai-other-key-987654321";
+    let (url, got) = reflecting_upstream(OTHER_KEY);
+    let mut s = settings(Some(&url), Policy::default());
+    s.openai_key = Some(Key {
+        secret: Secret::for_tests(OTHER_KEY),
+        source: "test".into(),
+    });
+    let h = Harness::new(s);
+    let a = h.call(
+        "POST",
+        "/v1/messages",
+        &[
+            ("x-api-key", "placeholder"),
+            ("anthropic-version", "2023-06-01"),
+        ],
+        STREAM_BODY,
+    );
+    let got = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+    assert!(
+        got.head.contains(REAL_KEY),
+        "the upstream did not get the key"
+    );
+    assert_eq!((a.status, a.ended), (200, true), "{a:?}");
+    let body = a.body();
+    let headers: Vec<u8> = a
+        .headers
+        .iter()
+        .flat_map(|(n, v)| format!("{n}: {v}\n").into_bytes())
+        .collect();
+    for key in [REAL_KEY, OTHER_KEY] {
+        assert!(!has_ci(&body, key), "{key} in the body");
+        assert!(!has_ci(&headers, key), "{key} in the headers");
+    }
+    assert!(
+        a.chunks.len() > 10,
+        "the body did not stream: {}",
+        a.chunks.len()
+    );
+    assert!(
+        has_ci(&body, "you sent: POST /v1/messages"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let mask: String = super::scrub::mask(REAL_KEY.len()).map(char::from).collect();
+    assert!(
+        has_ci(&body, &format!("x-api-key: {mask}")),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(a.header("anthropic-echo-x-api-key"), Some(mask.as_str()));
+    assert_eq!(
+        a.header("request-id"),
+        Some(format!("req_{mask}_1").as_str())
+    );
+    assert!(
+        !a.headers.iter().any(|(n, _)| n.starts_with("anthropic-sk")),
+        "{:?}",
+        a.headers
+    );
+    let c = &h.records(super::kind::CALL)[0];
+    assert_eq!(
+        c["scrubbed"],
+        serde_json::json!({"headers": 3, "body": 3}),
+        "{c}"
+    );
+    assert_eq!(c["response_bytes"].as_u64(), Some(body.len() as u64));
+    assert_eq!(c["input_tokens"], 3);
+    assert!(!String::from_utf8_lossy(&h.audit.bytes()).contains(REAL_KEY));
+}
+
+/// Without a key in the answer nothing is masked and nothing recorded.
+#[test]
+fn answers_without_a_key_are_untouched() {
+    let (url, _got) = upstream(chunked(&[SSE_1, SSE_2]), None);
+    let h = Harness::new(settings(Some(&url), Policy::default()));
+    let a = h.call("POST", "/v1/messages", &[], STREAM_BODY);
+    assert_eq!(a.body(), format!("{SSE_1}{SSE_2}").as_bytes());
+    assert!(h.records(super::kind::CALL)[0]["scrubbed"].is_null());
+}
