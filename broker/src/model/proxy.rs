@@ -476,8 +476,7 @@ impl Proxy {
                 eprintln!(
                     "airlock: model upstream {} unreachable: {error} (the agent got a 502){hint}",
                     self.settings
-                        .upstream
-                        .as_ref()
+                        .upstream(route.api)
                         .map(|u| u.display())
                         .unwrap_or_default(),
                 );
@@ -581,10 +580,26 @@ impl Proxy {
             .and_then(|v| v.get("model"))
             .and_then(Value::as_str)
             .map(str::to_owned);
-        if self.settings.upstream.is_none() {
+        if !self.settings.has_upstream() {
             return deny(
                 Reason::NoUpstream,
                 "model calls are not enabled for this sandbox: airlock run was given no --model-upstream".into(),
+                model,
+            );
+        }
+        if self.settings.upstream(api).is_none() {
+            let others = [Api::Anthropic, Api::OpenAi]
+                .into_iter()
+                .filter_map(|a| self.settings.upstream(a).map(|u| u.display()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return deny(
+                Reason::NoRoute,
+                format!(
+                    "airlock routes no {api} calls in this run (its model upstream {others} serves \
+                     another API only); they would need --model-upstream {api}=URL",
+                    api = api.name()
+                ),
                 model,
             );
         }
@@ -709,8 +724,11 @@ impl Proxy {
         started: Instant,
     ) -> Relayed {
         let mut relayed = Relayed::default();
-        let (Some(upstream), Some(key)) = (&self.settings.upstream, self.settings.key(route.api))
-        else {
+        // Each provider's key goes only to that provider's upstream.
+        let (Some(upstream), Some(key)) = (
+            self.settings.upstream(route.api),
+            self.settings.key(route.api),
+        ) else {
             relayed.error = Some("no upstream or key".into());
             return relayed;
         };

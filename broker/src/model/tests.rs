@@ -105,7 +105,8 @@ fn settings(url: Option<&str>, policy: Policy) -> Settings {
         source: "test".into(),
     };
     Settings {
-        upstream: url.map(|u| Upstream::parse(u).expect("url")),
+        anthropic_upstream: url.map(|u| Upstream::parse(u).expect("url")),
+        openai_upstream: url.map(|u| Upstream::parse(u).expect("url")),
         anthropic_key: Some(key.clone()),
         openai_key: Some(key),
         ca: None,
@@ -1237,4 +1238,138 @@ fn answers_without_a_key_are_untouched() {
     let a = h.call("POST", "/v1/messages", &[], STREAM_BODY);
     assert_eq!(a.body(), format!("{SSE_1}{SSE_2}").as_bytes());
     assert!(h.records(super::kind::CALL)[0]["scrubbed"].is_null());
+}
+
+const ANTHROPIC_ONLY_KEY: &str = "sk-ant-only-for-anthropic-111";
+const OPENAI_ONLY_KEY: &str = "sk-openai-only-for-openai-222";
+
+/// Both keys, distinct, and the upstreams given.
+fn routed(anthropic: Option<&str>, openai: Option<&str>) -> Settings {
+    let key = |k: &str| Key {
+        secret: Secret::for_tests(k),
+        source: "test".into(),
+    };
+    Settings {
+        anthropic_upstream: anthropic.map(|u| Upstream::parse(u).expect("url")),
+        openai_upstream: openai.map(|u| Upstream::parse(u).expect("url")),
+        anthropic_key: Some(key(ANTHROPIC_ONLY_KEY)),
+        openai_key: Some(key(OPENAI_ONLY_KEY)),
+        ca: None,
+        policy: Policy::default(),
+    }
+}
+
+/// With both keys set and an Anthropic-only upstream, the OpenAI key never
+/// reaches it: OpenAI calls (chat, and /v1/models as OpenAI) get an
+/// API-shaped 403 naming the flag that would route them, and Anthropic
+/// calls carry the Anthropic key alone.
+#[test]
+fn the_openai_key_never_reaches_an_anthropic_only_upstream() {
+    let (url, got) = upstream(json_reply(200, "{}"), None);
+    let h = Harness::new(routed(Some(&url), None));
+    let a = h.call(
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", "Bearer placeholder")],
+        br#"{"model":"gpt-x","messages":[]}"#,
+    );
+    assert_eq!((a.status, a.ended), (403, true));
+    assert_eq!(a.json()["error"]["code"], "no_upstream_for_api");
+    let message = a.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(message.contains("--model-upstream openai=URL"), "{message}");
+    let a = h.call("GET", "/v1/models", &[("authorization", "Bearer x")], b"");
+    assert_eq!(a.status, 403);
+    assert!(
+        got.try_recv().is_err(),
+        "an OpenAI call reached the upstream"
+    );
+    let denied = h.records(super::kind::DENIED);
+    assert_eq!(denied.len(), 2);
+    assert!(denied.iter().all(|d| d["reason"] == "no_upstream_for_api"));
+    // The Anthropic call goes, with the Anthropic key only.
+    let a = h.call(
+        "POST",
+        "/v1/messages",
+        &[("anthropic-version", "2023-06-01")],
+        br#"{"model":"claude-x","messages":[]}"#,
+    );
+    assert_eq!(a.status, 200);
+    let g = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+    assert!(
+        g.head
+            .contains(&format!("x-api-key: {ANTHROPIC_ONLY_KEY}\r\n")),
+        "{}",
+        g.head
+    );
+    assert!(!g.head.contains(OPENAI_ONLY_KEY), "{}", g.head);
+    assert!(
+        !g.head.to_ascii_lowercase().contains("authorization"),
+        "{}",
+        g.head
+    );
+    assert!(got.try_recv().is_err(), "more than one call went upstream");
+}
+
+/// A gateway serving both: each call carries only its own provider's key;
+/// two upstreams, one each: each gets only its own provider's calls.
+#[test]
+fn each_provider_key_goes_only_to_its_routes() {
+    let (url, got) = upstream(json_reply(200, "{}"), None);
+    let h = Harness::new(routed(Some(&url), Some(&url)));
+    assert_eq!(
+        h.call("POST", "/v1/chat/completions", &[], br#"{"model":"g"}"#)
+            .status,
+        200
+    );
+    let g = got
+        .recv_timeout(Duration::from_secs(5))
+        .expect("openai call");
+    assert!(
+        g.head.starts_with("POST /v1/chat/completions"),
+        "{}",
+        g.head
+    );
+    assert!(g
+        .head
+        .contains(&format!("authorization: Bearer {OPENAI_ONLY_KEY}\r\n")));
+    assert!(!g.head.contains(ANTHROPIC_ONLY_KEY) && !g.head.contains("x-api-key"));
+    assert_eq!(
+        h.call("POST", "/v1/messages", &[], br#"{"model":"c"}"#)
+            .status,
+        200
+    );
+    let g = got
+        .recv_timeout(Duration::from_secs(5))
+        .expect("anthropic call");
+    assert!(g
+        .head
+        .contains(&format!("x-api-key: {ANTHROPIC_ONLY_KEY}\r\n")));
+    assert!(!g.head.contains(OPENAI_ONLY_KEY) && !g.head.contains("authorization"));
+
+    let (a_url, a_got) = upstream(json_reply(200, "{}"), None);
+    let (o_url, o_got) = upstream(json_reply(200, "{}"), None);
+    let h = Harness::new(routed(Some(&a_url), Some(&o_url)));
+    assert_eq!(
+        h.call("POST", "/v1/chat/completions", &[], br#"{"model":"g"}"#)
+            .status,
+        200
+    );
+    assert_eq!(
+        h.call("POST", "/v1/messages", &[], br#"{"model":"c"}"#)
+            .status,
+        200
+    );
+    let a = a_got
+        .recv_timeout(Duration::from_secs(5))
+        .expect("anthropic upstream");
+    let o = o_got
+        .recv_timeout(Duration::from_secs(5))
+        .expect("openai upstream");
+    assert!(a.head.starts_with("POST /v1/messages") && a.head.contains(ANTHROPIC_ONLY_KEY));
+    assert!(o.head.starts_with("POST /v1/chat/completions") && o.head.contains(OPENAI_ONLY_KEY));
+    assert!(a_got.try_recv().is_err() && o_got.try_recv().is_err());
+    assert!(!a.head.contains(OPENAI_ONLY_KEY) && !o.head.contains(ANTHROPIC_ONLY_KEY));
 }
