@@ -459,7 +459,9 @@ impl Proxy {
             }
         };
         let number = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        let relayed = self.forward(&req, &route, &body, &mut out, started);
+        let mut relayed = self.forward(&req, &route, &body, &mut out, started);
+        // An error may quote what was sent: scrubbed for stderr and the log.
+        relayed.error = relayed.error.map(|e| self.scrubber.scrub_str(&e).0);
         if relayed.status == Some(502) && relayed.head_ms.is_none() {
             // Unreachable: the guest got an API-shaped 502; the user hears
             // of the first few.
@@ -482,8 +484,6 @@ impl Proxy {
                 );
             }
         }
-        let mut relayed = relayed;
-        relayed.error = relayed.error.map(|e| self.scrubber.scrub_str(&e).0);
         let scrubbed = relayed.scrubbed_headers + relayed.scrubbed_body;
         if scrubbed > 0 {
             eprintln!(
