@@ -588,15 +588,12 @@ impl Proxy {
             );
         }
         if self.settings.upstream(api).is_none() {
-            let others = [Api::Anthropic, Api::OpenAi]
-                .into_iter()
-                .filter_map(|a| self.settings.upstream(a).map(|u| u.display()))
-                .collect::<Vec<_>>()
-                .join(", ");
+            // The upstream's URL is not shown: it may hold an account's
+            // name or a token in its path.
             return deny(
                 Reason::NoRoute,
                 format!(
-                    "airlock routes no {api} calls in this run (its model upstream {others} serves \
+                    "airlock routes no {api} calls in this run (its --model-upstream serves \
                      another API only); they would need --model-upstream {api}=URL",
                     api = api.name()
                 ),

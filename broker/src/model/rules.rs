@@ -482,6 +482,10 @@ mod tests {
             Denial::new(Api::OpenAi, Reason::NoUpstream, "x").status(),
             403
         );
+        let d = Denial::new(Api::OpenAi, Reason::NoRoute, "x");
+        assert_eq!(d.status(), 403);
+        let v: Value = serde_json::from_slice(&d.body()).expect("json");
+        assert_eq!(v["error"]["code"], "no_upstream_for_api");
         assert_eq!(
             Denial::new(Api::OpenAi, Reason::Unreachable, "x").status(),
             502

@@ -1280,6 +1280,10 @@ fn the_openai_key_never_reaches_an_anthropic_only_upstream() {
         .unwrap_or_default()
         .to_owned();
     assert!(message.contains("--model-upstream openai=URL"), "{message}");
+    assert!(
+        !message.contains(&url),
+        "the upstream's URL is shown: {message}"
+    );
     let a = h.call("GET", "/v1/models", &[("authorization", "Bearer x")], b"");
     assert_eq!(a.status, 403);
     assert!(
@@ -1372,4 +1376,44 @@ fn each_provider_key_goes_only_to_its_routes() {
     assert!(o.head.starts_with("POST /v1/chat/completions") && o.head.contains(OPENAI_ONLY_KEY));
     assert!(a_got.try_recv().is_err() && o_got.try_recv().is_err());
     assert!(!a.head.contains(OPENAI_ONLY_KEY) && !o.head.contains(ANTHROPIC_ONLY_KEY));
+}
+
+/// A call the upstream never answered releases what it reserved: the next
+/// call may have the whole budget again.
+#[test]
+fn an_unreachable_call_releases_its_reservation() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let policy = Policy {
+        max_tokens_per_run: Some(100),
+        ..Policy::default()
+    };
+    let h = Harness::new(settings(Some(&format!("http://127.0.0.1:{port}")), policy));
+    for _ in 0..3 {
+        let a = h.call(
+            "POST",
+            "/v1/messages",
+            &[],
+            br#"{"model":"m","max_tokens":500}"#,
+        );
+        assert_eq!(a.status, 502);
+    }
+    let calls = h.records(super::kind::CALL);
+    assert_eq!(calls.len(), 3);
+    for c in &calls {
+        assert_eq!(c["max_tokens_capped"]["sent"], 100, "{c}");
+        assert_eq!(c["reserved"]["output"], 100, "{c}");
+        assert_eq!(c["charged"], serde_json::json!({"input": 0, "output": 0}));
+    }
+    let summary = h.proxy.summary();
+    assert_eq!(
+        (
+            summary["input_tokens"].as_u64(),
+            summary["output_tokens"].as_u64()
+        ),
+        (Some(0), Some(0))
+    );
 }
