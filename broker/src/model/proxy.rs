@@ -139,6 +139,34 @@ fn cap_fields(api: Api, obj: &serde_json::Map<String, Value>) -> &'static [&'sta
     }
 }
 
+/// A key the top level of a JSON object names twice, if any. Parsers
+/// differ on which value counts (serde_json, like most, takes the last;
+/// some take the first): airlock would check one `model` or `max_tokens`
+/// and the upstream act on the other, so such a body is refused.
+fn duplicate_key(body: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut twice = None;
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                if twice.is_none() && !seen.insert(key.clone()) {
+                    twice = Some(key);
+                }
+            }
+            Ok(twice)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    de.deserialize_map(Keys).ok().flatten()
+}
+
 /// What a completion asks of the budget: the largest output cap it gives
 /// (`None` if one is missing or not a number, as the upstream's default
 /// then applies), OpenAI's `n` (any API: a gateway may honour it on
@@ -317,7 +345,10 @@ struct Checked {
 
 /// The tokens a call that ended is charged: the upstream's counts; where
 /// the upstream answered 2xx without a count, what the call reserved (it
-/// may have used as much); nothing when it was not reached.
+/// may have used as much); the same when the answer was cut short (the
+/// agent went away, or the upstream), as a stream's count is a running
+/// one and the upstream may have generated more than was read; nothing
+/// when it was not reached.
 fn charge(relayed: &Relayed, reserved: Option<&Reserved>) -> (u64, u64) {
     let answered =
         relayed.head_ms.is_some() && relayed.status.is_some_and(|s| (200..300).contains(&s));
@@ -325,10 +356,12 @@ fn charge(relayed: &Relayed, reserved: Option<&Reserved>) -> (u64, u64) {
         Some(r) if answered => (r.input_estimate, r.output),
         _ => (0, 0),
     };
-    (
-        relayed.usage.input.unwrap_or(input),
-        relayed.usage.output.unwrap_or(output),
-    )
+    let output = match relayed.usage.output {
+        Some(o) if answered && !relayed.complete => o.max(output),
+        Some(o) => o,
+        None => output,
+    };
+    (relayed.usage.input.unwrap_or(input), output)
 }
 
 /// What a forwarded call led to.
@@ -573,6 +606,13 @@ impl Proxy {
                         None,
                     )
                 }
+            }
+            if let Some(key) = duplicate_key(&req.body) {
+                return deny(
+                    Reason::BadBody,
+                    format!("airlock refuses a request body that names {key:?} twice"),
+                    None,
+                );
             }
         }
         let model = json

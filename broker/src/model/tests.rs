@@ -1417,3 +1417,67 @@ fn an_unreachable_call_releases_its_reservation() {
         (Some(0), Some(0))
     );
 }
+
+/// A top-level key named twice is refused: parsers differ on which value
+/// counts, so airlock could check one model or cap and the upstream use
+/// the other.
+#[test]
+fn a_key_named_twice_is_refused() {
+    let policy = Policy {
+        allowed_models: Some(vec!["cheap".into()]),
+        max_tokens_per_run: Some(100),
+        ..Policy::default()
+    };
+    let (url, got) = upstream(json_reply(200, "{}"), None);
+    let h = Harness::new(settings(Some(&url), policy));
+    for body in [
+        &br#"{"model":"cheap","max_tokens":100000,"max_tokens":10}"#[..],
+        br#"{"model":"expensive","model":"cheap"}"#,
+        br#"{"model":"cheap","n":50,"n":1}"#,
+        br#"{"model":"cheap","max_tokens":5,"max\u005ftokens":9}"#,
+    ] {
+        let a = h.call("POST", "/v1/chat/completions", &[], body);
+        assert_eq!(a.status, 400, "{}", String::from_utf8_lossy(body));
+        assert_eq!(a.json()["error"]["code"], "bad_body");
+    }
+    assert!(got.try_recv().is_err(), "a refused call went upstream");
+    // Repeated keys deeper in are the upstream's business.
+    let a = h.call(
+        "POST",
+        "/v1/messages",
+        &[],
+        br#"{"model":"cheap","max_tokens":5,"metadata":{"a":1,"a":2}}"#,
+    );
+    assert_eq!(a.status, 200);
+}
+
+/// An agent that goes away in the middle of a stream is charged what its
+/// call reserved, not the running count it had read so far.
+#[test]
+fn a_stream_cut_short_is_charged_its_reservation() {
+    let (gate_tx, gate) = mpsc::channel();
+    let (url, _got) = upstream(chunked(&[SSE_1, SSE_2]), Some(gate));
+    let policy = Policy {
+        max_tokens_per_run: Some(100),
+        ..Policy::default()
+    };
+    let h = Harness::new(settings(Some(&url), policy));
+    let (mut guest, t) = h.connect();
+    send_request(&mut guest, "POST", "/v1/messages", &[], STREAM_BODY);
+    let (status, _) = read_head(&mut guest);
+    assert_eq!(status, 200);
+    let Message::HttpBody(first) = read_frame(&mut guest).expect("first chunk") else {
+        panic!("not a body chunk")
+    };
+    assert_eq!(first, SSE_1.as_bytes());
+    drop(guest);
+    gate_tx.send(()).expect("release");
+    t.join().expect("proxy");
+    let c = &h.records(super::kind::CALL)[0];
+    assert_eq!(c["complete"], false, "{c}");
+    assert_eq!(c["reserved"]["output"], 100);
+    assert_eq!(c["charged"]["output"], 100, "{c}");
+    assert_eq!(c["charged"]["input"], 11, "{c}");
+    let a = h.call("POST", "/v1/messages", &[], br#"{"model":"m"}"#);
+    assert_eq!(a.status, 429);
+}
