@@ -140,8 +140,9 @@ fn tcg_concurrent_calls_cannot_exceed_the_token_budget() {
         r#"{"turns":[{"text":"A long reply: ","filler":6000}]}"#,
     );
     let (akey, okey) = (secret_key("ant-budget"), secret_key("oai-budget"));
-    // Events 150 ms apart: each call lasts seconds, so they overlap.
-    let upstream = Upstream::start(&script, &dir, &["--delay-ms", "150"]);
+    // Events 250 ms apart: each call lasts about three seconds, so calls
+    // started together overlap even on a slow machine.
+    let upstream = Upstream::start(&script, &dir, &["--delay-ms", "250"]);
     let audit = dir.join("audit.jsonl");
     let _ = std::fs::remove_file(&audit);
     let py = format!(
