@@ -115,9 +115,15 @@ with placeholder keys). With --model-upstream URL, airlock forwards POST
 /v1/messages, POST /v1/chat/completions and GET /v1/models there with the real
 key (from ANTHROPIC_API_KEY / OPENAI_API_KEY, --model-key-env or
 --model-key-file: it never enters the sandbox), within the --model-* policy,
-and records each call in the audit log. Anything else, and every call when
-there is no --model-upstream, gets an API-shaped error (403, 404, 413, 429,
-or 502 when the upstream cannot be reached, also said on stderr).
+and records each call in the audit log. Each provider's key goes only to its
+own upstream: https://api.anthropic.com serves Anthropic calls only,
+https://api.openai.com OpenAI calls only, another host (a gateway) both;
+anthropic=URL / openai=URL name a provider's upstream. Any key the upstream
+sends back is masked before the agent sees it. Under --model-max-tokens each
+call in flight holds its output cap against the budget. Anything else, and
+every call when there is no --model-upstream, gets an API-shaped error (403,
+404, 413, 429, or 502 when the upstream cannot be reached, also said on
+stderr).
 
 Environment:
   AIRLOCK_HOME         directory holding build/ (default: found next to the airlock binary)
@@ -377,12 +383,15 @@ pub struct RunArgs {
 #[derive(Debug, Clone, Default, Args)]
 pub struct ModelArgs {
     /// Forward the agent's model calls (Anthropic Messages, OpenAI Chat
-    /// Completions) to this base URL, e.g. https://api.anthropic.com, with
-    /// the key from $ANTHROPIC_API_KEY / $OPENAI_API_KEY (or
-    /// --model-key-env / --model-key-file). Without it every model call
-    /// gets an API-shaped 403
-    #[arg(long, value_name = "URL")]
-    pub model_upstream: Option<String>,
+    /// Completions) to this base URL, each with its own provider's key
+    /// from $ANTHROPIC_API_KEY / $OPENAI_API_KEY (or --model-key-env /
+    /// --model-key-file). https://api.anthropic.com serves only Anthropic
+    /// calls and https://api.openai.com only OpenAI calls; any other host
+    /// (a gateway) serves both. anthropic=URL or openai=URL names the
+    /// provider; repeatable, at most one upstream per provider. A call
+    /// with no upstream for its API gets an API-shaped 403
+    #[arg(long, value_name = "[PROVIDER=]URL")]
+    pub model_upstream: Vec<String>,
     /// Take the API key (for both APIs) from this variable of airlock's
     /// environment
     #[arg(
@@ -418,7 +427,9 @@ pub struct ModelArgs {
     pub model_max_requests: Option<u64>,
     /// Refuse model calls (429) once the run has used this many tokens
     /// (input + output, from the responses' usage); each call's output cap
-    /// (max_tokens / max_completion_tokens) is lowered to the tokens left
+    /// (max_tokens / max_completion_tokens, per choice of OpenAI's n) is
+    /// lowered to the tokens left, and held against the budget while the
+    /// call is in flight, so concurrent calls cannot together exceed it
     /// [default: no limit]
     #[arg(long, value_name = "N")]
     pub model_max_tokens: Option<u64>,

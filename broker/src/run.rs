@@ -474,7 +474,7 @@ impl TryFrom<RunArgs> for RunConfig {
 /// (or `--model-key-file`), only when `--model-upstream` is given.
 fn model_settings(args: &crate::cli::ModelArgs) -> Result<crate::model::Settings, Error> {
     let args = crate::model::Args {
-        upstream: args.model_upstream.clone(),
+        upstreams: args.model_upstream.clone(),
         key_env: args.model_key_env.clone(),
         key_file: args.model_key_file.clone(),
         ca_file: args.model_ca.clone(),

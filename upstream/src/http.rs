@@ -136,13 +136,30 @@ fn reason(status: u16) -> &'static str {
 }
 
 /// Writes a whole response with a `Content-Length`.
-pub fn respond<W: Write>(mut w: W, status: u16, content_type: &str, body: &[u8]) -> io::Result<()> {
+pub fn respond<W: Write>(w: W, status: u16, content_type: &str, body: &[u8]) -> io::Result<()> {
+    respond_with(w, status, content_type, &[], body)
+}
+
+/// Header lines, each `name: value\r\n`.
+fn header_lines(extra: &[(String, String)]) -> String {
+    extra.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect()
+}
+
+/// [`respond`] with `extra` headers.
+pub fn respond_with<W: Write>(
+    mut w: W,
+    status: u16,
+    content_type: &str,
+    extra: &[(String, String)],
+    body: &[u8],
+) -> io::Result<()> {
     write!(
         w,
         "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\
-         request-id: req_local\r\nconnection: close\r\n\r\n",
+         request-id: req_local\r\n{}connection: close\r\n\r\n",
         reason(status),
-        body.len()
+        body.len(),
+        header_lines(extra)
     )?;
     w.write_all(body)?;
     w.flush()
@@ -156,12 +173,17 @@ pub struct Chunked<W: Write> {
 }
 
 impl<W: Write> Chunked<W> {
-    /// Writes the head of a `200` chunked response.
-    pub fn start(mut w: W, content_type: &str) -> io::Result<Chunked<W>> {
+    /// Writes the head of a `200` chunked response, with `extra` headers.
+    pub fn start(
+        mut w: W,
+        content_type: &str,
+        extra: &[(String, String)],
+    ) -> io::Result<Chunked<W>> {
         write!(
             w,
             "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncache-control: no-cache\r\n\
-             transfer-encoding: chunked\r\nrequest-id: req_local\r\nconnection: close\r\n\r\n"
+             transfer-encoding: chunked\r\nrequest-id: req_local\r\n{}connection: close\r\n\r\n",
+            header_lines(extra)
         )?;
         w.flush()?;
         Ok(Chunked { w })
@@ -212,11 +234,13 @@ mod tests {
     #[test]
     fn writes_chunks() {
         let mut out = Vec::new();
-        let mut c = Chunked::start(&mut out, "text/event-stream").expect("start");
+        let extra = [("anthropic-echo-a".to_owned(), "b".to_owned())];
+        let mut c = Chunked::start(&mut out, "text/event-stream", &extra).expect("start");
         c.send(b"hello").expect("send");
         c.finish().expect("finish");
         let text = String::from_utf8(out).expect("utf-8");
         assert!(text.contains("transfer-encoding: chunked\r\n"));
+        assert!(text.contains("\r\nanthropic-echo-a: b\r\n"));
         assert!(text.ends_with("\r\n\r\n5\r\nhello\r\n0\r\n\r\n"));
     }
 }

@@ -7,7 +7,18 @@
 //! Every request is logged as one JSON line to `--log` (method, path, all
 //! headers, the key it carried, body sha256, turn, and for streams when the
 //! first and last events were sent), so tests can check what reached the
-//! upstream. One thread per connection, at most [`MAX_CONNECTIONS`] at once
+//! upstream. A completion's usage honours its output cap (`max_tokens` /
+//! `max_completion_tokens`, times OpenAI's `n`; the text itself is not
+//! cut), and the log records the cap and `n` it got.
+//!
+//! With `--reflect` it plays a careless upstream that echoes the request:
+//! every request header comes back as a response header
+//! `anthropic-echo-NAME: VALUE` (a name the providers' own header prefix
+//! lets through a proxy) and, as `NAME: VALUE` lines, at the start of the
+//! reply's text; streamed replies are then written in 1- and 3-byte HTTP
+//! chunks, so that what is echoed straddles chunk boundaries.
+//!
+//! One thread per connection, at most [`MAX_CONNECTIONS`] at once
 //! (beyond that: 503). With `--tls-cert` and `--tls-key` it serves HTTPS
 //! ([`tls`]) instead of plain HTTP, the rest unchanged.
 
@@ -69,6 +80,12 @@ struct Cli {
     /// The private key of --tls-cert (PEM)
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Echo every request header back, in the response headers
+    /// (anthropic-echo-NAME) and at the start of the reply's text, and
+    /// stream in 1- and 3-byte chunks: a careless upstream, for testing
+    /// that the proxy scrubs its key from what comes back
+    #[arg(long)]
+    reflect: bool,
 }
 
 /// Which API a request speaks.
@@ -94,6 +111,7 @@ struct Server {
     delay: Duration,
     key: Option<String>,
     tls: Option<Arc<rustls::ServerConfig>>,
+    reflect: bool,
     busy: AtomicUsize,
 }
 
@@ -171,6 +189,7 @@ fn main() -> ExitCode {
         delay: Duration::from_millis(cli.delay_ms),
         key: cli.key,
         tls,
+        reflect: cli.reflect,
         busy: AtomicUsize::new(0),
     });
     for stream in listener.incoming() {
@@ -204,6 +223,10 @@ struct Served {
     last_event_ms: Option<u64>,
     events: usize,
     response_bytes: usize,
+    /// The output cap a completion asked for (the larger field if both).
+    max_tokens: Option<u64>,
+    /// OpenAI's `n`.
+    n: Option<u64>,
 }
 
 impl Server {
@@ -321,7 +344,20 @@ impl Server {
                     .count()
             })
             .unwrap_or(0);
-        let turn = self.script.turn(turn_index);
+        let mut turn = self.script.turn(turn_index);
+        let echoed = self.echo_headers(req);
+        if self.reflect {
+            let dump: String = req
+                .headers
+                .iter()
+                .map(|(n, v)| format!("{n}: {v}\n"))
+                .collect();
+            let text = turn.text.take().unwrap_or_default();
+            turn.text = Some(format!(
+                "You sent: {} {}\n{dump}{text}",
+                req.method, req.target
+            ));
+        }
         let model = body
             .get("model")
             .and_then(Value::as_str)
@@ -333,8 +369,17 @@ impl Server {
             .as_ref()
             .map(|t| t.input.to_string())
             .unwrap_or_default();
+        let max_tokens = ["max_tokens", "max_completion_tokens"]
+            .iter()
+            .filter_map(|f| body.get(*f).and_then(Value::as_u64))
+            .max();
+        let n = body.get("n").and_then(Value::as_u64);
+        let natural = (turn.text.as_deref().unwrap_or_default().len() + tool_json.len()) / 4 + 1;
+        let per_choice = max_tokens.map_or(natural, |cap| {
+            natural.min(usize::try_from(cap).unwrap_or(usize::MAX))
+        });
         let output_tokens =
-            (turn.text.as_deref().unwrap_or_default().len() + tool_json.len()) / 4 + 1;
+            per_choice.saturating_mul(usize::try_from(n.unwrap_or(1)).unwrap_or(usize::MAX));
         let usage = Usage {
             input: input_tokens,
             output: output_tokens,
@@ -359,6 +404,8 @@ impl Server {
             status: 200,
             turn: Some(turn_index),
             stream: streaming,
+            max_tokens,
+            n,
             ..Served::default()
         };
         if !streaming {
@@ -367,7 +414,13 @@ impl Server {
                 Api::OpenAi => reply.openai_json(),
             }
             .to_string();
-            http::respond(&mut *stream, 200, "application/json", json.as_bytes())?;
+            http::respond_with(
+                &mut *stream,
+                200,
+                "application/json",
+                &echoed,
+                json.as_bytes(),
+            )?;
             served.response_bytes = json.len();
             return Ok(served);
         }
@@ -382,12 +435,23 @@ impl Server {
                 reply.openai_events(usage)
             }
         };
-        let mut out = Chunked::start(&mut *stream, "text/event-stream")?;
+        let mut out = Chunked::start(&mut *stream, "text/event-stream", &echoed)?;
         for (i, event) in events.iter().enumerate() {
             if i > 0 && !self.delay.is_zero() {
                 thread::sleep(self.delay);
             }
-            out.send(event.as_bytes())?;
+            if self.reflect {
+                let mut rest = event.as_bytes();
+                let mut odd = true;
+                while !rest.is_empty() {
+                    let (piece, tail) = rest.split_at(rest.len().min(if odd { 1 } else { 3 }));
+                    out.send(piece)?;
+                    rest = tail;
+                    odd = !odd;
+                }
+            } else {
+                out.send(event.as_bytes())?;
+            }
             let t = now_ms();
             served.first_event_ms.get_or_insert(t);
             served.last_event_ms = Some(t);
@@ -396,6 +460,18 @@ impl Server {
         }
         out.finish()?;
         Ok(served)
+    }
+
+    /// With `--reflect`, every request header as a response header
+    /// `anthropic-echo-NAME`; else none.
+    fn echo_headers(&self, req: &Request) -> Vec<(String, String)> {
+        if !self.reflect {
+            return Vec::new();
+        }
+        req.headers
+            .iter()
+            .map(|(n, v)| (format!("anthropic-echo-{n}"), v.clone()))
+            .collect()
     }
 
     fn log(&self, req: &Request, api: Api, key: Option<String>, received_ms: u64, served: &Served) {
@@ -418,6 +494,8 @@ impl Server {
             "first_event_ms": served.first_event_ms,
             "last_event_ms": served.last_event_ms,
             "response_bytes": served.response_bytes,
+            "max_tokens": served.max_tokens,
+            "n": served.n,
         });
         let mut f = log
             .lock()
@@ -737,6 +815,7 @@ mod tests {
             delay: Duration::ZERO,
             key: None,
             tls: Some(tls::server_config(&cert, &key).expect("tls config")),
+            reflect: false,
             busy: AtomicUsize::new(0),
         });
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -782,6 +861,86 @@ mod tests {
             (Some("sk-tls"), Some(200))
         );
         assert_eq!(line["stream"], true);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// With --reflect the request's headers come back in the response
+    /// headers and the text, streamed in 1- and 3-byte chunks; the usage
+    /// honours the output cap, which the log records.
+    #[test]
+    fn reflects_the_request_and_honours_the_cap() {
+        let dir =
+            std::env::temp_dir().join(format!("airlock-upstream-reflect-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let log = dir.join("log.jsonl");
+        let server = Arc::new(Server {
+            script: Script::parse(
+                r#"{"turns":[{"text":"a reply long enough to be more than two tokens"}]}"#,
+            )
+            .expect("script"),
+            log: Some(Mutex::new(File::create(&log).expect("log"))),
+            delay: Duration::ZERO,
+            key: None,
+            tls: None,
+            reflect: true,
+            busy: AtomicUsize::new(0),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let s = Arc::clone(&server);
+        let t = thread::spawn(move || {
+            let (sock, _) = listener.accept().expect("accept");
+            s.serve(sock);
+        });
+        let mut sock = TcpStream::connect(addr).expect("connect");
+        let body = r#"{"model":"m","stream":true,"max_tokens":2,"messages":[]}"#;
+        write!(
+            sock,
+            "POST /v1/messages HTTP/1.1\r\nhost: localhost\r\nx-api-key: sk-reflected\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("send");
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut sock, &mut answer).expect("read");
+        t.join().expect("server");
+        let (head, chunks) = answer.split_once("\r\n\r\n").expect("head");
+        assert!(
+            head.contains("\r\nanthropic-echo-x-api-key: sk-reflected\r\n"),
+            "{head}"
+        );
+        // De-chunk: every chunk is at most 3 bytes.
+        let mut rest = chunks;
+        let mut text = String::new();
+        let mut count = 0;
+        loop {
+            let (size, tail) = rest.split_once("\r\n").expect("size line");
+            let n = usize::from_str_radix(size, 16).expect("hex");
+            if n == 0 {
+                break;
+            }
+            assert!(n <= 3, "a chunk of {n}");
+            count += 1;
+            text.push_str(&tail[..n]);
+            rest = &tail[n + 2..];
+        }
+        assert!(count * 2 >= text.len(), "{count} chunks for {}", text.len());
+        assert!(text.contains("You sent: POST /v1/messages"), "{text}");
+        assert!(text.contains("x-api-key: "), "{text}");
+        assert!(text.contains("sk-reflected"), "{text}");
+        let usage = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .find(|e| e["type"] == "message_delta")
+            .expect("message_delta");
+        assert_eq!(usage["usage"]["output_tokens"], 2);
+        let line: Value =
+            serde_json::from_str(&std::fs::read_to_string(&log).expect("log")).expect("json");
+        assert_eq!(
+            (line["max_tokens"].as_u64(), line["key"].as_str()),
+            (Some(2), Some("sk-reflected"))
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -1,6 +1,15 @@
 //! The model proxy's settings from the command line, validated before any
-//! VM starts: the upstream URL, the API keys (from the host's environment
+//! VM starts: the upstreams, the API keys (from the host's environment
 //! or a secrets file; never logged, never sent to the guest), the policy.
+//!
+//! Each API (provider) has at most one upstream, and a provider's key is
+//! only ever sent to that provider's upstream, on that provider's routes.
+//! `--model-upstream` takes `anthropic=URL` or `openai=URL` to name the
+//! provider, or a bare URL: `https://api.anthropic.com` serves only
+//! Anthropic calls, `https://api.openai.com` only OpenAI calls, and any
+//! other host (a gateway, or the local `airlock-upstream`) both, each call
+//! carrying only its own provider's key. A provider given two upstreams is
+//! an error.
 
 use std::fmt;
 use std::io::Read;
@@ -29,6 +38,24 @@ pub const OPENAI_KEY_ENV: &str = "OPENAI_API_KEY";
 pub enum Error {
     #[error("--model-upstream {0:?}: {1}")]
     Url(String, &'static str),
+    #[error(
+        "--model-upstream {0:?}: the provider before '=' must be anthropic or openai \
+         (or give a bare URL)"
+    )]
+    Provider(String),
+    #[error(
+        "--model-upstream: two upstreams for the {api} API ({0} and {1}); give each provider \
+         at most one (anthropic=URL, openai=URL)",
+        api = .2.name()
+    )]
+    Duplicate(String, String, Api),
+    #[error(
+        "--model-upstream {0} serves only the {api} API, but there is no key for it: set {env}, \
+         or pass --model-key-env NAME or --model-key-file PATH",
+        api = .1.name(),
+        env = key_env_of(*.1)
+    )]
+    NoKeyFor(String, Api),
     #[error(
         "--model-upstream is set but there is no API key: set {ANTHROPIC_KEY_ENV} or \
          {OPENAI_KEY_ENV}, or pass --model-key-env NAME or --model-key-file PATH"
@@ -80,6 +107,14 @@ impl fmt::Debug for Secret {
 pub struct Key {
     pub secret: Secret,
     pub source: String,
+}
+
+/// The environment variable of an API's key.
+pub fn key_env_of(api: Api) -> &'static str {
+    match api {
+        Api::Anthropic => ANTHROPIC_KEY_ENV,
+        Api::OpenAi => OPENAI_KEY_ENV,
+    }
 }
 
 /// The upstream base URL, split.
@@ -138,6 +173,48 @@ impl Upstream {
     pub fn display(&self) -> String {
         self.url("")
     }
+
+    /// The host, lower-case, without port or trailing dot.
+    pub fn host(&self) -> String {
+        let a = self.authority.to_ascii_lowercase();
+        let host = if let Some(rest) = a.strip_prefix('[') {
+            rest.split(']').next().unwrap_or_default().to_owned()
+        } else {
+            a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h).to_owned()
+        };
+        host.trim_end_matches('.').to_owned()
+    }
+
+    /// The provider a bare URL serves by its host: Anthropic's and
+    /// OpenAI's own API hosts serve one each; `None` for any other (a
+    /// gateway serving both).
+    pub fn provider_by_host(&self) -> Option<Api> {
+        match self.host().as_str() {
+            "api.anthropic.com" => Some(Api::Anthropic),
+            "api.openai.com" => Some(Api::OpenAi),
+            _ => None,
+        }
+    }
+}
+
+/// One `--model-upstream` value: the APIs it serves and where.
+fn parse_upstream_arg(value: &str) -> Result<(Vec<Api>, Upstream), Error> {
+    if let Some((name, url)) = value.split_once('=') {
+        if !name.contains(['/', ':']) {
+            let api = match name.trim().to_ascii_lowercase().as_str() {
+                "anthropic" => Api::Anthropic,
+                "openai" => Api::OpenAi,
+                _ => return Err(Error::Provider(value.to_owned())),
+            };
+            return Ok((vec![api], Upstream::parse(url)?));
+        }
+    }
+    let upstream = Upstream::parse(value)?;
+    let apis = match upstream.provider_by_host() {
+        Some(api) => vec![api],
+        None => vec![Api::Anthropic, Api::OpenAi],
+    };
+    Ok((apis, upstream))
 }
 
 /// Extra CA certificates the proxy trusts for an `https://` upstream, on
@@ -216,8 +293,11 @@ fn hex(bytes: &[u8]) -> String {
 /// The model proxy's settings for one run.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Settings {
-    /// `None`: every call is refused (403).
-    pub upstream: Option<Upstream>,
+    /// Where Anthropic calls go, with the Anthropic key; `None`: they are
+    /// refused (403).
+    pub anthropic_upstream: Option<Upstream>,
+    /// Where OpenAI calls go, with the OpenAI key.
+    pub openai_upstream: Option<Upstream>,
     pub anthropic_key: Option<Key>,
     pub openai_key: Option<Key>,
     /// Trusted for the upstream besides the built-in roots (`https` only).
@@ -228,7 +308,8 @@ pub struct Settings {
 /// What the user typed.
 #[derive(Debug, Clone, Default)]
 pub struct Args {
-    pub upstream: Option<String>,
+    /// `--model-upstream`, each as typed: `[PROVIDER=]URL`.
+    pub upstreams: Vec<String>,
     pub key_env: Option<String>,
     pub key_file: Option<PathBuf>,
     /// `--model-ca`: a PEM file of extra CA certificates.
@@ -291,20 +372,40 @@ impl Settings {
     /// is set.
     pub fn resolve(args: &Args, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, Error> {
         let policy = Policy::load(args.policy_file.as_deref(), &args.overrides)?;
-        let Some(url) = &args.upstream else {
+        if args.upstreams.is_empty() {
             return Ok(Settings {
                 policy,
                 ..Settings::default()
             });
-        };
-        let upstream = Upstream::parse(url)?;
+        }
+        let (mut anthropic_upstream, mut openai_upstream): (Option<Upstream>, Option<Upstream>) =
+            (None, None);
+        for value in &args.upstreams {
+            let (apis, upstream) = parse_upstream_arg(value)?;
+            for api in apis {
+                let slot = match api {
+                    Api::Anthropic => &mut anthropic_upstream,
+                    Api::OpenAi => &mut openai_upstream,
+                };
+                if let Some(first) = slot {
+                    return Err(Error::Duplicate(first.display(), upstream.display(), api));
+                }
+                *slot = Some(upstream.clone());
+            }
+        }
+        let upstreams: Vec<&Upstream> = [&anthropic_upstream, &openai_upstream]
+            .into_iter()
+            .flatten()
+            .collect();
         // Checked before the keys: a CA for a plaintext upstream is a
         // mistake worth stopping on (the user believes the link verified).
         let ca = match &args.ca_file {
-            Some(path) if upstream.scheme != "https" => {
-                return Err(Error::CaWithoutTls(path.clone(), upstream.display()))
+            Some(path) => {
+                if let Some(plain) = upstreams.iter().find(|u| u.scheme != "https") {
+                    return Err(Error::CaWithoutTls(path.clone(), plain.display()));
+                }
+                Some(CaFile::load(path)?)
             }
-            Some(path) => Some(CaFile::load(path)?),
             None => None,
         };
         let nonempty = |name: &str| env(name).filter(|v| !v.trim().is_empty());
@@ -325,13 +426,37 @@ impl Settings {
         if anthropic_key.is_none() && openai_key.is_none() {
             return Err(Error::NoKey);
         }
+        // An upstream whose only provider has no key could carry no call.
+        let routed = [
+            (Api::Anthropic, &anthropic_upstream, &anthropic_key),
+            (Api::OpenAi, &openai_upstream, &openai_key),
+        ];
+        if !routed.iter().any(|(_, u, k)| u.is_some() && k.is_some()) {
+            if let Some((api, Some(u), _)) = routed.iter().find(|(_, u, _)| u.is_some()) {
+                return Err(Error::NoKeyFor(u.display(), *api));
+            }
+        }
         Ok(Settings {
-            upstream: Some(upstream),
+            anthropic_upstream,
+            openai_upstream,
             anthropic_key,
             openai_key,
             ca,
             policy,
         })
+    }
+
+    /// The upstream of `api`'s calls.
+    pub fn upstream(&self, api: Api) -> Option<&Upstream> {
+        match api {
+            Api::Anthropic => self.anthropic_upstream.as_ref(),
+            Api::OpenAi => self.openai_upstream.as_ref(),
+        }
+    }
+
+    /// Whether any call may go anywhere.
+    pub fn has_upstream(&self) -> bool {
+        self.anthropic_upstream.is_some() || self.openai_upstream.is_some()
     }
 
     pub fn key(&self, api: Api) -> Option<&Key> {
@@ -345,7 +470,8 @@ impl Settings {
     /// never the keys.
     pub fn fields(&self) -> Value {
         json!({
-            "upstream": self.upstream.as_ref().map(Upstream::display),
+            "anthropic_upstream": self.anthropic_upstream.as_ref().map(Upstream::display),
+            "openai_upstream": self.openai_upstream.as_ref().map(Upstream::display),
             "anthropic_key_from": self.anthropic_key.as_ref().map(|k| k.source.clone()),
             "openai_key_from": self.openai_key.as_ref().map(|k| k.source.clone()),
             "ca_file": self.ca.as_ref().map(CaFile::fields),
@@ -370,7 +496,7 @@ mod tests {
 
     fn args(upstream: &str) -> Args {
         Args {
-            upstream: Some(upstream.into()),
+            upstreams: vec![upstream.into()],
             ..Args::default()
         }
     }
@@ -400,7 +526,7 @@ mod tests {
     fn keys_from_the_environment() {
         let none = Settings::resolve(&Args::default(), &env(&[("ANTHROPIC_API_KEY", "k")]))
             .expect("no upstream");
-        assert!(none.upstream.is_none() && none.anthropic_key.is_none());
+        assert!(!none.has_upstream() && none.anthropic_key.is_none());
         let s = Settings::resolve(
             &args("http://h"),
             &env(&[("ANTHROPIC_API_KEY", " sk-ant-1\n")]),
@@ -435,6 +561,69 @@ mod tests {
             Settings::resolve(&a, &env(&[])),
             Err(Error::KeyEnv(_))
         ));
+    }
+
+    /// Each provider gets at most one upstream: named, or by its host; any
+    /// other host serves both.
+    #[test]
+    fn one_upstream_per_provider() {
+        let keys = env(&[("ANTHROPIC_API_KEY", "sk-a"), ("OPENAI_API_KEY", "sk-o")]);
+        let resolve = |values: &[&str]| {
+            let a = Args {
+                upstreams: values.iter().map(|v| (*v).to_owned()).collect(),
+                ..Args::default()
+            };
+            Settings::resolve(&a, &keys)
+        };
+        let shown = |s: &Settings, api| s.upstream(api).map(Upstream::display);
+        let s = resolve(&["https://api.anthropic.com"]).expect("anthropic");
+        assert_eq!(
+            shown(&s, Api::Anthropic).as_deref(),
+            Some("https://api.anthropic.com")
+        );
+        assert_eq!(shown(&s, Api::OpenAi), None);
+        let s = resolve(&["https://API.OpenAI.com:443/"]).expect("openai");
+        assert_eq!(shown(&s, Api::Anthropic), None);
+        assert!(shown(&s, Api::OpenAi).is_some());
+        let s = resolve(&["http://127.0.0.1:8080/gw"]).expect("gateway");
+        assert_eq!(shown(&s, Api::Anthropic), shown(&s, Api::OpenAi));
+        assert!(shown(&s, Api::OpenAi).is_some());
+        let s =
+            resolve(&["anthropic=http://127.0.0.1:1", "openai=http://127.0.0.1:2"]).expect("named");
+        assert_eq!(
+            shown(&s, Api::Anthropic).as_deref(),
+            Some("http://127.0.0.1:1")
+        );
+        assert_eq!(
+            shown(&s, Api::OpenAi).as_deref(),
+            Some("http://127.0.0.1:2")
+        );
+        let fields = s.fields();
+        assert_eq!(fields["anthropic_upstream"], "http://127.0.0.1:1");
+        assert_eq!(fields["openai_upstream"], "http://127.0.0.1:2");
+        let s = resolve(&["https://api.anthropic.com", "openai=http://h/q=1"]).expect("mixed");
+        assert_eq!(shown(&s, Api::OpenAi).as_deref(), Some("http://h/q=1"));
+        // A URL with '=' in its path is a bare URL.
+        let s = resolve(&["http://h/a=b"]).expect("bare");
+        assert_eq!(shown(&s, Api::Anthropic).as_deref(), Some("http://h/a=b"));
+        for dup in [
+            &["http://gw", "openai=http://x"][..],
+            &["anthropic=http://a", "anthropic=http://b"],
+            &["https://api.openai.com", "openai=http://x"],
+            &["http://gw", "http://gw2"],
+        ] {
+            let e = resolve(dup).expect_err("duplicate");
+            assert!(matches!(e, Error::Duplicate(..)), "{dup:?}: {e:?}");
+            assert!(e.to_string().starts_with("--model-upstream"), "{e}");
+        }
+        let e = resolve(&["azure=http://x"]).expect_err("provider");
+        assert!(matches!(e, Error::Provider(_)), "{e:?}");
+        assert!(matches!(resolve(&["openai=ftp://x"]), Err(Error::Url(..))));
+        // Anthropic's own host and only an OpenAI key: no call could go.
+        let a = args("https://api.anthropic.com");
+        let e = Settings::resolve(&a, &env(&[("OPENAI_API_KEY", "sk-o")])).expect_err("no key");
+        assert!(matches!(e, Error::NoKeyFor(_, Api::Anthropic)), "{e:?}");
+        assert!(e.to_string().contains("ANTHROPIC_API_KEY"), "{e}");
     }
 
     #[test]

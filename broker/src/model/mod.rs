@@ -5,12 +5,14 @@
 //! endpoint over a connection of its own. Here each connection gets a
 //! thread ([`proxy::Proxy::serve`]): the request is checked against the
 //! allow list and the header rules ([`rules`]), the run's policy and budget
-//! ([`policy`]), forwarded with the real key ([`config`]: from the host's
+//! ([`policy`]: a call in flight holds its output cap against the token
+//! budget), forwarded to its provider's upstream with that provider's real
+//! key alone ([`config`]: from the host's
 //! environment or a secrets file; it never enters the guest) over HTTP or
 //! HTTPS (ureq + rustls, trusting Mozilla's roots and those of the
 //! user's `--model-ca` file, [`config::CaFile`]), and the answer relayed
 //! chunk by chunk as the upstream produces it, its token usage read on the
-//! way ([`usage`]).
+//! way ([`usage`]) and every configured key masked out of it ([`scrub`]).
 //! Every call is audited (`model.call`), every refusal too
 //! (`model.denied`, with an API-shaped JSON error for the agent).
 //!
@@ -23,6 +25,7 @@ pub mod config;
 pub mod policy;
 pub mod proxy;
 pub mod rules;
+pub mod scrub;
 pub mod usage;
 
 use std::io;
@@ -45,8 +48,15 @@ pub mod kind {
     /// A call forwarded to the upstream: `call`, `api`, `method`, `target`,
     /// `model`, `status`, `input_tokens`, `output_tokens`, `latency_ms`,
     /// `upstream_head_ms`, `first_chunk_ms`, `request_bytes`,
-    /// `request_sha256`, `response_bytes`, `response_sha256`, `complete`,
-    /// `error`, `dropped_headers`.
+    /// `request_sha256`, `forwarded_sha256`, `include_usage_added`,
+    /// `max_tokens_capped` (`field`, `asked`, `sent`, and `also` when both
+    /// OpenAI cap fields were lowered), `reserved` (under a token budget:
+    /// `output` = n × the cap sent, `input_estimate`, `n`), `charged`
+    /// (`input`, `output`: what the run's count was given), `scrubbed`
+    /// (`headers`, `body`: keys masked in the answer; null when none),
+    /// `response_bytes` (from the upstream), `response_sha256` (of the
+    /// body the guest got), `complete`, `error`, `dropped_headers`,
+    /// `guest_credentials_dropped`.
     pub const CALL: &str = "model.call";
     /// A call refused: `api`, `method`, `target`, `model`, `reason`,
     /// `status`, `message`, `request_bytes`, `dropped_headers`.

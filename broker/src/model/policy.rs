@@ -151,7 +151,40 @@ fn check(f: &File) -> Result<(), String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exhausted {
     Requests(u64),
-    Tokens { used: u64, max: u64 },
+    /// Nothing left: `used` by calls that ended, `reserved` by calls in
+    /// flight.
+    Tokens {
+        used: u64,
+        reserved: u64,
+        max: u64,
+    },
+    /// What is left cannot give each of the `n` choices asked for one
+    /// output token.
+    Choices {
+        n: u64,
+        left: u64,
+    },
+}
+
+/// What a completion call may spend, read from its body before it is
+/// admitted (see [`Budget::admit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ask {
+    /// The output cap per choice the agent asked for (`None`: none, or
+    /// not a number).
+    pub output: Option<u64>,
+    /// Choices asked for (OpenAI's `n`; 1 when absent).
+    pub n: u64,
+    /// A rough estimate of the input tokens (see [`input_estimate`]).
+    pub input_estimate: u64,
+}
+
+/// A rough estimate of the input tokens of a request body of `bytes`
+/// bytes: a quarter of them (about what the tokenizers give for English
+/// text and JSON). Not a bound: the upstream's count replaces it when the
+/// call ends.
+pub fn input_estimate(bytes: u64) -> u64 {
+    bytes.div_ceil(4)
 }
 
 /// A call [`Budget::admit`] let through.
@@ -159,9 +192,31 @@ pub enum Exhausted {
 pub struct Admitted {
     /// Its number in the run, from 1.
     pub number: u64,
-    /// Tokens left of the run's budget when it started (`None`: no token
-    /// budget): the most output the call may ask for.
+    /// Tokens left of the run's budget when it started, after what ended
+    /// calls used and calls in flight reserved (`None`: no token budget).
     pub tokens_left: Option<u64>,
+    /// Under a token budget, for a completion: the most output each choice
+    /// may ask for (`tokens_left / n`), to which the proxy lowers the
+    /// request's cap.
+    pub output_limit: Option<u64>,
+    /// What the call holds against the budget while it is in flight:
+    /// `n ×` its output cap (after lowering) plus the input estimate.
+    pub reserved: Option<Reserved>,
+}
+
+/// Tokens a call in flight holds against the run's budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reserved {
+    /// `n ×` the output cap sent.
+    pub output: u64,
+    pub input_estimate: u64,
+    pub n: u64,
+}
+
+impl Reserved {
+    pub fn total(&self) -> u64 {
+        self.output.saturating_add(self.input_estimate)
+    }
 }
 
 /// The run's counts, shared by the connections.
@@ -177,6 +232,8 @@ pub struct Counts {
     pub requests: u64,
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Held by the calls in flight (see [`Reserved`]).
+    pub reserved: u64,
 }
 
 impl Budget {
@@ -186,33 +243,68 @@ impl Budget {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Admits one more call if both budgets allow it, counting it. The
-    /// proxy caps the call's output at the tokens left; its input (unknown
-    /// until the upstream counts it) may still take the count past the
-    /// budget, and the next call is refused.
-    pub fn admit(&self, policy: &Policy) -> Result<Admitted, Exhausted> {
+    /// Admits one more call if both budgets allow it, counting it.
+    ///
+    /// Under a token budget the tokens left are those neither used by the
+    /// calls that ended nor reserved by the calls in flight. A completion
+    /// (`ask`) gets an output limit per choice of `left / n` (refused when
+    /// that is 0) and reserves `n ×` its cap (what it asked for, or the
+    /// limit if that is lower) plus its input estimate, in the same step:
+    /// concurrent calls cannot together be sent more output than the
+    /// budget. Only input, unknown until the upstream counts it, may take
+    /// the run past the budget. The reservation is held until
+    /// [`Budget::settle`].
+    pub fn admit(&self, policy: &Policy, ask: Option<&Ask>) -> Result<Admitted, Exhausted> {
         let mut c = self.lock();
         if c.requests >= policy.max_requests {
             return Err(Exhausted::Requests(policy.max_requests));
         }
-        let mut tokens_left = None;
+        let mut admitted = Admitted {
+            number: 0,
+            tokens_left: None,
+            output_limit: None,
+            reserved: None,
+        };
         if let Some(max) = policy.max_tokens_per_run {
             let used = c.input_tokens.saturating_add(c.output_tokens);
-            if used >= max {
-                return Err(Exhausted::Tokens { used, max });
+            let left = max.saturating_sub(used).saturating_sub(c.reserved);
+            if left == 0 {
+                return Err(Exhausted::Tokens {
+                    used,
+                    reserved: c.reserved,
+                    max,
+                });
             }
-            tokens_left = Some(max - used);
+            admitted.tokens_left = Some(left);
+            if let Some(ask) = ask {
+                let n = ask.n.max(1);
+                let limit = left / n;
+                if limit == 0 {
+                    return Err(Exhausted::Choices { n, left });
+                }
+                let cap = ask.output.map_or(limit, |o| o.min(limit));
+                let reserved = Reserved {
+                    output: cap.saturating_mul(n),
+                    input_estimate: ask.input_estimate,
+                    n,
+                };
+                c.reserved = c.reserved.saturating_add(reserved.total());
+                admitted.output_limit = Some(limit);
+                admitted.reserved = Some(reserved);
+            }
         }
         c.requests += 1;
-        Ok(Admitted {
-            number: c.requests,
-            tokens_left,
-        })
+        admitted.number = c.requests;
+        Ok(admitted)
     }
 
-    /// Adds the tokens a call used.
-    pub fn spend(&self, input: u64, output: u64) {
+    /// Ends a call: releases what it reserved (if anything) and adds the
+    /// tokens it is charged.
+    pub fn settle(&self, reserved: Option<&Reserved>, input: u64, output: u64) {
         let mut c = self.lock();
+        if let Some(r) = reserved {
+            c.reserved = c.reserved.saturating_sub(r.total());
+        }
         c.input_tokens = c.input_tokens.saturating_add(input);
         c.output_tokens = c.output_tokens.saturating_add(output);
     }
@@ -301,25 +393,94 @@ mod tests {
             Ok(Admitted {
                 number,
                 tokens_left: Some(left),
+                output_limit: None,
+                reserved: None,
             })
         };
-        assert_eq!(b.admit(&p), admitted(1, 50));
-        b.spend(10, 5);
-        assert_eq!(b.admit(&p), admitted(2, 35));
-        assert_eq!(b.admit(&p), Err(Exhausted::Requests(2)));
+        assert_eq!(b.admit(&p, None), admitted(1, 50));
+        b.settle(None, 10, 5);
+        assert_eq!(b.admit(&p, None), admitted(2, 35));
+        assert_eq!(b.admit(&p, None), Err(Exhausted::Requests(2)));
         let p = Policy {
             max_requests: 10,
             ..p
         };
-        b.spend(30, 5);
-        assert_eq!(b.admit(&p), Err(Exhausted::Tokens { used: 50, max: 50 }));
+        b.settle(None, 30, 5);
+        assert_eq!(
+            b.admit(&p, None),
+            Err(Exhausted::Tokens {
+                used: 50,
+                reserved: 0,
+                max: 50
+            })
+        );
         assert_eq!(
             b.counts(),
             Counts {
                 requests: 2,
                 input_tokens: 40,
-                output_tokens: 10
+                output_tokens: 10,
+                reserved: 0,
             }
         );
+    }
+
+    /// Calls in flight hold their output caps (times `n`) and input
+    /// estimates: the next call sees only what is left after them; what
+    /// a call reserved is replaced by what it used when it ends.
+    #[test]
+    fn reservations_hold_while_calls_are_in_flight() {
+        let p = Policy {
+            max_tokens_per_run: Some(1000),
+            ..Policy::default()
+        };
+        let b = Budget::default();
+        let ask = |output, n| Ask {
+            output,
+            n,
+            input_estimate: 10,
+        };
+        // Asks 300 of 1000: gets it, holds 310.
+        let a = b.admit(&p, Some(&ask(Some(300), 1))).expect("a");
+        assert_eq!((a.tokens_left, a.output_limit), (Some(1000), Some(1000)));
+        let ra = a.reserved.expect("reserved");
+        assert_eq!((ra.output, ra.total()), (300, 310));
+        // No cap asked, n = 3: 690 left, 230 a choice, 690 + 10 held.
+        let c = b.admit(&p, Some(&ask(None, 3))).expect("c");
+        assert_eq!((c.tokens_left, c.output_limit), (Some(690), Some(230)));
+        let rc = c.reserved.expect("reserved");
+        assert_eq!((rc.output, rc.n), (690, 3));
+        // Everything (and the estimate beyond) is held: the next call is
+        // refused.
+        assert_eq!(
+            b.admit(&p, Some(&ask(Some(1), 1))),
+            Err(Exhausted::Tokens {
+                used: 0,
+                reserved: 1010,
+                max: 1000
+            })
+        );
+        assert_eq!(b.counts().requests, 2, "a refusal is not counted");
+        // `a` ends having used 20 in and 100 out: 880 held or used.
+        b.settle(Some(&ra), 20, 100);
+        assert_eq!(b.counts().reserved, 700);
+        // 180 left; n = 181 cannot get a token each.
+        assert_eq!(
+            b.admit(&p, Some(&ask(Some(5), 181))),
+            Err(Exhausted::Choices { n: 181, left: 180 })
+        );
+        // `c` fails: its reservation is released whole.
+        b.settle(Some(&rc), 0, 0);
+        let d = b.admit(&p, Some(&ask(Some(5000), 1))).expect("d");
+        assert_eq!(d.output_limit, Some(880));
+        assert_eq!(d.reserved.map(|r| r.output), Some(880));
+        // Without a budget nothing is reserved.
+        let free = Budget::default();
+        let e = free
+            .admit(&Policy::default(), Some(&ask(Some(5), 2)))
+            .expect("e");
+        assert_eq!((e.output_limit, e.reserved), (None, None));
+        assert_eq!(input_estimate(0), 0);
+        assert_eq!(input_estimate(9), 3);
     }
 }

@@ -15,8 +15,9 @@ use sha2::{Digest, Sha256};
 
 use super::config::Settings;
 use super::kind;
-use super::policy::{Budget, Exhausted};
+use super::policy::{self, Ask, Budget, Exhausted, Reserved};
 use super::rules::{self, Api, Denial, Reason};
+use super::scrub::Scrubber;
 use super::usage::{Scanner, Usage};
 use crate::audit::{AuditLog, Durability};
 
@@ -67,6 +68,8 @@ enum Broken {
 #[derive(Debug)]
 pub struct Proxy {
     settings: Settings,
+    /// Every configured key, to mask in what goes back to the guest.
+    scrubber: Scrubber,
     budget: Budget,
     audit: AuditLog,
     agent: ureq::Agent,
@@ -114,37 +117,114 @@ struct OutputCap {
     /// What the agent asked for (`None`: nothing, or not a number).
     asked: Option<u64>,
     sent: u64,
+    /// OpenAI's older `max_tokens`, given besides `max_completion_tokens`
+    /// (an upstream or gateway may honour either), lowered too.
+    also: Option<&'static str>,
+}
+
+/// The output-cap fields of a request body, the one airlock records first:
+/// `max_tokens` for Anthropic; for OpenAI `max_completion_tokens`, or the
+/// older `max_tokens` if that is the only one given, and both when both are.
+fn cap_fields(api: Api, obj: &serde_json::Map<String, Value>) -> &'static [&'static str] {
+    match api {
+        Api::Anthropic => &["max_tokens"],
+        Api::OpenAi => match (
+            obj.contains_key("max_completion_tokens"),
+            obj.contains_key("max_tokens"),
+        ) {
+            (true, true) => &["max_completion_tokens", "max_tokens"],
+            (false, true) => &["max_tokens"],
+            _ => &["max_completion_tokens"],
+        },
+    }
+}
+
+/// A key the top level of a JSON object names twice, if any. Parsers
+/// differ on which value counts (serde_json, like most, takes the last;
+/// some take the first): airlock would check one `model` or `max_tokens`
+/// and the upstream act on the other, so such a body is refused.
+fn duplicate_key(body: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut twice = None;
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                if twice.is_none() && !seen.insert(key.clone()) {
+                    twice = Some(key);
+                }
+            }
+            Ok(twice)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    de.deserialize_map(Keys).ok().flatten()
+}
+
+/// What a completion asks of the budget: the largest output cap it gives
+/// (`None` if one is missing or not a number, as the upstream's default
+/// then applies), OpenAI's `n` (any API: a gateway may honour it on
+/// either) and the input estimate. A `n` that is not a positive integer
+/// is refused.
+fn ask_of(
+    api: Api,
+    obj: &serde_json::Map<String, Value>,
+    body_bytes: u64,
+) -> Result<Ask, &'static str> {
+    let mut output = Some(0u64);
+    for field in cap_fields(api, obj) {
+        let asked = obj.get(*field).and_then(Value::as_u64);
+        output = output.zip(asked).map(|(a, b)| a.max(b));
+    }
+    let n = match obj.get("n") {
+        None | Some(Value::Null) => 1,
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n >= 1)
+            .ok_or("n must be a positive integer")?,
+    };
+    Ok(Ask {
+        output,
+        n,
+        input_estimate: policy::input_estimate(body_bytes),
+    })
 }
 
 /// Under a token budget, no call may ask for more output than the run has
-/// left: the request's cap (`max_tokens` for Anthropic; for OpenAI
-/// `max_completion_tokens`, or the older `max_tokens` if that is the one
-/// given) is lowered to `left`, or set when missing or not a number.
-/// `None` when the agent already asked for no more.
+/// left (`limit`, per choice): the request's cap fields ([`cap_fields`])
+/// are lowered to `limit`, or set when missing or not a number. `None`
+/// when the agent already asked for no more.
 fn cap_output_tokens(
     api: Api,
     obj: &mut serde_json::Map<String, Value>,
-    left: u64,
+    limit: u64,
 ) -> Option<OutputCap> {
-    let field = match api {
-        Api::Anthropic => "max_tokens",
-        Api::OpenAi
-            if !obj.contains_key("max_completion_tokens") && obj.contains_key("max_tokens") =>
-        {
-            "max_tokens"
+    let mut capped: Option<OutputCap> = None;
+    for field in cap_fields(api, obj) {
+        let asked = obj.get(*field).and_then(Value::as_u64);
+        if asked.is_some_and(|a| a <= limit) {
+            continue;
         }
-        Api::OpenAi => "max_completion_tokens",
-    };
-    let asked = obj.get(field).and_then(Value::as_u64);
-    if asked.is_some_and(|a| a <= left) {
-        return None;
+        obj.insert((*field).into(), Value::from(limit));
+        match &mut capped {
+            None => {
+                capped = Some(OutputCap {
+                    field,
+                    asked,
+                    sent: limit,
+                    also: None,
+                })
+            }
+            Some(first) => first.also = Some(field),
+        }
     }
-    obj.insert(field.into(), Value::from(left));
-    Some(OutputCap {
-        field,
-        asked,
-        sent: left,
-    })
+    capped
 }
 
 /// The TLS error behind a failed call, if it is one.
@@ -229,6 +309,17 @@ fn respond<W: Write>(
     send(w, &Message::HttpEnd)
 }
 
+/// Sends body bytes the scrubber let through, in frames the protocol
+/// carries, adding them to `hash`, and empties `data`.
+fn relay<W: Write>(out: &mut W, data: &mut Vec<u8>, hash: &mut Sha256) -> io::Result<()> {
+    hash.update(&data[..]);
+    let sent = data
+        .chunks(MAX_HTTP_CHUNK)
+        .try_for_each(|piece| send(out, &Message::HttpBody(piece.to_vec())));
+    data.clear();
+    sent
+}
+
 /// A header pair the protocol can carry back to the guest.
 fn carriable(name: &str, value: &str) -> bool {
     use airlock_protocol::limits::{MAX_HTTP_HEADER_NAME, MAX_HTTP_HEADER_VALUE};
@@ -236,6 +327,41 @@ fn carriable(name: &str, value: &str) -> bool {
         && name.len() <= MAX_HTTP_HEADER_NAME
         && value.len() <= MAX_HTTP_HEADER_VALUE
         && !value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0))
+}
+
+/// A call that passed the rules and the policy.
+#[derive(Debug)]
+struct Checked {
+    route: rules::Route,
+    /// The model the body names.
+    model: Option<String>,
+    /// The body to forward.
+    body: Vec<u8>,
+    /// What airlock changed in it.
+    rewrites: Rewrites,
+    /// What it holds against the token budget until it ends.
+    reserved: Option<Reserved>,
+}
+
+/// The tokens a call that ended is charged: the upstream's counts; where
+/// the upstream answered 2xx without a count, what the call reserved (it
+/// may have used as much); the same when the answer was cut short (the
+/// agent went away, or the upstream), as a stream's count is a running
+/// one and the upstream may have generated more than was read; nothing
+/// when it was not reached.
+fn charge(relayed: &Relayed, reserved: Option<&Reserved>) -> (u64, u64) {
+    let answered =
+        relayed.head_ms.is_some() && relayed.status.is_some_and(|s| (200..300).contains(&s));
+    let (input, output) = match reserved {
+        Some(r) if answered => (r.input_estimate, r.output),
+        _ => (0, 0),
+    };
+    let output = match relayed.usage.output {
+        Some(o) if answered && !relayed.complete => o.max(output),
+        Some(o) => o,
+        None => output,
+    };
+    (relayed.usage.input.unwrap_or(input), output)
 }
 
 /// What a forwarded call led to.
@@ -251,6 +377,10 @@ struct Relayed {
     error: Option<String>,
     /// The response reached the guest whole.
     complete: bool,
+    /// Keys masked in the response headers (a header whose name holds
+    /// one is dropped and counted here) and in its body.
+    scrubbed_headers: usize,
+    scrubbed_body: usize,
 }
 
 impl Proxy {
@@ -283,8 +413,15 @@ impl Proxy {
             .accept_encoding("identity")
             .build()
             .into();
+        let scrubber = Scrubber::new(
+            [&settings.anthropic_key, &settings.openai_key]
+                .into_iter()
+                .flatten()
+                .map(|k| k.secret.expose()),
+        );
         Proxy {
             settings,
+            scrubber,
             budget: Budget::default(),
             audit,
             agent,
@@ -323,7 +460,13 @@ impl Proxy {
         let credentials: Vec<&String> =
             dropped.iter().filter(|n| rules::is_credential(n)).collect();
         let checked = self.check(&req);
-        let (route, model, body, rewrites) = match checked {
+        let Checked {
+            route,
+            model,
+            body,
+            rewrites,
+            reserved,
+        } = match checked {
             Ok(ok) => ok,
             Err((denial, model)) => {
                 let _ = respond(&mut out, denial.status(), denial.headers(), &denial.body());
@@ -349,7 +492,9 @@ impl Proxy {
             }
         };
         let number = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        let relayed = self.forward(&req, &route, &body, &mut out, started);
+        let mut relayed = self.forward(&req, &route, &body, &mut out, started);
+        // An error may quote what was sent: scrubbed for stderr and the log.
+        relayed.error = relayed.error.map(|e| self.scrubber.scrub_str(&e).0);
         if relayed.status == Some(502) && relayed.head_ms.is_none() {
             // Unreachable: the guest got an API-shaped 502; the user hears
             // of the first few.
@@ -366,17 +511,22 @@ impl Proxy {
                 eprintln!(
                     "airlock: model upstream {} unreachable: {error} (the agent got a 502){hint}",
                     self.settings
-                        .upstream
-                        .as_ref()
+                        .upstream(route.api)
                         .map(|u| u.display())
                         .unwrap_or_default(),
                 );
             }
         }
-        self.budget.spend(
-            relayed.usage.input.unwrap_or(0),
-            relayed.usage.output.unwrap_or(0),
-        );
+        let scrubbed = relayed.scrubbed_headers + relayed.scrubbed_body;
+        if scrubbed > 0 {
+            eprintln!(
+                "airlock: warning: model call {number}: the upstream sent an API key back \
+                 ({scrubbed} times); airlock masked it before the agent saw it"
+            );
+        }
+        let (charged_input, charged_output) = charge(&relayed, reserved.as_ref());
+        self.budget
+            .settle(reserved.as_ref(), charged_input, charged_output);
         let forwarded_sha = rewrites.any().then(|| hex(&Sha256::digest(&body)));
         self.audit.host(
             kind::CALL,
@@ -396,10 +546,22 @@ impl Proxy {
                 "request_sha256": req.sha256,
                 "forwarded_sha256": forwarded_sha,
                 "include_usage_added": rewrites.include_usage,
-                "max_tokens_capped": rewrites.max_tokens.map(|c| json!({
-                    "field": c.field,
-                    "asked": c.asked,
-                    "sent": c.sent,
+                "max_tokens_capped": rewrites.max_tokens.map(|c| {
+                    let mut v = json!({ "field": c.field, "asked": c.asked, "sent": c.sent });
+                    if let Some(also) = c.also {
+                        v["also"] = json!(also);
+                    }
+                    v
+                }),
+                "reserved": reserved.map(|r| json!({
+                    "output": r.output,
+                    "input_estimate": r.input_estimate,
+                    "n": r.n,
+                })),
+                "charged": { "input": charged_input, "output": charged_output },
+                "scrubbed": (scrubbed > 0).then(|| json!({
+                    "headers": relayed.scrubbed_headers,
+                    "body": relayed.scrubbed_body,
                 })),
                 "response_bytes": relayed.response_bytes,
                 "response_sha256": relayed.response_sha256,
@@ -415,10 +577,7 @@ impl Proxy {
     /// The rules and the policy, in order. On success: the route, the
     /// model named, the body to forward and what airlock changed in it.
     #[allow(clippy::type_complexity)]
-    fn check(
-        &self,
-        req: &Request,
-    ) -> Result<(rules::Route, Option<String>, Vec<u8>, Rewrites), (Denial, Option<String>)> {
+    fn check(&self, req: &Request) -> Result<Checked, (Denial, Option<String>)> {
         let policy = &self.settings.policy;
         let route = rules::route(&req.method, &req.target, &req.headers).map_err(|d| (d, None))?;
         let api = route.api;
@@ -448,16 +607,36 @@ impl Proxy {
                     )
                 }
             }
+            if let Some(key) = duplicate_key(&req.body) {
+                return deny(
+                    Reason::BadBody,
+                    format!("airlock refuses a request body that names {key:?} twice"),
+                    None,
+                );
+            }
         }
         let model = json
             .as_ref()
             .and_then(|v| v.get("model"))
             .and_then(Value::as_str)
             .map(str::to_owned);
-        if self.settings.upstream.is_none() {
+        if !self.settings.has_upstream() {
             return deny(
                 Reason::NoUpstream,
                 "model calls are not enabled for this sandbox: airlock run was given no --model-upstream".into(),
+                model,
+            );
+        }
+        if self.settings.upstream(api).is_none() {
+            // The upstream's URL is not shown: it may hold an account's
+            // name or a token in its path.
+            return deny(
+                Reason::NoRoute,
+                format!(
+                    "airlock routes no {api} calls in this run (its --model-upstream serves \
+                     another API only); they would need --model-upstream {api}=URL",
+                    api = api.name()
+                ),
                 model,
             );
         }
@@ -491,8 +670,17 @@ impl Proxy {
                 None => return deny(Reason::BadBody, "the request names no model".into(), None),
             }
         }
-        let tokens_left = match self.budget.admit(policy) {
-            Ok(admitted) => admitted.tokens_left,
+        let ask = match json.as_ref() {
+            Some(Value::Object(obj)) => match ask_of(api, obj, req.body_bytes) {
+                Ok(ask) => Some(ask),
+                Err(why) => return deny(Reason::BadBody, why.into(), model),
+            },
+            _ => None,
+        };
+        // From here on the call is admitted: nothing refuses it, and what
+        // it reserved is settled when it ends (`serve`).
+        let admitted = match self.budget.admit(policy, ask.as_ref()) {
+            Ok(admitted) => admitted,
             Err(Exhausted::Requests(max)) => {
                 return deny(
                     Reason::RequestBudget,
@@ -500,17 +688,34 @@ impl Proxy {
                     model,
                 )
             }
-            Err(Exhausted::Tokens { used, max }) => {
+            Err(Exhausted::Tokens {
+                used,
+                reserved,
+                max,
+            }) => {
                 return deny(
                     Reason::TokenBudget,
-                    format!("airlock's budget of {max} tokens for this run is spent ({used} used)"),
+                    format!(
+                        "airlock's budget of {max} tokens for this run is spent ({used} used, \
+                         {reserved} held by calls in progress)"
+                    ),
+                    model,
+                )
+            }
+            Err(Exhausted::Choices { n, left }) => {
+                return deny(
+                    Reason::TokenBudget,
+                    format!(
+                        "this request asks for {n} choices (n) but only {left} tokens of \
+                         airlock's budget for this run are left"
+                    ),
                     model,
                 )
             }
         };
         let mut rewrites = Rewrites::default();
-        if let (Some(Value::Object(obj)), Some(left)) = (json.as_mut(), tokens_left) {
-            rewrites.max_tokens = cap_output_tokens(api, obj, left);
+        if let (Some(Value::Object(obj)), Some(limit)) = (json.as_mut(), admitted.output_limit) {
+            rewrites.max_tokens = cap_output_tokens(api, obj, limit);
         }
         // An OpenAI stream reports usage only when asked: ask, so that the
         // token budget holds.
@@ -537,7 +742,13 @@ impl Proxy {
             Some(v) if rewrites.any() => v.to_string().into_bytes(),
             _ => req.body.clone(),
         };
-        Ok((route, model, body, rewrites))
+        Ok(Checked {
+            route,
+            model,
+            body,
+            rewrites,
+            reserved: admitted.reserved,
+        })
     }
 
     /// Sends the call upstream and relays the answer to `out`.
@@ -550,8 +761,11 @@ impl Proxy {
         started: Instant,
     ) -> Relayed {
         let mut relayed = Relayed::default();
-        let (Some(upstream), Some(key)) = (&self.settings.upstream, self.settings.key(route.api))
-        else {
+        // Each provider's key goes only to that provider's upstream.
+        let (Some(upstream), Some(key)) = (
+            self.settings.upstream(route.api),
+            self.settings.key(route.api),
+        ) else {
             relayed.error = Some("no upstream or key".into());
             return relayed;
         };
@@ -583,6 +797,8 @@ impl Proxy {
             Ok(r) => r,
             Err(e) => {
                 let why = unreachable_reason(&e);
+                // An error may quote what was sent: scrubbed like the rest.
+                let why = self.scrubber.scrub_str(&why).0;
                 let denial = Denial::new(
                     route.api,
                     Reason::Unreachable,
@@ -609,7 +825,13 @@ impl Proxy {
                 && carriable(name.as_str(), value)
                 && headers.len() < airlock_protocol::limits::MAX_HTTP_HEADERS
             {
-                headers.push((name.as_str().to_owned(), value.to_owned()));
+                if self.scrubber.finds(name.as_str()) {
+                    relayed.scrubbed_headers += 1;
+                    continue;
+                }
+                let (value, n) = self.scrubber.scrub_str(value);
+                relayed.scrubbed_headers += n;
+                headers.push((name.as_str().to_owned(), value));
             }
         }
         if let Err(e) = send(out, &Message::HttpResponse { status, headers }) {
@@ -617,9 +839,12 @@ impl Proxy {
             return relayed;
         }
         let mut scanner = Scanner::new(content_type.as_deref());
+        let mut scrub = self.scrubber.stream();
+        let mut scrubbed = Vec::with_capacity(MAX_HTTP_CHUNK);
         let mut hash = Sha256::new();
         let mut reader = response.into_body().into_reader();
         let mut buf = vec![0u8; MAX_HTTP_CHUNK];
+        let mut guest_gone = false;
         loop {
             let n = match reader.read(&mut buf) {
                 Ok(0) => break,
@@ -636,11 +861,23 @@ impl Proxy {
                 .first_chunk_ms
                 .get_or_insert_with(|| millis(started.elapsed()));
             scanner.feed(chunk);
-            hash.update(chunk);
             relayed.response_bytes += u64::try_from(n).unwrap_or(u64::MAX);
-            if let Err(e) = send(out, &Message::HttpBody(chunk.to_vec())) {
+            scrub.feed(chunk, &mut scrubbed);
+            if scrubbed.is_empty() {
+                continue;
+            }
+            if let Err(e) = relay(out, &mut scrubbed, &mut hash) {
                 relayed.error = Some(format!("the guest went away: {e}"));
+                guest_gone = true;
                 break;
+            }
+        }
+        // What was held back as a possible key's beginning.
+        scrub.finish(&mut scrubbed);
+        relayed.scrubbed_body = scrub.count();
+        if !scrubbed.is_empty() && !guest_gone {
+            if let Err(e) = relay(out, &mut scrubbed, &mut hash) {
+                relayed.error = Some(format!("the guest went away: {e}"));
             }
         }
         relayed.usage = scanner.finish();

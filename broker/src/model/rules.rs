@@ -213,6 +213,8 @@ pub enum Reason {
     BodyTooLarge,
     BadBody,
     NoUpstream,
+    /// An upstream is set, but none for this call's API.
+    NoRoute,
     NoKey,
     ModelNotAllowed,
     RequestBudget,
@@ -229,6 +231,7 @@ impl Reason {
             Reason::BodyTooLarge => "body_too_large",
             Reason::BadBody => "bad_body",
             Reason::NoUpstream => "no_upstream",
+            Reason::NoRoute => "no_upstream_for_api",
             Reason::NoKey => "no_key",
             Reason::ModelNotAllowed => "model_not_allowed",
             Reason::RequestBudget => "request_budget",
@@ -242,9 +245,11 @@ impl Reason {
         match self {
             Reason::Path => (404, "not_found_error"),
             Reason::Method => (405, "invalid_request_error"),
-            Reason::Host | Reason::NoUpstream | Reason::NoKey | Reason::ModelNotAllowed => {
-                (403, "permission_error")
-            }
+            Reason::Host
+            | Reason::NoUpstream
+            | Reason::NoRoute
+            | Reason::NoKey
+            | Reason::ModelNotAllowed => (403, "permission_error"),
             Reason::BodyTooLarge => (413, "request_too_large"),
             Reason::BadBody => (400, "invalid_request_error"),
             Reason::RequestBudget | Reason::TokenBudget => (429, "rate_limit_error"),
@@ -477,6 +482,10 @@ mod tests {
             Denial::new(Api::OpenAi, Reason::NoUpstream, "x").status(),
             403
         );
+        let d = Denial::new(Api::OpenAi, Reason::NoRoute, "x");
+        assert_eq!(d.status(), 403);
+        let v: Value = serde_json::from_slice(&d.body()).expect("json");
+        assert_eq!(v["error"]["code"], "no_upstream_for_api");
         assert_eq!(
             Denial::new(Api::OpenAi, Reason::Unreachable, "x").status(),
             502

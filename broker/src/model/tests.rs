@@ -105,7 +105,8 @@ fn settings(url: Option<&str>, policy: Policy) -> Settings {
         source: "test".into(),
     };
     Settings {
-        upstream: url.map(|u| Upstream::parse(u).expect("url")),
+        anthropic_upstream: url.map(|u| Upstream::parse(u).expect("url")),
+        openai_upstream: url.map(|u| Upstream::parse(u).expect("url")),
         anthropic_key: Some(key.clone()),
         openai_key: Some(key),
         ca: None,
@@ -883,4 +884,600 @@ fn https_with_the_ca_but_another_name_is_refused() {
         &seen,
     );
     assert!(error.contains("not valid for name"), "{error}");
+}
+
+/// A fake upstream serving each connection in a thread of its own: it
+/// passes on what it got at once, then holds its answer (`reply` of the
+/// request) until `release` is set.
+fn held_upstream(
+    reply: fn(&Got) -> String,
+) -> (
+    String,
+    mpsc::Receiver<Got>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel();
+    let release = std::sync::Arc::new(AtomicBool::new(false));
+    let held = std::sync::Arc::clone(&release);
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let (tx, held) = (tx.clone(), std::sync::Arc::clone(&held));
+            thread::spawn(move || {
+                let got = read_got(BufReader::new(stream.try_clone().expect("clone")));
+                let body = reply(&got);
+                let _ = tx.send(got);
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                while !held.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(5));
+                }
+                let _ = stream.write_all(&json_reply(200, &body).concat());
+            });
+        }
+    });
+    (format!("http://{addr}"), rx, release)
+}
+
+/// The output caps an upstream got: `n ×` the largest cap field.
+fn sent_output(got: &Got) -> u64 {
+    let v: Value = serde_json::from_slice(&got.body).expect("json");
+    let cap = ["max_tokens", "max_completion_tokens"]
+        .iter()
+        .filter_map(|f| v[*f].as_u64())
+        .max()
+        .expect("a cap was sent");
+    cap * v["n"].as_u64().unwrap_or(1)
+}
+
+/// The usage a model that spends every token it may would report.
+fn greedy_usage(got: &Got) -> String {
+    let input = got.body.len() as u64 / 4;
+    let output = sent_output(got);
+    if got.head.starts_with("POST /v1/chat/completions") {
+        format!(r#"{{"usage":{{"prompt_tokens":{input},"completion_tokens":{output}}}}}"#)
+    } else {
+        format!(r#"{{"usage":{{"input_tokens":{input},"output_tokens":{output}}}}}"#)
+    }
+}
+
+/// Twelve calls at once under a budget of 1000 tokens, each asking for
+/// 300 tokens of output (OpenAI's with n = 2): all are in flight together
+/// (the upstream answers none until every call was forwarded or refused),
+/// yet the output caps sent upstream, times n, add up to no more than the
+/// budget, and so does the output a greedy model reports; the rest are
+/// refused with the API's 429, and every call's reservation is recorded.
+#[test]
+fn concurrent_calls_cannot_spend_more_than_the_budget() {
+    const BUDGET: u64 = 1000;
+    let policy = Policy {
+        max_tokens_per_run: Some(BUDGET),
+        ..Policy::default()
+    };
+    let (url, got, release) = held_upstream(greedy_usage);
+    let h = Harness::new(settings(Some(&url), policy));
+    let (done_tx, done) = mpsc::channel();
+    let mut received = Vec::new();
+    let mut answers = Vec::new();
+    thread::scope(|s| {
+        for i in 0..12 {
+            let (h, done_tx) = (&h, done_tx.clone());
+            s.spawn(move || {
+                let a = if i % 3 == 0 {
+                    h.call(
+                        "POST",
+                        "/v1/chat/completions",
+                        &[],
+                        br#"{"model":"gpt-x","n":2,"max_completion_tokens":150,"messages":[{"role":"user","content":"hello"}]}"#,
+                    )
+                } else {
+                    h.call(
+                        "POST",
+                        "/v1/messages",
+                        &[],
+                        br#"{"model":"claude-x","max_tokens":300,"messages":[{"role":"user","content":"hello"}]}"#,
+                    )
+                };
+                let _ = done_tx.send(a);
+            });
+        }
+        // Until every call is either at the upstream (held) or answered.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while received.len() + answers.len() < 12 && std::time::Instant::now() < deadline {
+            while let Ok(g) = got.try_recv() {
+                received.push(g);
+            }
+            while let Ok(a) = done.try_recv() {
+                answers.push(a);
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(received.len() + answers.len(), 12, "calls got stuck");
+        assert!(
+            answers.iter().all(|a| a.status == 429),
+            "a call was answered while the upstream held them all: {answers:?}"
+        );
+        release.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    while let Ok(a) = done.try_recv() {
+        answers.push(a);
+    }
+    assert_eq!(answers.len(), 12);
+    let forwarded = answers.iter().filter(|a| a.status == 200).count();
+    assert_eq!(forwarded, received.len());
+    assert!(forwarded >= 2, "fewer than two calls in flight together");
+    let refused: Vec<&Answer> = answers.iter().filter(|a| a.status != 200).collect();
+    assert!(!refused.is_empty(), "12 × 300 fit in {BUDGET}?");
+    for a in &refused {
+        assert_eq!(a.status, 429, "{a:?}");
+        assert_eq!(a.header("x-airlock-denied"), Some("token_budget"));
+    }
+    let sent: u64 = received.iter().map(sent_output).sum();
+    assert!(
+        sent <= BUDGET,
+        "{sent} tokens of output asked of the upstream"
+    );
+    let calls = h.records(super::kind::CALL);
+    assert_eq!(calls.len(), forwarded);
+    let reported: u64 = calls
+        .iter()
+        .map(|c| c["output_tokens"].as_u64().expect("output"))
+        .sum();
+    assert_eq!(reported, sent, "the greedy model spent every cap");
+    assert!(reported <= BUDGET);
+    let reserved: u64 = calls
+        .iter()
+        .map(|c| c["reserved"]["output"].as_u64().expect("reserved"))
+        .sum();
+    assert_eq!(reserved, sent, "each call reserved what it was sent");
+    assert!(calls.iter().any(|c| c["reserved"]["n"] == 2) || forwarded < 3);
+    for c in &calls {
+        assert_eq!(c["charged"]["output"], c["output_tokens"], "{c}");
+    }
+    // Every reservation was settled.
+    assert_eq!(h.proxy.summary()["output_tokens"].as_u64(), Some(reported));
+}
+
+/// OpenAI's `n` multiplies the output: a call's cap is what is left shared
+/// by its choices; an `n` no token can be left for is refused (429), one
+/// that is not a positive integer is a bad body (400).
+#[test]
+fn openai_n_is_accounted() {
+    let policy = Policy {
+        max_tokens_per_run: Some(100),
+        ..Policy::default()
+    };
+    let (url, got) = upstream(json_reply(200, "{}"), None);
+    let h = Harness::new(settings(Some(&url), policy));
+    for (n, status, reason) in [
+        ("0", 400, "bad_body"),
+        ("-1", 400, "bad_body"),
+        ("1.5", 400, "bad_body"),
+        ("\"2\"", 400, "bad_body"),
+        ("101", 429, "token_budget"),
+    ] {
+        let body = format!(r#"{{"model":"m","n":{n}}}"#);
+        let a = h.call("POST", "/v1/chat/completions", &[], body.as_bytes());
+        assert_eq!(a.status, status, "n = {n}");
+        assert_eq!(a.header("x-airlock-denied"), Some(reason), "n = {n}");
+    }
+    assert!(got.try_recv().is_err(), "a refused call went upstream");
+    // n = 4 of 100 left: 25 each, in both cap fields, 100 reserved. The
+    // upstream reports no usage: the call is charged what it reserved.
+    let a = h.call(
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        br#"{"model":"m","n":4,"max_tokens":1000,"max_completion_tokens":60}"#,
+    );
+    assert_eq!(a.status, 200);
+    let got = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+    let sent: Value = serde_json::from_slice(&got.body).expect("json");
+    assert_eq!(
+        (
+            sent["max_completion_tokens"].as_u64(),
+            sent["max_tokens"].as_u64()
+        ),
+        (Some(25), Some(25))
+    );
+    let c = &h.records(super::kind::CALL)[0];
+    assert_eq!(
+        c["max_tokens_capped"],
+        serde_json::json!({"field": "max_completion_tokens", "asked": 60, "sent": 25, "also": "max_tokens"})
+    );
+    assert_eq!(c["reserved"]["output"], 100);
+    assert_eq!(c["reserved"]["n"], 4);
+    assert_eq!(c["charged"]["output"], 100);
+    // Nothing is left.
+    let a = h.call("POST", "/v1/messages", &[], br#"{"model":"m"}"#);
+    assert_eq!(a.status, 429);
+}
+
+/// A reflecting upstream: it answers with the request's headers echoed in
+/// its response headers and, as server-sent events, in its body (with a
+/// second, OpenAI key it knows of), written in 1- and 3-byte HTTP chunks
+/// so that every key straddles chunk boundaries.
+fn reflecting_upstream(other_key: &'static str) -> (String, mpsc::Receiver<Got>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let got = read_got(BufReader::new(stream.try_clone().expect("clone")));
+            let key = got
+                .head
+                .lines()
+                .find_map(|l| l.strip_prefix("x-api-key: "))
+                .unwrap_or_default()
+                .to_owned();
+            let mut head = String::from(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n",
+            );
+            head.push_str(&format!("anthropic-echo-x-api-key: {key}\r\n"));
+            head.push_str(&format!("request-id: req_{key}_1\r\n"));
+            head.push_str(&format!("anthropic-{}: 1\r\n", key.to_ascii_lowercase()));
+            head.push_str("\r\n");
+            let dump = got.head.replace("\r\n", "\\n");
+            let body = format!(
+                "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"usage\":{{\"input_tokens\":3,\"output_tokens\":1}}}}}}\n\n\
+                 event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"delta\":{{\"type\":\"text_delta\",\"text\":\"you sent: {dump}\"}}}}\n\n\
+                 event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"delta\":{{\"type\":\"text_delta\",\"text\":\"and the other key is {other_key}, shouting: {upper}\"}}}}\n\n\
+                 event: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n",
+                upper = key.to_ascii_uppercase(),
+            );
+            let _ = tx.send(got);
+            let _ = stream.write_all(head.as_bytes());
+            let mut rest = body.as_bytes();
+            let mut odd = true;
+            while !rest.is_empty() {
+                let n = rest.len().min(if odd { 1 } else { 3 });
+                odd = !odd;
+                let _ = stream.write_all(format!("{n:x}\r\n").as_bytes());
+                let _ = stream.write_all(&rest[..n]);
+                let _ = stream.write_all(b"\r\n");
+                let _ = stream.flush();
+                rest = &rest[n..];
+                thread::sleep(Duration::from_micros(200));
+            }
+            let _ = stream.write_all(b"0\r\n\r\n");
+        }
+    });
+    (format!("http://{addr}"), rx)
+}
+
+fn has_ci(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+}
+
+/// An upstream that reflects the request never shows the guest a key: not
+/// in a header value, not in a header name (dropped), not in the streamed
+/// body however it is split, in any case, nor the other provider's key;
+/// lengths are kept (a same-length mask), the scrub is audited and the
+/// usage is still read.
+#[test]
+fn a_reflecting_upstream_never_shows_the_key_to_the_guest() {
+    const OTHER_KEY: &str = "sk-openai-other-key-987654321";
+    let (url, got) = reflecting_upstream(OTHER_KEY);
+    let mut s = settings(Some(&url), Policy::default());
+    s.openai_key = Some(Key {
+        secret: Secret::for_tests(OTHER_KEY),
+        source: "test".into(),
+    });
+    let h = Harness::new(s);
+    let a = h.call(
+        "POST",
+        "/v1/messages",
+        &[
+            ("x-api-key", "placeholder"),
+            ("anthropic-version", "2023-06-01"),
+        ],
+        STREAM_BODY,
+    );
+    let got = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+    assert!(
+        got.head.contains(REAL_KEY),
+        "the upstream did not get the key"
+    );
+    assert_eq!((a.status, a.ended), (200, true), "{a:?}");
+    let body = a.body();
+    let headers: Vec<u8> = a
+        .headers
+        .iter()
+        .flat_map(|(n, v)| format!("{n}: {v}\n").into_bytes())
+        .collect();
+    for key in [REAL_KEY, OTHER_KEY] {
+        assert!(!has_ci(&body, key), "{key} in the body");
+        assert!(!has_ci(&headers, key), "{key} in the headers");
+    }
+    assert!(
+        a.chunks.len() > 10,
+        "the body did not stream: {}",
+        a.chunks.len()
+    );
+    assert!(
+        has_ci(&body, "you sent: POST /v1/messages"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let mask: String = super::scrub::mask(REAL_KEY.len()).map(char::from).collect();
+    assert!(
+        has_ci(&body, &format!("x-api-key: {mask}")),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(a.header("anthropic-echo-x-api-key"), Some(mask.as_str()));
+    assert_eq!(
+        a.header("request-id"),
+        Some(format!("req_{mask}_1").as_str())
+    );
+    assert!(
+        !a.headers.iter().any(|(n, _)| n.starts_with("anthropic-sk")),
+        "{:?}",
+        a.headers
+    );
+    let c = &h.records(super::kind::CALL)[0];
+    assert_eq!(
+        c["scrubbed"],
+        serde_json::json!({"headers": 3, "body": 3}),
+        "{c}"
+    );
+    assert_eq!(c["response_bytes"].as_u64(), Some(body.len() as u64));
+    assert_eq!(c["input_tokens"], 3);
+    assert!(!String::from_utf8_lossy(&h.audit.bytes()).contains(REAL_KEY));
+}
+
+/// Without a key in the answer nothing is masked and nothing recorded.
+#[test]
+fn answers_without_a_key_are_untouched() {
+    let (url, _got) = upstream(chunked(&[SSE_1, SSE_2]), None);
+    let h = Harness::new(settings(Some(&url), Policy::default()));
+    let a = h.call("POST", "/v1/messages", &[], STREAM_BODY);
+    assert_eq!(a.body(), format!("{SSE_1}{SSE_2}").as_bytes());
+    assert!(h.records(super::kind::CALL)[0]["scrubbed"].is_null());
+}
+
+const ANTHROPIC_ONLY_KEY: &str = "sk-ant-only-for-anthropic-111";
+const OPENAI_ONLY_KEY: &str = "sk-openai-only-for-openai-222";
+
+/// Both keys, distinct, and the upstreams given.
+fn routed(anthropic: Option<&str>, openai: Option<&str>) -> Settings {
+    let key = |k: &str| Key {
+        secret: Secret::for_tests(k),
+        source: "test".into(),
+    };
+    Settings {
+        anthropic_upstream: anthropic.map(|u| Upstream::parse(u).expect("url")),
+        openai_upstream: openai.map(|u| Upstream::parse(u).expect("url")),
+        anthropic_key: Some(key(ANTHROPIC_ONLY_KEY)),
+        openai_key: Some(key(OPENAI_ONLY_KEY)),
+        ca: None,
+        policy: Policy::default(),
+    }
+}
+
+/// With both keys set and an Anthropic-only upstream, the OpenAI key never
+/// reaches it: OpenAI calls (chat, and /v1/models as OpenAI) get an
+/// API-shaped 403 naming the flag that would route them, and Anthropic
+/// calls carry the Anthropic key alone.
+#[test]
+fn the_openai_key_never_reaches_an_anthropic_only_upstream() {
+    let (url, got) = upstream(json_reply(200, "{}"), None);
+    let h = Harness::new(routed(Some(&url), None));
+    let a = h.call(
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", "Bearer placeholder")],
+        br#"{"model":"gpt-x","messages":[]}"#,
+    );
+    assert_eq!((a.status, a.ended), (403, true));
+    assert_eq!(a.json()["error"]["code"], "no_upstream_for_api");
+    let message = a.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(message.contains("--model-upstream openai=URL"), "{message}");
+    assert!(
+        !message.contains(&url),
+        "the upstream's URL is shown: {message}"
+    );
+    let a = h.call("GET", "/v1/models", &[("authorization", "Bearer x")], b"");
+    assert_eq!(a.status, 403);
+    assert!(
+        got.try_recv().is_err(),
+        "an OpenAI call reached the upstream"
+    );
+    let denied = h.records(super::kind::DENIED);
+    assert_eq!(denied.len(), 2);
+    assert!(denied.iter().all(|d| d["reason"] == "no_upstream_for_api"));
+    // The Anthropic call goes, with the Anthropic key only.
+    let a = h.call(
+        "POST",
+        "/v1/messages",
+        &[("anthropic-version", "2023-06-01")],
+        br#"{"model":"claude-x","messages":[]}"#,
+    );
+    assert_eq!(a.status, 200);
+    let g = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+    assert!(
+        g.head
+            .contains(&format!("x-api-key: {ANTHROPIC_ONLY_KEY}\r\n")),
+        "{}",
+        g.head
+    );
+    assert!(!g.head.contains(OPENAI_ONLY_KEY), "{}", g.head);
+    assert!(
+        !g.head.to_ascii_lowercase().contains("authorization"),
+        "{}",
+        g.head
+    );
+    assert!(got.try_recv().is_err(), "more than one call went upstream");
+}
+
+/// A gateway serving both: each call carries only its own provider's key;
+/// two upstreams, one each: each gets only its own provider's calls.
+#[test]
+fn each_provider_key_goes_only_to_its_routes() {
+    let (url, got) = upstream(json_reply(200, "{}"), None);
+    let h = Harness::new(routed(Some(&url), Some(&url)));
+    assert_eq!(
+        h.call("POST", "/v1/chat/completions", &[], br#"{"model":"g"}"#)
+            .status,
+        200
+    );
+    let g = got
+        .recv_timeout(Duration::from_secs(5))
+        .expect("openai call");
+    assert!(
+        g.head.starts_with("POST /v1/chat/completions"),
+        "{}",
+        g.head
+    );
+    assert!(g
+        .head
+        .contains(&format!("authorization: Bearer {OPENAI_ONLY_KEY}\r\n")));
+    assert!(!g.head.contains(ANTHROPIC_ONLY_KEY) && !g.head.contains("x-api-key"));
+    assert_eq!(
+        h.call("POST", "/v1/messages", &[], br#"{"model":"c"}"#)
+            .status,
+        200
+    );
+    let g = got
+        .recv_timeout(Duration::from_secs(5))
+        .expect("anthropic call");
+    assert!(g
+        .head
+        .contains(&format!("x-api-key: {ANTHROPIC_ONLY_KEY}\r\n")));
+    assert!(!g.head.contains(OPENAI_ONLY_KEY) && !g.head.contains("authorization"));
+
+    let (a_url, a_got) = upstream(json_reply(200, "{}"), None);
+    let (o_url, o_got) = upstream(json_reply(200, "{}"), None);
+    let h = Harness::new(routed(Some(&a_url), Some(&o_url)));
+    assert_eq!(
+        h.call("POST", "/v1/chat/completions", &[], br#"{"model":"g"}"#)
+            .status,
+        200
+    );
+    assert_eq!(
+        h.call("POST", "/v1/messages", &[], br#"{"model":"c"}"#)
+            .status,
+        200
+    );
+    let a = a_got
+        .recv_timeout(Duration::from_secs(5))
+        .expect("anthropic upstream");
+    let o = o_got
+        .recv_timeout(Duration::from_secs(5))
+        .expect("openai upstream");
+    assert!(a.head.starts_with("POST /v1/messages") && a.head.contains(ANTHROPIC_ONLY_KEY));
+    assert!(o.head.starts_with("POST /v1/chat/completions") && o.head.contains(OPENAI_ONLY_KEY));
+    assert!(a_got.try_recv().is_err() && o_got.try_recv().is_err());
+    assert!(!a.head.contains(OPENAI_ONLY_KEY) && !o.head.contains(ANTHROPIC_ONLY_KEY));
+}
+
+/// A call the upstream never answered releases what it reserved: the next
+/// call may have the whole budget again.
+#[test]
+fn an_unreachable_call_releases_its_reservation() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let policy = Policy {
+        max_tokens_per_run: Some(100),
+        ..Policy::default()
+    };
+    let h = Harness::new(settings(Some(&format!("http://127.0.0.1:{port}")), policy));
+    for _ in 0..3 {
+        let a = h.call(
+            "POST",
+            "/v1/messages",
+            &[],
+            br#"{"model":"m","max_tokens":500}"#,
+        );
+        assert_eq!(a.status, 502);
+    }
+    let calls = h.records(super::kind::CALL);
+    assert_eq!(calls.len(), 3);
+    for c in &calls {
+        assert_eq!(c["max_tokens_capped"]["sent"], 100, "{c}");
+        assert_eq!(c["reserved"]["output"], 100, "{c}");
+        assert_eq!(c["charged"], serde_json::json!({"input": 0, "output": 0}));
+    }
+    let summary = h.proxy.summary();
+    assert_eq!(
+        (
+            summary["input_tokens"].as_u64(),
+            summary["output_tokens"].as_u64()
+        ),
+        (Some(0), Some(0))
+    );
+}
+
+/// A top-level key named twice is refused: parsers differ on which value
+/// counts, so airlock could check one model or cap and the upstream use
+/// the other.
+#[test]
+fn a_key_named_twice_is_refused() {
+    let policy = Policy {
+        allowed_models: Some(vec!["cheap".into()]),
+        max_tokens_per_run: Some(100),
+        ..Policy::default()
+    };
+    let (url, got) = upstream(json_reply(200, "{}"), None);
+    let h = Harness::new(settings(Some(&url), policy));
+    for body in [
+        &br#"{"model":"cheap","max_tokens":100000,"max_tokens":10}"#[..],
+        br#"{"model":"expensive","model":"cheap"}"#,
+        br#"{"model":"cheap","n":50,"n":1}"#,
+        br#"{"model":"cheap","max_tokens":5,"max\u005ftokens":9}"#,
+    ] {
+        let a = h.call("POST", "/v1/chat/completions", &[], body);
+        assert_eq!(a.status, 400, "{}", String::from_utf8_lossy(body));
+        assert_eq!(a.json()["error"]["code"], "bad_body");
+    }
+    assert!(got.try_recv().is_err(), "a refused call went upstream");
+    // Repeated keys deeper in are the upstream's business.
+    let a = h.call(
+        "POST",
+        "/v1/messages",
+        &[],
+        br#"{"model":"cheap","max_tokens":5,"metadata":{"a":1,"a":2}}"#,
+    );
+    assert_eq!(a.status, 200);
+}
+
+/// An agent that goes away in the middle of a stream is charged what its
+/// call reserved, not the running count it had read so far.
+#[test]
+fn a_stream_cut_short_is_charged_its_reservation() {
+    let (gate_tx, gate) = mpsc::channel();
+    let (url, _got) = upstream(chunked(&[SSE_1, SSE_2]), Some(gate));
+    let policy = Policy {
+        max_tokens_per_run: Some(100),
+        ..Policy::default()
+    };
+    let h = Harness::new(settings(Some(&url), policy));
+    let (mut guest, t) = h.connect();
+    send_request(&mut guest, "POST", "/v1/messages", &[], STREAM_BODY);
+    let (status, _) = read_head(&mut guest);
+    assert_eq!(status, 200);
+    let Message::HttpBody(first) = read_frame(&mut guest).expect("first chunk") else {
+        panic!("not a body chunk")
+    };
+    assert_eq!(first, SSE_1.as_bytes());
+    drop(guest);
+    gate_tx.send(()).expect("release");
+    t.join().expect("proxy");
+    let c = &h.records(super::kind::CALL)[0];
+    assert_eq!(c["complete"], false, "{c}");
+    assert_eq!(c["reserved"]["output"], 100);
+    assert_eq!(c["charged"]["output"], 100, "{c}");
+    assert_eq!(c["charged"]["input"], 11, "{c}");
+    let a = h.call("POST", "/v1/messages", &[], br#"{"model":"m"}"#);
+    assert_eq!(a.status, 429);
 }
