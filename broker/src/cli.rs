@@ -289,6 +289,13 @@ pub struct RunArgs {
     /// a container
     #[arg(long)]
     pub no_container: bool,
+    /// Run the command as root in the VM (only without a container:
+    /// --no-container, or --initrd), instead of as an unprivileged user
+    /// (uid 1000, no capabilities, no vsock). Root in the VM can reach the
+    /// guest init and the host's ports: this gives up the guarantee that
+    /// the exit code and the results are the command's own
+    #[arg(long, conflicts_with = "nested")]
+    pub vm_root: bool,
     /// Extra words for the guest kernel command line (e.g. airlock.debug=1)
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
