@@ -14,7 +14,11 @@
 //! 5. `unserved`: connections to ports nobody serves.
 //!
 //! `airlock-hostile results` instead attacks the results port (1026, served
-//! when the run has `--out`): on one connection, a valid file `good.txt`,
+//! when the run has `--out`). First it writes its real result,
+//! `/workspace/out/real.txt` ("real result"), which the init sends at the
+//! end on the results connection it opened before the command; then, on a
+//! connection of its own (which the host refuses: the init's came first),
+//! a valid file `good.txt`,
 //! then `../../etc/passwd`, `/etc/passwd`, `out-link/x` (the test makes
 //! `out-link` a symlink in `--out`), `huge` claiming 10 GB, `over` (2000
 //! bytes, over the test's `--max-out-bytes 1000`), `badsum` (wrong sha256)
@@ -361,8 +365,15 @@ fn file_frames(path: &str, size: u64, data: &[u8], sha256: Option<[u8; 32]>) -> 
     msgs
 }
 
+/// The result `airlock-hostile results` leaves for the init to send.
+const REAL_RESULT: (&str, &[u8]) = ("/workspace/out/real.txt", b"real result\n");
+
 /// `airlock-hostile results`: see the module docs.
 fn results() -> ExitCode {
+    if let Err(err) = std::fs::write(REAL_RESULT.0, REAL_RESULT.1) {
+        report(&format!("results: cannot write {}: {err}", REAL_RESULT.0));
+        return ExitCode::from(1);
+    }
     let mut msgs = Vec::new();
     msgs.extend(file_frames("good.txt", 5, b"good\n", None));
     msgs.extend(file_frames("../../etc/passwd", 5, b"root\n", None));
