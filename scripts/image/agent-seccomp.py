@@ -25,7 +25,11 @@ without CAP_AUDIT_WRITE, everything allowed with it) is replaced by:
   This rule and the allow rules match disjoint values.
 
 `socketcall` (the i386 multiplexer, whose arguments a filter cannot see) is
-dropped from the allow list; the guest kernel has no 32-bit ABI anyway.
+dropped from the allow list, and x86_64 loses its sub-architectures (x86,
+x32): the filter then kills any system call of another ABI. The guest kernel
+has neither (no IA32_EMULATION, no X32_ABI), and libseccomp cannot express
+these socket rules for i386's multiplexed `socket` (adding them fails with
+EEXIST, and crun refuses the profile).
 Output is deterministic (same IN, same bytes).
 """
 
@@ -121,6 +125,10 @@ def main():
         if names:
             kept.append(dict(r, names=names))
     profile["syscalls"] = kept + socket_rules()
+    native = [a for a in profile.get("archMap") or [] if a["architecture"] == "SCMP_ARCH_X86_64"]
+    if len(native) != 1:
+        raise SystemExit("agent-seccomp: no single SCMP_ARCH_X86_64 in archMap")
+    native[0]["subArchitectures"] = []
     # The checks the build relies on.
     allowed = allowed_families(profile["syscalls"])
     for bad in (AF_VSOCK, (1 << 32) | AF_VSOCK, (1 << 63) | AF_VSOCK):
