@@ -218,14 +218,16 @@ fn tcg_the_agents_container_cannot_open_vsock() {
 fn tcg_a_nested_container_cannot_open_vsock_either() {
     let dir = scratch("hostile-guest-nested");
     let ws = workspace(&dir);
+    let log = dir.join("audit.jsonl");
     let r = tcg_on_image(
-        &["--nested", "--workspace", &rel(&ws)],
+        &["--nested", "--workspace", &rel(&ws), "--audit", &rel(&log)],
         &["sh", "-c", "python3 /workspace/sockets.py; exit 4"],
         &[],
         300,
     );
     r.expect_code(4);
     expect_no_vsock(&r);
+    assert_eq!(command_user(&log), "privileged container root");
     let _ = fs::remove_dir_all(&dir);
 }
 

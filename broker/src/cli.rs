@@ -355,7 +355,9 @@ pub struct RunArgs {
     /// Let the command use podman itself (nested containers): its
     /// container is privileged within the VM and gets its own empty
     /// container storage. The VM stays the isolation boundary; the
-    /// container layer then no longer confines the command within the VM
+    /// container layer then no longer confines the command within the VM,
+    /// and as with --vm-root the exit code and the results are no longer
+    /// guaranteed to be the command's own
     #[arg(long, conflicts_with = "no_container")]
     pub nested: bool,
     /// Accept at most this many bytes of result files in total (and per

@@ -343,7 +343,11 @@ fn command_user(words: &[String], image_mode: bool) -> &'static str {
             .unwrap_or(default)
     };
     if image_mode && flag("airlock.container", true) {
-        "container root"
+        if flag("airlock.nested", false) {
+            "privileged container root"
+        } else {
+            "container root"
+        }
     } else if flag("airlock.vmroot", false) {
         "root"
     } else {
@@ -2006,6 +2010,10 @@ mod tests {
     fn the_command_user_is_what_the_init_reads() {
         let words = |w: &[&str]| w.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         assert_eq!(command_user(&words(&["ro"]), true), "container root");
+        assert_eq!(
+            command_user(&words(&["airlock.nested=1"]), true),
+            "privileged container root"
+        );
         assert_eq!(
             command_user(&words(&["airlock.container=0"]), true),
             "uid 1000"

@@ -1,13 +1,18 @@
 //! The guest's end of the file streams (PROTOCOL.md, "File streams"): the
 //! workspace in from [`FILES_IN_PORT`] before the command, `/workspace/out`
-//! out to [`FILES_OUT_PORT`] after it.
+//! out to [`FILES_OUT_PORT`] after it, on a connection opened before the
+//! command ([`connect_results`]).
 //!
 //! The host is trusted more than the guest, but a buggy host must still not
 //! make the init write outside `/workspace`: every path is checked with
 //! [`check_file_path`], files are created with `O_NOFOLLOW`, and the
 //! directories the host names are created here (a symlink in the way fails
-//! `create_dir` / is refused). Sending never follows a symlink either
-//! (`lstat`; symlinks and other types are skipped). Directory mtimes are set
+//! `create_dir` / is refused). Sending never follows a symlink either: the
+//! command may still be changing the tree (or its orphans may), so it is
+//! walked through directory descriptors, every directory and file opened
+//! with `openat(…, O_NOFOLLOW)` relative to its parent's descriptor, and
+//! what is not a directory or a regular file then is skipped
+//! ([`send_tree`]). Directory mtimes are set
 //! once the stream has ended (creating entries inside a directory changes
 //! its mtime).
 //!

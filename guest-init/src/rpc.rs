@@ -13,6 +13,14 @@
 //! socket the pump polls), the command's process group is killed and the
 //! session fails, after which the init powers off.
 //!
+//! Before the command starts, the init opens every other connection the run
+//! needs: the workspace stream (port 1025) and the results connection (port
+//! 1026), which it holds until the command has ended. The host takes one
+//! connection on each of these ports and on the control port, so all of them
+//! are the init's and any later one (the command's, if it is root in the VM)
+//! is refused ([`Placement`]: outside a container the command runs as an
+//! unprivileged user that cannot open vsock at all).
+//!
 //! When the host's `Hello` lists the `audit` capability, the session also
 //! sends `AuditEvent`s ([`procevents`]): `process.start` once the command
 //! runs, every exec in the VM while it runs (the process events socket is
