@@ -2006,6 +2006,62 @@ mod tests {
         );
     }
 
+    /// The guest holds its results connection open while the command runs:
+    /// meanwhile a second connection to the port is refused at once (closed
+    /// unread) and audited with its port, and the first is served to its end;
+    /// dropping the acceptor waits for it.
+    #[test]
+    fn a_file_port_refuses_a_later_connection_while_serving_the_first() {
+        use std::io::Read;
+        let dir = TestDir::new("file-port");
+        let uds = dir.path().join("vsock");
+        let (audit, memory) = AuditLog::memory(crate::audit::log::TEST_LIMITS, None);
+        let (served, got) = mpsc::channel();
+        let acceptor = file_port(FILES_OUT_PORT, &uds, &audit, move |stream| {
+            let mut bytes = Vec::new();
+            let _ = (&*stream).read_to_end(&mut bytes);
+            let _ = served.send(bytes);
+            json!({ "direction": "out" })
+        })
+        .expect("listen");
+        let path = engine::port_path(&uds, FILES_OUT_PORT);
+        let mut first = UnixStream::connect(&path).expect("first");
+        first.write_all(b"real").expect("write");
+        let mut second = UnixStream::connect(&path).expect("second");
+        let _ = second.write_all(b"forged");
+        second
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 8];
+        match second.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+            other => panic!("the second connection was not closed: {other:?}"),
+        }
+        let log = || String::from_utf8_lossy(&memory.bytes()).into_owned();
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while !log().contains("control.refused") && Instant::now() < give_up {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let text = log();
+        let refused = text
+            .lines()
+            .find(|l| l.contains("control.refused"))
+            .unwrap_or_else(|| panic!("not audited while the first is served:\n{text}"));
+        assert!(refused.contains("\"port\":1026"), "{refused}");
+        assert!(
+            got.try_recv().is_err(),
+            "the first was not still being served"
+        );
+        drop(first);
+        let bytes = got
+            .recv_timeout(Duration::from_secs(10))
+            .expect("served to its end");
+        assert_eq!(bytes, b"real", "only the first connection's bytes are read");
+        drop(acceptor);
+        assert!(log().contains("files.done"), "{}", log());
+    }
+
     #[test]
     fn the_command_user_is_what_the_init_reads() {
         let words = |w: &[&str]| w.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
