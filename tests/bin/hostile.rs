@@ -1,7 +1,9 @@
 //! `airlock-hostile`: a guest program that attacks the host's side of the
 //! vsock, for the hostile-guest end-to-end test. It is only ever run inside a
 //! sandbox (the test initramfs carries it as `/bin/airlock-hostile`), as the
-//! user's command, next to the init's real control session.
+//! user's command, next to the init's real control session. It models a
+//! compromised VM, so it runs as root there (`airlock run --vm-root`): the
+//! unprivileged command user cannot open `AF_VSOCK` at all.
 //!
 //! In order, each on fresh `AF_VSOCK` connections to the host (CID 2):
 //!
