@@ -8,6 +8,8 @@
 #                        crun, catatonit, podman-docker (`docker`), bash, git,
 #                        python3, e2fsprogs, ...; airlock-init as /sbin/airlock-init
 #                        and /sbin/init; scripts/image/*.conf in /etc/containers;
+#                        the agent container's seccomp profile (no AF_VSOCK) in
+#                        /etc/airlock/seccomp.json;
 #                        the reference agent scripts/image/airlock-agent as
 #                        /usr/local/bin/airlock-agent.
 # build/rootfs.manifest  the Debian packages in it, `name<TAB>version`, sorted.
@@ -69,6 +71,7 @@ manifest_out=$AIRLOCK_BUILD/rootfs.manifest
 image_dir=$AIRLOCK_ROOT/scripts/image
 [ -f "$init_bin" ] || die "$init_bin is missing: run scripts/build.sh first"
 command -v readelf >/dev/null || die "readelf (binutils) is needed to check the init is static"
+command -v python3 >/dev/null || die "python3 is needed to derive the agent's seccomp profile"
 if readelf -lW "$init_bin" | grep -q INTERP || readelf -dW "$init_bin" | grep -q '(NEEDED)'; then
     die "$init_bin is dynamically linked; it must be static (build it with scripts/build.sh)"
 fi
@@ -150,6 +153,14 @@ install -m 755 "$image_dir/airlock-agent" "$root/usr/local/bin/airlock-agent"
 
 # The container engine's configuration (commented in the files themselves).
 install -m 644 "$image_dir/containers.conf" "$image_dir/storage.conf" "$root/etc/containers/"
+# The agent container's seccomp profile: podman's default from the image's
+# containers-common, except that socket() never opens AF_VSOCK (only the init
+# speaks to the host). Derived and checked by scripts/image/agent-seccomp.py;
+# guest-init passes it to `podman run`, containers.conf makes it the default.
+mkdir -p "$root/etc/airlock"
+python3 "$image_dir/agent-seccomp.py" "$root/usr/share/containers/seccomp.json" \
+    "$root/etc/airlock/seccomp.json" || die "deriving the agent's seccomp profile failed"
+chmod 644 "$root/etc/airlock/seccomp.json"
 # podman-docker's `docker` otherwise prints "Emulate Docker CLI using podman..."
 # to stderr on every call.
 : > "$root/etc/containers/nodocker"

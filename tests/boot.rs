@@ -250,7 +250,7 @@ fn our_vmm_serves_read_only_and_read_write_disks_in_the_testbed() {
     )
     .expect("chmod");
     let script = format!(
-        "AIRLOCK_VMM={} {} run --engine kvm -- sh -c '\
+        "AIRLOCK_VMM={} {} run --engine kvm --vm-root -- sh -c '\
          cat /sys/block/vda/ro /sys/block/vda/size; sha256sum < /dev/vda; \
          if echo x | dd of=/dev/vda conv=fsync 2>/dev/null; then echo ro-write-succeeded; fi; \
          printf airlock-disk-write | dd of=/dev/vdb bs=512 seek=3 conv=fsync 2>/dev/null; \

@@ -7,8 +7,9 @@
 //! bed.
 //!
 //! Attacks covered elsewhere: vsock connection and byte floods, garbage and
-//! oversize frames (tests/run.rs, `airlock-hostile`), hostile result files
-//! (tests/files.rs), hostile virtio-blk requests and descriptor chains (the
+//! oversize frames (tests/run.rs, `airlock-hostile`), forged connections to
+//! the results and other one-connection ports and vsock from the agent
+//! (tests/files.rs, tests/hostile_guest.rs), hostile virtio-blk requests and descriptor chains (the
 //! VMM's unit tests play the guest driver in guest memory).
 
 use std::fs;

@@ -441,6 +441,8 @@ subprocess.run(["tar", "-c", "--one-file-system", "-C", "/"] + [m.lstrip("/") or
     let raw = airlock_e2e::tcg_on_image_raw(
         &[
             "--no-container",
+            // Root in the VM: the scan reads every process and file.
+            "--vm-root",
             "--model-upstream",
             &url,
             "--debug-dump-guest-memory",
@@ -601,6 +603,8 @@ s, _, b = call("POST", "/v1/messages", ANTHROPIC, MSG); show("after_flood", s, b
     let r = tcg(
         &[
             "--no-container",
+            // Root in the VM: the raw model port needs AF_VSOCK.
+            "--vm-root",
             "--model-upstream",
             &url,
             "--model-max-request-bytes",

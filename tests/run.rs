@@ -327,7 +327,8 @@ fn kvm_two_runs_at_once_do_not_interfere() {
 fn tcg_hostile_guest_is_refused_bounded_and_the_run_still_reports_its_exit() {
     // The command is a guest program that opens raw vsock connections to the
     // control port and sends garbage, a 4 GiB frame header, an unknown tag
-    // and a flood of connections and bytes, then exits 0.
+    // and a flood of connections and bytes, then exits 0. It models a
+    // compromised VM: root in it (--vm-root), which may open AF_VSOCK.
     let airlock = root().join(bin("airlock"));
     let initrd = airlock_e2e::build_file("initramfs-test.cpio");
     let (r, peaks) = airlock_e2e::run_with_peaks(
@@ -338,6 +339,7 @@ fn tcg_hostile_guest_is_refused_bounded_and_the_run_still_reports_its_exit() {
             "tcg",
             "--initrd",
             &initrd,
+            "--vm-root",
             "--",
             "airlock-hostile",
         ],
@@ -363,7 +365,7 @@ fn tcg_hostile_guest_is_refused_bounded_and_the_run_still_reports_its_exit() {
 #[test]
 fn kvm_hostile_guest_is_refused_and_the_run_still_reports_its_exit() {
     let r = in_testbed(
-        "$A run --engine kvm --initrd build/initramfs-test.cpio -- airlock-hostile",
+        "$A run --engine kvm --initrd build/initramfs-test.cpio --vm-root -- airlock-hostile",
         600,
     );
     r.expect_code(0)

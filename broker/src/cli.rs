@@ -295,6 +295,13 @@ pub struct RunArgs {
     /// a container
     #[arg(long)]
     pub no_container: bool,
+    /// Run the command as root in the VM (only without a container:
+    /// --no-container, or --initrd), instead of as an unprivileged user
+    /// (uid 1000, no capabilities, no vsock). Root in the VM can reach the
+    /// guest init and the host's ports: this gives up the guarantee that
+    /// the exit code and the results are the command's own
+    #[arg(long, conflicts_with = "nested")]
+    pub vm_root: bool,
     /// Extra words for the guest kernel command line (e.g. airlock.debug=1)
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
@@ -365,7 +372,9 @@ pub struct RunArgs {
     /// Let the command use podman itself (nested containers): its
     /// container is privileged within the VM and gets its own empty
     /// container storage. The VM stays the isolation boundary; the
-    /// container layer then no longer confines the command within the VM
+    /// container layer then no longer confines the command within the VM,
+    /// and as with --vm-root the exit code and the results are no longer
+    /// guaranteed to be the command's own
     #[arg(long, conflicts_with = "no_container")]
     pub nested: bool,
     /// Accept at most this many bytes of result files in total (and per

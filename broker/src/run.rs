@@ -116,6 +116,8 @@ pub enum Error {
     ArchiveWithoutRoot,
     #[error("--nested needs the guest root image (podman is in it): not with --initrd")]
     NestedWithoutRoot,
+    #[error("--vm-root is for a command that runs directly in the VM: add --no-container")]
+    VmRootInContainer,
     #[error("--collect {0:?}: not a relative pattern (no leading /, no empty, . or .. component)")]
     CollectPattern(String),
     #[error("--collect is given more than {max} times", max = airlock_protocol::limits::MAX_COLLECT_PATTERNS)]
@@ -199,6 +201,7 @@ impl Error {
             | Error::Archive(_)
             | Error::ArchiveWithoutRoot
             | Error::NestedWithoutRoot
+            | Error::VmRootInContainer
             | Error::CollectPattern(_)
             | Error::TooManyCollect
             | Error::Engine(_)
@@ -280,6 +283,8 @@ pub struct RunConfig {
     pub archive: Option<PathBuf>,
     /// `--nested`: the command may run podman itself.
     pub nested: bool,
+    /// `--vm-root`: without a container, the command runs as root.
+    pub vm_root: bool,
     pub audit: AuditConfig,
     pub files: FilesConfig,
     /// The model proxy (`--model-*`), keys included (never logged).
@@ -312,12 +317,16 @@ const NO_CONTAINER_CMDLINE: &str = "airlock.container=0";
 const ARCHIVE_CMDLINE: &str = "airlock.archive=1";
 /// Tells the init to give the container what nested podman needs.
 const NESTED_CMDLINE: &str = "airlock.nested=1";
+/// Tells the init to run a command outside a container as root, not as
+/// its unprivileged agent user (image and initramfs mode alike).
+const VM_ROOT_CMDLINE: &str = "airlock.vmroot=1";
 /// The host's wall clock at boot, in seconds since the epoch.
 const EPOCH_CMDLINE: &str = "airlock.epoch";
 
 /// The words appended to the engine's base command line: in image mode
-/// the root, and `airlock.container=0` for `--no-container`; then the
-/// user's `--cmdline`, which comes last so that it can override.
+/// the root, and `airlock.container=0` for `--no-container`;
+/// `airlock.vmroot=1` for `--vm-root`; then the user's `--cmdline`, which
+/// comes last so that it can override.
 pub fn boot_cmdline(config: &RunConfig, image_mode: bool) -> Vec<String> {
     let mut words: Vec<String> = Vec::new();
     if image_mode {
@@ -332,8 +341,42 @@ pub fn boot_cmdline(config: &RunConfig, image_mode: bool) -> Vec<String> {
             words.push(NESTED_CMDLINE.to_owned());
         }
     }
+    if config.vm_root {
+        words.push(VM_ROOT_CMDLINE.to_owned());
+    }
     words.extend(config.extra_cmdline.iter().cloned());
     words
+}
+
+/// Who the command runs as in the VM, for the audit log's `run.start`, as
+/// the init reads `words` (the whole `boot_cmdline`, the user's `--cmdline`
+/// included: the last `airlock.container` / `airlock.vmroot` wins there).
+fn command_user(words: &[String], image_mode: bool) -> &'static str {
+    let flag = |key: &str, default: bool| {
+        words
+            .iter()
+            .rev()
+            .find_map(|w| match w.split_once('=') {
+                Some((k, v)) if k == key => Some(matches!(
+                    v.to_ascii_lowercase().as_str(),
+                    "1" | "y" | "yes" | "on" | "true"
+                )),
+                None if w == key => Some(true),
+                _ => None,
+            })
+            .unwrap_or(default)
+    };
+    if image_mode && flag("airlock.container", true) {
+        if flag("airlock.nested", false) {
+            "privileged container root"
+        } else {
+            "container root"
+        }
+    } else if flag("airlock.vmroot", false) {
+        "root"
+    } else {
+        "uid 1000"
+    }
 }
 
 /// Parses one `--env NAME=VALUE`. The name is non-empty and holds no `=`
@@ -445,6 +488,7 @@ impl TryFrom<RunArgs> for RunConfig {
                 .image_archive
                 .map(|p| std::path::absolute(&p).unwrap_or(p)),
             nested: args.nested,
+            vm_root: args.vm_root,
             audit: AuditConfig {
                 path: args.audit.map(|p| std::path::absolute(&p).unwrap_or(p)),
                 key: args.audit_key,
@@ -569,6 +613,9 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
     };
     if config.nested && image.root.is_none() {
         return Err(Error::NestedWithoutRoot);
+    }
+    if config.vm_root && config.container && image.root.is_some() {
+        return Err(Error::VmRootInContainer);
     }
     // From here on airlock hashes, and the engine boots, these open files.
     let pins = Pins::open(&image, config.archive.as_deref())?;
@@ -838,6 +885,7 @@ fn run_start_fields(
             "boot_cmdline": boot_cmdline(config, pins.image_mode),
             "container": pins.image_mode && config.container,
             "nested_containers": config.nested,
+            "command_user": command_user(&boot_cmdline(config, pins.image_mode), pins.image_mode),
             "collect": config.files.collect,
             "audit_max_guest_records": config.audit.limits.max_guest_records,
             "audit_max_guest_bytes": config.audit.limits.max_guest_bytes,
@@ -1128,12 +1176,15 @@ fn file_ports(
 
 /// One file port: its first connection is audited as accepted, served by
 /// `serve` (whose fields make the `files.done` record), later ones are
-/// refused and audited.
+/// refused and audited. The first is served on a thread of its own (the
+/// guest holds the results connection open while the command runs), so
+/// that a later connection is refused, audited and named as it comes;
+/// dropping the acceptor still waits for that thread.
 fn file_port(
     port: u32,
     vsock_uds: &Path,
     audit: &AuditLog,
-    mut serve: impl FnMut(&UnixStream) -> Value + Send + 'static,
+    serve: impl FnOnce(&UnixStream) -> Value + Send + 'static,
 ) -> Result<Acceptor, Error> {
     let path = engine::port_path(vsock_uds, port);
     let listen_error = |source| Error::Listen {
@@ -1142,6 +1193,9 @@ fn file_port(
     };
     let listener = UnixListener::bind(&path).map_err(listen_error)?;
     let audit = audit.clone();
+    let mut serve = Some(serve);
+    // Owned by the accept loop's callback: joined when the loop ends.
+    let mut server = JoinOnDrop(None);
     Acceptor::start(listener, move |accepted| match accepted {
         Accepted::Session(stream) => {
             audit.host(
@@ -1149,8 +1203,23 @@ fn file_port(
                 json!({ "port": port }),
                 Durability::Synced,
             );
-            let fields = serve(&stream);
-            audit.host(kind::FILES_DONE, fields, Durability::Synced);
+            let (Some(serve), log) = (serve.take(), audit.clone()) else {
+                return;
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("file-port-{port}"))
+                .spawn(move || {
+                    let fields = serve(&stream);
+                    log.host(kind::FILES_DONE, fields, Durability::Synced);
+                });
+            match spawned {
+                Ok(handle) => server.hold(handle),
+                Err(e) => audit.host(
+                    kind::CONTROL_FAILED,
+                    json!({ "port": port, "error": e.to_string() }),
+                    Durability::Synced,
+                ),
+            }
         }
         Accepted::Refused(n) => {
             audit.host(
@@ -1172,6 +1241,25 @@ fn file_port(
         ),
     })
     .map_err(listen_error)
+}
+
+/// Joins its thread when dropped.
+#[derive(Debug)]
+struct JoinOnDrop(Option<std::thread::JoinHandle<()>>);
+
+impl JoinOnDrop {
+    fn hold(&mut self, handle: std::thread::JoinHandle<()>) {
+        self.0 = Some(handle);
+    }
+}
+
+impl Drop for JoinOnDrop {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            // A panic there is reported by the thread itself.
+            let _ = handle.join();
+        }
+    }
 }
 
 /// Listens on the model port (1027): always, so that an agent without
@@ -1969,6 +2057,7 @@ mod tests {
             collect: Vec::new(),
             image_archive: None,
             nested: false,
+            vm_root: false,
             model: crate::cli::ModelArgs::default(),
             command: vec!["true".into()],
         }
@@ -2068,6 +2157,115 @@ mod tests {
             ]
         );
         assert_eq!(boot_cmdline(&config, false), ["airlock.debug=1"]);
+        // --vm-root reaches the init in both modes.
+        config.archive = None;
+        config.nested = false;
+        config.container = false;
+        config.vm_root = true;
+        assert_eq!(
+            boot_cmdline(&config, false),
+            ["airlock.vmroot=1", "airlock.debug=1"]
+        );
+        assert_eq!(
+            boot_cmdline(&config, true),
+            [
+                "root=/dev/vda",
+                "rootfstype=erofs",
+                "ro",
+                "airlock.container=0",
+                "airlock.vmroot=1",
+                "airlock.debug=1"
+            ]
+        );
+    }
+
+    /// The guest holds its results connection open while the command runs:
+    /// meanwhile a second connection to the port is refused at once (closed
+    /// unread) and audited with its port, and the first is served to its end;
+    /// dropping the acceptor waits for it.
+    #[test]
+    fn a_file_port_refuses_a_later_connection_while_serving_the_first() {
+        use std::io::Read;
+        let dir = TestDir::new("file-port");
+        let uds = dir.path().join("vsock");
+        let (audit, memory) = AuditLog::memory(crate::audit::log::TEST_LIMITS, None);
+        let (served, got) = mpsc::channel();
+        let acceptor = file_port(FILES_OUT_PORT, &uds, &audit, move |stream| {
+            let mut bytes = Vec::new();
+            let _ = (&*stream).read_to_end(&mut bytes);
+            let _ = served.send(bytes);
+            json!({ "direction": "out" })
+        })
+        .expect("listen");
+        let path = engine::port_path(&uds, FILES_OUT_PORT);
+        let mut first = UnixStream::connect(&path).expect("first");
+        first.write_all(b"real").expect("write");
+        let mut second = UnixStream::connect(&path).expect("second");
+        let _ = second.write_all(b"forged");
+        second
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 8];
+        match second.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+            other => panic!("the second connection was not closed: {other:?}"),
+        }
+        let log = || String::from_utf8_lossy(&memory.bytes()).into_owned();
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while !log().contains("control.refused") && Instant::now() < give_up {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let text = log();
+        let refused = text
+            .lines()
+            .find(|l| l.contains("control.refused"))
+            .unwrap_or_else(|| panic!("not audited while the first is served:\n{text}"));
+        assert!(refused.contains("\"port\":1026"), "{refused}");
+        assert!(
+            got.try_recv().is_err(),
+            "the first was not still being served"
+        );
+        drop(first);
+        let bytes = got
+            .recv_timeout(Duration::from_secs(10))
+            .expect("served to its end");
+        assert_eq!(bytes, b"real", "only the first connection's bytes are read");
+        drop(acceptor);
+        assert!(log().contains("files.done"), "{}", log());
+    }
+
+    #[test]
+    fn the_command_user_is_what_the_init_reads() {
+        let words = |w: &[&str]| w.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(command_user(&words(&["ro"]), true), "container root");
+        assert_eq!(
+            command_user(&words(&["airlock.nested=1"]), true),
+            "privileged container root"
+        );
+        assert_eq!(
+            command_user(&words(&["airlock.container=0"]), true),
+            "uid 1000"
+        );
+        assert_eq!(command_user(&words(&[]), false), "uid 1000");
+        assert_eq!(command_user(&words(&["airlock.vmroot=1"]), false), "root");
+        assert_eq!(
+            command_user(&words(&["airlock.container=0", "airlock.vmroot=1"]), true),
+            "root"
+        );
+        // The user's --cmdline comes last and wins, as in the init.
+        assert_eq!(
+            command_user(&words(&["airlock.vmroot=1", "airlock.vmroot=0"]), false),
+            "uid 1000"
+        );
+        assert_eq!(command_user(&words(&["airlock.vmroot"]), false), "root");
+        assert_eq!(
+            command_user(
+                &words(&["airlock.container=0", "airlock.container=1"]),
+                true
+            ),
+            "container root"
+        );
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub struct Options {
     /// `airlock.nested=1` (`airlock run --nested`): the container gets what
     /// podman inside it needs.
     pub nested: bool,
+    /// `airlock.vmroot=1` (`airlock run --vm-root`): a command that runs
+    /// directly in the VM (no container) runs as root rather than as the
+    /// unprivileged agent user ([`crate::privilege`]).
+    pub vm_root: bool,
     /// `airlock.epoch=SECS`: the host's wall clock at boot.
     pub epoch: Option<i64>,
 }
@@ -41,6 +45,7 @@ impl Default for Options {
             container: true,
             archive: false,
             nested: false,
+            vm_root: false,
             epoch: None,
         }
     }
@@ -63,6 +68,7 @@ impl Options {
                 "airlock.container" => options.container = parse_bool(value),
                 "airlock.archive" => options.archive = parse_bool(value),
                 "airlock.nested" => options.nested = parse_bool(value),
+                "airlock.vmroot" => options.vm_root = parse_bool(value),
                 "airlock.epoch" => options.epoch = value.and_then(|v| v.parse().ok()),
                 _ => {}
             }
@@ -168,6 +174,14 @@ mod tests {
             Some(1_800_000_000)
         );
         assert_eq!(Options::parse("airlock.epoch=soon").epoch, None);
+    }
+
+    #[test]
+    fn vm_root_is_off_unless_asked() {
+        assert!(!Options::parse("root=/dev/vda airlock.container=0").vm_root);
+        assert!(Options::parse("airlock.vmroot=1").vm_root);
+        assert!(!Options::parse("airlock.vmroot=1 airlock.vmroot=0").vm_root);
+        assert!(!Options::parse("airlock.vmrootx=1").vm_root);
     }
 
     #[test]

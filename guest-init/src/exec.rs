@@ -22,6 +22,7 @@ use airlock_protocol::limits::{FRAME_HEADER_LEN, MAX_CHUNK, MIN_CHUNK};
 use airlock_protocol::{ExitStatus, RunSpec};
 use libc::{c_int, pid_t};
 
+use crate::privilege::Agent;
 use crate::vsock;
 
 /// `PATH` for the command unless the spec sets one.
@@ -157,8 +158,9 @@ pub fn exit_status(raw: c_int) -> Option<ExitStatus> {
 /// Starts `spec.argv` in `spec.cwd` with [`build_env`], in a new session
 /// (its own process group), stdin `/dev/null` unless `spec.stdin`, stdout
 /// and stderr on their own pipes, default signal dispositions and an empty
-/// signal mask.
-pub fn spawn(spec: &RunSpec) -> Result<Running, SpawnError> {
+/// signal mask. With `agent`, as the unprivileged agent user
+/// ([`Agent::enter`]) rather than as the init's root.
+pub fn spawn(spec: &RunSpec, agent: Option<&Agent>) -> Result<Running, SpawnError> {
     let (program, args) = spec.argv.split_first().ok_or(SpawnError::NoProgram)?;
     // Checked here because a failed chdir in the child would come back as
     // the same errno as a missing program.
@@ -195,6 +197,13 @@ pub fn spawn(spec: &RunSpec) -> Result<Running, SpawnError> {
     // sigprocmask and signal, takes no lock, allocates nothing and touches
     // no state shared with the parent.
     unsafe { command.pre_exec(reset_child) };
+    if let Some(agent) = agent {
+        let agent = agent.clone();
+        // SAFETY: runs in the forked child after `reset_child`: `enter`
+        // makes raw system calls only, on the filter built before the fork
+        // (moved into the closure) and on locals; it allocates nothing.
+        unsafe { command.pre_exec(move || agent.enter()) };
+    }
     let mut child = command.spawn().map_err(|err| SpawnError::Exec {
         program: program.clone(),
         err,
@@ -618,24 +627,24 @@ mod tests {
 
     #[test]
     fn spawn_errors_read_like_a_shell() {
-        let e = spawn(&spec(&["/nonexistent/prog"])).expect_err("no such program");
+        let e = spawn(&spec(&["/nonexistent/prog"]), None).expect_err("no such program");
         assert_eq!(
             e.to_string(),
             "cannot run /nonexistent/prog: No such file or directory"
         );
         assert_eq!(e.exit_code(), 127);
 
-        let e = spawn(&spec(&["no-such-program-airlock"])).expect_err("not on PATH");
+        let e = spawn(&spec(&["no-such-program-airlock"]), None).expect_err("not on PATH");
         assert_eq!(e.exit_code(), 127);
 
         // Exists, not executable (no x bit: EACCES even for root).
-        let e = spawn(&spec(&["/etc/passwd"])).expect_err("not executable");
+        let e = spawn(&spec(&["/etc/passwd"]), None).expect_err("not executable");
         assert_eq!(e.to_string(), "cannot run /etc/passwd: Permission denied");
         assert_eq!(e.exit_code(), 126);
 
         let mut s = spec(&["true"]);
         s.cwd = "/nonexistent-dir".into();
-        let e = spawn(&s).expect_err("no such cwd");
+        let e = spawn(&s, None).expect_err("no such cwd");
         assert_eq!(
             e.to_string(),
             "cannot change directory to /nonexistent-dir: No such file or directory"
@@ -643,7 +652,7 @@ mod tests {
         assert_eq!(e.exit_code(), 126);
 
         s.cwd = "/etc/passwd".into();
-        let e = spawn(&s).expect_err("cwd is a file");
+        let e = spawn(&s, None).expect_err("cwd is a file");
         assert_eq!(
             e.to_string(),
             "cannot change directory to /etc/passwd: Not a directory"
@@ -677,7 +686,7 @@ mod tests {
     /// Runs `spec` to its end; returns (stdout, stderr, ended, largest chunk).
     fn run(spec: &RunSpec, timeout: Option<Duration>) -> (Vec<u8>, Vec<u8>, Ended, usize) {
         let (host, _keep) = UnixStream::pair().expect("socketpair");
-        let running = spawn(spec).expect("spawns");
+        let running = spawn(spec, None).expect("spawns");
         let (mut out, mut err, mut largest) = (Vec::new(), Vec::new(), 0);
         let ended = running
             .pump::<Error>(&mut WaitPid, timeout, host.as_fd(), None, |event| {
@@ -783,7 +792,7 @@ mod tests {
 
     #[test]
     fn dropping_a_running_command_kills_its_group() {
-        let running = spawn(&spec(&["sleep", "30"])).expect("spawns");
+        let running = spawn(&spec(&["sleep", "30"]), None).expect("spawns");
         let pid = running.pid();
         drop(running);
         let mut status = 0;

@@ -24,6 +24,10 @@ pub const PODMAN: &str = "/usr/bin/podman";
 const HOSTNAME: &CStr = c"airlock";
 /// Most processes in the agent container.
 const PIDS_LIMIT: &str = "4096";
+/// The agent container's seccomp profile: podman's default except that
+/// `socket(AF_VSOCK, …)` fails, so only the init speaks to the host (made
+/// at image build by `scripts/image/agent-seccomp.py`).
+pub const SECCOMP_PROFILE: &str = "/etc/airlock/seccomp.json";
 
 /// Whether `/` is the erofs root image rather than an initramfs.
 pub fn root_is_image() -> bool {
@@ -86,7 +90,9 @@ pub fn loopback_up() -> io::Result<()> {
 /// the spec says (the broker sends `/`, as without a container), the spec's
 /// environment passed with `--env` (the container gets nothing else but
 /// podman's defaults: `PATH`, `HOME`, `TERM` unless given, `container`,
-/// `HOSTNAME`). podman itself runs with the init's default environment.
+/// `HOSTNAME`), the seccomp profile [`SECCOMP_PROFILE`] (also with
+/// `--privileged`, which would otherwise drop seccomp). podman itself runs
+/// with the init's default environment.
 pub fn containerize(spec: RunSpec, container: &Container) -> RunSpec {
     let mut argv: Vec<String> = [
         PODMAN,
@@ -103,6 +109,8 @@ pub fn containerize(spec: RunSpec, container: &Container) -> RunSpec {
         "airlock",
         "--pids-limit",
         PIDS_LIMIT,
+        "--security-opt",
+        &format!("seccomp={SECCOMP_PROFILE}"),
         "-v",
         "/workspace:/workspace",
         "-w",
@@ -312,6 +320,10 @@ mod tests {
         assert!(argv.windows(2).any(|w| w == ["--env", "A=1 2"]));
         assert!(argv.windows(2).any(|w| w == ["--env", "B=x=y"]));
         assert_eq!(argv[pos("--memory") + 1], "700m");
+        assert_eq!(
+            argv[pos("--security-opt") + 1],
+            "seccomp=/etc/airlock/seccomp.json"
+        );
         assert!(!argv.contains(&"-i"));
         assert!(out.env.is_empty());
         assert_eq!(out.cwd, "/");
@@ -341,6 +353,11 @@ mod tests {
         );
         let argv: Vec<&str> = out.argv.iter().map(String::as_str).collect();
         assert!(argv.contains(&"--privileged"));
+        assert!(
+            argv.windows(2)
+                .any(|w| w == ["--security-opt", "seccomp=/etc/airlock/seccomp.json"]),
+            "the profile also for a privileged container"
+        );
         assert!(argv
             .windows(2)
             .any(|w| w == ["--mount", "type=tmpfs,destination=/var/lib/containers"]));

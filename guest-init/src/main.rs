@@ -7,15 +7,18 @@
 //! 1. mounts the pseudo filesystems from the table in [`mounts`] (and, when
 //!    the root is the erofs image rather than an initramfs, the writable
 //!    tmpfs set of [`image`] mode);
-//! 2. reads the kernel command line ([`cmdline`]) for `airlock.debug=1` and
-//!    `airlock.container=0`; in image mode sets the host name and brings up
+//! 2. makes itself non-dumpable ([`privilege`]), reads the kernel command
+//!    line ([`cmdline`]) for `airlock.debug=1`, `airlock.container=0` and
+//!    `airlock.vmroot=1`; in image mode sets the host name and brings up
 //!    `lo`;
 //! 3. writes the boot-timer mark ([`boottimer`]) for the benchmarks;
 //! 4. installs the SIGCHLD reaper ([`reaper`]) and prints
 //!    [`airlock_protocol::INIT_READY_LINE`];
 //! 5. connects to the host over vsock and runs the control session
-//!    ([`rpc`]): handshake, run spec, the command ([`exec`]; in image mode
-//!    inside a podman container unless turned off) with its output
+//!    ([`rpc`]): handshake, run spec, the connections to the host's file
+//!    ports, the command ([`exec`]; in image mode inside a podman container
+//!    unless turned off, else as the unprivileged agent user unless
+//!    `airlock.vmroot=1`) with its output
 //!    streamed as it comes, its exit status, and, when the host takes
 //!    them, audit events about the processes in the VM ([`procevents`]);
 //!    when the host relays model calls, the in-guest model endpoint
@@ -39,6 +42,7 @@ mod image;
 mod model;
 mod mounts;
 mod power;
+mod privilege;
 mod procevents;
 mod reaper;
 mod rpc;
@@ -76,6 +80,11 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), Error> {
+    // First: nothing started later, whatever its uid, may ptrace PID 1 or
+    // take its descriptors unless it has CAP_SYS_PTRACE.
+    if let Err(err) = privilege::make_undumpable() {
+        console::warn(&format!("cannot make the init non-dumpable: {err}"));
+    }
     let image = image::root_is_image();
     mounts::mount_all(image)?;
     let options = cmdline::Options::read().unwrap_or_else(|err| {
@@ -107,7 +116,26 @@ fn run() -> Result<(), Error> {
         nested: options.nested,
         archive: options.archive,
     });
-    let status = rpc::run(&mut reaper, mode)?;
+    // Without a container the command runs as the agent user unless the
+    // host asked for root (`airlock run --vm-root`).
+    let agent = !container && !options.vm_root;
+    console::debug(&format!(
+        "command user: {}",
+        if container {
+            "container root"
+        } else if agent {
+            "agent (uid 1000)"
+        } else {
+            "root"
+        }
+    ));
+    let status = rpc::run(
+        &mut reaper,
+        rpc::Placement {
+            container: mode,
+            agent,
+        },
+    )?;
     console::debug(&format!("command ended: {status:?}"));
     power::sync();
     Ok(())

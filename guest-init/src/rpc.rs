@@ -13,6 +13,14 @@
 //! socket the pump polls), the command's process group is killed and the
 //! session fails, after which the init powers off.
 //!
+//! Before the command starts, the init opens every other connection the run
+//! needs: the workspace stream (port 1025) and the results connection (port
+//! 1026), which it holds until the command has ended. The host takes one
+//! connection on each of these ports and on the control port, so all of them
+//! are the init's and any later one (the command's, if it is root in the VM)
+//! is refused ([`Placement`]: outside a container the command runs as an
+//! unprivileged user that cannot open vsock at all).
+//!
 //! When the host's `Hello` lists the `audit` capability, the session also
 //! sends `AuditEvent`s ([`procevents`]): `process.start` once the command
 //! runs, every exec in the VM while it runs (the process events socket is
@@ -118,13 +126,20 @@ impl Error {
 /// once its `Exit` was sent.
 /// With `container`, the command runs in a podman container
 /// ([`crate::image::containerize`]).
-pub fn run(
-    waiter: &mut impl ChildWait,
-    container: Option<crate::image::Mode>,
-) -> Result<ExitStatus, Error> {
+pub fn run(waiter: &mut impl ChildWait, placement: Placement) -> Result<ExitStatus, Error> {
     let stream = connect()?;
     console::debug("connected to the host");
-    serve_in(stream, waiter, container)
+    serve_in(stream, waiter, placement)
+}
+
+/// Where and as whom the command runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// In a podman container of this mode (as the container's root).
+    pub container: Option<crate::image::Mode>,
+    /// Directly in the VM as the unprivileged agent user
+    /// ([`crate::privilege`]); else as root. Not with a container.
+    pub agent: bool,
 }
 
 /// Whether a failed connect is worth another try: the device or the host's
@@ -162,16 +177,16 @@ fn connect() -> Result<VsockStream, Error> {
 /// protocol error it tells the host why (best effort) before returning it.
 #[cfg(test)]
 pub fn serve<S: Stream>(stream: S, waiter: &mut impl ChildWait) -> Result<ExitStatus, Error> {
-    serve_in(stream, waiter, None)
+    serve_in(stream, waiter, Placement::default())
 }
 
-/// The control conversation, the command in a container when `container`.
+/// The control conversation, the command placed as `placement` says.
 pub fn serve_in<S: Stream>(
     mut stream: S,
     waiter: &mut impl ChildWait,
-    container: Option<crate::image::Mode>,
+    placement: Placement,
 ) -> Result<ExitStatus, Error> {
-    let result = converse(&mut stream, waiter, container);
+    let result = converse(&mut stream, waiter, placement);
     if let Err(err) = &result {
         if let Some(code) = err.reply_code() {
             let message = bounded(console::chain(err));
@@ -184,8 +199,9 @@ pub fn serve_in<S: Stream>(
 fn converse<S: Stream>(
     stream: &mut S,
     waiter: &mut impl ChildWait,
-    container: Option<crate::image::Mode>,
+    placement: Placement,
 ) -> Result<ExitStatus, Error> {
+    let container = placement.container;
     stream
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(Error::Setup)?;
@@ -229,39 +245,32 @@ fn converse<S: Stream>(
     } else {
         None
     };
-    if workspace || results {
-        // In image mode /workspace is a tmpfs already; in initramfs mode a
-        // directory of the root.
-        let root = std::path::Path::new(crate::files::WORKSPACE);
-        let fetched = if workspace {
-            crate::files::receive_workspace(root, FILES_IN_PORT).map(|n| {
-                console::debug(&format!("workspace: {n} entries"));
-            })
-        } else {
-            Ok(())
-        };
-        // The command writes its results there.
-        let fetched = fetched.and_then(|()| {
-            if results {
-                std::fs::create_dir_all(root.join(crate::files::OUT_DIR))
-                    .map_err(|e| crate::files::Error::Io(root.join(crate::files::OUT_DIR), e))
-            } else {
-                Ok(())
+    // Every connection the run needs is opened before the command starts
+    // (the control connection is the first): the host takes one connection
+    // on each of these ports and refuses later ones, so none can be the
+    // command's.
+    let mut results_stream = None;
+    if workspace || results || placement.agent {
+        match prepare_files(workspace, results, placement.agent) {
+            Ok(opened) => results_stream = opened,
+            Err((what, err)) => {
+                let status = ExitStatus::Exited(126);
+                send(
+                    stream,
+                    &Message::Error {
+                        code: ErrorCode::SpawnFailed,
+                        message: bounded(format!("{what}: {}", console::chain(&err))),
+                    },
+                )?;
+                send(stream, &Message::Exit(status))?;
+                await_host_close(stream);
+                return Ok(status);
             }
-        });
-        if let Err(err) = fetched {
-            let status = ExitStatus::Exited(126);
-            send(
-                stream,
-                &Message::Error {
-                    code: ErrorCode::SpawnFailed,
-                    message: bounded(format!("workspace: {}", console::chain(&err))),
-                },
-            )?;
-            send(stream, &Message::Exit(status))?;
-            await_host_close(stream);
-            return Ok(status);
         }
+    }
+    if placement.agent && !spec.env.iter().any(|(name, _)| name == "HOME") {
+        spec.env
+            .push(("HOME".into(), crate::privilege::AGENT_HOME.into()));
     }
     // The model endpoint, before the command: its variables go into the
     // command's environment, its network namespace to the container. The
@@ -298,6 +307,7 @@ fn converse<S: Stream>(
                     }
                     Err(err) => {
                         let status = ExitStatus::Exited(125);
+                        finish_results(results_stream, collect.as_deref());
                         send(
                             stream,
                             &Message::Error {
@@ -348,10 +358,12 @@ fn converse<S: Stream>(
     let mut recorder = procevents::Recorder::new();
 
     let mut oom_watch = OomWatch::start();
-    let mut running = match exec::spawn(&spec) {
+    let agent = placement.agent.then(crate::privilege::Agent::new);
+    let mut running = match exec::spawn(&spec, agent.as_ref()) {
         Ok(running) => running,
         Err(err) => {
             let status = ExitStatus::Exited(err.exit_code());
+            finish_results(results_stream, collect.as_deref());
             send(
                 stream,
                 &Message::Error {
@@ -440,16 +452,9 @@ fn converse<S: Stream>(
             &procevents::process_exit(pid, ended.status, ended.timed_out),
         )?;
     }
-    if results {
-        // Before Exit: the host reads the results while the VM still runs,
-        // and closes the connection once it has them all.
-        let root = std::path::Path::new(crate::files::WORKSPACE);
-        match crate::files::send_results(root, collect.as_deref(), FILES_OUT_PORT) {
-            Ok(true) => console::debug("results sent"),
-            Ok(false) => console::debug("no /workspace/out: no results"),
-            Err(err) => console::warn(&format!("results: {}", console::chain(&err))),
-        }
-    }
+    // Before Exit: the host reads the results while the VM still runs, and
+    // closes the connection once it has them all.
+    finish_results(results_stream, collect.as_deref());
     send(stream, &Message::Exit(ended.status))?;
     // The host half-closes once it has read Exit (the reader thread then
     // reports the end of the stream). Powering off before that could lose
@@ -460,6 +465,63 @@ fn converse<S: Stream>(
         Err(_) => console::debug("the host did not acknowledge the exit status"),
     }
     Ok(ended.status)
+}
+
+/// Before the command: `/workspace` (the agent's, when `agent`), the
+/// workspace from [`FILES_IN_PORT`] when `workspace`, and when `results`
+/// `/workspace/out` and the connection to [`FILES_OUT_PORT`] the results
+/// go back on (returned). For the agent also its `HOME`. On failure, what
+/// failed and why.
+fn prepare_files(
+    workspace: bool,
+    results: bool,
+    agent: bool,
+) -> Result<Option<VsockStream>, (&'static str, crate::files::Error)> {
+    use crate::files::{self, Error as FilesError};
+    use crate::privilege;
+    // In image mode /workspace is a tmpfs already; in initramfs mode a
+    // directory of the root.
+    let root = std::path::Path::new(files::WORKSPACE);
+    let at = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |e| FilesError::Io(path, e)
+    };
+    if agent {
+        privilege::agent_dir(root, 0o755).map_err(|e| ("workspace", at(root)(e)))?;
+        let home = std::path::Path::new(privilege::AGENT_HOME);
+        privilege::agent_dir(home, 0o700).map_err(|e| ("home", at(home)(e)))?;
+    }
+    if workspace {
+        let n =
+            files::receive_workspace(root, FILES_IN_PORT, agent).map_err(|e| ("workspace", e))?;
+        console::debug(&format!("workspace: {n} entries"));
+    }
+    if !results {
+        return Ok(None);
+    }
+    // The command writes its results there.
+    let out = root.join(files::OUT_DIR);
+    let made = if agent {
+        privilege::agent_dir(&out, 0o755)
+    } else {
+        std::fs::create_dir_all(&out)
+    };
+    made.map_err(|e| ("workspace", at(&out)(e)))?;
+    let stream = files::connect_results(FILES_OUT_PORT).map_err(|e| ("results", e))?;
+    console::debug("results connection open");
+    Ok(Some(stream))
+}
+
+/// Sends the results over the connection opened before the command, if
+/// there is one (see [`crate::files::send_results`]).
+fn finish_results(stream: Option<VsockStream>, collect: Option<&[String]>) {
+    let Some(stream) = stream else { return };
+    let root = std::path::Path::new(crate::files::WORKSPACE);
+    match crate::files::send_results(stream, root, collect) {
+        Ok(true) => console::debug("results sent"),
+        Ok(false) => console::debug("no /workspace/out: no results"),
+        Err(err) => console::warn(&format!("results: {}", console::chain(&err))),
+    }
 }
 
 /// Watches the kernel log for OOM kills from now on. The guest kernel has

@@ -1,7 +1,9 @@
 //! `airlock-hostile`: a guest program that attacks the host's side of the
 //! vsock, for the hostile-guest end-to-end test. It is only ever run inside a
 //! sandbox (the test initramfs carries it as `/bin/airlock-hostile`), as the
-//! user's command, next to the init's real control session.
+//! user's command, next to the init's real control session. It models a
+//! compromised VM, so it runs as root there (`airlock run --vm-root`): the
+//! unprivileged command user cannot open `AF_VSOCK` at all.
 //!
 //! In order, each on fresh `AF_VSOCK` connections to the host (CID 2):
 //!
@@ -14,7 +16,11 @@
 //! 5. `unserved`: connections to ports nobody serves.
 //!
 //! `airlock-hostile results` instead attacks the results port (1026, served
-//! when the run has `--out`): on one connection, a valid file `good.txt`,
+//! when the run has `--out`). First it writes its real result,
+//! `/workspace/out/real.txt` ("real result"), which the init sends at the
+//! end on the results connection it opened before the command; then, on a
+//! connection of its own (which the host refuses: the init's came first),
+//! a valid file `good.txt`,
 //! then `../../etc/passwd`, `/etc/passwd`, `out-link/x` (the test makes
 //! `out-link` a symlink in `--out`), `huge` claiming 10 GB, `over` (2000
 //! bytes, over the test's `--max-out-bytes 1000`), `badsum` (wrong sha256)
@@ -361,8 +367,15 @@ fn file_frames(path: &str, size: u64, data: &[u8], sha256: Option<[u8; 32]>) -> 
     msgs
 }
 
+/// The result `airlock-hostile results` leaves for the init to send.
+const REAL_RESULT: (&str, &[u8]) = ("/workspace/out/real.txt", b"real result\n");
+
 /// `airlock-hostile results`: see the module docs.
 fn results() -> ExitCode {
+    if let Err(err) = std::fs::write(REAL_RESULT.0, REAL_RESULT.1) {
+        report(&format!("results: cannot write {}: {err}", REAL_RESULT.0));
+        return ExitCode::from(1);
+    }
     let mut msgs = Vec::new();
     msgs.extend(file_frames("good.txt", 5, b"good\n", None));
     msgs.extend(file_frames("../../etc/passwd", 5, b"root\n", None));
