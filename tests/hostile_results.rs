@@ -241,6 +241,12 @@ fn a_flood_of_hostile_results_is_bounded_in_memory_log_and_time() {
         timeout + 60,
     );
     let took = start.elapsed();
+    let log_bytes = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "flood: exit {:?} in {took:.1?} (--timeout {timeout} s); airlock peak {} KiB; \
+         audit log {log_bytes} bytes",
+        r.code, peaks.broker_kib
+    );
     // Finished (0) or stopped at the timeout (124): either way on time.
     assert!(matches!(r.code, Some(0) | Some(124)), "{r}");
     assert!(
@@ -252,7 +258,6 @@ fn a_flood_of_hostile_results_is_bounded_in_memory_log_and_time() {
         "airlock peaked at {} KiB",
         peaks.broker_kib
     );
-    let log_bytes = fs::metadata(&log).expect("log").len();
     assert!(log_bytes < 8 << 20, "the audit log is {log_bytes} bytes");
     let lines = r
         .stderr
