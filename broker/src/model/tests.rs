@@ -1032,9 +1032,12 @@ fn concurrent_calls_cannot_spend_more_than_the_budget() {
         .map(|c| c["reserved"]["output"].as_u64().expect("reserved"))
         .sum();
     assert_eq!(reserved, sent, "each call reserved what it was sent");
-    assert!(calls.iter().any(|c| c["reserved"]["n"] == 2) || forwarded < 3);
     for c in &calls {
         assert_eq!(c["charged"]["output"], c["output_tokens"], "{c}");
+        // Which calls got through depends on scheduling; each reserved for
+        // all of its choices.
+        let chat = c["target"] == "/v1/chat/completions";
+        assert_eq!(c["reserved"]["n"], if chat { 2 } else { 1 }, "{c}");
     }
     // Every reservation was settled.
     assert_eq!(h.proxy.summary()["output_tokens"].as_u64(), Some(reported));
