@@ -344,6 +344,38 @@ fn tcg_initramfs_commands_run_as_uid_1000_unless_vm_root() {
     r.expect_code(0).expect_stdout_line("uid=0");
 }
 
+/// Break 6's other form: the agent (uid 1000, initramfs mode, where
+/// /workspace shares the root file system) hard-links a file it does not
+/// own into /workspace/out for the init, which reads as root, to send. The
+/// kernel's link protection refuses the link; nothing of it comes back.
+#[test]
+fn tcg_the_agent_cannot_hard_link_what_it_does_not_own_into_its_results() {
+    let dir = scratch("hostile-guest-hardlink");
+    let out = dir.join("out");
+    let out_s = out.display().to_string();
+    let airlock = bin("airlock");
+    let script = "echo protected=$(cat /proc/sys/fs/protected_hardlinks); \
+                  ls -ln /init | awk '{print \"owner=\" $3}'; \
+                  if ln /init /workspace/out/init 2>/dev/null; then echo linked; else echo refused; fi; \
+                  echo mine > /workspace/out/mine.txt";
+    let r = airlock_e2e::run(
+        &[
+            &airlock, "run", "--engine", "tcg", "--out", &out_s, "--", "sh", "-c", script,
+        ],
+        300,
+    );
+    r.expect_code(0)
+        .expect_stdout_line("protected=1")
+        .expect_stdout_line("owner=0")
+        .expect_stdout_line("refused");
+    assert!(!out.join("init").exists(), "{r}");
+    assert_eq!(
+        std::fs::read(out.join("mine.txt")).expect("the command's own result"),
+        b"mine\n"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn vm_root_is_refused_with_a_container() {
     let airlock = bin("airlock");

@@ -175,10 +175,14 @@ for i, (s, kind) in enumerate(results):
 "#
     );
     let url = upstream.url();
+    // Two keys, one local gateway serving both APIs: named for both.
+    let (for_anthropic, for_openai) = (format!("anthropic={url}"), format!("openai={url}"));
     let r = airlock_e2e::tcg_on_image(
         &[
             "--model-upstream",
-            &url,
+            &for_anthropic,
+            "--model-upstream",
+            &for_openai,
             "--model-max-tokens",
             &BUDGET.to_string(),
             "--audit",

@@ -736,8 +736,15 @@ s, _, b = call("POST", "/v1/chat/completions", {"content-type": "application/jso
     let port = closed.local_addr().expect("addr").port();
     drop(closed);
     let url = format!("http://127.0.0.1:{port}");
+    // Two keys, one gateway: it is named for both providers.
+    let (for_anthropic, for_openai) = (format!("anthropic={url}"), format!("openai={url}"));
     let r = tcg(
-        &["--model-upstream", &url],
+        &[
+            "--model-upstream",
+            &for_anthropic,
+            "--model-upstream",
+            &for_openai,
+        ],
         &["python3", "-c", &py],
         &[("ANTHROPIC_API_KEY", "sk-x"), ("OPENAI_API_KEY", "sk-y")],
         600,

@@ -90,11 +90,13 @@ Exit codes:
 
 Files: --workspace DIR goes into the guest's /workspace before the command
 starts; with --out DIR, what the command leaves in /workspace/out comes back
-into DIR after it exits. A result file that is refused (a path outside DIR or
-through a symlink, over --max-out-bytes, a size or sha256 mismatch, cut
-short) is reported as `airlock: refused result file PATH: REASON` and in the
-audit log; any file already at that path is left as it was. A refused file
-does not change the exit code.
+into DIR after it exits, with modes airlock chooses (0644/0755, never
+setuid, setgid or group/world writable). A result file that is refused (a
+path outside DIR or through a symlink, a name already taken in DIR, over
+--max-out-bytes, a size or sha256 mismatch, cut short, not matched by
+--collect) is reported as `airlock: refused result file PATH: REASON` (the
+first 20) and in the audit log; whatever was already at that path is left as
+it was. A refused file does not change the exit code.
 
 Output: the command's stdout and stderr arrive on airlock's stdout and stderr
 as the command writes them. The guest console goes to a log file (see

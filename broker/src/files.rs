@@ -19,9 +19,10 @@
 //! `O_NOFOLLOW | O_DIRECTORY` (so a symlink in the way is refused, not
 //! followed) and created with `mkdirat` if missing; a file is written to a
 //! temporary file in its own directory (`O_CREAT | O_EXCL | O_NOFOLLOW`),
-//! fsynced, and renamed over its name only if its size and our own sha256
-//! match what the guest announced. A refused file leaves whatever was at
-//! its name untouched. Sizes are bounded per file and in total.
+//! fsynced, and renamed to its name only if its size and our own sha256
+//! match what the guest announced and nothing is at that name yet (results
+//! never replace what the stream did not create). A refused file leaves
+//! whatever was at its name untouched. Sizes are bounded per file and in total.
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
@@ -55,6 +56,12 @@ pub const MAX_RESULT_DEPTH: usize = 128;
 /// Most `file.out` records one results stream writes (accepted and refused
 /// together); the rest are counted, and hashed, in `files.done`.
 pub const MAX_FILE_RECORDS: u64 = 10_000;
+
+/// Most bytes of `file.out` fields one results stream writes (paths and
+/// reasons come from the guest: a 4 KiB path of control bytes is 24 KiB
+/// of JSON); past it, records are counted and hashed like those past
+/// [`MAX_FILE_RECORDS`].
+pub const MAX_FILE_RECORD_BYTES: u64 = 2 << 20;
 
 /// Most refused result files named on stderr; `files.done` counts the rest.
 pub const MAX_REFUSAL_LINES: u64 = 20;
@@ -368,13 +375,37 @@ fn unlink_at(dir: RawFd, name: &str) {
     }
 }
 
-fn rename_at(dir: RawFd, from: &str, to: &str) -> io::Result<()> {
-    let (from, to) = (c_name(from)?, c_name(to)?);
-    // SAFETY: both names are NUL-terminated and outlive the call; renameat
-    // replaces a symlink at `to` itself, never its target.
-    if unsafe { libc::renameat(dir, from.as_ptr(), dir, to.as_ptr()) } < 0 {
+/// Renames `from` to `to` in `dir` only if nothing is at `to`
+/// (`RENAME_NOREPLACE`; where the file system lacks it, a hard link, which
+/// also fails on an existing name, then the unlink of `from`): a result
+/// never replaces anything the stream did not create.
+fn rename_new_at(dir: RawFd, from: &str, to: &str) -> io::Result<()> {
+    let (from_c, to_c) = (c_name(from)?, c_name(to)?);
+    // SAFETY: both names are NUL-terminated and outlive the call; the
+    // syscall takes two directory descriptors, two names and flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            dir,
+            from_c.as_ptr(),
+            dir,
+            to_c.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EINVAL) {
+        return Err(e);
+    }
+    // SAFETY: as above; linkat without AT_SYMLINK_FOLLOW links `from`
+    // itself (a regular file we created), failing if `to` exists.
+    if unsafe { libc::linkat(dir, from_c.as_ptr(), dir, to_c.as_ptr(), 0) } < 0 {
         return Err(io::Error::last_os_error());
     }
+    unlink_at(dir, from);
     Ok(())
 }
 
@@ -660,14 +691,18 @@ struct Tally<'a> {
     refused: &'a mut dyn FnMut(&str, &str),
     got: Received,
     records: u64,
+    record_bytes: u64,
     lines: u64,
     unrecorded: Sha256,
 }
 
 impl Tally<'_> {
     fn record(&mut self, fields: serde_json::Value, accepted: bool) {
-        if self.records < MAX_FILE_RECORDS {
+        let text = fields.to_string();
+        let size = text.len() as u64;
+        if self.records < MAX_FILE_RECORDS && self.record_bytes + size <= MAX_FILE_RECORD_BYTES {
             self.records += 1;
+            self.record_bytes += size;
             self.audit
                 .host(kind::FILE_OUT, fields, Durability::Buffered);
             return;
@@ -677,7 +712,7 @@ impl Tally<'_> {
         } else {
             self.got.unrecorded_refused += 1;
         }
-        self.unrecorded.update(fields.to_string().as_bytes());
+        self.unrecorded.update(text.as_bytes());
         self.unrecorded.update(b"\n");
     }
 
@@ -763,6 +798,7 @@ pub fn receive_results<R: Read>(
         refused,
         got: Received::default(),
         records: 0,
+        record_bytes: 0,
         lines: 0,
         unrecorded: Sha256::new(),
     };
@@ -960,7 +996,17 @@ fn finish_file(mut cur: Current, sha256: &[u8; 32]) -> Finished {
             .set_permissions(std::fs::Permissions::from_mode(cur.mode))?;
         set_mtime(t.file.as_raw_fd(), cur.mtime)?;
         t.file.sync_all()?;
-        rename_at(t.dir.as_raw_fd(), &t.tmp, &t.name)?;
+        rename_new_at(t.dir.as_raw_fd(), &t.tmp, &t.name).map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                io::Error::new(
+                    e.kind(),
+                    "something is already at that name in --out (results never replace \
+                     what they did not create)",
+                )
+            } else {
+                e
+            }
+        })?;
         // SAFETY: fsync on a directory descriptor we own.
         unsafe { libc::fsync(t.dir.as_raw_fd()) };
         Ok(())
@@ -1425,6 +1471,76 @@ mod tests {
             .count() as u64;
         assert_eq!(file_out, MAX_FILE_RECORDS);
         assert!(!d.join(&deep).exists());
+    }
+
+    #[test]
+    fn results_never_replace_what_was_in_out() {
+        let dst = TestDir::new("files-no-replace");
+        let d = dst.path();
+        std::fs::write(d.join("mine.txt"), b"the user's").expect("write");
+        std::os::unix::fs::symlink("/etc/passwd", d.join("link")).expect("symlink");
+        let mut msgs = Vec::new();
+        msgs.extend(file("mine.txt", b"the agent's"));
+        msgs.extend(file("link", b"the agent's"));
+        msgs.extend(file("new.txt", b"fresh"));
+        // The same name twice in one stream: the second is refused too.
+        msgs.extend(file("new.txt", b"again"));
+        msgs.push(Message::FilesDone { count: 0, bytes: 0 });
+        let (audit, _mem) = AuditLog::memory(TEST_LIMITS, None);
+        let mut refusals = Vec::new();
+        let got = receive_results(
+            &frames(&msgs)[..],
+            &policy(d, 1 << 20),
+            &audit,
+            &mut |p, w| refusals.push((p.to_owned(), w.to_owned())),
+        )
+        .expect("receive");
+        assert_eq!(got.accepted, 1, "{refusals:?}");
+        let paths: Vec<_> = refusals.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["mine.txt", "link", "new.txt"]);
+        assert!(
+            refusals[0].1.contains("already at that name"),
+            "{refusals:?}"
+        );
+        assert_eq!(
+            std::fs::read(d.join("mine.txt")).expect("read"),
+            b"the user's"
+        );
+        assert!(std::fs::symlink_metadata(d.join("link"))
+            .expect("meta")
+            .is_symlink());
+        assert_eq!(std::fs::read(d.join("new.txt")).expect("read"), b"fresh");
+        let names = std::fs::read_dir(d).expect("ls").count();
+        assert_eq!(names, 3, "no temporary file left");
+    }
+
+    #[test]
+    fn long_hostile_names_cannot_grow_the_log_past_its_byte_cap() {
+        let dst = TestDir::new("files-long-names");
+        let d = dst.path();
+        // 4 KiB paths of control bytes (24 KiB of JSON each), refused as
+        // absolute paths.
+        let ctl = "\u{1}".repeat(250);
+        let mut msgs = Vec::new();
+        for i in 0..400u32 {
+            let mut path = format!("/{i}");
+            while path.len() + ctl.len() + 1 < MAX_FILE_PATH {
+                path.push('/');
+                path.push_str(&ctl);
+            }
+            msgs.push(entry(&path, FileKind::Dir, 0));
+        }
+        msgs.push(Message::FilesDone { count: 0, bytes: 0 });
+        let (audit, mem) = AuditLog::memory(TEST_LIMITS, None);
+        let got = receive_results(&frames(&msgs)[..], &policy(d, 1), &audit, &mut |_, _| {})
+            .expect("receive");
+        assert_eq!(got.refused, 400);
+        assert!(got.unrecorded_refused > 0, "{got:?}");
+        let size = mem.bytes().len() as u64;
+        assert!(
+            size < MAX_FILE_RECORD_BYTES + (64 << 10),
+            "{size} bytes of audit log"
+        );
     }
 
     /// A reader that never has anything: like a guest that stops sending.

@@ -1133,9 +1133,12 @@ fn file_ports(
                 &policy,
                 &log,
                 &mut |path: &str, why: &str| {
+                    // Both come from the guest's names: no control bytes
+                    // reach the terminal, no line can pass as airlock's.
                     eprintln!(
-                        "airlock: refused result file {}: {why}",
-                        crate::sanitize(path.as_bytes())
+                        "airlock: refused result file {}: {}",
+                        crate::sanitize(path.as_bytes()),
+                        crate::sanitize(why.as_bytes())
                     )
                 },
             );

@@ -87,6 +87,10 @@ fn run() -> Result<(), Error> {
     }
     let image = image::root_is_image();
     mounts::mount_all(image)?;
+    // A user may not hard-link (or follow a sticky directory's symlink to)
+    // a file it does not own: the agent cannot link a root-only file into
+    // /workspace/out for the init, which reads as root, to send.
+    privilege::protect_links();
     let options = cmdline::Options::read().unwrap_or_else(|err| {
         console::warn(&console::chain(&err));
         cmdline::Options::default()

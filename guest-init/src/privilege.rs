@@ -195,6 +195,19 @@ fn check_long(rc: c_long) -> io::Result<()> {
     }
 }
 
+/// Turns on the kernel's link protections (`fs.protected_hardlinks`,
+/// `fs.protected_symlinks`): the agent user cannot hard-link a file it does
+/// not own, e.g. a root-only one, into what the init sends as results.
+/// Best effort: a failure is a warning on the console.
+pub fn protect_links() {
+    for knob in ["protected_hardlinks", "protected_symlinks"] {
+        let path = format!("/proc/sys/fs/{knob}");
+        if let Err(err) = std::fs::write(&path, b"1") {
+            crate::console::warn(&format!("cannot set {path}: {err}"));
+        }
+    }
+}
+
 /// Makes the calling process (PID 1) not dumpable: only a process with
 /// `CAP_SYS_PTRACE` may then `ptrace` it, read its memory or take its
 /// descriptors (`pidfd_getfd`), and its `/proc` entries belong to root.

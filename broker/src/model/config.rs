@@ -36,6 +36,13 @@ pub const OPENAI_KEY_ENV: &str = "OPENAI_API_KEY";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(
+        "--model-upstream {0}: a bare URL on a host other than api.anthropic.com or \
+         api.openai.com would take both providers' calls, and both an Anthropic and an \
+         OpenAI key are set: name what it serves (--model-upstream anthropic={0} and/or \
+         --model-upstream openai={0}), so that no key goes to another provider's upstream"
+    )]
+    AmbiguousGateway(String),
     #[error("--model-upstream {0:?}: {1}")]
     Url(String, &'static str),
     #[error(
@@ -380,8 +387,13 @@ impl Settings {
         }
         let (mut anthropic_upstream, mut openai_upstream): (Option<Upstream>, Option<Upstream>) =
             (None, None);
+        // A bare URL on a host that is neither provider's own: it serves both.
+        let mut gateway: Option<Upstream> = None;
         for value in &args.upstreams {
             let (apis, upstream) = parse_upstream_arg(value)?;
+            if apis.len() > 1 {
+                gateway = Some(upstream.clone());
+            }
             for api in apis {
                 let slot = match api {
                     Api::Anthropic => &mut anthropic_upstream,
@@ -425,6 +437,14 @@ impl Settings {
         };
         if anthropic_key.is_none() && openai_key.is_none() {
             return Err(Error::NoKey);
+        }
+        // Two different keys and one URL that would take both providers'
+        // calls: the user may think it is one provider's (an Anthropic
+        // gateway, a regional host), and the other's key would go there.
+        if let (Some(gw), Some(a), Some(o)) = (&gateway, &anthropic_key, &openai_key) {
+            if a.secret.expose() != o.secret.expose() {
+                return Err(Error::AmbiguousGateway(gw.display()));
+            }
         }
         // An upstream whose only provider has no key could carry no call.
         let routed = [
@@ -585,9 +605,28 @@ mod tests {
         let s = resolve(&["https://API.OpenAI.com:443/"]).expect("openai");
         assert_eq!(shown(&s, Api::Anthropic), None);
         assert!(shown(&s, Api::OpenAi).is_some());
-        let s = resolve(&["http://127.0.0.1:8080/gw"]).expect("gateway");
+        // With two different keys, a bare gateway URL must say what it
+        // serves; named for both, it serves both.
+        let e = resolve(&["http://127.0.0.1:8080/gw"]).expect_err("ambiguous");
+        assert!(matches!(e, Error::AmbiguousGateway(_)), "{e}");
+        assert!(
+            e.to_string().contains("anthropic=http://127.0.0.1:8080/gw"),
+            "{e}"
+        );
+        let s = resolve(&[
+            "anthropic=http://127.0.0.1:8080/gw",
+            "openai=http://127.0.0.1:8080/gw",
+        ])
+        .expect("gateway");
         assert_eq!(shown(&s, Api::Anthropic), shown(&s, Api::OpenAi));
         assert!(shown(&s, Api::OpenAi).is_some());
+        // One key (or the same one for both): a bare gateway URL is fine.
+        let one = env(&[("ANTHROPIC_API_KEY", "sk-a")]);
+        let a = Args {
+            upstreams: vec!["http://127.0.0.1:8080/gw".to_owned()],
+            ..Args::default()
+        };
+        assert!(Settings::resolve(&a, &one).is_ok());
         let s =
             resolve(&["anthropic=http://127.0.0.1:1", "openai=http://127.0.0.1:2"]).expect("named");
         assert_eq!(
@@ -604,8 +643,11 @@ mod tests {
         let s = resolve(&["https://api.anthropic.com", "openai=http://h/q=1"]).expect("mixed");
         assert_eq!(shown(&s, Api::OpenAi).as_deref(), Some("http://h/q=1"));
         // A URL with '=' in its path is a bare URL.
-        let s = resolve(&["http://h/a=b"]).expect("bare");
-        assert_eq!(shown(&s, Api::Anthropic).as_deref(), Some("http://h/a=b"));
+        let e = resolve(&["http://h/a=b"]).expect_err("bare, so ambiguous with two keys");
+        assert!(
+            matches!(&e, Error::AmbiguousGateway(u) if u == "http://h/a=b"),
+            "{e:?}"
+        );
         for dup in [
             &["http://gw", "openai=http://x"][..],
             &["anthropic=http://a", "anthropic=http://b"],

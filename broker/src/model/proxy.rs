@@ -39,6 +39,8 @@ const MAX_DENIAL_RECORDS: u64 = 1000;
 const MAX_NOTICES: u64 = 5;
 /// Longest request target put in an audit record.
 const MAX_AUDIT_TARGET: usize = 512;
+/// Longest model name airlock forwards (and records).
+const MAX_MODEL_NAME: usize = 256;
 
 /// A request as the guest sent it.
 #[derive(Debug)]
@@ -88,7 +90,13 @@ fn millis(d: Duration) -> u64 {
 }
 
 fn short(target: &str) -> &str {
-    let mut end = target.len().min(MAX_AUDIT_TARGET);
+    short_to(target, MAX_AUDIT_TARGET)
+}
+
+/// At most `max` bytes of `text`, cut on a character boundary.
+fn short_to(text: &str, max: usize) -> &str {
+    let target = text;
+    let mut end = target.len().min(max);
     while !target.is_char_boundary(end) {
         end -= 1;
     }
@@ -620,6 +628,15 @@ impl Proxy {
             .and_then(|v| v.get("model"))
             .and_then(Value::as_str)
             .map(str::to_owned);
+        // The name goes into audit records and messages: no real model has
+        // a long one, and a megabyte-long one must not fill the log.
+        if model.as_ref().is_some_and(|m| m.len() > MAX_MODEL_NAME) {
+            return deny(
+                Reason::BadBody,
+                format!("airlock refuses a model name longer than {MAX_MODEL_NAME} bytes"),
+                model.map(|m| short_to(&m, MAX_MODEL_NAME).to_owned()),
+            );
+        }
         if !self.settings.has_upstream() {
             return deny(
                 Reason::NoUpstream,

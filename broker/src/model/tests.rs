@@ -1484,3 +1484,29 @@ fn a_stream_cut_short_is_charged_its_reservation() {
     let a = h.call("POST", "/v1/messages", &[], br#"{"model":"m"}"#);
     assert_eq!(a.status, 429);
 }
+
+/// A model name from the guest goes into every record and message about the
+/// call: a long one is refused before anything is written, and recorded
+/// cut, so that a thousand denied calls cannot fill the audit log.
+#[test]
+fn a_long_model_name_cannot_fill_the_audit_log() {
+    let h = Harness::new(Settings::default());
+    let name = "A".repeat(512 * 1024);
+    let body = format!(r#"{{"model":"{name}","max_tokens":1,"messages":[]}}"#);
+    for _ in 0..20 {
+        let a = h.call("POST", "/v1/messages", &[], body.as_bytes());
+        assert_eq!(a.status, 400, "{a:?}");
+    }
+    let denied = h.records(super::kind::DENIED);
+    assert_eq!(denied.len(), 20);
+    for d in &denied {
+        let recorded = d["model"].as_str().unwrap_or_default();
+        assert_eq!(recorded.len(), 256, "the name, cut: {d}");
+        assert!(
+            d.to_string().len() < 4096,
+            "a {} byte record",
+            d.to_string().len()
+        );
+    }
+    assert!(h.audit.bytes().len() < 100 * 1024);
+}
