@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use super::config::Settings;
 use super::kind;
 use super::policy::{self, Ask, Budget, Exhausted, Reserved};
-use super::rules::{self, Api, Denial, Reason};
+use super::rules::{self, Api, Denial, Kind, Reason};
 use super::scrub::Scrubber;
 use super::usage::{Scanner, Usage};
 use crate::audit::{AuditLog, Durability};
@@ -77,6 +77,8 @@ pub struct Proxy {
     denied: AtomicU64,
     broken: AtomicU64,
     notices: AtomicU64,
+    /// The refusal reasons already told on stderr (once each per run).
+    told: std::sync::Mutex<Vec<Reason>>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -95,18 +97,19 @@ fn short(target: &str) -> &str {
     &target[..end]
 }
 
-/// What airlock changed in a request body before forwarding it.
+/// What airlock changed in a request body before forwarding it: only the
+/// output-token cap, lowered (or set) to the run's tokens left under a
+/// token budget. Nothing else is ever added (an OpenAI stream's
+/// `stream_options` stays as the client sent it: its usage is read when
+/// the client asked for it, else the call is charged its reservation).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Rewrites {
-    /// `stream_options.include_usage` added to an OpenAI stream.
-    include_usage: bool,
-    /// The output-token cap lowered (or set) to the run's tokens left.
     max_tokens: Option<OutputCap>,
 }
 
 impl Rewrites {
     fn any(&self) -> bool {
-        self.include_usage || self.max_tokens.is_some()
+        self.max_tokens.is_some()
     }
 }
 
@@ -123,11 +126,17 @@ struct OutputCap {
 }
 
 /// The output-cap fields of a request body, the one airlock records first:
-/// `max_tokens` for Anthropic; for OpenAI `max_completion_tokens`, or the
-/// older `max_tokens` if that is the only one given, and both when both are.
-fn cap_fields(api: Api, obj: &serde_json::Map<String, Value>) -> &'static [&'static str] {
+/// `max_tokens` for Anthropic; `max_output_tokens` for OpenAI Responses;
+/// for OpenAI Chat Completions `max_completion_tokens`, or the older
+/// `max_tokens` if that is the only one given, and both when both are.
+fn cap_fields(
+    api: Api,
+    responses: bool,
+    obj: &serde_json::Map<String, Value>,
+) -> &'static [&'static str] {
     match api {
         Api::Anthropic => &["max_tokens"],
+        Api::OpenAi if responses => &["max_output_tokens"],
         Api::OpenAi => match (
             obj.contains_key("max_completion_tokens"),
             obj.contains_key("max_tokens"),
@@ -174,11 +183,12 @@ fn duplicate_key(body: &[u8]) -> Option<String> {
 /// is refused.
 fn ask_of(
     api: Api,
+    responses: bool,
     obj: &serde_json::Map<String, Value>,
     body_bytes: u64,
 ) -> Result<Ask, &'static str> {
     let mut output = Some(0u64);
-    for field in cap_fields(api, obj) {
+    for field in cap_fields(api, responses, obj) {
         let asked = obj.get(*field).and_then(Value::as_u64);
         output = output.zip(asked).map(|(a, b)| a.max(b));
     }
@@ -202,11 +212,12 @@ fn ask_of(
 /// when the agent already asked for no more.
 fn cap_output_tokens(
     api: Api,
+    responses: bool,
     obj: &mut serde_json::Map<String, Value>,
     limit: u64,
 ) -> Option<OutputCap> {
     let mut capped: Option<OutputCap> = None;
-    for field in cap_fields(api, obj) {
+    for field in cap_fields(api, responses, obj) {
         let asked = obj.get(*field).and_then(Value::as_u64);
         if asked.is_some_and(|a| a <= limit) {
             continue;
@@ -429,6 +440,7 @@ impl Proxy {
             denied: AtomicU64::new(0),
             broken: AtomicU64::new(0),
             notices: AtomicU64::new(0),
+            told: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -470,6 +482,7 @@ impl Proxy {
             Ok(ok) => ok,
             Err((denial, model)) => {
                 let _ = respond(&mut out, denial.status(), denial.headers(), &denial.body());
+                self.tell(&req, &denial);
                 if self.denied.fetch_add(1, Ordering::SeqCst) < MAX_DENIAL_RECORDS {
                     self.audit.host(
                         kind::DENIED,
@@ -545,7 +558,6 @@ impl Proxy {
                 "request_bytes": req.body_bytes,
                 "request_sha256": req.sha256,
                 "forwarded_sha256": forwarded_sha,
-                "include_usage_added": rewrites.include_usage,
                 "max_tokens_capped": rewrites.max_tokens.map(|c| {
                     let mut v = json!({ "field": c.field, "asked": c.asked, "sent": c.sent });
                     if let Some(also) = c.also {
@@ -574,6 +586,41 @@ impl Proxy {
         );
     }
 
+    /// One `airlock: model: …` line on stderr for the first refusal of
+    /// each reason in the run: the user learns which rule or limit and
+    /// which flag, without a line per call of an agent that insists.
+    fn tell(&self, req: &Request, denial: &Denial) {
+        let mut told = self
+            .told
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if told.contains(&denial.reason) {
+            return;
+        }
+        told.push(denial.reason);
+        drop(told);
+        eprintln!(
+            "airlock: model: refused {} {:?} ({} {}): {} [further refusals for this reason \
+             only in the audit log]",
+            req.method,
+            short(&req.target),
+            denial.status(),
+            denial.reason.name(),
+            denial.message,
+        );
+    }
+
+    /// The reasons told on stderr so far, in order.
+    #[cfg(test)]
+    pub(super) fn told(&self) -> Vec<&'static str> {
+        self.told
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|r| r.name())
+            .collect()
+    }
+
     /// The rules and the policy, in order. On success: the route, the
     /// model named, the body to forward and what airlock changed in it.
     #[allow(clippy::type_complexity)]
@@ -589,8 +636,11 @@ impl Proxy {
             return deny(
                 Reason::BodyTooLarge,
                 format!(
-                    "request body of {} bytes is over airlock's limit of {} bytes",
-                    req.body_bytes, policy.max_request_bytes
+                    "request body of {} bytes is over airlock's limit of {} bytes \
+                     (raise it with --model-max-request-bytes, at most {})",
+                    req.body_bytes,
+                    policy.max_request_bytes,
+                    policy::MAX_REQUEST_BYTES_LIMIT
                 ),
                 None,
             );
@@ -644,8 +694,10 @@ impl Proxy {
             return deny(
                 Reason::NoKey,
                 format!(
-                    "airlock has no API key for the {} API on this host",
-                    api.name()
+                    "airlock has no API key for the {} API on this host (set {} in \
+                     airlock's environment, or pass --model-key-env or --model-key-file)",
+                    api.name(),
+                    super::config::key_env_of(api)
                 ),
                 model,
             );
@@ -657,7 +709,8 @@ impl Proxy {
                     return deny(
                         Reason::ModelNotAllowed,
                         format!(
-                            "model {m:?} is not allowed by airlock's policy (allowed: {})",
+                            "model {m:?} is not allowed by airlock's policy (allowed: {}; \
+                             change it with --model-allow or --model-policy)",
                             policy
                                 .allowed_models
                                 .as_deref()
@@ -670,21 +723,40 @@ impl Proxy {
                 None => return deny(Reason::BadBody, "the request names no model".into(), None),
             }
         }
+        let responses = route.target.starts_with("/v1/responses");
+        if responses && json.as_ref().and_then(|v| v.get("background")) == Some(&Value::Bool(true))
+        {
+            return deny(
+                Reason::OutOfRun,
+                "airlock refuses background responses: they run, and are billed, after this                  call returns and outside this run's budget (no flag enables them)"
+                    .into(),
+                model,
+            );
+        }
+        // Only what generates asks for output (and is capped and reserved).
         let ask = match json.as_ref() {
-            Some(Value::Object(obj)) => match ask_of(api, obj, req.body_bytes) {
-                Ok(ask) => Some(ask),
-                Err(why) => return deny(Reason::BadBody, why.into(), model),
-            },
+            Some(Value::Object(obj)) if route.kind == Kind::Generate => {
+                match ask_of(api, responses, obj, req.body_bytes) {
+                    Ok(ask) => Some(ask),
+                    Err(why) => return deny(Reason::BadBody, why.into(), model),
+                }
+            }
             _ => None,
         };
         // From here on the call is admitted: nothing refuses it, and what
         // it reserved is settled when it ends (`serve`).
-        let admitted = match self.budget.admit(policy, ask.as_ref()) {
+        let admitted = match self
+            .budget
+            .admit(policy, ask.as_ref(), route.spends_tokens())
+        {
             Ok(admitted) => admitted,
             Err(Exhausted::Requests(max)) => {
                 return deny(
                     Reason::RequestBudget,
-                    format!("airlock's budget of {max} model requests for this run is spent"),
+                    format!(
+                        "airlock's budget of {max} model requests for this run is spent \
+                         (raise it with --model-max-requests)"
+                    ),
                     model,
                 )
             }
@@ -697,7 +769,7 @@ impl Proxy {
                     Reason::TokenBudget,
                     format!(
                         "airlock's budget of {max} tokens for this run is spent ({used} used, \
-                         {reserved} held by calls in progress)"
+                         {reserved} held by calls in progress; raise it with --model-max-tokens)"
                     ),
                     model,
                 )
@@ -707,7 +779,7 @@ impl Proxy {
                     Reason::TokenBudget,
                     format!(
                         "this request asks for {n} choices (n) but only {left} tokens of \
-                         airlock's budget for this run are left"
+                         airlock's budget for this run are left (--model-max-tokens)"
                     ),
                     model,
                 )
@@ -715,28 +787,7 @@ impl Proxy {
         };
         let mut rewrites = Rewrites::default();
         if let (Some(Value::Object(obj)), Some(limit)) = (json.as_mut(), admitted.output_limit) {
-            rewrites.max_tokens = cap_output_tokens(api, obj, limit);
-        }
-        // An OpenAI stream reports usage only when asked: ask, so that the
-        // token budget holds.
-        if let Some(Value::Object(obj)) = json.as_mut() {
-            let streaming = obj.get("stream").and_then(Value::as_bool) == Some(true);
-            let asked = obj
-                .get("stream_options")
-                .and_then(|o| o.get("include_usage"))
-                .and_then(Value::as_bool)
-                == Some(true);
-            if api == Api::OpenAi && streaming && !asked {
-                match obj.get_mut("stream_options") {
-                    Some(Value::Object(opts)) => {
-                        opts.insert("include_usage".into(), Value::Bool(true));
-                    }
-                    _ => {
-                        obj.insert("stream_options".into(), json!({ "include_usage": true }));
-                    }
-                }
-                rewrites.include_usage = true;
-            }
+            rewrites.max_tokens = cap_output_tokens(api, responses, obj, limit);
         }
         let body = match json {
             Some(v) if rewrites.any() => v.to_string().into_bytes(),
