@@ -535,6 +535,8 @@ fn model_settings(args: &crate::cli::ModelArgs) -> Result<crate::model::Settings
         key_file: args.model_key_file.clone(),
         ca_file: args.model_ca.clone(),
         policy_file: args.model_policy.clone(),
+        bearer: args.model_auth.as_deref() == Some("bearer"),
+        oauth_token_env: args.model_oauth_token_env.clone(),
         overrides: crate::model::policy::Overrides {
             allowed_models: args.model_allow.clone(),
             max_requests: args.model_max_requests,

@@ -13,7 +13,7 @@ use airlock_protocol::{encode, read_frame, FrameError, Message};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::config::Settings;
+use super::config::{AnthropicAuth, Settings};
 use super::kind;
 use super::policy::{self, Ask, Budget, Exhausted, Reserved};
 use super::rules::{self, Api, Denial, Kind, Reason};
@@ -236,6 +236,20 @@ fn cap_output_tokens(
         }
     }
     capped
+}
+
+/// The beta the Anthropic API asks of a call made with an OAuth token.
+pub const OAUTH_BETA: &str = "oauth-2025-04-20";
+
+/// Adds [`OAUTH_BETA`] to the `anthropic-beta` list the guest sent (or
+/// sets it), unless it is there already.
+fn add_oauth_beta(headers: &mut Vec<(String, String)>) {
+    match headers.iter_mut().find(|(n, _)| n == "anthropic-beta") {
+        Some((_, v)) if v.split(',').any(|b| b.trim() == OAUTH_BETA) => {}
+        Some((_, v)) if v.trim().is_empty() => *v = OAUTH_BETA.into(),
+        Some((_, v)) => *v = format!("{v},{OAUTH_BETA}"),
+        None => headers.push(("anthropic-beta".into(), OAUTH_BETA.into())),
+    }
 }
 
 /// The TLS error behind a failed call, if it is one.
@@ -820,18 +834,24 @@ impl Proxy {
             relayed.error = Some("no upstream or key".into());
             return relayed;
         };
-        let (kept, _) = rules::filter_request_headers(&req.headers);
+        let (mut kept, _) = rules::filter_request_headers(&req.headers);
+        let bearer = match route.api {
+            Api::Anthropic => self.settings.anthropic_auth == AnthropicAuth::Bearer,
+            Api::OpenAi => true,
+        };
+        if route.api == Api::Anthropic && bearer {
+            add_oauth_beta(&mut kept);
+        }
         let mut builder = ureq::http::Request::builder()
             .method(req.method.as_str())
             .uri(upstream.url(&route.target));
         for (name, value) in &kept {
             builder = builder.header(name.as_str(), value.as_str());
         }
-        builder = match route.api {
-            Api::Anthropic => builder.header("x-api-key", key.secret.expose()),
-            Api::OpenAi => {
-                builder.header("authorization", format!("Bearer {}", key.secret.expose()))
-            }
+        builder = if bearer {
+            builder.header("authorization", format!("Bearer {}", key.secret.expose()))
+        } else {
+            builder.header("x-api-key", key.secret.expose())
         };
         let result = if route.completion {
             builder

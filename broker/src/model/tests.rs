@@ -111,6 +111,7 @@ fn settings(url: Option<&str>, policy: Policy) -> Settings {
         openai_key: Some(key),
         ca: None,
         policy,
+        anthropic_auth: super::config::AnthropicAuth::ApiKey,
     }
 }
 
@@ -1325,6 +1326,7 @@ fn routed(anthropic: Option<&str>, openai: Option<&str>) -> Settings {
         openai_key: Some(key(OPENAI_ONLY_KEY)),
         ca: None,
         policy: Policy::default(),
+        anthropic_auth: super::config::AnthropicAuth::ApiKey,
     }
 }
 
@@ -1716,4 +1718,79 @@ fn the_upstreams_retry_headers_pass_unchanged() {
     }
     assert_eq!(a.body(), body.as_bytes());
     assert!(a.header("x-airlock-denied").is_none());
+}
+
+/// With `--model-auth bearer` the OAuth token goes to the Anthropic
+/// upstream as `Authorization: Bearer` (never as `x-api-key`), with the
+/// OAuth beta added to the client's list; the guest's own credentials are
+/// dropped; the token is masked in what comes back and never audited.
+#[test]
+fn an_oauth_token_goes_upstream_as_a_bearer_token() {
+    const TOKEN: &str = "sk-ant-oat01-subscription-token-42";
+    let reply = format!(r#"{{"echo":"{TOKEN}","usage":{{"input_tokens":1,"output_tokens":1}}}}"#);
+    let reply: &'static str = Box::leak(reply.into_boxed_str());
+    let (url, got) = upstream(json_reply(200, reply), None);
+    let mut s = routed(Some(&url), Some(&url));
+    s.anthropic_key = Some(Key {
+        secret: Secret::for_tests(TOKEN),
+        source: "$CLAUDE_CODE_OAUTH_TOKEN".into(),
+    });
+    s.anthropic_auth = super::config::AnthropicAuth::Bearer;
+    let h = Harness::new(s);
+    let a = h.call(
+        "POST",
+        "/v1/messages?beta=true",
+        &[
+            ("x-api-key", "airlock-placeholder"),
+            ("authorization", "Bearer guest-token"),
+            ("anthropic-beta", "claude-code-20250219"),
+        ],
+        br#"{"model":"claude-x","messages":[]}"#,
+    );
+    assert_eq!(a.status, 200);
+    assert!(
+        !String::from_utf8_lossy(&a.body()).contains(TOKEN),
+        "the token came back"
+    );
+    let g = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+    let head = g.head.to_ascii_lowercase();
+    assert!(
+        g.head
+            .contains(&format!("authorization: Bearer {TOKEN}\r\n")),
+        "{}",
+        g.head
+    );
+    assert_eq!(head.matches("authorization").count(), 1, "{head}");
+    assert!(
+        !head.contains("x-api-key") && !head.contains("guest-token"),
+        "{head}"
+    );
+    assert!(
+        head.contains("anthropic-beta: claude-code-20250219,oauth-2025-04-20\r\n"),
+        "{head}"
+    );
+    // Without a beta list of the guest's: the OAuth beta alone. OpenAI
+    // calls keep their own key.
+    assert_eq!(
+        h.call("POST", "/v1/messages", &[], br#"{"model":"c"}"#)
+            .status,
+        200
+    );
+    let g = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+    assert!(
+        g.head.contains("anthropic-beta: oauth-2025-04-20\r\n"),
+        "{}",
+        g.head
+    );
+    assert_eq!(
+        h.call("POST", "/v1/chat/completions", &[], br#"{"model":"g"}"#)
+            .status,
+        200
+    );
+    let g = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+    assert!(g
+        .head
+        .contains(&format!("authorization: Bearer {OPENAI_ONLY_KEY}\r\n")));
+    assert!(!g.head.contains(TOKEN) && !g.head.contains("anthropic-beta"));
+    assert!(!String::from_utf8_lossy(&h.audit.bytes()).contains(TOKEN));
 }
