@@ -24,8 +24,10 @@
 //! Bounds: at most [`MAX_CONCURRENT`] connections are served at once (the
 //! next waits to be accepted); after [`MAX_CONNECTIONS`] in a run the port
 //! closes. Request bodies are bounded by the policy, frames by the
-//! protocol.
+//! protocol; a body is read at its top level only, never built as a tree
+//! ([`body`]).
 
+pub mod body;
 pub mod config;
 pub mod policy;
 pub mod proxy;

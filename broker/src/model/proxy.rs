@@ -13,6 +13,7 @@ use airlock_protocol::{encode, read_frame, FrameError, Message};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use super::body::Top;
 use super::config::{AnthropicAuth, Settings};
 use super::kind;
 use super::policy::{self, Ask, Budget, Exhausted, Reserved};
@@ -107,12 +108,6 @@ struct Rewrites {
     max_tokens: Option<OutputCap>,
 }
 
-impl Rewrites {
-    fn any(&self) -> bool {
-        self.max_tokens.is_some()
-    }
-}
-
 /// An output-token cap airlock set on a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct OutputCap {
@@ -146,34 +141,6 @@ fn cap_fields(
             _ => &["max_completion_tokens"],
         },
     }
-}
-
-/// A key the top level of a JSON object names twice, if any. Parsers
-/// differ on which value counts (serde_json, like most, takes the last;
-/// some take the first): airlock would check one `model` or `max_tokens`
-/// and the upstream act on the other, so such a body is refused.
-fn duplicate_key(body: &[u8]) -> Option<String> {
-    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
-    struct Keys;
-    impl<'de> Visitor<'de> for Keys {
-        type Value = Option<String>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a JSON object")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
-            let mut seen = std::collections::HashSet::new();
-            let mut twice = None;
-            while let Some(key) = map.next_key::<String>()? {
-                map.next_value::<IgnoredAny>()?;
-                if twice.is_none() && !seen.insert(key.clone()) {
-                    twice = Some(key);
-                }
-            }
-            Ok(twice)
-        }
-    }
-    let mut de = serde_json::Deserializer::from_slice(body);
-    de.deserialize_map(Keys).ok().flatten()
 }
 
 /// What a completion asks of the budget: the largest output cap it gives
@@ -360,8 +327,8 @@ struct Checked {
     route: rules::Route,
     /// The model the body names.
     model: Option<String>,
-    /// The body to forward.
-    body: Vec<u8>,
+    /// The body to forward, when airlock changed it (else the guest's).
+    body: Option<Vec<u8>>,
     /// What airlock changed in it.
     rewrites: Rewrites,
     /// What it holds against the token budget until it ends.
@@ -519,7 +486,8 @@ impl Proxy {
             }
         };
         let number = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut relayed = self.forward(&req, &route, &body, &mut out, started);
+        let sent = body.as_deref().unwrap_or(&req.body);
+        let mut relayed = self.forward(&req, &route, sent, &mut out, started);
         // An error may quote what was sent: scrubbed for stderr and the log.
         relayed.error = relayed.error.map(|e| self.scrubber.scrub_str(&e).0);
         if relayed.status == Some(502) && relayed.head_ms.is_none() {
@@ -554,7 +522,7 @@ impl Proxy {
         let (charged_input, charged_output) = charge(&relayed, reserved.as_ref());
         self.budget
             .settle(reserved.as_ref(), charged_input, charged_output);
-        let forwarded_sha = rewrites.any().then(|| hex(&Sha256::digest(&body)));
+        let forwarded_sha = body.as_ref().map(|b| hex(&Sha256::digest(b)));
         self.audit.host(
             kind::CALL,
             json!({
@@ -659,24 +627,17 @@ impl Proxy {
                 None,
             );
         }
+        // The body's top level only, and of it only the fields airlock
+        // reads, as JSON values ([`Top`]).
+        let mut top: Option<Top> = None;
         let mut json: Option<Value> = None;
         if route.completion {
-            match serde_json::from_slice::<Value>(&req.body) {
-                Ok(v @ Value::Object(_)) => json = Some(v),
-                _ => {
-                    return deny(
-                        Reason::BadBody,
-                        "the request body is not a JSON object".into(),
-                        None,
-                    )
+            match Top::parse(&req.body).and_then(|t| Ok((t.read()?, t))) {
+                Ok((read, t)) => {
+                    json = Some(Value::Object(read));
+                    top = Some(t);
                 }
-            }
-            if let Some(key) = duplicate_key(&req.body) {
-                return deny(
-                    Reason::BadBody,
-                    format!("airlock refuses a request body that names {key:?} twice"),
-                    None,
-                );
+                Err(e) => return deny(Reason::BadBody, e.to_string(), None),
             }
         }
         let model = json
@@ -803,9 +764,12 @@ impl Proxy {
         if let (Some(Value::Object(obj)), Some(limit)) = (json.as_mut(), admitted.output_limit) {
             rewrites.max_tokens = cap_output_tokens(api, responses, obj, limit);
         }
-        let body = match json {
-            Some(v) if rewrites.any() => v.to_string().into_bytes(),
-            _ => req.body.clone(),
+        let body = match (json, top, rewrites.max_tokens) {
+            (Some(Value::Object(values)), Some(top), Some(cap)) => {
+                let changed: Vec<&str> = std::iter::once(cap.field).chain(cap.also).collect();
+                Some(top.rebuild(&values, &changed))
+            }
+            _ => None,
         };
         Ok(Checked {
             route,
