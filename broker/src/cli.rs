@@ -435,6 +435,14 @@ pub struct ModelArgs {
     /// CLAUDE_CODE_OAUTH_TOKEN]
     #[arg(long, value_name = "NAME", requires = "model_upstream")]
     pub model_oauth_token_env: Option<String>,
+    /// Send this OpenAI-Organization with OpenAI calls (the guest's own is
+    /// always dropped)
+    #[arg(long, value_name = "ID", requires = "model_upstream")]
+    pub model_openai_organization: Option<String>,
+    /// Send this OpenAI-Project with OpenAI calls (the guest's own is
+    /// always dropped)
+    #[arg(long, value_name = "ID", requires = "model_upstream")]
+    pub model_openai_project: Option<String>,
     /// Also trust the CA certificates in this PEM file for an https://
     /// --model-upstream, besides the built-in (Mozilla) roots: for a
     /// TLS-inspecting corporate proxy or a gateway with an internal CA.

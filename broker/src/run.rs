@@ -537,6 +537,8 @@ fn model_settings(args: &crate::cli::ModelArgs) -> Result<crate::model::Settings
         policy_file: args.model_policy.clone(),
         bearer: args.model_auth.as_deref() == Some("bearer"),
         oauth_token_env: args.model_oauth_token_env.clone(),
+        openai_organization: args.model_openai_organization.clone(),
+        openai_project: args.model_openai_project.clone(),
         overrides: crate::model::policy::Overrides {
             allowed_models: args.model_allow.clone(),
             max_requests: args.model_max_requests,

@@ -25,6 +25,8 @@ use super::rules::Api;
 const MAX_KEY_FILE: u64 = 64 * 1024;
 /// Longest key accepted.
 const MAX_KEY: usize = 4096;
+/// Longest OpenAI organization or project id accepted.
+const MAX_ACCOUNT_ID: usize = 256;
 /// Largest `--model-ca` file read (a distribution's whole bundle is
 /// about 200 KiB).
 const MAX_CA_FILE: u64 = 4 << 20;
@@ -107,6 +109,8 @@ pub enum Error {
         path = .0.display()
     )]
     CaWithoutTls(PathBuf, String),
+    #[error("--model-openai-{0} {1:?}: expected 1 to {MAX_ACCOUNT_ID} printable ASCII characters")]
+    AccountId(&'static str, String),
     #[error(transparent)]
     Policy(#[from] policy::Error),
 }
@@ -335,6 +339,10 @@ pub struct Settings {
     pub policy: Policy,
     /// How `anthropic_key` is sent (an API key, or an OAuth token).
     pub anthropic_auth: AnthropicAuth,
+    /// `OpenAI-Organization` / `OpenAI-Project` for OpenAI calls, set on
+    /// the host (`--model-openai-organization`, `--model-openai-project`);
+    /// the guest's own are always dropped.
+    pub openai_headers: Vec<(String, String)>,
 }
 
 /// What the user typed.
@@ -352,6 +360,10 @@ pub struct Args {
     pub bearer: bool,
     /// `--model-oauth-token-env NAME` (default [`OAUTH_TOKEN_ENV`]).
     pub oauth_token_env: Option<String>,
+    /// `--model-openai-organization ID`.
+    pub openai_organization: Option<String>,
+    /// `--model-openai-project ID`.
+    pub openai_project: Option<String>,
 }
 
 fn check_key(value: &str, source: &str) -> Result<Key, Error> {
@@ -476,6 +488,24 @@ impl Settings {
         if anthropic_key.is_none() && openai_key.is_none() {
             return Err(Error::NoKey);
         }
+        let mut openai_headers = Vec::new();
+        for (what, header, value) in [
+            (
+                "organization",
+                "openai-organization",
+                &args.openai_organization,
+            ),
+            ("project", "openai-project", &args.openai_project),
+        ] {
+            if let Some(id) = value {
+                let ok = (1..=MAX_ACCOUNT_ID).contains(&id.len())
+                    && id.bytes().all(|b| b.is_ascii_graphic());
+                if !ok {
+                    return Err(Error::AccountId(what, id.clone()));
+                }
+                openai_headers.push((header.to_owned(), id.clone()));
+            }
+        }
         // An upstream whose only provider has no key could carry no call.
         let routed = [
             (Api::Anthropic, &anthropic_upstream, &anthropic_key),
@@ -494,6 +524,7 @@ impl Settings {
             ca,
             policy,
             anthropic_auth,
+            openai_headers,
         })
     }
 
@@ -525,6 +556,7 @@ impl Settings {
             "openai_upstream": self.openai_upstream.as_ref().map(Upstream::display),
             "anthropic_key_from": self.anthropic_key.as_ref().map(|k| k.source.clone()),
             "anthropic_auth": self.anthropic_auth.name(),
+            "openai_headers": self.openai_headers.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
             "openai_key_from": self.openai_key.as_ref().map(|k| k.source.clone()),
             "ca_file": self.ca.as_ref().map(CaFile::fields),
             "policy": self.policy.fields(),
@@ -862,5 +894,39 @@ mod tests {
         let s = Settings::resolve(&args("http://h"), &vars).expect("key");
         assert_eq!(s.anthropic_auth, AnthropicAuth::ApiKey);
         assert_eq!(s.fields()["anthropic_auth"], "x-api-key");
+    }
+
+    /// The OpenAI organization and project come only from the host's
+    /// flags, checked.
+    #[test]
+    fn openai_account_headers_from_the_host() {
+        let keys = env(&[("OPENAI_API_KEY", "sk-o")]);
+        let a = Args {
+            openai_organization: Some("org-1".into()),
+            openai_project: Some("proj_2".into()),
+            ..args("https://api.openai.com")
+        };
+        let s = Settings::resolve(&a, &keys).expect("ids");
+        assert_eq!(
+            s.openai_headers,
+            [
+                ("openai-organization".to_owned(), "org-1".to_owned()),
+                ("openai-project".to_owned(), "proj_2".to_owned())
+            ]
+        );
+        assert!(Settings::resolve(&args("https://api.openai.com"), &keys)
+            .expect("none")
+            .openai_headers
+            .is_empty());
+        for bad in ["", "a b", "x\n"] {
+            let a = Args {
+                openai_project: Some(bad.into()),
+                ..args("https://api.openai.com")
+            };
+            assert!(
+                matches!(Settings::resolve(&a, &keys), Err(Error::AccountId(..))),
+                "{bad:?}"
+            );
+        }
     }
 }

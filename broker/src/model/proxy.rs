@@ -806,6 +806,9 @@ impl Proxy {
         if route.api == Api::Anthropic && bearer {
             add_oauth_beta(&mut kept);
         }
+        if route.api == Api::OpenAi {
+            kept.extend(self.settings.openai_headers.iter().cloned());
+        }
         let mut builder = ureq::http::Request::builder()
             .method(req.method.as_str())
             .uri(upstream.url(&route.target));

@@ -311,7 +311,8 @@ pub fn check_host(api: Api, headers: &[(String, String)]) -> Result<(), Denial> 
 /// Request headers passed on to the upstream (lower-case names); every
 /// other header the guest sent is dropped: credentials (`authorization`,
 /// `x-api-key`, `proxy-authorization`, `cookie`, and the account
-/// selectors `openai-organization` / `openai-project`), hop-by-hop
+/// selectors `openai-organization` / `openai-project`, which only the
+/// host sets: [`super::config::Settings::openai_headers`]), hop-by-hop
 /// headers, `host`, `forwarded`, `content-length` (recomputed) and
 /// `accept-encoding` (the proxy asks for identity to read the usage).
 /// What is kept is what the official clients send and is harmless: the

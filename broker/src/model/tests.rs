@@ -112,6 +112,7 @@ fn settings(url: Option<&str>, policy: Policy) -> Settings {
         ca: None,
         policy,
         anthropic_auth: super::config::AnthropicAuth::ApiKey,
+        openai_headers: Vec::new(),
     }
 }
 
@@ -1326,6 +1327,7 @@ fn routed(anthropic: Option<&str>, openai: Option<&str>) -> Settings {
         ca: None,
         policy: Policy::default(),
         anthropic_auth: super::config::AnthropicAuth::ApiKey,
+        openai_headers: Vec::new(),
     }
 }
 
@@ -1792,4 +1794,41 @@ fn an_oauth_token_goes_upstream_as_a_bearer_token() {
         .contains(&format!("authorization: Bearer {OPENAI_ONLY_KEY}\r\n")));
     assert!(!g.head.contains(TOKEN) && !g.head.contains("anthropic-beta"));
     assert!(!String::from_utf8_lossy(&h.audit.bytes()).contains(TOKEN));
+}
+
+/// The host's OpenAI organization and project go with OpenAI calls only;
+/// the guest's are dropped.
+#[test]
+fn openai_account_headers_are_the_hosts() {
+    let (url, got) = upstream(json_reply(200, "{}"), None);
+    let mut s = routed(Some(&url), Some(&url));
+    s.openai_headers = vec![("openai-project".into(), "proj_host".into())];
+    let h = Harness::new(s);
+    let guest = [
+        ("OpenAI-Project", "proj_guest"),
+        ("OpenAI-Organization", "org_guest"),
+    ];
+    assert_eq!(
+        h.call("POST", "/v1/chat/completions", &guest, br#"{"model":"g"}"#)
+            .status,
+        200
+    );
+    let g = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+    let head = g.head.to_ascii_lowercase();
+    assert!(head.contains("openai-project: proj_host\r\n"), "{head}");
+    assert!(
+        !head.contains("guest") && !head.contains("openai-organization"),
+        "{head}"
+    );
+    assert_eq!(
+        h.call("POST", "/v1/messages", &guest, br#"{"model":"c"}"#)
+            .status,
+        200
+    );
+    let g = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+    assert!(
+        !g.head.to_ascii_lowercase().contains("openai-"),
+        "{}",
+        g.head
+    );
 }
