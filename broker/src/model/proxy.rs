@@ -703,7 +703,8 @@ impl Proxy {
         {
             return deny(
                 Reason::OutOfRun,
-                "airlock refuses background responses: they run, and are billed, after this                  call returns and outside this run's budget (no flag enables them)"
+                "airlock refuses background responses: they run, and are billed, after this \
+                 call returns and outside this run's budget (no flag enables them)"
                     .into(),
                 model,
             );
