@@ -612,6 +612,12 @@ impl Proxy {
         let api = route.api;
         rules::check_host(api, &req.headers).map_err(|d| (d, None))?;
         let deny = |reason, message: String, model: Option<String>| {
+            // A malformed body breaks a rule no flag changes: say so.
+            let message = if reason == Reason::BadBody {
+                format!("{message} (airlock's request body rules; no flag changes them)")
+            } else {
+                message
+            };
             Err((Denial::new(api, reason, message), model))
         };
         if req.body_bytes > policy.max_request_bytes {

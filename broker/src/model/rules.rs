@@ -301,7 +301,8 @@ pub fn check_host(api: Api, headers: &[(String, String)]) -> Result<(), Denial> 
             return Err(Denial::new(
                 api,
                 Reason::Host,
-                "airlock forwards model calls only to its configured upstream, not to the host this request names",
+                "airlock forwards model calls only to its configured upstream (--model-upstream), \
+                 not to the host this request names",
             ));
         }
     }
