@@ -325,7 +325,7 @@ text = "".join(json.loads(d).get("delta", {}).get("text", "") for _, d in a if b
 print("anthropic text=" + text, flush=True)
 o = events(os.environ["OPENAI_BASE_URL"] + "/chat/completions",
            {"content-type": "application/json", "authorization": "Bearer " + os.environ["OPENAI_API_KEY"]},
-           {"model": "gpt-scripted-1", "stream": True, "messages": [
+           {"model": "gpt-scripted-1", "stream": True, "stream_options": {"include_usage": True}, "messages": [
                {"role": "user", "content": "go"}, {"role": "assistant", "content": "ok"},
                {"role": "user", "content": "now"}]})
 chunks = [json.loads(d) for _, d in o if d != b"[DONE]"]
@@ -389,7 +389,8 @@ print(f"openai usage={usage[-1]['completion_tokens'] if usage else None}", flush
     let calls = of_kind(&recs, "model.call");
     assert_eq!(calls.len(), 2);
     assert_eq!(calls[1]["api"], "openai");
-    assert_eq!(calls[1]["include_usage_added"], true);
+    // The client asked for the usage chunk (airlock adds nothing).
+    assert!(calls[1].get("include_usage_added").is_none());
     assert_eq!(calls[1]["output_tokens"].to_string(), completion);
     assert!(calls[0]["output_tokens"].as_u64().is_some_and(|n| n > 0));
 }
@@ -547,7 +548,7 @@ fn tcg_hostile_model_calls_are_refused_and_audited() {
     let py = format!(
         "{PY_PRELUDE}{}",
         r#"
-s, _, b = call("POST", "/v1/files", ANTHROPIC, MSG); show("path", s, b)
+s, _, b = call("POST", "/v1/complete", ANTHROPIC, MSG); show("path", s, b)
 s, _, b = call("GET", "/v1/messages", ANTHROPIC); show("method", s, b)
 s, _, b = call("POST", "/v1/messages", ANTHROPIC, b"x" * 5000); show("oversize", s, b)
 h = dict(ANTHROPIC, **{"x-api-key": "sk-guest-own-key", "authorization": "Bearer sk-guest-bearer", "cookie": "s=1"})
@@ -683,14 +684,18 @@ s, _, b = call("POST", "/v1/messages", ANTHROPIC, MSG); show("after_flood", s, b
     verify(&audit);
     let denied = of_kind(&recs, "model.denied");
     let reasons: Vec<&str> = denied.iter().filter_map(|d| d["reason"].as_str()).collect();
-    let mut want = vec![
-        "path_not_allowed",
-        "method_not_allowed",
-        "body_too_large",
-        "other_host",
-    ];
+    // The oversize body never left the VM: the in-guest endpoint holds
+    // the host's --model-max-request-bytes (airlock.model_max_body) and
+    // refuses it itself, a guest claim.
+    let mut want = vec!["path_not_allowed", "method_not_allowed", "other_host"];
     want.extend(["request_budget"; 10]);
     assert_eq!(reasons, want, "{denied:?}");
+    assert!(
+        of_kind(&recs, "model.refused")
+            .iter()
+            .any(|r| r["status"] == "413"),
+        "{recs:?}"
+    );
     let calls = of_kind(&recs, "model.call");
     assert_eq!(calls.len(), 6);
     let own = &calls[0];
@@ -702,7 +707,7 @@ s, _, b = call("POST", "/v1/messages", ANTHROPIC, MSG); show("after_flood", s, b
     let summary = &of_kind(&recs, "model.summary")[0];
     assert_eq!(
         (summary["calls"].as_u64(), summary["denied"].as_u64()),
-        (Some(6), Some(14))
+        (Some(6), Some(13))
     );
     assert_eq!(of_kind(&recs, "run.end")[0]["how"], "exited");
 }

@@ -111,21 +111,24 @@ Records say whether the host observed a fact or the guest claimed it. Its path
 is printed at the end (`airlock: audit log: PATH`); check it with
 `airlock audit verify PATH`.
 
-Model calls: the agent in the sandbox calls the Anthropic Messages or OpenAI
-Chat Completions API at its own endpoint (ANTHROPIC_BASE_URL, OPENAI_BASE_URL,
-with placeholder keys). With --model-upstream URL, airlock forwards POST
-/v1/messages, POST /v1/chat/completions and GET /v1/models there with the real
-key (from ANTHROPIC_API_KEY / OPENAI_API_KEY, --model-key-env or
---model-key-file: it never enters the sandbox), within the --model-* policy,
-and records each call in the audit log. Each provider's key goes only to its
+Model calls: the agent in the sandbox calls the Anthropic or OpenAI API at its
+own endpoint (ANTHROPIC_BASE_URL, OPENAI_BASE_URL, with placeholder keys).
+With --model-upstream URL, airlock forwards POST /v1/messages (?beta=true),
+POST /v1/messages/count_tokens, GET /v1/models[/ID], POST /v1/chat/completions,
+POST /v1/responses and POST /v1/embeddings there with the real key (from
+ANTHROPIC_API_KEY / OPENAI_API_KEY, --model-key-env or --model-key-file, or an
+OAuth token with --model-auth bearer: it never enters the sandbox), within the
+--model-* policy, and records each call in the audit log. Batches and files
+are refused: they run outside the run's budget and lifetime. Each provider's key goes only to its
 own upstream: https://api.anthropic.com serves Anthropic calls only,
 https://api.openai.com OpenAI calls only, another host (a gateway) both;
 anthropic=URL / openai=URL name a provider's upstream. Any key the upstream
 sends back is masked before the agent sees it. Under --model-max-tokens each
 call in flight holds its output cap against the budget. Anything else, and
-every call when there is no --model-upstream, gets an API-shaped error (403,
-404, 413, 429, or 502 when the upstream cannot be reached, also said on
-stderr).
+every call when there is no --model-upstream, gets an API-shaped error (400,
+403, 404, 413, 429, or 502 when the upstream cannot be reached) that names the
+rule or limit and the flag that changes it, with x-should-retry: false; the
+first refusal of each kind is also said on stderr.
 
 Environment:
   AIRLOCK_HOME         directory holding build/ (default: found next to the airlock binary)
@@ -140,6 +143,7 @@ Environment:
   TMPDIR               where the private run directory is made
   ANTHROPIC_API_KEY    with --model-upstream: the key for Anthropic calls
   OPENAI_API_KEY       with --model-upstream: the key for OpenAI calls
+  CLAUDE_CODE_OAUTH_TOKEN  with --model-auth bearer: the OAuth token for Anthropic calls
 The command gets only the variables given with --env: airlock never passes
 its own environment into the sandbox.";
 
@@ -416,6 +420,31 @@ pub struct ModelArgs {
     /// or ANTHROPIC_API_KEY=... / OPENAI_API_KEY=... lines
     #[arg(long, value_name = "PATH", requires = "model_upstream")]
     pub model_key_file: Option<PathBuf>,
+    /// How the Anthropic credential goes upstream: key (the API key as
+    /// x-api-key) or bearer (an OAuth token, a Claude subscription's, as
+    /// Authorization: Bearer, read from $CLAUDE_CODE_OAUTH_TOKEN or
+    /// --model-oauth-token-env; it replaces the Anthropic API key and,
+    /// like it, never enters the sandbox) [default: key]
+    #[arg(
+        long,
+        value_name = "KIND",
+        value_parser = ["key", "bearer"],
+        requires = "model_upstream"
+    )]
+    pub model_auth: Option<String>,
+    /// Read the Anthropic OAuth token from this variable of airlock's
+    /// environment (implies --model-auth bearer) [default:
+    /// CLAUDE_CODE_OAUTH_TOKEN]
+    #[arg(long, value_name = "NAME", requires = "model_upstream")]
+    pub model_oauth_token_env: Option<String>,
+    /// Send this OpenAI-Organization with OpenAI calls (the guest's own is
+    /// always dropped)
+    #[arg(long, value_name = "ID", requires = "model_upstream")]
+    pub model_openai_organization: Option<String>,
+    /// Send this OpenAI-Project with OpenAI calls (the guest's own is
+    /// always dropped)
+    #[arg(long, value_name = "ID", requires = "model_upstream")]
+    pub model_openai_project: Option<String>,
     /// Also trust the CA certificates in this PEM file for an https://
     /// --model-upstream, besides the built-in (Mozilla) roots: for a
     /// TLS-inspecting corporate proxy or a gateway with an internal CA.
@@ -433,18 +462,22 @@ pub struct ModelArgs {
     /// Allow only this model (repeatable) [default: any]
     #[arg(long = "model-allow", value_name = "MODEL")]
     pub model_allow: Vec<String>,
-    /// Refuse model calls (429) after this many in the run [default: 200]
+    /// Refuse model calls (429) after this many in the run (count_tokens
+    /// and model lists count too) [default: 2000]
     #[arg(long, value_name = "N")]
     pub model_max_requests: Option<u64>,
     /// Refuse model calls (429) once the run has used this many tokens
-    /// (input + output, from the responses' usage); each call's output cap
-    /// (max_tokens / max_completion_tokens, per choice of OpenAI's n) is
+    /// (input + output, from the responses' usage; count_tokens and model
+    /// lists spend none and are not refused); each call's output cap
+    /// (max_tokens / max_completion_tokens / max_output_tokens, per choice
+    /// of OpenAI's n) is
     /// lowered to the tokens left, and held against the budget while the
     /// call is in flight, so concurrent calls cannot together exceed it
     /// [default: no limit]
     #[arg(long, value_name = "N")]
     pub model_max_tokens: Option<u64>,
-    /// Refuse (413) a model request whose body is larger [default: 1 MiB]
+    /// Refuse (413) a model request whose body is larger; the in-guest
+    /// endpoint holds the same limit [default and most: 32 MiB]
     #[arg(long, value_name = "BYTES")]
     pub model_max_request_bytes: Option<u64>,
     /// Debugging and tests: after the VM stops, leave a copy of its RAM at

@@ -322,6 +322,18 @@ const NESTED_CMDLINE: &str = "airlock.nested=1";
 const VM_ROOT_CMDLINE: &str = "airlock.vmroot=1";
 /// The host's wall clock at boot, in seconds since the epoch.
 const EPOCH_CMDLINE: &str = "airlock.epoch";
+/// The model request body limit (`--model-max-request-bytes`), for the
+/// in-guest endpoint: one limit end to end.
+const MODEL_MAX_BODY_CMDLINE: &str = "airlock.model_max_body";
+
+/// The boot word that gives the in-guest model endpoint the proxy's body
+/// limit.
+fn model_max_body_word(config: &RunConfig) -> String {
+    format!(
+        "{MODEL_MAX_BODY_CMDLINE}={}",
+        config.model.policy.max_request_bytes
+    )
+}
 
 /// The words appended to the engine's base command line: in image mode
 /// the root, and `airlock.container=0` for `--no-container`;
@@ -523,6 +535,10 @@ fn model_settings(args: &crate::cli::ModelArgs) -> Result<crate::model::Settings
         key_file: args.model_key_file.clone(),
         ca_file: args.model_ca.clone(),
         policy_file: args.model_policy.clone(),
+        bearer: args.model_auth.as_deref() == Some("bearer"),
+        oauth_token_env: args.model_oauth_token_env.clone(),
+        openai_organization: args.model_openai_organization.clone(),
+        openai_project: args.model_openai_project.clone(),
         overrides: crate::model::policy::Overrides {
             allowed_models: args.model_allow.clone(),
             max_requests: args.model_max_requests,
@@ -952,6 +968,8 @@ fn boot(
     if let Ok(now) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
         extra_cmdline.insert(0, format!("{EPOCH_CMDLINE}={}", now.as_secs()));
     }
+    // Before the user's --cmdline, which may lower it (the init caps it).
+    extra_cmdline.insert(0, model_max_body_word(config));
     // The engine reads the pinned files through the descriptors it inherits.
     let (initrd, disks) = if pins.image_mode {
         let disks = std::iter::once(&pins.root)
@@ -2121,6 +2139,21 @@ mod tests {
         .expect("valid");
         assert_eq!(config.console, ConsoleTarget::File("/tmp/c.log".into()));
         assert_eq!(config.extra_cmdline, ["airlock.debug=1", "foo"]);
+    }
+
+    /// The in-guest endpoint gets the proxy's body limit: the default, or
+    /// --model-max-request-bytes.
+    #[test]
+    fn the_model_body_limit_goes_to_the_guest() {
+        let config = RunConfig::try_from(args()).expect("valid");
+        assert_eq!(
+            model_max_body_word(&config),
+            format!("airlock.model_max_body={}", 32u64 << 20)
+        );
+        let mut a = args();
+        a.model.model_max_request_bytes = Some(4096);
+        let config = RunConfig::try_from(a).expect("valid");
+        assert_eq!(model_max_body_word(&config), "airlock.model_max_body=4096");
     }
 
     #[test]

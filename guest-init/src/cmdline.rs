@@ -36,6 +36,10 @@ pub struct Options {
     pub vm_root: bool,
     /// `airlock.epoch=SECS`: the host's wall clock at boot.
     pub epoch: Option<i64>,
+    /// `airlock.model_max_body=BYTES` (`airlock run
+    /// --model-max-request-bytes`): the in-guest model endpoint's body
+    /// limit (capped at [`crate::model::MAX_BODY`] there).
+    pub model_max_body: Option<u64>,
 }
 
 impl Default for Options {
@@ -47,6 +51,7 @@ impl Default for Options {
             nested: false,
             vm_root: false,
             epoch: None,
+            model_max_body: None,
         }
     }
 }
@@ -70,6 +75,9 @@ impl Options {
                 "airlock.nested" => options.nested = parse_bool(value),
                 "airlock.vmroot" => options.vm_root = parse_bool(value),
                 "airlock.epoch" => options.epoch = value.and_then(|v| v.parse().ok()),
+                "airlock.model_max_body" => {
+                    options.model_max_body = value.and_then(|v| v.parse().ok());
+                }
                 _ => {}
             }
         }
@@ -161,6 +169,17 @@ mod tests {
         assert!(Options::parse("airlock.container=1").container);
         assert!(!Options::parse("quiet airlock.container=0").container);
         assert!(!Options::parse("airlock.container=off").container);
+    }
+
+    #[test]
+    fn the_model_body_limit() {
+        assert_eq!(Options::parse("").model_max_body, None);
+        let o = Options::parse("airlock.model_max_body=1024 airlock.model_max_body=2048");
+        assert_eq!(o.model_max_body, Some(2048));
+        assert_eq!(
+            Options::parse("airlock.model_max_body=x").model_max_body,
+            None
+        );
     }
 
     #[test]

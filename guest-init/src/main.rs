@@ -138,6 +138,7 @@ fn run() -> Result<(), Error> {
         rpc::Placement {
             container: mode,
             agent,
+            model_max_body: options.model_max_body,
         },
     )?;
     console::debug(&format!("command ended: {status:?}"));

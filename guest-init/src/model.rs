@@ -62,8 +62,14 @@ pub const PLACEHOLDER_KEY: &str = "airlock-placeholder";
 pub const MAX_CONNECTIONS: usize = 16;
 /// Longest request head (request line and headers).
 pub const MAX_HEAD: usize = 64 * 1024;
-/// Largest request body.
-pub const MAX_BODY: u64 = 8 << 20;
+/// Largest request body: the protocol's model body limit (32 MiB). The
+/// host passes its `--model-max-request-bytes` on the kernel command line
+/// (`airlock.model_max_body`); the endpoint takes the smaller of the two,
+/// so that the agent meets one limit end to end.
+pub const MAX_BODY: u64 = airlock_protocol::limits::MAX_MODEL_BODY;
+/// What the connectivity probe answers (`HEAD`/`GET /api/hello`, Claude
+/// Code's check before its first call): never forwarded.
+const HELLO_BODY: &str = r#"{"ok":true,"service":"airlock model endpoint"}"#;
 /// Longest header value (the protocol's limit).
 const MAX_HEADER_VALUE: usize = 8 * 1024;
 /// Longest header name (the protocol's limit).
@@ -281,12 +287,19 @@ fn audit_value(text: &str) -> String {
 
 /// Serves `listener` on a thread of its own, for ever (the VM's end stops
 /// it), reporting its own answers to `reporter` if any.
+/// `max_body` is the host's request body limit (at most [`MAX_BODY`];
+/// `None`: [`MAX_BODY`]).
 pub fn spawn_server<R: Relay>(
     listener: TcpListener,
     relay: R,
     reporter: Option<Reporter>,
+    max_body: Option<u64>,
 ) -> Result<(), Error> {
-    spawn_server_with(listener, relay, Limits::DEFAULT, reporter)
+    let limits = Limits {
+        body: max_body.map_or(MAX_BODY, |b| b.clamp(1, MAX_BODY)),
+        ..Limits::DEFAULT
+    };
+    spawn_server_with(listener, relay, limits, reporter)
 }
 
 /// The server's limits that tests make smaller.
@@ -296,12 +309,15 @@ struct Limits {
     connections: usize,
     /// Longest time to read one request.
     request_deadline: Duration,
+    /// Largest request body.
+    body: u64,
 }
 
 impl Limits {
     const DEFAULT: Self = Self {
         connections: MAX_CONNECTIONS,
         request_deadline: REQUEST_DEADLINE,
+        body: MAX_BODY,
     };
 }
 
@@ -353,7 +369,8 @@ fn accept_loop<R: Relay>(
                 429,
                 "rate_limit_error",
                 format!("the sandbox's model endpoint serves at most {max} requests at once"),
-            );
+            )
+            .retryable();
             let _ = write_refusal(&mut conn, &refusal);
             let _ = conn.shutdown(Shutdown::Write);
             if let Some(reporter) = reporter {
@@ -368,7 +385,7 @@ fn accept_loop<R: Relay>(
             .name("model-conn".into())
             .spawn(move || {
                 let _slot = slot;
-                serve_connection(conn, &*relay, limits.request_deadline, reporter.as_ref());
+                serve_connection(conn, &*relay, limits, reporter.as_ref());
             });
         if let Err(err) = spawned {
             // The closure (and so the slot and the connection) was dropped.
@@ -380,7 +397,7 @@ fn accept_loop<R: Relay>(
 fn serve_connection<R: Relay>(
     conn: TcpStream,
     relay: &R,
-    request_deadline: Duration,
+    limits: Limits,
     reporter: Option<&Reporter>,
 ) {
     if conn.set_write_timeout(Some(CLIENT_TIMEOUT)).is_err() {
@@ -388,9 +405,9 @@ fn serve_connection<R: Relay>(
     }
     let reader = Deadlined {
         conn: &conn,
-        deadline: Instant::now() + request_deadline,
+        deadline: Instant::now() + limits.request_deadline,
     };
-    let done = handle(reader, &conn, relay);
+    let done = handle(reader, &conn, relay, limits.body);
     console::debug(&format!("model endpoint: {done}"));
     if let (Some(reporter), Done::Refused(request, status, reason)) = (reporter, &done) {
         reporter.refused(request.as_deref(), *status, reason);
@@ -432,6 +449,9 @@ pub struct Refusal {
     status: u16,
     kind: &'static str,
     message: String,
+    /// Sending the same request again may succeed (a full endpoint, a
+    /// host that broke off); else the answer says `x-should-retry: false`.
+    retry: bool,
 }
 
 impl Refusal {
@@ -440,6 +460,14 @@ impl Refusal {
             status,
             kind,
             message: message.into(),
+            retry: false,
+        }
+    }
+
+    fn retryable(self) -> Self {
+        Self {
+            retry: true,
+            ..self
         }
     }
 
@@ -479,9 +507,14 @@ fn json_string(s: &str) -> String {
 fn write_refusal(out: &mut (impl Write + ?Sized), refusal: &Refusal) -> io::Result<()> {
     let body = refusal.body();
     let head = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n{}content-length: {}\r\nconnection: close\r\n\r\n",
         refusal.status,
         reason(refusal.status),
+        if refusal.retry {
+            ""
+        } else {
+            "x-should-retry: false\r\n"
+        },
         body.len()
     );
     out.write_all(head.as_bytes())?;
@@ -587,14 +620,18 @@ fn is_tchar(b: u8) -> bool {
 
 /// Reads and checks a request head (see the module docs). A refusal comes
 /// with the request's method and target when the request line was read.
-fn read_head(r: &mut impl BufRead) -> Result<Option<Head>, (Option<String>, Refusal)> {
+fn read_head(
+    r: &mut impl BufRead,
+    max_body: u64,
+) -> Result<Option<Head>, (Option<String>, Refusal)> {
     let mut request = None;
-    read_head_into(r, &mut request).map_err(|refusal| (request, refusal))
+    read_head_into(r, &mut request, max_body).map_err(|refusal| (request, refusal))
 }
 
 fn read_head_into(
     r: &mut impl BufRead,
     request: &mut Option<String>,
+    max_body: u64,
 ) -> Result<Option<Head>, Refusal> {
     let head_too_long = || {
         Refusal::new(
@@ -713,8 +750,8 @@ fn read_head_into(
     }
     let body = match (chunked, content_length) {
         (true, _) => Body::Chunked,
-        (false, Some(n)) if n > MAX_BODY => {
-            return Err(too_large());
+        (false, Some(n)) if n > max_body => {
+            return Err(too_large(max_body));
         }
         (false, Some(0) | None) => Body::None,
         (false, Some(n)) => Body::Length(n),
@@ -739,11 +776,14 @@ fn read_head_into(
     }))
 }
 
-fn too_large() -> Refusal {
+fn too_large(max: u64) -> Refusal {
     Refusal::new(
         413,
         "request_too_large",
-        format!("the request body is larger than the sandbox's limit of {MAX_BODY} bytes"),
+        format!(
+            "the request body is larger than the sandbox's limit of {max} bytes \
+             (airlock run --model-max-request-bytes, at most {MAX_BODY})"
+        ),
     )
 }
 
@@ -817,9 +857,10 @@ fn parse_header(line: &[u8]) -> Result<(String, String), Refusal> {
 }
 
 /// Reads a chunked body, handing each piece of data (≤ `MAX_HTTP_CHUNK`)
-/// to `sink` as it arrives; refuses more than [`MAX_BODY`] in all.
+/// to `sink` as it arrives; refuses more than `max` bytes in all.
 fn read_chunked(
     r: &mut impl BufRead,
+    max: u64,
     mut sink: impl FnMut(&[u8]) -> Result<(), Refusal>,
 ) -> Result<(), Refusal> {
     let mut total: u64 = 0;
@@ -847,8 +888,8 @@ fn read_chunked(
             break;
         }
         total = total.saturating_add(size);
-        if total > MAX_BODY {
-            return Err(too_large());
+        if total > max {
+            return Err(too_large(max));
         }
         copy_exact(r, size, &mut sink)?;
         let mut crlf = [0u8; 2];
@@ -920,6 +961,8 @@ enum Done {
     Relayed(String, u16, u64),
     /// The relay broke half way.
     Broken(String, String),
+    /// The connectivity probe, answered here.
+    Probe(String),
 }
 
 impl std::fmt::Display for Done {
@@ -929,6 +972,7 @@ impl std::fmt::Display for Done {
             Self::Refused(_, status, why) => write!(f, "refused with {status}: {why}"),
             Self::Relayed(req, status, n) => write!(f, "{req} -> {status}, {n} body bytes"),
             Self::Broken(req, why) => write!(f, "{req}: {why}"),
+            Self::Probe(req) => write!(f, "{req} -> 200 (the probe, answered here)"),
         }
     }
 }
@@ -940,21 +984,49 @@ fn host_broke(what: impl std::fmt::Display) -> Refusal {
         "api_error",
         format!("the sandbox's model relay failed: {what}"),
     )
+    .retryable()
+}
+
+/// Whether a request is the connectivity probe the endpoint answers
+/// itself (`HEAD` or `GET /api/hello`, any query).
+fn is_probe(head: &Head) -> bool {
+    let path = head.target.split('?').next().unwrap_or_default();
+    path == "/api/hello" && matches!(head.method.as_str(), "HEAD" | "GET")
+}
+
+/// Answers the probe: 200, a small JSON body (none for `HEAD`).
+fn answer_probe(out: &mut impl Write, head: &Head) -> io::Result<()> {
+    let mut text = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        HELLO_BODY.len()
+    );
+    if head.method == "GET" {
+        text.push_str(HELLO_BODY);
+    }
+    out.write_all(text.as_bytes())?;
+    out.flush()
 }
 
 /// Serves one request read from `reader`, answering on `out`.
-fn handle<R: Relay>(reader: impl Read, mut out: impl Write, relay: &R) -> Done {
+fn handle<R: Relay>(reader: impl Read, mut out: impl Write, relay: &R, max_body: u64) -> Done {
     let mut reader = BufReader::with_capacity(16 * 1024, reader);
     let refuse = |out: &mut dyn Write, request: Option<String>, refusal: Refusal| {
         let _ = write_refusal(out, &refusal);
         Done::Refused(request, refusal.status, refusal.message)
     };
-    let head = match read_head(&mut reader) {
+    let head = match read_head(&mut reader, max_body) {
         Ok(Some(head)) => head,
         Ok(None) => return Done::Idle,
         Err((request, refusal)) => return refuse(&mut out, request, refusal),
     };
     let request = format!("{} {}", head.method, head.target);
+    if is_probe(&head) {
+        // Its body, if any, is drained by the lingering close.
+        return match answer_probe(&mut out, &head) {
+            Ok(()) => Done::Probe(request),
+            Err(_) => Done::Broken(request, "the agent went away".into()),
+        };
+    }
     let mut host = match relay.connect() {
         Ok(conn) => conn,
         Err(err) => {
@@ -995,7 +1067,7 @@ fn handle<R: Relay>(reader: impl Read, mut out: impl Write, relay: &R) -> Done {
     let body = match head.body {
         Body::None => Ok(()),
         Body::Length(n) => copy_exact(&mut reader, n, &mut forward),
-        Body::Chunked => read_chunked(&mut reader, &mut forward),
+        Body::Chunked => read_chunked(&mut reader, max_body, &mut forward),
     };
     if let Err(refusal) = body {
         // The host sees the connection end without HttpEnd: no request.
@@ -1137,13 +1209,17 @@ fn describe_frame_error(err: &FrameError) -> String {
 /// Starts the endpoint for a run; returns the `--network` value for the
 /// agent's container (`ns:PATH`), if any. Failures are warned about: the
 /// run goes on without the endpoint (and so without the variables).
-pub fn start(container: bool, reporter: Option<Reporter>) -> Result<Option<String>, Error> {
+pub fn start(
+    container: bool,
+    reporter: Option<Reporter>,
+    max_body: Option<u64>,
+) -> Result<Option<String>, Error> {
     let listener = if container {
         listen_in_new_netns()?
     } else {
         listen_here()?
     };
-    spawn_server(listener, VsockRelay, reporter)?;
+    spawn_server(listener, VsockRelay, reporter, max_body)?;
     console::debug(&format!("model endpoint on 127.0.0.1:{PORT}"));
     Ok(container.then(|| format!("ns:{NETNS_PATH}")))
 }
@@ -1504,8 +1580,17 @@ mod tests {
 
     #[test]
     fn oversize_heads_and_bodies_are_refused() {
+        const LIMIT: u64 = 8 << 20;
         let (relay, hosts) = fake_relay();
-        let addr = server(relay, 4);
+        // The host's limit, as airlock.model_max_body passes it.
+        let addr = server_with(
+            relay,
+            Limits {
+                connections: 4,
+                body: LIMIT,
+                ..Limits::DEFAULT
+            },
+        );
         let mut big_head = b"GET /v1/models HTTP/1.1\r\n".to_vec();
         for i in 0..2000 {
             big_head.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "y".repeat(40)).as_bytes());
@@ -1533,11 +1618,13 @@ mod tests {
         );
         let declared = format!(
             "POST /v1/messages HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
-            MAX_BODY + 1
+            LIMIT + 1
         );
-        let (status, _, body) = parse_response(&exchange(addr, declared.as_bytes()));
+        let (status, headers, body) = parse_response(&exchange(addr, declared.as_bytes()));
         assert_eq!(status, 413);
         assert!(error_message(&body).contains("request_too_large"));
+        assert!(error_message(&body).contains("--model-max-request-bytes"));
+        assert_eq!(header(&headers, "x-should-retry"), Some("false"));
         assert!(hosts.try_recv().is_err(), "the host was asked");
 
         // A chunked body is only known to be too large as it comes: the host
@@ -1722,6 +1809,7 @@ mod tests {
             Limits {
                 connections: 1,
                 request_deadline: Duration::from_millis(600),
+                ..Limits::DEFAULT
             },
         );
         let mut c = client(addr);
@@ -1864,5 +1952,86 @@ mod tests {
             r.body(),
             r#"{"type":"error","error":{"type":"invalid_request_error","message":"a \"quoted\"\\ line\nand \u0001 more"}}"#
         );
+    }
+
+    /// Claude Code's connectivity probe is answered here, never relayed.
+    #[test]
+    fn the_hello_probe_is_answered_by_the_endpoint() {
+        let (relay, hosts) = fake_relay();
+        let addr = server(relay, 4);
+        let (status, headers, body) = parse_response(&exchange(
+            addr,
+            b"HEAD /api/hello HTTP/1.1\r\nHost: x\r\n\r\n",
+        ));
+        assert_eq!(status, 200);
+        assert!(body.is_empty(), "a HEAD answer has no body");
+        assert_eq!(
+            header(&headers, "content-length"),
+            Some(HELLO_BODY.len().to_string().as_str())
+        );
+        let (status, _, body) =
+            parse_response(&exchange(addr, b"GET /api/hello?x=1 HTTP/1.1\r\n\r\n"));
+        assert_eq!((status, body.as_slice()), (200, HELLO_BODY.as_bytes()));
+        assert!(hosts.try_recv().is_err(), "the probe was relayed");
+        // Any other method or path on it goes to the host (and its rules).
+        let (relay, hosts) = fake_relay();
+        let addr = server(relay, 4);
+        let host = thread::spawn(move || {
+            let mut host = hosts.recv().expect("a connection");
+            let (head, _) = read_request(&mut host);
+            respond(&mut host, 404, &[], &[b"{}"]);
+            head
+        });
+        let (status, _, _) = parse_response(&exchange(
+            addr,
+            b"POST /api/hello HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        ));
+        assert_eq!(status, 404);
+        assert!(matches!(
+            host.join().expect("host"),
+            Message::HttpRequest { method, .. } if method == "POST"
+        ));
+    }
+
+    /// The default limit is the host's largest: a body over the old 8 MiB
+    /// goes through; the host's smaller limit is taken, a larger one capped.
+    #[test]
+    fn the_body_limit_is_the_hosts() {
+        let (relay, hosts) = fake_relay();
+        let addr = server(relay, 4);
+        let size = (9 << 20) + 1;
+        let host = thread::spawn(move || {
+            let mut host = hosts.recv().expect("a connection");
+            let (_, body) = read_request(&mut host);
+            respond(&mut host, 200, &[], &[b"{}"]);
+            body.len()
+        });
+        let mut request =
+            format!("POST /v1/messages HTTP/1.1\r\nContent-Length: {size}\r\n\r\n").into_bytes();
+        request.resize(request.len() + size, b'x');
+        let (status, _, _) = parse_response(&exchange(addr, &request));
+        assert_eq!(status, 200);
+        assert_eq!(host.join().expect("host"), size);
+        let listener = |max| {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let std::net::SocketAddr::V4(a) = l.local_addr().expect("addr") else {
+                panic!("not v4")
+            };
+            spawn_server(l, DownRelay, None, max).expect("server");
+            a
+        };
+        let small = listener(Some(100));
+        let (status, _, body) = parse_response(&exchange(
+            small,
+            b"POST /v1/messages HTTP/1.1\r\nContent-Length: 101\r\n\r\n",
+        ));
+        assert_eq!(status, 413);
+        assert!(error_message(&body).contains("limit of 100 bytes"));
+        let huge = listener(Some(u64::MAX));
+        let declared = format!(
+            "POST /v1/messages HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
+        );
+        assert_eq!(parse_response(&exchange(huge, declared.as_bytes())).0, 413);
     }
 }

@@ -137,6 +137,9 @@ pub fn run(waiter: &mut impl ChildWait, placement: Placement) -> Result<ExitStat
 pub struct Placement {
     /// In a podman container of this mode (as the container's root).
     pub container: Option<crate::image::Mode>,
+    /// The host's model request body limit (`airlock.model_max_body`),
+    /// for the in-guest endpoint; `None`: [`crate::model::MAX_BODY`].
+    pub model_max_body: Option<u64>,
     /// Directly in the VM as the unprivileged agent user
     /// ([`crate::privilege`]); else as root. Not with a container.
     pub agent: bool,
@@ -288,7 +291,7 @@ fn converse<S: Stream>(
         } else {
             None
         };
-        match crate::model::start(container.is_some(), reporter) {
+        match crate::model::start(container.is_some(), reporter, placement.model_max_body) {
             Ok(ns) => {
                 network = ns;
                 let extra = crate::model::agent_env(&spec.env);

@@ -95,3 +95,9 @@ pub const MAX_HTTP_STATUS: u16 = 599;
 
 /// Most `Collect.patterns`.
 pub const MAX_COLLECT_PATTERNS: usize = 64;
+
+/// Largest model request body either side accepts: 32 MiB, the Messages
+/// API's own limit. The in-guest endpoint and the host's proxy hold one
+/// limit (`--model-max-request-bytes`, at most this, passed to the init on
+/// the kernel command line as `airlock.model_max_body`).
+pub const MAX_MODEL_BODY: u64 = 32 << 20;

@@ -1,14 +1,17 @@
 //! `airlock-upstream`: a local model API for Airlock's tests, benchmarks and
-//! offline demo. It speaks the Anthropic Messages API (`POST /v1/messages`)
-//! and the OpenAI Chat Completions API (`POST /v1/chat/completions`), both
-//! streaming (server-sent events) and not, and `GET /v1/models`, and plays
-//! a scripted conversation ([`script`]) including tool calls.
+//! offline demo. It speaks the Anthropic Messages API (`POST /v1/messages`,
+//! any query such as `?beta=true`), the OpenAI Chat Completions API
+//! (`POST /v1/chat/completions`) and Responses API (`POST /v1/responses`),
+//! each streaming (server-sent events) and not, and answers
+//! `POST /v1/messages/count_tokens` (a quarter of the body's bytes),
+//! `GET /v1/models`, `GET /v1/models/{id}` and `POST /v1/embeddings`; it
+//! plays a scripted conversation ([`script`]) including tool calls.
 //!
 //! Every request is logged as one JSON line to `--log` (method, path, all
 //! headers, the key it carried, body sha256, turn, and for streams when the
 //! first and last events were sent), so tests can check what reached the
 //! upstream. A completion's usage honours its output cap (`max_tokens` /
-//! `max_completion_tokens`, times OpenAI's `n`; the text itself is not
+//! `max_completion_tokens` / `max_output_tokens`, times OpenAI's `n`; the text itself is not
 //! cut), and the log records the cap and `n` it got.
 //!
 //! With `--reflect` it plays a careless upstream that echoes the request:
@@ -253,8 +256,11 @@ impl Server {
                 return;
             }
         };
-        let api = if req.path() == "/v1/chat/completions"
-            || (req.path() == "/v1/models" && req.header("anthropic-version").is_none())
+        let api = if matches!(
+            req.path(),
+            "/v1/chat/completions" | "/v1/responses" | "/v1/embeddings"
+        ) || (req.path().starts_with("/v1/models")
+            && req.header("anthropic-version").is_none())
         {
             Api::OpenAi
         } else {
@@ -300,7 +306,42 @@ impl Server {
                 http::respond(&mut *stream, 200, "application/json", body.as_bytes())?;
                 Ok(Served::status(200))
             }
-            ("POST", "/v1/messages" | "/v1/chat/completions") => {
+            ("GET", path) if path.starts_with("/v1/models/") => {
+                let id = &path["/v1/models/".len()..];
+                let found = models(api)["data"]
+                    .as_array()
+                    .and_then(|d| d.iter().find(|m| m["id"] == id).cloned());
+                match found {
+                    Some(model) => {
+                        let body = model.to_string();
+                        http::respond(&mut *stream, 200, "application/json", body.as_bytes())?;
+                        Ok(Served::status(200))
+                    }
+                    None => {
+                        let body = error_body(api, 404, "not_found_error", "no such model");
+                        http::respond(&mut *stream, 404, "application/json", &body)?;
+                        Ok(Served::status(404))
+                    }
+                }
+            }
+            ("POST", "/v1/messages/count_tokens") => {
+                let body = json!({ "input_tokens": (req.body.len() / 4).max(1) }).to_string();
+                http::respond(&mut *stream, 200, "application/json", body.as_bytes())?;
+                Ok(Served::status(200))
+            }
+            ("POST", "/v1/embeddings") => {
+                let tokens = (req.body.len() / 4).max(1);
+                let body = json!({
+                    "object": "list",
+                    "data": [{ "object": "embedding", "index": 0, "embedding": [0.0, 0.5, 1.0] }],
+                    "model": "embedding-scripted-1",
+                    "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
+                })
+                .to_string();
+                http::respond(&mut *stream, 200, "application/json", body.as_bytes())?;
+                Ok(Served::status(200))
+            }
+            ("POST", "/v1/messages" | "/v1/chat/completions" | "/v1/responses") => {
                 let body: Value = match serde_json::from_slice(&req.body) {
                     Ok(v @ Value::Object(_)) => v,
                     _ => {
@@ -336,7 +377,10 @@ impl Server {
         api: Api,
         body: &Value,
     ) -> io::Result<Served> {
-        let messages = body.get("messages").and_then(Value::as_array);
+        let responses = req.path() == "/v1/responses";
+        let messages = body
+            .get(if responses { "input" } else { "messages" })
+            .and_then(Value::as_array);
         let turn_index = messages
             .map(|m| {
                 m.iter()
@@ -369,7 +413,7 @@ impl Server {
             .as_ref()
             .map(|t| t.input.to_string())
             .unwrap_or_default();
-        let max_tokens = ["max_tokens", "max_completion_tokens"]
+        let max_tokens = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
             .iter()
             .filter_map(|f| body.get(*f).and_then(Value::as_u64))
             .max();
@@ -411,6 +455,7 @@ impl Server {
         if !streaming {
             let json = match api {
                 Api::Anthropic => reply.anthropic_json(),
+                Api::OpenAi if responses => reply.responses_json(),
                 Api::OpenAi => reply.openai_json(),
             }
             .to_string();
@@ -426,6 +471,7 @@ impl Server {
         }
         let events = match api {
             Api::Anthropic => reply.anthropic_events(),
+            Api::OpenAi if responses => reply.responses_events(),
             Api::OpenAi => {
                 let usage = body
                     .get("stream_options")
@@ -649,6 +695,55 @@ impl Reply {
     fn openai_usage(&self) -> Value {
         json!({ "prompt_tokens": self.usage.input, "completion_tokens": self.usage.output,
                 "total_tokens": self.usage.input + self.usage.output })
+    }
+
+    /// An OpenAI Responses object: the text as an output message, the
+    /// tool call as a function call.
+    fn responses_json(&self) -> Value {
+        let mut output = Vec::new();
+        if let Some(text) = &self.turn.text {
+            output.push(
+                json!({ "type": "message", "id": "msg_local", "role": "assistant",
+                "status": "completed",
+                "content": [{ "type": "output_text", "text": text, "annotations": [] }] }),
+            );
+        }
+        if let Some(tool) = &self.turn.tool {
+            output.push(json!({ "type": "function_call", "id": "fc_local",
+                "call_id": self.tool_id("call"), "name": tool.name,
+                "arguments": self.tool_json, "status": "completed" }));
+        }
+        json!({
+            "id": self.id.replace("chatcmpl", "resp"), "object": "response",
+            "created_at": now_ms() / 1000, "status": "completed", "model": self.model,
+            "output": output,
+            "usage": { "input_tokens": self.usage.input, "output_tokens": self.usage.output,
+                "total_tokens": self.usage.input + self.usage.output },
+        })
+    }
+
+    /// Responses' server-sent events: created, the text in deltas, then
+    /// completed with the whole response (and its usage).
+    fn responses_events(&self) -> Vec<String> {
+        let whole = self.responses_json();
+        let mut created = whole.clone();
+        created["status"] = json!("in_progress");
+        created["output"] = json!([]);
+        created["usage"] = Value::Null;
+        let mut out = vec![format!(
+            "event: response.created\ndata: {}\n\n",
+            json!({ "type": "response.created", "response": created })
+        )];
+        for piece in pieces(self.turn.text.as_deref().unwrap_or_default()) {
+            let v = json!({ "type": "response.output_text.delta", "output_index": 0,
+                "content_index": 0, "delta": piece });
+            out.push(format!("event: response.output_text.delta\ndata: {v}\n\n"));
+        }
+        out.push(format!(
+            "event: response.completed\ndata: {}\n\n",
+            json!({ "type": "response.completed", "response": whole })
+        ));
+        out
     }
 
     fn openai_json(&self) -> Value {
@@ -953,5 +1048,86 @@ mod tests {
         let o = reply(None, true).openai_json();
         assert_eq!(o["choices"][0]["finish_reason"], "tool_calls");
         assert_eq!(o["usage"]["prompt_tokens"], 10);
+    }
+
+    /// Serves one request on a fresh server; the raw answer.
+    fn one(request: &str) -> String {
+        let server = Arc::new(Server {
+            script: Script::parse(r#"{"turns":[{"text":"a scripted reply"}]}"#).expect("script"),
+            log: None,
+            delay: Duration::ZERO,
+            key: None,
+            tls: None,
+            reflect: false,
+            busy: AtomicUsize::new(0),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let t = thread::spawn(move || {
+            let (sock, _) = listener.accept().expect("accept");
+            server.serve(sock);
+        });
+        let mut sock = TcpStream::connect(addr).expect("connect");
+        sock.write_all(request.as_bytes()).expect("send");
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut sock, &mut answer).expect("read");
+        t.join().expect("server");
+        answer
+    }
+
+    fn post(target: &str, headers: &str, body: &str) -> String {
+        one(&format!(
+            "POST {target} HTTP/1.1\r\nhost: localhost\r\n{headers}content-length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+    }
+
+    /// The routes the SDKs and Claude Code use beyond messages and chat.
+    #[test]
+    fn serves_count_tokens_models_responses_and_embeddings() {
+        let a = post(
+            "/v1/messages/count_tokens?beta=true",
+            "anthropic-version: 2023-06-01\r\n",
+            r#"{"model":"claude-scripted-1","messages":[]}"#,
+        );
+        assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+        assert!(a.contains(r#"{"input_tokens":10}"#), "{a}");
+        let a = one(
+            "GET /v1/models/claude-scripted-1?beta=true HTTP/1.1\r\nanthropic-version: 1\r\n\r\n",
+        );
+        assert!(
+            a.starts_with("HTTP/1.1 200") && a.contains(r#""type":"model""#),
+            "{a}"
+        );
+        let a = one("GET /v1/models/gpt-scripted-1 HTTP/1.1\r\n\r\n");
+        assert!(
+            a.starts_with("HTTP/1.1 200") && a.contains(r#""object":"model""#),
+            "{a}"
+        );
+        let a = one("GET /v1/models/nope HTTP/1.1\r\n\r\n");
+        assert!(a.starts_with("HTTP/1.1 404"), "{a}");
+        let a = post("/v1/embeddings", "", r#"{"model":"e","input":"hi"}"#);
+        assert!(
+            a.contains(r#""embedding":"#) && a.contains("prompt_tokens"),
+            "{a}"
+        );
+        let a = post(
+            "/v1/responses",
+            "",
+            r#"{"model":"gpt-scripted-1","input":"hi","max_output_tokens":2}"#,
+        );
+        let body = a.split_once("\r\n\r\n").expect("head").1;
+        let v: Value = serde_json::from_str(body).expect("json");
+        assert_eq!(v["object"], "response");
+        assert_eq!(v["output"][0]["content"][0]["text"], "a scripted reply");
+        assert_eq!(v["usage"]["output_tokens"], 2, "the cap is honoured");
+        let a = post(
+            "/v1/responses",
+            "",
+            r#"{"model":"gpt-scripted-1","input":"hi","stream":true}"#,
+        );
+        assert!(a.contains("event: response.created"), "{a}");
+        assert!(a.contains("response.output_text.delta"), "{a}");
+        assert!(a.contains("event: response.completed"), "{a}");
     }
 }

@@ -25,6 +25,8 @@ use super::rules::Api;
 const MAX_KEY_FILE: u64 = 64 * 1024;
 /// Longest key accepted.
 const MAX_KEY: usize = 4096;
+/// Longest OpenAI organization or project id accepted.
+const MAX_ACCOUNT_ID: usize = 256;
 /// Largest `--model-ca` file read (a distribution's whole bundle is
 /// about 200 KiB).
 const MAX_CA_FILE: u64 = 4 << 20;
@@ -33,6 +35,30 @@ const MAX_CA_CERTS: usize = 1000;
 /// The environment variables read by default, per API.
 pub const ANTHROPIC_KEY_ENV: &str = "ANTHROPIC_API_KEY";
 pub const OPENAI_KEY_ENV: &str = "OPENAI_API_KEY";
+/// Where `--model-auth bearer` reads the Anthropic OAuth token by default
+/// (the variable Claude Code itself reads).
+pub const OAUTH_TOKEN_ENV: &str = "CLAUDE_CODE_OAUTH_TOKEN";
+
+/// How the Anthropic credential is sent upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AnthropicAuth {
+    /// An API key, as `x-api-key`.
+    #[default]
+    ApiKey,
+    /// An OAuth token (a Claude subscription's), as
+    /// `Authorization: Bearer`, with the `oauth-2025-04-20` beta the API
+    /// asks of OAuth calls added to `anthropic-beta`.
+    Bearer,
+}
+
+impl AnthropicAuth {
+    pub fn name(self) -> &'static str {
+        match self {
+            AnthropicAuth::ApiKey => "x-api-key",
+            AnthropicAuth::Bearer => "bearer",
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -70,6 +96,12 @@ pub enum Error {
     NoKey,
     #[error("--model-key-env {0}: that variable is not set (or empty) in airlock's environment")]
     KeyEnv(String),
+    #[error(
+        "--model-auth bearer: {0} is not set (or empty) in airlock's environment; set it to \
+         the OAuth token (claude setup-token prints one), or name another variable with \
+         --model-oauth-token-env NAME"
+    )]
+    OauthEnv(String),
     #[error("cannot read the key file {}", .0.display())]
     KeyFile(PathBuf, #[source] std::io::Error),
     #[error("the key from {0} is not one line of printable ASCII of at most {MAX_KEY} bytes")]
@@ -84,6 +116,8 @@ pub enum Error {
         path = .0.display()
     )]
     CaWithoutTls(PathBuf, String),
+    #[error("--model-openai-{0} {1:?}: expected 1 to {MAX_ACCOUNT_ID} printable ASCII characters")]
+    AccountId(&'static str, String),
     #[error(transparent)]
     Policy(#[from] policy::Error),
 }
@@ -310,6 +344,12 @@ pub struct Settings {
     /// Trusted for the upstream besides the built-in roots (`https` only).
     pub ca: Option<CaFile>,
     pub policy: Policy,
+    /// How `anthropic_key` is sent (an API key, or an OAuth token).
+    pub anthropic_auth: AnthropicAuth,
+    /// `OpenAI-Organization` / `OpenAI-Project` for OpenAI calls, set on
+    /// the host (`--model-openai-organization`, `--model-openai-project`);
+    /// the guest's own are always dropped.
+    pub openai_headers: Vec<(String, String)>,
 }
 
 /// What the user typed.
@@ -323,6 +363,14 @@ pub struct Args {
     pub ca_file: Option<PathBuf>,
     pub policy_file: Option<PathBuf>,
     pub overrides: Overrides,
+    /// `--model-auth bearer`, or `--model-oauth-token-env` given.
+    pub bearer: bool,
+    /// `--model-oauth-token-env NAME` (default [`OAUTH_TOKEN_ENV`]).
+    pub oauth_token_env: Option<String>,
+    /// `--model-openai-organization ID`.
+    pub openai_organization: Option<String>,
+    /// `--model-openai-project ID`.
+    pub openai_project: Option<String>,
 }
 
 fn check_key(value: &str, source: &str) -> Result<Key, Error> {
@@ -435,6 +483,20 @@ impl Settings {
             };
             (from(ANTHROPIC_KEY_ENV)?, from(OPENAI_KEY_ENV)?)
         };
+        // An OAuth token replaces the Anthropic API key.
+        let bearer = args.bearer || args.oauth_token_env.is_some();
+        let anthropic_key = if bearer {
+            let name = args.oauth_token_env.as_deref().unwrap_or(OAUTH_TOKEN_ENV);
+            let value = nonempty(name).ok_or_else(|| Error::OauthEnv(name.to_owned()))?;
+            Some(check_key(&value, &format!("${name}"))?)
+        } else {
+            anthropic_key
+        };
+        let anthropic_auth = if bearer {
+            AnthropicAuth::Bearer
+        } else {
+            AnthropicAuth::ApiKey
+        };
         if anthropic_key.is_none() && openai_key.is_none() {
             return Err(Error::NoKey);
         }
@@ -444,6 +506,24 @@ impl Settings {
         if let (Some(gw), Some(a), Some(o)) = (&gateway, &anthropic_key, &openai_key) {
             if a.secret.expose() != o.secret.expose() {
                 return Err(Error::AmbiguousGateway(gw.display()));
+            }
+        }
+        let mut openai_headers = Vec::new();
+        for (what, header, value) in [
+            (
+                "organization",
+                "openai-organization",
+                &args.openai_organization,
+            ),
+            ("project", "openai-project", &args.openai_project),
+        ] {
+            if let Some(id) = value {
+                let ok = (1..=MAX_ACCOUNT_ID).contains(&id.len())
+                    && id.bytes().all(|b| b.is_ascii_graphic());
+                if !ok {
+                    return Err(Error::AccountId(what, id.clone()));
+                }
+                openai_headers.push((header.to_owned(), id.clone()));
             }
         }
         // An upstream whose only provider has no key could carry no call.
@@ -463,6 +543,8 @@ impl Settings {
             openai_key,
             ca,
             policy,
+            anthropic_auth,
+            openai_headers,
         })
     }
 
@@ -493,6 +575,8 @@ impl Settings {
             "anthropic_upstream": self.anthropic_upstream.as_ref().map(Upstream::display),
             "openai_upstream": self.openai_upstream.as_ref().map(Upstream::display),
             "anthropic_key_from": self.anthropic_key.as_ref().map(|k| k.source.clone()),
+            "anthropic_auth": self.anthropic_auth.name(),
+            "openai_headers": self.openai_headers.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
             "openai_key_from": self.openai_key.as_ref().map(|k| k.source.clone()),
             "ca_file": self.ca.as_ref().map(CaFile::fields),
             "policy": self.policy.fields(),
@@ -803,5 +887,99 @@ mod tests {
         let e = Settings::resolve(&plain, &key).expect_err("http");
         assert!(matches!(e, Error::CaWithoutTls(..)), "{e:?}");
         assert!(e.to_string().contains("plain http"), "{e}");
+    }
+
+    /// `--model-auth bearer` reads the OAuth token from
+    /// CLAUDE_CODE_OAUTH_TOKEN (or the variable named), in place of the
+    /// Anthropic API key; the OpenAI key is unchanged; never shown.
+    #[test]
+    fn an_oauth_token_for_anthropic() {
+        let vars = env(&[
+            ("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-token"),
+            ("ANTHROPIC_API_KEY", "sk-ant-api-key"),
+            ("OPENAI_API_KEY", "sk-o"),
+            ("MY_TOKEN", "sk-ant-oat01-mine"),
+        ]);
+        // Two different credentials: the gateway names both providers.
+        let a = Args {
+            bearer: true,
+            upstreams: vec!["anthropic=http://h".into(), "openai=http://h".into()],
+            ..Args::default()
+        };
+        let s = Settings::resolve(&a, &vars).expect("bearer");
+        assert_eq!(s.anthropic_auth, AnthropicAuth::Bearer);
+        assert_eq!(
+            s.key(Api::Anthropic).map(|k| k.secret.expose()),
+            Some("sk-ant-oat01-token")
+        );
+        assert_eq!(s.key(Api::OpenAi).map(|k| k.secret.expose()), Some("sk-o"));
+        assert_eq!(s.fields()["anthropic_auth"], "bearer");
+        assert_eq!(s.fields()["anthropic_key_from"], "$CLAUDE_CODE_OAUTH_TOKEN");
+        assert!(!s.fields().to_string().contains("oat01"));
+        let both = vec![
+            "anthropic=http://h".to_owned(),
+            "openai=http://h".to_owned(),
+        ];
+        let a = Args {
+            oauth_token_env: Some("MY_TOKEN".into()),
+            upstreams: both.clone(),
+            ..Args::default()
+        };
+        let s = Settings::resolve(&a, &vars).expect("named");
+        assert_eq!(
+            s.key(Api::Anthropic).map(|k| k.secret.expose()),
+            Some("sk-ant-oat01-mine")
+        );
+        let e = Settings::resolve(
+            &Args {
+                bearer: true,
+                ..args("http://h")
+            },
+            &env(&[("ANTHROPIC_API_KEY", "k")]),
+        )
+        .expect_err("no token");
+        assert!(matches!(e, Error::OauthEnv(_)), "{e:?}");
+        assert!(e.to_string().contains("CLAUDE_CODE_OAUTH_TOKEN"), "{e}");
+        let a = Args {
+            upstreams: both,
+            ..Args::default()
+        };
+        let s = Settings::resolve(&a, &vars).expect("key");
+        assert_eq!(s.anthropic_auth, AnthropicAuth::ApiKey);
+        assert_eq!(s.fields()["anthropic_auth"], "x-api-key");
+    }
+
+    /// The OpenAI organization and project come only from the host's
+    /// flags, checked.
+    #[test]
+    fn openai_account_headers_from_the_host() {
+        let keys = env(&[("OPENAI_API_KEY", "sk-o")]);
+        let a = Args {
+            openai_organization: Some("org-1".into()),
+            openai_project: Some("proj_2".into()),
+            ..args("https://api.openai.com")
+        };
+        let s = Settings::resolve(&a, &keys).expect("ids");
+        assert_eq!(
+            s.openai_headers,
+            [
+                ("openai-organization".to_owned(), "org-1".to_owned()),
+                ("openai-project".to_owned(), "proj_2".to_owned())
+            ]
+        );
+        assert!(Settings::resolve(&args("https://api.openai.com"), &keys)
+            .expect("none")
+            .openai_headers
+            .is_empty());
+        for bad in ["", "a b", "x\n"] {
+            let a = Args {
+                openai_project: Some(bad.into()),
+                ..args("https://api.openai.com")
+            };
+            assert!(
+                matches!(Settings::resolve(&a, &keys), Err(Error::AccountId(..))),
+                "{bad:?}"
+            );
+        }
     }
 }

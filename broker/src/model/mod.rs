@@ -14,13 +14,20 @@
 //! chunk by chunk as the upstream produces it, its token usage read on the
 //! way ([`usage`]) and every configured key masked out of it ([`scrub`]).
 //! Every call is audited (`model.call`), every refusal too
-//! (`model.denied`, with an API-shaped JSON error for the agent).
+//! (`model.denied`, with an API-shaped JSON error for the agent that names
+//! the rule or limit and the flag that changes it, and
+//! `x-should-retry: false` so that the clients do not retry it; the first
+//! of each reason in a run is told on stderr). The proxy changes nothing
+//! in what the client sent or reads but the output cap under a token
+//! budget ([`rules`] has the route table; batches and files are refused).
 //!
 //! Bounds: at most [`MAX_CONCURRENT`] connections are served at once (the
 //! next waits to be accepted); after [`MAX_CONNECTIONS`] in a run the port
 //! closes. Request bodies are bounded by the policy, frames by the
-//! protocol.
+//! protocol; a body is read at its top level only, never built as a tree
+//! ([`body`]).
 
+pub mod body;
 pub mod config;
 pub mod policy;
 pub mod proxy;
@@ -48,7 +55,7 @@ pub mod kind {
     /// A call forwarded to the upstream: `call`, `api`, `method`, `target`,
     /// `model`, `status`, `input_tokens`, `output_tokens`, `latency_ms`,
     /// `upstream_head_ms`, `first_chunk_ms`, `request_bytes`,
-    /// `request_sha256`, `forwarded_sha256`, `include_usage_added`,
+    /// `request_sha256`, `forwarded_sha256` (when the cap was lowered),
     /// `max_tokens_capped` (`field`, `asked`, `sent`, and `also` when both
     /// OpenAI cap fields were lowered), `reserved` (under a token budget:
     /// `output` = n × the cap sent, `input_estimate`, `n`), `charged`
@@ -59,7 +66,15 @@ pub mod kind {
     /// `guest_credentials_dropped`.
     pub const CALL: &str = "model.call";
     /// A call refused: `api`, `method`, `target`, `model`, `reason`,
-    /// `status`, `message`, `request_bytes`, `dropped_headers`.
+    /// `status`, `message`, `request_bytes`, `dropped_headers`,
+    /// `guest_credentials_dropped`. Reasons: `path_not_allowed` (404),
+    /// `method_not_allowed` (405), `query_not_allowed` (400),
+    /// `outside_the_run` (403: batches, files, background responses),
+    /// `other_host`, `no_upstream`, `no_upstream_for_api`, `no_key`,
+    /// `model_not_allowed` (403), `body_too_large` (413), `bad_body`
+    /// (400), `request_budget`, `token_budget` (429). The first refusal
+    /// of each reason in a run is also told on stderr
+    /// (`airlock: model: refused …`).
     pub const DENIED: &str = "model.denied";
     /// A model connection that broke the protocol: `port`, `reason`.
     pub const PROTOCOL_ERROR: &str = "model.protocol_error";

@@ -9,13 +9,16 @@ use std::sync::Mutex;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-/// Default `max_requests`.
-pub const DEFAULT_MAX_REQUESTS: u64 = 200;
-/// Default `max_request_bytes`: 1 MiB.
-pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 1 << 20;
-/// The largest `max_request_bytes` allowed: 32 MiB (the body is held in
-/// memory before it is forwarded).
-pub const MAX_REQUEST_BYTES_LIMIT: u64 = 32 << 20;
+/// Default `max_requests`: more than a long coding session makes (Claude
+/// Code makes one per turn and tool result; a few hundred in an hour).
+pub const DEFAULT_MAX_REQUESTS: u64 = 2000;
+/// Default `max_request_bytes`: 32 MiB, the Messages API's own limit
+/// (a long conversation with images and documents grows that large).
+pub const DEFAULT_MAX_REQUEST_BYTES: u64 = MAX_REQUEST_BYTES_LIMIT;
+/// The largest `max_request_bytes` allowed: 32 MiB, the in-guest
+/// endpoint's hard limit too ([`airlock_protocol::limits::MAX_MODEL_BODY`]):
+/// the body is held in memory before it is forwarded.
+pub const MAX_REQUEST_BYTES_LIMIT: u64 = airlock_protocol::limits::MAX_MODEL_BODY;
 /// Largest policy file read.
 const MAX_POLICY_FILE: u64 = 1 << 20;
 
@@ -254,7 +257,16 @@ impl Budget {
     /// budget. Only input, unknown until the upstream counts it, may take
     /// the run past the budget. The reservation is held until
     /// [`Budget::settle`].
-    pub fn admit(&self, policy: &Policy, ask: Option<&Ask>) -> Result<Admitted, Exhausted> {
+    ///
+    /// A call that spends no tokens (`tokens` false: `count_tokens`, the
+    /// model list) counts against the request budget only: a spent token
+    /// budget does not refuse it.
+    pub fn admit(
+        &self,
+        policy: &Policy,
+        ask: Option<&Ask>,
+        tokens: bool,
+    ) -> Result<Admitted, Exhausted> {
         let mut c = self.lock();
         if c.requests >= policy.max_requests {
             return Err(Exhausted::Requests(policy.max_requests));
@@ -265,7 +277,7 @@ impl Budget {
             output_limit: None,
             reserved: None,
         };
-        if let Some(max) = policy.max_tokens_per_run {
+        if let Some(max) = policy.max_tokens_per_run.filter(|_| tokens) {
             let used = c.input_tokens.saturating_add(c.output_tokens);
             let left = max.saturating_sub(used).saturating_sub(c.reserved);
             if left == 0 {
@@ -397,17 +409,17 @@ mod tests {
                 reserved: None,
             })
         };
-        assert_eq!(b.admit(&p, None), admitted(1, 50));
+        assert_eq!(b.admit(&p, None, true), admitted(1, 50));
         b.settle(None, 10, 5);
-        assert_eq!(b.admit(&p, None), admitted(2, 35));
-        assert_eq!(b.admit(&p, None), Err(Exhausted::Requests(2)));
+        assert_eq!(b.admit(&p, None, true), admitted(2, 35));
+        assert_eq!(b.admit(&p, None, true), Err(Exhausted::Requests(2)));
         let p = Policy {
             max_requests: 10,
             ..p
         };
         b.settle(None, 30, 5);
         assert_eq!(
-            b.admit(&p, None),
+            b.admit(&p, None, true),
             Err(Exhausted::Tokens {
                 used: 50,
                 reserved: 0,
@@ -441,19 +453,19 @@ mod tests {
             input_estimate: 10,
         };
         // Asks 300 of 1000: gets it, holds 310.
-        let a = b.admit(&p, Some(&ask(Some(300), 1))).expect("a");
+        let a = b.admit(&p, Some(&ask(Some(300), 1)), true).expect("a");
         assert_eq!((a.tokens_left, a.output_limit), (Some(1000), Some(1000)));
         let ra = a.reserved.expect("reserved");
         assert_eq!((ra.output, ra.total()), (300, 310));
         // No cap asked, n = 3: 690 left, 230 a choice, 690 + 10 held.
-        let c = b.admit(&p, Some(&ask(None, 3))).expect("c");
+        let c = b.admit(&p, Some(&ask(None, 3)), true).expect("c");
         assert_eq!((c.tokens_left, c.output_limit), (Some(690), Some(230)));
         let rc = c.reserved.expect("reserved");
         assert_eq!((rc.output, rc.n), (690, 3));
         // Everything (and the estimate beyond) is held: the next call is
         // refused.
         assert_eq!(
-            b.admit(&p, Some(&ask(Some(1), 1))),
+            b.admit(&p, Some(&ask(Some(1), 1)), true),
             Err(Exhausted::Tokens {
                 used: 0,
                 reserved: 1010,
@@ -466,21 +478,44 @@ mod tests {
         assert_eq!(b.counts().reserved, 700);
         // 180 left; n = 181 cannot get a token each.
         assert_eq!(
-            b.admit(&p, Some(&ask(Some(5), 181))),
+            b.admit(&p, Some(&ask(Some(5), 181)), true),
             Err(Exhausted::Choices { n: 181, left: 180 })
         );
         // `c` fails: its reservation is released whole.
         b.settle(Some(&rc), 0, 0);
-        let d = b.admit(&p, Some(&ask(Some(5000), 1))).expect("d");
+        let d = b.admit(&p, Some(&ask(Some(5000), 1)), true).expect("d");
         assert_eq!(d.output_limit, Some(880));
         assert_eq!(d.reserved.map(|r| r.output), Some(880));
         // Without a budget nothing is reserved.
         let free = Budget::default();
         let e = free
-            .admit(&Policy::default(), Some(&ask(Some(5), 2)))
+            .admit(&Policy::default(), Some(&ask(Some(5), 2)), true)
             .expect("e");
         assert_eq!((e.output_limit, e.reserved), (None, None));
         assert_eq!(input_estimate(0), 0);
         assert_eq!(input_estimate(9), 3);
+    }
+
+    /// A call that spends no tokens is not refused by a spent token
+    /// budget, reserves nothing, and still counts as a request.
+    #[test]
+    fn calls_without_tokens_count_only_as_requests() {
+        let p = Policy {
+            max_requests: 3,
+            max_tokens_per_run: Some(10),
+            ..Policy::default()
+        };
+        let b = Budget::default();
+        b.settle(None, 10, 0);
+        assert!(matches!(
+            b.admit(&p, None, true),
+            Err(Exhausted::Tokens { .. })
+        ));
+        let a = b.admit(&p, None, false).expect("free");
+        assert_eq!((a.tokens_left, a.reserved), (None, None));
+        b.admit(&p, None, false).expect("free");
+        b.admit(&p, None, false).expect("free");
+        assert_eq!(b.admit(&p, None, false), Err(Exhausted::Requests(3)));
+        assert_eq!(b.counts().reserved, 0);
     }
 }

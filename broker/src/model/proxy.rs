@@ -13,10 +13,11 @@ use airlock_protocol::{encode, read_frame, FrameError, Message};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::config::Settings;
+use super::body::Top;
+use super::config::{AnthropicAuth, Settings};
 use super::kind;
 use super::policy::{self, Ask, Budget, Exhausted, Reserved};
-use super::rules::{self, Api, Denial, Reason};
+use super::rules::{self, Api, Denial, Kind, Reason};
 use super::scrub::Scrubber;
 use super::usage::{Scanner, Usage};
 use crate::audit::{AuditLog, Durability};
@@ -79,6 +80,8 @@ pub struct Proxy {
     denied: AtomicU64,
     broken: AtomicU64,
     notices: AtomicU64,
+    /// The refusal reasons already told on stderr (once each per run).
+    told: std::sync::Mutex<Vec<Reason>>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -103,19 +106,14 @@ fn short_to(text: &str, max: usize) -> &str {
     &target[..end]
 }
 
-/// What airlock changed in a request body before forwarding it.
+/// What airlock changed in a request body before forwarding it: only the
+/// output-token cap, lowered (or set) to the run's tokens left under a
+/// token budget. Nothing else is ever added (an OpenAI stream's
+/// `stream_options` stays as the client sent it: its usage is read when
+/// the client asked for it, else the call is charged its reservation).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Rewrites {
-    /// `stream_options.include_usage` added to an OpenAI stream.
-    include_usage: bool,
-    /// The output-token cap lowered (or set) to the run's tokens left.
     max_tokens: Option<OutputCap>,
-}
-
-impl Rewrites {
-    fn any(&self) -> bool {
-        self.include_usage || self.max_tokens.is_some()
-    }
 }
 
 /// An output-token cap airlock set on a call.
@@ -131,11 +129,17 @@ struct OutputCap {
 }
 
 /// The output-cap fields of a request body, the one airlock records first:
-/// `max_tokens` for Anthropic; for OpenAI `max_completion_tokens`, or the
-/// older `max_tokens` if that is the only one given, and both when both are.
-fn cap_fields(api: Api, obj: &serde_json::Map<String, Value>) -> &'static [&'static str] {
+/// `max_tokens` for Anthropic; `max_output_tokens` for OpenAI Responses;
+/// for OpenAI Chat Completions `max_completion_tokens`, or the older
+/// `max_tokens` if that is the only one given, and both when both are.
+fn cap_fields(
+    api: Api,
+    responses: bool,
+    obj: &serde_json::Map<String, Value>,
+) -> &'static [&'static str] {
     match api {
         Api::Anthropic => &["max_tokens"],
+        Api::OpenAi if responses => &["max_output_tokens"],
         Api::OpenAi => match (
             obj.contains_key("max_completion_tokens"),
             obj.contains_key("max_tokens"),
@@ -147,34 +151,6 @@ fn cap_fields(api: Api, obj: &serde_json::Map<String, Value>) -> &'static [&'sta
     }
 }
 
-/// A key the top level of a JSON object names twice, if any. Parsers
-/// differ on which value counts (serde_json, like most, takes the last;
-/// some take the first): airlock would check one `model` or `max_tokens`
-/// and the upstream act on the other, so such a body is refused.
-fn duplicate_key(body: &[u8]) -> Option<String> {
-    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
-    struct Keys;
-    impl<'de> Visitor<'de> for Keys {
-        type Value = Option<String>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a JSON object")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
-            let mut seen = std::collections::HashSet::new();
-            let mut twice = None;
-            while let Some(key) = map.next_key::<String>()? {
-                map.next_value::<IgnoredAny>()?;
-                if twice.is_none() && !seen.insert(key.clone()) {
-                    twice = Some(key);
-                }
-            }
-            Ok(twice)
-        }
-    }
-    let mut de = serde_json::Deserializer::from_slice(body);
-    de.deserialize_map(Keys).ok().flatten()
-}
-
 /// What a completion asks of the budget: the largest output cap it gives
 /// (`None` if one is missing or not a number, as the upstream's default
 /// then applies), OpenAI's `n` (any API: a gateway may honour it on
@@ -182,11 +158,12 @@ fn duplicate_key(body: &[u8]) -> Option<String> {
 /// is refused.
 fn ask_of(
     api: Api,
+    responses: bool,
     obj: &serde_json::Map<String, Value>,
     body_bytes: u64,
 ) -> Result<Ask, &'static str> {
     let mut output = Some(0u64);
-    for field in cap_fields(api, obj) {
+    for field in cap_fields(api, responses, obj) {
         let asked = obj.get(*field).and_then(Value::as_u64);
         output = output.zip(asked).map(|(a, b)| a.max(b));
     }
@@ -210,11 +187,12 @@ fn ask_of(
 /// when the agent already asked for no more.
 fn cap_output_tokens(
     api: Api,
+    responses: bool,
     obj: &mut serde_json::Map<String, Value>,
     limit: u64,
 ) -> Option<OutputCap> {
     let mut capped: Option<OutputCap> = None;
-    for field in cap_fields(api, obj) {
+    for field in cap_fields(api, responses, obj) {
         let asked = obj.get(*field).and_then(Value::as_u64);
         if asked.is_some_and(|a| a <= limit) {
             continue;
@@ -233,6 +211,20 @@ fn cap_output_tokens(
         }
     }
     capped
+}
+
+/// The beta the Anthropic API asks of a call made with an OAuth token.
+pub const OAUTH_BETA: &str = "oauth-2025-04-20";
+
+/// Adds [`OAUTH_BETA`] to the `anthropic-beta` list the guest sent (or
+/// sets it), unless it is there already.
+fn add_oauth_beta(headers: &mut Vec<(String, String)>) {
+    match headers.iter_mut().find(|(n, _)| n == "anthropic-beta") {
+        Some((_, v)) if v.split(',').any(|b| b.trim() == OAUTH_BETA) => {}
+        Some((_, v)) if v.trim().is_empty() => *v = OAUTH_BETA.into(),
+        Some((_, v)) => *v = format!("{v},{OAUTH_BETA}"),
+        None => headers.push(("anthropic-beta".into(), OAUTH_BETA.into())),
+    }
 }
 
 /// The TLS error behind a failed call, if it is one.
@@ -343,8 +335,8 @@ struct Checked {
     route: rules::Route,
     /// The model the body names.
     model: Option<String>,
-    /// The body to forward.
-    body: Vec<u8>,
+    /// The body to forward, when airlock changed it (else the guest's).
+    body: Option<Vec<u8>>,
     /// What airlock changed in it.
     rewrites: Rewrites,
     /// What it holds against the token budget until it ends.
@@ -437,6 +429,7 @@ impl Proxy {
             denied: AtomicU64::new(0),
             broken: AtomicU64::new(0),
             notices: AtomicU64::new(0),
+            told: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -478,6 +471,7 @@ impl Proxy {
             Ok(ok) => ok,
             Err((denial, model)) => {
                 let _ = respond(&mut out, denial.status(), denial.headers(), &denial.body());
+                self.tell(&req, &denial);
                 if self.denied.fetch_add(1, Ordering::SeqCst) < MAX_DENIAL_RECORDS {
                     self.audit.host(
                         kind::DENIED,
@@ -500,7 +494,8 @@ impl Proxy {
             }
         };
         let number = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut relayed = self.forward(&req, &route, &body, &mut out, started);
+        let sent = body.as_deref().unwrap_or(&req.body);
+        let mut relayed = self.forward(&req, &route, sent, &mut out, started);
         // An error may quote what was sent: scrubbed for stderr and the log.
         relayed.error = relayed.error.map(|e| self.scrubber.scrub_str(&e).0);
         if relayed.status == Some(502) && relayed.head_ms.is_none() {
@@ -535,7 +530,7 @@ impl Proxy {
         let (charged_input, charged_output) = charge(&relayed, reserved.as_ref());
         self.budget
             .settle(reserved.as_ref(), charged_input, charged_output);
-        let forwarded_sha = rewrites.any().then(|| hex(&Sha256::digest(&body)));
+        let forwarded_sha = body.as_ref().map(|b| hex(&Sha256::digest(b)));
         self.audit.host(
             kind::CALL,
             json!({
@@ -553,7 +548,6 @@ impl Proxy {
                 "request_bytes": req.body_bytes,
                 "request_sha256": req.sha256,
                 "forwarded_sha256": forwarded_sha,
-                "include_usage_added": rewrites.include_usage,
                 "max_tokens_capped": rewrites.max_tokens.map(|c| {
                     let mut v = json!({ "field": c.field, "asked": c.asked, "sent": c.sent });
                     if let Some(also) = c.also {
@@ -582,6 +576,41 @@ impl Proxy {
         );
     }
 
+    /// One `airlock: model: …` line on stderr for the first refusal of
+    /// each reason in the run: the user learns which rule or limit and
+    /// which flag, without a line per call of an agent that insists.
+    fn tell(&self, req: &Request, denial: &Denial) {
+        let mut told = self
+            .told
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if told.contains(&denial.reason) {
+            return;
+        }
+        told.push(denial.reason);
+        drop(told);
+        eprintln!(
+            "airlock: model: refused {} {:?} ({} {}): {} [further refusals for this reason \
+             only in the audit log]",
+            req.method,
+            short(&req.target),
+            denial.status(),
+            denial.reason.name(),
+            denial.message,
+        );
+    }
+
+    /// The reasons told on stderr so far, in order.
+    #[cfg(test)]
+    pub(super) fn told(&self) -> Vec<&'static str> {
+        self.told
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|r| r.name())
+            .collect()
+    }
+
     /// The rules and the policy, in order. On success: the route, the
     /// model named, the body to forward and what airlock changed in it.
     #[allow(clippy::type_complexity)]
@@ -591,36 +620,38 @@ impl Proxy {
         let api = route.api;
         rules::check_host(api, &req.headers).map_err(|d| (d, None))?;
         let deny = |reason, message: String, model: Option<String>| {
+            // A malformed body breaks a rule no flag changes: say so.
+            let message = if reason == Reason::BadBody {
+                format!("{message} (airlock's request body rules; no flag changes them)")
+            } else {
+                message
+            };
             Err((Denial::new(api, reason, message), model))
         };
         if req.body_bytes > policy.max_request_bytes {
             return deny(
                 Reason::BodyTooLarge,
                 format!(
-                    "request body of {} bytes is over airlock's limit of {} bytes",
-                    req.body_bytes, policy.max_request_bytes
+                    "request body of {} bytes is over airlock's limit of {} bytes \
+                     (raise it with --model-max-request-bytes, at most {})",
+                    req.body_bytes,
+                    policy.max_request_bytes,
+                    policy::MAX_REQUEST_BYTES_LIMIT
                 ),
                 None,
             );
         }
+        // The body's top level only, and of it only the fields airlock
+        // reads, as JSON values ([`Top`]).
+        let mut top: Option<Top> = None;
         let mut json: Option<Value> = None;
         if route.completion {
-            match serde_json::from_slice::<Value>(&req.body) {
-                Ok(v @ Value::Object(_)) => json = Some(v),
-                _ => {
-                    return deny(
-                        Reason::BadBody,
-                        "the request body is not a JSON object".into(),
-                        None,
-                    )
+            match Top::parse(&req.body).and_then(|t| Ok((t.read()?, t))) {
+                Ok((read, t)) => {
+                    json = Some(Value::Object(read));
+                    top = Some(t);
                 }
-            }
-            if let Some(key) = duplicate_key(&req.body) {
-                return deny(
-                    Reason::BadBody,
-                    format!("airlock refuses a request body that names {key:?} twice"),
-                    None,
-                );
+                Err(e) => return deny(Reason::BadBody, e.to_string(), None),
             }
         }
         let model = json
@@ -661,8 +692,10 @@ impl Proxy {
             return deny(
                 Reason::NoKey,
                 format!(
-                    "airlock has no API key for the {} API on this host",
-                    api.name()
+                    "airlock has no API key for the {} API on this host (set {} in \
+                     airlock's environment, or pass --model-key-env or --model-key-file)",
+                    api.name(),
+                    super::config::key_env_of(api)
                 ),
                 model,
             );
@@ -674,7 +707,8 @@ impl Proxy {
                     return deny(
                         Reason::ModelNotAllowed,
                         format!(
-                            "model {m:?} is not allowed by airlock's policy (allowed: {})",
+                            "model {m:?} is not allowed by airlock's policy (allowed: {}; \
+                             change it with --model-allow or --model-policy)",
                             policy
                                 .allowed_models
                                 .as_deref()
@@ -687,21 +721,41 @@ impl Proxy {
                 None => return deny(Reason::BadBody, "the request names no model".into(), None),
             }
         }
+        let responses = route.target.starts_with("/v1/responses");
+        if responses && json.as_ref().and_then(|v| v.get("background")) == Some(&Value::Bool(true))
+        {
+            return deny(
+                Reason::OutOfRun,
+                "airlock refuses background responses: they run, and are billed, after this \
+                 call returns and outside this run's budget (no flag enables them)"
+                    .into(),
+                model,
+            );
+        }
+        // Only what generates asks for output (and is capped and reserved).
         let ask = match json.as_ref() {
-            Some(Value::Object(obj)) => match ask_of(api, obj, req.body_bytes) {
-                Ok(ask) => Some(ask),
-                Err(why) => return deny(Reason::BadBody, why.into(), model),
-            },
+            Some(Value::Object(obj)) if route.kind == Kind::Generate => {
+                match ask_of(api, responses, obj, req.body_bytes) {
+                    Ok(ask) => Some(ask),
+                    Err(why) => return deny(Reason::BadBody, why.into(), model),
+                }
+            }
             _ => None,
         };
         // From here on the call is admitted: nothing refuses it, and what
         // it reserved is settled when it ends (`serve`).
-        let admitted = match self.budget.admit(policy, ask.as_ref()) {
+        let admitted = match self
+            .budget
+            .admit(policy, ask.as_ref(), route.spends_tokens())
+        {
             Ok(admitted) => admitted,
             Err(Exhausted::Requests(max)) => {
                 return deny(
                     Reason::RequestBudget,
-                    format!("airlock's budget of {max} model requests for this run is spent"),
+                    format!(
+                        "airlock's budget of {max} model requests for this run is spent \
+                         (raise it with --model-max-requests)"
+                    ),
                     model,
                 )
             }
@@ -714,7 +768,7 @@ impl Proxy {
                     Reason::TokenBudget,
                     format!(
                         "airlock's budget of {max} tokens for this run is spent ({used} used, \
-                         {reserved} held by calls in progress)"
+                         {reserved} held by calls in progress; raise it with --model-max-tokens)"
                     ),
                     model,
                 )
@@ -724,7 +778,7 @@ impl Proxy {
                     Reason::TokenBudget,
                     format!(
                         "this request asks for {n} choices (n) but only {left} tokens of \
-                         airlock's budget for this run are left"
+                         airlock's budget for this run are left (--model-max-tokens)"
                     ),
                     model,
                 )
@@ -732,32 +786,14 @@ impl Proxy {
         };
         let mut rewrites = Rewrites::default();
         if let (Some(Value::Object(obj)), Some(limit)) = (json.as_mut(), admitted.output_limit) {
-            rewrites.max_tokens = cap_output_tokens(api, obj, limit);
+            rewrites.max_tokens = cap_output_tokens(api, responses, obj, limit);
         }
-        // An OpenAI stream reports usage only when asked: ask, so that the
-        // token budget holds.
-        if let Some(Value::Object(obj)) = json.as_mut() {
-            let streaming = obj.get("stream").and_then(Value::as_bool) == Some(true);
-            let asked = obj
-                .get("stream_options")
-                .and_then(|o| o.get("include_usage"))
-                .and_then(Value::as_bool)
-                == Some(true);
-            if api == Api::OpenAi && streaming && !asked {
-                match obj.get_mut("stream_options") {
-                    Some(Value::Object(opts)) => {
-                        opts.insert("include_usage".into(), Value::Bool(true));
-                    }
-                    _ => {
-                        obj.insert("stream_options".into(), json!({ "include_usage": true }));
-                    }
-                }
-                rewrites.include_usage = true;
+        let body = match (json, top, rewrites.max_tokens) {
+            (Some(Value::Object(values)), Some(top), Some(cap)) => {
+                let changed: Vec<&str> = std::iter::once(cap.field).chain(cap.also).collect();
+                Some(top.rebuild(&values, &changed))
             }
-        }
-        let body = match json {
-            Some(v) if rewrites.any() => v.to_string().into_bytes(),
-            _ => req.body.clone(),
+            _ => None,
         };
         Ok(Checked {
             route,
@@ -786,18 +822,27 @@ impl Proxy {
             relayed.error = Some("no upstream or key".into());
             return relayed;
         };
-        let (kept, _) = rules::filter_request_headers(&req.headers);
+        let (mut kept, _) = rules::filter_request_headers(&req.headers);
+        let bearer = match route.api {
+            Api::Anthropic => self.settings.anthropic_auth == AnthropicAuth::Bearer,
+            Api::OpenAi => true,
+        };
+        if route.api == Api::Anthropic && bearer {
+            add_oauth_beta(&mut kept);
+        }
+        if route.api == Api::OpenAi {
+            kept.extend(self.settings.openai_headers.iter().cloned());
+        }
         let mut builder = ureq::http::Request::builder()
             .method(req.method.as_str())
             .uri(upstream.url(&route.target));
         for (name, value) in &kept {
             builder = builder.header(name.as_str(), value.as_str());
         }
-        builder = match route.api {
-            Api::Anthropic => builder.header("x-api-key", key.secret.expose()),
-            Api::OpenAi => {
-                builder.header("authorization", format!("Bearer {}", key.secret.expose()))
-            }
+        builder = if bearer {
+            builder.header("authorization", format!("Bearer {}", key.secret.expose()))
+        } else {
+            builder.header("x-api-key", key.secret.expose())
         };
         let result = if route.completion {
             builder

@@ -111,6 +111,8 @@ fn settings(url: Option<&str>, policy: Policy) -> Settings {
         openai_key: Some(key),
         ca: None,
         policy,
+        anthropic_auth: super::config::AnthropicAuth::ApiKey,
+        openai_headers: Vec::new(),
     }
 }
 
@@ -340,18 +342,30 @@ fn read_answer_rest(guest: &mut UnixStream) -> Vec<u8> {
     }
 }
 
+/// An OpenAI stream goes upstream byte for byte as the client sent it
+/// (no `stream_options` added) and comes back byte for byte (no extra
+/// usage chunk with `choices: []`); with the usage the client asked for,
+/// it is counted; without, under a token budget, the call is charged its
+/// reservation.
 #[test]
-fn openai_gets_a_bearer_key_and_usage_is_asked_for() {
-    let sse = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\ndata: [DONE]\n\n";
-    let (url, got) = upstream(chunked(&[sse]), None);
+fn openai_gets_a_bearer_key_and_the_stream_is_untouched() {
+    let plain =
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n";
+    let (url, got) = upstream(chunked(&[plain]), None);
     let h = Harness::new(settings(Some(&url), Policy::default()));
+    let body = br#"{"model":"gpt-x","stream":true,"messages":[{"role":"user","content":"x"}]}"#;
     let a = h.call(
         "POST",
         "/v1/chat/completions",
         &[("authorization", "Bearer sk-placeholder")],
-        br#"{"model":"gpt-x","stream":true,"messages":[]}"#,
+        body,
     );
     assert_eq!((a.status, a.ended), (200, true));
+    assert_eq!(
+        a.body(),
+        plain.as_bytes(),
+        "the client saw a changed stream"
+    );
     let got = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
     assert!(
         got.head
@@ -360,14 +374,48 @@ fn openai_gets_a_bearer_key_and_usage_is_asked_for() {
         got.head
     );
     assert!(!got.head.contains("sk-placeholder"));
-    let sent: Value = serde_json::from_slice(&got.body).expect("json");
-    assert_eq!(sent["stream_options"]["include_usage"], true);
+    assert_eq!(got.body, body, "the request was changed");
+    let c = &h.records(super::kind::CALL)[0];
+    assert!(c.get("include_usage_added").is_none(), "{c}");
+    assert!(c["forwarded_sha256"].is_null(), "{c}");
+    assert!(c["output_tokens"].is_null(), "{c}");
+
+    // Asked for by the client: counted.
+    let with_usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\ndata: [DONE]\n\n";
+    let (url, got) = upstream(chunked(&[with_usage]), None);
+    let h = Harness::new(settings(Some(&url), Policy::default()));
+    let body = br#"{"model":"gpt-x","stream":true,"stream_options":{"include_usage":true}}"#;
+    let a = h.call("POST", "/v1/chat/completions", &[], body);
+    assert_eq!(a.body(), with_usage.as_bytes());
+    assert_eq!(
+        got.recv_timeout(Duration::from_secs(5)).expect("up").body,
+        body
+    );
     let c = &h.records(super::kind::CALL)[0];
     assert_eq!(
         (c["input_tokens"].as_u64(), c["output_tokens"].as_u64()),
         (Some(3), Some(4))
     );
-    assert_eq!(c["include_usage_added"], true);
+
+    // Under a token budget, only the documented cap lowering changes the
+    // body; no usage comes back, so the reservation is charged.
+    let (url, got) = upstream(chunked(&[plain]), None);
+    let policy = Policy {
+        max_tokens_per_run: Some(100),
+        ..Policy::default()
+    };
+    let h = Harness::new(settings(Some(&url), policy));
+    let body = br#"{"model":"gpt-x","stream":true,"max_completion_tokens":500}"#;
+    let a = h.call("POST", "/v1/chat/completions", &[], body);
+    assert_eq!(a.body(), plain.as_bytes());
+    let sent = got.recv_timeout(Duration::from_secs(5)).expect("up").body;
+    assert_eq!(
+        String::from_utf8_lossy(&sent),
+        r#"{"model":"gpt-x","stream":true,"max_completion_tokens":100}"#,
+        "byte for byte but the cap"
+    );
+    let c = &h.records(super::kind::CALL)[0];
+    assert_eq!(c["charged"]["output"], 100, "{c}");
 }
 
 #[test]
@@ -391,11 +439,27 @@ fn refusals_are_api_shaped_and_audited() {
     let cases: &[Case] = &[
         (
             "POST",
-            "/v1/files",
+            "/v1/complete",
             &anthropic,
             b"{}",
             404,
             "path_not_allowed",
+        ),
+        (
+            "POST",
+            "/v1/files",
+            &anthropic,
+            b"{}",
+            403,
+            "outside_the_run",
+        ),
+        (
+            "POST",
+            "/v1/messages?debug=1",
+            &anthropic,
+            br#"{"model":"ok-model"}"#,
+            400,
+            "query_not_allowed",
         ),
         (
             "GET",
@@ -436,6 +500,7 @@ fn refusals_are_api_shaped_and_audited() {
         assert_eq!(a.status, *status, "{method} {target}");
         assert!(a.ended);
         assert_eq!(a.header("x-airlock-denied"), Some(*reason));
+        assert_eq!(a.header("x-should-retry"), Some("false"), "{target}");
         let v = a.json();
         if *target == "/v1/chat/completions" {
             assert_eq!(v["error"]["code"], *reason, "{v}");
@@ -447,6 +512,11 @@ fn refusals_are_api_shaped_and_audited() {
     let denied = h.records(super::kind::DENIED);
     let reasons: Vec<&str> = denied.iter().filter_map(|d| d["reason"].as_str()).collect();
     assert_eq!(reasons, cases.iter().map(|c| c.5).collect::<Vec<_>>());
+    // Each reason told once on stderr; the same refusal again is not.
+    assert_eq!(h.proxy.told(), reasons);
+    let a = h.call("POST", "/v1/complete", &anthropic, b"{}");
+    assert_eq!(a.status, 404);
+    assert_eq!(h.proxy.told(), reasons);
     assert!(
         got.try_recv().is_err(),
         "a refused call reached the upstream"
@@ -1259,6 +1329,8 @@ fn routed(anthropic: Option<&str>, openai: Option<&str>) -> Settings {
         openai_key: Some(key(OPENAI_ONLY_KEY)),
         ca: None,
         policy: Policy::default(),
+        anthropic_auth: super::config::AnthropicAuth::ApiKey,
+        openai_headers: Vec::new(),
     }
 }
 
@@ -1491,17 +1563,22 @@ fn a_stream_cut_short_is_charged_its_reservation() {
 #[test]
 fn a_long_model_name_cannot_fill_the_audit_log() {
     let h = Harness::new(Settings::default());
-    let name = "A".repeat(512 * 1024);
-    let body = format!(r#"{{"model":"{name}","max_tokens":1,"messages":[]}}"#);
-    for _ in 0..20 {
-        let a = h.call("POST", "/v1/messages", &[], body.as_bytes());
-        assert_eq!(a.status, 400, "{a:?}");
+    // A few KiB (past the model-name limit) and half a MiB (past the
+    // body reader's limit on any one field).
+    for len in [3000, 512 * 1024] {
+        let name = "A".repeat(len);
+        let body = format!(r#"{{"model":"{name}","max_tokens":1,"messages":[]}}"#);
+        for _ in 0..10 {
+            let a = h.call("POST", "/v1/messages", &[], body.as_bytes());
+            assert_eq!(a.status, 400, "{a:?}");
+        }
     }
     let denied = h.records(super::kind::DENIED);
     assert_eq!(denied.len(), 20);
-    for d in &denied {
+    for (i, d) in denied.iter().enumerate() {
         let recorded = d["model"].as_str().unwrap_or_default();
-        assert_eq!(recorded.len(), 256, "the name, cut: {d}");
+        let want = if i < 10 { 256 } else { 0 };
+        assert_eq!(recorded.len(), want, "the name, cut or left out: {d}");
         assert!(
             d.to_string().len() < 4096,
             "a {} byte record",
@@ -1509,4 +1586,283 @@ fn a_long_model_name_cannot_fill_the_audit_log() {
         );
     }
     assert!(h.audit.bytes().len() < 100 * 1024);
+}
+
+/// What real clients send goes through as they sent it: Claude Code's
+/// `POST /v1/messages?beta=true` with its headers, the SDKs'
+/// `count_tokens`, `models/{id}`, OpenAI Responses and embeddings; each
+/// target reaches the upstream exactly.
+#[test]
+fn real_clients_routes_pass_exactly() {
+    let (url, got) = upstream(json_reply(200, "{}"), None);
+    let h = Harness::new(settings(Some(&url), Policy::default()));
+    let claude = [
+        ("anthropic-version", "2023-06-01"),
+        (
+            "anthropic-beta",
+            "claude-code-20250219,interleaved-thinking-2025-05-14",
+        ),
+        ("x-app", "cli"),
+        ("x-claude-code-session-id", "0b6c-session"),
+        ("anthropic-dangerous-direct-browser-access", "true"),
+        ("x-stainless-retry-count", "0"),
+        ("x-api-key", "airlock-placeholder"),
+    ];
+    let body = br#"{"model":"claude-x","max_tokens":32000,"messages":[]}"#;
+    for (method, target, body) in [
+        ("POST", "/v1/messages?beta=true", &body[..]),
+        (
+            "POST",
+            "/v1/messages/count_tokens?beta=true",
+            br#"{"model":"claude-x","messages":[]}"#,
+        ),
+        (
+            "POST",
+            "/v1/messages/count_tokens",
+            br#"{"model":"claude-x","messages":[]}"#,
+        ),
+        ("GET", "/v1/models/claude-x?beta=true", b""),
+        ("GET", "/v1/models?limit=5&beta=true", b""),
+    ] {
+        let a = h.call(method, target, &claude, body);
+        assert_eq!(a.status, 200, "{method} {target}");
+        let g = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+        assert!(
+            g.head
+                .starts_with(&format!("{method} {target} HTTP/1.1\r\n")),
+            "{}",
+            g.head
+        );
+        assert_eq!(g.body, body, "{target}: the body was changed");
+        let head = g.head.to_ascii_lowercase();
+        for (name, value) in &claude[..6] {
+            assert!(
+                head.contains(&format!("{name}: {}\r\n", value.to_ascii_lowercase())),
+                "{name} not forwarded: {head}"
+            );
+        }
+        assert!(!head.contains("airlock-placeholder"), "{head}");
+    }
+    let openai = [("authorization", "Bearer airlock-placeholder")];
+    for target in ["/v1/responses", "/v1/embeddings"] {
+        let body = br#"{"model":"gpt-x","input":"hi"}"#;
+        assert_eq!(
+            h.call("POST", target, &openai, body).status,
+            200,
+            "{target}"
+        );
+        let g = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+        assert!(g.head.starts_with(&format!("POST {target} ")), "{}", g.head);
+        assert_eq!(g.body, body);
+    }
+    let dropped = &h.records(super::kind::CALL)[0]["dropped_headers"];
+    assert_eq!(dropped, &serde_json::json!(["x-api-key"]), "{dropped}");
+}
+
+/// `count_tokens` and the model list spend no tokens: with the token
+/// budget spent they still go (and count as requests); a generating call
+/// is refused with a 429 that says not to retry and names the flag.
+/// Responses' `max_output_tokens` is lowered and reserved like the other
+/// caps; a background response is refused.
+#[test]
+fn count_tokens_is_free_and_responses_are_capped() {
+    let policy = Policy {
+        max_tokens_per_run: Some(100),
+        ..Policy::default()
+    };
+    let usage = r#"{"usage":{"input_tokens":60,"output_tokens":40}}"#;
+    let (url, got) = upstream(json_reply(200, usage), None);
+    let h = Harness::new(settings(Some(&url), policy));
+    let a = h.call(
+        "POST",
+        "/v1/responses",
+        &[],
+        br#"{"model":"gpt-x","input":"hi","max_output_tokens":5000}"#,
+    );
+    assert_eq!(a.status, 200);
+    let sent: Value =
+        serde_json::from_slice(&got.recv_timeout(Duration::from_secs(5)).expect("up").body)
+            .expect("json");
+    assert_eq!(sent["max_output_tokens"], 100);
+    let c = &h.records(super::kind::CALL)[0];
+    assert_eq!(
+        c["max_tokens_capped"],
+        serde_json::json!({"field": "max_output_tokens", "asked": 5000, "sent": 100})
+    );
+    assert_eq!(c["reserved"]["output"], 100);
+    // 100 used: the budget is spent.
+    let a = h.call("POST", "/v1/messages?beta=true", &[], br#"{"model":"m"}"#);
+    assert_eq!(a.status, 429);
+    assert_eq!(a.header("x-should-retry"), Some("false"));
+    let message = a.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(message.contains("--model-max-tokens"), "{message}");
+    for (method, target, body) in [
+        (
+            "POST",
+            "/v1/messages/count_tokens?beta=true",
+            &br#"{"model":"m","messages":[]}"#[..],
+        ),
+        ("GET", "/v1/models", b""),
+    ] {
+        let a = h.call(method, target, &[], body);
+        assert_eq!(a.status, 200, "{target}");
+        got.recv_timeout(Duration::from_secs(5)).expect("up");
+    }
+    let calls = h.records(super::kind::CALL);
+    assert!(calls[1]["reserved"].is_null() && calls[1]["max_tokens_capped"].is_null());
+    assert_eq!(h.proxy.summary()["requests_admitted"], 3);
+    let a = h.call(
+        "POST",
+        "/v1/responses",
+        &[],
+        br#"{"model":"gpt-x","input":"hi","background":true}"#,
+    );
+    assert_eq!(
+        (a.status, a.header("x-airlock-denied")),
+        (403, Some("outside_the_run"))
+    );
+    assert!(got.try_recv().is_err(), "a refused call went upstream");
+}
+
+/// The upstream's retry advice and rate-limit headers reach the client
+/// unchanged, on a 429 of its own.
+#[test]
+fn the_upstreams_retry_headers_pass_unchanged() {
+    let body = r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#;
+    let reply = format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nx-should-retry: true\r\n\
+         retry-after: 7\r\nretry-after-ms: 6500\r\nanthropic-ratelimit-tokens-remaining: 0\r\n\
+         x-ratelimit-reset-requests: 1s\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (url, _got) = upstream(vec![reply.into_bytes()], None);
+    let h = Harness::new(settings(Some(&url), Policy::default()));
+    let a = h.call("POST", "/v1/messages", &[], br#"{"model":"m"}"#);
+    assert_eq!(a.status, 429);
+    for (name, value) in [
+        ("x-should-retry", "true"),
+        ("retry-after", "7"),
+        ("retry-after-ms", "6500"),
+        ("anthropic-ratelimit-tokens-remaining", "0"),
+        ("x-ratelimit-reset-requests", "1s"),
+    ] {
+        assert_eq!(a.header(name), Some(value), "{name}");
+    }
+    assert_eq!(a.body(), body.as_bytes());
+    assert!(a.header("x-airlock-denied").is_none());
+}
+
+/// With `--model-auth bearer` the OAuth token goes to the Anthropic
+/// upstream as `Authorization: Bearer` (never as `x-api-key`), with the
+/// OAuth beta added to the client's list; the guest's own credentials are
+/// dropped; the token is masked in what comes back and never audited.
+#[test]
+fn an_oauth_token_goes_upstream_as_a_bearer_token() {
+    const TOKEN: &str = "sk-ant-oat01-subscription-token-42";
+    let reply = format!(r#"{{"echo":"{TOKEN}","usage":{{"input_tokens":1,"output_tokens":1}}}}"#);
+    let reply: &'static str = Box::leak(reply.into_boxed_str());
+    let (url, got) = upstream(json_reply(200, reply), None);
+    let mut s = routed(Some(&url), Some(&url));
+    s.anthropic_key = Some(Key {
+        secret: Secret::for_tests(TOKEN),
+        source: "$CLAUDE_CODE_OAUTH_TOKEN".into(),
+    });
+    s.anthropic_auth = super::config::AnthropicAuth::Bearer;
+    let h = Harness::new(s);
+    let a = h.call(
+        "POST",
+        "/v1/messages?beta=true",
+        &[
+            ("x-api-key", "airlock-placeholder"),
+            ("authorization", "Bearer guest-token"),
+            ("anthropic-beta", "claude-code-20250219"),
+        ],
+        br#"{"model":"claude-x","messages":[]}"#,
+    );
+    assert_eq!(a.status, 200);
+    assert!(
+        !String::from_utf8_lossy(&a.body()).contains(TOKEN),
+        "the token came back"
+    );
+    let g = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+    let head = g.head.to_ascii_lowercase();
+    assert!(
+        g.head
+            .contains(&format!("authorization: Bearer {TOKEN}\r\n")),
+        "{}",
+        g.head
+    );
+    assert_eq!(head.matches("authorization").count(), 1, "{head}");
+    assert!(
+        !head.contains("x-api-key") && !head.contains("guest-token"),
+        "{head}"
+    );
+    assert!(
+        head.contains("anthropic-beta: claude-code-20250219,oauth-2025-04-20\r\n"),
+        "{head}"
+    );
+    // Without a beta list of the guest's: the OAuth beta alone. OpenAI
+    // calls keep their own key.
+    assert_eq!(
+        h.call("POST", "/v1/messages", &[], br#"{"model":"c"}"#)
+            .status,
+        200
+    );
+    let g = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+    assert!(
+        g.head.contains("anthropic-beta: oauth-2025-04-20\r\n"),
+        "{}",
+        g.head
+    );
+    assert_eq!(
+        h.call("POST", "/v1/chat/completions", &[], br#"{"model":"g"}"#)
+            .status,
+        200
+    );
+    let g = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+    assert!(g
+        .head
+        .contains(&format!("authorization: Bearer {OPENAI_ONLY_KEY}\r\n")));
+    assert!(!g.head.contains(TOKEN) && !g.head.contains("anthropic-beta"));
+    assert!(!String::from_utf8_lossy(&h.audit.bytes()).contains(TOKEN));
+}
+
+/// The host's OpenAI organization and project go with OpenAI calls only;
+/// the guest's are dropped.
+#[test]
+fn openai_account_headers_are_the_hosts() {
+    let (url, got) = upstream(json_reply(200, "{}"), None);
+    let mut s = routed(Some(&url), Some(&url));
+    s.openai_headers = vec![("openai-project".into(), "proj_host".into())];
+    let h = Harness::new(s);
+    let guest = [
+        ("OpenAI-Project", "proj_guest"),
+        ("OpenAI-Organization", "org_guest"),
+    ];
+    assert_eq!(
+        h.call("POST", "/v1/chat/completions", &guest, br#"{"model":"g"}"#)
+            .status,
+        200
+    );
+    let g = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+    let head = g.head.to_ascii_lowercase();
+    assert!(head.contains("openai-project: proj_host\r\n"), "{head}");
+    assert!(
+        !head.contains("guest") && !head.contains("openai-organization"),
+        "{head}"
+    );
+    assert_eq!(
+        h.call("POST", "/v1/messages", &guest, br#"{"model":"c"}"#)
+            .status,
+        200
+    );
+    let g = got.recv_timeout(Duration::from_secs(5)).expect("upstream");
+    assert!(
+        !g.head.to_ascii_lowercase().contains("openai-"),
+        "{}",
+        g.head
+    );
 }

@@ -38,18 +38,21 @@ impl Usage {
     }
 
     /// Usage from one parsed JSON value: a whole response, an Anthropic
-    /// event, or an OpenAI chunk.
+    /// event, an OpenAI chunk, or an OpenAI Responses event.
     fn take_json(&mut self, v: &Value) {
         if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
             self.take(u);
         }
-        // Anthropic's message_start nests it in the message.
-        if let Some(u) = v
-            .get("message")
-            .and_then(|m| m.get("usage"))
-            .filter(|u| u.is_object())
-        {
-            self.take(u);
+        // Anthropic's message_start nests it in the message, OpenAI
+        // Responses' response.completed in the response.
+        for outer in ["message", "response"] {
+            if let Some(u) = v
+                .get(outer)
+                .and_then(|m| m.get("usage"))
+                .filter(|u| u.is_object())
+            {
+                self.take(u);
+            }
         }
     }
 }
@@ -201,6 +204,22 @@ data: [DONE]\n\n";
                 Usage {
                     input: Some(12),
                     output: Some(3)
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn openai_responses_stream_usage() {
+        let sse = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\n\
+event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"hi\"}\n\n\
+event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":4,\"total_tokens\":13}}}\n\n";
+        for chunk in [1, 9, 4096] {
+            assert_eq!(
+                scan("text/event-stream", sse, chunk),
+                Usage {
+                    input: Some(9),
+                    output: Some(4)
                 }
             );
         }
