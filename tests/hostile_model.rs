@@ -154,6 +154,7 @@ def worker(i):
     start.wait()
     if i % 3 == 0:
         body = {"model": "gpt-scripted-1", "stream": True, "n": 2, "max_completion_tokens": 300,
+                "stream_options": {"include_usage": True},
                 "messages": [{"role": "user", "content": f"call {i}"}]}
         s, _, b = call("POST", "/v1/chat/completions", OPENAI, body)
     else:
@@ -238,9 +239,16 @@ for i, (s, kind) in enumerate(results):
     verify(&audit);
     let calls = of_kind(&recs, "model.call");
     assert_eq!(calls.len(), ok, "{calls:?}");
+    // What the run was charged: the usage reported, or a call's whole
+    // reservation where none was.
+    let charged: u64 = calls
+        .iter()
+        .map(|c| c["charged"]["output"].as_u64().expect("charged output"))
+        .sum();
+    assert!(charged <= BUDGET, "{charged} output tokens charged");
     let output: u64 = calls
         .iter()
-        .map(|c| c["output_tokens"].as_u64().expect("output tokens"))
+        .map(|c| c["output_tokens"].as_u64().unwrap_or(0))
         .sum();
     assert!(output <= BUDGET, "{output} output tokens reported");
     let reserved: u64 = calls
