@@ -11,75 +11,12 @@
 //! - With both keys set and an Anthropic-only upstream, the OpenAI key
 //!   never reaches it and OpenAI calls are refused naming the flag.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 
 use airlock_e2e::{
-    audit_records as records, bin, fields_of_kind as of_kind, rel, root, run_env, scratch, Run,
+    audit_records as records, bin, fields_of_kind as of_kind, rel, run_env, scratch, secret_key,
+    Run, Upstream,
 };
-use serde_json::Value;
-
-/// A key no guest may see: unique per test process.
-fn secret_key(test: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("sk-{test}-airlock-{}-{nanos:08x}", std::process::id())
-}
-
-/// The scripted upstream, killed on drop.
-struct Upstream {
-    child: Child,
-    addr: String,
-    log: PathBuf,
-}
-
-impl Upstream {
-    /// Starts `airlock-upstream --script SCRIPT --log DIR/upstream.jsonl ARGS`.
-    fn start(script: &Path, dir: &Path, args: &[&str]) -> Upstream {
-        let log = dir.join("upstream.jsonl");
-        let _ = std::fs::remove_file(&log);
-        let mut child = Command::new(root().join(bin("airlock-upstream")))
-            .arg("--script")
-            .arg(script)
-            .arg("--log")
-            .arg(&log)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start airlock-upstream");
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut first)
-            .expect("read the address");
-        let addr = first.trim().to_owned();
-        assert!(addr.starts_with("127.0.0.1:"), "upstream printed {first:?}");
-        Upstream { child, addr, log }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// The requests it logged.
-    fn requests(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("upstream log line"))
-            .collect()
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));

@@ -441,3 +441,67 @@ pub fn tcg_on_image_raw(
     argv.extend_from_slice(cmd);
     run_raw(&argv, env, timeout_s)
 }
+
+/// A key no guest may see: unique per test process.
+pub fn secret_key(test: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("sk-{test}-airlock-{}-{nanos:08x}", std::process::id())
+}
+
+/// The scripted model API (`airlock-upstream`), killed on drop.
+#[derive(Debug)]
+pub struct Upstream {
+    child: std::process::Child,
+    pub addr: String,
+    pub log: PathBuf,
+}
+
+impl Upstream {
+    /// Starts `airlock-upstream --script SCRIPT --log DIR/upstream.jsonl ARGS`.
+    pub fn start(script: &Path, dir: &Path, args: &[&str]) -> Upstream {
+        let log = dir.join("upstream.jsonl");
+        let _ = std::fs::remove_file(&log);
+        let mut child = std::process::Command::new(root().join(bin("airlock-upstream")))
+            .arg("--script")
+            .arg(script)
+            .arg("--log")
+            .arg(&log)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start airlock-upstream");
+        let mut first = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut first,
+        )
+        .expect("read the address");
+        let addr = first.trim().to_owned();
+        assert!(addr.starts_with("127.0.0.1:"), "upstream printed {first:?}");
+        Upstream { child, addr, log }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The requests it logged.
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("upstream log line"))
+            .collect()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

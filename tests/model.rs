@@ -9,76 +9,13 @@
 //! never enters the guest: its environment, its file systems and its whole
 //! RAM (dumped by the engine after the VM stops) are searched for it.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 
 use airlock_e2e::{
     audit_records as records, bin, build_file, fields_of_kind as of_kind, rel, root, run_env,
-    scratch, testbed, Run,
+    scratch, secret_key, testbed, Run, Upstream,
 };
 use serde_json::Value;
-
-/// A key no guest may see: unique per test process.
-fn secret_key(test: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("sk-ant-airlock-{test}-{}-{nanos:08x}", std::process::id())
-}
-
-/// The scripted upstream, killed on drop.
-struct Upstream {
-    child: Child,
-    addr: String,
-    log: PathBuf,
-}
-
-impl Upstream {
-    /// Starts `airlock-upstream --script SCRIPT --log DIR/upstream.jsonl ARGS`.
-    fn start(script: &Path, dir: &Path, args: &[&str]) -> Upstream {
-        let log = dir.join("upstream.jsonl");
-        let _ = std::fs::remove_file(&log);
-        let mut child = Command::new(root().join(bin("airlock-upstream")))
-            .arg("--script")
-            .arg(script)
-            .arg("--log")
-            .arg(&log)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start airlock-upstream");
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut first)
-            .expect("read the address");
-        let addr = first.trim().to_owned();
-        assert!(addr.starts_with("127.0.0.1:"), "upstream printed {first:?}");
-        Upstream { child, addr, log }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// The requests it logged.
-    fn requests(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("upstream log line"))
-            .collect()
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// `airlock run --engine tcg --image-root build/rootfs.img OPTS -- CMD` with
 /// `env` added to airlock's environment.
