@@ -254,3 +254,75 @@ fn tcg_claude_code_stops_at_a_spent_budget_and_keeps_an_oauth_token() {
     assert_eq!(lines.len(), 1, "{r}");
     assert!(lines[0].contains("--model-max-requests"), "{r}");
 }
+
+/// The same task through our VMM: `--engine kvm` in the nested test bed
+/// (L1 with a real `kvm_amd`), the upstream running in L1 beside airlock.
+#[test]
+fn kvm_claude_code_in_the_test_bed() {
+    let image = claude_code_image();
+    let dir = scratch("claude-code-kvm");
+    let key = secret_key("claude-kvm");
+    let ws = dir.join("ws");
+    std::fs::create_dir_all(&ws).expect("workspace");
+    write(&ws.join("notes.txt"), "alpha\nbeta\n");
+    let out = dir.join("out");
+    let script = bash_then_text(
+        &dir,
+        "mkdir -p out && wc -l < notes.txt > out/lines.txt && env > out/env.txt",
+        "Done: counted the lines into out/lines.txt",
+    );
+    let s = format!(
+        "set -e; ifconfig lo 127.0.0.1 up 2>/dev/null || ip link set lo up; \
+         {up} --script {script} --log {log} --key {key} > {addr} & \
+         for i in $(seq 100); do [ -s {addr} ] && break; sleep 0.1; done; \
+         ANTHROPIC_API_KEY={key} {airlock} run --engine kvm --mem 1024 --timeout 800 \
+         --image-root {image} --model-upstream http://$(head -1 {addr}) \
+         --workspace {ws} --out {out} --env IS_SANDBOX=1 \
+         --env CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 -- \
+         claude --dangerously-skip-permissions -p 'Count the lines of notes.txt'",
+        up = bin("airlock-upstream"),
+        airlock = bin("airlock"),
+        script = rel(&script),
+        log = rel(&dir.join("upstream.jsonl")),
+        addr = rel(&dir.join("addr")),
+        ws = rel(&ws),
+        out = rel(&out),
+    );
+    let r = run(
+        &[
+            "scripts/testbed",
+            "--mem",
+            "3072",
+            "--timeout",
+            "900",
+            "--",
+            "sh",
+            "-c",
+            &s,
+        ],
+        930,
+    );
+    r.expect_code(0).expect_stderr("engine: kvm");
+    assert!(
+        r.stdout
+            .contains("Done: counted the lines into out/lines.txt"),
+        "{r}"
+    );
+    assert_eq!(read(&out.join("lines.txt")).trim(), "2", "{r}");
+    let env = read(&out.join("env.txt"));
+    assert!(!env.contains(&key), "the key reached the guest's env");
+    assert!(
+        env.contains("ANTHROPIC_API_KEY=airlock-placeholder"),
+        "{env}"
+    );
+    let log = read(&dir.join("upstream.jsonl"));
+    let reqs: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(reqs.len(), 2, "{log}");
+    for q in &reqs {
+        assert_eq!(q["target"], "/v1/messages?beta=true", "{q}");
+        assert_eq!(q["key"], key.as_str(), "{q}");
+    }
+}
