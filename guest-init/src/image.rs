@@ -103,6 +103,9 @@ pub fn containerize(spec: RunSpec, container: &Container) -> RunSpec {
         // namespace ignores signals it has no handler for, even its own
         // `kill -9 $$`), and its orphans are reaped.
         "--init",
+        // For the execs of a live sandbox (`podman exec airlock-agent`).
+        "--name",
+        crate::execd::CONTAINER_NAME,
         "--network",
         container.network.as_deref().unwrap_or("none"),
         "--hostname",

@@ -37,6 +37,7 @@ mod clock;
 mod cmdline;
 mod console;
 mod exec;
+mod execd;
 mod files;
 mod image;
 mod model;

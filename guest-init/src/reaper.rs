@@ -162,24 +162,7 @@ impl Reaper {
 
 impl ChildWait for Reaper {
     fn try_wait(&mut self, pid: pid_t) -> io::Result<Option<c_int>> {
-        let mut found = None;
-        loop {
-            match wait_any()? {
-                Waited::Reaped(p, status) => {
-                    log_reaped(p, status);
-                    if p == pid {
-                        found = Some(status);
-                    }
-                }
-                Waited::Running => return Ok(found),
-                // Our child was already reaped by someone else: it can
-                // never be reported, so say so instead of waiting for ever.
-                Waited::NoChildren if found.is_none() => {
-                    return Err(io::Error::from_raw_os_error(libc::ECHILD))
-                }
-                Waited::NoChildren => return Ok(found),
-            }
-        }
+        take_status(pid)
     }
 
     fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
@@ -191,6 +174,69 @@ impl ChildWait for Reaper {
         // Non-blocking: stops at WouldBlock (empty) or on any error.
         while matches!((&self.wake).read(&mut buf), Ok(n) if n > 0) {}
     }
+}
+
+/// Most exit statuses kept for children nobody has asked about yet
+/// (orphans the init inherited, mostly); beyond, the oldest go. A status
+/// someone waits for is taken within a poll interval of its reaping.
+const MAX_KEPT: usize = 4096;
+
+/// Reaped and not yet asked for: (pid, raw status), oldest first. Several
+/// commands run at once in a live sandbox (the command and its execs, each
+/// in its own thread); whoever reaps keeps the others' statuses here.
+static KEPT: std::sync::Mutex<std::collections::VecDeque<(pid_t, c_int)>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+
+/// Takes `pid`'s status if it has ended: from [`KEPT`], or by reaping
+/// (keeping every other child's status). An error if it can never be
+/// reported (no child left and none kept).
+fn take_status(pid: pid_t) -> io::Result<Option<c_int>> {
+    let mut kept = KEPT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(i) = kept.iter().position(|(p, _)| *p == pid) {
+        return Ok(kept.remove(i).map(|(_, s)| s));
+    }
+    let mut found = None;
+    loop {
+        match wait_any()? {
+            Waited::Reaped(p, status) => {
+                log_reaped(p, status);
+                if p == pid {
+                    found = Some(status);
+                } else {
+                    kept.push_back((p, status));
+                    if kept.len() > MAX_KEPT {
+                        kept.pop_front();
+                    }
+                }
+            }
+            Waited::Running => return Ok(found),
+            // Our child was already reaped by someone else: it can never
+            // be reported, so say so instead of waiting for ever.
+            Waited::NoChildren if found.is_none() => {
+                return Err(io::Error::from_raw_os_error(libc::ECHILD))
+            }
+            Waited::NoChildren => return Ok(found),
+        }
+    }
+}
+
+/// An exec's waiter in a live sandbox: asks every few milliseconds (the
+/// `SIGCHLD` wake-ups go to the command's [`Reaper`]).
+#[derive(Debug, Default)]
+pub struct Waiter;
+
+impl ChildWait for Waiter {
+    fn try_wait(&mut self, pid: pid_t) -> io::Result<Option<c_int>> {
+        take_status(pid)
+    }
+
+    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    fn clear_wake(&mut self) {}
 }
 
 #[cfg(test)]

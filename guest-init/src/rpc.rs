@@ -107,7 +107,7 @@ pub enum Error {
 
 impl Error {
     /// The code to tell the host before giving up, when there is one.
-    fn reply_code(&self) -> Option<ErrorCode> {
+    pub(crate) fn reply_code(&self) -> Option<ErrorCode> {
         match self {
             Self::Version(_) => Some(ErrorCode::VersionMismatch),
             Self::Unexpected { .. } => Some(ErrorCode::UnexpectedMessage),
@@ -217,6 +217,7 @@ fn converse<S: Stream>(
                 capability::FILES.into(),
                 capability::COLLECT.into(),
                 capability::MODEL.into(),
+                capability::EXEC.into(),
             ],
         },
     )?;
@@ -234,6 +235,7 @@ fn converse<S: Stream>(
     let workspace = files && has(capability::WORKSPACE);
     let results = files && has(capability::RESULTS);
     let model = has(capability::MODEL);
+    let execs = has(capability::EXEC);
     let mut spec = match receive(stream, "RunSpec")? {
         Message::RunSpec(spec) => spec,
         other => return Err(unexpected(other, "RunSpec")),
@@ -360,6 +362,24 @@ fn converse<S: Stream>(
     };
     let mut recorder = procevents::Recorder::new();
 
+    // A live sandbox: the host's execs, from before the command starts (so
+    // that the host may connect as soon as the command runs) to its end.
+    let exec_listener = if execs {
+        match crate::vsock::VsockListener::bind(airlock_protocol::EXEC_PORT) {
+            Ok(listener) => Some(listener),
+            Err(err) => {
+                console::warn(&format!("cannot serve execs: {err}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let exec_env = if container.is_none() {
+        spec.env.clone()
+    } else {
+        Vec::new()
+    };
     let mut oom_watch = OomWatch::start();
     let agent = placement.agent.then(crate::privilege::Agent::new);
     let mut running = match exec::spawn(&spec, agent.as_ref()) {
@@ -382,6 +402,23 @@ fn converse<S: Stream>(
 
     let pid = running.pid();
     console::debug(&format!("started pid {pid}"));
+    let _exec_server = match exec_listener {
+        Some(listener) => {
+            let setup = crate::execd::Setup {
+                container: container.is_some(),
+                agent: placement.agent,
+                env: exec_env,
+            };
+            match crate::execd::start(listener, setup) {
+                Ok(server) => Some(server),
+                Err(err) => {
+                    console::warn(&format!("cannot serve execs: {err}"));
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     if audit {
         send(
             stream,
@@ -578,7 +615,7 @@ fn is_oom_kill(record: &[u8]) -> bool {
 
 /// Waits (bounded) for the host's end-of-file after `Exit`, when no reader
 /// thread runs.
-fn await_host_close<S: Stream>(stream: &mut S) {
+pub(crate) fn await_host_close<S: Stream>(stream: &mut S) {
     let _ = stream.set_read_timeout(Some(EXIT_ACK_PATIENCE));
     match read_frame(&mut *stream) {
         Err(FrameError::Closed) => console::debug("the host has the exit status"),
@@ -593,7 +630,7 @@ pub const EXIT_ACK_PATIENCE: Duration = Duration::from_secs(10);
 /// The `host-reader` thread: forwards `Stdin` to the command until
 /// `StdinEnd`, and reports the first frame that breaks the conversation
 /// (anything else, a bad frame, the host closing), then ends.
-fn read_host<R: Read>(
+pub(crate) fn read_host<R: Read>(
     mut reader: R,
     expect_stdin: bool,
     mut stdin: Option<ChildStdin>,
@@ -633,11 +670,11 @@ fn read_host<R: Read>(
     let _ = notify.write_all(&[1]);
 }
 
-fn send<S: Write>(stream: &mut S, msg: &Message) -> Result<(), Error> {
+pub(crate) fn send<S: Write>(stream: &mut S, msg: &Message) -> Result<(), Error> {
     write_frame(stream, msg).map_err(|err| Error::Send(msg.kind(), err))
 }
 
-fn receive<S: Read>(stream: &mut S, what: &'static str) -> Result<Message, Error> {
+pub(crate) fn receive<S: Read>(stream: &mut S, what: &'static str) -> Result<Message, Error> {
     match read_frame(stream) {
         Ok(msg) => Ok(msg),
         Err(FrameError::Closed) => Err(Error::Closed),
@@ -647,7 +684,7 @@ fn receive<S: Read>(stream: &mut S, what: &'static str) -> Result<Message, Error
 
 /// The error for a message the conversation does not allow here; an
 /// `Error` from the host is reported as such.
-fn unexpected(msg: Message, expected: &'static str) -> Error {
+pub(crate) fn unexpected(msg: Message, expected: &'static str) -> Error {
     match msg {
         Message::Error { code, message } => Error::Host { code, message },
         other => Error::Unexpected {
@@ -673,7 +710,7 @@ fn bounded_value(mut value: String) -> String {
 
 /// `message` cut to what an `Error` frame may carry, on a character
 /// boundary.
-fn bounded(mut message: String) -> String {
+pub(crate) fn bounded(mut message: String) -> String {
     if message.len() > MAX_ERROR_MESSAGE {
         let mut end = MAX_ERROR_MESSAGE;
         while !message.is_char_boundary(end) {
@@ -755,7 +792,8 @@ mod tests {
                         "audit".into(),
                         "files".into(),
                         "collect".into(),
-                        "model".into()
+                        "model".into(),
+                        "exec".into()
                     ]
                 }
             );

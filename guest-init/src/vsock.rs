@@ -124,3 +124,105 @@ impl Write for VsockStream {
         Ok(())
     }
 }
+
+/// A listening vsock stream socket (the exec port, [`airlock_protocol::EXEC_PORT`]).
+#[derive(Debug)]
+pub struct VsockListener {
+    fd: OwnedFd,
+}
+
+impl VsockListener {
+    /// Binds a close-on-exec listening socket to `port` on this VM's CID.
+    pub fn bind(port: u32) -> io::Result<Self> {
+        // SAFETY: socket(2) takes no pointers; the result is checked below.
+        let raw =
+            unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a descriptor socket(2) just returned to this
+        // thread; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let family = libc::sa_family_t::try_from(libc::AF_VSOCK)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let addr = libc::sockaddr_vm {
+            svm_family: family,
+            svm_reserved1: 0,
+            svm_port: port,
+            svm_cid: libc::VMADDR_CID_ANY,
+            svm_zero: [0; 4],
+        };
+        let len = libc::socklen_t::try_from(mem::size_of::<libc::sockaddr_vm>())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: `addr` is a fully initialised sockaddr_vm living across the
+        // call and `len` is its size; bind(2) keeps no pointer.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&raw const addr).cast::<libc::sockaddr>(),
+                len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: listen(2) on our own descriptor takes no pointers.
+        if unsafe { libc::listen(fd.as_raw_fd(), 16) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { fd })
+    }
+
+    /// Waits at most `timeout` for a connection: `Ok(None)` if none came.
+    /// A connection comes with its peer's CID.
+    pub fn accept_timeout(&self, timeout: Duration) -> io::Result<Option<(VsockStream, u32)>> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid, writable pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            return if err.kind() == io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(err)
+            };
+        }
+        if rc == 0 {
+            return Ok(None);
+        }
+        // SAFETY: all-zero is a valid sockaddr_vm (plain integers).
+        let mut addr: libc::sockaddr_vm = unsafe { mem::zeroed() };
+        let mut len = libc::socklen_t::try_from(mem::size_of::<libc::sockaddr_vm>())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: `addr` and `len` are live and writable, `len` holds the
+        // size of `addr`, so the kernel writes only inside it.
+        let raw = unsafe {
+            libc::accept4(
+                self.fd.as_raw_fd(),
+                (&raw mut addr).cast::<libc::sockaddr>(),
+                &raw mut len,
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if raw < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::EAGAIN | libc::EINTR | libc::ECONNABORTED) => Ok(None),
+                _ => Err(err),
+            };
+        }
+        // SAFETY: accept4 just returned this descriptor to us alone.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(Some((
+            VsockStream {
+                file: File::from(fd),
+            },
+            addr.svm_cid,
+        )))
+    }
+}

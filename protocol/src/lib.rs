@@ -63,6 +63,12 @@ pub mod capability {
     /// patterns). In the host's (only with `results`, and only if the
     /// guest listed it): a `Collect` follows the `RunSpec`.
     pub const COLLECT: &str = "collect";
+    /// In the guest's `Hello`: it can serve exec connections. In the
+    /// host's (only if the guest listed it): while the command runs, the
+    /// guest accepts the host's connections to [`crate::EXEC_PORT`], each
+    /// one more command in the same sandbox (a live sandbox's `airlock
+    /// exec`).
+    pub const EXEC: &str = "exec";
 }
 
 /// Host port the guest init connects to for the control connection.
@@ -79,6 +85,15 @@ pub const FILES_OUT_PORT: u32 = 1026;
 /// Host port the guest connects to, once per HTTP request to the in-guest
 /// model endpoint, to relay that request to the host's model proxy.
 pub const MODEL_PORT: u32 = 1027;
+
+/// Guest port the host connects to (hybrid vsock `CONNECT 1028`), once per
+/// `airlock exec`, while the command runs and only if the host's `Hello`
+/// listed [`capability::EXEC`]: an exec conversation (PROTOCOL.md).
+pub const EXEC_PORT: u32 = 1028;
+
+/// Most exec connections the guest serves at once; it closes further ones
+/// at once.
+pub const MAX_EXECS: usize = 16;
 
 /// The line the init prints on the console when it has started.
 pub const INIT_READY_LINE: &str = "airlock-init: ready";

@@ -1,0 +1,380 @@
+//! A live sandbox's execs (PROTOCOL.md, "Exec conversation"): while the
+//! command runs, and only when the host's `Hello` listed `exec`, the init
+//! accepts the host's connections to [`EXEC_PORT`] and runs one more
+//! command for each, in the agent's container (`podman exec`) or, without
+//! a container, as the command's user; at most [`MAX_EXECS`] at once.
+//!
+//! Only the host may connect: a connection from any other CID is closed at
+//! once (the agent cannot make a vsock socket anyway: its seccomp filter
+//! refuses `AF_VSOCK`). Each conversation is the control conversation's
+//! command part: `Hello`s, the host's `RunSpec`, output and `Exit`, stdin
+//! with `RunSpec.stdin`. The guest's process events and audit claims keep
+//! going on the control connection, which sees every exec in the VM.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::Duration;
+
+use airlock_protocol::{
+    ErrorCode, ExitStatus, Message, RunSpec, HOST_CID, MAX_EXECS, PROTOCOL_VERSION,
+};
+
+use crate::console;
+use crate::exec::{self, Event};
+use crate::reaper::Waiter;
+use crate::rpc::{self, Error};
+use crate::vsock::{VsockListener, VsockStream};
+
+/// The name of the agent's container, for `podman exec`.
+pub const CONTAINER_NAME: &str = "airlock-agent";
+/// How often the accept loop looks at its stop flag.
+const ACCEPT_TICK: Duration = Duration::from_millis(200);
+
+/// Where an exec runs.
+#[derive(Debug, Clone, Default)]
+pub struct Setup {
+    /// In the agent's container (`podman exec`), as its root.
+    pub container: bool,
+    /// Without a container: as the unprivileged agent user, else root.
+    pub agent: bool,
+    /// Added to each exec's environment without a container (the model
+    /// endpoint's variables, `HOME`) unless it sets them itself; a
+    /// container already has them.
+    pub env: Vec<(String, String)>,
+}
+
+/// The accept loop's thread; stops accepting when dropped.
+#[derive(Debug)]
+pub struct Server {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Starts serving exec connections on `listener`.
+pub fn start(listener: VsockListener, setup: Setup) -> std::io::Result<Server> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    thread::Builder::new()
+        .name("execd".into())
+        .spawn(move || accept_loop(&listener, &setup, &flag))?;
+    Ok(Server { stop })
+}
+
+fn accept_loop(listener: &VsockListener, setup: &Setup, stop: &AtomicBool) {
+    let active = Arc::new(AtomicUsize::new(0));
+    while !stop.load(Ordering::SeqCst) {
+        let (stream, cid) = match listener.accept_timeout(ACCEPT_TICK) {
+            Ok(Some(accepted)) => accepted,
+            Ok(None) => continue,
+            Err(err) => {
+                console::warn(&format!("exec port: {err}"));
+                thread::sleep(ACCEPT_TICK);
+                continue;
+            }
+        };
+        if cid != HOST_CID {
+            console::warn(&format!("exec port: refused a connection from cid {cid}"));
+            continue;
+        }
+        if active.load(Ordering::SeqCst) >= MAX_EXECS {
+            console::warn("exec port: too many execs at once; refused one");
+            continue;
+        }
+        active.fetch_add(1, Ordering::SeqCst);
+        let count = Arc::clone(&active);
+        let setup = setup.clone();
+        let spawned = thread::Builder::new().name("exec".into()).spawn(move || {
+            if let Err(err) = serve(stream, &setup) {
+                console::debug(&format!("exec: {}", console::chain(&err)));
+            }
+            count.fetch_sub(1, Ordering::SeqCst);
+        });
+        if let Err(err) = spawned {
+            console::warn(&format!("exec: cannot start a thread: {err}"));
+            active.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The command an exec runs: in the container through `podman exec`, else
+/// the spec itself with the sandbox's environment added.
+pub fn placed(spec: RunSpec, setup: &Setup) -> RunSpec {
+    if !setup.container {
+        let mut env = spec.env;
+        for (name, value) in &setup.env {
+            if !env.iter().any(|(n, _)| n == name) {
+                env.push((name.clone(), value.clone()));
+            }
+        }
+        return RunSpec { env, ..spec };
+    }
+    let mut argv: Vec<String> = vec![crate::image::PODMAN.into(), "exec".into()];
+    if spec.stdin {
+        argv.push("-i".into());
+    }
+    for (name, value) in &spec.env {
+        argv.push("--env".into());
+        argv.push(format!("{name}={value}"));
+    }
+    argv.push("-w".into());
+    argv.push(spec.cwd.clone());
+    // The container is the first operand; podman parses no options after
+    // it, so the command follows verbatim.
+    argv.push(CONTAINER_NAME.into());
+    argv.extend(spec.argv);
+    RunSpec {
+        argv,
+        env: Vec::new(),
+        cwd: "/".into(),
+        ..spec
+    }
+}
+
+fn serve(stream: VsockStream, setup: &Setup) -> Result<(), Error> {
+    serve_with(stream, setup, &mut Waiter)
+}
+
+/// One exec conversation over `stream`, its command waited for by `waiter`.
+fn serve_with<S: rpc::Stream>(
+    mut stream: S,
+    setup: &Setup,
+    waiter: &mut impl crate::exec::ChildWait,
+) -> Result<(), Error> {
+    let result = converse(&mut stream, setup, waiter);
+    if let Err(err) = &result {
+        if let Some(code) = err.reply_code() {
+            let message = rpc::bounded(console::chain(err));
+            let _ = airlock_protocol::write_frame(&mut stream, &Message::Error { code, message });
+        }
+    }
+    result
+}
+
+fn converse<S: rpc::Stream>(
+    stream: &mut S,
+    setup: &Setup,
+    waiter: &mut impl crate::exec::ChildWait,
+) -> Result<(), Error> {
+    stream
+        .set_read_timeout(Some(rpc::HANDSHAKE_TIMEOUT))
+        .map_err(Error::Setup)?;
+    rpc::send(
+        stream,
+        &Message::Hello {
+            version: PROTOCOL_VERSION,
+            capabilities: Vec::new(),
+        },
+    )?;
+    match rpc::receive(stream, "Hello")? {
+        Message::Hello { version, .. } if version == PROTOCOL_VERSION => {}
+        Message::Hello { version, .. } => return Err(Error::Version(version)),
+        other => return Err(rpc::unexpected(other, "Hello")),
+    }
+    let spec = match rpc::receive(stream, "RunSpec")? {
+        Message::RunSpec(spec) => placed(spec, setup),
+        other => return Err(rpc::unexpected(other, "RunSpec")),
+    };
+    stream.set_read_timeout(None).map_err(Error::Setup)?;
+    let agent = (!setup.container && setup.agent).then(crate::privilege::Agent::new);
+    let mut running = match exec::spawn(&spec, agent.as_ref()) {
+        Ok(running) => running,
+        Err(err) => {
+            rpc::send(
+                stream,
+                &Message::Error {
+                    code: ErrorCode::SpawnFailed,
+                    message: rpc::bounded(err.to_string()),
+                },
+            )?;
+            rpc::send(stream, &Message::Exit(ExitStatus::Exited(err.exit_code())))?;
+            rpc::await_host_close(stream);
+            return Ok(());
+        }
+    };
+    let (events, violations) = mpsc::channel();
+    let (wake, notify) = std::os::unix::net::UnixStream::pair().map_err(Error::Setup)?;
+    let reader = stream.try_clone().map_err(Error::Setup)?;
+    let stdin = running.take_stdin();
+    let expect_stdin = spec.stdin;
+    thread::Builder::new()
+        .name("exec-reader".into())
+        .spawn(move || rpc::read_host(reader, expect_stdin, stdin, &events, notify))
+        .map_err(Error::Setup)?;
+    let timeout = spec.timeout_ms.map(Duration::from_millis);
+    let ended = running.pump(
+        waiter,
+        timeout,
+        std::os::fd::AsFd::as_fd(&wake),
+        None,
+        |event| match event {
+            Event::Stdout(data) => rpc::send(stream, &Message::Stdout(data.to_vec())),
+            Event::Stderr(data) => rpc::send(stream, &Message::Stderr(data.to_vec())),
+            Event::Extra => Ok(()),
+            Event::Host => {
+                let mut buf = [0u8; 16];
+                let _ = std::io::Read::read(&mut &wake, &mut buf);
+                match violations.try_recv() {
+                    Ok(err) => Err(err),
+                    Err(mpsc::TryRecvError::Empty) => Ok(()),
+                    Err(mpsc::TryRecvError::Disconnected) => Err(Error::Closed),
+                }
+            }
+        },
+    )?;
+    rpc::send(stream, &Message::Exit(ended.status))?;
+    let _ = violations.recv_timeout(rpc::EXIT_ACK_PATIENCE);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use airlock_protocol::{read_frame, write_frame, FrameError};
+    use std::os::unix::net::UnixStream;
+
+    /// Plays the host: Hello, `spec`, then `stdin` and its end; returns what
+    /// the guest sent after its Hello.
+    fn exec_as_host(spec: RunSpec, stdin: &[u8]) -> Vec<Message> {
+        let (guest, mut host) = UnixStream::pair().expect("socketpair");
+        let setup = Setup::default();
+        let guest_side =
+            thread::spawn(move || serve_with(guest, &setup, &mut crate::exec::WaitPid));
+        let hello = read_frame(&mut host).expect("guest hello");
+        assert!(
+            matches!(hello, Message::Hello { version: 1, .. }),
+            "{hello:?}"
+        );
+        let with_stdin = spec.stdin;
+        write_frame(
+            &mut host,
+            &Message::Hello {
+                version: 1,
+                capabilities: Vec::new(),
+            },
+        )
+        .expect("hello");
+        write_frame(&mut host, &Message::RunSpec(spec)).expect("spec");
+        if with_stdin {
+            write_frame(&mut host, &Message::Stdin(stdin.to_vec())).expect("stdin");
+            write_frame(&mut host, &Message::StdinEnd).expect("end");
+        }
+        let mut seen = Vec::new();
+        loop {
+            match read_frame(&mut host) {
+                Ok(msg) => {
+                    let exit = matches!(msg, Message::Exit(_));
+                    seen.push(msg);
+                    if exit {
+                        break;
+                    }
+                }
+                Err(FrameError::Closed) => break,
+                Err(err) => panic!("{err}"),
+            }
+        }
+        host.shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+        guest_side.join().expect("join").expect("served");
+        seen
+    }
+
+    #[test]
+    fn an_exec_streams_output_takes_stdin_and_ends_with_its_status() {
+        let mut s = spec(&["/bin/sh", "-c", "cat; echo oops >&2; exit 3"], true);
+        s.cwd = "/".into();
+        let seen = exec_as_host(s, b"hello exec");
+        let out: Vec<u8> = seen
+            .iter()
+            .filter_map(|m| match m {
+                Message::Stdout(d) => Some(d.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(out, b"hello exec");
+        assert!(
+            seen.contains(&Message::Stderr(b"oops\n".to_vec())),
+            "{seen:?}"
+        );
+        assert_eq!(seen.last(), Some(&Message::Exit(ExitStatus::Exited(3))));
+    }
+
+    #[test]
+    fn a_missing_program_is_a_spawn_error_then_127() {
+        let mut s = spec(&["/nonexistent/prog"], false);
+        s.cwd = "/".into();
+        let seen = exec_as_host(s, b"");
+        assert!(
+            matches!(
+                seen.first(),
+                Some(Message::Error {
+                    code: ErrorCode::SpawnFailed,
+                    ..
+                })
+            ),
+            "{seen:?}"
+        );
+        assert_eq!(seen.last(), Some(&Message::Exit(ExitStatus::Exited(127))));
+    }
+
+    fn spec(argv: &[&str], stdin: bool) -> RunSpec {
+        RunSpec {
+            argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+            env: vec![("A".into(), "1".into())],
+            cwd: "/workspace".into(),
+            timeout_ms: None,
+            max_output_bytes: 1 << 20,
+            stdin,
+        }
+    }
+
+    #[test]
+    fn in_the_container_it_is_a_podman_exec_whose_command_follows_verbatim() {
+        let setup = Setup {
+            container: true,
+            ..Setup::default()
+        };
+        let s = placed(spec(&["--rm", "-it", "x"], true), &setup);
+        assert_eq!(
+            s.argv,
+            [
+                "/usr/bin/podman",
+                "exec",
+                "-i",
+                "--env",
+                "A=1",
+                "-w",
+                "/workspace",
+                CONTAINER_NAME,
+                "--rm",
+                "-it",
+                "x"
+            ]
+        );
+        assert!(s.env.is_empty());
+        assert_eq!(s.cwd, "/");
+        assert!(s.stdin);
+    }
+
+    #[test]
+    fn without_a_container_the_sandbox_env_is_added_unless_set() {
+        let setup = Setup {
+            container: false,
+            agent: true,
+            env: vec![("A".into(), "sandbox".into()), ("B".into(), "2".into())],
+        };
+        let s = placed(spec(&["true"], false), &setup);
+        assert_eq!(s.argv, ["true"]);
+        assert_eq!(
+            s.env,
+            [("A".to_owned(), "1".to_owned()), ("B".into(), "2".into())]
+        );
+        assert_eq!(s.cwd, "/workspace");
+    }
+}
