@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::engine::EngineChoice;
 
@@ -200,6 +200,165 @@ pub enum Command {
     /// Check, show and sign the audit logs that runs write.
     #[command(after_help = AUDIT_EXIT_CODES)]
     Audit(AuditArgs),
+    /// Boot a sandbox that lives: it stays up, under a supervisor of its
+    /// own, for `airlock exec` to run commands in, until `stop`, `rm`,
+    /// `--idle-timeout` or `--max-lifetime` ends it.
+    ///
+    /// Takes `run`'s options (engine, image, memory, workspace, model and
+    /// audit options, limits; `--out` brings results back when it stops)
+    /// and no command. Returns once an exec can run in it, printing its
+    /// name. Needs the guest root image.
+    #[command(
+        after_help = SANDBOX_EXIT_CODES,
+        override_usage = "airlock create [--name NAME] [--label KEY=VALUE]... [RUN OPTIONS]"
+    )]
+    Create(Box<CreateArgs>),
+    /// Run a command in a live sandbox and exit with its code.
+    ///
+    /// In the sandbox's agent container (as its root; without a container,
+    /// as the sandbox's user), in /workspace (or /) unless -w says
+    /// otherwise, with the sandbox's environment and -e's; several execs may
+    /// run at once.
+    #[command(
+        after_help = SANDBOX_EXIT_CODES,
+        override_usage = "airlock exec [-i] [-e NAME=VALUE]... [-w DIR] SANDBOX -- CMD [ARGS]..."
+    )]
+    Exec(ExecArgs),
+    /// List the sandboxes (running ones; --all: stopped ones too).
+    #[command(after_help = SANDBOX_EXIT_CODES)]
+    Ls(LsArgs),
+    /// Show a sandbox as JSON: its state, options, supervisor, audit log.
+    #[command(after_help = SANDBOX_EXIT_CODES)]
+    Inspect(NameArg),
+    /// Stop a sandbox: SIGTERM to its processes, SIGKILL after -t seconds,
+    /// then the VM stops (results come back to its --out).
+    #[command(after_help = SANDBOX_EXIT_CODES)]
+    Stop(StopArgs),
+    /// Remove stopped sandboxes (-f: stop running ones first, at once).
+    #[command(after_help = SANDBOX_EXIT_CODES)]
+    Rm(RmArgs),
+    /// Print the end of a sandbox's guest console log.
+    #[command(after_help = SANDBOX_EXIT_CODES)]
+    Logs(LogsArgs),
+}
+
+const SANDBOX_EXIT_CODES: &str = "\
+Exit codes:
+  0    done (exec: otherwise the command's own exit code, 128+N for signal N)
+  2    bad usage or input: unknown, duplicate or bad name, a sandbox that is
+       not running (exec) or is running (rm without -f); nothing changed
+  120  the sandbox failed (did not boot, or its supervisor is gone)
+  127  exec: the command could not be started in the sandbox
+
+Sandboxes live under $XDG_RUNTIME_DIR/airlock/sandboxes (root:
+/run/airlock/sandboxes; $AIRLOCK_SANDBOX_DIR overrides), one private
+directory each. Each keeps one audit log for its whole life.";
+
+/// `airlock create`.
+#[derive(Debug, Clone, Args)]
+pub struct CreateArgs {
+    /// The sandbox's name: [a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}, unique per
+    /// user [default: a new sbx-... name]
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// A label, for `ls --filter label=KEY=VALUE` (repeatable)
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Stop the sandbox once no exec has run for this long
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
+    /// Stop the sandbox this long after it was created, whatever it does
+    #[arg(long, value_name = "SECS", default_value_t = 86_400)]
+    pub max_lifetime: u64,
+    /// (Internal) be the supervisor of the sandbox named in
+    /// $AIRLOCK_SANDBOX_NAME.
+    #[arg(long, hide = true)]
+    pub supervise: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// `airlock exec`.
+#[derive(Debug, Clone, Args)]
+pub struct ExecArgs {
+    /// Forward our stdin to the command (to its end of file)
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Set NAME=VALUE in the command's environment (repeatable)
+    #[arg(short = 'e', long = "env", value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// The command's working directory in the sandbox [default: the
+    /// sandbox's: /workspace with --workspace or --out, else /]
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// The sandbox
+    #[arg(value_name = "SANDBOX")]
+    pub name: String,
+    /// The command and its arguments (after `--`)
+    #[arg(value_name = "CMD", trailing_var_arg = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// How `ls` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ListFormat {
+    Table,
+    Json,
+}
+
+/// `airlock ls`.
+#[derive(Debug, Clone, Args)]
+pub struct LsArgs {
+    /// Also list stopped sandboxes (and those whose supervisor died)
+    #[arg(short = 'a', long)]
+    pub all: bool,
+    /// Only sandboxes that match: name=NAME or label=KEY=VALUE (repeatable:
+    /// all must match)
+    #[arg(long = "filter", value_name = "FILTER")]
+    pub filters: Vec<String>,
+    #[arg(long, value_enum, default_value_t = ListFormat::Table)]
+    pub format: ListFormat,
+}
+
+/// A sandbox's name.
+#[derive(Debug, Clone, Args)]
+pub struct NameArg {
+    /// The sandbox
+    #[arg(value_name = "SANDBOX")]
+    pub name: String,
+}
+
+/// `airlock stop`.
+#[derive(Debug, Clone, Args)]
+pub struct StopArgs {
+    /// Seconds between SIGTERM and SIGKILL
+    #[arg(short = 't', long = "time", value_name = "SECS", default_value_t = 10)]
+    pub time: u64,
+    /// The sandbox
+    #[arg(value_name = "SANDBOX")]
+    pub name: String,
+}
+
+/// `airlock rm`.
+#[derive(Debug, Clone, Args)]
+pub struct RmArgs {
+    /// Stop a running sandbox first (SIGKILL at once)
+    #[arg(short = 'f', long)]
+    pub force: bool,
+    /// The sandboxes
+    #[arg(value_name = "SANDBOX", required = true)]
+    pub names: Vec<String>,
+}
+
+/// `airlock logs`.
+#[derive(Debug, Clone, Args)]
+pub struct LogsArgs {
+    /// How many lines from the end
+    #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = 100)]
+    pub lines: usize,
+    /// The sandbox
+    #[arg(value_name = "SANDBOX")]
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -286,9 +445,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub cpus: u32,
     /// Stop the sandbox and exit with 124 if it runs longer than this, boot
-    /// included (at least 1)
-    #[arg(long, value_name = "SECS", default_value_t = 300)]
-    pub timeout: u64,
+    /// included (at least 1) [default: 300]
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
     /// Set NAME=VALUE in the command's environment (repeatable). Nothing
     /// else from airlock's environment reaches the sandbox.
     #[arg(long = "env", short = 'e', value_name = "NAME=VALUE")]
@@ -516,7 +675,7 @@ mod tests {
         assert_eq!(args.engine, EngineChoice::Auto);
         assert_eq!(args.mem, 256);
         assert_eq!(args.cpus, 1);
-        assert_eq!(args.timeout, 300);
+        assert_eq!(args.timeout, None);
         assert!(args.console_log.is_none());
         assert!(!args.keep_console);
         assert!(args.env.is_empty());
@@ -571,7 +730,7 @@ mod tests {
             "--timeout",
         ]);
         assert_eq!(args.env, ["A=1", "B=2"]);
-        assert_eq!(args.timeout, 5);
+        assert_eq!(args.timeout, Some(5));
         assert_eq!(args.command, ["sh", "-c", "exit 7", "--timeout"]);
         // Without `--`, options stop at the command's name.
         let args = run_args(&["airlock", "run", "--mem", "128", "ls", "-l", "--mem"]);

@@ -18,6 +18,7 @@ mod model;
 mod paths;
 mod pinned;
 mod run;
+mod sandbox;
 mod session;
 
 use std::process::ExitCode;
@@ -30,6 +31,13 @@ fn main() -> ExitCode {
         cli::Command::Run(args) => run::main(*args),
         cli::Command::Doctor(args) => doctor::main(args),
         cli::Command::Audit(args) => audit::main(args),
+        cli::Command::Create(args) => sandbox::client::create(*args),
+        cli::Command::Exec(args) => sandbox::client::exec(args),
+        cli::Command::Ls(args) => sandbox::client::ls(args),
+        cli::Command::Inspect(args) => sandbox::client::inspect(args),
+        cli::Command::Stop(args) => sandbox::client::stop(args),
+        cli::Command::Rm(args) => sandbox::client::rm(args),
+        cli::Command::Logs(args) => sandbox::client::logs(args),
     };
     ExitCode::from(exit.code())
 }

@@ -83,6 +83,8 @@ const GUEST_CWD: &str = "/";
 const WORKSPACE_CWD: &str = "/workspace";
 /// The hybrid-vsock base socket's name in the run directory.
 const VSOCK_NAME: &str = "vsock";
+/// `--timeout`'s default, in seconds.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 300;
 /// Longest Unix socket path (`sun_path` is 108 bytes with its NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -293,6 +295,8 @@ pub struct RunConfig {
     pub report: Option<PathBuf>,
     /// `--debug-dump-guest-memory`.
     pub dump_memory: Option<PathBuf>,
+    /// `airlock create`: the supervisor of a live sandbox.
+    pub sandbox: Option<crate::sandbox::server::Mode>,
 }
 
 /// `--workspace`, `--exclude`, `--out`, `--max-out-bytes`.
@@ -453,7 +457,8 @@ impl TryFrom<RunArgs> for RunConfig {
             .filter(|c| CPUS_RANGE.contains(c))
             .and_then(|c| u8::try_from(c).ok())
             .ok_or(Error::Cpus(args.cpus))?;
-        if args.timeout == 0 {
+        let timeout = args.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
+        if timeout == 0 {
             return Err(Error::Timeout);
         }
         let mut run_spec = run_spec(args.command, &args.env, args.max_output_bytes)?;
@@ -484,7 +489,7 @@ impl TryFrom<RunArgs> for RunConfig {
             image: args.image,
             mem_mib: args.mem,
             cpus,
-            timeout: Duration::from_secs(args.timeout),
+            timeout: Duration::from_secs(timeout),
             console: match args.console_log {
                 Some(path) => ConsoleTarget::File(std::path::absolute(&path).unwrap_or(path)),
                 None => ConsoleTarget::Temp {
@@ -522,6 +527,7 @@ impl TryFrom<RunArgs> for RunConfig {
                 .model
                 .debug_dump_guest_memory
                 .map(|p| std::path::absolute(&p).unwrap_or(p)),
+            sandbox: None,
         })
     }
 }
@@ -562,9 +568,29 @@ pub fn main(args: RunArgs) -> Exit {
     }
 }
 
+/// `airlock create`'s supervisor: the run of a live sandbox, whose
+/// command keeps it up while execs come and go.
+pub fn main_sandbox(args: RunArgs, mode: crate::sandbox::server::Mode) -> Exit {
+    match run_with(args, Some(mode)) {
+        Ok(exit) => exit,
+        Err(e) => {
+            eprintln!("airlock: error: {}", crate::report(&e));
+            e.exit()
+        }
+    }
+}
+
 fn run(args: RunArgs) -> Result<Exit, Error> {
+    run_with(args, None)
+}
+
+fn run_with(args: RunArgs, sandbox: Option<crate::sandbox::server::Mode>) -> Result<Exit, Error> {
     let began = Instant::now();
-    let config = RunConfig::try_from(args)?;
+    let mut config = RunConfig::try_from(args)?;
+    if sandbox.is_some() {
+        config.spec.execs = true;
+    }
+    config.sandbox = sandbox;
     let image = ImagePaths::from_env(
         config.image.kernel.clone(),
         config.image.initrd.clone(),
@@ -663,6 +689,13 @@ fn run(args: RunArgs) -> Result<Exit, Error> {
         });
     }
     let audit = AuditLog::create(&audit_path, config.audit.limits, key)?;
+    if let Some(mode) = &config.sandbox {
+        // For `airlock inspect`: the sandbox's one audit log.
+        let _ = fs::write(
+            mode.dir.path.join("audit.path"),
+            format!("{}\n", audit_path.display()),
+        );
+    }
     audit.host(kind::RUN_START, start, Durability::Synced);
     if let Some(why) = audit.failure() {
         return Err(audit::Error::Write(why).into());
@@ -999,6 +1032,11 @@ fn boot(
     };
     let file_acceptors = file_ports(config, &vm_config.vsock_uds, audit)?;
     let model_port = model_port(config, &vm_config.vsock_uds, audit)?;
+    if let Some(mode) = &config.sandbox {
+        let ctl = mode.dir.ctl();
+        crate::sandbox::server::start(mode, &vm_config.vsock_uds, audit, config.max_output_bytes)
+            .map_err(|source| Error::Listen { path: ctl, source })?;
+    }
     let (events_tx, events) = mpsc::channel();
     let acceptor = {
         let tx = events_tx.clone();
@@ -2060,7 +2098,7 @@ mod tests {
             mem: 256,
             no_container: false,
             cpus: 1,
-            timeout: 300,
+            timeout: None,
             env: Vec::new(),
             max_output_bytes: 1 << 30,
             cmdline: None,
@@ -2382,7 +2420,7 @@ mod tests {
             assert_eq!(err.exit(), Exit::Usage);
         }
         let err = RunConfig::try_from(RunArgs {
-            timeout: 0,
+            timeout: Some(0),
             ..args()
         })
         .expect_err("bad timeout");

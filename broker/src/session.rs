@@ -199,6 +199,8 @@ pub struct EncodedSpec {
     pub results: bool,
     /// The `Collect` frame sent after the RunSpec, for `--collect`.
     collect: Option<Vec<u8>>,
+    /// A live sandbox: the guest serves execs while the command runs.
+    pub execs: bool,
 }
 
 impl EncodedSpec {
@@ -208,6 +210,7 @@ impl EncodedSpec {
             workspace: false,
             results: false,
             collect: None,
+            execs: false,
         })
     }
 
@@ -242,6 +245,9 @@ impl EncodedSpec {
         // answers every call with an API-shaped 403).
         if guest.iter().any(|c| c == capability::MODEL) {
             caps.push(capability::MODEL.to_owned());
+        }
+        if self.execs && guest.iter().any(|c| c == capability::EXEC) {
+            caps.push(capability::EXEC.to_owned());
         }
         caps
     }

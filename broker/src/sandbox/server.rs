@@ -1,0 +1,534 @@
+//! The supervisor's side of a live sandbox: the control socket
+//! (`ctl.sock`) that `airlock exec`, `stop` and `inspect` talk to, and the
+//! relay of each exec to the guest's exec port.
+//!
+//! A request is one JSON line (at most [`MAX_REQUEST`] bytes):
+//!
+//! - `{"op":"exec","argv":[..],"env":[[name,value],..],"cwd":"/workspace","stdin":bool}`:
+//!   then the conversation is protocol frames: the client sends `Stdin` and
+//!   `StdinEnd` (with `stdin`), the supervisor relays the guest's `Stdout`,
+//!   `Stderr`, `Error` and `Exit`; a failure of its own is an `Error` and
+//!   the end of the stream, with no `Exit`.
+//! - `{"op":"ready"}`: answers `{"ok":true}` once an exec of `true` in the
+//!   sandbox succeeds (the agent's container is up), or `{"ok":false,...}`.
+//! - `{"op":"stop","grace_secs":N}`: answers `{"ok":true}`, then stops the
+//!   sandbox (SIGTERM to every process of the agent, SIGKILL after N
+//!   seconds, then the VM is stopped).
+//! - `{"op":"status"}`: `{"ok":true,"execs_running":..,"execs":..,"last_used_unix":..}`.
+//!
+//! Everything from the guest is read with the protocol's bounds: one
+//! frame at a time, at most the frame limit, output counted against
+//! `--max-output-bytes` per exec. The client is the user (the socket is in
+//! a 0700 directory); it is still bounded.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use airlock_protocol::{
+    encode, read_frame, write_frame, ErrorCode, ExitStatus, FrameError, Message, RunSpec,
+    EXEC_PORT, PROTOCOL_VERSION,
+};
+use serde_json::{json, Value};
+
+use super::Dir;
+use crate::audit::log::{AuditLog, Durability};
+
+/// Longest request line.
+pub const MAX_REQUEST: u64 = 1 << 20;
+/// How long the guest has to answer an exec connection's handshake.
+const HANDSHAKE: Duration = Duration::from_secs(30);
+/// How long `ready` waits for the sandbox to take an exec.
+const READY_PATIENCE: Duration = Duration::from_secs(300);
+/// After SIGKILL to the agent, how long before the VM itself is stopped.
+const KILL_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Audit record kinds of a live sandbox.
+pub mod kind {
+    /// An exec began: `id`, `argv`, `env_names`, `cwd`, `stdin`.
+    pub const EXEC: &str = "sandbox.exec";
+    /// An exec ended: `id`, `status` (or `error`), `duration_ms`,
+    /// `stdout_bytes`, `stderr_bytes`.
+    pub const EXEC_END: &str = "sandbox.exec_end";
+    /// The sandbox took its first exec: `boot_ms`.
+    pub const READY: &str = "sandbox.ready";
+    /// A stop began: `why` (`stop`, `idle`), `grace_secs`.
+    pub const STOP: &str = "sandbox.stop";
+}
+
+/// What the supervisor of a live sandbox needs beyond a run's config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mode {
+    pub dir: Dir,
+    /// `--idle-timeout`: stop after this long with no exec running.
+    pub idle_timeout: Option<Duration>,
+}
+
+struct Shared {
+    vsock_uds: PathBuf,
+    audit: AuditLog,
+    max_output: u64,
+    started: Instant,
+    running: AtomicUsize,
+    execs: AtomicU64,
+    last_used: Mutex<(Instant, SystemTime)>,
+    ready: AtomicBool,
+    stopping: AtomicBool,
+}
+
+/// Starts serving `mode.dir`'s control socket (and the idle watchdog).
+/// The threads live as long as the supervisor process.
+pub fn start(mode: &Mode, vsock_uds: &Path, audit: &AuditLog, max_output: u64) -> io::Result<()> {
+    let path = mode.dir.ctl();
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    let shared = Arc::new(Shared {
+        vsock_uds: vsock_uds.to_path_buf(),
+        audit: audit.clone(),
+        max_output,
+        started: Instant::now(),
+        running: AtomicUsize::new(0),
+        execs: AtomicU64::new(0),
+        last_used: Mutex::new((Instant::now(), SystemTime::now())),
+        ready: AtomicBool::new(false),
+        stopping: AtomicBool::new(false),
+    });
+    let accepting = Arc::clone(&shared);
+    thread::Builder::new()
+        .name("sandbox-ctl".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let shared = Arc::clone(&accepting);
+                let _ = thread::Builder::new()
+                    .name("sandbox-client".into())
+                    .spawn(move || serve_client(stream, &shared));
+            }
+        })?;
+    if let Some(idle) = mode.idle_timeout {
+        let watched = Arc::clone(&shared);
+        thread::Builder::new()
+            .name("sandbox-idle".into())
+            .spawn(move || loop {
+                thread::sleep(Duration::from_millis(500));
+                let last = watched
+                    .last_used
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+                if watched.ready.load(Ordering::SeqCst)
+                    && watched.running.load(Ordering::SeqCst) == 0
+                    && last.elapsed() >= idle
+                {
+                    stop(&watched, "idle", Duration::from_secs(10));
+                    return;
+                }
+            })?;
+    }
+    Ok(())
+}
+
+fn touch(shared: &Shared) {
+    *shared
+        .last_used
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = (Instant::now(), SystemTime::now());
+}
+
+fn reply(stream: &mut UnixStream, value: &Value) {
+    let _ = stream.write_all(format!("{value}\n").as_bytes());
+}
+
+fn serve_client(mut stream: UnixStream, shared: &Shared) {
+    // Byte by byte: what follows the line (an exec's stdin frames) is not
+    // ours to read here.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    let read: io::Result<()> = loop {
+        match (&stream).read(&mut byte) {
+            Ok(0) => break Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) if byte[0] == b'\n' => break Ok(()),
+            Ok(_) if line.len() as u64 >= MAX_REQUEST => {
+                break Err(io::ErrorKind::InvalidData.into())
+            }
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    let request: Value = match read.ok().and_then(|()| serde_json::from_slice(&line).ok()) {
+        Some(v) => v,
+        None => {
+            reply(&mut stream, &json!({"ok": false, "error": "not a request"}));
+            return;
+        }
+    };
+    match request["op"].as_str() {
+        Some("exec") => exec(stream, &request, shared),
+        Some("ready") => {
+            let answer = match wait_ready(shared) {
+                Ok(()) => json!({"ok": true}),
+                Err(e) => json!({"ok": false, "error": e}),
+            };
+            reply(&mut stream, &answer);
+        }
+        Some("stop") => {
+            let grace = request["grace_secs"].as_u64().unwrap_or(10).min(3600);
+            reply(&mut stream, &json!({"ok": true}));
+            drop(stream);
+            stop(shared, "stop", Duration::from_secs(grace));
+        }
+        Some("status") => {
+            let last = shared
+                .last_used
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .1;
+            let unix = last
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            reply(
+                &mut stream,
+                &json!({
+                    "ok": true,
+                    "ready": shared.ready.load(Ordering::SeqCst),
+                    "stopping": shared.stopping.load(Ordering::SeqCst),
+                    "execs_running": shared.running.load(Ordering::SeqCst),
+                    "execs": shared.execs.load(Ordering::SeqCst),
+                    "last_used_unix": unix,
+                }),
+            );
+        }
+        _ => reply(&mut stream, &json!({"ok": false, "error": "unknown op"})),
+    }
+}
+
+/// Opens a connection to the guest's exec port through the engine's
+/// hybrid-vsock socket and does the handshake.
+fn connect_exec(vsock_uds: &Path) -> io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(vsock_uds)?;
+    stream.set_read_timeout(Some(HANDSHAKE))?;
+    stream.write_all(format!("CONNECT {EXEC_PORT}\n").as_bytes())?;
+    // "OK <port>\n", byte by byte so nothing of the guest's is read.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 32 {
+        if stream.read(&mut byte)? == 0 {
+            return Err(io::Error::other("the sandbox does not take execs (yet)"));
+        }
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(io::Error::other("the engine refused the exec connection"));
+    }
+    match read_frame(&mut stream) {
+        Ok(Message::Hello { version, .. }) if version == PROTOCOL_VERSION => {}
+        Ok(other) => {
+            return Err(io::Error::other(format!(
+                "the guest sent {} instead of Hello",
+                other.kind()
+            )))
+        }
+        Err(e) => return Err(io::Error::other(format!("the guest's Hello: {e}"))),
+    }
+    write_frame(
+        &mut stream,
+        &Message::Hello {
+            version: PROTOCOL_VERSION,
+            capabilities: Vec::new(),
+        },
+    )
+    .map_err(|e| io::Error::other(e.to_string()))?;
+    stream.set_read_timeout(None)?;
+    Ok(stream)
+}
+
+/// Runs `argv` in the sandbox with no input and its output dropped;
+/// its status.
+fn run_quiet(shared: &Shared, argv: &[&str]) -> io::Result<ExitStatus> {
+    let mut guest = connect_exec(&shared.vsock_uds)?;
+    let spec = RunSpec {
+        argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+        env: Vec::new(),
+        cwd: "/".into(),
+        timeout_ms: Some(60_000),
+        max_output_bytes: 1 << 20,
+        stdin: false,
+    };
+    write_frame(&mut guest, &Message::RunSpec(spec))
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    guest.set_read_timeout(Some(Duration::from_secs(90)))?;
+    loop {
+        match read_frame(&mut guest) {
+            Ok(Message::Exit(status)) => {
+                let _ = guest.shutdown(Shutdown::Write);
+                return Ok(status);
+            }
+            Ok(Message::Stdout(_) | Message::Stderr(_) | Message::Error { .. }) => {}
+            Ok(other) => return Err(io::Error::other(format!("unexpected {}", other.kind()))),
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        }
+    }
+}
+
+fn wait_ready(shared: &Shared) -> Result<(), String> {
+    let deadline = Instant::now() + READY_PATIENCE;
+    let mut last = String::from("no answer");
+    while Instant::now() < deadline {
+        if shared.ready.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if shared.stopping.load(Ordering::SeqCst) {
+            return Err("the sandbox is stopping".into());
+        }
+        match run_quiet(shared, &["true"]) {
+            Ok(ExitStatus::Exited(0)) => {
+                if !shared.ready.swap(true, Ordering::SeqCst) {
+                    touch(shared);
+                    shared.audit.host(
+                        kind::READY,
+                        json!({ "boot_ms": u64::try_from(shared.started.elapsed().as_millis()).unwrap_or(u64::MAX) }),
+                        Durability::Synced,
+                    );
+                }
+                return Ok(());
+            }
+            Ok(status) => last = format!("a probe exited {}", status.exit_code()),
+            Err(e) => last = e.to_string(),
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    Err(format!("the sandbox did not become ready: {last}"))
+}
+
+/// Stops the sandbox: SIGTERM to the agent's processes, SIGKILL after
+/// `grace`, and if the VM still runs [`KILL_PATIENCE`] later, SIGTERM to
+/// the supervisor itself (which stops the VM and ends the run).
+fn stop(shared: &Shared, why: &str, grace: Duration) {
+    if shared.stopping.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    shared.audit.host(
+        kind::STOP,
+        json!({ "why": why, "grace_secs": grace.as_secs() }),
+        Durability::Synced,
+    );
+    let _ = run_quiet(shared, &["/bin/sh", "-c", "kill -TERM -1"]);
+    thread::sleep(grace);
+    let _ = run_quiet(shared, &["/bin/sh", "-c", "kill -KILL -1"]);
+    thread::sleep(KILL_PATIENCE);
+    // Still here: the guest does not stop by itself.
+    // SAFETY: kill(2) of our own pid with SIGTERM; the run's signal
+    // handler turns it into "stop the VM and clean up".
+    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+}
+
+fn exec(mut client: UnixStream, request: &Value, shared: &Shared) {
+    let fail = |client: &mut UnixStream, code: ErrorCode, message: String| {
+        let _ = write_frame(client, &Message::Error { code, message });
+    };
+    if shared.stopping.load(Ordering::SeqCst) {
+        fail(
+            &mut client,
+            ErrorCode::Internal,
+            "the sandbox is stopping".into(),
+        );
+        return;
+    }
+    let strings = |v: &Value| -> Option<Vec<String>> {
+        v.as_array()?
+            .iter()
+            .map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    };
+    let argv = strings(&request["argv"]).unwrap_or_default();
+    let env: Option<Vec<(String, String)>> = request["env"].as_array().map(|pairs| {
+        pairs
+            .iter()
+            .filter_map(|p| Some((p[0].as_str()?.to_owned(), p[1].as_str()?.to_owned())))
+            .collect()
+    });
+    let spec = RunSpec {
+        argv,
+        env: env.unwrap_or_default(),
+        cwd: request["cwd"].as_str().unwrap_or("/workspace").to_owned(),
+        timeout_ms: None,
+        max_output_bytes: shared.max_output,
+        stdin: request["stdin"].as_bool().unwrap_or(false),
+    };
+    let frame = match encode(&Message::RunSpec(spec.clone())) {
+        Ok(frame) => frame,
+        Err(e) => {
+            fail(
+                &mut client,
+                ErrorCode::MalformedFrame,
+                format!("bad exec: {e}"),
+            );
+            return;
+        }
+    };
+    let id = shared.execs.fetch_add(1, Ordering::SeqCst) + 1;
+    shared.running.fetch_add(1, Ordering::SeqCst);
+    touch(shared);
+    let began = Instant::now();
+    shared.audit.host(
+        kind::EXEC,
+        json!({
+            "id": id,
+            "argv": spec.argv,
+            "env_names": spec.env.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            "cwd": spec.cwd,
+            "stdin": spec.stdin,
+        }),
+        Durability::Synced,
+    );
+    let result = relay(&mut client, &frame, spec.stdin, shared);
+    let mut end = json!({
+        "id": id,
+        "duration_ms": u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+    });
+    match result {
+        Ok(r) => {
+            end["stdout_bytes"] = json!(r.stdout_bytes);
+            end["stderr_bytes"] = json!(r.stderr_bytes);
+            match r.status {
+                Some(status) => end["status"] = crate::session::status_fields(status),
+                None => end["error"] = json!(r.error.unwrap_or_default()),
+            }
+        }
+        Err(e) => {
+            end["error"] = json!(e.to_string());
+            fail(
+                &mut client,
+                ErrorCode::Internal,
+                format!("exec failed: {e}"),
+            );
+        }
+    }
+    shared.audit.host(kind::EXEC_END, end, Durability::Synced);
+    shared.running.fetch_sub(1, Ordering::SeqCst);
+    touch(shared);
+}
+
+#[derive(Debug, Default)]
+struct Relayed {
+    status: Option<ExitStatus>,
+    error: Option<String>,
+    stdout_bytes: u64,
+    stderr_bytes: u64,
+}
+
+fn relay(
+    client: &mut UnixStream,
+    spec: &[u8],
+    stdin: bool,
+    shared: &Shared,
+) -> io::Result<Relayed> {
+    let mut guest = connect_exec(&shared.vsock_uds)?;
+    guest.write_all(spec)?;
+    // The client's input, to the guest: Stdin frames then StdinEnd.
+    if stdin {
+        let mut from = client.try_clone()?;
+        let mut to = guest.try_clone()?;
+        thread::Builder::new()
+            .name("exec-stdin".into())
+            .spawn(move || loop {
+                match read_frame(&mut from) {
+                    Ok(msg @ Message::Stdin(_)) => {
+                        if write_frame(&mut to, &msg).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Message::StdinEnd) => {
+                        let _ = write_frame(&mut to, &Message::StdinEnd);
+                        return;
+                    }
+                    // The client went away or broke the protocol: the exec
+                    // ends.
+                    _ => {
+                        let _ = to.shutdown(Shutdown::Both);
+                        return;
+                    }
+                }
+            })?;
+    }
+    let mut r = Relayed::default();
+    loop {
+        let msg = match read_frame(&mut guest) {
+            Ok(msg) => msg,
+            Err(FrameError::Closed) => {
+                r.error = Some("the guest closed the exec before its exit status".into());
+                let _ = write_frame(
+                    &mut *client,
+                    &Message::Error {
+                        code: ErrorCode::Internal,
+                        message: r.error.clone().unwrap_or_default(),
+                    },
+                );
+                return Ok(r);
+            }
+            Err(e) => {
+                r.error = Some(format!("guest protocol error: {e}"));
+                let _ = write_frame(
+                    &mut *client,
+                    &Message::Error {
+                        code: ErrorCode::MalformedFrame,
+                        message: r.error.clone().unwrap_or_default(),
+                    },
+                );
+                return Ok(r);
+            }
+        };
+        match &msg {
+            Message::Stdout(d) => r.stdout_bytes += d.len() as u64,
+            Message::Stderr(d) => r.stderr_bytes += d.len() as u64,
+            Message::Error { .. } => {}
+            Message::Exit(status) => {
+                r.status = Some(*status);
+                let _ = guest.shutdown(Shutdown::Write);
+                let _ = write_frame(&mut *client, &msg);
+                return Ok(r);
+            }
+            other => {
+                r.error = Some(format!("guest protocol error: unexpected {}", other.kind()));
+                let _ = write_frame(
+                    &mut *client,
+                    &Message::Error {
+                        code: ErrorCode::UnexpectedMessage,
+                        message: r.error.clone().unwrap_or_default(),
+                    },
+                );
+                return Ok(r);
+            }
+        }
+        if r.stdout_bytes + r.stderr_bytes > shared.max_output {
+            r.error = Some(format!(
+                "the exec's output reached --max-output-bytes ({}); it was stopped",
+                shared.max_output
+            ));
+            let _ = guest.shutdown(Shutdown::Both);
+            let _ = write_frame(
+                &mut *client,
+                &Message::Error {
+                    code: ErrorCode::Internal,
+                    message: r.error.clone().unwrap_or_default(),
+                },
+            );
+            return Ok(r);
+        }
+        if write_frame(&mut *client, &msg).is_err() {
+            // The client went away: the exec's connection closes, and the
+            // guest kills the command.
+            r.error = Some("the client went away".into());
+            let _ = guest.shutdown(Shutdown::Both);
+            return Ok(r);
+        }
+    }
+}
