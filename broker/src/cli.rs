@@ -207,7 +207,7 @@ pub enum Command {
     /// Takes `run`'s options (engine, image, memory, workspace, model and
     /// audit options, limits; `--out` brings results back when it stops)
     /// and no command. Returns once an exec can run in it, printing its
-    /// name. Needs the guest root image.
+    /// name. On the guest root image, execs run in the agent's container.
     #[command(
         after_help = SANDBOX_EXIT_CODES,
         override_usage = "airlock create [--name NAME] [--label KEY=VALUE]... [RUN OPTIONS]"

@@ -224,6 +224,7 @@ pub fn spawn(spec: &RunSpec, agent: Option<&Agent>) -> Result<Running, SpawnErro
         stdout: Some(stdout),
         stderr: Some(stderr),
         armed: true,
+        spare_group: false,
     })
 }
 
@@ -288,6 +289,10 @@ pub struct Running {
     stderr: Option<ChildStderr>,
     /// Kill the process group on drop.
     armed: bool,
+    /// Once the command has ended by itself, leave what it started in its
+    /// group running (an exec in a live sandbox: its background processes
+    /// belong to the sandbox, not to the exec); see [`Running::spare_group`].
+    spare_group: bool,
 }
 
 impl Running {
@@ -299,6 +304,13 @@ impl Running {
     /// The write end of the command's stdin, if the spec asked for one.
     pub fn take_stdin(&mut self) -> Option<ChildStdin> {
         self.stdin.take()
+    }
+
+    /// After the command ends by itself, stop reading its pipes
+    /// [`DRAIN_GRACE`] later without killing its process group (a timeout,
+    /// an error or a drop still kills it).
+    pub fn spare_group(&mut self) {
+        self.spare_group = true;
     }
 
     /// Sends SIGKILL to the command's process group.
@@ -346,7 +358,9 @@ impl Running {
                     break raw;
                 }
                 if now >= drain_until {
-                    self.kill_group();
+                    if !self.spare_group {
+                        self.kill_group();
+                    }
                     self.drain_buffered(&mut buf, &mut on)?;
                     break raw;
                 }

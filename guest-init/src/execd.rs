@@ -197,6 +197,8 @@ fn converse<S: rpc::Stream>(
             return Ok(());
         }
     };
+    // What the exec leaves running in the background is the sandbox's.
+    running.spare_group();
     let (events, violations) = mpsc::channel();
     let (wake, notify) = std::os::unix::net::UnixStream::pair().map_err(Error::Setup)?;
     let reader = stream.try_clone().map_err(Error::Setup)?;
@@ -303,6 +305,32 @@ mod tests {
             "{seen:?}"
         );
         assert_eq!(seen.last(), Some(&Message::Exit(ExitStatus::Exited(3))));
+    }
+
+    #[test]
+    fn what_an_exec_leaves_in_the_background_keeps_running() {
+        let mut s = spec(&["/bin/sh", "-c", "sleep 30 & echo $!"], false);
+        s.cwd = "/".into();
+        // The sleep holds the exec's stdout open: the exec still ends.
+        let seen = exec_as_host(s, b"");
+        assert_eq!(seen.last(), Some(&Message::Exit(ExitStatus::Exited(0))));
+        let out: Vec<u8> = seen
+            .iter()
+            .filter_map(|m| match m {
+                Message::Stdout(d) => Some(d.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let pid: libc::pid_t = String::from_utf8_lossy(&out).trim().parse().expect("pid");
+        // SAFETY: kill(2) with signal 0 only checks that the pid exists.
+        assert_eq!(
+            unsafe { libc::kill(pid, 0) },
+            0,
+            "the background sleep was killed"
+        );
+        // SAFETY: kill(2) of the sleep this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 
     #[test]

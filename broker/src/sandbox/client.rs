@@ -225,6 +225,15 @@ pub fn create(args: CreateArgs) -> Exit {
     }
     match ask(&dir, &json!({"op": "ready"}), Duration::from_secs(600)) {
         Ok(answer) if answer["ok"] == true => {
+            // What airlock said while it booted (the engine, warnings):
+            // nothing of the guest's has run yet.
+            if let Ok(text) = fs::read(dir.log()) {
+                for line in text.split(|b| *b == b'\n') {
+                    if line.starts_with(b"airlock: ") {
+                        eprintln!("{}", crate::sanitize(line));
+                    }
+                }
+            }
             println!("{name}");
             Exit::Success
         }

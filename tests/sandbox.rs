@@ -1,0 +1,504 @@
+//! Sandboxes that live: `airlock create`, `exec`, `ls`, `inspect`, `stop`,
+//! `rm`, `logs`, on the tcg engine on this host and through airlock-vmm in
+//! the nested test bed. Each test keeps its sandboxes in a directory of its
+//! own (`AIRLOCK_SANDBOX_DIR`).
+
+use airlock_e2e::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A test's sandbox state directory and temp dir, and `airlock` in them.
+struct Place {
+    dir: PathBuf,
+    tmp: TempDir,
+}
+
+impl Place {
+    fn new(test: &str) -> Place {
+        let dir = scratch(test).join("sbx");
+        let _ = std::fs::remove_dir_all(&dir);
+        Place {
+            dir,
+            tmp: TempDir::new(test),
+        }
+    }
+
+    fn env(&self) -> Vec<(&str, &str)> {
+        vec![
+            ("AIRLOCK_SANDBOX_DIR", self.dir.to_str().expect("utf-8")),
+            ("TMPDIR", self.tmp.as_str()),
+        ]
+    }
+
+    /// `airlock create --engine tcg --image-root build/rootfs.img --name NAME ARGS`.
+    fn create(&self, name: &str, args: &[&str]) -> Run {
+        let image = build_file("rootfs.img");
+        let mut argv = vec![
+            "create",
+            "--engine",
+            "tcg",
+            "--image-root",
+            &image,
+            "--name",
+            name,
+        ];
+        argv.extend_from_slice(args);
+        self.airlock(&argv, 300)
+    }
+
+    /// `airlock ARGS`.
+    fn airlock(&self, args: &[&str], timeout_s: u32) -> Run {
+        let airlock = bin("airlock");
+        let mut argv = vec![airlock.as_str()];
+        argv.extend_from_slice(args);
+        run_env(&argv, &self.env(), timeout_s)
+    }
+
+    /// `airlock exec -i NAME -- CMD` with `input` on its stdin.
+    fn exec_with_stdin(&self, name: &str, cmd: &[&str], input: &[u8]) -> RawRun {
+        let airlock = root().join(bin("airlock"));
+        let mut child = std::process::Command::new(airlock)
+            .args(["exec", "-i", name, "--"])
+            .args(cmd)
+            .envs(self.env())
+            .env("XDG_STATE_HOME", state_dir())
+            .current_dir(root())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn airlock exec");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let data = input.to_vec();
+        let feeder = std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = stdin.write_all(&data);
+        });
+        let out = child.wait_with_output().expect("wait");
+        feeder.join().expect("feeder");
+        RawRun {
+            code: out.status.code(),
+            stdout: out.stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    fn inspect(&self, name: &str) -> Value {
+        let r = self.airlock(&["inspect", name], 30);
+        r.expect_code(0);
+        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("inspect JSON: {e}\n{r}"))
+    }
+
+    fn state(&self, name: &str) -> String {
+        let r = self.airlock(&["ls", "--all", "--format", "json"], 30);
+        r.expect_code(0);
+        let all: Value = serde_json::from_str(&r.stdout).expect("ls JSON");
+        all.as_array()
+            .expect("array")
+            .iter()
+            .find(|s| s["name"] == name)
+            .map_or_else(
+                || "absent".into(),
+                |s| s["state"].as_str().unwrap_or("").to_owned(),
+            )
+    }
+
+    /// Waits until `name`'s state is `want` (at most `limit`).
+    fn wait_state(&self, name: &str, want: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let state = self.state(name);
+            if state == want || Instant::now() >= deadline {
+                return state;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// The pids of the engine processes a sandbox's audit log names
+/// (`vm.start`).
+fn vm_pids(audit: &Path) -> Vec<i32> {
+    let records = audit_records(audit);
+    let start = fields_of_kind(&records, "vm.start");
+    start[0]["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .map(|p| p["pid"].as_i64().expect("pid") as i32)
+        .collect()
+}
+
+/// Whether `pid` is a live process (a zombie counts as gone).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            let state = s.rsplit(')').next().unwrap_or("").trim_start();
+            !state.starts_with('Z') && !state.starts_with('X')
+        })
+        .unwrap_or(false)
+}
+
+fn wait_dead(pids: &[i32], limit: Duration) -> Vec<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left: Vec<i32> = pids.iter().copied().filter(|p| alive(*p)).collect();
+        if left.is_empty() || Instant::now() >= deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The life of one sandbox: it keeps its state between execs (a file in
+/// /tmp, a background process), runs two execs at once, takes 10 MB of
+/// stdin intact, reports each exec's exit code and signal, says so when
+/// a command cannot start, stops within -t of a process that ignores
+/// SIGTERM, refuses what makes no sense, and is gone after rm; one audit
+/// log records it all.
+#[test]
+fn tcg_a_sandbox_lives_across_execs() {
+    let p = Place::new("sandbox-life");
+    let ws = scratch("sandbox-life").join("ws");
+    std::fs::create_dir_all(&ws).expect("ws");
+    std::fs::write(ws.join("hello.txt"), "from the host\n").expect("write");
+    let r = p.create("life", &["--label", "team=blue", "--workspace", &rel(&ws)]);
+    r.expect_code(0);
+    assert_eq!(r.stdout.trim(), "life", "{r}");
+
+    // ls: running, found by label, not by another label.
+    let r = p.airlock(
+        &["ls", "--format", "json", "--filter", "label=team=blue"],
+        30,
+    );
+    let ls: Value = serde_json::from_str(&r.stdout).expect("ls JSON");
+    assert_eq!(ls[0]["name"], "life", "{r}");
+    assert_eq!(ls[0]["state"], "running", "{r}");
+    let r = p.airlock(
+        &["ls", "--format", "json", "--filter", "label=team=red"],
+        30,
+    );
+    assert_eq!(r.stdout.trim(), "[]", "{r}");
+
+    // State persists between execs; the workspace is there.
+    let r = p.airlock(
+        &[
+            "exec", "life", "--", "sh", "-c",
+            "cat hello.txt; echo kept > /tmp/f; nohup sleep 1000 >/dev/null 2>&1 & echo $! > /tmp/pid",
+        ],
+        120,
+    );
+    r.expect_code(0);
+    assert_eq!(r.stdout, "from the host\n", "{r}");
+    let r = p.airlock(
+        &[
+            "exec",
+            "life",
+            "--",
+            "sh",
+            "-c",
+            "cat /tmp/f; kill -0 $(cat /tmp/pid) && echo alive",
+        ],
+        120,
+    );
+    r.expect_code(0);
+    assert_eq!(r.stdout, "kept\nalive\n", "{r}");
+
+    // Two at once: each waits for the other's mark, so both finish only
+    // if both run at the same time.
+    let airlock = root().join(bin("airlock"));
+    let first = std::process::Command::new(&airlock)
+        .args([
+            "exec", "life", "--", "sh", "-c",
+            "touch /tmp/a; for i in $(seq 900); do [ -e /tmp/b ] && echo a-saw-b && exit 0; sleep 0.1; done; exit 1",
+        ])
+        .envs(p.env())
+        .env("XDG_STATE_HOME", state_dir())
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("first exec");
+    let r = p.airlock(
+        &[
+            "exec", "life", "--", "sh", "-c",
+            "touch /tmp/b; for i in $(seq 900); do [ -e /tmp/a ] && echo b-saw-a && exit 0; sleep 0.1; done; exit 1",
+        ],
+        120,
+    );
+    r.expect_code(0);
+    assert_eq!(r.stdout, "b-saw-a\n", "{r}");
+    let first = first.wait_with_output().expect("first");
+    assert_eq!(first.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&first.stdout), "a-saw-b\n");
+
+    // 10 MB of stdin, binary, intact.
+    let data: Vec<u8> = (0..10_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let r = p.exec_with_stdin("life", &["sha256sum"], &data);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let got = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert_eq!(
+        got.split_whitespace().next(),
+        Some(sha256_hex(&data).as_str()),
+        "{got}"
+    );
+
+    // Exit codes and signals, and a command that does not exist.
+    p.airlock(&["exec", "life", "--", "sh", "-c", "exit 3"], 120)
+        .expect_code(3);
+    p.airlock(&["exec", "life", "--", "sh", "-c", "kill -9 $$"], 120)
+        .expect_code(137);
+    let r = p.airlock(&["exec", "life", "--", "no-such-program"], 120);
+    r.expect_code(127);
+    // -e and -w.
+    let r = p.airlock(
+        &[
+            "exec",
+            "-e",
+            "GREETING=hi there",
+            "-w",
+            "/tmp",
+            "life",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$GREETING\" in $(pwd)",
+        ],
+        120,
+    );
+    r.expect_code(0);
+    assert_eq!(r.stdout, "hi there in /tmp\n", "{r}");
+
+    // inspect: running, its audit log, how many execs.
+    let v = p.inspect("life");
+    assert_eq!(v["state"], "running", "{v:#}");
+    assert_eq!(v["labels"]["team"], "blue", "{v:#}");
+    let audit = PathBuf::from(v["audit_log"].as_str().expect("audit_log"));
+    assert!(v["status"]["execs"].as_u64().expect("execs") >= 9, "{v:#}");
+
+    // A duplicate name, and rm of a running sandbox without -f: refused,
+    // nothing changed.
+    let r = p.create("life", &[]);
+    r.expect_code(2).expect_stderr("already exists");
+    let r = p.airlock(&["rm", "life"], 30);
+    r.expect_code(2).expect_stderr("is running");
+    assert_eq!(p.state("life"), "running");
+
+    // stop -t 2, with a process that ignores SIGTERM.
+    p.airlock(
+        &[
+            "exec",
+            "life",
+            "--",
+            "sh",
+            "-c",
+            "nohup sh -c 'trap \"\" TERM; while :; do sleep 1; done' >/dev/null 2>&1 &",
+        ],
+        120,
+    )
+    .expect_code(0);
+    let pids = vm_pids(&audit);
+    let began = Instant::now();
+    let r = p.airlock(&["stop", "-t", "2", "life"], 120);
+    r.expect_code(0);
+    assert!(
+        began.elapsed() < Duration::from_secs(60),
+        "stop took {:?}",
+        began.elapsed()
+    );
+    assert_eq!(p.state("life"), "stopped");
+    assert!(
+        wait_dead(&pids, Duration::from_secs(10)).is_empty(),
+        "VM processes left"
+    );
+
+    // Into a stopped sandbox: refused.
+    let r = p.airlock(&["exec", "life", "--", "true"], 30);
+    r.expect_code(2).expect_stderr("not running");
+
+    // The one audit log: intact, every exec and the stop in it.
+    let v = run(
+        &[
+            &bin("airlock"),
+            "audit",
+            "verify",
+            audit.to_str().expect("utf-8"),
+        ],
+        30,
+    );
+    v.expect_code(0);
+    let records = audit_records(&audit);
+    let execs = fields_of_kind(&records, "sandbox.exec");
+    let ends = fields_of_kind(&records, "sandbox.exec_end");
+    assert_eq!(execs.len(), ends.len(), "{ends:#?}");
+    assert!(execs
+        .iter()
+        .any(|e| e["argv"][0] == "sha256sum" && e["stdin"] == true));
+    assert!(ends.iter().any(|e| e["status"]["exited"] == 3));
+    // sha256sum's line: 64 hex digits, "  -", a newline.
+    assert!(ends.iter().any(|e| e["stdout_bytes"] == 68), "{ends:#?}");
+    let stops = fields_of_kind(&records, "sandbox.stop");
+    assert_eq!(stops.len(), 1, "{stops:#?}");
+    assert_eq!(stops[0]["why"], "stop");
+
+    // rm: gone, with its directory.
+    p.airlock(&["rm", "life"], 30).expect_code(0);
+    assert_eq!(p.state("life"), "absent");
+    assert!(!p.dir.join("life").exists());
+}
+
+/// Two sandboxes do not see each other; `rm -f` of a running one leaves no
+/// process and no state; SIGKILL of a supervisor takes its VM with it and
+/// `ls` says the sandbox is dead; `--idle-timeout` stops an idle one.
+#[test]
+fn tcg_sandboxes_are_apart_and_leave_nothing_behind() {
+    let p = Place::new("sandbox-apart");
+    for name in ["one", "two"] {
+        p.create(name, &["--idle-timeout", "600"]).expect_code(0);
+    }
+    p.airlock(
+        &[
+            "exec",
+            "one",
+            "--",
+            "sh",
+            "-c",
+            "echo secret-of-one > /tmp/secret; nohup sleep 999 >/dev/null 2>&1 &",
+        ],
+        120,
+    )
+    .expect_code(0);
+    let r = p.airlock(
+        &[
+            "exec",
+            "two",
+            "--",
+            "sh",
+            "-c",
+            "cat /tmp/secret; ps -eo args | grep -c '^sleep 999'",
+        ],
+        120,
+    );
+    assert!(!r.stdout.contains("secret-of-one"), "{r}");
+    assert!(
+        r.stdout.trim_end().ends_with('0'),
+        "two sees one's process\n{r}"
+    );
+
+    // SIGKILL of one's supervisor: its VM goes too; ls says dead.
+    let v = p.inspect("one");
+    let pid = v["supervisor_pid"].as_i64().expect("supervisor pid") as i32;
+    let pids = vm_pids(Path::new(v["audit_log"].as_str().expect("audit")));
+    assert!(!pids.is_empty());
+    // SAFETY: kill(2) of the supervisor this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(
+        wait_dead(&pids, Duration::from_secs(20)).is_empty(),
+        "a VM outlived its supervisor"
+    );
+    assert_eq!(p.wait_state("one", "dead", Duration::from_secs(10)), "dead");
+    let r = p.airlock(&["exec", "one", "--", "true"], 30);
+    r.expect_code(2).expect_stderr("not running");
+    p.airlock(&["rm", "one"], 30).expect_code(0);
+    assert!(!p.dir.join("one").exists());
+
+    // rm -f of a running sandbox.
+    let v = p.inspect("two");
+    let pids = vm_pids(Path::new(v["audit_log"].as_str().expect("audit")));
+    let sup = v["supervisor_pid"].as_i64().expect("supervisor pid") as i32;
+    p.airlock(&["rm", "-f", "two"], 120).expect_code(0);
+    assert!(
+        wait_dead(&pids, Duration::from_secs(10)).is_empty(),
+        "VM processes left"
+    );
+    assert!(!alive(sup), "the supervisor is left");
+    assert!(!p.dir.join("two").exists(), "state left");
+    assert_eq!(p.state("two"), "absent");
+
+    // --idle-timeout: stops by itself once nothing runs.
+    p.create("idle", &["--idle-timeout", "3"]).expect_code(0);
+    p.airlock(&["exec", "idle", "--", "true"], 120)
+        .expect_code(0);
+    assert_eq!(
+        p.wait_state("idle", "stopped", Duration::from_secs(90)),
+        "stopped"
+    );
+    let v = p.inspect("idle");
+    let records = audit_records(Path::new(v["audit_log"].as_str().expect("audit")));
+    let stops = fields_of_kind(&records, "sandbox.stop");
+    assert_eq!(stops.len(), 1, "{stops:#?}");
+    assert_eq!(stops[0]["why"], "idle");
+    p.airlock(&["rm", "idle"], 30).expect_code(0);
+}
+
+/// Bad input: one clear line, exit 2, nothing changed; no VM starts.
+#[test]
+fn sandbox_bad_input_is_a_usage_error() {
+    let p = Place::new("sandbox-bad");
+    for (args, says) in [
+        (vec!["exec", "nope", "--", "true"], "no sandbox named nope"),
+        (vec!["inspect", "nope"], "no sandbox named nope"),
+        (vec!["stop", "nope"], "no sandbox named nope"),
+        (vec!["rm", "nope"], "no sandbox named nope"),
+        (vec!["logs", "nope"], "no sandbox named nope"),
+        (vec!["exec", "../x", "--", "true"], "not a sandbox name"),
+        (vec!["create", "--name=-bad"], "not a sandbox name"),
+        (vec!["create", "--name", "a/b"], "not a sandbox name"),
+        (
+            vec!["create", "--name", "ok", "--", "true"],
+            "create takes no command",
+        ),
+        (
+            vec!["create", "--name", "ok", "--timeout", "5"],
+            "create has no --timeout",
+        ),
+        (
+            vec!["create", "--name", "ok", "--label", "novalue"],
+            "expected KEY=VALUE",
+        ),
+        (vec!["create", "--name", "ok", "--mem", "1"], "mem"),
+        (vec!["ls", "--filter", "color=red"], "expected name=NAME"),
+    ] {
+        let r = p.airlock(&args, 30);
+        r.expect_code(2).expect_one_line_error(says);
+    }
+    // Nothing was made.
+    let r = p.airlock(&["ls", "--all", "--format", "json"], 30);
+    r.expect_code(0);
+    assert_eq!(r.stdout.trim(), "[]", "{r}");
+}
+
+/// The same life through airlock-vmm: `--engine kvm` in the nested test
+/// bed.
+#[test]
+fn kvm_sandbox_in_the_test_bed() {
+    let image = build_file("rootfs.img");
+    let airlock = bin("airlock");
+    let s = format!(
+        "set -e; export AIRLOCK_SANDBOX_DIR=/tmp/sbx; A={airlock}; \
+         $A create --engine kvm --image-root {image} --name k1; \
+         $A exec k1 -- sh -c 'echo kept > /tmp/f'; \
+         $A exec k1 -- cat /tmp/f; \
+         echo abc | $A exec -i k1 -- tr a-z A-Z; \
+         set +e; $A exec k1 -- sh -c 'exit 7'; echo \"code=$?\"; set -e; \
+         $A ls --format json; \
+         $A stop -t 1 k1; $A ls --all --format json; $A rm k1; $A ls --all --format json"
+    );
+    let r = testbed(&["sh", "-c", &s], 900);
+    r.expect_code(0).expect_stderr("engine: kvm");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines[0], "k1", "{r}");
+    assert_eq!(lines[1], "kept", "{r}");
+    assert_eq!(lines[2], "ABC", "{r}");
+    assert_eq!(lines[3], "code=7", "{r}");
+    let running: Value = serde_json::from_str(lines[4]).expect("ls JSON");
+    assert_eq!(running[0]["state"], "running", "{r}");
+    assert_eq!(running[0]["engine"], "kvm", "{r}");
+    assert_eq!(lines[5], "k1", "{r}");
+    let stopped: Value = serde_json::from_str(lines[6]).expect("ls JSON");
+    assert_eq!(stopped[0]["state"], "stopped", "{r}");
+    assert_eq!(lines[7], "k1", "{r}");
+    assert_eq!(lines[8], "[]", "{r}");
+}
