@@ -126,7 +126,7 @@ fn vm_pids(audit: &Path) -> Vec<i32> {
         .as_array()
         .expect("processes")
         .iter()
-        .map(|p| p["pid"].as_i64().expect("pid") as i32)
+        .map(|p| i32::try_from(p["pid"].as_i64().expect("pid")).expect("pid fits"))
         .collect()
 }
 
@@ -234,7 +234,7 @@ fn tcg_a_sandbox_lives_across_execs() {
 
     // 10 MB of stdin, binary, intact.
     let data: Vec<u8> = (0..10_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()[1])
         .collect();
     let r = p.exec_with_stdin("life", &["sha256sum"], &data);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
@@ -389,7 +389,8 @@ fn tcg_sandboxes_are_apart_and_leave_nothing_behind() {
 
     // SIGKILL of one's supervisor: its VM goes too; ls says dead.
     let v = p.inspect("one");
-    let pid = v["supervisor_pid"].as_i64().expect("supervisor pid") as i32;
+    let pid =
+        i32::try_from(v["supervisor_pid"].as_i64().expect("supervisor pid")).expect("pid fits");
     let pids = vm_pids(Path::new(v["audit_log"].as_str().expect("audit")));
     assert!(!pids.is_empty());
     // SAFETY: kill(2) of the supervisor this test started.
@@ -407,7 +408,8 @@ fn tcg_sandboxes_are_apart_and_leave_nothing_behind() {
     // rm -f of a running sandbox.
     let v = p.inspect("two");
     let pids = vm_pids(Path::new(v["audit_log"].as_str().expect("audit")));
-    let sup = v["supervisor_pid"].as_i64().expect("supervisor pid") as i32;
+    let sup =
+        i32::try_from(v["supervisor_pid"].as_i64().expect("supervisor pid")).expect("pid fits");
     p.airlock(&["rm", "-f", "two"], 120).expect_code(0);
     assert!(
         wait_dead(&pids, Duration::from_secs(10)).is_empty(),

@@ -324,11 +324,8 @@ mod tests {
             .collect();
         let pid: libc::pid_t = String::from_utf8_lossy(&out).trim().parse().expect("pid");
         // SAFETY: kill(2) with signal 0 only checks that the pid exists.
-        assert_eq!(
-            unsafe { libc::kill(pid, 0) },
-            0,
-            "the background sleep was killed"
-        );
+        let exists = unsafe { libc::kill(pid, 0) };
+        assert_eq!(exists, 0, "the background sleep was killed");
         // SAFETY: kill(2) of the sleep this test started.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
