@@ -163,7 +163,19 @@ fn tcg_a_sandbox_lives_across_execs() {
     let ws = scratch("sandbox-life").join("ws");
     std::fs::create_dir_all(&ws).expect("ws");
     std::fs::write(ws.join("hello.txt"), "from the host\n").expect("write");
-    let r = p.create("life", &["--label", "team=blue", "--workspace", &rel(&ws)]);
+    let out = scratch("sandbox-life").join("out");
+    let _ = std::fs::remove_dir_all(&out);
+    let r = p.create(
+        "life",
+        &[
+            "--label",
+            "team=blue",
+            "--workspace",
+            &rel(&ws),
+            "--out",
+            &rel(&out),
+        ],
+    );
     r.expect_code(0);
     assert_eq!(r.stdout.trim(), "life", "{r}");
 
@@ -184,8 +196,13 @@ fn tcg_a_sandbox_lives_across_execs() {
     // State persists between execs; the workspace is there.
     let r = p.airlock(
         &[
-            "exec", "life", "--", "sh", "-c",
-            "cat hello.txt; echo kept > /tmp/f; nohup sleep 1000 >/dev/null 2>&1 & echo $! > /tmp/pid",
+            "exec",
+            "life",
+            "--",
+            "sh",
+            "-c",
+            "cat hello.txt; echo kept > /tmp/f; mkdir -p out; echo result > out/r.txt; \
+             nohup sleep 1000 >/dev/null 2>&1 & echo $! > /tmp/pid",
         ],
         120,
     );
@@ -309,6 +326,11 @@ fn tcg_a_sandbox_lives_across_execs() {
         began.elapsed()
     );
     assert_eq!(p.state("life"), "stopped");
+    // What the execs wrote under /workspace/out came back when it stopped.
+    assert_eq!(
+        std::fs::read_to_string(out.join("r.txt")).expect("result"),
+        "result\n"
+    );
     assert!(
         wait_dead(&pids, Duration::from_secs(10)).is_empty(),
         "VM processes left"
