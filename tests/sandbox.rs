@@ -117,6 +117,37 @@ impl Place {
     }
 }
 
+impl Drop for Place {
+    /// A test that fails half-way leaves no sandbox running: each
+    /// supervisor still holding its lock is killed (its VM dies with it).
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let lock = entry.path().join("lock");
+            let Ok(file) = std::fs::File::open(&lock) else {
+                continue;
+            };
+            // SAFETY: flock(2) on a descriptor we own; no pointers.
+            let free = unsafe {
+                libc::flock(
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    libc::LOCK_SH | libc::LOCK_NB,
+                )
+            } == 0;
+            let pid = std::fs::read_to_string(&lock)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok());
+            if let (false, Some(pid)) = (free, pid) {
+                // SAFETY: kill(2) of a supervisor this test started, which
+                // still holds its lock.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 /// The pids of the engine processes a sandbox's audit log names
 /// (`vm.start`).
 fn vm_pids(audit: &Path) -> Vec<i32> {
