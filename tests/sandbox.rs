@@ -389,7 +389,10 @@ fn tcg_a_sandbox_lives_across_execs() {
     assert!(execs
         .iter()
         .any(|e| e["argv"][0] == "sha256sum" && e["stdin"] == true));
-    assert!(ends.iter().any(|e| e["status"]["exited"] == 3));
+    let claims = fields_of_kind(&records, "sandbox.exec_exit");
+    assert_eq!(claims.len(), execs.len(), "{claims:#?}");
+    assert!(claims.iter().any(|e| e["status"]["exited"] == 3));
+    assert!(claims.iter().any(|e| e["status"]["exited"] == 137));
     // sha256sum's line: 64 hex digits, "  -", a newline.
     assert!(ends.iter().any(|e| e["stdout_bytes"] == 68), "{ends:#?}");
     let stops = fields_of_kind(&records, "sandbox.stop");

@@ -52,9 +52,12 @@ const KILL_PATIENCE: Duration = Duration::from_secs(10);
 pub mod kind {
     /// An exec began: `id`, `argv`, `env_names`, `cwd`, `stdin`.
     pub const EXEC: &str = "sandbox.exec";
-    /// An exec ended: `id`, `status` (or `error`), `duration_ms`,
-    /// `stdout_bytes`, `stderr_bytes`.
+    /// An exec ended, as the host saw it: `id`, `duration_ms`,
+    /// `stdout_bytes`, `stderr_bytes`, and `error` if it broke off.
     pub const EXEC_END: &str = "sandbox.exec_end";
+    /// The exit status the guest reported for an exec (a guest claim):
+    /// `id`, `status`.
+    pub const EXEC_EXIT: &str = "sandbox.exec_exit";
     /// The sandbox took its first exec: `boot_ms`.
     pub const READY: &str = "sandbox.ready";
     /// A stop began: `why` (`stop`, `idle`), `grace_secs`.
@@ -399,7 +402,11 @@ fn exec(mut client: UnixStream, request: &Value, shared: &Shared) {
             end["stdout_bytes"] = json!(r.stdout_bytes);
             end["stderr_bytes"] = json!(r.stderr_bytes);
             match r.status {
-                Some(status) => end["status"] = crate::session::status_fields(status),
+                Some(status) => shared.audit.guest_claim(
+                    kind::EXEC_EXIT,
+                    json!({ "id": id, "status": crate::session::status_fields(status) }),
+                    Durability::Synced,
+                ),
                 None => end["error"] = json!(r.error.unwrap_or_default()),
             }
         }
