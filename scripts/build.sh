@@ -24,7 +24,7 @@ case "${1:-}" in
 esac
 
 apt_ensure qemu-system-x86 busybox-static python3 binutils
-# The tcg engine serves the guest's vsock with vhost-device-vsock (FACTS.md:
+# The tcg engine serves the guest's vsock with vhost-device-vsock (docs/FACTS.md:
 # 0.3.0 builds and works here); `airlock` finds it in $AIRLOCK_CACHE/tools/bin.
 vhost_vsock=$AIRLOCK_CACHE/tools/bin/vhost-device-vsock
 if [ ! -x "$vhost_vsock" ]; then

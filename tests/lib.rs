@@ -143,7 +143,7 @@ pub fn rel(p: &Path) -> String {
     p.strip_prefix(root()).unwrap_or(p).display().to_string()
 }
 
-/// Whether this host's `/dev/kvm` is the emulating `kvm_pvm` (FACTS.md).
+/// Whether this host's `/dev/kvm` is the emulating `kvm_pvm` (docs/FACTS.md).
 pub fn host_is_kvm_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }

@@ -166,11 +166,15 @@ Exit codes:
   1    doctor: no engine can run a sandbox on this host; audit verify: the
        log is not intact
   2    bad usage or input; nothing was started
-  120  the sandbox failed (the VM did not boot or crashed)
+  120  the sandbox failed (the VM did not boot or crashed; create: it did
+       not become ready; the audit log could not be kept)
   121  the guest broke the protocol
+  123  run: out of memory (the guest kernel killed processes for memory)
   124  timeout
-  127  run: the command could not be started in the sandbox
-  130  interrupted (SIGINT; 143 for SIGTERM, 129 for SIGHUP)
+  125  run: output limit (stdout plus stderr reached --max-output-bytes)
+  127  run, exec: the command could not be started in the sandbox
+  130  interrupted (SIGINT; 143 for SIGTERM, 129 for SIGHUP, 141 when our
+       output was closed)
 
 Run `airlock doctor` to check what this host can run.";
 
@@ -749,6 +753,39 @@ mod tests {
         let err = Cli::try_parse_from(["airlock", "run", "--console-log", "x", "--keep-console"])
             .expect_err("conflict");
         assert_eq!(err.exit_code(), 2);
+    }
+
+    /// Every code airlock itself exits with is explained in `--help`.
+    #[test]
+    fn the_top_help_lists_every_exit_code() {
+        for exit in [
+            Exit::Success,
+            Exit::HostUnfit,
+            Exit::NotIntact,
+            Exit::Usage,
+            Exit::SandboxFailed,
+            Exit::ProtocolError,
+            Exit::Timeout,
+            Exit::OutputLimit,
+            Exit::OutOfMemory,
+            Exit::SpawnFailed,
+            Exit::Interrupted(libc::SIGINT),
+            Exit::Interrupted(libc::SIGTERM),
+            Exit::Interrupted(libc::SIGHUP),
+            Exit::Interrupted(libc::SIGPIPE),
+        ] {
+            let code = exit.code().to_string();
+            assert!(
+                TOP_EXIT_CODES.contains(&format!("  {code:<4} "))
+                    || TOP_EXIT_CODES.contains(&format!(" {code} ")),
+                "{exit:?} ({code}) is not in airlock --help"
+            );
+            assert!(
+                RUN_EXIT_CODES.contains(&code)
+                    || matches!(exit, Exit::HostUnfit | Exit::NotIntact | Exit::Success),
+                "{exit:?} ({code}) is not in airlock run --help"
+            );
+        }
     }
 
     #[test]

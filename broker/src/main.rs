@@ -1,5 +1,5 @@
 //! `airlock`: the host CLI. Boots untrusted agents and commands inside
-//! disposable microVMs (see DESIGN.md).
+//! disposable microVMs (see docs/DESIGN.md).
 //!
 //! `main` parses the command line, dispatches, and turns the outcome into
 //! an exit code (listed in `--help`, defined in [`cli::Exit`]). It returns

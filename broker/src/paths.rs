@@ -25,7 +25,7 @@ pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 /// The vhost-user vsock backend the tcg engine runs next to QEMU (crate
 /// `vhost-device-vsock`, installed by `scripts/build.sh`).
 pub const VHOST_VSOCK_BINARY: &str = "vhost-device-vsock";
-/// The version `scripts/build.sh` installs (FACTS.md: it builds here and works).
+/// The version `scripts/build.sh` installs (docs/FACTS.md: it builds here and works).
 pub const VHOST_VSOCK_VERSION: &str = "0.3.0";
 
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,7 @@
 //! connect, a read timeout, and `Read`/`Write` on the descriptor. Every
 //! `write` is capped at [`MAX_WRITE`] bytes because vhost-device-vsock 0.3.0
 //! (the TCG engine's backend) stalls a connection for good on a guest write
-//! of 64 KiB (FACTS.md); `write_all` simply loops over the pieces.
+//! of 64 KiB (docs/FACTS.md); `write_all` simply loops over the pieces.
 
 use std::fs::File;
 use std::io::{self, Read, Write};

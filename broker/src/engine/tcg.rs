@@ -10,7 +10,7 @@
 //! helper maps it. `-no-reboot` turns the guest's reboot (how it ends: there
 //! is no ACPI, so no power-off) into QEMU exiting 0.
 //!
-//! Two defects of vhost-device-vsock 0.3.0 (FACTS.md) shape the guest side,
+//! Two defects of vhost-device-vsock 0.3.0 (docs/FACTS.md) shape the guest side,
 //! not this file: a guest write above 32 KiB stalls the connection, and a
 //! guest `shutdown(SHUT_WR)` never reaches the host.
 

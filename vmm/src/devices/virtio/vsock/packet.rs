@@ -5,7 +5,7 @@
 //! virtio-vsock 0.12's `VsockPacket`, because the latter insists that the
 //! payload sits in a single descriptor. Linux guests split large writes over
 //! several descriptors, and a device that refuses them stalls the connection
-//! for good (FACTS.md: the vhost-device-vsock 0.3.0 defect).
+//! for good (docs/FACTS.md: the vhost-device-vsock 0.3.0 defect).
 
 use std::io::{Read, Write};
 
