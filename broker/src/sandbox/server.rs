@@ -45,6 +45,8 @@ pub const MAX_REQUEST: u64 = 1 << 20;
 const HANDSHAKE: Duration = Duration::from_secs(30);
 /// How long `ready` waits for the sandbox to take an exec.
 const READY_PATIENCE: Duration = Duration::from_secs(300);
+/// The longest a probe or a stop's kill may take in the guest.
+const QUIET_PATIENCE: Duration = Duration::from_secs(90);
 /// After SIGKILL to the agent, how long before the VM itself is stopped.
 const KILL_PATIENCE: Duration = Duration::from_secs(10);
 
@@ -267,8 +269,16 @@ fn run_quiet(shared: &Shared, argv: &[&str]) -> io::Result<ExitStatus> {
     };
     write_frame(&mut guest, &Message::RunSpec(spec))
         .map_err(|e| io::Error::other(e.to_string()))?;
-    guest.set_read_timeout(Some(Duration::from_secs(90)))?;
+    // A guest that talks on and on does not hold the probe or the stop:
+    // the whole exchange has a deadline.
+    let deadline = Instant::now() + QUIET_PATIENCE;
     loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let _ = guest.shutdown(Shutdown::Both);
+            return Err(io::Error::from(io::ErrorKind::TimedOut));
+        }
+        guest.set_read_timeout(Some(left))?;
         match read_frame(&mut guest) {
             Ok(Message::Exit(status)) => {
                 let _ = guest.shutdown(Shutdown::Write);
@@ -537,5 +547,184 @@ fn relay(
             let _ = guest.shutdown(Shutdown::Both);
             return Ok(r);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::log::TEST_LIMITS;
+
+    /// A fake engine socket playing a guest that runs `script` on the exec
+    /// connection (after the `CONNECT` line and `OK`).
+    fn fake_guest(
+        dir: &Path,
+        script: impl FnOnce(&mut UnixStream) + Send + 'static,
+    ) -> (PathBuf, thread::JoinHandle<()>) {
+        let uds = dir.join("vsock");
+        let listener = UnixListener::bind(&uds).expect("bind");
+        let guest = thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while s.read(&mut b).expect("read") == 1 && b[0] != b'\n' {
+                line.push(b[0]);
+            }
+            assert_eq!(line, format!("CONNECT {EXEC_PORT}").as_bytes());
+            s.write_all(b"OK 1073741824\n").expect("ok");
+            write_frame(
+                &mut s,
+                &Message::Hello {
+                    version: PROTOCOL_VERSION,
+                    capabilities: Vec::new(),
+                },
+            )
+            .expect("hello");
+            assert!(matches!(read_frame(&mut s), Ok(Message::Hello { .. })));
+            assert!(matches!(read_frame(&mut s), Ok(Message::RunSpec(_))));
+            script(&mut s);
+        });
+        (uds, guest)
+    }
+
+    fn shared(uds: PathBuf, max_output: u64) -> (Shared, crate::audit::log::Memory) {
+        let (audit, memory) = AuditLog::memory(TEST_LIMITS, None);
+        let shared = Shared {
+            vsock_uds: uds,
+            audit,
+            max_output,
+            started: Instant::now(),
+            running: AtomicUsize::new(0),
+            execs: AtomicU64::new(0),
+            last_used: Mutex::new((Instant::now(), SystemTime::now())),
+            ready: AtomicBool::new(true),
+            stopping: AtomicBool::new(false),
+        };
+        (shared, memory)
+    }
+
+    /// Runs one exec request through [`exec`]; what the client read.
+    fn client_sees(shared: &Shared) -> Vec<Message> {
+        let (mut client, server) = UnixStream::pair().expect("pair");
+        let request = json!({"op": "exec", "argv": ["true"], "env": [["A", "1"]], "cwd": "/", "stdin": false});
+        exec(server, &request, shared);
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut seen = Vec::new();
+        while let Ok(msg) = read_frame(&mut client) {
+            seen.push(msg);
+        }
+        seen
+    }
+
+    fn kinds(memory: &crate::audit::log::Memory) -> Vec<Value> {
+        String::from_utf8_lossy(&memory.bytes())
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect()
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("airlock-sbx-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        dir
+    }
+
+    #[test]
+    fn an_exec_is_relayed_and_audited() {
+        let dir = tmp("relay");
+        let (uds, guest) = fake_guest(&dir, |s| {
+            write_frame(&mut *s, &Message::Stdout(b"hi".to_vec())).expect("out");
+            write_frame(&mut *s, &Message::Exit(ExitStatus::Exited(3))).expect("exit");
+        });
+        let (shared, memory) = shared(uds, 1 << 20);
+        let seen = client_sees(&shared);
+        guest.join().expect("guest");
+        assert_eq!(
+            seen,
+            [
+                Message::Stdout(b"hi".to_vec()),
+                Message::Exit(ExitStatus::Exited(3))
+            ]
+        );
+        let records = kinds(&memory);
+        let kinds: Vec<&str> = records.iter().filter_map(|r| r["kind"].as_str()).collect();
+        assert_eq!(kinds, [kind::EXEC, kind::EXEC_EXIT, kind::EXEC_END]);
+        assert_eq!(records[0]["fields"]["env_names"], json!(["A"]));
+        assert_eq!(records[1]["source"], "guest");
+        assert_eq!(records[1]["fields"]["status"], json!({"exited": 3}));
+        assert_eq!(records[2]["source"], "host");
+        assert_eq!(records[2]["fields"]["stdout_bytes"], 2);
+        assert_eq!(shared.running.load(Ordering::SeqCst), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_malformed_guest_frame_ends_the_exec_with_an_error() {
+        let dir = tmp("malformed");
+        let (uds, guest) = fake_guest(&dir, |s| {
+            // A frame of length 0 is malformed.
+            s.write_all(&[0, 0, 0, 0, 3]).expect("garbage");
+        });
+        let (shared, memory) = shared(uds, 1 << 20);
+        let seen = client_sees(&shared);
+        guest.join().expect("guest");
+        assert!(
+            matches!(
+                seen.as_slice(),
+                [Message::Error {
+                    code: ErrorCode::MalformedFrame,
+                    ..
+                }]
+            ),
+            "{seen:?}"
+        );
+        let records = kinds(&memory);
+        let end = records
+            .iter()
+            .find(|r| r["kind"] == kind::EXEC_END)
+            .expect("end");
+        assert!(
+            end["fields"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("protocol")),
+            "{end}"
+        );
+        assert!(records.iter().all(|r| r["kind"] != kind::EXEC_EXIT));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_guest_that_floods_is_cut_at_the_output_limit() {
+        let dir = tmp("flood");
+        let (uds, guest) = fake_guest(&dir, |s| {
+            for _ in 0..100 {
+                if write_frame(&mut *s, &Message::Stdout(vec![b'x'; 1000])).is_err() {
+                    return;
+                }
+            }
+            let _ = write_frame(&mut *s, &Message::Exit(ExitStatus::Exited(0)));
+        });
+        let (shared, memory) = shared(uds, 4000);
+        let seen = client_sees(&shared);
+        guest.join().expect("guest");
+        let forwarded: usize = seen
+            .iter()
+            .map(|m| match m {
+                Message::Stdout(d) => d.len(),
+                _ => 0,
+            })
+            .sum();
+        assert!(forwarded <= 4000, "{forwarded}");
+        assert!(
+            matches!(seen.last(), Some(Message::Error { message, .. }) if message.contains("--max-output-bytes")),
+            "{seen:?}"
+        );
+        assert!(!seen.iter().any(|m| matches!(m, Message::Exit(_))));
+        let records = kinds(&memory);
+        assert!(records.iter().all(|r| r["kind"] != kind::EXEC_EXIT));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
