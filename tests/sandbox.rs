@@ -518,6 +518,17 @@ fn sandbox_bad_input_is_a_usage_error() {
         ),
         (vec!["create", "--name", "ok", "--mem", "1"], "mem"),
         (vec!["ls", "--filter", "color=red"], "expected name=NAME"),
+        // Found by the supervisor, before anything boots: no sandbox is left.
+        (
+            vec![
+                "create",
+                "--name",
+                "nokernel",
+                "--kernel",
+                "/nonexistent/vmlinux",
+            ],
+            "/nonexistent/vmlinux",
+        ),
     ] {
         let r = p.airlock(&args, 30);
         r.expect_code(2).expect_one_line_error(says);

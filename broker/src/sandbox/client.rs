@@ -207,15 +207,36 @@ pub fn create(args: CreateArgs) -> Exit {
     let deadline = Instant::now() + SOCKET_PATIENCE;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            eprintln!("airlock: error: the sandbox {name} did not start (its supervisor exited: {status}); its log:");
-            print_tail(&dir.log(), 20);
-            return Exit::SandboxFailed;
+            // Its own errors (usage: exit 2) are airlock's lines in its log.
+            let usage_error = status.code() == Some(i32::from(Exit::Usage.code()));
+            if usage_error {
+                // Its own lines: `airlock: error: ...`, as `run` prints them.
+                if let Ok(text) = fs::read(dir.log()) {
+                    for line in text.split(|b| *b == b'\n') {
+                        if line.starts_with(b"airlock: error: ") {
+                            eprintln!("{}", crate::sanitize(line));
+                        }
+                    }
+                }
+            } else {
+                eprintln!("airlock: error: the sandbox {name} did not start ({status}); its log:");
+                print_tail(&dir.log(), 20);
+            }
+            give_up(&dir);
+            return if usage_error {
+                Exit::Usage
+            } else {
+                Exit::SandboxFailed
+            };
         }
         if UnixStream::connect(dir.ctl()).is_ok() {
             break;
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
+            let _ = child.wait();
+            print_tail(&dir.log(), 20);
+            give_up(&dir);
             return failed(format!(
                 "the sandbox {name} did not start within {} s",
                 SOCKET_PATIENCE.as_secs()
@@ -223,7 +244,7 @@ pub fn create(args: CreateArgs) -> Exit {
         }
         thread::sleep(Duration::from_millis(50));
     }
-    match ask(&dir, &json!({"op": "ready"}), Duration::from_secs(600)) {
+    let why = match ask(&dir, &json!({"op": "ready"}), Duration::from_secs(600)) {
         Ok(answer) if answer["ok"] == true => {
             // What airlock said while it booted (the engine, warnings):
             // nothing of the guest's has run yet.
@@ -235,27 +256,30 @@ pub fn create(args: CreateArgs) -> Exit {
                 }
             }
             println!("{name}");
-            Exit::Success
+            return Exit::Success;
         }
-        Ok(answer) => {
-            let why = answer["error"]
-                .as_str()
-                .unwrap_or("no reason given")
-                .to_owned();
-            let _ = ask(
-                &dir,
-                &json!({"op": "stop", "grace_secs": 0}),
-                Duration::from_secs(5),
-            );
-            eprintln!("airlock: error: the sandbox {name} did not become ready: {why}; its log:");
-            print_tail(&dir.log(), 20);
-            Exit::SandboxFailed
-        }
-        Err(e) => {
-            eprintln!("airlock: error: the sandbox {name} did not answer: {e}; its log:");
-            print_tail(&dir.log(), 20);
-            Exit::SandboxFailed
-        }
+        Ok(answer) => answer["error"]
+            .as_str()
+            .unwrap_or("no reason given")
+            .to_owned(),
+        Err(e) => format!("no answer: {e}"),
+    };
+    eprintln!("airlock: error: the sandbox {name} did not become ready: {why}; its log:");
+    let _ = stop_dir(&dir, Duration::ZERO);
+    let _ = child.wait();
+    print_tail(&dir.log(), 20);
+    give_up(&dir);
+    Exit::SandboxFailed
+}
+
+/// A sandbox that never became ready leaves nothing behind but its audit
+/// log (named here): its name is free again.
+fn give_up(dir: &Dir) {
+    if let Ok(path) = fs::read_to_string(dir.path.join("audit.path")) {
+        eprintln!("airlock: audit log: {}", path.trim());
+    }
+    if dir.supervisor().is_none() {
+        let _ = fs::remove_dir_all(&dir.path);
     }
 }
 
