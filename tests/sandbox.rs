@@ -319,6 +319,16 @@ fn tcg_a_sandbox_lives_across_execs() {
     r.expect_code(0);
     assert_eq!(r.stdout, "hi there in /tmp\n", "{r}");
 
+    // -u: as another user in the container; a bad one is refused.
+    let r = p.airlock(&["exec", "-u", "1000:1000", "life", "--", "id", "-u"], 120);
+    r.expect_code(0);
+    assert_eq!(r.stdout, "1000\n", "{r}");
+    let r = p.airlock(&["exec", "-u", "nobody", "life", "--", "id", "-un"], 120);
+    r.expect_code(0);
+    assert_eq!(r.stdout, "nobody\n", "{r}");
+    let r = p.airlock(&["exec", "-u", "$(id)", "life", "--", "true"], 30);
+    r.expect_code(2).expect_one_line_error("-u");
+
     // inspect: running, its audit log, how many execs.
     let v = p.inspect("life");
     assert_eq!(v["state"], "running", "{v:#}");
@@ -393,6 +403,7 @@ fn tcg_a_sandbox_lives_across_execs() {
     assert_eq!(claims.len(), execs.len(), "{claims:#?}");
     assert!(claims.iter().any(|e| e["status"]["exited"] == 3));
     assert!(claims.iter().any(|e| e["status"]["exited"] == 137));
+    assert!(execs.iter().any(|e| e["user"] == "nobody"), "{execs:#?}");
     // sha256sum's line: 64 hex digits, "  -", a newline.
     assert!(ends.iter().any(|e| e["stdout_bytes"] == 68), "{ends:#?}");
     let stops = fields_of_kind(&records, "sandbox.stop");

@@ -225,7 +225,7 @@ pub enum Command {
     /// run at once.
     #[command(
         after_help = SANDBOX_EXIT_CODES,
-        override_usage = "airlock exec [-i] [-e NAME=VALUE]... [-w DIR] SANDBOX -- CMD [ARGS]..."
+        override_usage = "airlock exec [-i] [-u USER] [-e NAME=VALUE]... [-w DIR] SANDBOX -- CMD [ARGS]..."
     )]
     Exec(ExecArgs),
     /// List the sandboxes (running ones; --all: stopped ones too).
@@ -291,6 +291,10 @@ pub struct ExecArgs {
     /// Set NAME=VALUE in the command's environment (repeatable)
     #[arg(short = 'e', long = "env", value_name = "NAME=VALUE")]
     pub env: Vec<String>,
+    /// Run as this user in the agent's container: a name or uid[:gid]
+    /// [default: the container's root]
+    #[arg(short = 'u', long = "user", value_name = "USER")]
+    pub user: Option<String>,
     /// The command's working directory in the sandbox [default: the
     /// sandbox's: /workspace with --workspace or --out, else /]
     #[arg(short = 'w', long = "workdir", value_name = "DIR")]

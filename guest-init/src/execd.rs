@@ -17,7 +17,7 @@ use std::thread;
 use std::time::Duration;
 
 use airlock_protocol::{
-    ErrorCode, ExitStatus, Message, RunSpec, HOST_CID, MAX_EXECS, PROTOCOL_VERSION,
+    capability, ErrorCode, ExitStatus, Message, RunSpec, HOST_CID, MAX_EXECS, PROTOCOL_VERSION,
 };
 
 use crate::console;
@@ -104,7 +104,7 @@ fn accept_loop(listener: &VsockListener, setup: &Setup, stop: &AtomicBool) {
 
 /// The command an exec runs: in the container through `podman exec`, else
 /// the spec itself with the sandbox's environment added.
-pub fn placed(spec: RunSpec, setup: &Setup) -> RunSpec {
+pub fn placed(spec: RunSpec, setup: &Setup, user: Option<&str>) -> RunSpec {
     if !setup.container {
         let mut env = spec.env;
         for (name, value) in &setup.env {
@@ -117,6 +117,11 @@ pub fn placed(spec: RunSpec, setup: &Setup) -> RunSpec {
     let mut argv: Vec<String> = vec![crate::image::PODMAN.into(), "exec".into()];
     if spec.stdin {
         argv.push("-i".into());
+    }
+    if let Some(user) = user {
+        // Checked by the protocol: a name or uid[:gid], never an option.
+        argv.push("--user".into());
+        argv.push(user.to_owned());
     }
     for (name, value) in &spec.env {
         argv.push("--env".into());
@@ -168,18 +173,42 @@ fn converse<S: rpc::Stream>(
         stream,
         &Message::Hello {
             version: PROTOCOL_VERSION,
-            capabilities: Vec::new(),
+            capabilities: vec![capability::USER.into()],
         },
     )?;
-    match rpc::receive(stream, "Hello")? {
-        Message::Hello { version, .. } if version == PROTOCOL_VERSION => {}
+    let host_caps = match rpc::receive(stream, "Hello")? {
+        Message::Hello {
+            version,
+            capabilities,
+        } if version == PROTOCOL_VERSION => capabilities,
         Message::Hello { version, .. } => return Err(Error::Version(version)),
         other => return Err(rpc::unexpected(other, "Hello")),
-    }
+    };
     let spec = match rpc::receive(stream, "RunSpec")? {
-        Message::RunSpec(spec) => placed(spec, setup),
+        Message::RunSpec(spec) => spec,
         other => return Err(rpc::unexpected(other, "RunSpec")),
     };
+    let user = if host_caps.iter().any(|c| c == capability::USER) {
+        match rpc::receive(stream, "ExecUser")? {
+            Message::ExecUser { user } => Some(user),
+            other => return Err(rpc::unexpected(other, "ExecUser")),
+        }
+    } else {
+        None
+    };
+    if user.is_some() && !setup.container {
+        rpc::send(
+            stream,
+            &Message::Error {
+                code: ErrorCode::SpawnFailed,
+                message: "exec --user needs the agent's container (this sandbox has none)".into(),
+            },
+        )?;
+        rpc::send(stream, &Message::Exit(ExitStatus::Exited(125)))?;
+        rpc::await_host_close(stream);
+        return Ok(());
+    }
+    let spec = placed(spec, setup, user.as_deref());
     stream.set_read_timeout(None).map_err(Error::Setup)?;
     let agent = (!setup.container && setup.agent).then(crate::privilege::Agent::new);
     let mut running = match exec::spawn(&spec, agent.as_ref()) {
@@ -243,6 +272,11 @@ mod tests {
     /// Plays the host: Hello, `spec`, then `stdin` and its end; returns what
     /// the guest sent after its Hello.
     fn exec_as_host(spec: RunSpec, stdin: &[u8]) -> Vec<Message> {
+        exec_as_host_as(spec, stdin, None)
+    }
+
+    /// [`exec_as_host`], asking for `user` (`ExecUser`) when given.
+    fn exec_as_host_as(spec: RunSpec, stdin: &[u8], user: Option<&str>) -> Vec<Message> {
         let (guest, mut host) = UnixStream::pair().expect("socketpair");
         let setup = Setup::default();
         let guest_side =
@@ -257,11 +291,20 @@ mod tests {
             &mut host,
             &Message::Hello {
                 version: 1,
-                capabilities: Vec::new(),
+                capabilities: user.map(|_| vec!["user".to_owned()]).unwrap_or_default(),
             },
         )
         .expect("hello");
         write_frame(&mut host, &Message::RunSpec(spec)).expect("spec");
+        if let Some(user) = user {
+            write_frame(
+                &mut host,
+                &Message::ExecUser {
+                    user: user.to_owned(),
+                },
+            )
+            .expect("user");
+        }
         if with_stdin {
             write_frame(&mut host, &Message::Stdin(stdin.to_vec())).expect("stdin");
             write_frame(&mut host, &Message::StdinEnd).expect("end");
@@ -331,6 +374,18 @@ mod tests {
     }
 
     #[test]
+    fn a_user_without_a_container_is_refused() {
+        let mut s = spec(&["/bin/true"], false);
+        s.cwd = "/".into();
+        let seen = exec_as_host_as(s, b"", Some("1000"));
+        assert!(
+            matches!(seen.first(), Some(Message::Error { code: ErrorCode::SpawnFailed, message }) if message.contains("container")),
+            "{seen:?}"
+        );
+        assert_eq!(seen.last(), Some(&Message::Exit(ExitStatus::Exited(125))));
+    }
+
+    #[test]
     fn a_missing_program_is_a_spawn_error_then_127() {
         let mut s = spec(&["/nonexistent/prog"], false);
         s.cwd = "/".into();
@@ -365,13 +420,15 @@ mod tests {
             container: true,
             ..Setup::default()
         };
-        let s = placed(spec(&["--rm", "-it", "x"], true), &setup);
+        let s = placed(spec(&["--rm", "-it", "x"], true), &setup, Some("1000:1000"));
         assert_eq!(
             s.argv,
             [
                 "/usr/bin/podman",
                 "exec",
                 "-i",
+                "--user",
+                "1000:1000",
                 "--env",
                 "A=1",
                 "-w",
@@ -394,7 +451,7 @@ mod tests {
             agent: true,
             env: vec![("A".into(), "sandbox".into()), ("B".into(), "2".into())],
         };
-        let s = placed(spec(&["true"], false), &setup);
+        let s = placed(spec(&["true"], false), &setup, None);
         assert_eq!(s.argv, ["true"]);
         assert_eq!(
             s.env,

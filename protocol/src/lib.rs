@@ -26,7 +26,8 @@ pub use frame::{
     body_len, decode_body, encode, read_frame, write_frame, DecodeError, EncodeError, FrameError,
 };
 pub use message::{
-    check_file_path, ErrorCode, ExitStatus, FileEntry, FileKind, Message, MessageError, RunSpec,
+    check_exec_user, check_file_path, ErrorCode, ExitStatus, FileEntry, FileKind, Message,
+    MessageError, RunSpec,
 };
 pub use wire::WireError;
 
@@ -69,6 +70,9 @@ pub mod capability {
     /// one more command in the same sandbox (a live sandbox's `airlock
     /// exec`).
     pub const EXEC: &str = "exec";
+    /// In the guest's `Hello` on an exec connection: it takes an
+    /// `ExecUser` after the `RunSpec`; in the host's: one follows.
+    pub const USER: &str = "user";
 }
 
 /// Host port the guest init connects to for the control connection.

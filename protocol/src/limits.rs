@@ -101,3 +101,6 @@ pub const MAX_COLLECT_PATTERNS: usize = 64;
 /// limit (`--model-max-request-bytes`, at most this, passed to the init on
 /// the kernel command line as `airlock.model_max_body`).
 pub const MAX_MODEL_BODY: u64 = 32 << 20;
+
+/// Longest `ExecUser.user`.
+pub const MAX_EXEC_USER: usize = 64;

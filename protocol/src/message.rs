@@ -2,8 +2,9 @@
 
 use crate::limits::{
     FILE_MODE_MASK, MAX_ARGV, MAX_AUDIT_FIELDS, MAX_AUDIT_NAME, MAX_AUDIT_VALUE, MAX_CAPABILITIES,
-    MAX_CAPABILITY_LEN, MAX_CHUNK, MAX_ENV, MAX_ERROR_MESSAGE, MAX_EXIT_CODE, MAX_FILE_CHUNK,
-    MAX_FILE_PATH, MAX_SIGNAL, MAX_STRING, MIN_ARGV, MIN_CHUNK, MIN_SIGNAL, SHA256_LEN,
+    MAX_CAPABILITY_LEN, MAX_CHUNK, MAX_ENV, MAX_ERROR_MESSAGE, MAX_EXEC_USER, MAX_EXIT_CODE,
+    MAX_FILE_CHUNK, MAX_FILE_PATH, MAX_SIGNAL, MAX_STRING, MIN_ARGV, MIN_CHUNK, MIN_SIGNAL,
+    SHA256_LEN,
 };
 use crate::limits::{
     MAX_COLLECT_PATTERNS, MAX_HTTP_CHUNK, MAX_HTTP_HEADERS, MAX_HTTP_HEADER_NAME,
@@ -70,6 +71,9 @@ pub enum MessageError {
     /// A collect pattern that is empty, absolute or has a `..` component.
     #[error("collect pattern {0:?} is not a relative pattern")]
     CollectPattern(String),
+    /// An exec's user that is not 1 ..= 64 bytes of `A-Za-z0-9_.:-`.
+    #[error("exec user {0:?} is not a user name or uid[:gid]")]
+    ExecUser(String),
 }
 
 /// What a `FileEntry` names.
@@ -318,6 +322,29 @@ pub enum Message {
     /// relative to `/workspace` (`*` and `?` within a component, `**` for
     /// any number of components). 1 ..= 64 patterns.
     Collect { patterns: Vec<String> },
+    /// Host → guest on an exec connection, right after `RunSpec`, only when
+    /// the guest's `Hello` on that connection listed
+    /// [`crate::capability::USER`]: who the command runs as in the agent's
+    /// container (a user name or `uid[:gid]` as `podman exec --user` takes
+    /// it): 1 ..= [`MAX_EXEC_USER`] bytes of `A-Za-z0-9_.:-`, not starting
+    /// with `-`.
+    ExecUser { user: String },
+}
+
+/// Checks an exec's user: 1 ..= [`MAX_EXEC_USER`] bytes of
+/// `A-Za-z0-9_.:-`, not starting with `-`.
+pub fn check_exec_user(user: &str) -> Result<(), MessageError> {
+    let ok = !user.is_empty()
+        && user.len() <= MAX_EXEC_USER
+        && !user.starts_with('-')
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(MessageError::ExecUser(user.to_owned()))
+    }
 }
 
 /// Checks an HTTP method: 1 ..= [`MAX_HTTP_METHOD`] bytes of `A-Z`.
@@ -409,6 +436,7 @@ mod tag {
     pub const HTTP_BODY: u8 = 16;
     pub const HTTP_END: u8 = 17;
     pub const COLLECT: u8 = 18;
+    pub const EXEC_USER: u8 = 19;
 }
 
 fn check_env_name(name: &str) -> Result<(), MessageError> {
@@ -478,6 +506,7 @@ impl Message {
             Self::HttpBody(_) => "HttpBody",
             Self::HttpEnd => "HttpEnd",
             Self::Collect { .. } => "Collect",
+            Self::ExecUser { .. } => "ExecUser",
         }
     }
 
@@ -502,6 +531,7 @@ impl Message {
             Self::HttpBody(_) => tag::HTTP_BODY,
             Self::HttpEnd => tag::HTTP_END,
             Self::Collect { .. } => tag::COLLECT,
+            Self::ExecUser { .. } => tag::EXEC_USER,
         }
     }
 
@@ -607,6 +637,10 @@ impl Message {
                     w.string("collect pattern", p, MAX_FILE_PATH)?;
                     check_collect_pattern(p)?;
                 }
+            }
+            Self::ExecUser { user } => {
+                w.string("exec user", user, MAX_EXEC_USER)?;
+                check_exec_user(user)?;
             }
         }
         Ok(())
@@ -754,6 +788,13 @@ impl Message {
                 }
                 Self::Collect { patterns }
             }
+            tag::EXEC_USER => {
+                let user = r.string("exec user", MAX_EXEC_USER)?;
+                check_exec_user(user)?;
+                Self::ExecUser {
+                    user: user.to_owned(),
+                }
+            }
             other => return Err(MessageError::UnknownTag(other)),
         };
         r.finish()?;
@@ -853,6 +894,9 @@ mod tests {
             Message::Collect {
                 patterns: vec!["*.txt".into()],
             },
+            Message::ExecUser {
+                user: "1000:1000".into(),
+            },
         ];
         let kinds: Vec<_> = all.iter().map(Message::kind).collect();
         assert_eq!(
@@ -875,13 +919,14 @@ mod tests {
                 "HttpResponse",
                 "HttpBody",
                 "HttpEnd",
-                "Collect"
+                "Collect",
+                "ExecUser"
             ]
         );
         let tags: Vec<_> = all.iter().map(Message::tag).collect();
         assert_eq!(
             tags,
-            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
         );
     }
 
@@ -1012,5 +1057,20 @@ mod tests {
             Err(MessageError::DirSize(1))
         );
         assert_eq!(FileKind::from_code(2), Err(MessageError::FileKind(2)));
+    }
+
+    #[test]
+    fn exec_users_are_names_or_ids() {
+        for good in ["root", "1000", "1000:1000", "agent", "www-data", "a.b_c"] {
+            let msg = Message::ExecUser { user: good.into() };
+            let frame = crate::encode(&msg).expect(good);
+            assert_eq!(crate::read_frame(frame.as_slice()).expect(good), msg);
+        }
+        for bad in ["", "-u", "a b", "a/b", "a\n", "é", &"u".repeat(65), "$(id)"] {
+            assert!(
+                crate::encode(&Message::ExecUser { user: bad.into() }).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -360,6 +360,11 @@ pub fn exec(args: ExecArgs) -> Exit {
         .workdir
         .clone()
         .unwrap_or_else(|| config["cwd"].as_str().unwrap_or("/").to_owned());
+    if let Some(user) = &args.user {
+        if let Err(e) = airlock_protocol::check_exec_user(user) {
+            return usage(format!("-u: {e}"));
+        }
+    }
     if !cwd.starts_with('/') {
         return usage(format!("-w {cwd}: the working directory must be absolute"));
     }
@@ -369,6 +374,7 @@ pub fn exec(args: ExecArgs) -> Exit {
         "env": env,
         "cwd": cwd,
         "stdin": args.interactive,
+        "user": args.user,
     });
     let mut stream = match UnixStream::connect(dir.ctl()) {
         Ok(s) => s,

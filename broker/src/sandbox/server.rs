@@ -4,7 +4,8 @@
 //!
 //! A request is one JSON line (at most [`MAX_REQUEST`] bytes):
 //!
-//! - `{"op":"exec","argv":[..],"env":[[name,value],..],"cwd":"/workspace","stdin":bool}`:
+//! - `{"op":"exec","argv":[..],"env":[[name,value],..],"cwd":"/workspace","stdin":bool,"user":"1000"}`
+//!   (`user` optional):
 //!   then the conversation is protocol frames: the client sends `Stdin` and
 //!   `StdinEnd` (with `stdin`), the supervisor relays the guest's `Stdout`,
 //!   `Stderr`, `Error` and `Exit`; a failure of its own is an `Error` and
@@ -31,8 +32,8 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use airlock_protocol::{
-    encode, read_frame, write_frame, ErrorCode, ExitStatus, FrameError, Message, RunSpec,
-    EXEC_PORT, PROTOCOL_VERSION,
+    capability, encode, read_frame, write_frame, ErrorCode, ExitStatus, FrameError, Message,
+    RunSpec, EXEC_PORT, PROTOCOL_VERSION,
 };
 use serde_json::{json, Value};
 
@@ -214,7 +215,9 @@ fn serve_client(mut stream: UnixStream, shared: &Shared) {
 
 /// Opens a connection to the guest's exec port through the engine's
 /// hybrid-vsock socket and does the handshake.
-fn connect_exec(vsock_uds: &Path) -> io::Result<UnixStream> {
+/// With `user`, the host's `Hello` says an `ExecUser` follows the
+/// `RunSpec` (the guest must have listed it).
+fn connect_exec(vsock_uds: &Path, user: bool) -> io::Result<UnixStream> {
     let mut stream = UnixStream::connect(vsock_uds)?;
     stream.set_read_timeout(Some(HANDSHAKE))?;
     stream.write_all(format!("CONNECT {EXEC_PORT}\n").as_bytes())?;
@@ -234,7 +237,16 @@ fn connect_exec(vsock_uds: &Path) -> io::Result<UnixStream> {
         return Err(io::Error::other("the engine refused the exec connection"));
     }
     match read_frame(&mut stream) {
-        Ok(Message::Hello { version, .. }) if version == PROTOCOL_VERSION => {}
+        Ok(Message::Hello {
+            version,
+            capabilities,
+        }) if version == PROTOCOL_VERSION => {
+            if user && !capabilities.iter().any(|c| c == capability::USER) {
+                return Err(io::Error::other(
+                    "this sandbox's guest cannot run an exec as another user",
+                ));
+            }
+        }
         Ok(other) => {
             return Err(io::Error::other(format!(
                 "the guest sent {} instead of Hello",
@@ -247,7 +259,11 @@ fn connect_exec(vsock_uds: &Path) -> io::Result<UnixStream> {
         &mut stream,
         &Message::Hello {
             version: PROTOCOL_VERSION,
-            capabilities: Vec::new(),
+            capabilities: if user {
+                vec![capability::USER.to_owned()]
+            } else {
+                Vec::new()
+            },
         },
     )
     .map_err(|e| io::Error::other(e.to_string()))?;
@@ -258,7 +274,7 @@ fn connect_exec(vsock_uds: &Path) -> io::Result<UnixStream> {
 /// Runs `argv` in the sandbox with no input and its output dropped;
 /// its status.
 fn run_quiet(shared: &Shared, argv: &[&str]) -> io::Result<ExitStatus> {
-    let mut guest = connect_exec(&shared.vsock_uds)?;
+    let mut guest = connect_exec(&shared.vsock_uds, false)?;
     let spec = RunSpec {
         argv: argv.iter().map(|a| (*a).to_owned()).collect(),
         env: Vec::new(),
@@ -376,7 +392,13 @@ fn exec(mut client: UnixStream, request: &Value, shared: &Shared) {
         max_output_bytes: shared.max_output,
         stdin: request["stdin"].as_bool().unwrap_or(false),
     };
-    let frame = match encode(&Message::RunSpec(spec.clone())) {
+    let user = request["user"].as_str().map(str::to_owned);
+    let frame = match encode(&Message::RunSpec(spec.clone())).and_then(|mut frame| {
+        if let Some(user) = &user {
+            frame.extend(encode(&Message::ExecUser { user: user.clone() })?);
+        }
+        Ok(frame)
+    }) {
         Ok(frame) => frame,
         Err(e) => {
             fail(
@@ -399,10 +421,11 @@ fn exec(mut client: UnixStream, request: &Value, shared: &Shared) {
             "env_names": spec.env.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
             "cwd": spec.cwd,
             "stdin": spec.stdin,
+            "user": user,
         }),
         Durability::Synced,
     );
-    let result = relay(&mut client, &frame, spec.stdin, shared);
+    let result = relay(&mut client, &frame, spec.stdin, user.is_some(), shared);
     let mut end = json!({
         "id": id,
         "duration_ms": u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -446,9 +469,10 @@ fn relay(
     client: &mut UnixStream,
     spec: &[u8],
     stdin: bool,
+    user: bool,
     shared: &Shared,
 ) -> io::Result<Relayed> {
-    let mut guest = connect_exec(&shared.vsock_uds)?;
+    let mut guest = connect_exec(&shared.vsock_uds, user)?;
     guest.write_all(spec)?;
     // The client's input, to the guest: Stdin frames then StdinEnd.
     if stdin {
