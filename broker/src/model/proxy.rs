@@ -54,6 +54,45 @@ struct Request {
     /// All body bytes the guest sent.
     body_bytes: u64,
     sha256: String,
+    /// The share of [`MAX_HELD_BODIES`] this body holds (given back on
+    /// drop); `None` when the body did not fit in what was left: the
+    /// request is then refused as busy, not kept.
+    held: Option<Held>,
+}
+
+/// Most request-body bytes the proxy holds at once over all the calls in
+/// flight (each call holds its body until it is forwarded): a hostile
+/// agent's concurrent large requests cannot make the host hold
+/// `MAX_CONCURRENT` × the body limit.
+pub const MAX_HELD_BODIES: u64 = 96 << 20;
+
+/// A share of the held-bodies budget, given back on drop.
+#[derive(Debug)]
+struct Held {
+    pool: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The pool's size ([`MAX_HELD_BODIES`]).
+    limit: u64,
+    bytes: u64,
+}
+
+impl Held {
+    /// Takes `n` more bytes of the budget, if that many are left.
+    fn grow(&mut self, n: u64) -> bool {
+        let pool = &self.pool;
+        let taken = pool.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+            used.checked_add(n).filter(|&u| u <= self.limit)
+        });
+        if taken.is_ok() {
+            self.bytes += n;
+        }
+        taken.is_ok()
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.pool.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
 }
 
 /// Why a connection was dropped without an answer.
@@ -82,6 +121,8 @@ pub struct Proxy {
     notices: AtomicU64,
     /// The refusal reasons already told on stderr (once each per run).
     told: std::sync::Mutex<Vec<Reason>>,
+    /// Request-body bytes held now, over all calls ([`MAX_HELD_BODIES`]).
+    held: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -250,7 +291,12 @@ fn unreachable_reason(e: &ureq::Error) -> String {
 
 /// Reads `HttpRequest`, `HttpBody`…, `HttpEnd`, keeping at most `max`
 /// body bytes.
-fn read_request<R: Read>(mut r: R, max: u64) -> Result<Request, Broken> {
+fn read_request<R: Read>(
+    mut r: R,
+    max: u64,
+    pool: &std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pool_limit: u64,
+) -> Result<Request, Broken> {
     let (method, target, headers) = match read_frame(&mut r).map_err(Broken::Frame)? {
         Message::HttpRequest {
             method,
@@ -262,6 +308,11 @@ fn read_request<R: Read>(mut r: R, max: u64) -> Result<Request, Broken> {
     let mut body = Vec::new();
     let mut body_bytes = 0u64;
     let mut hash = Sha256::new();
+    let mut held = Some(Held {
+        pool: std::sync::Arc::clone(pool),
+        limit: pool_limit,
+        bytes: 0,
+    });
     loop {
         match read_frame(&mut r).map_err(Broken::Frame)? {
             Message::HttpBody(data) => {
@@ -272,7 +323,33 @@ fn read_request<R: Read>(mut r: R, max: u64) -> Result<Request, Broken> {
                     return Err(Broken::Flood);
                 }
                 if body_bytes <= max {
-                    body.extend_from_slice(&data);
+                    // Capacity grows by doubling, never past the limit,
+                    // and the budget is charged what is allocated.
+                    let need = body.len() + data.len();
+                    let cap = body.capacity();
+                    let grown = if need <= cap {
+                        Some(cap)
+                    } else {
+                        let limit = usize::try_from(max).unwrap_or(usize::MAX);
+                        Some((cap * 2).max(need).min(limit.max(need)))
+                    };
+                    let fits = grown.is_some_and(|new_cap| {
+                        new_cap == cap
+                            || held.as_mut().is_some_and(|h| {
+                                h.grow(u64::try_from(new_cap - cap).unwrap_or(u64::MAX))
+                            })
+                    });
+                    if fits {
+                        if let Some(new_cap) = grown {
+                            body.reserve_exact(new_cap - body.len());
+                        }
+                        body.extend_from_slice(&data);
+                    } else {
+                        // Busy: read on (the guest gets its answer after
+                        // its request), keep nothing.
+                        held = None;
+                        body = Vec::new();
+                    }
                 }
             }
             Message::HttpEnd => break,
@@ -286,6 +363,7 @@ fn read_request<R: Read>(mut r: R, max: u64) -> Result<Request, Broken> {
         body,
         body_bytes,
         sha256: hex(&hash.finalize()),
+        held,
     })
 }
 
@@ -430,6 +508,7 @@ impl Proxy {
             broken: AtomicU64::new(0),
             notices: AtomicU64::new(0),
             told: std::sync::Mutex::new(Vec::new()),
+            held: std::sync::Arc::default(),
         }
     }
 
@@ -442,7 +521,7 @@ impl Proxy {
         // (and the upstream connection) for ever.
         let _ = stream.set_write_timeout(Some(RESPONSE_WRITE_TIMEOUT));
         let max = self.settings.policy.max_request_bytes;
-        let req = match read_request(BufReader::new(stream), max) {
+        let req = match read_request(BufReader::new(stream), max, &self.held, MAX_HELD_BODIES) {
             Ok(r) => r,
             Err(e) => {
                 if self.broken.fetch_add(1, Ordering::SeqCst) < MAX_DENIAL_RECORDS {
@@ -628,6 +707,18 @@ impl Proxy {
             };
             Err((Denial::new(api, reason, message), model))
         };
+        if req.held.is_none() && req.body_bytes <= policy.max_request_bytes {
+            return deny(
+                Reason::Busy,
+                format!(
+                    "airlock holds {} MiB of request bodies at most over all calls in flight, \
+                     and this {}-byte body did not fit: retry when fewer large calls run at once",
+                    MAX_HELD_BODIES >> 20,
+                    req.body_bytes
+                ),
+                None,
+            );
+        }
         if req.body_bytes > policy.max_request_bytes {
             return deny(
                 Reason::BodyTooLarge,
@@ -968,5 +1059,74 @@ impl Proxy {
             "input_tokens": c.input_tokens,
             "output_tokens": c.output_tokens,
         })
+    }
+}
+
+#[cfg(test)]
+mod held_tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    /// The frames of a POST with a `len`-byte body.
+    fn request_frames(len: usize) -> Vec<u8> {
+        let mut out = encode(&Message::HttpRequest {
+            method: "POST".into(),
+            target: "/v1/messages".into(),
+            headers: vec![],
+        })
+        .expect("head");
+        let chunk = vec![b' '; MAX_HTTP_CHUNK];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(MAX_HTTP_CHUNK);
+            out.extend(encode(&Message::HttpBody(chunk[..n].to_vec())).expect("body"));
+            left -= n;
+        }
+        out.extend(encode(&Message::HttpEnd).expect("end"));
+        out
+    }
+
+    #[test]
+    fn concurrent_bodies_share_one_bounded_budget() {
+        let pool = Arc::new(AtomicU64::new(0));
+        // The real sizes (64 MiB limit, 96 MiB pool) scaled down 64 times.
+        let (max, limit) = (1 << 20, 3 << 19);
+        let big = request_frames(960 << 10);
+        let first = read_request(big.as_slice(), max, &pool, limit).expect("first");
+        assert!(first.held.is_some());
+        assert_eq!(first.body.len(), 960 << 10);
+        assert_eq!(pool.load(Ordering::SeqCst), first.body.capacity() as u64);
+        // A second one that does not fit beside it: read, not kept.
+        let second =
+            read_request(request_frames(640 << 10).as_slice(), max, &pool, limit).expect("second");
+        assert!(second.held.is_none());
+        assert!(second.body.is_empty());
+        assert_eq!(second.body_bytes, 640 << 10);
+        assert_eq!(
+            pool.load(Ordering::SeqCst),
+            first.body.capacity() as u64,
+            "the busy one holds nothing"
+        );
+        drop(second);
+        drop(first);
+        assert_eq!(pool.load(Ordering::SeqCst), 0, "all given back");
+        let third =
+            read_request(request_frames(640 << 10).as_slice(), max, &pool, limit).expect("third");
+        assert!(third.held.is_some());
+        assert_eq!(third.body.len(), 640 << 10);
+        // What the body holds is charged, and never more than the limit.
+        assert_eq!(pool.load(Ordering::SeqCst), third.body.capacity() as u64);
+        assert!(third.body.capacity() <= usize::try_from(max).expect("fits"));
+    }
+
+    #[test]
+    fn a_busy_refusal_may_be_retried() {
+        let d = Denial::new(rules::Api::Anthropic, Reason::Busy, "busy");
+        assert_eq!(d.status(), 503);
+        assert!(!d
+            .headers()
+            .iter()
+            .any(|(n, v)| n == "x-should-retry" && v == "false"));
     }
 }

@@ -419,6 +419,9 @@ pub enum Reason {
     RequestBudget,
     TokenBudget,
     Unreachable,
+    /// Too many large request bodies in flight at once (the proxy's
+    /// held-bodies budget): transient, so the client may retry.
+    Busy,
 }
 
 impl Reason {
@@ -438,6 +441,7 @@ impl Reason {
             Reason::RequestBudget => "request_budget",
             Reason::TokenBudget => "token_budget",
             Reason::Unreachable => "upstream_unreachable",
+            Reason::Busy => "busy",
         }
     }
 
@@ -457,6 +461,7 @@ impl Reason {
             Reason::BadBody => (400, "invalid_request_error"),
             Reason::RequestBudget | Reason::TokenBudget => (429, "rate_limit_error"),
             Reason::Unreachable => (502, "api_error"),
+            Reason::Busy => (503, "overloaded_error"),
         }
     }
 }
@@ -496,7 +501,7 @@ impl Denial {
                     "message": self.message,
                     "type": match self.reason {
                         Reason::RequestBudget | Reason::TokenBudget => "rate_limit_exceeded",
-                        Reason::Unreachable => "api_error",
+                        Reason::Unreachable | Reason::Busy => "api_error",
                         _ => "invalid_request_error",
                     },
                     "code": self.reason.name(),
@@ -511,7 +516,9 @@ impl Denial {
     /// reason other than TLS (a network blip); every other refusal is
     /// airlock's rule or limit and stays until the user changes a flag.
     pub fn retryable(&self) -> bool {
-        self.reason == Reason::Unreachable && !self.message.contains("TLS handshake failed")
+        self.reason == Reason::Busy
+            || (self.reason == Reason::Unreachable
+                && !self.message.contains("TLS handshake failed"))
     }
 
     /// The response headers of the refusal: `x-should-retry: false`
