@@ -26,7 +26,8 @@ pub use frame::{
     body_len, decode_body, encode, read_frame, write_frame, DecodeError, EncodeError, FrameError,
 };
 pub use message::{
-    check_file_path, ErrorCode, ExitStatus, FileEntry, FileKind, Message, MessageError, RunSpec,
+    check_file_path, check_run_as, ErrorCode, ExitStatus, FileEntry, FileKind, Message,
+    MessageError, RunSpec,
 };
 pub use wire::WireError;
 
@@ -69,6 +70,11 @@ pub mod capability {
     /// one more command in the same sandbox (a live sandbox's `airlock
     /// exec`).
     pub const EXEC: &str = "exec";
+    /// In the guest's `Hello`: it can run the container as a given user.
+    /// In the host's (only if the guest listed it, and only when the host
+    /// has a user to set): a `RunAs` follows the `RunSpec` (and the
+    /// `Collect`, if any).
+    pub const RUN_AS: &str = "run-as";
 }
 
 /// Host port the guest init connects to for the control connection.

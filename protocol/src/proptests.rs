@@ -138,6 +138,8 @@ fn message() -> impl Strategy<Value = Message> {
         Just(Message::HttpEnd),
         vec("[a-z*?]{1,8}(/[a-z*?]{1,8}){0,3}", 1..=4)
             .prop_map(|patterns| Message::Collect { patterns }),
+        "[a-z0-9_][a-z0-9_.-]{0,31}(:[a-z0-9_][a-z0-9_.-]{0,31})?"
+            .prop_map(|user| Message::RunAs { user }),
     ]
 }
 
