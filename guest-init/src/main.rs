@@ -120,6 +120,7 @@ fn run() -> Result<(), Error> {
     let mode = container.then_some(image::Mode {
         nested: options.nested,
         archive: options.archive,
+        image_disk: options.image_disk,
     });
     // Without a container the command runs as the agent user unless the
     // host asked for root (`airlock run --vm-root`).
