@@ -201,6 +201,9 @@ pub struct EncodedSpec {
     collect: Option<Vec<u8>>,
     /// A live sandbox: the guest serves execs while the command runs.
     pub execs: bool,
+    /// The `RunAs` frame sent after the RunSpec (and Collect), for `-u` or
+    /// an image's `User`.
+    run_as: Option<Vec<u8>>,
 }
 
 impl EncodedSpec {
@@ -211,7 +214,20 @@ impl EncodedSpec {
             results: false,
             collect: None,
             execs: false,
+            run_as: None,
         })
+    }
+
+    /// Asks for the container to run as `user` (none: its default).
+    pub fn set_run_as(&mut self, user: Option<&str>) -> Result<(), EncodeError> {
+        self.run_as = user
+            .map(|user| {
+                encode(&Message::RunAs {
+                    user: user.to_owned(),
+                })
+            })
+            .transpose()?;
+        Ok(())
     }
 
     /// Asks for the results named by `patterns` (none: `/workspace/out`).
@@ -248,6 +264,9 @@ impl EncodedSpec {
         }
         if self.execs && guest.iter().any(|c| c == capability::EXEC) {
             caps.push(capability::EXEC.to_owned());
+        }
+        if self.run_as.is_some() && guest.iter().any(|c| c == capability::RUN_AS) {
+            caps.push(capability::RUN_AS.to_owned());
         }
         caps
     }
@@ -355,6 +374,22 @@ fn converse<R: Read, W: Write, O: Write, E: Write>(
         } else {
             eprintln!(
                 "airlock: warning: the guest does not understand --collect: it sends                  /workspace/out instead"
+            );
+        }
+    }
+
+    if let Some(run_as) = &spec.run_as {
+        if capabilities.iter().any(|c| c == capability::RUN_AS) {
+            if let Err(source) = writer.write_all(run_as).and_then(|()| writer.flush()) {
+                return Outcome::Broken(Violation::Send {
+                    what: "RunAs",
+                    source,
+                });
+            }
+        } else {
+            eprintln!(
+                "airlock: warning: the guest cannot set the container's user (an older init): \
+                 the command runs as the container's root"
             );
         }
     }

@@ -264,6 +264,9 @@ pub fn create(args: CreateArgs) -> Exit {
 fn supervised_run(args: &CreateArgs) -> crate::cli::RunArgs {
     let mut run = args.run.clone();
     run.command = KEEPER.iter().map(|s| (*s).to_owned()).collect();
+    // The keeper runs as it is, not through an image's entrypoint (the
+    // image's Env, WorkingDir and User still apply, to the execs too).
+    run.entrypoint = Some(String::new());
     run.timeout = Some(args.max_lifetime);
     run
 }
