@@ -164,7 +164,7 @@ const TOP_EXIT_CODES: &str = "\
 Exit codes:
   0    success (run: otherwise the command's own exit code)
   1    doctor: no engine can run a sandbox on this host; audit verify: the
-       log is not intact
+       log is not intact; image load: the image could not be stored
   2    bad usage or input; nothing was started
   120  the sandbox failed (the VM did not boot or crashed; create: it did
        not become ready; the audit log could not be kept)

@@ -299,7 +299,8 @@ fn run(command: ImageCommand) -> Result<Exit, Error> {
                     eprintln!(
                         "airlock: warning: {} entries of the image were left out (e.g. {})",
                         stats.refused,
-                        stats.refused_examples.join("; ")
+                        // The paths are the image author's: no terminal controls.
+                        crate::sanitize(stats.refused_examples.join("; ").as_bytes())
                     );
                 }
             }
