@@ -33,8 +33,8 @@ use super::Error;
 /// Shortest digest prefix (hex digits) a reference may use.
 pub const MIN_PREFIX: usize = 4;
 
-/// The store's directory: `$AIRLOCK_IMAGES` if set (tests), else
-/// `$XDG_DATA_HOME/airlock/images`, else `~/.local/share/airlock/images`.
+/// The store's directory: `$XDG_DATA_HOME/airlock/images`, else
+/// `~/.local/share/airlock/images`.
 pub fn default_dir() -> Result<PathBuf, Error> {
     let var = |n: &str| std::env::var_os(n).filter(|v| !v.is_empty());
     if let Some(d) = var("XDG_DATA_HOME") {
@@ -195,7 +195,7 @@ impl Store {
         }
     }
 
-    /// Every image, newest name first is not promised: sorted by digest.
+    /// Every complete image, sorted by digest.
     pub fn list(&self) -> Result<Vec<Stored>, Error> {
         let repos = self.repositories()?;
         let dir = self.dir.join("sha256");
