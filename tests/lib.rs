@@ -190,6 +190,41 @@ pub fn run_raw(argv: &[&str], env: &[(&str, &str)], timeout_s: u32) -> RawRun {
     }
 }
 
+/// Like [`run_raw`], with `input` written to the command's stdin (from a
+/// thread of its own, then closed).
+pub fn run_raw_with_stdin(
+    argv: &[&str],
+    env: &[(&str, &str)],
+    input: &[u8],
+    timeout_s: u32,
+) -> RawRun {
+    let mut child = Command::new("timeout")
+        .args(["-k", "5", &timeout_s.to_string()])
+        .args(argv)
+        .env("XDG_STATE_HOME", state_dir())
+        .env(TEST_INITRD_ENV.0, TEST_INITRD_ENV.1)
+        .envs(env.iter().copied())
+        .current_dir(root())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {argv:?}: {e}"));
+    let mut stdin = child.stdin.take().expect("stdin");
+    let data = input.to_vec();
+    let feeder = std::thread::spawn(move || {
+        use std::io::Write;
+        let _ = stdin.write_all(&data);
+    });
+    let out = child.wait_with_output().expect("wait");
+    feeder.join().expect("feeder");
+    RawRun {
+        code: out.status.code(),
+        stdout: out.stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 /// A fresh directory under the system temp dir, unique to this test and
 /// process, with a short path (Unix socket paths are limited to 107 bytes;
 /// pass it as `TMPDIR` so that `airlock run` makes its run directory there).

@@ -8,7 +8,8 @@ use std::process::{Command, Stdio};
 use std::thread;
 
 use airlock_e2e::{
-    bin, processes_mentioning, root, run, run_env, run_raw, sha256_hex, testbed, Run, TempDir,
+    bin, processes_mentioning, root, run, run_env, run_raw, run_raw_with_stdin, sha256_hex,
+    testbed, Run, TempDir,
 };
 
 /// 50 MiB of random bytes: the guest prints its sha256 on stderr and the
@@ -170,6 +171,49 @@ fn tcg_the_command_gets_only_the_env_it_is_given() {
         .expect_stdout_line("SECRET=[]")
         .expect_stdout_line("/");
     assert!(!r.stdout.contains("hunter2") && !r.stderr.contains("hunter2"));
+}
+
+#[test]
+fn tcg_run_i_forwards_stdin_binary_safe_to_its_end() {
+    // 10 MB of bytes of every value, not valid UTF-8.
+    let data: Vec<u8> = (0..10_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0])
+        .collect();
+    let airlock = bin("airlock");
+    let image = airlock_e2e::build_file("rootfs.img");
+    // In the VM (initramfs, no container) and in the agent's container.
+    for (what, opts) in [
+        ("initramfs", vec![]),
+        ("container", vec!["--image-root", image.as_str()]),
+    ] {
+        let mut argv = vec![airlock.as_str(), "run", "--engine", "tcg", "-i"];
+        argv.extend(opts.iter().copied());
+        argv.extend(["--", "sh", "-c", "sha256sum"]);
+        let r = run_raw_with_stdin(&argv, &[], &data, 300);
+        assert_eq!(r.code, Some(0), "{what}: {}", r.stderr);
+        let out = String::from_utf8_lossy(&r.stdout).into_owned();
+        assert_eq!(
+            out.split_whitespace().next(),
+            Some(sha256_hex(&data).as_str()),
+            "{what}: the command read exactly our stdin, to its end\n{out}"
+        );
+        // The audit log says the command had stdin.
+        let log = airlock_e2e::audit_log_of(&r.into_run());
+        let start = airlock_e2e::fields_of_kind(&airlock_e2e::audit_records(&log), "run.start");
+        assert_eq!(start[0]["spec"]["stdin"], true, "{what}: {start:?}");
+    }
+
+    // Without -i the command's stdin is empty, whatever ours holds.
+    let r = run_raw_with_stdin(
+        &[
+            &airlock, "run", "--engine", "tcg", "--", "sh", "-c", "wc -c",
+        ],
+        &[],
+        b"not forwarded",
+        300,
+    )
+    .into_run();
+    r.expect_code(0).expect_stdout_line("0");
 }
 
 #[test]

@@ -523,6 +523,7 @@ fn sandbox_bad_input_is_a_usage_error() {
             vec!["create", "--name", "ok", "--timeout", "5"],
             "create has no --timeout",
         ),
+        (vec!["create", "--name", "ok", "-i"], "create takes no -i"),
         (
             vec!["create", "--name", "ok", "--label", "novalue"],
             "expected KEY=VALUE",

@@ -164,7 +164,7 @@ const TOP_EXIT_CODES: &str = "\
 Exit codes:
   0    success (run: otherwise the command's own exit code)
   1    doctor: no engine can run a sandbox on this host; audit verify: the
-       log is not intact
+       log is not intact; image load: the image could not be stored
   2    bad usage or input; nothing was started
   120  the sandbox failed (the VM did not boot or crashed; create: it did
        not become ready; the audit log could not be kept)
@@ -244,6 +244,87 @@ pub enum Command {
     /// Print the end of a sandbox's guest console log.
     #[command(after_help = SANDBOX_EXIT_CODES)]
     Logs(LogsArgs),
+    /// Load, list, inspect and remove images, for `run --image NAME`.
+    ///
+    /// An image is loaded once from a docker or OCI archive (`docker save`
+    /// / `podman save` output) and kept by digest under
+    /// $XDG_DATA_HOME/airlock/images (else ~/.local/share/airlock/images),
+    /// unpacked into a read-only erofs disk that a sandbox's container
+    /// boots straight into (no `podman load` in the VM).
+    #[command(after_help = IMAGE_EXIT_CODES)]
+    Image(ImageCmdArgs),
+}
+
+const IMAGE_EXIT_CODES: &str = "\
+Exit codes:
+  0    done
+  1    the image could not be stored (mkfs.erofs missing or failing, a
+       write to the store failing); the store is left as it was
+  2    bad usage or input: not an image archive, a layer that does not match
+       its digest, an unknown or ambiguous reference; nothing changed
+
+References: NAME[:TAG] (`:latest` when no tag; `localhost/NAME` too, as
+podman names local images) or sha256:DIGEST (a unique prefix of at least 4
+hex digits). Loading an archive whose name another image has moves the
+name to the new image (the old one stays, as <none>, until `image rm`).
+
+Unpacking: the layers are applied in order (OCI whiteouts included) on the
+host, never through a symlink and never outside the image's root (entries
+that try are left out and counted); device nodes are dropped; modes and
+owners are kept; extended attributes are not. Each layer must match its
+digest.";
+
+/// `airlock image`.
+#[derive(Debug, Clone, Args)]
+pub struct ImageCmdArgs {
+    #[command(subcommand)]
+    pub command: ImageCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ImageCommand {
+    /// Load a docker or OCI image archive (uncompressed tar) into the
+    /// store, unpacked into an erofs disk, under the archive's names
+    #[command(after_help = IMAGE_EXIT_CODES)]
+    Load(ImageLoadArgs),
+    /// List the images in the store
+    #[command(after_help = IMAGE_EXIT_CODES)]
+    Ls(ImageLsArgs),
+    /// Show an image as JSON: digest, names, config, disk (path, size)
+    #[command(after_help = IMAGE_EXIT_CODES)]
+    Inspect(ImageRefArg),
+    /// Remove names or images: a NAME[:TAG] loses that name (the image
+    /// goes with its last name); a sha256: digest removes the image and
+    /// all its names. Every reference is checked before anything is removed
+    #[command(after_help = IMAGE_EXIT_CODES)]
+    Rm(ImageRmArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ImageLoadArgs {
+    /// The archive (`docker save` / `podman save` output)
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ImageLsArgs {
+    #[arg(long, value_enum, default_value_t = ListFormat::Table)]
+    pub format: ListFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ImageRefArg {
+    /// NAME[:TAG] or sha256:DIGEST (a unique prefix will do)
+    #[arg(value_name = "REF")]
+    pub reference: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ImageRmArgs {
+    /// NAME[:TAG] or sha256:DIGEST
+    #[arg(value_name = "REF", required = true)]
+    pub references: Vec<String>,
 }
 
 const SANDBOX_EXIT_CODES: &str = "\
@@ -460,6 +541,10 @@ pub struct RunArgs {
     /// else from airlock's environment reaches the sandbox.
     #[arg(long = "env", short = 'e', value_name = "NAME=VALUE")]
     pub env: Vec<String>,
+    /// Forward our stdin to the command, to its end of file (binary-safe;
+    /// without -i the command's stdin is empty)
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
     /// Forward at most this many bytes of the command's stdout plus stderr;
     /// reaching it stops the sandbox (exit 125)
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_OUTPUT_BYTES)]
@@ -536,12 +621,32 @@ pub struct RunArgs {
     /// (repeatable; needs --out)
     #[arg(long, value_name = "PATTERN", requires = "out")]
     pub collect: Vec<String>,
-    /// Run the command in a container made from this OCI or docker image
-    /// archive (`podman save` / `docker save` output, uncompressed tar)
-    /// instead of the guest image's own root; loaded offline in the VM,
-    /// attached read-only
-    #[arg(long = "image", value_name = "FILE", conflicts_with = "no_container")]
+    /// Run the command in a container made from this image instead of the
+    /// guest image's own root: NAME[:TAG] or sha256:DIGEST of an image
+    /// loaded with `airlock image load` (its erofs disk is attached
+    /// read-only and the image's Entrypoint, Cmd, Env, WorkingDir and User
+    /// apply; see --entrypoint, -u, -w, -e), or a FILE, an OCI or docker
+    /// archive (`podman save` / `docker save` output, uncompressed tar),
+    /// attached read-only and loaded with podman in the VM at each run,
+    /// the command run as given (as root unless -u). A value that exists as
+    /// a path, starts with / ./ ../ or ends in .tar is a FILE
+    #[arg(long = "image", value_name = "IMAGE", conflicts_with = "no_container")]
     pub image_archive: Option<PathBuf>,
+    /// The container's entrypoint: CMD runs as `ENTRYPOINT CMD...`.
+    /// Replaces the image's Entrypoint and drops its Cmd, as docker does;
+    /// "" clears it
+    #[arg(long, value_name = "CMD")]
+    pub entrypoint: Option<String>,
+    /// Run the command as USER[:GROUP] (names or numbers, resolved in the
+    /// container's root) in its container [default: the image's User, else
+    /// root]
+    #[arg(short = 'u', long = "user", value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
+    /// The command's working directory [default: the image's WorkingDir,
+    /// else /workspace with --workspace or --out, else /]; the workspace is
+    /// /workspace whatever it is
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
     /// Let the command use podman itself (nested containers): its
     /// container is privileged within the VM and gets its own empty
     /// container storage. The VM stays the isolation boundary; the

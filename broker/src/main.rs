@@ -14,6 +14,7 @@ mod doctor;
 mod engine;
 mod files;
 mod host;
+mod image;
 mod model;
 mod paths;
 mod pinned;
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
         cli::Command::Stop(args) => sandbox::client::stop(args),
         cli::Command::Rm(args) => sandbox::client::rm(args),
         cli::Command::Logs(args) => sandbox::client::logs(args),
+        cli::Command::Image(args) => image::main(args.command),
     };
     ExitCode::from(exit.code())
 }

@@ -116,6 +116,14 @@ pub enum Error {
         "--image needs the guest root image (its podman loads the archive): not with --initrd"
     )]
     ArchiveWithoutRoot,
+    #[error(transparent)]
+    ImageStore(#[from] crate::image::Error),
+    #[error("-w {0:?}: the working directory must be an absolute path without NUL")]
+    Workdir(String),
+    #[error("-u {0:?}: not USER or USER:GROUP of A-Z a-z 0-9 _ . - (names or numbers)")]
+    User(String),
+    #[error("-u sets the user of the agent's container: not with --no-container or --initrd (without a container the command runs as uid 1000, or root with --vm-root)")]
+    UserWithoutContainer,
     #[error("--nested needs the guest root image (podman is in it): not with --initrd")]
     NestedWithoutRoot,
     #[error("--vm-root is for a command that runs directly in the VM: add --no-container")]
@@ -217,6 +225,8 @@ impl Error {
             | Error::InsideOut { .. }
             | Error::Place(..) => Exit::Usage,
             Error::Report(..) => Exit::SandboxFailed,
+            Error::ImageStore(e) => e.exit(),
+            Error::Workdir(_) | Error::User(_) | Error::UserWithoutContainer => Exit::Usage,
             Error::Audit(e) => match e {
                 audit::Error::Create { .. }
                 | audit::Error::Read { .. }
@@ -281,8 +291,16 @@ pub struct RunConfig {
     pub extra_cmdline: Vec<String>,
     /// In image mode, run the command in a container (not `--no-container`).
     pub container: bool,
-    /// `--image`: the container's image archive, made absolute.
+    /// `--image FILE`: the container's image archive, made absolute.
     pub archive: Option<PathBuf>,
+    /// `--image NAME`: an image of the store, whose erofs disk the
+    /// container runs on.
+    pub stored_image: Option<crate::image::Resolved>,
+    /// With a stored image: where the command, environment, directory and
+    /// user came from (image or options), for the audit log.
+    pub image_applied: Option<Value>,
+    /// The container's user (`-u`, or the stored image's `User`).
+    pub user: Option<String>,
     /// `--nested`: the command may run podman itself.
     pub nested: bool,
     /// `--vm-root`: without a container, the command runs as root.
@@ -319,6 +337,9 @@ const NO_CONTAINER_CMDLINE: &str = "airlock.container=0";
 /// Tells the init that the second disk is an image archive to load and run
 /// the container from.
 const ARCHIVE_CMDLINE: &str = "airlock.archive=1";
+/// Tells the init that the second disk is an image's root (erofs) to run
+/// the container on.
+const IMAGE_DISK_CMDLINE: &str = "airlock.imagedisk=1";
 /// Tells the init to give the container what nested podman needs.
 const NESTED_CMDLINE: &str = "airlock.nested=1";
 /// Tells the init to run a command outside a container as root, not as
@@ -352,6 +373,9 @@ pub fn boot_cmdline(config: &RunConfig, image_mode: bool) -> Vec<String> {
         }
         if config.archive.is_some() {
             words.push(ARCHIVE_CMDLINE.to_owned());
+        }
+        if config.stored_image.is_some() {
+            words.push(IMAGE_DISK_CMDLINE.to_owned());
         }
         if config.nested {
             words.push(NESTED_CMDLINE.to_owned());
@@ -415,6 +439,78 @@ pub fn parse_env(arg: &str) -> Result<(String, String), Error> {
     Ok((name.to_owned(), value.to_owned()))
 }
 
+/// Parses every `--env`; a name given twice is refused.
+fn parse_envs(env: &[String]) -> Result<Vec<(String, String)>, Error> {
+    let mut pairs: Vec<(String, String)> = Vec::with_capacity(env.len());
+    for arg in env {
+        let (name, value) = parse_env(arg)?;
+        if pairs.iter().any(|(n, _)| *n == name) {
+            return Err(Error::DuplicateEnv(name));
+        }
+        pairs.push((name, value));
+    }
+    Ok(pairs)
+}
+
+/// What `--image` and the image's config make of the command: argv, env
+/// (as `NAME=VALUE`), a working directory and a user over the defaults,
+/// and, with a stored image, where each came from.
+type Shaped = (
+    Vec<String>,
+    Vec<String>,
+    Option<String>,
+    Option<String>,
+    Option<Value>,
+);
+
+/// Shapes the command: with an image of the store, its config under the
+/// options ([`crate::image::apply`]); otherwise the command as given,
+/// after `--entrypoint` if any.
+fn shape_command(args: &RunArgs, stored: Option<&crate::image::Resolved>) -> Result<Shaped, Error> {
+    match stored {
+        Some(image) => {
+            let applied = crate::image::apply(
+                &image.config,
+                crate::image::Overrides {
+                    command: args.command.clone(),
+                    entrypoint: args.entrypoint.clone(),
+                    env: parse_envs(&args.env)?,
+                    workdir: args.workdir.clone(),
+                    user: args.user.clone(),
+                },
+            )?;
+            let env = applied
+                .env
+                .iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect();
+            Ok((
+                applied.argv,
+                env,
+                applied.cwd,
+                applied.user,
+                Some(applied.fields),
+            ))
+        }
+        None => {
+            let mut argv: Vec<String> = args
+                .entrypoint
+                .iter()
+                .filter(|e| !e.is_empty())
+                .cloned()
+                .collect();
+            argv.extend(args.command.iter().cloned());
+            Ok((
+                argv,
+                args.env.clone(),
+                args.workdir.clone(),
+                args.user.clone(),
+                None,
+            ))
+        }
+    }
+}
+
 /// The run spec for `command` with exactly the `--env` variables: cwd `/`,
 /// no guest-side timeout (the host enforces `--timeout`), no stdin.
 pub fn run_spec(
@@ -428,14 +524,7 @@ pub fn run_spec(
     if let Some(i) = command.iter().position(|a| a.contains('\0')) {
         return Err(Error::NulInArgument(i));
     }
-    let mut pairs: Vec<(String, String)> = Vec::with_capacity(env.len());
-    for arg in env {
-        let (name, value) = parse_env(arg)?;
-        if pairs.iter().any(|(n, _)| *n == name) {
-            return Err(Error::DuplicateEnv(name));
-        }
-        pairs.push((name, value));
-    }
+    let pairs = parse_envs(env)?;
     Ok(RunSpec {
         argv: command,
         env: pairs,
@@ -461,12 +550,37 @@ impl TryFrom<RunArgs> for RunConfig {
         if timeout == 0 {
             return Err(Error::Timeout);
         }
-        let mut run_spec = run_spec(args.command, &args.env, args.max_output_bytes)?;
+        let (archive, stored_image) = match &args.image_archive {
+            Some(value) => match crate::image::choose(value.as_os_str())? {
+                crate::image::Choice::File(p) => (Some(std::path::absolute(&p).unwrap_or(p)), None),
+                crate::image::Choice::Stored(image) => (None, Some(image)),
+            },
+            None => (None, None),
+        };
+        let (command, env, cwd, user, image_applied) = shape_command(&args, stored_image.as_ref())?;
+        let mut run_spec = run_spec(command, &env, args.max_output_bytes)?;
+        run_spec.stdin = args.interactive;
         if args.workspace.is_some() || args.out.is_some() {
             // The command works on its copy of the workspace.
             run_spec.cwd = WORKSPACE_CWD.into();
         }
+        if let Some(cwd) = cwd {
+            // -w, or the image's WorkingDir: the workspace stays /workspace.
+            if !cwd.starts_with('/') || cwd.contains('\0') {
+                return Err(Error::Workdir(cwd));
+            }
+            run_spec.cwd = cwd;
+        }
+        if let Some(u) = &user {
+            if airlock_protocol::check_run_as(u).is_err() {
+                return Err(Error::User(u.clone()));
+            }
+            if args.no_container {
+                return Err(Error::UserWithoutContainer);
+            }
+        }
         let mut spec = EncodedSpec::new(run_spec.clone()).map_err(Error::Spec)?;
+        spec.set_run_as(user.as_deref()).map_err(Error::Spec)?;
         spec.workspace = args.workspace.is_some();
         spec.results = args.out.is_some();
         if args.collect.len() > airlock_protocol::limits::MAX_COLLECT_PATTERNS {
@@ -501,9 +615,10 @@ impl TryFrom<RunArgs> for RunConfig {
             max_output_bytes: args.max_output_bytes,
             extra_cmdline: cmdline.split_whitespace().map(str::to_owned).collect(),
             container: !args.no_container,
-            archive: args
-                .image_archive
-                .map(|p| std::path::absolute(&p).unwrap_or(p)),
+            archive,
+            stored_image,
+            image_applied,
+            user,
             nested: args.nested,
             vm_root: args.vm_root,
             audit: AuditConfig {
@@ -648,6 +763,12 @@ fn run_with(args: RunArgs, sandbox: Option<crate::sandbox::server::Mode>) -> Res
     if image.root.is_none() && !config.container {
         eprintln!("airlock: warning: --no-container: no root image, so no container anyway");
     }
+    if config.stored_image.is_some() && image.root.is_none() {
+        return Err(Error::ArchiveWithoutRoot);
+    }
+    if config.user.is_some() && image.root.is_none() {
+        return Err(Error::UserWithoutContainer);
+    }
     let archive_format = match &config.archive {
         Some(_) if image.root.is_none() => return Err(Error::ArchiveWithoutRoot),
         Some(path) => Some(crate::archive::check(path)?),
@@ -660,7 +781,11 @@ fn run_with(args: RunArgs, sandbox: Option<crate::sandbox::server::Mode>) -> Res
         return Err(Error::VmRootInContainer);
     }
     // From here on airlock hashes, and the engine boots, these open files.
-    let pins = Pins::open(&image, config.archive.as_deref())?;
+    let second_disk = config
+        .archive
+        .clone()
+        .or_else(|| config.stored_image.as_ref().map(|i| i.disk.clone()));
+    let pins = Pins::open(&image, second_disk.as_deref())?;
     let selection = engine::select(config.engine, Available::gather())?;
     if let Some(warning) = &selection.warning {
         eprintln!("airlock: warning: {warning}");
@@ -682,10 +807,32 @@ fn run_with(args: RunArgs, sandbox: Option<crate::sandbox::server::Mode>) -> Res
                 }
             })?;
         start["container_image"] = json!({
+            "source": "file",
             "path": path.display().to_string(),
             "format": format.name(),
             "sha256": d.sha256,
             "bytes": d.bytes,
+        });
+    }
+    if let (Some(pin), Some(stored)) = (&pins.archive, &config.stored_image) {
+        let d =
+            digest::file_cached(&pin.fd_path(), digest_cache().as_deref()).map_err(|source| {
+                Error::Digest {
+                    path: pin.path().to_path_buf(),
+                    source,
+                }
+            })?;
+        start["container_image"] = json!({
+            "source": "store",
+            "reference": stored.reference,
+            "digest": stored.digest,
+            "names": stored.names,
+            "disk": {
+                "path": pin.path().display().to_string(),
+                "sha256": d.sha256,
+                "bytes": d.bytes,
+            },
+            "config_applied": config.image_applied,
         });
     }
     let audit = AuditLog::create(&audit_path, config.audit.limits, key)?;
@@ -934,7 +1081,13 @@ fn run_start_fields(
             "boot_cmdline": boot_cmdline(config, pins.image_mode),
             "container": pins.image_mode && config.container,
             "nested_containers": config.nested,
-            "command_user": command_user(&boot_cmdline(config, pins.image_mode), pins.image_mode),
+            "command_user": match &config.user {
+                Some(user) if pins.image_mode && config.container => {
+                    format!("container user {user}")
+                }
+                _ => command_user(&boot_cmdline(config, pins.image_mode), pins.image_mode)
+                    .to_owned(),
+            },
             "collect": config.files.collect,
             "audit_max_guest_records": config.audit.limits.max_guest_records,
             "audit_max_guest_bytes": config.audit.limits.max_guest_bytes,
@@ -1515,6 +1668,42 @@ struct SessionThread {
     stream: UnixStream,
 }
 
+/// `run -i`: forwards our stdin to the command as `Stdin` frames, then
+/// `StdinEnd`, from a thread of its own (the session thread only reads
+/// from here on). It stops at our end of file, or when the conversation
+/// is shut down (the command exited; the guest went away).
+fn pump_stdin(stream: &UnixStream) {
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let spawned = thread::Builder::new().name("stdin".into()).spawn(move || {
+        use std::io::Read as _;
+        let mut input = io::stdin().lock();
+        let mut buf = vec![0u8; airlock_protocol::limits::MAX_CHUNK];
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // An unreadable stdin ends as an empty rest.
+                Err(_) => break,
+            };
+            if airlock_protocol::write_frame(
+                &mut out,
+                &airlock_protocol::Message::Stdin(buf[..n].to_vec()),
+            )
+            .is_err()
+            {
+                return;
+            }
+        }
+        let _ = airlock_protocol::write_frame(&mut out, &airlock_protocol::Message::StdinEnd);
+    });
+    if spawned.is_err() {
+        eprintln!("airlock: warning: cannot start the stdin thread: the command's stdin is empty");
+    }
+}
+
 impl SessionThread {
     /// Serves `stream` in a new thread, which reports to the supervisor.
     fn start(stream: UnixStream, params: &SessionParams) -> io::Result<SessionThread> {
@@ -1532,12 +1721,16 @@ impl SessionThread {
                 let (out, err) = writers();
                 let mut output = Output::new(out, err, limit);
                 let progress_events = events.clone();
+                let stdin = spec.stdin;
                 let outcome = session::serve(
                     BufReader::with_capacity(128 * 1024, &stream),
                     &stream,
                     &spec,
                     &mut output,
                     &mut |p| {
+                        if p == Progress::SpecSent && stdin {
+                            pump_stdin(&stream);
+                        }
                         let _ = progress_events.send(Event::Progress(p));
                     },
                     &audit,
@@ -1647,6 +1840,7 @@ fn supervise(
                 );
                 eprintln!("airlock: warning: the control port stopped accepting: {e}")
             }
+            Ok(Event::Progress(Progress::SpecSent)) => {}
             Ok(Event::Progress(Progress::Handshaken)) => {
                 handshaken = true;
                 timings.hello = Some(Instant::now());
@@ -2100,6 +2294,7 @@ mod tests {
             cpus: 1,
             timeout: None,
             env: Vec::new(),
+            interactive: false,
             max_output_bytes: 1 << 30,
             cmdline: None,
             console_log: None,
@@ -2115,6 +2310,9 @@ mod tests {
             max_out_bytes: 1 << 30,
             collect: Vec::new(),
             image_archive: None,
+            entrypoint: None,
+            user: None,
+            workdir: None,
             nested: false,
             vm_root: false,
             model: crate::cli::ModelArgs::default(),

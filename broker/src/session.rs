@@ -35,6 +35,9 @@ use crate::audit::{kind, AuditLog, Durability};
 pub enum Progress {
     /// The guest said a Hello we speak: the sandbox has booted.
     Handshaken,
+    /// The run spec (and what follows it) is sent: from now on the host
+    /// writes only stdin frames, if the spec asked for stdin.
+    SpecSent,
     /// The command ended; the guest will now power off.
     Exited(ExitStatus),
 }
@@ -201,17 +204,38 @@ pub struct EncodedSpec {
     collect: Option<Vec<u8>>,
     /// A live sandbox: the guest serves execs while the command runs.
     pub execs: bool,
+    /// The `RunAs` frame sent after the RunSpec (and Collect), for `-u` or
+    /// an image's `User`.
+    run_as: Option<Vec<u8>>,
+    /// The command reads stdin: the host sends `Stdin` frames and a
+    /// `StdinEnd` after the spec.
+    pub stdin: bool,
 }
 
 impl EncodedSpec {
     pub fn new(spec: RunSpec) -> Result<EncodedSpec, EncodeError> {
+        let stdin = spec.stdin;
         encode(&Message::RunSpec(spec)).map(|frame| EncodedSpec {
+            stdin,
             frame,
             workspace: false,
             results: false,
             collect: None,
             execs: false,
+            run_as: None,
         })
+    }
+
+    /// Asks for the container to run as `user` (none: its default).
+    pub fn set_run_as(&mut self, user: Option<&str>) -> Result<(), EncodeError> {
+        self.run_as = user
+            .map(|user| {
+                encode(&Message::RunAs {
+                    user: user.to_owned(),
+                })
+            })
+            .transpose()?;
+        Ok(())
     }
 
     /// Asks for the results named by `patterns` (none: `/workspace/out`).
@@ -248,6 +272,9 @@ impl EncodedSpec {
         }
         if self.execs && guest.iter().any(|c| c == capability::EXEC) {
             caps.push(capability::EXEC.to_owned());
+        }
+        if self.run_as.is_some() && guest.iter().any(|c| c == capability::RUN_AS) {
+            caps.push(capability::RUN_AS.to_owned());
         }
         caps
     }
@@ -358,6 +385,24 @@ fn converse<R: Read, W: Write, O: Write, E: Write>(
             );
         }
     }
+
+    if let Some(run_as) = &spec.run_as {
+        if capabilities.iter().any(|c| c == capability::RUN_AS) {
+            if let Err(source) = writer.write_all(run_as).and_then(|()| writer.flush()) {
+                return Outcome::Broken(Violation::Send {
+                    what: "RunAs",
+                    source,
+                });
+            }
+        } else {
+            eprintln!(
+                "airlock: warning: the guest cannot set the container's user (an older init): \
+                 the command runs as the container's root"
+            );
+        }
+    }
+
+    progress(Progress::SpecSent);
 
     // The command runs.
     let mut oom = false;
@@ -608,6 +653,7 @@ mod tests {
             r.progress,
             [
                 Progress::Handshaken,
+                Progress::SpecSent,
                 Progress::Exited(ExitStatus::Exited(7))
             ]
         );
@@ -768,7 +814,7 @@ mod tests {
             "{r:?}"
         );
         assert_eq!(r.stdout, b"partial");
-        assert_eq!(r.progress, [Progress::Handshaken]);
+        assert_eq!(r.progress, [Progress::Handshaken, Progress::SpecSent]);
 
         let r = script(Vec::new(), 100);
         assert!(matches!(
@@ -804,7 +850,7 @@ mod tests {
             })
         ));
         // The exit status was seen before the violation.
-        assert_eq!(r.progress.len(), 2);
+        assert_eq!(r.progress.len(), 3);
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub struct Options {
     /// `airlock.archive=1` (`airlock run --image FILE`): a second read-only
     /// disk holds an image archive; the container runs from it.
     pub archive: bool,
+    /// `airlock.imagedisk=1` (`airlock run --image NAME` of an image in the
+    /// host's store): a second read-only disk holds the image's root, an
+    /// erofs filesystem; the container runs on it as on the guest image.
+    pub image_disk: bool,
     /// `airlock.nested=1` (`airlock run --nested`): the container gets what
     /// podman inside it needs.
     pub nested: bool,
@@ -48,6 +52,7 @@ impl Default for Options {
             debug: false,
             container: true,
             archive: false,
+            image_disk: false,
             nested: false,
             vm_root: false,
             epoch: None,
@@ -72,6 +77,7 @@ impl Options {
                 "airlock.debug" => options.debug = parse_bool(value),
                 "airlock.container" => options.container = parse_bool(value),
                 "airlock.archive" => options.archive = parse_bool(value),
+                "airlock.imagedisk" => options.image_disk = parse_bool(value),
                 "airlock.nested" => options.nested = parse_bool(value),
                 "airlock.vmroot" => options.vm_root = parse_bool(value),
                 "airlock.epoch" => options.epoch = value.and_then(|v| v.parse().ok()),
@@ -185,9 +191,10 @@ mod tests {
     #[test]
     fn archive_and_nested_are_off_unless_asked() {
         let o = Options::parse("root=/dev/vda");
-        assert!(!o.archive && !o.nested);
+        assert!(!o.archive && !o.nested && !o.image_disk);
         let o = Options::parse("airlock.archive=1 airlock.nested=1");
-        assert!(o.archive && o.nested);
+        assert!(o.archive && o.nested && !o.image_disk);
+        assert!(Options::parse("airlock.imagedisk=1").image_disk);
         assert_eq!(
             Options::parse("airlock.epoch=1800000000").epoch,
             Some(1_800_000_000)

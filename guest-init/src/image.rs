@@ -122,6 +122,12 @@ pub fn containerize(spec: RunSpec, container: &Container) -> RunSpec {
     .map(str::to_owned)
     .collect();
     argv.push(spec.cwd.clone());
+    // The keeper (this binary, read-only): what the host runs in the
+    // container to keep, probe and stop a live sandbox (crate::keeper).
+    if let Ok(me) = std::env::current_exe() {
+        argv.push("-v".into());
+        argv.push(format!("{}:{}:ro", me.display(), crate::keeper::PATH));
+    }
     if container.nested {
         // podman inside the container needs to mount, make namespaces and
         // cgroups (a privileged container within the VM) and a container
@@ -149,6 +155,11 @@ pub fn containerize(spec: RunSpec, container: &Container) -> RunSpec {
         argv.push("--env".into());
         argv.push(format!("{name}={value}"));
     }
+    if let Some(user) = &container.user {
+        // One word, so that podman never reads the value as an option
+        // (the protocol already allows only `A-Za-z0-9_.-` and one `:`).
+        argv.push(format!("--user={user}"));
+    }
     match &container.image {
         // The image's own entrypoint is cleared: the command runs exactly
         // as given, as it does on the guest image. The image is the first
@@ -157,7 +168,10 @@ pub fn containerize(spec: RunSpec, container: &Container) -> RunSpec {
         // `--rootfs` is a switch: its path is the first operand, after
         // which podman parses no more options, so the command (even one
         // that starts with `-`) follows it verbatim.
-        None => argv.extend(["--rootfs".into(), "/:O".into()]),
+        None => argv.extend([
+            "--rootfs".into(),
+            format!("{}:O", container.rootfs.as_deref().unwrap_or("/")),
+        ]),
     }
     argv.extend(spec.argv);
     RunSpec {
@@ -175,6 +189,8 @@ pub struct Mode {
     pub nested: bool,
     /// `airlock.archive=1`.
     pub archive: bool,
+    /// `airlock.imagedisk=1`.
+    pub image_disk: bool,
 }
 
 /// How the agent's container is made.
@@ -187,6 +203,14 @@ pub struct Container {
     /// Run it from this loaded image (`airlock.archive=1`) instead of the
     /// guest image's own root.
     pub image: Option<String>,
+    /// Run it on this directory (`--rootfs DIR:O`, an overlay whose writes
+    /// vanish with the VM; `airlock.imagedisk=1`: the image disk, mounted
+    /// read-only) instead of the guest image's own root.
+    pub rootfs: Option<String>,
+    /// Run it as this user (`--user`; the host's `RunAs`), resolved by
+    /// podman in the container's own root. `None`: the image's default,
+    /// root.
+    pub user: Option<String>,
     /// Its `--network`: `ns:PATH`, the namespace of the model endpoint
     /// ([`crate::model`]), which holds only `lo`; `None`: `none`. Either
     /// way the container has no network device.
@@ -224,6 +248,38 @@ pub fn archive_device() -> io::Result<String> {
         io::ErrorKind::NotFound,
         "no read-only disk besides the root holds the image archive",
     ))
+}
+
+/// Where the image disk (`airlock.imagedisk=1`) is mounted, read-only.
+pub const IMAGE_ROOT: &str = "/run/airlock/image";
+
+/// Mounts the image disk (the read-only disk besides the root: an erofs
+/// filesystem the host made from the image's layers) read-only at
+/// [`IMAGE_ROOT`] and returns that directory, for the container's
+/// `--rootfs`. No device nodes are honoured there (`nodev`; the host drops
+/// them anyway).
+pub fn mount_image_disk() -> io::Result<String> {
+    use std::ffi::CString;
+    let device = archive_device()?;
+    std::fs::create_dir_all(IMAGE_ROOT)?;
+    let source = CString::new(device).map_err(io::Error::other)?;
+    let target = CString::new(IMAGE_ROOT).map_err(io::Error::other)?;
+    // SAFETY: every pointer is a NUL-terminated string that outlives the
+    // call (data may be null, which mount(2) accepts); the kernel only
+    // reads them.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            c"erofs".as_ptr(),
+            libc::MS_RDONLY | libc::MS_NODEV,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(IMAGE_ROOT.to_owned())
 }
 
 /// The image a `podman load` output names (`Loaded image: REF` or
@@ -352,6 +408,7 @@ mod tests {
                 nested: true,
                 image: Some("localhost/agent:1".into()),
                 network: Some("ns:/run/airlock/netns/agent".into()),
+                ..Container::default()
             },
         );
         let argv: Vec<&str> = out.argv.iter().map(String::as_str).collect();
@@ -375,6 +432,37 @@ mod tests {
             argv[argv.len() - 4..],
             ["--entrypoint=", "localhost/agent:1", "-x", "y"]
         );
+    }
+
+    #[test]
+    fn an_image_disk_container_runs_on_its_root_as_its_user() {
+        let spec = RunSpec {
+            argv: vec!["/entry".into(), "-v".into()],
+            env: vec![("PATH".into(), "/bin".into())],
+            cwd: "/app".into(),
+            timeout_ms: None,
+            max_output_bytes: 10,
+            stdin: false,
+        };
+        let out = containerize(
+            spec,
+            &Container {
+                rootfs: Some(IMAGE_ROOT.into()),
+                user: Some("1000:1000".into()),
+                ..Container::default()
+            },
+        );
+        let argv: Vec<&str> = out.argv.iter().map(String::as_str).collect();
+        let pos = |s: &str| argv.iter().position(|a| *a == s).expect(s);
+        assert_eq!(argv[pos("-w") + 1], "/app");
+        assert!(argv.contains(&"--user=1000:1000"));
+        assert!(pos("--user=1000:1000") < pos("--rootfs"));
+        assert_eq!(
+            argv[pos("--rootfs") + 1..],
+            ["/run/airlock/image:O", "/entry", "-v"]
+        );
+        assert!(argv.windows(2).any(|w| w == ["--env", "PATH=/bin"]));
+        assert!(!argv.iter().any(|a| a.starts_with("--entrypoint")));
     }
 
     #[test]

@@ -40,6 +40,7 @@ mod exec;
 mod execd;
 mod files;
 mod image;
+mod keeper;
 mod model;
 mod mounts;
 mod power;
@@ -63,6 +64,9 @@ enum Error {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = keeper::dispatch() {
+        return code;
+    }
     let pid = std::process::id();
     if pid != 1 {
         console::error(&format!(
@@ -120,6 +124,7 @@ fn run() -> Result<(), Error> {
     let mode = container.then_some(image::Mode {
         nested: options.nested,
         archive: options.archive,
+        image_disk: options.image_disk,
     });
     // Without a container the command runs as the agent user unless the
     // host asked for root (`airlock run --vm-root`).

@@ -218,6 +218,7 @@ fn converse<S: Stream>(
                 capability::COLLECT.into(),
                 capability::MODEL.into(),
                 capability::EXEC.into(),
+                capability::RUN_AS.into(),
             ],
         },
     )?;
@@ -246,6 +247,15 @@ fn converse<S: Stream>(
         match receive(stream, "Collect")? {
             Message::Collect { patterns } => Some(patterns),
             other => return Err(unexpected(other, "Collect")),
+        }
+    } else {
+        None
+    };
+    // The container's user, when the host says a RunAs follows.
+    let run_as = if has(capability::RUN_AS) {
+        match receive(stream, "RunAs")? {
+            Message::RunAs { user } => Some(user),
+            other => return Err(unexpected(other, "RunAs")),
         }
     } else {
         None
@@ -328,10 +338,33 @@ fn converse<S: Stream>(
             } else {
                 None
             };
+            let rootfs = if mode.image_disk && !mode.archive {
+                match crate::image::mount_image_disk() {
+                    Ok(dir) => Some(dir),
+                    Err(err) => {
+                        let status = ExitStatus::Exited(125);
+                        finish_results(results_stream, collect.as_deref());
+                        send(
+                            stream,
+                            &Message::Error {
+                                code: ErrorCode::SpawnFailed,
+                                message: bounded(format!("image disk: {err}")),
+                            },
+                        )?;
+                        send(stream, &Message::Exit(status))?;
+                        await_host_close(stream);
+                        return Ok(status);
+                    }
+                }
+            } else {
+                None
+            };
             let setup = crate::image::Container {
                 memory_mib: crate::image::mem_total_kib().and_then(crate::image::agent_memory_mib),
                 nested: mode.nested,
                 image,
+                rootfs,
+                user: run_as.clone(),
                 network,
             };
             crate::image::containerize(spec, &setup)
@@ -793,7 +826,8 @@ mod tests {
                         "files".into(),
                         "collect".into(),
                         "model".into(),
-                        "exec".into()
+                        "exec".into(),
+                        "run-as".into()
                     ]
                 }
             );

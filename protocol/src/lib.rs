@@ -26,8 +26,8 @@ pub use frame::{
     body_len, decode_body, encode, read_frame, write_frame, DecodeError, EncodeError, FrameError,
 };
 pub use message::{
-    check_exec_user, check_file_path, ErrorCode, ExitStatus, FileEntry, FileKind, Message,
-    MessageError, RunSpec,
+    check_exec_user, check_file_path, check_run_as, ErrorCode, ExitStatus, FileEntry, FileKind,
+    Message, MessageError, RunSpec,
 };
 pub use wire::WireError;
 
@@ -73,6 +73,11 @@ pub mod capability {
     /// In the guest's `Hello` on an exec connection: it takes an
     /// `ExecUser` after the `RunSpec`; in the host's: one follows.
     pub const USER: &str = "user";
+    /// In the guest's `Hello`: it can run the container as a given user.
+    /// In the host's (only if the guest listed it, and only when the host
+    /// has a user to set): a `RunAs` follows the `RunSpec` (and the
+    /// `Collect`, if any).
+    pub const RUN_AS: &str = "run-as";
 }
 
 /// Host port the guest init connects to for the control connection.

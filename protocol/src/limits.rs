@@ -93,6 +93,9 @@ pub const MIN_HTTP_STATUS: u16 = 100;
 /// Largest `HttpResponse.status`.
 pub const MAX_HTTP_STATUS: u16 = 599;
 
+/// Longest `RunAs.user` (`USER` or `USER:GROUP`).
+pub const MAX_RUN_AS: usize = 256;
+
 /// Most `Collect.patterns`.
 pub const MAX_COLLECT_PATTERNS: usize = 64;
 

@@ -8,7 +8,8 @@ use crate::limits::{
 };
 use crate::limits::{
     MAX_COLLECT_PATTERNS, MAX_HTTP_CHUNK, MAX_HTTP_HEADERS, MAX_HTTP_HEADER_NAME,
-    MAX_HTTP_HEADER_VALUE, MAX_HTTP_METHOD, MAX_HTTP_STATUS, MAX_HTTP_TARGET, MIN_HTTP_STATUS,
+    MAX_HTTP_HEADER_VALUE, MAX_HTTP_METHOD, MAX_HTTP_STATUS, MAX_HTTP_TARGET, MAX_RUN_AS,
+    MIN_HTTP_STATUS,
 };
 use crate::wire::{Reader, WireError, Writer};
 
@@ -74,6 +75,10 @@ pub enum MessageError {
     /// An exec's user that is not 1 ..= 64 bytes of `A-Za-z0-9_.:-`.
     #[error("exec user {0:?} is not a user name or uid[:gid]")]
     ExecUser(String),
+    /// A `RunAs` user that is not `USER` or `USER:GROUP`, each 1 or more
+    /// of `A-Z a-z 0-9 _ . -`, not starting with `-`.
+    #[error("run-as user {0:?} is not USER or USER:GROUP of A-Z a-z 0-9 _ . -")]
+    RunAs(String),
 }
 
 /// What a `FileEntry` names.
@@ -329,6 +334,13 @@ pub enum Message {
     /// it): 1 ..= [`MAX_EXEC_USER`] bytes of `A-Za-z0-9_.:-`, not starting
     /// with `-`.
     ExecUser { user: String },
+    /// Host → guest on the control connection, after `RunSpec` (and
+    /// `Collect`, if one is sent), only when both `Hello`s listed
+    /// [`crate::capability::RUN_AS`]: the user the command runs as in its
+    /// container, `USER` or `USER:GROUP` (names or numbers, 1 ..=
+    /// [`MAX_RUN_AS`] bytes of `A-Z a-z 0-9 _ . -` and one optional `:`),
+    /// resolved by the container engine in the container's own root.
+    RunAs { user: String },
 }
 
 /// Checks an exec's user: 1 ..= [`MAX_EXEC_USER`] bytes of
@@ -344,6 +356,27 @@ pub fn check_exec_user(user: &str) -> Result<(), MessageError> {
         Ok(())
     } else {
         Err(MessageError::ExecUser(user.to_owned()))
+    }
+}
+
+/// Checks a `RunAs` user: `USER` or `USER:GROUP`, each part non-empty, of
+/// `A-Z a-z 0-9 _ . -`, not starting with `-`.
+pub fn check_run_as(user: &str) -> Result<(), MessageError> {
+    let part = |p: &str| {
+        !p.is_empty()
+            && !p.starts_with('-')
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    };
+    let ok = user.len() <= MAX_RUN_AS
+        && match user.split_once(':') {
+            Some((u, g)) => part(u) && part(g),
+            None => part(user),
+        };
+    if ok {
+        Ok(())
+    } else {
+        Err(MessageError::RunAs(user.to_owned()))
     }
 }
 
@@ -437,6 +470,7 @@ mod tag {
     pub const HTTP_END: u8 = 17;
     pub const COLLECT: u8 = 18;
     pub const EXEC_USER: u8 = 19;
+    pub const RUN_AS: u8 = 20;
 }
 
 fn check_env_name(name: &str) -> Result<(), MessageError> {
@@ -507,6 +541,7 @@ impl Message {
             Self::HttpEnd => "HttpEnd",
             Self::Collect { .. } => "Collect",
             Self::ExecUser { .. } => "ExecUser",
+            Self::RunAs { .. } => "RunAs",
         }
     }
 
@@ -532,6 +567,7 @@ impl Message {
             Self::HttpEnd => tag::HTTP_END,
             Self::Collect { .. } => tag::COLLECT,
             Self::ExecUser { .. } => tag::EXEC_USER,
+            Self::RunAs { .. } => tag::RUN_AS,
         }
     }
 
@@ -641,6 +677,10 @@ impl Message {
             Self::ExecUser { user } => {
                 w.string("exec user", user, MAX_EXEC_USER)?;
                 check_exec_user(user)?;
+            }
+            Self::RunAs { user } => {
+                w.string("run-as user", user, MAX_RUN_AS)?;
+                check_run_as(user)?;
             }
         }
         Ok(())
@@ -795,6 +835,13 @@ impl Message {
                     user: user.to_owned(),
                 }
             }
+            tag::RUN_AS => {
+                let user = r.string("run-as user", MAX_RUN_AS)?;
+                check_run_as(user)?;
+                Self::RunAs {
+                    user: user.to_owned(),
+                }
+            }
             other => return Err(MessageError::UnknownTag(other)),
         };
         r.finish()?;
@@ -897,6 +944,9 @@ mod tests {
             Message::ExecUser {
                 user: "1000:1000".into(),
             },
+            Message::RunAs {
+                user: "1000".into(),
+            },
         ];
         let kinds: Vec<_> = all.iter().map(Message::kind).collect();
         assert_eq!(
@@ -920,14 +970,69 @@ mod tests {
                 "HttpBody",
                 "HttpEnd",
                 "Collect",
-                "ExecUser"
+                "ExecUser",
+                "RunAs"
             ]
         );
         let tags: Vec<_> = all.iter().map(Message::tag).collect();
         assert_eq!(
             tags,
-            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
         );
+    }
+
+    #[test]
+    fn run_as_users() {
+        for good in [
+            "0",
+            "1000",
+            "1000:1000",
+            "app",
+            "app:staff",
+            "a.b_c-d",
+            &"u".repeat(256),
+        ] {
+            assert_eq!(check_run_as(good), Ok(()), "{good}");
+            let msg = Message::RunAs { user: good.into() };
+            let frame = crate::encode(&msg).expect("encodes");
+            let mut r = frame.as_slice();
+            assert_eq!(crate::read_frame(&mut r).expect("decodes"), msg);
+        }
+        for bad in [
+            "",
+            ":",
+            "app:",
+            ":staff",
+            "a:b:c",
+            "-u",
+            "app:-g",
+            "a b",
+            "a/b",
+            "a\n",
+            "\u{e9}",
+            "root\0",
+            &"u".repeat(257),
+        ] {
+            assert!(check_run_as(bad).is_err(), "{bad:?}");
+            assert!(
+                crate::encode(&Message::RunAs { user: bad.into() }).is_err(),
+                "the encoder refuses {bad:?}"
+            );
+        }
+        // A hand-made frame with a bad user is refused by the decoder.
+        let payload = {
+            let mut p = vec![19u8];
+            p.extend_from_slice(&3u32.to_le_bytes());
+            p.extend_from_slice(b"a/b");
+            p
+        };
+        let mut frame = u32::try_from(payload.len())
+            .expect("len")
+            .to_le_bytes()
+            .to_vec();
+        frame.extend_from_slice(&payload);
+        let mut r = frame.as_slice();
+        assert!(crate::read_frame(&mut r).is_err());
     }
 
     #[test]

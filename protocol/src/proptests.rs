@@ -139,6 +139,8 @@ fn message() -> impl Strategy<Value = Message> {
         vec("[a-z*?]{1,8}(/[a-z*?]{1,8}){0,3}", 1..=4)
             .prop_map(|patterns| Message::Collect { patterns }),
         "[a-z0-9_][a-z0-9_.:-]{0,20}".prop_map(|user| Message::ExecUser { user }),
+        "[a-z0-9_][a-z0-9_.-]{0,31}(:[a-z0-9_][a-z0-9_.-]{0,31})?"
+            .prop_map(|user| Message::RunAs { user }),
     ]
 }
 
@@ -168,7 +170,7 @@ proptest! {
     /// Arbitrary payloads behind a valid header and a real tag reach deeper
     /// into the decoder than fully random bytes.
     #[test]
-    fn decoding_arbitrary_payloads_never_panics(tag in 0u8..=19, payload in vec(any::<u8>(), 0..512)) {
+    fn decoding_arbitrary_payloads_never_panics(tag in 0u8..=20, payload in vec(any::<u8>(), 0..512)) {
         let mut body = vec![tag];
         body.extend(payload);
         if let Ok(msg) = decode_body(&body) {

@@ -22,8 +22,12 @@ use crate::cli::{
     CreateArgs, ExecArgs, Exit, ListFormat, LogsArgs, LsArgs, NameArg, RmArgs, StopArgs,
 };
 
-/// The command a live sandbox runs while it waits for execs.
-const KEEPER: [&str; 2] = ["sleep", "infinity"];
+/// The command a live sandbox's container runs while it waits for execs:
+/// the guest init's keeper, mounted into every agent container, so that
+/// an image needs no `sleep` of its own (guest-init/src/keeper.rs).
+pub const KEEPER: [&str; 2] = ["/run/airlock/keeper", "pause"];
+/// The same without a container (`--no-container`): the guest image's own.
+const KEEPER_BARE: [&str; 2] = ["sleep", "infinity"];
 /// The variable that names the sandbox to the supervisor.
 const NAME_ENV: &str = "AIRLOCK_SANDBOX_NAME";
 /// How long `create` waits for the supervisor's control socket.
@@ -115,6 +119,11 @@ pub fn create(args: CreateArgs) -> Exit {
     if !args.run.command.is_empty() {
         return usage("create takes no command: run commands with `airlock exec SANDBOX -- CMD`");
     }
+    if args.run.interactive {
+        return usage(
+            "create takes no -i: `airlock exec -i SANDBOX -- CMD` forwards stdin to one command",
+        );
+    }
     if args.run.timeout.is_some() {
         return usage("create has no --timeout: a sandbox lives until --max-lifetime (or --idle-timeout, stop, rm)");
     }
@@ -144,6 +153,33 @@ pub fn create(args: CreateArgs) -> Exit {
         Err(e) => return failed(format!("cannot make {}: {e}", dir.path.display())),
     }
     let workspace_cwd = args.run.workspace.is_some() || args.run.out.is_some();
+    // The image it boots from (a stored image by digest: `image rm` will
+    // not take it away while the sandbox runs), and where execs start:
+    // -w, else the image's WorkingDir, else the workspace or /.
+    let mut image = Value::Null;
+    let mut image_cwd = None;
+    if let Some(value) = &args.run.image_archive {
+        match crate::image::choose(value.as_os_str()) {
+            Ok(crate::image::Choice::Stored(stored)) => {
+                image = json!({"reference": stored.reference, "digest": stored.digest});
+                image_cwd = stored.config.working_dir.clone();
+            }
+            Ok(crate::image::Choice::File(p)) => {
+                image = json!({"file": std::path::absolute(&p).unwrap_or(p)});
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir.path);
+                eprintln!("airlock: error: {e}");
+                return e.exit();
+            }
+        }
+    }
+    let cwd = args
+        .run
+        .workdir
+        .clone()
+        .or(image_cwd)
+        .unwrap_or_else(|| if workspace_cwd { "/workspace" } else { "/" }.to_owned());
     let config = json!({
         "name": name,
         "labels": labels,
@@ -152,7 +188,8 @@ pub fn create(args: CreateArgs) -> Exit {
         "mem_mib": args.run.mem,
         "cpus": args.run.cpus,
         "container": !args.run.no_container,
-        "cwd": if workspace_cwd { "/workspace" } else { "/" },
+        "cwd": cwd,
+        "image": image,
         "idle_timeout_secs": args.idle_timeout,
         "max_lifetime_secs": args.max_lifetime,
         "workspace": args.run.workspace.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
@@ -287,7 +324,15 @@ fn give_up(dir: &Dir) {
 /// lifetime as the timeout, the console kept in the sandbox's directory.
 fn supervised_run(args: &CreateArgs) -> crate::cli::RunArgs {
     let mut run = args.run.clone();
-    run.command = KEEPER.iter().map(|s| (*s).to_owned()).collect();
+    let keeper = if run.no_container {
+        KEEPER_BARE
+    } else {
+        KEEPER
+    };
+    run.command = keeper.iter().map(|s| (*s).to_owned()).collect();
+    // The keeper runs as it is, not through an image's entrypoint (the
+    // image's Env, WorkingDir and User still apply, to the execs too).
+    run.entrypoint = Some(String::new());
     run.timeout = Some(args.max_lifetime);
     run
 }
@@ -328,6 +373,7 @@ fn supervise(args: CreateArgs) -> Exit {
     let mode = Mode {
         dir: dir.clone(),
         idle_timeout: args.idle_timeout.map(Duration::from_secs),
+        container: !args.run.no_container,
     };
     let exit = crate::run::main_sandbox(run, mode);
     let _ = fs::remove_file(dir.ctl());

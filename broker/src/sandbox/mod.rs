@@ -148,6 +148,28 @@ impl Dir {
     }
 }
 
+/// The running sandboxes (a supervisor holds the lock) whose config
+/// records the stored image `digest`.
+pub fn running_with_image(digest: &str) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(root()) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| valid_name(n))
+        .map(|n| Dir::of(&n))
+        .filter(|d| {
+            Dir::read_json(&d.config())
+                .is_some_and(|c| c["image"]["digest"].as_str() == Some(digest))
+                && d.supervisor().is_some()
+        })
+        .map(|d| d.name)
+        .collect();
+    names.sort();
+    names
+}
+
 /// Writes `value` to `path` atomically (a temporary file renamed over it).
 pub fn write_json(path: &Path, value: &serde_json::Value) -> io::Result<()> {
     let tmp = path.with_extension("json.tmp");

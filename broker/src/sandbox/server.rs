@@ -73,9 +73,16 @@ pub struct Mode {
     pub dir: Dir,
     /// `--idle-timeout`: stop after this long with no exec running.
     pub idle_timeout: Option<Duration>,
+    /// The sandbox has an agent container (probe and stop run the keeper
+    /// mounted there; without one, the guest image's `true` and `sh`).
+    pub container: bool,
 }
 
+/// The keeper in the agent's container (guest-init/src/keeper.rs).
+const KEEPER_PATH: &str = super::client::KEEPER[0];
+
 struct Shared {
+    container: bool,
     vsock_uds: PathBuf,
     audit: AuditLog,
     max_output: u64,
@@ -94,6 +101,7 @@ pub fn start(mode: &Mode, vsock_uds: &Path, audit: &AuditLog, max_output: u64) -
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     let shared = Arc::new(Shared {
+        container: mode.container,
         vsock_uds: vsock_uds.to_path_buf(),
         audit: audit.clone(),
         max_output,
@@ -273,8 +281,8 @@ fn connect_exec(vsock_uds: &Path, user: bool) -> io::Result<UnixStream> {
 
 /// Runs `argv` in the sandbox with no input and its output dropped;
 /// its status.
-fn run_quiet(shared: &Shared, argv: &[&str]) -> io::Result<ExitStatus> {
-    let mut guest = connect_exec(&shared.vsock_uds, false)?;
+fn run_quiet(shared: &Shared, argv: &[&str], user: Option<&str>) -> io::Result<ExitStatus> {
+    let mut guest = connect_exec(&shared.vsock_uds, user.is_some())?;
     let spec = RunSpec {
         argv: argv.iter().map(|a| (*a).to_owned()).collect(),
         env: Vec::new(),
@@ -285,6 +293,10 @@ fn run_quiet(shared: &Shared, argv: &[&str]) -> io::Result<ExitStatus> {
     };
     write_frame(&mut guest, &Message::RunSpec(spec))
         .map_err(|e| io::Error::other(e.to_string()))?;
+    if let Some(user) = user {
+        write_frame(&mut guest, &Message::ExecUser { user: user.into() })
+            .map_err(|e| io::Error::other(e.to_string()))?;
+    }
     // A guest that talks on and on does not hold the probe or the stop:
     // the whole exchange has a deadline.
     let deadline = Instant::now() + QUIET_PATIENCE;
@@ -317,7 +329,12 @@ fn wait_ready(shared: &Shared) -> Result<(), String> {
         if shared.stopping.load(Ordering::SeqCst) {
             return Err("the sandbox is stopping".into());
         }
-        match run_quiet(shared, &["true"]) {
+        let probe: &[&str] = if shared.container {
+            &[KEEPER_PATH, "probe"]
+        } else {
+            &["true"]
+        };
+        match run_quiet(shared, probe, None) {
             Ok(ExitStatus::Exited(0)) => {
                 if !shared.ready.swap(true, Ordering::SeqCst) {
                     touch(shared);
@@ -349,9 +366,18 @@ fn stop(shared: &Shared, why: &str, grace: Duration) {
         json!({ "why": why, "grace_secs": grace.as_secs() }),
         Durability::Synced,
     );
-    let _ = run_quiet(shared, &["/bin/sh", "-c", "kill -TERM -1"]);
+    // In a container: the keeper, as root there, so that processes of
+    // any user are signalled; without one: the sandbox's own user.
+    let kill = |sig: &str| {
+        if shared.container {
+            run_quiet(shared, &[KEEPER_PATH, "kill", sig], Some("0"))
+        } else {
+            run_quiet(shared, &["/bin/sh", "-c", &format!("kill -{sig} -1")], None)
+        }
+    };
+    let _ = kill("TERM");
     thread::sleep(grace);
-    let _ = run_quiet(shared, &["/bin/sh", "-c", "kill -KILL -1"]);
+    let _ = kill("KILL");
     thread::sleep(KILL_PATIENCE);
     // Still here: the guest does not stop by itself.
     // SAFETY: kill(2) of our own pid with SIGTERM; the run's signal
@@ -614,6 +640,7 @@ mod tests {
     fn shared(uds: PathBuf, max_output: u64) -> (Shared, crate::audit::log::Memory) {
         let (audit, memory) = AuditLog::memory(TEST_LIMITS, None);
         let shared = Shared {
+            container: true,
             vsock_uds: uds,
             audit,
             max_output,
