@@ -210,6 +210,34 @@ fn tcg_a_sandbox_lives_across_execs() {
     r.expect_code(0);
     assert_eq!(r.stdout.trim(), "life", "{r}");
 
+    // An exec runs with exactly the container's own credentials and
+    // confinement: those of the keeper, which `podman run` started.
+    let r = p.airlock(
+        &[
+            "exec",
+            "life",
+            "--",
+            "sh",
+            "-c",
+            "for f in /proc/self/status /proc/2/status; do \
+             grep -E '^(Uid|Gid|Groups|Cap[A-Za-z]+|NoNewPrivs|Seccomp|Seccomp_filters):' $f \
+             | tr -s '\t ' ' '; echo ==; done; cat /proc/2/cmdline | tr '\\0' ' '",
+        ],
+        120,
+    );
+    r.expect_code(0);
+    let parts: Vec<&str> = r.stdout.split("==\n").collect();
+    assert_eq!(parts.len(), 3, "{r}");
+    assert!(parts[2].starts_with("/run/airlock/keeper pause"), "{r}");
+    assert!(
+        parts[0].contains("Seccomp: 2"),
+        "the exec is under seccomp\n{r}"
+    );
+    assert_eq!(
+        parts[0], parts[1],
+        "the exec's credentials are the container's\n{r}"
+    );
+
     // ls: running, found by label, not by another label.
     let r = p.airlock(
         &["ls", "--format", "json", "--filter", "label=team=blue"],

@@ -103,9 +103,12 @@ pub fn containerize(spec: RunSpec, container: &Container) -> RunSpec {
         // namespace ignores signals it has no handler for, even its own
         // `kill -9 $$`), and its orphans are reaped.
         "--init",
-        // For the execs of a live sandbox (`podman exec airlock-agent`).
+        // For the execs of a live sandbox (`crun exec` of its id, or
+        // `podman exec airlock-agent`).
         "--name",
         crate::execd::CONTAINER_NAME,
+        "--cidfile",
+        crate::execd::CID_FILE,
         "--network",
         container.network.as_deref().unwrap_or("none"),
         "--hostname",

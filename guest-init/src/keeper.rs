@@ -8,6 +8,9 @@
 //! - `keeper probe`: exits 0 (the host's readiness probe).
 //! - `keeper kill TERM|KILL`: `kill(-1, SIG)`: every process of the
 //!   container's PID namespace the caller may signal (the stop).
+//! - `keeper exec CMD ARG...`: becomes CMD (found in `PATH`); exits 127 if
+//!   there is no such command and 126 if it cannot run, as a shell does
+//!   (an exec's `crun exec` runs through it: crun itself exits 255).
 //!
 //! It holds nothing secret (the init's code is public) and gives the agent
 //! no power it lacks: it can already wait and signal its own processes.
@@ -20,26 +23,45 @@ pub const PATH: &str = "/run/airlock/keeper";
 /// If this process was started as the keeper, runs it and returns its
 /// exit code; `None` for the init.
 pub fn dispatch() -> Option<ExitCode> {
-    let mut args = std::env::args();
-    if args.next().as_deref() != Some(PATH) {
+    let mut args = std::env::args_os();
+    if args.next().as_deref() != Some(std::ffi::OsStr::new(PATH)) {
         return None;
     }
     let mode = args.next();
-    let rest: Vec<String> = args.collect();
-    Some(match (mode.as_deref(), rest.as_slice()) {
-        (Some("pause"), []) => pause(),
-        (Some("probe"), []) => ExitCode::SUCCESS,
-        (Some("kill"), [sig]) => match sig.as_str() {
-            "TERM" => kill_all(libc::SIGTERM),
-            "KILL" => kill_all(libc::SIGKILL),
+    let rest: Vec<std::ffi::OsString> = args.collect();
+    let word = |w: &std::ffi::OsString| w.to_str().map(str::to_owned);
+    Some(
+        match (mode.as_ref().and_then(word).as_deref(), rest.as_slice()) {
+            (Some("pause"), []) => pause(),
+            (Some("probe"), []) => ExitCode::SUCCESS,
+            (Some("kill"), [sig]) => match word(sig).as_deref() {
+                Some("TERM") => kill_all(libc::SIGTERM),
+                Some("KILL") => kill_all(libc::SIGKILL),
+                _ => usage(),
+            },
+            (Some("exec"), [program, args @ ..]) => exec(program, args),
             _ => usage(),
         },
-        _ => usage(),
-    })
+    )
+}
+
+/// Becomes `program` (looked up in `PATH` as a shell does); if it cannot,
+/// says why and exits as a shell would: 127 not found, 126 otherwise.
+fn exec(program: &std::ffi::OsStr, args: &[std::ffi::OsString]) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(program).args(args).exec();
+    let shown = program.to_string_lossy();
+    if err.kind() == std::io::ErrorKind::NotFound {
+        eprintln!("airlock: {shown}: command not found");
+        ExitCode::from(127)
+    } else {
+        eprintln!("airlock: {shown}: cannot run: {err}");
+        ExitCode::from(126)
+    }
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: {PATH} pause | probe | kill TERM|KILL");
+    eprintln!("usage: {PATH} pause | probe | kill TERM|KILL | exec CMD [ARG...]");
     ExitCode::from(2)
 }
 
