@@ -171,23 +171,34 @@ impl RawRun {
     }
 }
 
-/// Like [`run_env`], keeping stdout as bytes.
-pub fn run_raw(argv: &[&str], env: &[(&str, &str)], timeout_s: u32) -> RawRun {
-    let out = Command::new("timeout")
-        .args(["-k", "5", &timeout_s.to_string()])
+/// `argv` under `timeout` with the tests' state directory and initrd, `env`
+/// over them, in the repository root.
+fn test_command(argv: &[&str], env: &[(&str, &str)], timeout_s: u32) -> Command {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["-k", "5", &timeout_s.to_string()])
         .args(argv)
         .env("XDG_STATE_HOME", state_dir())
         .env(TEST_INITRD_ENV.0, TEST_INITRD_ENV.1)
         .envs(env.iter().copied())
-        .current_dir(root())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {argv:?}: {e}"));
+        .current_dir(root());
+    cmd
+}
+
+fn raw_run(out: std::process::Output) -> RawRun {
     RawRun {
         code: out.status.code(),
         stdout: out.stdout,
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// Like [`run_env`], keeping stdout as bytes.
+pub fn run_raw(argv: &[&str], env: &[(&str, &str)], timeout_s: u32) -> RawRun {
+    let out = test_command(argv, env, timeout_s)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {argv:?}: {e}"));
+    raw_run(out)
 }
 
 /// Like [`run_raw`], with `input` written to the command's stdin (from a
@@ -198,13 +209,7 @@ pub fn run_raw_with_stdin(
     input: &[u8],
     timeout_s: u32,
 ) -> RawRun {
-    let mut child = Command::new("timeout")
-        .args(["-k", "5", &timeout_s.to_string()])
-        .args(argv)
-        .env("XDG_STATE_HOME", state_dir())
-        .env(TEST_INITRD_ENV.0, TEST_INITRD_ENV.1)
-        .envs(env.iter().copied())
-        .current_dir(root())
+    let mut child = test_command(argv, env, timeout_s)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -218,11 +223,7 @@ pub fn run_raw_with_stdin(
     });
     let out = child.wait_with_output().expect("wait");
     feeder.join().expect("feeder");
-    RawRun {
-        code: out.status.code(),
-        stdout: out.stdout,
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    raw_run(out)
 }
 
 /// A fresh directory under the system temp dir, unique to this test and

@@ -57,31 +57,10 @@ impl Place {
 
     /// `airlock exec -i NAME -- CMD` with `input` on its stdin.
     fn exec_with_stdin(&self, name: &str, cmd: &[&str], input: &[u8]) -> RawRun {
-        let airlock = root().join(bin("airlock"));
-        let mut child = std::process::Command::new(airlock)
-            .args(["exec", "-i", name, "--"])
-            .args(cmd)
-            .envs(self.env())
-            .env("XDG_STATE_HOME", state_dir())
-            .current_dir(root())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn airlock exec");
-        let mut stdin = child.stdin.take().expect("stdin");
-        let data = input.to_vec();
-        let feeder = std::thread::spawn(move || {
-            use std::io::Write;
-            let _ = stdin.write_all(&data);
-        });
-        let out = child.wait_with_output().expect("wait");
-        feeder.join().expect("feeder");
-        RawRun {
-            code: out.status.code(),
-            stdout: out.stdout,
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        let airlock = bin("airlock");
+        let mut argv = vec![airlock.as_str(), "exec", "-i", name, "--"];
+        argv.extend_from_slice(cmd);
+        run_raw_with_stdin(&argv, &self.env(), input, 300)
     }
 
     fn inspect(&self, name: &str) -> Value {
