@@ -305,7 +305,7 @@ pub fn serve<R: Read, W: Write, O: Write, E: Write>(
     if let Outcome::Broken(violation) = &outcome {
         audit.host(
             kind::PROTOCOL_ERROR,
-            json!({ "reason": crate::report(violation) }),
+            json!({ "reason": crate::text::report(violation) }),
             Durability::Synced,
         );
     }
@@ -484,7 +484,7 @@ fn spawn_failed<R: Read>(
         json!({ "message": message }),
         Durability::Buffered,
     );
-    let message = crate::sanitize(message.as_bytes());
+    let message = crate::text::sanitize(message.as_bytes());
     let status = match read_frame(&mut *reader) {
         Ok(Message::Exit(status)) => status,
         Ok(msg) => return unexpected_or_error(msg, Stage::Running),
@@ -523,7 +523,7 @@ fn unexpected_or_error(msg: Message, stage: Stage) -> Outcome {
     match msg {
         Message::Error { code, message } => Outcome::Broken(Violation::GuestError {
             code,
-            message: crate::sanitize(message.as_bytes()),
+            message: crate::text::sanitize(message.as_bytes()),
         }),
         msg => Outcome::Broken(Violation::Unexpected {
             kind: msg.kind(),
@@ -713,7 +713,7 @@ mod tests {
         };
         assert_eq!(v.to_string(), "unreadable frame at the handshake");
         assert_eq!(
-            crate::report(&v),
+            crate::text::report(&v),
             "unreadable frame at the handshake: bad frame: \
              frame body length 542393671 outside 1..=1048576"
         );

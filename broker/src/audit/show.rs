@@ -104,7 +104,7 @@ fn summary(r: &Record) -> String {
             })
             .collect()
     };
-    let text = crate::sanitize(words.join(" ").as_bytes());
+    let text = crate::text::sanitize(words.join(" ").as_bytes());
     if text.chars().count() > MAX_SUMMARY {
         let mut cut: String = text.chars().take(MAX_SUMMARY).collect();
         cut.push('…');
@@ -135,14 +135,14 @@ pub fn timeline(lines: &[Line]) -> Vec<String> {
                 format!(
                     "{offset:>10}  {:<5}  {:<18}  {}",
                     r.source.name(),
-                    crate::sanitize(r.kind.as_bytes()),
+                    crate::text::sanitize(r.kind.as_bytes()),
                     summary(r)
                 )
             }
             Line::Bad(n, why) => format!(
                 "{:>10}  line {n} is not a record: {}",
                 "?",
-                crate::sanitize(why.as_bytes())
+                crate::text::sanitize(why.as_bytes())
             ),
         })
         .collect()

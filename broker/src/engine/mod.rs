@@ -564,7 +564,7 @@ pub fn tail_lines(path: &Path, n: usize) -> Vec<String> {
         .split(|&b| b == b'\n')
         .map(|line| {
             let line = &line[..line.len().min(MAX_TAIL_LINE)];
-            crate::sanitize(line)
+            crate::text::sanitize(line)
         })
         .filter(|line| !line.trim().is_empty())
         .collect();

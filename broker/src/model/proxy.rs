@@ -527,7 +527,7 @@ impl Proxy {
                 if self.broken.fetch_add(1, Ordering::SeqCst) < MAX_DENIAL_RECORDS {
                     self.audit.host(
                         kind::PROTOCOL_ERROR,
-                        json!({ "port": airlock_protocol::MODEL_PORT, "reason": crate::report(&e) }),
+                        json!({ "port": airlock_protocol::MODEL_PORT, "reason": crate::text::report(&e) }),
                         Durability::Synced,
                     );
                 }

@@ -21,7 +21,6 @@
 //! VM outlives its supervisor. See [`client`] for the commands and
 //! [`server`] for the supervisor's side.
 
-pub mod client;
 pub mod server;
 
 use std::fs;
@@ -37,6 +36,12 @@ pub const MAX_LABELS: usize = 64;
 /// Longest label key or value.
 pub const MAX_LABEL: usize = 256;
 
+/// The command a live sandbox's container runs while it waits for execs:
+/// the guest init's keeper, mounted into every agent container, so that
+/// an image needs no `sleep` of its own (guest-init/src/keeper.rs).
+pub const KEEPER: [&str; 2] = ["/run/airlock/keeper", "pause"];
+/// The same without a container (`--no-container`): the guest image's own.
+pub const KEEPER_BARE: [&str; 2] = ["sleep", "infinity"];
 /// Whether `name` is a sandbox name: `[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}`.
 pub fn valid_name(name: &str) -> bool {
     let mut chars = name.chars();

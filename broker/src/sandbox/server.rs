@@ -79,7 +79,7 @@ pub struct Mode {
 }
 
 /// The keeper in the agent's container (guest-init/src/keeper.rs).
-const KEEPER_PATH: &str = super::client::KEEPER[0];
+const KEEPER_PATH: &str = super::KEEPER[0];
 
 struct Shared {
     container: bool,

@@ -16,18 +16,13 @@ use airlock_protocol::limits::MAX_CHUNK;
 use airlock_protocol::{read_frame, write_frame, ErrorCode, Message};
 use serde_json::{json, Value};
 
-use super::server::{self, Mode};
-use super::{private_dir, root, valid_name, write_json, Dir, MAX_LABEL, MAX_LABELS};
-use crate::cli::{
-    CreateArgs, ExecArgs, Exit, ListFormat, LogsArgs, LsArgs, NameArg, RmArgs, StopArgs,
+use crate::cli::{CreateArgs, ExecArgs, ListFormat, LogsArgs, LsArgs, NameArg, RmArgs, StopArgs};
+use crate::exit::Exit;
+use crate::sandbox::server::{self, Mode};
+use crate::sandbox::{
+    private_dir, root, valid_name, write_json, Dir, KEEPER, KEEPER_BARE, MAX_LABEL, MAX_LABELS,
 };
 
-/// The command a live sandbox's container runs while it waits for execs:
-/// the guest init's keeper, mounted into every agent container, so that
-/// an image needs no `sleep` of its own (guest-init/src/keeper.rs).
-pub const KEEPER: [&str; 2] = ["/run/airlock/keeper", "pause"];
-/// The same without a container (`--no-container`): the guest image's own.
-const KEEPER_BARE: [&str; 2] = ["sleep", "infinity"];
 /// The variable that names the sandbox to the supervisor.
 const NAME_ENV: &str = "AIRLOCK_SANDBOX_NAME";
 /// How long `create` waits for the supervisor's control socket.
@@ -54,7 +49,7 @@ fn existing(name: &str) -> Result<Dir, Exit> {
     if !valid_name(name) {
         return Err(usage(format!(
             "'{}' is not a sandbox name ([a-zA-Z0-9][a-zA-Z0-9_.-]{{0,62}})",
-            crate::sanitize(name.as_bytes())
+            crate::text::sanitize(name.as_bytes())
         )));
     }
     let dir = Dir::of(name);
@@ -93,11 +88,11 @@ pub fn create(args: CreateArgs) -> Exit {
     if args.supervise {
         return supervise(args);
     }
-    let name = args.name.clone().unwrap_or_else(super::new_name);
+    let name = args.name.clone().unwrap_or_else(crate::sandbox::new_name);
     if !valid_name(&name) {
         return usage(format!(
             "'{}' is not a sandbox name ([a-zA-Z0-9][a-zA-Z0-9_.-]{{0,62}})",
-            crate::sanitize(name.as_bytes())
+            crate::text::sanitize(name.as_bytes())
         ));
     }
     let mut labels = serde_json::Map::new();
@@ -132,7 +127,7 @@ pub fn create(args: CreateArgs) -> Exit {
     }
     // Everything `run` would refuse is refused now, before anything starts.
     if let Err(e) = crate::run::RunConfig::try_from(supervised_run(&args)) {
-        eprintln!("airlock: error: {}", crate::report(&e));
+        eprintln!("airlock: error: {}", crate::text::report(&e));
         return e.exit();
     }
     let base = root();
@@ -251,7 +246,7 @@ pub fn create(args: CreateArgs) -> Exit {
                 if let Ok(text) = fs::read(dir.log()) {
                     for line in text.split(|b| *b == b'\n') {
                         if line.starts_with(b"airlock: error: ") {
-                            eprintln!("{}", crate::sanitize(line));
+                            eprintln!("{}", crate::text::sanitize(line));
                         }
                     }
                 }
@@ -288,7 +283,7 @@ pub fn create(args: CreateArgs) -> Exit {
             if let Ok(text) = fs::read(dir.log()) {
                 for line in text.split(|b| *b == b'\n') {
                     if line.starts_with(b"airlock: ") {
-                        eprintln!("{}", crate::sanitize(line));
+                        eprintln!("{}", crate::text::sanitize(line));
                     }
                 }
             }
@@ -375,7 +370,7 @@ fn supervise(args: CreateArgs) -> Exit {
         idle_timeout: args.idle_timeout.map(Duration::from_secs),
         container: !args.run.no_container,
     };
-    let exit = crate::run::main_sandbox(run, mode);
+    let exit = super::run::main_sandbox(run, mode);
     let _ = fs::remove_file(dir.ctl());
     let _ = write_json(
         &dir.state(),
@@ -396,9 +391,9 @@ pub fn exec(args: ExecArgs) -> Exit {
     }
     let mut env = Vec::new();
     for arg in &args.env {
-        match crate::run::parse_env(arg) {
+        match super::run::parse_env(arg) {
             Ok(pair) => env.push(json!([pair.0, pair.1])),
-            Err(e) => return usage(crate::report(&e)),
+            Err(e) => return usage(crate::text::report(&e)),
         }
     }
     let config = Dir::read_json(&dir.config()).unwrap_or_default();
@@ -469,7 +464,10 @@ pub fn exec(args: ExecArgs) -> Exit {
                 let _ = stderr.write_all(&data);
             }
             Ok(Message::Error { code, message }) => {
-                eprintln!("airlock: exec: {}", crate::sanitize(message.as_bytes()));
+                eprintln!(
+                    "airlock: exec: {}",
+                    crate::text::sanitize(message.as_bytes())
+                );
                 if code == ErrorCode::SpawnFailed {
                     spawn_failed = true;
                 }
@@ -683,7 +681,7 @@ fn print_tail(path: &std::path::Path, lines: usize) {
     let start = all.len().saturating_sub(lines + 1);
     for line in &all[start..] {
         if !line.is_empty() {
-            eprintln!("  {}", crate::sanitize(line));
+            eprintln!("  {}", crate::text::sanitize(line));
         }
     }
 }
@@ -700,7 +698,7 @@ pub fn logs(args: LogsArgs) -> Exit {
     let mut out = io::stdout().lock();
     for line in &all[start..] {
         if !line.is_empty() {
-            let _ = writeln!(out, "{}", crate::sanitize(line));
+            let _ = writeln!(out, "{}", crate::text::sanitize(line));
         }
     }
     Exit::Success

@@ -7,8 +7,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::cli::{DoctorArgs, Exit};
+use crate::cli::DoctorArgs;
 use crate::engine::{self, Available, EngineChoice};
+use crate::exit::Exit;
 use crate::host::{self, KvmDevice, KvmFacts};
 use crate::paths::{self, ImagePaths};
 
@@ -227,7 +228,7 @@ pub fn checks(facts: DoctorFacts) -> (Vec<Check>, bool) {
     let image_ok = facts.kernel.is_ok() && facts.initrd.is_ok();
     lines.push(match &facts.kernel {
         Ok(()) => Check::ok(format!("kernel: {} (ELF64)", facts.image.kernel.display())),
-        Err(e) => Check::says(Status::Fail, format!("kernel: {}", crate::report(e))),
+        Err(e) => Check::says(Status::Fail, format!("kernel: {}", crate::text::report(e))),
     });
     let (what, path) = match &facts.image.root {
         Some(root) => ("root image", root),
@@ -235,7 +236,7 @@ pub fn checks(facts: DoctorFacts) -> (Vec<Check>, bool) {
     };
     lines.push(match &facts.initrd {
         Ok(()) => Check::ok(format!("{what}: {}", path.display())),
-        Err(e) => Check::says(Status::Fail, format!("{what}: {}", crate::report(e))),
+        Err(e) => Check::says(Status::Fail, format!("{what}: {}", crate::text::report(e))),
     });
 
     // The engines.
@@ -286,7 +287,10 @@ pub fn checks(facts: DoctorFacts) -> (Vec<Check>, bool) {
             s.engine.name(),
             s.reason
         )),
-        Err(e) => Check::says(Status::Fail, format!("engine auto: {}", crate::report(&e))),
+        Err(e) => Check::says(
+            Status::Fail,
+            format!("engine auto: {}", crate::text::report(&e)),
+        ),
     });
     (lines, any_engine && image_ok)
 }

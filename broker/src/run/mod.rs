@@ -1,0 +1,469 @@
+//! `airlock run -- CMD ARGS...`: boot a sandbox, run one command in it,
+//! stream its output, and exit with its exit code.
+//!
+//! Order: validate the arguments and encode the run spec ([`RunConfig`]) →
+//! resolve and check the kernel and the initrd, or the root image in image
+//! mode ([`boot_cmdline`]) → pick the engine → load the
+//! audit key, create the audit log and write `run.start` (with the hashes of
+//! what will boot) → make the private run directory ([`RunDir`]) → listen
+//! on the control port's socket, and on the file ports the run serves
+//! (`--workspace`: 1025, `--out`: 1026; [`crate::files`], each stream served
+//! in its accept thread) → spawn the VM → [`supervise`]: hand the
+//! guest's control connection to a session thread ([`session::serve`]),
+//! watch the VM, the deadlines, the signals and the audit log → [`judge`]
+//! the end → clean up (dropping the [`Vm`] kills and reaps every engine
+//! process; dropping the [`RunDir`] removes it) → write `run.end` and the
+//! seal. Everything that can be wrong with the input is found before a VM
+//! starts; once the audit log exists, every way the run ends is recorded in
+//! it, and a run whose log cannot be written is stopped (fail closed).
+//!
+//! A workspace that cannot be read, or an `--out` that cannot be created,
+//! is a usage error found before any VM starts.
+//!
+//! Threads: the main thread supervises and owns the VM (it spawned it, which
+//! `PR_SET_PDEATHSIG` needs); [`control::Acceptor`] accepts on the control
+//! socket; one session thread runs the conversation with blocking I/O. They
+//! report to the main thread over one channel.
+
+mod config;
+mod error;
+mod ports;
+mod report;
+mod rundir;
+mod start;
+mod supervise;
+#[cfg(test)]
+mod tests;
+mod verdict;
+
+pub use config::*;
+pub use error::*;
+pub(crate) use ports::*;
+pub(crate) use report::*;
+pub(crate) use rundir::*;
+pub(crate) use start::*;
+pub use supervise::*;
+pub use verdict::*;
+
+use std::fs;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+use airlock_protocol::{CONTROL_PORT, DEFAULT_GUEST_CID};
+use serde_json::{json, Value};
+
+use crate::audit::{self, digest, keys, kind, AuditLog, Durability};
+use crate::control::Acceptor;
+use crate::engine::{self, Available, Disk, VmConfig};
+use crate::exit::Exit;
+use crate::paths;
+use crate::session;
+
+/// Guest memory bounds, in MiB.
+pub const MEM_MIB_RANGE: std::ops::RangeInclusive<u32> = 64..=65536;
+/// vCPU bounds.
+pub const CPUS_RANGE: std::ops::RangeInclusive<u32> = 1..=16;
+/// The console substring that means the guest kernel died.
+pub(crate) const PANIC_MARKER: &str = "Kernel panic";
+/// The guest must say Hello within this long (or `--timeout`, if shorter).
+/// Generous: the tcg engine boots in ~3 s, our VMM in the nested test bed in
+/// ~10 s; a loaded CI machine may be several times slower.
+pub const BOOT_DEADLINE: Duration = Duration::from_secs(120);
+/// How long the guest may take to power off after the command's exit status.
+pub const POWER_OFF_GRACE: Duration = Duration::from_secs(10);
+/// The same with `--debug-dump-guest-memory`, which the VMM writes first.
+pub(crate) const DUMP_GRACE: Duration = Duration::from_secs(300);
+/// After the VM process ends before the exit status came, how long the
+/// session may still read what the engine had in flight.
+pub(crate) const DRAIN: Duration = Duration::from_secs(1);
+/// How long we wait for the session thread once its stream is shut down (it
+/// may be blocked writing to a slow stdout).
+pub(crate) const SESSION_END: Duration = Duration::from_secs(2);
+/// How long after the run's timeout a results stream may still be read;
+/// then it is abandoned, so that `--timeout` bounds airlock's own exit.
+pub(crate) const RESULTS_GRACE: Duration = Duration::from_secs(2);
+/// How often the VM, the deadlines and the signals are looked at.
+pub(crate) const POLL: Duration = Duration::from_millis(20);
+/// The hybrid-vsock base socket's name in the run directory.
+pub(crate) const VSOCK_NAME: &str = "vsock";
+/// `--timeout`'s default, in seconds.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 300;
+/// Longest Unix socket path (`sun_path` is 108 bytes with its NUL).
+pub(crate) const MAX_SOCKET_PATH: usize = 107;
+
+/// Runs `config` to its end: checks what it names, boots, supervises,
+/// judges the end, audits every step, and returns the exit code. A
+/// live sandbox's supervisor (`config.sandbox`) runs the same way, its
+/// command the keeper that holds the sandbox up while execs come and go.
+pub fn run(mut config: RunConfig) -> Result<Exit, Error> {
+    let began = Instant::now();
+    if config.sandbox.is_some() {
+        config.spec.execs = true;
+    }
+    let image = config.image.clone();
+    paths::check_kernel(&image.kernel)?;
+    match &image.root {
+        Some(root) => paths::check_root(root)?,
+        None => paths::check_initrd(&image.initrd)?,
+    }
+    if let Some(ws) = &config.files.workspace {
+        crate::files::check_workspace(ws, &config.files.deny)?;
+    }
+    if let Some(out) = &config.files.out {
+        fs::create_dir_all(out).map_err(|e| Error::OutDir(out.clone(), e))?;
+    }
+    let key = match &config.audit.key {
+        Some(path) => Some(keys::load_signing_key(path).map_err(audit::Error::from)?),
+        None => None,
+    };
+    let run_id = audit::new_run_id();
+    let audit_path = match &config.audit.path {
+        Some(path) => path.clone(),
+        None => audit::log::default_path(
+            &audit::log::default_dir()?,
+            audit::time::micros(SystemTime::now()),
+            &run_id,
+        )?,
+    };
+    // Nothing airlock writes for the user may be where results land: a
+    // result named like it would replace it mid-run.
+    if let Some(out) = &config.files.out {
+        let what = if config.audit.path.is_some() {
+            "--audit"
+        } else {
+            "the default audit log (pass --audit FILE elsewhere)"
+        };
+        let mut checks = vec![(what, audit_path.clone())];
+        if let ConsoleTarget::File(path) = &config.console {
+            checks.push(("--console-log", path.clone()));
+        }
+        if let Some(path) = &config.report {
+            checks.push(("--report", path.clone()));
+        }
+        for (what, path) in checks {
+            if paths::is_within(out, &path).map_err(|e| Error::Place(path.clone(), e))? {
+                return Err(Error::InsideOut {
+                    what,
+                    path,
+                    out: out.clone(),
+                });
+            }
+        }
+    }
+    if image.root.is_none() && !config.container {
+        eprintln!("airlock: warning: --no-container: no root image, so no container anyway");
+    }
+    if config.stored_image.is_some() && image.root.is_none() {
+        return Err(Error::ArchiveWithoutRoot);
+    }
+    if config.user.is_some() && image.root.is_none() {
+        return Err(Error::UserWithoutContainer);
+    }
+    let archive_format = match &config.archive {
+        Some(_) if image.root.is_none() => return Err(Error::ArchiveWithoutRoot),
+        Some(path) => Some(crate::archive::check(path)?),
+        None => None,
+    };
+    if config.nested && image.root.is_none() {
+        return Err(Error::NestedWithoutRoot);
+    }
+    if config.vm_root && config.container && image.root.is_some() {
+        return Err(Error::VmRootInContainer);
+    }
+    // From here on airlock hashes, and the engine boots, these open files.
+    let second_disk = config
+        .archive
+        .clone()
+        .or_else(|| config.stored_image.as_ref().map(|i| i.disk.clone()));
+    let pins = Pins::open(&image, second_disk.as_deref())?;
+    let selection = engine::select(config.engine, Available::gather())?;
+    if let Some(warning) = &selection.warning {
+        eprintln!("airlock: warning: {warning}");
+    }
+    eprintln!(
+        "airlock: engine: {} ({})",
+        selection.engine.name(),
+        selection.reason
+    );
+
+    let mut start = run_start_fields(&config, &pins, &selection, &run_id, key.as_ref())?;
+    if let (Some(pin), Some(format)) = (&pins.archive, archive_format) {
+        let path = pin.path();
+        let d =
+            digest::file_cached(&pin.fd_path(), digest_cache().as_deref()).map_err(|source| {
+                Error::Digest {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
+        start["container_image"] = json!({
+            "source": "file",
+            "path": path.display().to_string(),
+            "format": format.name(),
+            "sha256": d.sha256,
+            "bytes": d.bytes,
+        });
+    }
+    if let (Some(pin), Some(stored)) = (&pins.archive, &config.stored_image) {
+        let d =
+            digest::file_cached(&pin.fd_path(), digest_cache().as_deref()).map_err(|source| {
+                Error::Digest {
+                    path: pin.path().to_path_buf(),
+                    source,
+                }
+            })?;
+        start["container_image"] = json!({
+            "source": "store",
+            "reference": stored.reference,
+            "digest": stored.digest,
+            "names": stored.names,
+            "disk": {
+                "path": pin.path().display().to_string(),
+                "sha256": d.sha256,
+                "bytes": d.bytes,
+            },
+            "config_applied": config.image_applied,
+        });
+    }
+    let audit = AuditLog::create(&audit_path, config.audit.limits, key)?;
+    if let Some(mode) = &config.sandbox {
+        // For `airlock inspect`: the sandbox's one audit log.
+        let _ = fs::write(
+            mode.dir.path.join("audit.path"),
+            format!("{}\n", audit_path.display()),
+        );
+    }
+    audit.host(kind::RUN_START, start, Durability::Synced);
+    if let Some(why) = audit.failure() {
+        return Err(audit::Error::Write(why).into());
+    }
+
+    let (mut exit, end, console_log) = match boot(&config, &pins, &selection, &audit, began) {
+        Ok(ran) => (ran.exit, ran.end, ran.console_log),
+        Err(e) => {
+            eprintln!("airlock: error: {}", crate::text::report(&e));
+            let end = json!({
+                "how": e.how(),
+                "exit_code": e.exit().code(),
+                "command_status": null,
+                "message": crate::text::report(&e),
+                "durations_ms": { "total": millis(began.elapsed()) },
+            });
+            (e.exit(), end, None)
+        }
+    };
+    let finished = match audit.finish(end.clone()) {
+        Ok(finished) => Some(finished),
+        Err(e) => {
+            eprintln!("airlock: error: {}", crate::text::report(&e));
+            exit = Exit::SandboxFailed;
+            None
+        }
+    };
+    // The log is judged where the user will look for it.
+    let placed = match audit.check_place() {
+        Some(Ok(placed)) => Some(placed),
+        Some(Err(e)) => {
+            eprintln!("airlock: error: {}", crate::text::report(&e));
+            exit = Exit::SandboxFailed;
+            None
+        }
+        None => None,
+    };
+    eprintln!("airlock: audit log: {}", audit_path.display());
+    if let Some(path) = &config.report {
+        let report = json!({
+            "airlock_version": env!("CARGO_PKG_VERSION"),
+            "run_id": run_id,
+            "exit_code": exit.code(),
+            "how": end["how"],
+            "command_status": end["command_status"],
+            "message": end["message"],
+            "audit_log": {
+                "path": audit_path.display().to_string(),
+                "intact_at_path": placed.is_some(),
+                "sha256": placed.as_ref().map(|p| p.sha256.clone()),
+                "bytes": placed.as_ref().map(|p| p.bytes),
+                "records": finished.as_ref().map(|f| f.records),
+                "run_end_sha256": finished.as_ref().map(|f| f.run_end_hash.clone()),
+                "signed": config.audit.key.is_some(),
+            },
+            "console_log": console_log.map(|p| p.display().to_string()),
+            "out": config.files.out.as_ref().map(|p| p.display().to_string()),
+        });
+        if let Err(e) = write_report(path, &report) {
+            let e = Error::Report(path.clone(), e);
+            eprintln!("airlock: error: {}", crate::text::report(&e));
+            exit = Exit::SandboxFailed;
+        }
+    }
+    Ok(exit)
+}
+
+/// How a booted run ended: the exit code and the `run.end` fields.
+#[derive(Debug)]
+pub(crate) struct Ran {
+    pub(crate) exit: Exit,
+    pub(crate) end: Value,
+    /// The console log, when it is kept.
+    pub(crate) console_log: Option<PathBuf>,
+}
+
+/// Boots the VM, supervises it, judges the end and tells the user.
+pub(crate) fn boot(
+    config: &RunConfig,
+    pins: &Pins,
+    selection: &engine::Selection,
+    audit: &AuditLog,
+    began: Instant,
+) -> Result<Ran, Error> {
+    let run_dir = RunDir::create(&config.console)?;
+    let vsock_uds = run_dir.dir.join(VSOCK_NAME);
+    let control_path = engine::port_path(&vsock_uds, CONTROL_PORT);
+    // The engines' own sockets in the run directory have names no longer
+    // than this one's.
+    if control_path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(Error::SocketPath(control_path));
+    }
+    // Listening before the VM starts: the guest's connection always finds us.
+    let listener = UnixListener::bind(&control_path).map_err(|source| Error::Listen {
+        path: control_path.clone(),
+        source,
+    })?;
+    let mut extra_cmdline = boot_cmdline(config, pins.image_mode);
+    // The guest has no clock of its own worth trusting: the init sets it
+    // from this (files the command writes get real mtimes). Not a secret.
+    if let Ok(now) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
+        extra_cmdline.insert(0, format!("{EPOCH_CMDLINE}={}", now.as_secs()));
+    }
+    // Before the user's --cmdline, which may lower it (the init caps it).
+    extra_cmdline.insert(0, model_max_body_word(config));
+    // The engine reads the pinned files through the descriptors it inherits.
+    let (initrd, disks) = if pins.image_mode {
+        let disks = std::iter::once(&pins.root)
+            .chain(pins.archive.as_ref())
+            .map(|pin| Disk {
+                path: pin.fd_path(),
+                read_only: true,
+            })
+            .collect();
+        (None, disks)
+    } else {
+        (Some(pins.root.fd_path()), Vec::new())
+    };
+    let vm_config = VmConfig {
+        kernel: pins.kernel.fd_path(),
+        initrd,
+        disks,
+        mem_mib: config.mem_mib,
+        cpus: config.cpus,
+        console_log: run_dir.console.clone(),
+        extra_cmdline,
+        run_dir: run_dir.dir.clone(),
+        vsock_uds,
+        guest_cid: DEFAULT_GUEST_CID,
+        dump_memory: config.dump_memory.clone(),
+        inherited_fds: pins.fds(),
+    };
+    let file_acceptors = file_ports(config, &vm_config.vsock_uds, audit)?;
+    let model_port = model_port(config, &vm_config.vsock_uds, audit)?;
+    if let Some(mode) = &config.sandbox {
+        let ctl = mode.dir.ctl();
+        crate::sandbox::server::start(mode, &vm_config.vsock_uds, audit, config.max_output_bytes)
+            .map_err(|source| Error::Listen { path: ctl, source })?;
+    }
+    let (events_tx, events) = mpsc::channel();
+    let acceptor = {
+        let tx = events_tx.clone();
+        Acceptor::start(listener, move |accepted| {
+            let _ = tx.send(Event::Accepted(accepted));
+        })
+        .map_err(|source| Error::Listen {
+            path: control_path.clone(),
+            source,
+        })?
+    };
+    // Installed just before the VM starts: from here on a signal means
+    // "stop the VM and clean up", not "die at once".
+    let stop = StopSignal::install().map_err(Error::Signals)?;
+    let started = Instant::now();
+    let mut vm = selection.engine.spawn(&vm_config)?;
+    let processes: Vec<Value> = vm
+        .processes()
+        .into_iter()
+        .map(|(name, pid)| json!({ "name": name, "pid": pid }))
+        .collect();
+    audit.host(
+        kind::VM_START,
+        json!({ "engine": selection.engine.name(), "processes": processes }),
+        Durability::Synced,
+    );
+    let mut deadlines = Deadlines::from_start(started, config.timeout);
+    if config.dump_memory.is_some() {
+        // The engine writes the guest's RAM out before it exits.
+        deadlines.power_off_grace = DUMP_GRACE;
+        deadlines.past_timeout = None;
+    }
+    let session = SessionParams {
+        spec: config.spec.clone(),
+        max_output_bytes: config.max_output_bytes,
+        events: events_tx,
+        writers: terminal,
+        audit: audit.clone(),
+    };
+    let mut timings = Timings::default();
+    let end = supervise(&mut vm, &events, &session, deadlines, &stop, &mut timings)
+        .map_err(Error::Supervise);
+    // Whatever happened, nothing of the VM outlives this point.
+    let killed = vm.kill();
+    drop(acceptor);
+    // Waits for a file stream still in progress: the VM is gone, so it ends.
+    drop(file_acceptors);
+    // Calls still in progress end; `model.summary` is written.
+    drop(model_port);
+    audit.host(
+        kind::VM_EXIT,
+        vm_exit_fields(end.as_ref().ok(), killed.as_ref().ok()),
+        Durability::Synced,
+    );
+    let end = end?;
+    killed.map_err(Error::Supervise)?;
+
+    let verdict = judge(&end, config.timeout);
+    if let Some(line) = &verdict.message {
+        eprintln!("airlock: {line}");
+    }
+    if verdict.diagnostics {
+        for line in diagnostics(&run_dir.console, &vm) {
+            eprintln!("airlock: {line}");
+        }
+        if matches!(config.console, ConsoleTarget::Temp { keep: false }) {
+            eprintln!("airlock: (pass --keep-console to keep the whole console log)");
+        }
+    }
+    drop(vm);
+    let console_log = run_dir.finish();
+    if let Some(kept) = &console_log {
+        eprintln!("airlock: console log: {}", kept.display());
+    }
+    let since =
+        |from: Instant, to: Option<Instant>| to.map(|t| millis(t.saturating_duration_since(from)));
+    let end = json!({
+        "how": how(&end),
+        "exit_code": verdict.exit.code(),
+        "command_status": command_status(&end).map(session::status_fields),
+        "message": verdict.message,
+        "durations_ms": {
+            "total": millis(began.elapsed()),
+            "boot": since(started, timings.hello),
+            "command": timings.hello.and_then(|hello| since(hello, timings.exited)),
+        },
+    });
+    Ok(Ran {
+        exit: verdict.exit,
+        end,
+        console_log,
+    })
+}

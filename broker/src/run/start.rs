@@ -1,0 +1,193 @@
+//! What will boot, pinned and hashed: the files the engine reads
+//! ([`Pins`]) and the `run.start` record.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use airlock_protocol::PROTOCOL_VERSION;
+use ed25519_dalek::SigningKey;
+use serde_json::{json, Value};
+
+use crate::audit::{digest, keys};
+use crate::engine::{self, EngineChoice};
+use crate::paths::{self, ImagePaths};
+use crate::pinned::Pinned;
+
+use super::*;
+
+/// The files a run boots, opened once: hashed for `run.start` and read by
+/// the engine through the same descriptors ([`crate::pinned`]).
+#[derive(Debug)]
+pub(crate) struct Pins {
+    pub(crate) kernel: Pinned,
+    /// The initrd (initramfs mode) or the root image (image mode).
+    pub(crate) root: Pinned,
+    pub(crate) image_mode: bool,
+    /// The container image archive (`--image`), the second disk.
+    pub(crate) archive: Option<Pinned>,
+}
+
+impl Pins {
+    pub(crate) fn open(image: &ImagePaths, archive: Option<&Path>) -> Result<Pins, Error> {
+        let pin = |path: &Path| {
+            Pinned::open(path).map_err(|source| Error::Pin {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        Ok(Pins {
+            kernel: pin(&image.kernel)?,
+            root: pin(image.root.as_deref().unwrap_or(&image.initrd))?,
+            image_mode: image.root.is_some(),
+            archive: archive.map(pin).transpose()?,
+        })
+    }
+
+    /// Every descriptor the VM process must inherit.
+    pub(crate) fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        [Some(&self.kernel), Some(&self.root), self.archive.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(Pinned::fd)
+            .collect()
+    }
+}
+
+/// Where file digests are remembered: `digests/` in the Airlock cache.
+pub(crate) fn digest_cache() -> Option<PathBuf> {
+    paths::cache_dir(
+        std::env::var_os("AIRLOCK_CACHE"),
+        std::env::var_os("XDG_CACHE_HOME"),
+        std::env::var_os("HOME"),
+    )
+    .map(|c| c.join("digests"))
+}
+
+/// A duration in whole milliseconds, for the audit log.
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The `run.start` record: what will boot (with hashes), the policy in
+/// force and the run spec.
+pub(crate) fn run_start_fields(
+    config: &RunConfig,
+    pins: &Pins,
+    selection: &engine::Selection,
+    run_id: &str,
+    key: Option<&SigningKey>,
+) -> Result<Value, Error> {
+    let digest_error = |pin: &Pinned| {
+        let path = pin.path().to_path_buf();
+        move |source| Error::Digest { path, source }
+    };
+    let cache = digest_cache();
+    let kernel = digest::file_cached(&pins.kernel.fd_path(), cache.as_deref())
+        .map_err(digest_error(&pins.kernel))?;
+    let root = &pins.root;
+    let (initrd, root, init) = if pins.image_mode {
+        // Image mode: the init is /sbin/init inside the image, which the
+        // image's hash covers (140 MB hash in about 0.3 s: simply done).
+        let d =
+            digest::file_cached(&root.fd_path(), cache.as_deref()).map_err(digest_error(root))?;
+        let fields = json!({
+            "path": root.path().display().to_string(),
+            "sha256": d.sha256,
+            "bytes": d.bytes,
+        });
+        let init = json!({
+            "path": "/sbin/init",
+            "sha256": null,
+            "note": "inside the root image; root_image.sha256 covers it",
+        });
+        (Value::Null, fields, init)
+    } else {
+        let initrd = digest::initrd(&root.fd_path()).map_err(digest_error(root))?;
+        let init = match initrd.init {
+            Some((name, d)) => json!({ "path": name, "sha256": d.sha256, "bytes": d.bytes }),
+            None => json!({
+                "path": null,
+                "sha256": null,
+                "note": "no init found in the initrd (not an uncompressed newc cpio archive); \
+                         initrd.sha256 covers it",
+            }),
+        };
+        let fields = json!({
+            "path": root.path().display().to_string(),
+            "sha256": initrd.whole.sha256,
+            "bytes": initrd.whole.bytes,
+        });
+        (fields, Value::Null, init)
+    };
+    let spec = &config.run_spec;
+    let env: serde_json::Map<String, Value> = spec
+        .env
+        .iter()
+        .map(|(name, value)| (name.clone(), Value::String(value.clone())))
+        .collect();
+    let uid = fs::metadata("/proc/self")
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+    Ok(json!({
+        "airlock_version": env!("CARGO_PKG_VERSION"),
+        "protocol_version": PROTOCOL_VERSION,
+        "run_id": run_id,
+        "kernel": {
+            "path": pins.kernel.path().display().to_string(),
+            "sha256": kernel.sha256,
+            "bytes": kernel.bytes,
+        },
+        "initrd": initrd,
+        "root_image": root,
+        "init": init,
+        "policy": {
+            "engine": selection.engine.name(),
+            "engine_requested": engine_name(config.engine),
+            "engine_reason": selection.reason,
+            "timeout_s": config.timeout.as_secs(),
+            "boot_deadline_s": config.timeout.min(BOOT_DEADLINE).as_secs(),
+            "max_output_bytes": config.max_output_bytes,
+            "mem_mib": config.mem_mib,
+            "cpus": config.cpus,
+            "network": "none",
+            "extra_cmdline": config.extra_cmdline,
+            "boot_cmdline": boot_cmdline(config, pins.image_mode),
+            "container": pins.image_mode && config.container,
+            "nested_containers": config.nested,
+            "command_user": match &config.user {
+                Some(user) if pins.image_mode && config.container => {
+                    format!("container user {user}")
+                }
+                _ => command_user(&boot_cmdline(config, pins.image_mode), pins.image_mode)
+                    .to_owned(),
+            },
+            "collect": config.files.collect,
+            "audit_max_guest_records": config.audit.limits.max_guest_records,
+            "audit_max_guest_bytes": config.audit.limits.max_guest_bytes,
+            "model": config.model.fields(),
+        },
+        "spec": {
+            "argv": spec.argv,
+            "env": env,
+            "env_note": "the --env names and values as given: user input, never a secret \
+                         (airlock passes nothing else of its environment into the sandbox)",
+            "cwd": spec.cwd,
+            "stdin": spec.stdin,
+            "timeout_ms": spec.timeout_ms,
+        },
+        "audit": {
+            "public_key": key.map(|k| keys::public_hex(&k.verifying_key())),
+        },
+        "host": { "pid": std::process::id(), "uid": uid },
+    }))
+}
+
+/// The engine choice as the user types it.
+pub(crate) fn engine_name(choice: EngineChoice) -> &'static str {
+    match choice {
+        EngineChoice::Kvm => "kvm",
+        EngineChoice::Tcg => "tcg",
+        EngineChoice::Auto => "auto",
+    }
+}
