@@ -9,10 +9,9 @@
 mod archive;
 mod audit;
 mod cli;
-mod control;
+mod door;
 mod engine;
 mod exit;
-mod files;
 mod host;
 mod image;
 mod model;
@@ -20,7 +19,6 @@ mod paths;
 mod pinned;
 mod run;
 mod sandbox;
-mod session;
 mod text;
 
 use std::process::ExitCode;

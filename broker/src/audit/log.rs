@@ -19,10 +19,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
 use ed25519_dalek::SigningKey;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use super::keys;
 use super::record::{hex, object, sha256_hex, Record, Source, ZERO_HASH};
+use super::records::{
+    self, AuditOverflow, GuestRecords, HostRecord, OutputCounts, RunSeal, Signature,
+};
 use super::time;
 use super::{kind, Error};
 
@@ -286,6 +289,22 @@ impl AuditLog {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// A record the broker observed itself, of a kind typed in
+    /// [`super::records`].
+    pub fn record<R: super::records::HostRecord>(&self, record: &R, durability: Durability) {
+        self.host(R::KIND, super::records::fields(record), durability);
+    }
+
+    /// A guest claim of a kind typed in [`super::records`].
+    pub fn claim<R: super::records::GuestClaim>(&self, claim: &R, durability: Durability) {
+        self.guest_claim(R::KIND, super::records::fields(claim), durability);
+    }
+
+    /// Ends the log with the `run.end` record `end` (see [`AuditLog::finish`]).
+    pub fn end(&self, end: &super::records::RunEnd) -> Result<Finished, Error> {
+        self.finish(super::records::fields(end))
+    }
+
     /// A record the broker observed itself.
     pub fn host(&self, kind: &str, fields: Value, durability: Durability) {
         self.lock()
@@ -359,15 +378,15 @@ impl AuditLog {
         let limits = inner.limits;
         if guest.dropped > 0 {
             inner.record(
-                kind::AUDIT_OVERFLOW,
+                AuditOverflow::KIND,
                 Source::Host,
-                object(json!({
-                    "dropped_records": guest.dropped,
-                    "dropped_bytes": guest.dropped_bytes,
-                    "written_records": guest.written,
-                    "written_bytes": guest.written_bytes,
-                    "max_guest_records": limits.max_guest_records,
-                    "max_guest_bytes": limits.max_guest_bytes,
+                object(records::fields(&AuditOverflow {
+                    dropped_records: guest.dropped,
+                    dropped_bytes: guest.dropped_bytes,
+                    written_records: guest.written,
+                    written_bytes: guest.written_bytes,
+                    max_guest_records: limits.max_guest_records,
+                    max_guest_bytes: limits.max_guest_bytes,
                 })),
                 Durability::Synced,
             );
@@ -375,17 +394,20 @@ impl AuditLog {
         let mut fields = object(fields);
         fields.insert(
             "guest_records".into(),
-            json!({
-                "written": guest.written,
-                "written_bytes": guest.written_bytes,
-                "dropped": guest.dropped,
-                "dropped_bytes": guest.dropped_bytes,
+            records::fields(&GuestRecords {
+                written: guest.written,
+                written_bytes: guest.written_bytes,
+                dropped: guest.dropped,
+                dropped_bytes: guest.dropped_bytes,
             }),
         );
         if let Some((forwarded, discarded)) = inner.output {
             fields.insert(
                 "output".into(),
-                json!({"forwarded_bytes": forwarded, "discarded_bytes": discarded}),
+                records::fields(&OutputCounts {
+                    forwarded_bytes: forwarded,
+                    discarded_bytes: discarded,
+                }),
             );
         }
         let ts = time::rfc3339(time::micros(SystemTime::now()));
@@ -393,21 +415,24 @@ impl AuditLog {
             .next(kind::RUN_END, Source::Host, fields, ts.clone())
             .map_err(Error::Encode)?;
         let hash = inner.append(&end.1, Durability::Synced);
-        let seal = match (&hash, &inner.key) {
-            (Some(hash), None) => json!({"sha256": hash}),
-            (Some(hash), Some(key)) => json!({
-                "sha256": hash,
-                "alg": "ed25519",
-                "public_key": keys::public_hex(&key.verifying_key()),
-                "signature": keys::sign(key, hash),
+        let seal = hash.as_ref().map(|hash| RunSeal {
+            sha256: hash.clone(),
+            signed: inner.key.as_ref().map(|key| Signature {
+                alg: "ed25519",
+                public_key: keys::public_hex(&key.verifying_key()),
+                signature: keys::sign(key, hash),
             }),
-            (None, _) => Value::Null,
-        };
-        if let Some(hash) = hash {
+        });
+        if let (Some(hash), Some(seal)) = (hash, seal) {
             // The seal carries the run.end's time: every byte of it is then
             // fixed by what precedes it.
             let (_, line) = inner
-                .next(kind::RUN_SEAL, Source::Host, object(seal), ts)
+                .next(
+                    RunSeal::KIND,
+                    Source::Host,
+                    object(records::fields(&seal)),
+                    ts,
+                )
                 .map_err(Error::Encode)?;
             inner.append(&line, Durability::Synced);
             if inner.failed.is_none() {
@@ -571,6 +596,7 @@ pub const TEST_LIMITS: Limits = Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn lines(memory: &Memory) -> Vec<Record> {
         memory

@@ -29,10 +29,11 @@
 //! |---|---|---|
 //! | `run.start` | before the VM starts | `airlock_version`, `protocol_version`, `run_id`, `kernel`/`initrd`/`init` {`path`, `sha256`, `bytes`}, `policy` {`engine`, `engine_requested`, `timeout_s`, `boot_deadline_s`, `max_output_bytes`, `mem_mib`, `cpus`, `network`, `audit_max_guest_records`, `audit_max_guest_bytes`}, `spec` {`argv`, `env` (names and values, as given with `--env`), `env_note`, `cwd`, `stdin`}, `audit` {`public_key`}, `host` {`pid`, `uid`} |
 //! | `vm.start` | the engine's processes started | `engine`, `processes` [{`name`, `pid`}] |
-//! | `control.accepted` | the guest's control connection | `port` |
-//! | `control.refused` | a further connection, closed at once | `port`, `count` |
-//! | `control.capped` | too many connections: no longer accepting | `port`, `max` |
-//! | `control.failed` | the control listener failed | `error` |
+//! | `control.accepted` | the guest's connection to a port that serves one (control 1024, workspace 1025, results 1026) | `port` |
+//! | `control.refused` | a further connection to such a port, closed at once | `port`, `count` |
+//! | `control.capped` | a port took its most connections (64 for those, 10 000 for the model port 1027) and was closed | `port`, `max` |
+//! | `control.failed` | a port's listener failed, or a connection could not be served | `port`, `error` |
+//! | `files.done` | the workspace or the results stream ended | `direction` (`in`/`out`), its counts or `error` |
 //! | `session.hello` | the guest's `Hello` | `version`, `capabilities` |
 //! | `policy.output_limit` | output first cut at `--max-output-bytes` | `limit_bytes`, `stream` |
 //! | `protocol.error` | the guest broke the protocol | `reason` |
@@ -43,9 +44,9 @@
 //! | `model.call` | a model call forwarded upstream (see `crate::model`) | `call`, `api`, `method`, `target`, `model`, `status`, `input_tokens`, `output_tokens` (from the response's usage, streaming included), `latency_ms`, `upstream_head_ms`, `first_chunk_ms`, `request_bytes`, `request_sha256`, `forwarded_sha256`, `max_tokens_capped`, `reserved`, `charged`, `scrubbed`, `response_bytes`, `response_sha256`, `complete`, `error`, `dropped_headers`, `guest_credentials_dropped` |
 //! | `model.denied` | a model call refused (the agent got an API-shaped error) | `api`, `method`, `target`, `model`, `reason`, `status`, `message`, `request_bytes`, `dropped_headers`, `guest_credentials_dropped` |
 //! | `model.protocol_error` | a model connection broke the protocol (closed unanswered) | `port`, `reason` |
-//! | `model.capped` | too many model connections: no longer accepting | `port`, `max` |
 //! | `model.summary` | at the end of every run | `calls`, `denied`, `protocol_errors`, `unrecorded`, `requests_admitted`, `input_tokens`, `output_tokens`, `unfinished_at_end` |
-//! | `file.in`, `file.out` | reserved for file transfer | |
+//! | `file.in` | a workspace file sent to the guest | `path`, `size`, `sha256` |
+//! | `file.out` | a result file from the guest | `path`, and `size`, `sha256`, `accepted: true`, or `accepted: false` and `reason` |
 //!
 //! From the guest (`guest`): `command.exit` and `command.spawn_failed` (the
 //! `Exit` and `Error{SpawnFailed}` messages, as the broker read them), and
@@ -64,6 +65,7 @@ pub mod digest;
 pub mod keys;
 pub mod log;
 pub mod record;
+pub mod records;
 pub mod show;
 pub mod time;
 pub mod verify;
@@ -99,6 +101,19 @@ pub mod kind {
     /// Guest claims read off the protocol.
     pub const COMMAND_EXIT: &str = "command.exit";
     pub const COMMAND_SPAWN_FAILED: &str = "command.spawn_failed";
+    /// A live sandbox's exec began: `id`, `argv`, `env_names`, `cwd`,
+    /// `stdin`, `user`.
+    pub const SANDBOX_EXEC: &str = "sandbox.exec";
+    /// An exec ended, as the host saw it: `id`, `duration_ms`,
+    /// `stdout_bytes`, `stderr_bytes`, and `error` if it broke off.
+    pub const SANDBOX_EXEC_END: &str = "sandbox.exec_end";
+    /// The exit status the guest reported for an exec (a guest claim):
+    /// `id`, `status`.
+    pub const SANDBOX_EXEC_EXIT: &str = "sandbox.exec_exit";
+    /// The sandbox took its first exec: `boot_ms`.
+    pub const SANDBOX_READY: &str = "sandbox.ready";
+    /// A stop began: `why` (`stop`, `idle`, `lifetime`), `grace_secs`.
+    pub const SANDBOX_STOP: &str = "sandbox.stop";
 }
 
 /// The default of `--audit-max-guest-events`.

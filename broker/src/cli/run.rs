@@ -9,13 +9,13 @@ use serde_json::Value;
 
 use crate::audit::Limits;
 use crate::cli::{ModelArgs, RunArgs};
+use crate::door::session::EncodedSpec;
 use crate::exit::Exit;
 use crate::paths::ImagePaths;
 use crate::run::{
     self, AuditConfig, ConsoleTarget, Error, FilesConfig, RunConfig, CPUS_RANGE,
     DEFAULT_TIMEOUT_SECS, MEM_MIB_RANGE,
 };
-use crate::session::EncodedSpec;
 
 /// The command's working directory in the guest, by default.
 const GUEST_CWD: &str = "/";
@@ -238,7 +238,7 @@ impl TryFrom<RunArgs> for RunConfig {
             },
             files: FilesConfig {
                 workspace: args.workspace.map(|p| std::path::absolute(&p).unwrap_or(p)),
-                deny: crate::files::Deny::new(&args.exclude),
+                deny: crate::door::files::Deny::new(&args.exclude),
                 out: args.out.map(|p| std::path::absolute(&p).unwrap_or(p)),
                 max_out_bytes: args.max_out_bytes,
                 collect: args.collect,
@@ -309,9 +309,9 @@ mod tests {
     use super::*;
     use crate::audit::AuditLog;
     use crate::cli::ImageArgs;
+    use crate::door::session::{self, Output};
     use crate::engine::EngineChoice;
     use crate::run::{boot_cmdline, command_user, model_max_body_word};
-    use crate::session::{self, Output};
     use airlock_protocol::{read_frame, Message};
 
     fn args() -> RunArgs {

@@ -23,7 +23,8 @@
 //!
 //! Bounds: at most [`MAX_CONCURRENT`] connections are served at once (the
 //! next waits to be accepted); after [`MAX_CONNECTIONS`] in a run the port
-//! closes. Request bodies are bounded by the policy, frames by the
+//! closes (`control.capped`, port 1027; the port server,
+//! [`crate::door::ports`], accepts). Request bodies are bounded by the policy, frames by the
 //! protocol; a body is read at its top level only, never built as a tree
 //! ([`body`]).
 
@@ -38,17 +39,15 @@ pub mod usage;
 use std::io;
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
-
-use serde_json::json;
 
 pub use config::{Args, Settings};
 
 use crate::audit::{AuditLog, Durability};
+use crate::door::ports::{Accepted, Admit, Port};
 
 /// Audit record kinds of the model proxy.
 pub mod kind {
@@ -78,8 +77,6 @@ pub mod kind {
     pub const DENIED: &str = "model.denied";
     /// A model connection that broke the protocol: `port`, `reason`.
     pub const PROTOCOL_ERROR: &str = "model.protocol_error";
-    /// The model port stopped accepting (`max`).
-    pub const CAPPED: &str = "model.capped";
     /// At the end of the run: the counts and tokens.
     pub const SUMMARY: &str = "model.summary";
 }
@@ -103,133 +100,87 @@ impl Live {
         self.streams.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits until fewer than `n` are live, or `stop`.
-    fn wait_below(&self, n: usize, stop: &AtomicBool) {
-        let mut live = self.lock();
-        while live.len() >= n && !stop.load(Ordering::SeqCst) {
-            live = self
-                .changed
-                .wait_timeout(live, Duration::from_millis(100))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-    }
-
     fn remove(&self, id: u64) {
         self.lock().retain(|(i, _)| *i != id);
         self.changed.notify_all();
     }
 }
 
-/// The model port of a run. Dropping it stops accepting, gives the calls in
+/// The model port of a run, apart from its listener (served by the
+/// [`PortServer`]). Dropping it, after the port server, gives the calls in
 /// progress [`FINISH`] to end, shuts down the rest and writes
 /// `model.summary`.
 #[derive(Debug)]
 pub struct ModelPort {
-    path: PathBuf,
-    stop: Arc<AtomicBool>,
     live: Arc<Live>,
     proxy: Arc<proxy::Proxy>,
     audit: AuditLog,
-    thread: Option<JoinHandle<()>>,
 }
 
-/// Listens on `<vsock_uds>_1027` and serves model calls until dropped.
-pub fn listen(settings: &Settings, vsock_uds: &Path, audit: &AuditLog) -> io::Result<ModelPort> {
+/// The model port for the port server (`<vsock_uds>_1027`: each connection
+/// served on a thread of its own, at most [`MAX_CONCURRENT`] at once, at
+/// most [`MAX_CONNECTIONS`] in a run) and the [`ModelPort`] that sums it
+/// up at the end.
+pub fn port(
+    settings: &Settings,
+    vsock_uds: &Path,
+    audit: &AuditLog,
+) -> io::Result<(Port, ModelPort)> {
     let path = crate::engine::port_path(vsock_uds, airlock_protocol::MODEL_PORT);
     let listener = UnixListener::bind(&path)?;
     let proxy = Arc::new(proxy::Proxy::new(settings.clone(), audit.clone()));
-    let stop = Arc::new(AtomicBool::new(false));
     let live = Arc::new(Live::default());
-    let thread = thread::Builder::new().name("model-accept".into()).spawn({
-        let (proxy, stop, live, audit) = (
-            Arc::clone(&proxy),
-            Arc::clone(&stop),
-            Arc::clone(&live),
-            audit.clone(),
-        );
-        move || accept_loop(&listener, &proxy, &stop, &live, &audit)
-    })?;
-    Ok(ModelPort {
-        path,
-        stop,
-        live,
-        proxy,
-        audit: audit.clone(),
-        thread: Some(thread),
-    })
-}
-
-fn accept_loop(
-    listener: &UnixListener,
-    proxy: &Arc<proxy::Proxy>,
-    stop: &AtomicBool,
-    live: &Arc<Live>,
-    audit: &AuditLog,
-) {
+    let room = {
+        let live = Arc::clone(&live);
+        move || live.lock().len() < MAX_CONCURRENT
+    };
     let mut accepted = 0u64;
-    loop {
-        live.wait_below(MAX_CONCURRENT, stop);
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e)
-                if e.kind() == io::ErrorKind::Interrupted
-                    || e.kind() == io::ErrorKind::ConnectionAborted =>
-            {
-                continue
-            }
-            Err(e) => {
-                audit.host(
-                    crate::audit::kind::CONTROL_FAILED,
-                    json!({ "port": airlock_protocol::MODEL_PORT, "error": e.to_string() }),
-                    Durability::Synced,
-                );
+    let handler = {
+        let (proxy, live) = (Arc::clone(&proxy), Arc::clone(&live));
+        move |event: Accepted| {
+            let Accepted::Stream(stream) = event else {
                 return;
+            };
+            accepted += 1;
+            let id = accepted;
+            match stream.try_clone() {
+                Ok(handle) => live.lock().push((id, handle)),
+                Err(_) => return,
             }
-        };
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        accepted += 1;
-        let id = accepted;
-        match stream.try_clone() {
-            Ok(handle) => live.lock().push((id, handle)),
-            Err(_) => continue,
-        }
-        let spawned = thread::Builder::new().name(format!("model-{id}")).spawn({
-            let (proxy, live) = (Arc::clone(proxy), Arc::clone(live));
-            move || {
-                proxy.serve(&stream);
-                let _ = stream.shutdown(Shutdown::Both);
+            let spawned = thread::Builder::new().name(format!("model-{id}")).spawn({
+                let (proxy, live) = (Arc::clone(&proxy), Arc::clone(&live));
+                move || {
+                    proxy.serve(&stream);
+                    let _ = stream.shutdown(Shutdown::Both);
+                    live.remove(id);
+                }
+            });
+            if spawned.is_err() {
                 live.remove(id);
             }
-        });
-        if spawned.is_err() {
-            live.remove(id);
         }
-        if accepted >= MAX_CONNECTIONS {
-            audit.host(
-                kind::CAPPED,
-                json!({ "port": airlock_protocol::MODEL_PORT, "max": MAX_CONNECTIONS }),
-                Durability::Synced,
-            );
-            return;
-        }
-    }
+    };
+    let port = Port {
+        number: airlock_protocol::MODEL_PORT,
+        listener,
+        admit: Admit::Each {
+            max: MAX_CONNECTIONS,
+            room: Box::new(room),
+        },
+        handler: Box::new(handler),
+    };
+    Ok((
+        port,
+        ModelPort {
+            live,
+            proxy,
+            audit: audit.clone(),
+        },
+    ))
 }
 
 impl Drop for ModelPort {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wakes a blocking accept; the loop sees the flag and ends.
-        let _ = UnixStream::connect(&self.path);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-        let _ = std::fs::remove_file(&self.path);
         let deadline = Instant::now() + FINISH;
         let mut live = self.live.lock();
         while !live.is_empty() && Instant::now() < deadline {
@@ -245,9 +196,9 @@ impl Drop for ModelPort {
         }
         let unfinished = live.len();
         drop(live);
-        let mut fields = self.proxy.summary();
-        fields["unfinished_at_end"] = json!(unfinished);
-        self.audit.host(kind::SUMMARY, fields, Durability::Synced);
+        let mut summary = self.proxy.summary();
+        summary.unfinished_at_end = Some(unfinished);
+        self.audit.record(&summary, Durability::Synced);
     }
 }
 

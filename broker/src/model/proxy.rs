@@ -10,16 +10,19 @@ use std::time::{Duration, Instant};
 
 use airlock_protocol::limits::MAX_HTTP_CHUNK;
 use airlock_protocol::{encode, read_frame, FrameError, Message};
-use serde_json::{json, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::body::Top;
 use super::config::{AnthropicAuth, Settings};
-use super::kind;
 use super::policy::{self, Ask, Budget, Exhausted, Reserved};
 use super::rules::{self, Api, Denial, Kind, Reason};
 use super::scrub::Scrubber;
 use super::usage::{Scanner, Usage};
+use crate::audit::records::{
+    CapRecord, Charged, ModelCall, ModelDenied, ModelProtocolError, ModelSummary, ReservedRecord,
+    Scrubbed,
+};
 use crate::audit::{AuditLog, Durability};
 
 /// How long the guest may take between frames of its request.
@@ -525,9 +528,11 @@ impl Proxy {
             Ok(r) => r,
             Err(e) => {
                 if self.broken.fetch_add(1, Ordering::SeqCst) < MAX_DENIAL_RECORDS {
-                    self.audit.host(
-                        kind::PROTOCOL_ERROR,
-                        json!({ "port": airlock_protocol::MODEL_PORT, "reason": crate::text::report(&e) }),
+                    self.audit.record(
+                        &ModelProtocolError {
+                            port: airlock_protocol::MODEL_PORT,
+                            reason: crate::text::report(&e),
+                        },
                         Durability::Synced,
                     );
                 }
@@ -537,8 +542,11 @@ impl Proxy {
         let mut out = stream;
         let (_, dropped) = rules::filter_request_headers(&req.headers);
         // Credentials the guest tried to send: dropped, never forwarded.
-        let credentials: Vec<&String> =
-            dropped.iter().filter(|n| rules::is_credential(n)).collect();
+        let credentials: Vec<&str> = dropped
+            .iter()
+            .filter(|n| rules::is_credential(n))
+            .map(String::as_str)
+            .collect();
         let checked = self.check(&req);
         let Checked {
             route,
@@ -552,20 +560,19 @@ impl Proxy {
                 let _ = respond(&mut out, denial.status(), denial.headers(), &denial.body());
                 self.tell(&req, &denial);
                 if self.denied.fetch_add(1, Ordering::SeqCst) < MAX_DENIAL_RECORDS {
-                    self.audit.host(
-                        kind::DENIED,
-                        json!({
-                            "api": denial.api.name(),
-                            "method": req.method,
-                            "target": short(&req.target),
-                            "model": model,
-                            "reason": denial.reason.name(),
-                            "status": denial.status(),
-                            "message": denial.message,
-                            "request_bytes": req.body_bytes,
-                            "dropped_headers": dropped,
-                            "guest_credentials_dropped": credentials,
-                        }),
+                    self.audit.record(
+                        &ModelDenied {
+                            api: denial.api.name(),
+                            method: &req.method,
+                            target: short(&req.target),
+                            model: model.as_deref(),
+                            reason: denial.reason.name(),
+                            status: denial.status(),
+                            message: &denial.message,
+                            request_bytes: req.body_bytes,
+                            dropped_headers: &dropped,
+                            guest_credentials_dropped: credentials,
+                        },
                         Durability::Synced,
                     );
                 }
@@ -610,47 +617,48 @@ impl Proxy {
         self.budget
             .settle(reserved.as_ref(), charged_input, charged_output);
         let forwarded_sha = body.as_ref().map(|b| hex(&Sha256::digest(b)));
-        self.audit.host(
-            kind::CALL,
-            json!({
-                "call": number,
-                "api": route.api.name(),
-                "method": req.method,
-                "target": short(&req.target),
-                "model": model,
-                "status": relayed.status,
-                "input_tokens": relayed.usage.input,
-                "output_tokens": relayed.usage.output,
-                "latency_ms": millis(started.elapsed()),
-                "upstream_head_ms": relayed.head_ms,
-                "first_chunk_ms": relayed.first_chunk_ms,
-                "request_bytes": req.body_bytes,
-                "request_sha256": req.sha256,
-                "forwarded_sha256": forwarded_sha,
-                "max_tokens_capped": rewrites.max_tokens.map(|c| {
-                    let mut v = json!({ "field": c.field, "asked": c.asked, "sent": c.sent });
-                    if let Some(also) = c.also {
-                        v["also"] = json!(also);
-                    }
-                    v
+        self.audit.record(
+            &ModelCall {
+                call: number,
+                api: route.api.name(),
+                method: &req.method,
+                target: short(&req.target),
+                model: model.as_deref(),
+                status: relayed.status,
+                input_tokens: relayed.usage.input,
+                output_tokens: relayed.usage.output,
+                latency_ms: millis(started.elapsed()),
+                upstream_head_ms: relayed.head_ms,
+                first_chunk_ms: relayed.first_chunk_ms,
+                request_bytes: req.body_bytes,
+                request_sha256: &req.sha256,
+                forwarded_sha256: forwarded_sha,
+                max_tokens_capped: rewrites.max_tokens.map(|c| CapRecord {
+                    field: c.field,
+                    asked: c.asked,
+                    sent: c.sent,
+                    also: c.also,
                 }),
-                "reserved": reserved.map(|r| json!({
-                    "output": r.output,
-                    "input_estimate": r.input_estimate,
-                    "n": r.n,
-                })),
-                "charged": { "input": charged_input, "output": charged_output },
-                "scrubbed": (scrubbed > 0).then(|| json!({
-                    "headers": relayed.scrubbed_headers,
-                    "body": relayed.scrubbed_body,
-                })),
-                "response_bytes": relayed.response_bytes,
-                "response_sha256": relayed.response_sha256,
-                "complete": relayed.complete,
-                "error": relayed.error,
-                "dropped_headers": dropped,
-                "guest_credentials_dropped": credentials,
-            }),
+                reserved: reserved.map(|r| ReservedRecord {
+                    output: r.output,
+                    input_estimate: r.input_estimate,
+                    n: r.n,
+                }),
+                charged: Charged {
+                    input: charged_input,
+                    output: charged_output,
+                },
+                scrubbed: (scrubbed > 0).then_some(Scrubbed {
+                    headers: relayed.scrubbed_headers,
+                    body: relayed.scrubbed_body,
+                }),
+                response_bytes: relayed.response_bytes,
+                response_sha256: relayed.response_sha256,
+                complete: relayed.complete,
+                error: relayed.error,
+                dropped_headers: &dropped,
+                guest_credentials_dropped: credentials,
+            },
             Durability::Synced,
         );
     }
@@ -1045,20 +1053,21 @@ impl Proxy {
     }
 
     /// The `model.summary` record's fields.
-    pub fn summary(&self) -> Value {
+    pub fn summary(&self) -> ModelSummary {
         let c = self.budget.counts();
         let denied = self.denied.load(Ordering::SeqCst);
         let broken = self.broken.load(Ordering::SeqCst);
-        json!({
-            "calls": self.calls.load(Ordering::SeqCst),
-            "denied": denied,
-            "protocol_errors": broken,
-            "unrecorded": denied.saturating_sub(MAX_DENIAL_RECORDS)
+        ModelSummary {
+            calls: self.calls.load(Ordering::SeqCst),
+            denied,
+            protocol_errors: broken,
+            unrecorded: denied.saturating_sub(MAX_DENIAL_RECORDS)
                 + broken.saturating_sub(MAX_DENIAL_RECORDS),
-            "requests_admitted": c.requests,
-            "input_tokens": c.input_tokens,
-            "output_tokens": c.output_tokens,
-        })
+            requests_admitted: c.requests,
+            input_tokens: c.input_tokens,
+            output_tokens: c.output_tokens,
+            unfinished_at_end: None,
+        }
     }
 }
 

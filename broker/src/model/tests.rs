@@ -541,7 +541,10 @@ fn the_request_budget_holds_under_a_flood() {
     assert!(statuses[2..].iter().all(|s| *s == 429), "{statuses:?}");
     assert_eq!(got.iter().take(2).count(), 2);
     assert_eq!(h.records(super::kind::DENIED).len(), 10);
-    assert_eq!(h.proxy.summary()["requests_admitted"], 2);
+    assert_eq!(
+        crate::audit::records::fields(&h.proxy.summary())["requests_admitted"],
+        2
+    );
 }
 
 /// A fake upstream that answers `n` connections with the same JSON.
@@ -704,7 +707,8 @@ fn the_port_serves_many_connections_at_once_and_sums_up_at_the_end() {
     let dir = crate::paths::TestDir::new("model-port");
     let uds = dir.path().join("vsock");
     let (log, audit) = AuditLog::memory(TEST_LIMITS, None);
-    let port = super::listen(&Settings::default(), &uds, &log).expect("listen");
+    let (port, model) = super::port(&Settings::default(), &uds, &log).expect("listen");
+    let server = crate::door::ports::PortServer::start(vec![port], &log).expect("serve");
     let path = crate::engine::port_path(&uds, airlock_protocol::MODEL_PORT);
     // More than MAX_CONCURRENT connections, all open at once, each answered.
     let mut guests: Vec<UnixStream> = (0..super::MAX_CONCURRENT + 8)
@@ -719,7 +723,8 @@ fn the_port_serves_many_connections_at_once_and_sums_up_at_the_end() {
         let a = read_answer(g);
         assert_eq!((a.status, a.ended), (403, true));
     }
-    drop(port);
+    drop(server);
+    drop(model);
     let h = Harness {
         proxy: std::sync::Arc::new(Proxy::new(Settings::default(), log)),
         audit,
@@ -1110,7 +1115,10 @@ fn concurrent_calls_cannot_spend_more_than_the_budget() {
         assert_eq!(c["reserved"]["n"], if chat { 2 } else { 1 }, "{c}");
     }
     // Every reservation was settled.
-    assert_eq!(h.proxy.summary()["output_tokens"].as_u64(), Some(reported));
+    assert_eq!(
+        crate::audit::records::fields(&h.proxy.summary())["output_tokens"].as_u64(),
+        Some(reported)
+    );
 }
 
 /// OpenAI's `n` multiplies the output: a call's cap is what is left shared
@@ -1483,7 +1491,7 @@ fn an_unreachable_call_releases_its_reservation() {
         assert_eq!(c["reserved"]["output"], 100, "{c}");
         assert_eq!(c["charged"], serde_json::json!({"input": 0, "output": 0}));
     }
-    let summary = h.proxy.summary();
+    let summary = crate::audit::records::fields(&h.proxy.summary());
     assert_eq!(
         (
             summary["input_tokens"].as_u64(),
@@ -1713,7 +1721,10 @@ fn count_tokens_is_free_and_responses_are_capped() {
     }
     let calls = h.records(super::kind::CALL);
     assert!(calls[1]["reserved"].is_null() && calls[1]["max_tokens_capped"].is_null());
-    assert_eq!(h.proxy.summary()["requests_admitted"], 3);
+    assert_eq!(
+        crate::audit::records::fields(&h.proxy.summary())["requests_admitted"],
+        3
+    );
     let a = h.call(
         "POST",
         "/v1/responses",

@@ -8,9 +8,9 @@ use airlock_protocol::RunSpec;
 use serde_json::Value;
 
 use crate::audit::Limits;
+use crate::door::session::EncodedSpec;
 use crate::engine::EngineChoice;
 use crate::paths::ImagePaths;
-use crate::session::EncodedSpec;
 
 /// Where the console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,7 +79,7 @@ pub struct RunConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FilesConfig {
     pub workspace: Option<PathBuf>,
-    pub deny: crate::files::Deny,
+    pub deny: crate::door::files::Deny,
     pub out: Option<PathBuf>,
     pub max_out_bytes: u64,
     /// `--collect` patterns (empty: `/workspace/out`).

@@ -88,7 +88,7 @@ pub enum Error {
     #[error(transparent)]
     Audit(#[from] audit::Error),
     #[error(transparent)]
-    Files(#[from] crate::files::Error),
+    Files(#[from] crate::door::files::Error),
     #[error("cannot create the output directory {}", .0.display())]
     OutDir(PathBuf, #[source] io::Error),
     #[error("cannot open {}", path.display())]
@@ -167,15 +167,6 @@ impl Error {
             | Error::Signals(_)
             | Error::Spawn(_)
             | Error::Supervise(_) => Exit::SandboxFailed,
-        }
-    }
-
-    /// How the run ended, for `run.end`, when this error ended it.
-    pub(crate) fn how(&self) -> &'static str {
-        match self {
-            Error::Spawn(_) => "boot_failure",
-            Error::Audit(_) => "audit_failure",
-            _ => "error",
         }
     }
 }

@@ -7,7 +7,7 @@
 //! audit key, create the audit log and write `run.start` (with the hashes of
 //! what will boot) → make the private run directory ([`RunDir`]) → listen
 //! on the control port's socket, and on the file ports the run serves
-//! (`--workspace`: 1025, `--out`: 1026; [`crate::files`], each stream served
+//! (`--workspace`: 1025, `--out`: 1026; [`crate::door::files`], each stream served
 //! in its accept thread) → spawn the VM → [`supervise`]: hand the
 //! guest's control connection to a session thread ([`session::serve`]),
 //! watch the VM, the deadlines, the signals and the audit log → [`judge`]
@@ -38,7 +38,6 @@ mod verdict;
 
 pub use config::*;
 pub use error::*;
-pub(crate) use ports::*;
 pub(crate) use report::*;
 pub(crate) use rundir::*;
 pub(crate) use start::*;
@@ -46,20 +45,18 @@ pub use supervise::*;
 pub use verdict::*;
 
 use std::fs;
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use airlock_protocol::{CONTROL_PORT, DEFAULT_GUEST_CID};
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::audit::{self, digest, keys, kind, AuditLog, Durability};
-use crate::control::Acceptor;
+use crate::audit::records::{ContainerImage, Durations, RunEnd, VmProcess, VmStart};
+use crate::audit::{self, keys, AuditLog, Durability};
 use crate::engine::{self, Available, Disk, VmConfig};
 use crate::exit::Exit;
 use crate::paths;
-use crate::session;
 
 /// Guest memory bounds, in MiB.
 pub const MEM_MIB_RANGE: std::ops::RangeInclusive<u32> = 64..=65536;
@@ -109,7 +106,7 @@ pub fn run(mut config: RunConfig) -> Result<Exit, Error> {
         None => paths::check_initrd(&image.initrd)?,
     }
     if let Some(ws) = &config.files.workspace {
-        crate::files::check_workspace(ws, &config.files.deny)?;
+        crate::door::files::check_workspace(ws, &config.files.deny)?;
     }
     if let Some(out) = &config.files.out {
         fs::create_dir_all(out).map_err(|e| Error::OutDir(out.clone(), e))?;
@@ -188,43 +185,23 @@ pub fn run(mut config: RunConfig) -> Result<Exit, Error> {
         selection.reason
     );
 
-    let mut start = run_start_fields(&config, &pins, &selection, &run_id, key.as_ref())?;
+    let mut start = run_start(&config, &pins, &selection, &run_id, key.as_ref())?;
     if let (Some(pin), Some(format)) = (&pins.archive, archive_format) {
-        let path = pin.path();
-        let d =
-            digest::file_cached(&pin.fd_path(), digest_cache().as_deref()).map_err(|source| {
-                Error::Digest {
-                    path: path.to_path_buf(),
-                    source,
-                }
-            })?;
-        start["container_image"] = json!({
-            "source": "file",
-            "path": path.display().to_string(),
-            "format": format.name(),
-            "sha256": d.sha256,
-            "bytes": d.bytes,
+        let disk = hashed(pin)?;
+        start.container_image = Some(ContainerImage::File {
+            path: disk.path,
+            format: format.name(),
+            sha256: disk.sha256,
+            bytes: disk.bytes,
         });
     }
     if let (Some(pin), Some(stored)) = (&pins.archive, &config.stored_image) {
-        let d =
-            digest::file_cached(&pin.fd_path(), digest_cache().as_deref()).map_err(|source| {
-                Error::Digest {
-                    path: pin.path().to_path_buf(),
-                    source,
-                }
-            })?;
-        start["container_image"] = json!({
-            "source": "store",
-            "reference": stored.reference,
-            "digest": stored.digest,
-            "names": stored.names,
-            "disk": {
-                "path": pin.path().display().to_string(),
-                "sha256": d.sha256,
-                "bytes": d.bytes,
-            },
-            "config_applied": config.image_applied,
+        start.container_image = Some(ContainerImage::Store {
+            reference: stored.reference.clone(),
+            digest: stored.digest.clone(),
+            names: stored.names.clone(),
+            disk: hashed(pin)?,
+            config_applied: config.image_applied.clone(),
         });
     }
     let audit = AuditLog::create(&audit_path, config.audit.limits, key)?;
@@ -235,7 +212,7 @@ pub fn run(mut config: RunConfig) -> Result<Exit, Error> {
             format!("{}\n", audit_path.display()),
         );
     }
-    audit.host(kind::RUN_START, start, Durability::Synced);
+    audit.record(&start, Durability::Synced);
     if let Some(why) = audit.failure() {
         return Err(audit::Error::Write(why).into());
     }
@@ -244,17 +221,16 @@ pub fn run(mut config: RunConfig) -> Result<Exit, Error> {
         Ok(ran) => (ran.exit, ran.end, ran.console_log),
         Err(e) => {
             eprintln!("airlock: error: {}", crate::text::report(&e));
-            let end = json!({
-                "how": e.how(),
-                "exit_code": e.exit().code(),
-                "command_status": null,
-                "message": crate::text::report(&e),
-                "durations_ms": { "total": millis(began.elapsed()) },
+            let verdict = Verdict::of_error(&e);
+            let end = verdict.run_end(Durations {
+                total: millis(began.elapsed()),
+                boot: None,
+                command: None,
             });
-            (e.exit(), end, None)
+            (verdict.exit, end, None)
         }
     };
-    let finished = match audit.finish(end.clone()) {
+    let finished = match audit.end(&end) {
         Ok(finished) => Some(finished),
         Err(e) => {
             eprintln!("airlock: error: {}", crate::text::report(&e));
@@ -278,9 +254,9 @@ pub fn run(mut config: RunConfig) -> Result<Exit, Error> {
             "airlock_version": env!("CARGO_PKG_VERSION"),
             "run_id": run_id,
             "exit_code": exit.code(),
-            "how": end["how"],
-            "command_status": end["command_status"],
-            "message": end["message"],
+            "how": end.how,
+            "command_status": end.command_status,
+            "message": end.message,
             "audit_log": {
                 "path": audit_path.display().to_string(),
                 "intact_at_path": placed.is_some(),
@@ -306,7 +282,7 @@ pub fn run(mut config: RunConfig) -> Result<Exit, Error> {
 #[derive(Debug)]
 pub(crate) struct Ran {
     pub(crate) exit: Exit,
-    pub(crate) end: Value,
+    pub(crate) end: RunEnd,
     /// The console log, when it is kept.
     pub(crate) console_log: Option<PathBuf>,
 }
@@ -327,11 +303,6 @@ pub(crate) fn boot(
     if control_path.as_os_str().len() > MAX_SOCKET_PATH {
         return Err(Error::SocketPath(control_path));
     }
-    // Listening before the VM starts: the guest's connection always finds us.
-    let listener = UnixListener::bind(&control_path).map_err(|source| Error::Listen {
-        path: control_path.clone(),
-        source,
-    })?;
     let mut extra_cmdline = boot_cmdline(config, pins.image_mode);
     // The guest has no clock of its own worth trusting: the init sets it
     // from this (files the command writes get real mtimes). Not a secret.
@@ -367,37 +338,32 @@ pub(crate) fn boot(
         dump_memory: config.dump_memory.clone(),
         inherited_fds: pins.fds(),
     };
-    let file_acceptors = file_ports(config, &vm_config.vsock_uds, audit)?;
-    let model_port = model_port(config, &vm_config.vsock_uds, audit)?;
+    let (events_tx, events) = mpsc::channel();
+    // Listening before the VM starts: the guest's connections always find us.
+    let ports = ports::serve(config, &vm_config.vsock_uds, audit, events_tx.clone())?;
     if let Some(mode) = &config.sandbox {
         let ctl = mode.dir.ctl();
         crate::sandbox::server::start(mode, &vm_config.vsock_uds, audit, config.max_output_bytes)
             .map_err(|source| Error::Listen { path: ctl, source })?;
     }
-    let (events_tx, events) = mpsc::channel();
-    let acceptor = {
-        let tx = events_tx.clone();
-        Acceptor::start(listener, move |accepted| {
-            let _ = tx.send(Event::Accepted(accepted));
-        })
-        .map_err(|source| Error::Listen {
-            path: control_path.clone(),
-            source,
-        })?
-    };
     // Installed just before the VM starts: from here on a signal means
     // "stop the VM and clean up", not "die at once".
     let stop = StopSignal::install().map_err(Error::Signals)?;
     let started = Instant::now();
     let mut vm = selection.engine.spawn(&vm_config)?;
-    let processes: Vec<Value> = vm
+    let processes = vm
         .processes()
         .into_iter()
-        .map(|(name, pid)| json!({ "name": name, "pid": pid }))
+        .map(|(name, pid)| VmProcess {
+            name: name.to_owned(),
+            pid,
+        })
         .collect();
-    audit.host(
-        kind::VM_START,
-        json!({ "engine": selection.engine.name(), "processes": processes }),
+    audit.record(
+        &VmStart {
+            engine: selection.engine.name(),
+            processes,
+        },
         Durability::Synced,
     );
     let mut deadlines = Deadlines::from_start(started, config.timeout);
@@ -418,20 +384,18 @@ pub(crate) fn boot(
         .map_err(Error::Supervise);
     // Whatever happened, nothing of the VM outlives this point.
     let killed = vm.kill();
-    drop(acceptor);
-    // Waits for a file stream still in progress: the VM is gone, so it ends.
-    drop(file_acceptors);
-    // Calls still in progress end; `model.summary` is written.
-    drop(model_port);
-    audit.host(
-        kind::VM_EXIT,
-        vm_exit_fields(end.as_ref().ok(), killed.as_ref().ok()),
-        Durability::Synced,
-    );
-    let end = end?;
+    // Stops accepting; waits for a file stream still in progress (the VM
+    // is gone, so it ends); model calls still in progress end and
+    // `model.summary` is written.
+    drop(ports);
+    let verdict = match &end {
+        Ok(end) => judge(end, config.timeout),
+        Err(e) => Verdict::of_error(e),
+    };
+    audit.record(&verdict.vm_exit(killed.as_ref().ok()), Durability::Synced);
+    end?;
     killed.map_err(Error::Supervise)?;
 
-    let verdict = judge(&end, config.timeout);
     if let Some(line) = &verdict.message {
         eprintln!("airlock: {line}");
     }
@@ -450,16 +414,10 @@ pub(crate) fn boot(
     }
     let since =
         |from: Instant, to: Option<Instant>| to.map(|t| millis(t.saturating_duration_since(from)));
-    let end = json!({
-        "how": how(&end),
-        "exit_code": verdict.exit.code(),
-        "command_status": command_status(&end).map(session::status_fields),
-        "message": verdict.message,
-        "durations_ms": {
-            "total": millis(began.elapsed()),
-            "boot": since(started, timings.hello),
-            "command": timings.hello.and_then(|hello| since(hello, timings.exited)),
-        },
+    let end = verdict.run_end(Durations {
+        total: millis(began.elapsed()),
+        boot: since(started, timings.hello),
+        command: timings.hello.and_then(|hello| since(hello, timings.exited)),
     });
     Ok(Ran {
         exit: verdict.exit,

@@ -1,34 +1,90 @@
-//! The guest-initiated vsock ports a run serves besides control: the
-//! file ports (1025 in, 1026 out) and the model port (1027).
+//! The vsock ports a run serves, handed to the one port server
+//! ([`crate::door::ports`]): control (1024, to the supervisor), the file
+//! ports (1025 in, 1026 out) when the run has them, and the model port
+//! (1027), always.
 
 use std::io::{self, BufReader};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::mpsc::Sender;
 use std::time::Instant;
 
-use airlock_protocol::{FILES_IN_PORT, FILES_OUT_PORT};
-use serde_json::{json, Value};
+use airlock_protocol::{CONTROL_PORT, FILES_IN_PORT, FILES_OUT_PORT};
 
-use crate::audit::{kind, AuditLog, Durability};
-use crate::control::{self, Accepted, Acceptor};
+use crate::audit::records::{Direction, FilesDone, PortFailed, Unrecorded};
+use crate::audit::{AuditLog, Durability};
+use crate::door::ports::{Accepted, Port, PortServer};
 use crate::engine;
 
 use super::*;
 
-/// Listens on the file ports this run serves (`--workspace`: 1025,
-/// `--out`: 1026). Each accepts one connection, served in its accept thread
-/// (so dropping the acceptor waits for the stream to end); later ones are
-/// refused like the control port's.
+/// The ports of a run, served. Dropping it stops accepting, waits for a
+/// file stream still in progress (the VM is gone by then, so it ends),
+/// then lets the model calls in progress end and writes `model.summary`.
+#[derive(Debug)]
+pub(crate) struct Ports {
+    server: Option<PortServer>,
+    model: Option<crate::model::ModelPort>,
+}
+
+impl Drop for Ports {
+    fn drop(&mut self) {
+        // In this order: the model's summary counts what the server took.
+        drop(self.server.take());
+        drop(self.model.take());
+    }
+}
+
+/// Listens on every port of the run (before the VM starts, so that the
+/// guest's connections always find us) and serves them; the control
+/// session and what else happens on the control port go to `events`.
+pub(crate) fn serve(
+    config: &RunConfig,
+    vsock_uds: &Path,
+    audit: &AuditLog,
+    events: Sender<Event>,
+) -> Result<Ports, Error> {
+    let control = Port::one(CONTROL_PORT, bind(vsock_uds, CONTROL_PORT)?, move |a| {
+        let _ = events.send(Event::Accepted(a));
+    });
+    let mut ports = vec![control];
+    ports.extend(file_ports(config, vsock_uds, audit)?);
+    let (model_port, model) =
+        crate::model::port(&config.model, vsock_uds, audit).map_err(|source| Error::Listen {
+            path: engine::port_path(vsock_uds, airlock_protocol::MODEL_PORT),
+            source,
+        })?;
+    ports.push(model_port);
+    let server = PortServer::start(ports, audit).map_err(|source| Error::Listen {
+        path: engine::port_path(vsock_uds, CONTROL_PORT),
+        source,
+    })?;
+    Ok(Ports {
+        server: Some(server),
+        model: Some(model),
+    })
+}
+
+/// Binds the socket of `port`.
+fn bind(vsock_uds: &Path, port: u32) -> Result<UnixListener, Error> {
+    let path = engine::port_path(vsock_uds, port);
+    UnixListener::bind(&path).map_err(|source| Error::Listen { path, source })
+}
+
+/// The file ports this run serves (`--workspace`: 1025, `--out`: 1026).
+/// Each serves one connection, on a thread of its own that the port's
+/// handler holds (so stopping the port server waits for the stream to
+/// end).
 pub(crate) fn file_ports(
     config: &RunConfig,
     vsock_uds: &Path,
     audit: &AuditLog,
-) -> Result<Vec<Acceptor>, Error> {
-    let mut acceptors = Vec::new();
+) -> Result<Vec<Port>, Error> {
+    let mut ports = Vec::new();
     if let Some(root) = &config.files.workspace {
         let (root, deny, log) = (root.clone(), config.files.deny.clone(), audit.clone());
-        let serve = move |stream: &UnixStream| match crate::files::send_workspace(
+        let serve = move |stream: &UnixStream| match crate::door::files::send_workspace(
             io::BufWriter::with_capacity(256 * 1024, stream),
             &root,
             &deny,
@@ -41,16 +97,25 @@ pub(crate) fn file_ports(
                         sent.symlinks
                     );
                 }
-                json!({ "direction": "in", "entries": sent.entries, "bytes": sent.bytes,
-                        "denied": sent.denied, "symlinks": sent.symlinks,
-                        "skipped": sent.skipped })
+                FilesDone::In {
+                    direction: Direction::In,
+                    entries: sent.entries,
+                    bytes: sent.bytes,
+                    denied: sent.denied,
+                    symlinks: sent.symlinks,
+                    skipped: sent.skipped,
+                }
             }
             Err(e) => {
                 eprintln!("airlock: error: {}", crate::text::report(&e));
-                json!({ "direction": "in", "error": crate::text::report(&e) })
+                FilesDone::Failed {
+                    direction: Direction::In,
+                    error: crate::text::report(&e),
+                    abandoned: None,
+                }
             }
         };
-        acceptors.push(file_port(FILES_IN_PORT, vsock_uds, audit, serve)?);
+        ports.push(file_port(FILES_IN_PORT, vsock_uds, audit, serve)?);
     }
     if let Some(out) = &config.files.out {
         let (out, max, log) = (out.clone(), config.files.max_out_bytes, audit.clone());
@@ -63,13 +128,13 @@ pub(crate) fn file_ports(
             // Short reads, so that the deadline is seen even if the guest
             // stops sending mid-frame.
             let _ = stream.set_read_timeout(Some(POLL * 10));
-            let policy = crate::files::ResultsPolicy {
+            let policy = crate::door::files::ResultsPolicy {
                 out: &out,
                 max_bytes: max,
                 collect: &collect,
                 deadline: Some(deadline),
             };
-            let result = crate::files::receive_results(
+            let result = crate::door::files::receive_results(
                 BufReader::with_capacity(256 * 1024, stream),
                 &policy,
                 &log,
@@ -94,97 +159,80 @@ pub(crate) fn file_ports(
                             got.unnamed
                         );
                     }
-                    json!({ "direction": "out", "accepted": got.accepted,
-                            "refused": got.refused, "bytes": got.bytes,
-                            "unrecorded": {
-                                "accepted": got.unrecorded_accepted,
-                                "refused": got.unrecorded_refused,
-                                "records_sha256": got.unrecorded_sha256,
-                            },
-                            "dir_mtimes_not_restored": got.dir_times_dropped })
+                    FilesDone::Out {
+                        direction: Direction::Out,
+                        accepted: got.accepted,
+                        refused: got.refused,
+                        bytes: got.bytes,
+                        unrecorded: Unrecorded {
+                            accepted: got.unrecorded_accepted,
+                            refused: got.unrecorded_refused,
+                            records_sha256: got.unrecorded_sha256,
+                        },
+                        dir_mtimes_not_restored: got.dir_times_dropped,
+                    }
                 }
                 Err(e) => {
                     eprintln!(
                         "airlock: refused the rest of the results: {}",
                         crate::text::report(&e)
                     );
-                    json!({ "direction": "out", "error": crate::text::report(&e),
-                            "abandoned": matches!(e, crate::files::Error::Abandoned) })
+                    FilesDone::Failed {
+                        direction: Direction::Out,
+                        error: crate::text::report(&e),
+                        abandoned: Some(matches!(e, crate::door::files::Error::Abandoned)),
+                    }
                 }
             }
         };
-        acceptors.push(file_port(FILES_OUT_PORT, vsock_uds, audit, serve)?);
+        ports.push(file_port(FILES_OUT_PORT, vsock_uds, audit, serve)?);
     }
-    Ok(acceptors)
+    Ok(ports)
 }
 
-/// One file port: its first connection is audited as accepted, served by
-/// `serve` (whose fields make the `files.done` record), later ones are
-/// refused and audited. The first is served on a thread of its own (the
-/// guest holds the results connection open while the command runs), so
-/// that a later connection is refused, audited and named as it comes;
-/// dropping the acceptor still waits for that thread.
+/// One file port: its connection is served by `serve` (whose result is
+/// the `files.done` record) on a thread of its own, so that a later
+/// connection is refused, audited and named as it comes (the guest holds
+/// the results connection open while the command runs); the handler
+/// holds that thread and joins it when the port server drops it.
 pub(crate) fn file_port(
     port: u32,
     vsock_uds: &Path,
     audit: &AuditLog,
-    serve: impl FnOnce(&UnixStream) -> Value + Send + 'static,
-) -> Result<Acceptor, Error> {
-    let path = engine::port_path(vsock_uds, port);
-    let listen_error = |source| Error::Listen {
-        path: path.clone(),
-        source,
-    };
-    let listener = UnixListener::bind(&path).map_err(listen_error)?;
+    serve: impl FnOnce(&UnixStream) -> FilesDone + Send + 'static,
+) -> Result<Port, Error> {
+    let listener = bind(vsock_uds, port)?;
     let audit = audit.clone();
     let mut serve = Some(serve);
-    // Owned by the accept loop's callback: joined when the loop ends.
+    // Owned by the handler: joined when the port server drops it.
     let mut server = JoinOnDrop(None);
-    Acceptor::start(listener, move |accepted| match accepted {
-        Accepted::Session(stream) => {
-            audit.host(
-                kind::CONTROL_ACCEPTED,
-                json!({ "port": port }),
-                Durability::Synced,
-            );
+    Ok(Port::one(port, listener, move |accepted| match accepted {
+        Accepted::Stream(stream) => {
             let (Some(serve), log) = (serve.take(), audit.clone()) else {
                 return;
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("file-port-{port}"))
                 .spawn(move || {
-                    let fields = serve(&stream);
-                    log.host(kind::FILES_DONE, fields, Durability::Synced);
+                    let done = serve(&stream);
+                    log.record(&done, Durability::Synced);
                 });
             match spawned {
                 Ok(handle) => server.hold(handle),
-                Err(e) => audit.host(
-                    kind::CONTROL_FAILED,
-                    json!({ "port": port, "error": e.to_string() }),
+                Err(e) => audit.record(
+                    &PortFailed {
+                        port,
+                        error: e.to_string(),
+                    },
                     Durability::Synced,
                 ),
             }
         }
         Accepted::Refused(n) => {
-            audit.host(
-                kind::CONTROL_REFUSED,
-                json!({ "port": port, "count": n }),
-                Durability::Synced,
-            );
             eprintln!("airlock: refused extra connection {n} to file port {port}");
         }
-        Accepted::Capped => audit.host(
-            kind::CONTROL_CAPPED,
-            json!({ "port": port, "max": control::MAX_CONNECTIONS }),
-            Durability::Synced,
-        ),
-        Accepted::Failed(e) => audit.host(
-            kind::CONTROL_FAILED,
-            json!({ "port": port, "error": e.to_string() }),
-            Durability::Synced,
-        ),
-    })
-    .map_err(listen_error)
+        Accepted::Capped(_) | Accepted::Failed(_) => {}
+    }))
 }
 
 /// Joins its thread when dropped.
@@ -204,17 +252,4 @@ impl Drop for JoinOnDrop {
             let _ = handle.join();
         }
     }
-}
-
-/// Listens on the model port (1027): always, so that an agent without
-/// `--model-upstream` gets an API-shaped refusal rather than no answer.
-pub(crate) fn model_port(
-    config: &RunConfig,
-    vsock_uds: &Path,
-    audit: &AuditLog,
-) -> Result<crate::model::ModelPort, Error> {
-    crate::model::listen(&config.model, vsock_uds, audit).map_err(|source| Error::Listen {
-        path: engine::port_path(vsock_uds, airlock_protocol::MODEL_PORT),
-        source,
-    })
 }

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use airlock_protocol::PROTOCOL_VERSION;
 use ed25519_dalek::SigningKey;
-use serde_json::{json, Value};
+use serde_json::Value;
 
+use crate::audit::records::{AuditKey, Hashed, Host, Init, Policy, RunStart, Spec};
 use crate::audit::{digest, keys};
 use crate::engine::{self, EngineChoice};
 use crate::paths::{self, ImagePaths};
@@ -69,118 +70,131 @@ pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Hashes `pin` (through the digest cache) for the audit log.
+pub(crate) fn hashed(pin: &Pinned) -> Result<Hashed, Error> {
+    let d = digest::file_cached(&pin.fd_path(), digest_cache().as_deref()).map_err(|source| {
+        Error::Digest {
+            path: pin.path().to_path_buf(),
+            source,
+        }
+    })?;
+    Ok(Hashed {
+        path: pin.path().display().to_string(),
+        sha256: d.sha256,
+        bytes: d.bytes,
+    })
+}
+
 /// The `run.start` record: what will boot (with hashes), the policy in
-/// force and the run spec.
-pub(crate) fn run_start_fields(
+/// force and the run spec. The container image, if any, is the caller's.
+pub(crate) fn run_start(
     config: &RunConfig,
     pins: &Pins,
     selection: &engine::Selection,
     run_id: &str,
     key: Option<&SigningKey>,
-) -> Result<Value, Error> {
-    let digest_error = |pin: &Pinned| {
-        let path = pin.path().to_path_buf();
-        move |source| Error::Digest { path, source }
-    };
-    let cache = digest_cache();
-    let kernel = digest::file_cached(&pins.kernel.fd_path(), cache.as_deref())
-        .map_err(digest_error(&pins.kernel))?;
+) -> Result<RunStart, Error> {
+    let kernel = hashed(&pins.kernel)?;
     let root = &pins.root;
-    let (initrd, root, init) = if pins.image_mode {
+    let (initrd, root_image, init) = if pins.image_mode {
         // Image mode: the init is /sbin/init inside the image, which the
         // image's hash covers (140 MB hash in about 0.3 s: simply done).
-        let d =
-            digest::file_cached(&root.fd_path(), cache.as_deref()).map_err(digest_error(root))?;
-        let fields = json!({
-            "path": root.path().display().to_string(),
-            "sha256": d.sha256,
-            "bytes": d.bytes,
-        });
-        let init = json!({
-            "path": "/sbin/init",
-            "sha256": null,
-            "note": "inside the root image; root_image.sha256 covers it",
-        });
-        (Value::Null, fields, init)
-    } else {
-        let initrd = digest::initrd(&root.fd_path()).map_err(digest_error(root))?;
-        let init = match initrd.init {
-            Some((name, d)) => json!({ "path": name, "sha256": d.sha256, "bytes": d.bytes }),
-            None => json!({
-                "path": null,
-                "sha256": null,
-                "note": "no init found in the initrd (not an uncompressed newc cpio archive); \
-                         initrd.sha256 covers it",
-            }),
+        let init = Init {
+            path: Some("/sbin/init".into()),
+            sha256: None,
+            bytes: None,
+            note: Some("inside the root image; root_image.sha256 covers it"),
         };
-        let fields = json!({
-            "path": root.path().display().to_string(),
-            "sha256": initrd.whole.sha256,
-            "bytes": initrd.whole.bytes,
-        });
-        (fields, Value::Null, init)
+        (None, Some(hashed(root)?), init)
+    } else {
+        let initrd = digest::initrd(&root.fd_path()).map_err(|source| Error::Digest {
+            path: root.path().to_path_buf(),
+            source,
+        })?;
+        let init = match initrd.init {
+            Some((name, d)) => Init {
+                path: Some(name),
+                sha256: Some(d.sha256),
+                bytes: Some(d.bytes),
+                note: None,
+            },
+            None => Init {
+                path: None,
+                sha256: None,
+                bytes: None,
+                note: Some(
+                    "no init found in the initrd (not an uncompressed newc cpio archive); \
+                     initrd.sha256 covers it",
+                ),
+            },
+        };
+        let whole = Hashed {
+            path: root.path().display().to_string(),
+            sha256: initrd.whole.sha256,
+            bytes: initrd.whole.bytes,
+        };
+        (Some(whole), None, init)
     };
     let spec = &config.run_spec;
-    let env: serde_json::Map<String, Value> = spec
-        .env
-        .iter()
-        .map(|(name, value)| (name.clone(), Value::String(value.clone())))
-        .collect();
     let uid = fs::metadata("/proc/self")
         .ok()
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m));
-    Ok(json!({
-        "airlock_version": env!("CARGO_PKG_VERSION"),
-        "protocol_version": PROTOCOL_VERSION,
-        "run_id": run_id,
-        "kernel": {
-            "path": pins.kernel.path().display().to_string(),
-            "sha256": kernel.sha256,
-            "bytes": kernel.bytes,
-        },
-        "initrd": initrd,
-        "root_image": root,
-        "init": init,
-        "policy": {
-            "engine": selection.engine.name(),
-            "engine_requested": engine_name(config.engine),
-            "engine_reason": selection.reason,
-            "timeout_s": config.timeout.as_secs(),
-            "boot_deadline_s": config.timeout.min(BOOT_DEADLINE).as_secs(),
-            "max_output_bytes": config.max_output_bytes,
-            "mem_mib": config.mem_mib,
-            "cpus": config.cpus,
-            "network": "none",
-            "extra_cmdline": config.extra_cmdline,
-            "boot_cmdline": boot_cmdline(config, pins.image_mode),
-            "container": pins.image_mode && config.container,
-            "nested_containers": config.nested,
-            "command_user": match &config.user {
+    let boot_words = boot_cmdline(config, pins.image_mode);
+    Ok(RunStart {
+        airlock_version: env!("CARGO_PKG_VERSION"),
+        protocol_version: PROTOCOL_VERSION,
+        run_id: run_id.to_owned(),
+        kernel,
+        initrd,
+        root_image,
+        init,
+        policy: Policy {
+            engine: selection.engine.name(),
+            engine_requested: engine_name(config.engine),
+            engine_reason: selection.reason.clone(),
+            timeout_s: config.timeout.as_secs(),
+            boot_deadline_s: config.timeout.min(BOOT_DEADLINE).as_secs(),
+            max_output_bytes: config.max_output_bytes,
+            mem_mib: config.mem_mib,
+            cpus: config.cpus,
+            network: "none",
+            extra_cmdline: config.extra_cmdline.clone(),
+            container: pins.image_mode && config.container,
+            nested_containers: config.nested,
+            command_user: match &config.user {
                 Some(user) if pins.image_mode && config.container => {
                     format!("container user {user}")
                 }
-                _ => command_user(&boot_cmdline(config, pins.image_mode), pins.image_mode)
-                    .to_owned(),
+                _ => command_user(&boot_words, pins.image_mode).to_owned(),
             },
-            "collect": config.files.collect,
-            "audit_max_guest_records": config.audit.limits.max_guest_records,
-            "audit_max_guest_bytes": config.audit.limits.max_guest_bytes,
-            "model": config.model.fields(),
+            boot_cmdline: boot_words,
+            collect: config.files.collect.clone(),
+            audit_max_guest_records: config.audit.limits.max_guest_records,
+            audit_max_guest_bytes: config.audit.limits.max_guest_bytes,
+            model: config.model.fields(),
         },
-        "spec": {
-            "argv": spec.argv,
-            "env": env,
-            "env_note": "the --env names and values as given: user input, never a secret \
-                         (airlock passes nothing else of its environment into the sandbox)",
-            "cwd": spec.cwd,
-            "stdin": spec.stdin,
-            "timeout_ms": spec.timeout_ms,
+        spec: Spec {
+            argv: spec.argv.clone(),
+            env: spec
+                .env
+                .iter()
+                .map(|(name, value)| (name.clone(), Value::String(value.clone())))
+                .collect(),
+            env_note: "the --env names and values as given: user input, never a secret \
+                       (airlock passes nothing else of its environment into the sandbox)",
+            cwd: spec.cwd.clone(),
+            stdin: spec.stdin,
+            timeout_ms: spec.timeout_ms,
         },
-        "audit": {
-            "public_key": key.map(|k| keys::public_hex(&k.verifying_key())),
+        audit: AuditKey {
+            public_key: key.map(|k| keys::public_hex(&k.verifying_key())),
         },
-        "host": { "pid": std::process::id(), "uid": uid },
-    }))
+        host: Host {
+            pid: std::process::id(),
+            uid,
+        },
+        container_image: None,
+    })
 }
 
 /// The engine choice as the user types it.

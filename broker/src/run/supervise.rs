@@ -9,13 +9,10 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use airlock_protocol::CONTROL_PORT;
-use serde_json::json;
-
-use crate::audit::{kind, AuditLog, Durability};
-use crate::control::{self, Accepted};
+use crate::audit::AuditLog;
+use crate::door::ports::Accepted;
+use crate::door::session::{self, EncodedSpec, Outcome, Output, Progress};
 use crate::engine::{ProcessExit, Vm};
-use crate::session::{self, EncodedSpec, Outcome, Output, Progress};
 
 use super::*;
 
@@ -226,7 +223,6 @@ pub(crate) fn supervise(
     timings: &mut Timings,
 ) -> io::Result<End> {
     let audit = &params.audit;
-    let port = CONTROL_PORT;
     let mut session: Option<SessionThread> = None;
     let mut handshaken = false;
     // When the command's exit status arrived.
@@ -239,43 +235,19 @@ pub(crate) fn supervise(
     let mut broken_at: Option<Instant> = None;
     loop {
         match events.recv_timeout(POLL) {
-            Ok(Event::Accepted(Accepted::Session(stream))) => {
-                audit.host(
-                    kind::CONTROL_ACCEPTED,
-                    json!({ "port": port }),
-                    Durability::Synced,
-                );
+            // The port server has audited each of these.
+            Ok(Event::Accepted(Accepted::Stream(stream))) => {
                 session = Some(SessionThread::start(stream, params)?);
             }
-            Ok(Event::Accepted(Accepted::Refused(n))) => {
-                audit.host(
-                    kind::CONTROL_REFUSED,
-                    json!({ "port": port, "count": n }),
-                    Durability::Synced,
-                );
-                eprintln!(
-                    "airlock: guest protocol error: refused connection {n} to the control port \
-                     (one control session per run)"
-                )
-            }
-            Ok(Event::Accepted(Accepted::Capped)) => {
-                audit.host(
-                    kind::CONTROL_CAPPED,
-                    json!({ "port": port, "max": control::MAX_CONNECTIONS }),
-                    Durability::Synced,
-                );
-                eprintln!(
-                    "airlock: guest protocol error: {} connections to the control port; \
-                     no longer accepting any",
-                    control::MAX_CONNECTIONS
-                )
-            }
+            Ok(Event::Accepted(Accepted::Refused(n))) => eprintln!(
+                "airlock: guest protocol error: refused connection {n} to the control port \
+                 (one control session per run)"
+            ),
+            Ok(Event::Accepted(Accepted::Capped(max))) => eprintln!(
+                "airlock: guest protocol error: {max} connections to the control port; \
+                 no longer accepting any"
+            ),
             Ok(Event::Accepted(Accepted::Failed(e))) => {
-                audit.host(
-                    kind::CONTROL_FAILED,
-                    json!({ "port": port, "error": e.to_string() }),
-                    Durability::Synced,
-                );
                 eprintln!("airlock: warning: the control port stopped accepting: {e}")
             }
             Ok(Event::Progress(Progress::SpecSent)) => {}

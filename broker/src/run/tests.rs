@@ -9,22 +9,23 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use airlock_protocol::{ExitStatus, FILES_OUT_PORT};
-use serde_json::json;
 
+use super::ports::file_port;
 use super::*;
+use crate::audit::records::{Direction, FilesDone};
 use crate::audit::AuditLog;
 use crate::cli::run::run_spec;
-use crate::control::Acceptor;
+use crate::door::ports::{Port, PortServer};
+use crate::door::session::{EncodedSpec, Outcome, Stage, Violation};
 use crate::engine::{self, ProcessExit, Vm};
 use crate::exit::Exit;
 use crate::paths::TestDir;
-use crate::session::{EncodedSpec, Outcome, Stage, Violation};
 use airlock_protocol::{read_frame, Message};
 
 /// The guest holds its results connection open while the command runs:
 /// meanwhile a second connection to the port is refused at once (closed
 /// unread) and audited with its port, and the first is served to its end;
-/// dropping the acceptor waits for it.
+/// stopping the port server waits for it.
 #[test]
 fn a_file_port_refuses_a_later_connection_while_serving_the_first() {
     use std::io::Read;
@@ -32,13 +33,18 @@ fn a_file_port_refuses_a_later_connection_while_serving_the_first() {
     let uds = dir.path().join("vsock");
     let (audit, memory) = AuditLog::memory(crate::audit::log::TEST_LIMITS, None);
     let (served, got) = mpsc::channel();
-    let acceptor = file_port(FILES_OUT_PORT, &uds, &audit, move |stream| {
+    let port = file_port(FILES_OUT_PORT, &uds, &audit, move |stream| {
         let mut bytes = Vec::new();
         let _ = (&*stream).read_to_end(&mut bytes);
         let _ = served.send(bytes);
-        json!({ "direction": "out" })
+        FilesDone::Failed {
+            direction: Direction::Out,
+            error: "test".into(),
+            abandoned: None,
+        }
     })
     .expect("listen");
+    let server = PortServer::start(vec![port], &audit).expect("serve");
     let path = engine::port_path(&uds, FILES_OUT_PORT);
     let mut first = UnixStream::connect(&path).expect("first");
     first.write_all(b"real").expect("write");
@@ -73,7 +79,7 @@ fn a_file_port_refuses_a_later_connection_while_serving_the_first() {
         .recv_timeout(Duration::from_secs(10))
         .expect("served to its end");
     assert_eq!(bytes, b"real", "only the first connection's bytes are read");
-    drop(acceptor);
+    drop(server);
     assert!(log().contains("files.done"), "{}", log());
 }
 
@@ -105,13 +111,13 @@ fn a_memory_kill_is_out_of_memory_123() {
     );
     assert_eq!(v.exit.code(), 123);
     assert!(v.message.expect("says why").contains("out of memory"));
-    assert_eq!(
-        how(&session(
-            Outcome::OutOfMemory(ExitStatus::Signaled(9)),
-            None
-        )),
-        "out_of_memory"
+    let v = judge(
+        &session(Outcome::OutOfMemory(ExitStatus::Signaled(9)), None),
+        T,
     );
+    assert_eq!(v.how, "out_of_memory");
+    assert_eq!(v.command_status, Some(ExitStatus::Signaled(9)));
+    assert_eq!(v.stopped_by, "airlock");
 }
 
 #[test]
@@ -123,7 +129,10 @@ fn the_output_limit_stops_the_run_with_125() {
         .message
         .expect("says why")
         .contains("--max-output-bytes (1000 bytes)"));
-    assert_eq!(how(&session(Outcome::OutputLimit(1), None)), "output_limit");
+    assert_eq!(
+        judge(&session(Outcome::OutputLimit(1), None), T).how,
+        "output_limit"
+    );
 }
 
 #[test]
@@ -135,7 +144,11 @@ fn judging_a_completed_command() {
         Verdict {
             exit: Exit::Command(7),
             message: None,
-            diagnostics: false
+            diagnostics: false,
+            how: "exited",
+            command_status: Some(ExitStatus::Exited(7)),
+            stopped_by: "itself",
+            why: "the guest powered off after the command ended".into(),
         }
     );
     let v = judge(&session(Outcome::Exited(ExitStatus::Signaled(9)), clean), T);
@@ -152,6 +165,111 @@ fn judging_a_completed_command() {
     );
     assert_eq!(v.exit, Exit::Command(0));
     assert!(v.diagnostics);
+}
+
+/// One verdict says everything the records need: who stopped the VM and
+/// why (`vm.exit`), and `run.end`'s how, code and status.
+#[test]
+fn the_verdict_fills_vm_exit_and_run_end() {
+    let cases: Vec<(End, &str, &str, &str)> = vec![
+        (
+            session(Outcome::Exited(ExitStatus::Signaled(9)), None),
+            "signaled",
+            "airlock",
+            "the guest did not power off after the command ended",
+        ),
+        (
+            session(
+                Outcome::Broken(Violation::Closed {
+                    stage: Stage::Running,
+                }),
+                Some(ProcessExit::Code(0)),
+            ),
+            "protocol_error",
+            "itself",
+            "it stopped during the control session",
+        ),
+        (
+            session(
+                Outcome::OutputClosed(io::ErrorKind::BrokenPipe.into()),
+                None,
+            ),
+            "interrupted",
+            "airlock",
+            "our output was closed",
+        ),
+        (
+            End::StoppedBeforeConnect(ProcessExit::Signal(11)),
+            "boot_failure",
+            "itself",
+            "it stopped before the guest connected",
+        ),
+        (
+            End::BootTimeout(Duration::from_secs(120)),
+            "boot_failure",
+            "airlock",
+            "the guest did not connect within the boot deadline (120 s)",
+        ),
+        (
+            End::TimedOut { booted: true },
+            "timeout",
+            "airlock",
+            "--timeout passed",
+        ),
+        (
+            End::Interrupted(libc::SIGTERM),
+            "interrupted",
+            "airlock",
+            "airlock got signal 15",
+        ),
+        (
+            End::SessionLost(ProcessExit::Code(1)),
+            "protocol_error",
+            "itself",
+            "it stopped and the control session did not finish",
+        ),
+        (
+            End::AuditFailed("disk full".into()),
+            "audit_failure",
+            "airlock",
+            "the audit log could not be written",
+        ),
+    ];
+    for (end, how, by, why) in cases {
+        let v = judge(&end, T);
+        assert_eq!(
+            (v.how, v.stopped_by, v.why.as_str()),
+            (how, by, why),
+            "{end:?}"
+        );
+        let exit = crate::audit::records::fields(&v.vm_exit(Some(&ProcessExit::Code(0))));
+        assert_eq!(exit["stopped_by"], by);
+        assert_eq!(exit["why"], why);
+        let record = crate::audit::records::fields(&v.run_end(crate::audit::records::Durations {
+            total: 1,
+            boot: None,
+            command: None,
+        }));
+        assert_eq!(record["how"], how);
+        assert_eq!(record["exit_code"], v.exit.code());
+        assert_eq!(record["message"], serde_json::json!(v.message));
+    }
+    let end = judge(
+        &session(
+            Outcome::Exited(ExitStatus::Exited(3)),
+            Some(ProcessExit::Code(0)),
+        ),
+        T,
+    )
+    .run_end(crate::audit::records::Durations {
+        total: 1,
+        boot: Some(1),
+        command: Some(0),
+    });
+    assert_eq!(
+        crate::audit::records::fields(&end)["command_status"],
+        serde_json::json!({ "exited": 3 })
+    );
 }
 
 #[test]
@@ -273,7 +391,7 @@ struct Harness {
     control: PathBuf,
     events: Receiver<Event>,
     params: SessionParams,
-    _acceptor: Acceptor,
+    _ports: PortServer,
 }
 
 impl Harness {
@@ -282,12 +400,13 @@ impl Harness {
         let control = dir.path().join("vsock_1024");
         let listener = UnixListener::bind(&control).expect("bind");
         let (tx, events) = mpsc::channel();
-        let acceptor = {
+        let audit = AuditLog::memory(crate::audit::log::TEST_LIMITS, None).0;
+        let ports = {
             let tx = tx.clone();
-            Acceptor::start(listener, move |a| {
+            let port = Port::one(CONTROL_PORT, listener, move |a| {
                 let _ = tx.send(Event::Accepted(a));
-            })
-            .expect("acceptor")
+            });
+            PortServer::start(vec![port], &audit).expect("port server")
         };
         let spec = run_spec(vec!["true".into()], &[], 1 << 20).expect("spec");
         Harness {
@@ -298,9 +417,9 @@ impl Harness {
                 max_output_bytes: 1 << 20,
                 events: tx,
                 writers: discard,
-                audit: AuditLog::memory(crate::audit::log::TEST_LIMITS, None).0,
+                audit,
             },
-            _acceptor: acceptor,
+            _ports: ports,
             dir,
         }
     }

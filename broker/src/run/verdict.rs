@@ -1,228 +1,120 @@
-//! What an ended run amounts to, for the user and the audit log.
+//! What an ended run amounts to, decided in one place: [`judge`] reads
+//! how the supervision ended ([`End`]) once and says everything that
+//! follows from it: the exit code, the line for the user, whether the
+//! logs help explain it, `run.end`'s `how` and `command_status`, and
+//! `vm.exit`'s who and why. Nothing else interprets an [`End`].
 
 use std::path::Path;
 use std::time::Duration;
 
 use airlock_protocol::ExitStatus;
-use serde_json::{json, Value};
 
+use crate::audit::records::{CommandStatus, Durations, RunEnd, VmExit};
+use crate::door::session::{Outcome, Stage, Violation};
 use crate::engine::{self, ProcessExit, Vm};
 use crate::exit::Exit;
-use crate::session::{Outcome, Stage, Violation};
 
 use super::*;
 
-/// The `vm.exit` record: how the VM process ended, who stopped it and why.
-pub(crate) fn vm_exit_fields(end: Option<&End>, exit: Option<&ProcessExit>) -> Value {
-    let (by, why) = match end {
-        Some(End::Session {
-            outcome,
-            vm: Some(_),
-        }) => (
-            "itself",
-            match outcome {
-                Outcome::Exited(_) | Outcome::OutOfMemory(_) | Outcome::SpawnFailed { .. } => {
-                    "the guest powered off after the command ended".to_owned()
-                }
-                _ => "it stopped during the control session".to_owned(),
-            },
-        ),
-        Some(End::StoppedBeforeConnect(_)) => {
-            ("itself", "it stopped before the guest connected".to_owned())
-        }
-        Some(End::SessionLost(_)) => (
-            "itself",
-            "it stopped and the control session did not finish".to_owned(),
-        ),
-        Some(End::Session { outcome, vm: None }) => (
-            "airlock",
-            match outcome {
-                Outcome::Exited(_) | Outcome::OutOfMemory(_) | Outcome::SpawnFailed { .. } => {
-                    "the guest did not power off after the command ended".to_owned()
-                }
-                Outcome::Broken(_) => "the guest broke the protocol".to_owned(),
-                Outcome::OutputClosed(_) => "our output was closed".to_owned(),
-                Outcome::OutputLimit(_) => "the output limit was reached".to_owned(),
-            },
-        ),
-        Some(End::BootTimeout(limit)) => (
-            "airlock",
-            format!(
-                "the guest did not connect within the boot deadline ({} s)",
-                limit.as_secs()
-            ),
-        ),
-        Some(End::TimedOut { .. }) => ("airlock", "--timeout passed".to_owned()),
-        Some(End::Interrupted(signal)) => ("airlock", format!("airlock got signal {signal}")),
-        Some(End::AuditFailed(_)) => ("airlock", "the audit log could not be written".to_owned()),
-        None => ("airlock", "airlock lost track of the VM".to_owned()),
-    };
-    json!({
-        "status": exit.map(ToString::to_string),
-        "stopped_by": by,
-        "why": why,
-    })
-}
-
-/// The command's status as the guest reported it, if it did.
-pub(crate) fn command_status(end: &End) -> Option<ExitStatus> {
-    match end {
-        End::Session {
-            outcome: Outcome::Exited(status) | Outcome::OutOfMemory(status),
-            ..
-        }
-        | End::Session {
-            outcome:
-                Outcome::SpawnFailed {
-                    status: Some(status),
-                    ..
-                },
-            ..
-        } => Some(*status),
-        _ => None,
-    }
-}
-
-/// How the run ended, as `run.end` says it. Pure.
-pub fn how(end: &End) -> &'static str {
-    match end {
-        End::Session { outcome, vm } => match outcome {
-            Outcome::Exited(ExitStatus::Exited(_)) => "exited",
-            Outcome::Exited(ExitStatus::Signaled(_)) => "signaled",
-            Outcome::SpawnFailed { .. } => "spawn_failed",
-            Outcome::OutputClosed(_) => "interrupted",
-            Outcome::OutputLimit(_) => "output_limit",
-            Outcome::OutOfMemory(_) => "out_of_memory",
-            Outcome::Broken(Violation::Closed {
-                stage: Stage::BeforeHello,
-            }) if vm.is_some() => "boot_failure",
-            Outcome::Broken(_) => "protocol_error",
-        },
-        End::StoppedBeforeConnect(_) | End::BootTimeout(_) => "boot_failure",
-        End::TimedOut { .. } => "timeout",
-        End::Interrupted(_) => "interrupted",
-        End::SessionLost(_) => "protocol_error",
-        End::AuditFailed(_) => "audit_failure",
-    }
-}
-
-/// What a run amounts to: the exit code, the line to print (after
-/// `airlock: `), and whether the console and engine logs help explain it.
+/// What a run amounts to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
     pub exit: Exit,
+    /// The line to print (after `airlock: `), if any.
     pub message: Option<String>,
+    /// Whether the console and engine logs help explain it.
     pub diagnostics: bool,
+    /// `run.end`'s `how`.
+    pub how: &'static str,
+    /// The command's status as the guest reported it, if it did.
+    pub command_status: Option<ExitStatus>,
+    /// Who stopped the VM: `itself` or `airlock`.
+    pub stopped_by: &'static str,
+    /// Why, for `vm.exit`.
+    pub why: String,
 }
 
-pub(crate) fn command_exit(status: ExitStatus) -> Exit {
+impl Verdict {
+    /// The `vm.exit` record, with the VM process's `status` as reaped.
+    pub fn vm_exit(&self, status: Option<&ProcessExit>) -> VmExit {
+        VmExit {
+            status: status.map(ToString::to_string),
+            stopped_by: self.stopped_by,
+            why: self.why.clone(),
+        }
+    }
+
+    /// The `run.end` record.
+    pub fn run_end(&self, durations_ms: Durations) -> RunEnd {
+        RunEnd {
+            how: self.how,
+            exit_code: self.exit.code(),
+            command_status: self.command_status.map(CommandStatus::from),
+            message: self.message.clone(),
+            durations_ms,
+        }
+    }
+
+    /// A run that an error stopped before it could end otherwise (`how`:
+    /// `boot_failure` when the engine could not start, `audit_failure`,
+    /// else `error`).
+    pub fn of_error(e: &Error) -> Verdict {
+        Verdict {
+            exit: e.exit(),
+            message: Some(crate::text::report(e)),
+            diagnostics: false,
+            how: match e {
+                Error::Spawn(_) => "boot_failure",
+                Error::Audit(_) => "audit_failure",
+                _ => "error",
+            },
+            command_status: None,
+            stopped_by: "airlock",
+            why: "airlock lost track of the VM".to_owned(),
+        }
+    }
+}
+
+fn command_exit(status: ExitStatus) -> Exit {
     // exit_code() is 0..=255 or 129..=192 (128 + signal 1..=64).
     u8::try_from(status.exit_code()).map_or(Exit::ProtocolError, Exit::Command)
 }
 
 /// Judges how the run ended. Pure.
 pub fn judge(end: &End, timeout: Duration) -> Verdict {
-    let verdict = |exit, message: String, diagnostics| Verdict {
-        exit,
-        message: Some(message),
-        diagnostics,
-    };
     match end {
-        End::Session { outcome, vm } => match (outcome, vm) {
-            (Outcome::Exited(status), Some(exit)) if exit.success() => Verdict {
-                exit: command_exit(*status),
-                message: None,
-                diagnostics: false,
-            },
-            (Outcome::Exited(status), Some(exit)) => verdict(
-                command_exit(*status),
-                format!("warning: the VM process ended with {exit} after the command ended"),
-                true,
-            ),
-            (Outcome::Exited(status), None) => verdict(
-                command_exit(*status),
-                format!(
-                    "warning: the guest did not power off within {} s after the command ended; \
-                     the VM was stopped",
-                    POWER_OFF_GRACE.as_secs()
-                ),
-                false,
-            ),
-            (Outcome::SpawnFailed { message, status }, _) => verdict(
-                // The init's shell-style code (127 not found, 126 not
-                // executable) when it sent one, else 127.
-                status
-                    .filter(|s| s.exit_code() != 0)
-                    .map_or(Exit::SpawnFailed, command_exit),
-                format!("error: the command could not be started in the sandbox: {message}"),
-                false,
-            ),
-            (Outcome::OutputClosed(e), _) => verdict(
-                Exit::Interrupted(libc::SIGPIPE),
-                format!("our output was closed ({e}); the sandbox was stopped"),
-                false,
-            ),
-            (Outcome::OutOfMemory(status), _) => verdict(
-                Exit::OutOfMemory,
-                format!(
-                    "error: the sandbox ran out of memory: the command was killed ({}) after \
-                     the guest kernel killed processes for memory (raise --mem)",
-                    match status {
-                        ExitStatus::Signaled(sig) => format!("signal {sig}"),
-                        ExitStatus::Exited(code) => format!("exit {code}"),
-                    }
-                ),
-                false,
-            ),
-            (Outcome::OutputLimit(limit), _) => verdict(
-                Exit::OutputLimit,
-                format!(
-                    "error: the command's output reached --max-output-bytes ({limit} bytes); \
-                     the sandbox was stopped"
-                ),
-                false,
-            ),
-            (
-                Outcome::Broken(Violation::Closed {
-                    stage: Stage::BeforeHello,
-                }),
-                Some(exit),
-            ) => verdict(
-                Exit::SandboxFailed,
-                format!(
-                    "error: the sandbox failed: the VM process ended with {exit} \
-                     before the guest's Hello"
-                ),
-                true,
-            ),
-            (Outcome::Broken(violation), vm) => {
-                let mut line = format!("guest protocol error: {}", crate::text::report(violation));
-                if let Some(exit) = vm {
-                    line.push_str(&format!(" (the VM process ended with {exit})"));
-                }
-                verdict(Exit::ProtocolError, line, vm.is_some())
-            }
-        },
-        End::StoppedBeforeConnect(exit) => verdict(
-            Exit::SandboxFailed,
-            format!(
+        End::Session { outcome, vm } => judge_session(outcome, vm.as_ref()),
+        End::StoppedBeforeConnect(exit) => Verdict {
+            exit: Exit::SandboxFailed,
+            message: Some(format!(
                 "error: the sandbox failed: the VM process ended with {exit} \
                  before the guest connected"
-            ),
-            true,
-        ),
-        End::BootTimeout(limit) => verdict(
-            Exit::SandboxFailed,
-            format!(
+            )),
+            diagnostics: true,
+            how: "boot_failure",
+            command_status: None,
+            stopped_by: "itself",
+            why: "it stopped before the guest connected".to_owned(),
+        },
+        End::BootTimeout(limit) => Verdict {
+            exit: Exit::SandboxFailed,
+            message: Some(format!(
                 "error: the sandbox failed: the guest did not connect within {} s \
                  (the boot deadline); the VM was stopped",
                 limit.as_secs()
+            )),
+            diagnostics: true,
+            how: "boot_failure",
+            command_status: None,
+            stopped_by: "airlock",
+            why: format!(
+                "the guest did not connect within the boot deadline ({} s)",
+                limit.as_secs()
             ),
-            true,
-        ),
-        End::TimedOut { booted } => verdict(
-            Exit::Timeout,
-            format!(
+        },
+        End::TimedOut { booted } => Verdict {
+            exit: Exit::Timeout,
+            message: Some(format!(
                 "error: the sandbox ran longer than --timeout {} s and was stopped{}",
                 timeout.as_secs(),
                 if *booted {
@@ -230,10 +122,14 @@ pub fn judge(end: &End, timeout: Duration) -> Verdict {
                 } else {
                     " (the guest had not connected yet)"
                 }
-            ),
+            )),
             // A guest that never connected: the console may say why.
-            !booted,
-        ),
+            diagnostics: !booted,
+            how: "timeout",
+            command_status: None,
+            stopped_by: "airlock",
+            why: "--timeout passed".to_owned(),
+        },
         End::Interrupted(signal) => {
             let name = match *signal {
                 libc::SIGINT => "SIGINT",
@@ -241,26 +137,163 @@ pub fn judge(end: &End, timeout: Duration) -> Verdict {
                 libc::SIGHUP => "SIGHUP",
                 _ => "a signal",
             };
-            verdict(
-                Exit::Interrupted(*signal),
-                format!("interrupted by {name}; the sandbox was stopped"),
-                false,
-            )
+            Verdict {
+                exit: Exit::Interrupted(*signal),
+                message: Some(format!("interrupted by {name}; the sandbox was stopped")),
+                diagnostics: false,
+                how: "interrupted",
+                command_status: None,
+                stopped_by: "airlock",
+                why: format!("airlock got signal {signal}"),
+            }
         }
-        End::SessionLost(exit) => verdict(
-            Exit::ProtocolError,
-            format!(
+        End::SessionLost(exit) => Verdict {
+            exit: Exit::ProtocolError,
+            message: Some(format!(
                 "guest protocol error: the VM process ended with {exit} and the control \
                  session did not finish"
-            ),
-            true,
-        ),
-        End::AuditFailed(why) => verdict(
-            Exit::SandboxFailed,
-            format!("error: the audit log could not be written ({why}); the sandbox was stopped"),
-            false,
-        ),
+            )),
+            diagnostics: true,
+            how: "protocol_error",
+            command_status: None,
+            stopped_by: "itself",
+            why: "it stopped and the control session did not finish".to_owned(),
+        },
+        End::AuditFailed(why) => Verdict {
+            exit: Exit::SandboxFailed,
+            message: Some(format!(
+                "error: the audit log could not be written ({why}); the sandbox was stopped"
+            )),
+            diagnostics: false,
+            how: "audit_failure",
+            command_status: None,
+            stopped_by: "airlock",
+            why: "the audit log could not be written".to_owned(),
+        },
     }
+}
+
+/// The control conversation ended with `outcome`; `vm` is how the VM
+/// process ended if it stopped by itself (`None`: airlock stopped it).
+fn judge_session(outcome: &Outcome, vm: Option<&ProcessExit>) -> Verdict {
+    // Who stopped the VM, and why, follows from whether the command had
+    // ended when it stopped.
+    let command_ended = matches!(
+        outcome,
+        Outcome::Exited(_) | Outcome::OutOfMemory(_) | Outcome::SpawnFailed { .. }
+    );
+    let (stopped_by, why) = match vm {
+        Some(_) if command_ended => ("itself", "the guest powered off after the command ended"),
+        Some(_) => ("itself", "it stopped during the control session"),
+        None if command_ended => (
+            "airlock",
+            "the guest did not power off after the command ended",
+        ),
+        None => (
+            "airlock",
+            match outcome {
+                Outcome::OutputClosed(_) => "our output was closed",
+                Outcome::OutputLimit(_) => "the output limit was reached",
+                _ => "the guest broke the protocol",
+            },
+        ),
+    };
+    let mut verdict = Verdict {
+        exit: Exit::ProtocolError,
+        message: None,
+        diagnostics: false,
+        how: "protocol_error",
+        command_status: None,
+        stopped_by,
+        why: why.to_owned(),
+    };
+    match outcome {
+        Outcome::Exited(status) => {
+            verdict.exit = command_exit(*status);
+            verdict.command_status = Some(*status);
+            verdict.how = match status {
+                ExitStatus::Exited(_) => "exited",
+                ExitStatus::Signaled(_) => "signaled",
+            };
+            match vm {
+                Some(exit) if exit.success() => {}
+                Some(exit) => {
+                    verdict.message = Some(format!(
+                        "warning: the VM process ended with {exit} after the command ended"
+                    ));
+                    verdict.diagnostics = true;
+                }
+                None => {
+                    verdict.message = Some(format!(
+                        "warning: the guest did not power off within {} s after the command \
+                         ended; the VM was stopped",
+                        POWER_OFF_GRACE.as_secs()
+                    ));
+                }
+            }
+        }
+        Outcome::SpawnFailed { message, status } => {
+            // The init's shell-style code (127 not found, 126 not
+            // executable) when it sent one, else 127.
+            verdict.exit = status
+                .filter(|s| s.exit_code() != 0)
+                .map_or(Exit::SpawnFailed, command_exit);
+            verdict.command_status = *status;
+            verdict.how = "spawn_failed";
+            verdict.message = Some(format!(
+                "error: the command could not be started in the sandbox: {message}"
+            ));
+        }
+        Outcome::OutputClosed(e) => {
+            verdict.exit = Exit::Interrupted(libc::SIGPIPE);
+            verdict.how = "interrupted";
+            verdict.message = Some(format!(
+                "our output was closed ({e}); the sandbox was stopped"
+            ));
+        }
+        Outcome::OutOfMemory(status) => {
+            verdict.exit = Exit::OutOfMemory;
+            verdict.command_status = Some(*status);
+            verdict.how = "out_of_memory";
+            verdict.message = Some(format!(
+                "error: the sandbox ran out of memory: the command was killed ({}) after \
+                 the guest kernel killed processes for memory (raise --mem)",
+                match status {
+                    ExitStatus::Signaled(sig) => format!("signal {sig}"),
+                    ExitStatus::Exited(code) => format!("exit {code}"),
+                }
+            ));
+        }
+        Outcome::OutputLimit(limit) => {
+            verdict.exit = Exit::OutputLimit;
+            verdict.how = "output_limit";
+            verdict.message = Some(format!(
+                "error: the command's output reached --max-output-bytes ({limit} bytes); \
+                 the sandbox was stopped"
+            ));
+        }
+        Outcome::Broken(Violation::Closed {
+            stage: Stage::BeforeHello,
+        }) if vm.is_some() => {
+            verdict.exit = Exit::SandboxFailed;
+            verdict.how = "boot_failure";
+            verdict.diagnostics = true;
+            verdict.message = Some(format!(
+                "error: the sandbox failed: the VM process ended with {} before the \
+                 guest's Hello",
+                vm.map(ToString::to_string).unwrap_or_default()
+            ));
+        }
+        Outcome::Broken(violation) => {
+            let mut line = format!("guest protocol error: {}", crate::text::report(violation));
+            if let Some(exit) = vm {
+                line.push_str(&format!(" (the VM process ended with {exit})"));
+            }
+            verdict.message = Some(line);
+            verdict.diagnostics = vm.is_some();
+        }
+    }
+    verdict
 }
 
 /// The lines that explain a failed run: whether the guest kernel panicked,

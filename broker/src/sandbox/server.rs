@@ -39,6 +39,7 @@ use serde_json::{json, Value};
 
 use super::Dir;
 use crate::audit::log::{AuditLog, Durability};
+use crate::audit::records::{Exec, ExecEnd, ExecExit, SandboxReady, SandboxStop};
 
 /// Longest request line.
 pub const MAX_REQUEST: u64 = 1 << 20;
@@ -50,22 +51,6 @@ const READY_PATIENCE: Duration = Duration::from_secs(300);
 const QUIET_PATIENCE: Duration = Duration::from_secs(90);
 /// After SIGKILL to the agent, how long before the VM itself is stopped.
 const KILL_PATIENCE: Duration = Duration::from_secs(10);
-
-/// Audit record kinds of a live sandbox.
-pub mod kind {
-    /// An exec began: `id`, `argv`, `env_names`, `cwd`, `stdin`.
-    pub const EXEC: &str = "sandbox.exec";
-    /// An exec ended, as the host saw it: `id`, `duration_ms`,
-    /// `stdout_bytes`, `stderr_bytes`, and `error` if it broke off.
-    pub const EXEC_END: &str = "sandbox.exec_end";
-    /// The exit status the guest reported for an exec (a guest claim):
-    /// `id`, `status`.
-    pub const EXEC_EXIT: &str = "sandbox.exec_exit";
-    /// The sandbox took its first exec: `boot_ms`.
-    pub const READY: &str = "sandbox.ready";
-    /// A stop began: `why` (`stop`, `idle`), `grace_secs`.
-    pub const STOP: &str = "sandbox.stop";
-}
 
 /// What the supervisor of a live sandbox needs beyond a run's config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -338,9 +323,11 @@ fn wait_ready(shared: &Shared) -> Result<(), String> {
             Ok(ExitStatus::Exited(0)) => {
                 if !shared.ready.swap(true, Ordering::SeqCst) {
                     touch(shared);
-                    shared.audit.host(
-                        kind::READY,
-                        json!({ "boot_ms": u64::try_from(shared.started.elapsed().as_millis()).unwrap_or(u64::MAX) }),
+                    shared.audit.record(
+                        &SandboxReady {
+                            boot_ms: u64::try_from(shared.started.elapsed().as_millis())
+                                .unwrap_or(u64::MAX),
+                        },
                         Durability::Synced,
                     );
                 }
@@ -361,9 +348,11 @@ fn stop(shared: &Shared, why: &str, grace: Duration) {
     if shared.stopping.swap(true, Ordering::SeqCst) {
         return;
     }
-    shared.audit.host(
-        kind::STOP,
-        json!({ "why": why, "grace_secs": grace.as_secs() }),
+    shared.audit.record(
+        &SandboxStop {
+            why,
+            grace_secs: grace.as_secs(),
+        },
         Durability::Synced,
     );
     // In a container: the keeper, as root there, so that processes of
@@ -439,38 +428,42 @@ fn exec(mut client: UnixStream, request: &Value, shared: &Shared) {
     shared.running.fetch_add(1, Ordering::SeqCst);
     touch(shared);
     let began = Instant::now();
-    shared.audit.host(
-        kind::EXEC,
-        json!({
-            "id": id,
-            "argv": spec.argv,
-            "env_names": spec.env.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
-            "cwd": spec.cwd,
-            "stdin": spec.stdin,
-            "user": user,
-        }),
+    shared.audit.record(
+        &Exec {
+            id,
+            argv: &spec.argv,
+            env_names: spec.env.iter().map(|(n, _)| n.as_str()).collect(),
+            cwd: &spec.cwd,
+            stdin: spec.stdin,
+            user: user.as_deref(),
+        },
         Durability::Synced,
     );
     let result = relay(&mut client, &frame, spec.stdin, user.is_some(), shared);
-    let mut end = json!({
-        "id": id,
-        "duration_ms": u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
-    });
+    let mut end = ExecEnd {
+        id,
+        duration_ms: u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+        stdout_bytes: None,
+        stderr_bytes: None,
+        error: None,
+    };
     match result {
         Ok(r) => {
-            end["stdout_bytes"] = json!(r.stdout_bytes);
-            end["stderr_bytes"] = json!(r.stderr_bytes);
+            end.stdout_bytes = Some(r.stdout_bytes);
+            end.stderr_bytes = Some(r.stderr_bytes);
             match r.status {
-                Some(status) => shared.audit.guest_claim(
-                    kind::EXEC_EXIT,
-                    json!({ "id": id, "status": crate::session::status_fields(status) }),
+                Some(status) => shared.audit.claim(
+                    &ExecExit {
+                        id,
+                        status: status.into(),
+                    },
                     Durability::Synced,
                 ),
-                None => end["error"] = json!(r.error.unwrap_or_default()),
+                None => end.error = Some(r.error.unwrap_or_default()),
             }
         }
         Err(e) => {
-            end["error"] = json!(e.to_string());
+            end.error = Some(e.to_string());
             fail(
                 &mut client,
                 ErrorCode::Internal,
@@ -478,7 +471,7 @@ fn exec(mut client: UnixStream, request: &Value, shared: &Shared) {
             );
         }
     }
-    shared.audit.host(kind::EXEC_END, end, Durability::Synced);
+    shared.audit.record(&end, Durability::Synced);
     shared.running.fetch_sub(1, Ordering::SeqCst);
     touch(shared);
 }
@@ -603,6 +596,7 @@ fn relay(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::kind;
     use crate::audit::log::TEST_LIMITS;
 
     /// A fake engine socket playing a guest that runs `script` on the exec
@@ -702,7 +696,14 @@ mod tests {
         );
         let records = kinds(&memory);
         let kinds: Vec<&str> = records.iter().filter_map(|r| r["kind"].as_str()).collect();
-        assert_eq!(kinds, [kind::EXEC, kind::EXEC_EXIT, kind::EXEC_END]);
+        assert_eq!(
+            kinds,
+            [
+                kind::SANDBOX_EXEC,
+                kind::SANDBOX_EXEC_EXIT,
+                kind::SANDBOX_EXEC_END
+            ]
+        );
         assert_eq!(records[0]["fields"]["env_names"], json!(["A"]));
         assert_eq!(records[1]["source"], "guest");
         assert_eq!(records[1]["fields"]["status"], json!({"exited": 3}));
@@ -735,7 +736,7 @@ mod tests {
         let records = kinds(&memory);
         let end = records
             .iter()
-            .find(|r| r["kind"] == kind::EXEC_END)
+            .find(|r| r["kind"] == kind::SANDBOX_EXEC_END)
             .expect("end");
         assert!(
             end["fields"]["error"]
@@ -743,7 +744,7 @@ mod tests {
                 .is_some_and(|e| e.contains("protocol")),
             "{end}"
         );
-        assert!(records.iter().all(|r| r["kind"] != kind::EXEC_EXIT));
+        assert!(records.iter().all(|r| r["kind"] != kind::SANDBOX_EXEC_EXIT));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -775,7 +776,7 @@ mod tests {
         );
         assert!(!seen.iter().any(|m| matches!(m, Message::Exit(_))));
         let records = kinds(&memory);
-        assert!(records.iter().all(|r| r["kind"] != kind::EXEC_EXIT));
+        assert!(records.iter().all(|r| r["kind"] != kind::SANDBOX_EXEC_EXIT));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

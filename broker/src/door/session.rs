@@ -26,9 +26,9 @@ use airlock_protocol::{
     capability, encode, read_frame, EncodeError, ErrorCode, ExitStatus, FrameError, Message,
     RunSpec, PROTOCOL_VERSION,
 };
-use serde_json::{json, Value};
 
-use crate::audit::{kind, AuditLog, Durability};
+use crate::audit::records::{CommandExit, OutputLimit, ProtocolError, SessionHello, SpawnFailed};
+use crate::audit::{AuditLog, Durability};
 
 /// What the run supervisor hears while the conversation goes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,14 +280,6 @@ impl EncodedSpec {
     }
 }
 
-/// An exit status as audit fields: `{"exited": N}` or `{"signal": N}`.
-pub fn status_fields(status: ExitStatus) -> Value {
-    match status {
-        ExitStatus::Exited(code) => json!({ "exited": code }),
-        ExitStatus::Signaled(signal) => json!({ "signal": signal }),
-    }
-}
-
 /// Runs the conversation: reads frames from `reader`, answers on `writer`,
 /// forwards output to `output`, tells `progress` what happened so far,
 /// records what the guest says and does in `audit`, and returns at the end
@@ -303,9 +295,10 @@ pub fn serve<R: Read, W: Write, O: Write, E: Write>(
     let outcome = converse(reader, writer, spec, output, progress, audit);
     audit.set_output(output.forwarded, output.discarded);
     if let Outcome::Broken(violation) = &outcome {
-        audit.host(
-            kind::PROTOCOL_ERROR,
-            json!({ "reason": crate::text::report(violation) }),
+        audit.record(
+            &ProtocolError {
+                reason: crate::text::report(violation),
+            },
             Durability::Synced,
         );
     }
@@ -326,9 +319,11 @@ fn converse<R: Read, W: Write, O: Write, E: Write>(
             version,
             capabilities,
         }) => {
-            audit.host(
-                kind::SESSION_HELLO,
-                json!({ "version": version, "capabilities": capabilities }),
+            audit.record(
+                &SessionHello {
+                    version,
+                    capabilities: &capabilities,
+                },
                 Durability::Buffered,
             );
             (version, capabilities)
@@ -428,25 +423,20 @@ fn converse<R: Read, W: Write, O: Write, E: Write>(
             return Outcome::OutputClosed(e);
         }
         if !cut_before && output.discarded > 0 {
-            audit.host(
-                kind::POLICY_OUTPUT_LIMIT,
-                json!({
-                    "limit_bytes": output.limit,
-                    "stream": match stream {
+            audit.record(
+                &OutputLimit {
+                    limit_bytes: output.limit,
+                    stream: match stream {
                         Stream::Stdout => "stdout",
                         Stream::Stderr => "stderr",
                     },
-                }),
+                },
                 Durability::Synced,
             );
             return Outcome::OutputLimit(output.limit);
         }
     };
-    audit.guest_claim(
-        kind::COMMAND_EXIT,
-        status_fields(status),
-        Durability::Buffered,
-    );
+    audit.claim(&CommandExit(status.into()), Durability::Buffered);
     progress(Progress::Exited(status));
     let ended = if oom && killed(status) {
         Outcome::OutOfMemory(status)
@@ -479,11 +469,7 @@ fn spawn_failed<R: Read>(
     progress: &mut dyn FnMut(Progress),
     audit: &AuditLog,
 ) -> Outcome {
-    audit.guest_claim(
-        kind::COMMAND_SPAWN_FAILED,
-        json!({ "message": message }),
-        Durability::Buffered,
-    );
+    audit.claim(&SpawnFailed { message }, Durability::Buffered);
     let message = crate::text::sanitize(message.as_bytes());
     let status = match read_frame(&mut *reader) {
         Ok(Message::Exit(status)) => status,
@@ -496,11 +482,7 @@ fn spawn_failed<R: Read>(
         }
         Err(e) => return read_failed(e, Stage::Running),
     };
-    audit.guest_claim(
-        kind::COMMAND_EXIT,
-        status_fields(status),
-        Durability::Buffered,
-    );
+    audit.claim(&CommandExit(status.into()), Durability::Buffered);
     progress(Progress::Exited(status));
     match after_exit(reader) {
         Some(violation) => Outcome::Broken(violation),
@@ -545,6 +527,7 @@ mod tests {
     use crate::audit::log::{Memory, TEST_LIMITS};
     use crate::audit::record::{Record, Source};
     use airlock_protocol::{decode_body, limits::MAX_FRAME_BODY, write_frame};
+    use serde_json::json;
     use std::io::Cursor;
     use std::os::unix::net::UnixStream;
     use std::thread;

@@ -38,10 +38,10 @@ use airlock_protocol::limits::{FILE_MODE_MASK, MAX_FILE_CHUNK, MAX_FILE_PATH};
 use airlock_protocol::{
     check_file_path, read_frame, write_frame, FileEntry, FileKind, FrameError, Message,
 };
-use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::audit::{kind, AuditLog, Durability};
+use crate::audit::records::{self, FileIn, FileOut};
+use crate::audit::{AuditLog, Durability};
 
 /// Names never sent from a workspace, matched against each path
 /// component's name.
@@ -324,9 +324,12 @@ fn send_file<W: Write>(
     write_frame(&mut *w, &Message::FileEnd { sha256 }).map_err(Error::Send)?;
     sent.entries += 1;
     sent.bytes += size;
-    audit.host(
-        kind::FILE_IN,
-        json!({ "path": rel_path, "size": size, "sha256": hex(&sha256) }),
+    audit.record(
+        &FileIn {
+            path: &rel_path,
+            size,
+            sha256: hex(&sha256),
+        },
         Durability::Buffered,
     );
     Ok(())
@@ -697,14 +700,14 @@ struct Tally<'a> {
 }
 
 impl Tally<'_> {
-    fn record(&mut self, fields: serde_json::Value, accepted: bool) {
-        let text = fields.to_string();
+    fn record(&mut self, record: &FileOut<'_>) {
+        let accepted = record.accepted;
+        let text = records::fields(record).to_string();
         let size = text.len() as u64;
         if self.records < MAX_FILE_RECORDS && self.record_bytes + size <= MAX_FILE_RECORD_BYTES {
             self.records += 1;
             self.record_bytes += size;
-            self.audit
-                .host(kind::FILE_OUT, fields, Durability::Buffered);
+            self.audit.record(record, Durability::Buffered);
             return;
         }
         if accepted {
@@ -725,20 +728,25 @@ impl Tally<'_> {
         } else {
             self.got.unnamed += 1;
         }
-        self.record(
-            json!({ "path": path, "size": size, "sha256": sha, "accepted": false,
-                    "reason": why }),
-            false,
-        );
+        self.record(&FileOut {
+            path,
+            size,
+            sha256: sha,
+            accepted: false,
+            reason: Some(why),
+        });
     }
 
     fn accept(&mut self, path: &str, size: u64, sha: String) {
         self.got.accepted += 1;
         self.got.bytes += size;
-        self.record(
-            json!({ "path": path, "size": size, "sha256": sha, "accepted": true }),
-            true,
-        );
+        self.record(&FileOut {
+            path,
+            size: Some(size),
+            sha256: Some(sha),
+            accepted: true,
+            reason: None,
+        });
     }
 
     fn finish(mut self) -> Received {
@@ -1023,6 +1031,7 @@ fn finish_file(mut cur: Current, sha256: &[u8; 32]) -> Finished {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::kind;
     use crate::audit::log::TEST_LIMITS;
     use crate::paths::TestDir;
     use airlock_protocol::encode;
