@@ -164,7 +164,7 @@ fn an_unreadable_workspace_file_is_a_usage_error_before_any_vm() {
 /// forged one (audited, named on stderr) without reading a byte of it, and
 /// the command's real result still arrives. (Hostile files on the real
 /// stream are refused file by file: the broker's unit tests in
-/// broker/src/files.rs.)
+/// broker/src/door/files.rs.)
 #[test]
 fn tcg_hostile_results_are_refused_and_nothing_escapes_out() {
     let dir = scratch("files-hostile");
