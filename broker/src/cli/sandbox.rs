@@ -1,32 +1,27 @@
 //! The lifecycle commands: `create`, `exec`, `ls`, `inspect`, `stop`,
-//! `rm`, `logs`. They find a sandbox by its directory ([`super::Dir`])
-//! and talk to its supervisor over its control socket
-//! ([`super::server`]).
+//! `rm`, `logs`: the command line over [`crate::sandbox::lifecycle`],
+//! which does the work; here the arguments are checked and what happened
+//! is printed. `create --supervise` (internal) is the supervisor itself.
 
 use std::fs;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::process::Command;
+use std::time::{Duration, SystemTime};
 
-use airlock_protocol::limits::MAX_CHUNK;
-use airlock_protocol::{read_frame, write_frame, ErrorCode, Message};
 use serde_json::{json, Value};
 
 use crate::cli::{CreateArgs, ExecArgs, ListFormat, LogsArgs, LsArgs, NameArg, RmArgs, StopArgs};
 use crate::exit::Exit;
-use crate::sandbox::server::{self, Mode};
+use crate::sandbox::lifecycle::{self, NotStarted};
+use crate::sandbox::server::Mode;
 use crate::sandbox::{
-    private_dir, root, valid_name, write_json, Dir, KEEPER, KEEPER_BARE, MAX_LABEL, MAX_LABELS,
+    valid_name, write_json, Dir, ExecEnd, ExecSpec, Sandbox, State, KEEPER, KEEPER_BARE, MAX_LABEL,
+    MAX_LABELS,
 };
 
 /// The variable that names the sandbox to the supervisor.
 const NAME_ENV: &str = "AIRLOCK_SANDBOX_NAME";
-/// How long `create` waits for the supervisor's control socket.
-const SOCKET_PATIENCE: Duration = Duration::from_secs(120);
 
 fn usage(message: impl std::fmt::Display) -> Exit {
     eprintln!("airlock: error: {message}");
@@ -38,49 +33,19 @@ fn failed(message: impl std::fmt::Display) -> Exit {
     Exit::SandboxFailed
 }
 
+/// A lifecycle error, said, as its exit code.
+fn fail(e: &lifecycle::Error) -> Exit {
+    eprintln!("airlock: error: {e}");
+    match e {
+        lifecycle::Error::Usage(_) => Exit::Usage,
+        _ => Exit::SandboxFailed,
+    }
+}
+
 fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// The sandbox named `name`, which must exist.
-fn existing(name: &str) -> Result<Dir, Exit> {
-    if !valid_name(name) {
-        return Err(usage(format!(
-            "'{}' is not a sandbox name ([a-zA-Z0-9][a-zA-Z0-9_.-]{{0,62}})",
-            crate::text::sanitize(name.as_bytes())
-        )));
-    }
-    let dir = Dir::of(name);
-    if !dir.exists() {
-        return Err(usage(format!(
-            "no sandbox named {name} (see `airlock ls --all`)"
-        )));
-    }
-    Ok(dir)
-}
-
-/// A request to the supervisor, and its one-line JSON answer.
-fn ask(dir: &Dir, request: &Value, patience: Duration) -> io::Result<Value> {
-    let mut stream = UnixStream::connect(dir.ctl())?;
-    stream.set_read_timeout(Some(patience))?;
-    stream.write_all(format!("{request}\n").as_bytes())?;
-    let mut line = Vec::new();
-    BufReader::new((&stream).take(server::MAX_REQUEST)).read_until(b'\n', &mut line)?;
-    serde_json::from_slice(&line).map_err(io::Error::other)
-}
-
-/// Waits until the supervisor has gone (its lock is free), at most `limit`.
-fn wait_gone(dir: &Dir, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while dir.supervisor().is_some() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    true
 }
 
 /// `airlock create`.
@@ -130,23 +95,6 @@ pub fn create(args: CreateArgs) -> Exit {
         eprintln!("airlock: error: {}", crate::text::report(&e));
         return e.exit();
     }
-    let base = root();
-    if let Err(e) = private_dir(&base) {
-        return failed(format!("cannot make {}: {e}", base.display()));
-    }
-    let dir = Dir::of(&name);
-    match fs::DirBuilder::new().mode(0o700).create(&dir.path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            let state = if dir.supervisor().is_some() {
-                "running"
-            } else {
-                "stopped: `airlock rm` it first"
-            };
-            return usage(format!("a sandbox named {name} already exists ({state})"));
-        }
-        Err(e) => return failed(format!("cannot make {}: {e}", dir.path.display())),
-    }
     let workspace_cwd = args.run.workspace.is_some() || args.run.out.is_some();
     // The image it boots from (a stored image by digest: `image rm` will
     // not take it away while the sandbox runs), and where execs start:
@@ -163,7 +111,6 @@ pub fn create(args: CreateArgs) -> Exit {
                 image = json!({"file": std::path::absolute(&p).unwrap_or(p)});
             }
             Err(e) => {
-                let _ = fs::remove_dir_all(&dir.path);
                 eprintln!("airlock: error: {e}");
                 return e.exit();
             }
@@ -190,97 +137,24 @@ pub fn create(args: CreateArgs) -> Exit {
         "workspace": args.run.workspace.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
         "out": args.run.out.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
     });
-    if let Err(e) = write_json(&dir.config(), &config) {
-        let _ = fs::remove_dir_all(&dir.path);
-        return failed(format!("cannot write {}: {e}", dir.config().display()));
-    }
-    let log = match fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(dir.log())
-    {
-        Ok(f) => f,
-        Err(e) => return failed(format!("cannot open {}: {e}", dir.log().display())),
-    };
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(e) => return failed(format!("cannot find airlock's own binary: {e}")),
     };
+    // The supervisor is this same command line, with --supervise.
     let mut original: Vec<std::ffi::OsString> = std::env::args_os()
         .skip_while(|a| a != "create")
         .skip(1)
         .collect();
     original.insert(0, "--supervise".into());
     original.insert(0, "create".into());
-    let mut command = Command::new(exe);
-    command
-        .args(&original)
-        .env(NAME_ENV, &name)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_or_else(|_| Stdio::null(), Stdio::from))
-        .stderr(Stdio::from(log));
-    // SAFETY: setsid(2) is async-signal-safe and touches no memory of ours;
-    // in the child it makes the supervisor its own session, so the
-    // terminal's signals (Ctrl-C) do not reach it.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = match command.spawn() {
-        Ok(child) => child,
-        Err(e) => return failed(format!("cannot start the supervisor: {e}")),
-    };
-    // Its control socket, then an exec that succeeds.
-    let deadline = Instant::now() + SOCKET_PATIENCE;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            // Its own errors (usage: exit 2) are airlock's lines in its log.
-            let usage_error = status.code() == Some(i32::from(Exit::Usage.code()));
-            if usage_error {
-                // Its own lines: `airlock: error: ...`, as `run` prints them.
-                if let Ok(text) = fs::read(dir.log()) {
-                    for line in text.split(|b| *b == b'\n') {
-                        if line.starts_with(b"airlock: error: ") {
-                            eprintln!("{}", crate::text::sanitize(line));
-                        }
-                    }
-                }
-            } else {
-                eprintln!("airlock: error: the sandbox {name} did not start ({status}); its log:");
-                print_tail(&dir.log(), 20);
-            }
-            give_up(&dir);
-            return if usage_error {
-                Exit::Usage
-            } else {
-                Exit::SandboxFailed
-            };
-        }
-        if UnixStream::connect(dir.ctl()).is_ok() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            print_tail(&dir.log(), 20);
-            give_up(&dir);
-            return failed(format!(
-                "the sandbox {name} did not start within {} s",
-                SOCKET_PATIENCE.as_secs()
-            ));
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    let why = match ask(&dir, &json!({"op": "ready"}), Duration::from_secs(600)) {
-        Ok(answer) if answer["ok"] == true => {
+    let mut supervisor = Command::new(exe);
+    supervisor.args(&original).env(NAME_ENV, &name);
+    match Sandbox::create(&name, &config, supervisor) {
+        Ok(sandbox) => {
             // What airlock said while it booted (the engine, warnings):
             // nothing of the guest's has run yet.
-            if let Ok(text) = fs::read(dir.log()) {
+            if let Ok(text) = fs::read(sandbox.dir().log()) {
                 for line in text.split(|b| *b == b'\n') {
                     if line.starts_with(b"airlock: ") {
                         eprintln!("{}", crate::text::sanitize(line));
@@ -288,30 +162,38 @@ pub fn create(args: CreateArgs) -> Exit {
                 }
             }
             println!("{name}");
-            return Exit::Success;
+            Exit::Success
         }
-        Ok(answer) => answer["error"]
-            .as_str()
-            .unwrap_or("no reason given")
-            .to_owned(),
-        Err(e) => format!("no answer: {e}"),
-    };
-    eprintln!("airlock: error: the sandbox {name} did not become ready: {why}; its log:");
-    let _ = stop_dir(&dir, Duration::ZERO);
-    let _ = child.wait();
-    print_tail(&dir.log(), 20);
-    give_up(&dir);
-    Exit::SandboxFailed
-}
-
-/// A sandbox that never became ready leaves nothing behind but its audit
-/// log (named here): its name is free again.
-fn give_up(dir: &Dir) {
-    if let Ok(path) = fs::read_to_string(dir.path.join("audit.path")) {
-        eprintln!("airlock: audit log: {}", path.trim());
-    }
-    if dir.supervisor().is_none() {
-        let _ = fs::remove_dir_all(&dir.path);
+        Err(lifecycle::Error::NotStarted {
+            how,
+            log,
+            audit_log,
+        }) => {
+            let usage_error = matches!(
+                &how,
+                NotStarted::Exited(status) if status.code() == Some(i32::from(Exit::Usage.code()))
+            );
+            if usage_error {
+                // Its own lines: `airlock: error: ...`, as `run` prints them.
+                for line in log.split(|b| *b == b'\n') {
+                    if line.starts_with(b"airlock: error: ") {
+                        eprintln!("{}", crate::text::sanitize(line));
+                    }
+                }
+            } else {
+                eprintln!("airlock: error: the sandbox {name} did not start: {how}; its log:");
+                print_tail(&log, 20);
+            }
+            if let Some(path) = audit_log {
+                eprintln!("airlock: audit log: {path}");
+            }
+            if usage_error {
+                Exit::Usage
+            } else {
+                Exit::SandboxFailed
+            }
+        }
+        Err(e) => fail(&e),
     }
 }
 
@@ -382,25 +264,21 @@ fn supervise(args: CreateArgs) -> Exit {
 
 /// `airlock exec`.
 pub fn exec(args: ExecArgs) -> Exit {
-    let dir = match existing(&args.name) {
-        Ok(dir) => dir,
-        Err(exit) => return exit,
+    let sandbox = match Sandbox::open(&args.name) {
+        Ok(sandbox) => sandbox,
+        Err(e) => return fail(&e),
     };
-    if dir.supervisor().is_none() {
-        return usage(format!("the sandbox {} is not running", args.name));
-    }
     let mut env = Vec::new();
     for arg in &args.env {
         match super::run::parse_env(arg) {
-            Ok(pair) => env.push(json!([pair.0, pair.1])),
+            Ok(pair) => env.push(pair),
             Err(e) => return usage(crate::text::report(&e)),
         }
     }
-    let config = Dir::read_json(&dir.config()).unwrap_or_default();
     let cwd = args
         .workdir
         .clone()
-        .unwrap_or_else(|| config["cwd"].as_str().unwrap_or("/").to_owned());
+        .unwrap_or_else(|| sandbox.config()["cwd"].as_str().unwrap_or("/").to_owned());
     if let Some(user) = &args.user {
         if let Err(e) = airlock_protocol::check_exec_user(user) {
             return usage(format!("-u: {e}"));
@@ -409,121 +287,42 @@ pub fn exec(args: ExecArgs) -> Exit {
     if !cwd.starts_with('/') {
         return usage(format!("-w {cwd}: the working directory must be absolute"));
     }
-    let request = json!({
-        "op": "exec",
-        "argv": args.command,
-        "env": env,
-        "cwd": cwd,
-        "stdin": args.interactive,
-        "user": args.user,
-    });
-    let mut stream = match UnixStream::connect(dir.ctl()) {
-        Ok(s) => s,
-        Err(e) => return failed(format!("the sandbox {} does not answer: {e}", args.name)),
+    let spec = ExecSpec {
+        argv: args.command.clone(),
+        env,
+        cwd,
+        user: args.user.clone(),
     };
-    if let Err(e) = stream.write_all(format!("{request}\n").as_bytes()) {
-        return failed(format!("the sandbox {} does not answer: {e}", args.name));
-    }
-    if args.interactive {
-        let Ok(mut to) = stream.try_clone() else {
-            return failed("cannot forward stdin");
-        };
-        thread::spawn(move || {
-            let mut stdin = io::stdin().lock();
-            let mut buf = vec![0u8; MAX_CHUNK];
-            loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => {
-                        let _ = write_frame(&mut to, &Message::StdinEnd);
-                        return;
-                    }
-                    Ok(n) => {
-                        if write_frame(&mut to, &Message::Stdin(buf[..n].to_vec())).is_err() {
-                            return;
-                        }
-                    }
-                }
+    let stdin: Option<Box<dyn Read + Send>> = if args.interactive {
+        Some(Box::new(io::stdin()))
+    } else {
+        None
+    };
+    let ended = sandbox.exec(
+        &spec,
+        stdin,
+        &mut io::stdout().lock(),
+        &mut io::stderr(),
+        &mut |message| {
+            eprintln!(
+                "airlock: exec: {}",
+                crate::text::sanitize(message.as_bytes())
+            )
+        },
+    );
+    match ended {
+        Ok(ExecEnd::Exited {
+            status,
+            spawn_failed,
+        }) => {
+            if spawn_failed && status.exit_code() == 127 {
+                return Exit::SpawnFailed;
             }
-        });
-    }
-    let mut stdout = io::stdout().lock();
-    let mut stderr = io::stderr();
-    let mut spawn_failed = false;
-    loop {
-        match read_frame(&mut stream) {
-            Ok(Message::Stdout(data)) => {
-                if stdout
-                    .write_all(&data)
-                    .and_then(|()| stdout.flush())
-                    .is_err()
-                {
-                    return Exit::Interrupted(libc::SIGPIPE);
-                }
-            }
-            Ok(Message::Stderr(data)) => {
-                let _ = stderr.write_all(&data);
-            }
-            Ok(Message::Error { code, message }) => {
-                eprintln!(
-                    "airlock: exec: {}",
-                    crate::text::sanitize(message.as_bytes())
-                );
-                if code == ErrorCode::SpawnFailed {
-                    spawn_failed = true;
-                }
-            }
-            Ok(Message::Exit(status)) => {
-                if spawn_failed && status.exit_code() == 127 {
-                    return Exit::SpawnFailed;
-                }
-                return u8::try_from(status.exit_code()).map_or(Exit::ProtocolError, Exit::Command);
-            }
-            Ok(other) => return failed(format!("unexpected {} from the supervisor", other.kind())),
-            Err(e) => {
-                return failed(format!(
-                    "the exec in {} ended without an exit status ({e})",
-                    args.name
-                ))
-            }
+            u8::try_from(status.exit_code()).map_or(Exit::ProtocolError, Exit::Command)
         }
+        Ok(ExecEnd::OutputClosed) => Exit::Interrupted(libc::SIGPIPE),
+        Err(e) => fail(&e),
     }
-}
-
-/// One sandbox as `ls` and `inspect` see it.
-fn describe(dir: &Dir) -> Value {
-    let config = Dir::read_json(&dir.config()).unwrap_or_default();
-    let pid = dir.supervisor();
-    let state = match (pid, Dir::read_json(&dir.state())) {
-        (Some(_), _) => "running",
-        (None, Some(_)) => "stopped",
-        (None, None) => "dead",
-    };
-    let mut v = json!({
-        "name": dir.name,
-        "state": state,
-        "labels": config["labels"],
-        "created_unix": config["created_unix"],
-        "engine": config["engine"],
-    });
-    if let Some(pid) = pid {
-        v["supervisor_pid"] = json!(pid);
-    }
-    v
-}
-
-fn all_dirs() -> Vec<Dir> {
-    let mut dirs: Vec<Dir> = fs::read_dir(root())
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| valid_name(n))
-                .map(|n| Dir::of(&n))
-                .filter(Dir::exists)
-                .collect()
-        })
-        .unwrap_or_default();
-    dirs.sort_by(|a, b| a.name.cmp(&b.name));
-    dirs
 }
 
 /// `airlock ls`.
@@ -540,9 +339,9 @@ pub fn ls(args: LsArgs) -> Exit {
             ));
         }
     }
-    let rows: Vec<Value> = all_dirs()
+    let rows: Vec<Value> = Sandbox::list()
         .iter()
-        .map(describe)
+        .map(Sandbox::describe)
         .filter(|d| args.all || d["state"] == "running")
         .filter(|d| {
             filters.iter().all(|(what, a, b)| match *what {
@@ -586,97 +385,63 @@ pub fn ls(args: LsArgs) -> Exit {
 
 /// `airlock inspect`.
 pub fn inspect(args: NameArg) -> Exit {
-    let dir = match existing(&args.name) {
-        Ok(dir) => dir,
-        Err(exit) => return exit,
-    };
-    let mut v = describe(&dir);
-    v["config"] = Dir::read_json(&dir.config()).unwrap_or_default();
-    v["directory"] = json!(dir.path);
-    v["console_log"] = json!(dir.console());
-    v["supervisor_log"] = json!(dir.log());
-    if let Ok(path) = fs::read_to_string(dir.path.join("audit.path")) {
-        v["audit_log"] = json!(path.trim());
-    }
-    if let Some(end) = Dir::read_json(&dir.state()) {
-        v["ended"] = end;
-    }
-    if v["state"] == "running" {
-        if let Ok(status) = ask(&dir, &json!({"op": "status"}), Duration::from_secs(5)) {
-            v["status"] = status;
+    match Sandbox::open(&args.name) {
+        Ok(sandbox) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&sandbox.inspect()).unwrap_or_default()
+            );
+            Exit::Success
         }
+        Err(e) => fail(&e),
     }
-    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-    Exit::Success
-}
-
-/// Asks the supervisor to stop the sandbox and waits for it to be gone
-/// (SIGKILL to the supervisor, whose VM dies with it, if it takes too long).
-fn stop_dir(dir: &Dir, grace: Duration) -> bool {
-    let asked = ask(
-        dir,
-        &json!({"op": "stop", "grace_secs": grace.as_secs()}),
-        Duration::from_secs(5),
-    );
-    let patience = grace + Duration::from_secs(30);
-    if asked.is_ok() && wait_gone(dir, patience) {
-        return true;
-    }
-    if let Some(pid) = dir.supervisor().filter(|p| *p > 0) {
-        // SAFETY: kill(2) with a pid read from the lock its holder wrote;
-        // the lock is still held, so that process still lives.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-    wait_gone(dir, Duration::from_secs(10))
 }
 
 /// `airlock stop`.
 pub fn stop(args: StopArgs) -> Exit {
-    let dir = match existing(&args.name) {
-        Ok(dir) => dir,
-        Err(exit) => return exit,
+    let sandbox = match Sandbox::open(&args.name) {
+        Ok(sandbox) => sandbox,
+        Err(e) => return fail(&e),
     };
-    if dir.supervisor().is_none() {
+    if !matches!(sandbox.state(), State::Running(_)) {
         eprintln!("airlock: {} is not running", args.name);
         return Exit::Success;
     }
-    if !stop_dir(&dir, Duration::from_secs(args.time.min(3600))) {
+    if !sandbox.stop(Duration::from_secs(args.time.min(3600))) {
         return failed(format!("the sandbox {} did not stop", args.name));
     }
     println!("{}", args.name);
     Exit::Success
 }
 
-/// `airlock rm`.
+/// `airlock rm`: every name is checked before any is removed.
 pub fn rm(args: RmArgs) -> Exit {
-    let mut dirs = Vec::new();
+    let mut sandboxes = Vec::new();
     for name in &args.names {
-        match existing(name) {
-            Ok(dir) => {
-                if dir.supervisor().is_some() && !args.force {
+        match Sandbox::open(name) {
+            Ok(sandbox) => {
+                if matches!(sandbox.state(), State::Running(_)) && !args.force {
                     return usage(format!(
                         "the sandbox {name} is running: `airlock stop {name}` first, or `airlock rm -f {name}`"
                     ));
                 }
-                dirs.push(dir);
+                sandboxes.push(sandbox);
             }
-            Err(exit) => return exit,
+            Err(e) => return fail(&e),
         }
     }
-    for dir in dirs {
-        if dir.supervisor().is_some() && !stop_dir(&dir, Duration::ZERO) {
-            return failed(format!("the sandbox {} did not stop", dir.name));
+    for sandbox in sandboxes {
+        let name = sandbox.name().to_owned();
+        if let Err(e) = sandbox.remove(args.force) {
+            return fail(&e);
         }
-        if let Err(e) = fs::remove_dir_all(&dir.path) {
-            return failed(format!("cannot remove {}: {e}", dir.path.display()));
-        }
-        println!("{}", dir.name);
+        println!("{name}");
     }
     Exit::Success
 }
 
-fn print_tail(path: &std::path::Path, lines: usize) {
-    let text = fs::read(path).unwrap_or_default();
+/// The last `lines` lines of `text` on stderr, indented and escaped.
+fn print_tail(text: &[u8], lines: usize) {
     let all: Vec<&[u8]> = text.split(|b| *b == b'\n').collect();
     let start = all.len().saturating_sub(lines + 1);
     for line in &all[start..] {
@@ -688,11 +453,11 @@ fn print_tail(path: &std::path::Path, lines: usize) {
 
 /// `airlock logs`: the console is the guest's: shown escaped.
 pub fn logs(args: LogsArgs) -> Exit {
-    let dir = match existing(&args.name) {
-        Ok(dir) => dir,
-        Err(exit) => return exit,
+    let sandbox = match Sandbox::open(&args.name) {
+        Ok(sandbox) => sandbox,
+        Err(e) => return fail(&e),
     };
-    let text = fs::read(dir.console()).unwrap_or_default();
+    let text = fs::read(sandbox.dir().console()).unwrap_or_default();
     let all: Vec<&[u8]> = text.split(|b| *b == b'\n').collect();
     let start = all.len().saturating_sub(args.lines + 1);
     let mut out = io::stdout().lock();

@@ -18,10 +18,14 @@
 //! The supervisor is `airlock run` itself, detached (its own session),
 //! running a keeper command that does nothing, with the exec capability
 //! on: the VM is its child and dies with it (`PR_SET_PDEATHSIG`), so no
-//! VM outlives its supervisor. See [`client`] for the commands and
-//! [`server`] for the supervisor's side.
+//! VM outlives its supervisor. [`lifecycle`] is the handle that drives a
+//! sandbox (the commands in `crate::cli::sandbox`, and a containerd shim
+//! one day); [`server`] is the supervisor's side.
 
+pub mod lifecycle;
 pub mod server;
+
+pub use lifecycle::{ExecEnd, ExecSpec, Sandbox, State};
 
 use std::fs;
 use std::io;
