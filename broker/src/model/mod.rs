@@ -107,7 +107,7 @@ impl Live {
 }
 
 /// The model port of a run, apart from its listener (served by the
-/// [`PortServer`]). Dropping it, after the port server, gives the calls in
+/// [`crate::door::ports::PortServer`]). Dropping it, after the port server, gives the calls in
 /// progress [`FINISH`] to end, shuts down the rest and writes
 /// `model.summary`.
 #[derive(Debug)]

@@ -1,29 +1,30 @@
-//! `airlock run -- CMD ARGS...`: boot a sandbox, run one command in it,
-//! stream its output, and exit with its exit code.
+//! A run, from its config to its verdict: boot a sandbox, run one command
+//! in it, stream its output, and exit with its exit code. `airlock run` is
+//! this; a live sandbox's supervisor (`airlock create`) is this too, its
+//! command the keeper that holds the sandbox up while execs come and go.
 //!
-//! Order: validate the arguments and encode the run spec ([`RunConfig`]) →
-//! resolve and check the kernel and the initrd, or the root image in image
-//! mode ([`boot_cmdline`]) → pick the engine → load the
-//! audit key, create the audit log and write `run.start` (with the hashes of
-//! what will boot) → make the private run directory ([`RunDir`]) → listen
-//! on the control port's socket, and on the file ports the run serves
-//! (`--workspace`: 1025, `--out`: 1026; [`crate::door::files`], each stream served
-//! in its accept thread) → spawn the VM → [`supervise`]: hand the
-//! guest's control connection to a session thread ([`session::serve`]),
-//! watch the VM, the deadlines, the signals and the audit log → [`judge`]
-//! the end → clean up (dropping the [`Vm`] kills and reaps every engine
-//! process; dropping the [`RunDir`] removes it) → write `run.end` and the
-//! seal. Everything that can be wrong with the input is found before a VM
-//! starts; once the audit log exists, every way the run ends is recorded in
-//! it, and a run whose log cannot be written is stopped (fail closed).
+//! Order: the config, validated by the command line ([`RunConfig`]) →
+//! check the kernel and the initrd, or the root image in image mode
+//! ([`boot_cmdline`]) → pick the engine → pin and hash what will boot
+//! ([`start`]) → create the audit log and write `run.start` → then the
+//! run's three steps, those of a sandbox's lifecycle: **create**
+//! (`Booted::create`: the private run directory ([`RunDir`]), every vsock
+//! port listening on the one port server ([`ports`]: control, the file
+//! ports when asked, the model port), the VM spawned), **exec** (the
+//! command, carried through the control session: [`supervise`] hands the
+//! guest's control connection to a session thread
+//! ([`crate::door::session::serve`]) and watches the VM, the deadlines,
+//! the signals and the audit log), **remove** (the VM killed and reaped,
+//! the ports stopped, the end judged in one place ([`judge`]), the run
+//! directory removed) → write `run.end` and the seal. Everything that can
+//! be wrong with the input is found before a VM starts; once the audit log
+//! exists, every way the run ends is recorded in it, and a run whose log
+//! cannot be written is stopped (fail closed).
 //!
-//! A workspace that cannot be read, or an `--out` that cannot be created,
-//! is a usage error found before any VM starts.
-//!
-//! Threads: the main thread supervises and owns the VM (it spawned it, which
-//! `PR_SET_PDEATHSIG` needs); [`control::Acceptor`] accepts on the control
-//! socket; one session thread runs the conversation with blocking I/O. They
-//! report to the main thread over one channel.
+//! Threads: the main thread supervises and owns the VM (it spawned it,
+//! which `PR_SET_PDEATHSIG` needs); the port server accepts on every port;
+//! one session thread runs the control conversation with blocking I/O.
+//! They report to the main thread over one channel.
 
 mod config;
 mod error;
@@ -46,7 +47,7 @@ pub use verdict::*;
 
 use std::fs;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant, SystemTime};
 
 use airlock_protocol::{CONTROL_PORT, DEFAULT_GUEST_CID};
@@ -54,9 +55,10 @@ use serde_json::json;
 
 use crate::audit::records::{ContainerImage, Durations, RunEnd, VmProcess, VmStart};
 use crate::audit::{self, keys, AuditLog, Durability};
-use crate::engine::{self, Available, Disk, VmConfig};
+use crate::engine::{self, Available, Disk, Vm, VmConfig};
 use crate::exit::Exit;
 use crate::paths;
+use ports::Ports;
 
 /// Guest memory bounds, in MiB.
 pub const MEM_MIB_RANGE: std::ops::RangeInclusive<u32> = 64..=65536;
@@ -287,7 +289,9 @@ pub(crate) struct Ran {
     pub(crate) console_log: Option<PathBuf>,
 }
 
-/// Boots the VM, supervises it, judges the end and tells the user.
+/// Boots the VM, supervises it, judges the end and tells the user: a run
+/// is [`Booted::create`], [`Booted::exec`] of its one command, and
+/// [`Booted::remove`].
 pub(crate) fn boot(
     config: &RunConfig,
     pins: &Pins,
@@ -295,14 +299,183 @@ pub(crate) fn boot(
     audit: &AuditLog,
     began: Instant,
 ) -> Result<Ran, Error> {
-    let run_dir = RunDir::create(&config.console)?;
-    let vsock_uds = run_dir.dir.join(VSOCK_NAME);
-    let control_path = engine::port_path(&vsock_uds, CONTROL_PORT);
-    // The engines' own sockets in the run directory have names no longer
-    // than this one's.
-    if control_path.as_os_str().len() > MAX_SOCKET_PATH {
-        return Err(Error::SocketPath(control_path));
+    let mut booted = Booted::create(config, pins, selection, audit)?;
+    let end = booted.exec();
+    booted.remove(end, began)
+}
+
+/// A run's VM, booted: its private directory, its ports, the engine's
+/// processes and the supervisor's channel. Dropping it kills the VM and
+/// removes the directory.
+struct Booted<'a> {
+    config: &'a RunConfig,
+    audit: &'a AuditLog,
+    run_dir: RunDir,
+    ports: Ports,
+    vm: Vm,
+    events: Receiver<Event>,
+    session: SessionParams,
+    stop: StopSignal,
+    started: Instant,
+    timings: Timings,
+}
+
+impl<'a> Booted<'a> {
+    /// Makes the run directory, listens on every port, starts the VM and
+    /// records `vm.start`.
+    fn create(
+        config: &'a RunConfig,
+        pins: &Pins,
+        selection: &engine::Selection,
+        audit: &'a AuditLog,
+    ) -> Result<Booted<'a>, Error> {
+        let run_dir = RunDir::create(&config.console)?;
+        let vsock_uds = run_dir.dir.join(VSOCK_NAME);
+        let control_path = engine::port_path(&vsock_uds, CONTROL_PORT);
+        // The engines' own sockets in the run directory have names no
+        // longer than this one's.
+        if control_path.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(Error::SocketPath(control_path));
+        }
+        let vm_config = vm_config(config, pins, &run_dir, vsock_uds);
+        let (events_tx, events) = mpsc::channel();
+        // Listening before the VM starts: the guest's connections always
+        // find us.
+        let ports = ports::serve(config, &vm_config.vsock_uds, audit, events_tx.clone())?;
+        if let Some(mode) = &config.sandbox {
+            let ctl = mode.dir.ctl();
+            crate::sandbox::server::start(
+                mode,
+                &vm_config.vsock_uds,
+                audit,
+                config.max_output_bytes,
+            )
+            .map_err(|source| Error::Listen { path: ctl, source })?;
+        }
+        // Installed just before the VM starts: from here on a signal means
+        // "stop the VM and clean up", not "die at once".
+        let stop = StopSignal::install().map_err(Error::Signals)?;
+        let started = Instant::now();
+        let vm = selection.engine.spawn(&vm_config)?;
+        let processes = vm
+            .processes()
+            .into_iter()
+            .map(|(name, pid)| VmProcess {
+                name: name.to_owned(),
+                pid,
+            })
+            .collect();
+        audit.record(
+            &VmStart {
+                engine: selection.engine.name(),
+                processes,
+            },
+            Durability::Synced,
+        );
+        let session = SessionParams {
+            spec: config.spec.clone(),
+            max_output_bytes: config.max_output_bytes,
+            events: events_tx,
+            writers: terminal,
+            audit: audit.clone(),
+        };
+        Ok(Booted {
+            config,
+            audit,
+            run_dir,
+            ports,
+            vm,
+            events,
+            session,
+            stop,
+            started,
+            timings: Timings::default(),
+        })
     }
+
+    /// Carries the run's command through the control session, watching
+    /// the VM, the deadlines, the signals and the audit log, until the run
+    /// is over.
+    fn exec(&mut self) -> Result<End, Error> {
+        let mut deadlines = Deadlines::from_start(self.started, self.config.timeout);
+        if self.config.dump_memory.is_some() {
+            // The engine writes the guest's RAM out before it exits.
+            deadlines.power_off_grace = DUMP_GRACE;
+            deadlines.past_timeout = None;
+        }
+        supervise(
+            &mut self.vm,
+            &self.events,
+            &self.session,
+            deadlines,
+            &self.stop,
+            &mut self.timings,
+        )
+        .map_err(Error::Supervise)
+    }
+
+    /// Stops everything, records `vm.exit`, judges `end`, tells the user,
+    /// and returns the `run.end` to write.
+    fn remove(self, end: Result<End, Error>, began: Instant) -> Result<Ran, Error> {
+        let Booted {
+            config,
+            audit,
+            run_dir,
+            ports,
+            mut vm,
+            started,
+            timings,
+            ..
+        } = self;
+        // Whatever happened, nothing of the VM outlives this point.
+        let killed = vm.kill();
+        // Stops accepting; waits for a file stream still in progress (the
+        // VM is gone, so it ends); model calls still in progress end and
+        // `model.summary` is written.
+        drop(ports);
+        let verdict = match &end {
+            Ok(end) => judge(end, config.timeout),
+            Err(e) => Verdict::of_error(e),
+        };
+        audit.record(&verdict.vm_exit(killed.as_ref().ok()), Durability::Synced);
+        end?;
+        killed.map_err(Error::Supervise)?;
+
+        if let Some(line) = &verdict.message {
+            eprintln!("airlock: {line}");
+        }
+        if verdict.diagnostics {
+            for line in diagnostics(&run_dir.console, &vm) {
+                eprintln!("airlock: {line}");
+            }
+            if matches!(config.console, ConsoleTarget::Temp { keep: false }) {
+                eprintln!("airlock: (pass --keep-console to keep the whole console log)");
+            }
+        }
+        drop(vm);
+        let console_log = run_dir.finish();
+        if let Some(kept) = &console_log {
+            eprintln!("airlock: console log: {}", kept.display());
+        }
+        let since = |from: Instant, to: Option<Instant>| {
+            to.map(|t| millis(t.saturating_duration_since(from)))
+        };
+        let end = verdict.run_end(Durations {
+            total: millis(began.elapsed()),
+            boot: since(started, timings.hello),
+            command: timings.hello.and_then(|hello| since(hello, timings.exited)),
+        });
+        Ok(Ran {
+            exit: verdict.exit,
+            end,
+            console_log,
+        })
+    }
+}
+
+/// What the engine boots: the pinned files (read through the descriptors
+/// it inherits), the memory and CPUs, and the kernel command line.
+fn vm_config(config: &RunConfig, pins: &Pins, run_dir: &RunDir, vsock_uds: PathBuf) -> VmConfig {
     let mut extra_cmdline = boot_cmdline(config, pins.image_mode);
     // The guest has no clock of its own worth trusting: the init sets it
     // from this (files the command writes get real mtimes). Not a secret.
@@ -311,7 +484,6 @@ pub(crate) fn boot(
     }
     // Before the user's --cmdline, which may lower it (the init caps it).
     extra_cmdline.insert(0, model_max_body_word(config));
-    // The engine reads the pinned files through the descriptors it inherits.
     let (initrd, disks) = if pins.image_mode {
         let disks = std::iter::once(&pins.root)
             .chain(pins.archive.as_ref())
@@ -324,7 +496,7 @@ pub(crate) fn boot(
     } else {
         (Some(pins.root.fd_path()), Vec::new())
     };
-    let vm_config = VmConfig {
+    VmConfig {
         kernel: pins.kernel.fd_path(),
         initrd,
         disks,
@@ -337,91 +509,5 @@ pub(crate) fn boot(
         guest_cid: DEFAULT_GUEST_CID,
         dump_memory: config.dump_memory.clone(),
         inherited_fds: pins.fds(),
-    };
-    let (events_tx, events) = mpsc::channel();
-    // Listening before the VM starts: the guest's connections always find us.
-    let ports = ports::serve(config, &vm_config.vsock_uds, audit, events_tx.clone())?;
-    if let Some(mode) = &config.sandbox {
-        let ctl = mode.dir.ctl();
-        crate::sandbox::server::start(mode, &vm_config.vsock_uds, audit, config.max_output_bytes)
-            .map_err(|source| Error::Listen { path: ctl, source })?;
     }
-    // Installed just before the VM starts: from here on a signal means
-    // "stop the VM and clean up", not "die at once".
-    let stop = StopSignal::install().map_err(Error::Signals)?;
-    let started = Instant::now();
-    let mut vm = selection.engine.spawn(&vm_config)?;
-    let processes = vm
-        .processes()
-        .into_iter()
-        .map(|(name, pid)| VmProcess {
-            name: name.to_owned(),
-            pid,
-        })
-        .collect();
-    audit.record(
-        &VmStart {
-            engine: selection.engine.name(),
-            processes,
-        },
-        Durability::Synced,
-    );
-    let mut deadlines = Deadlines::from_start(started, config.timeout);
-    if config.dump_memory.is_some() {
-        // The engine writes the guest's RAM out before it exits.
-        deadlines.power_off_grace = DUMP_GRACE;
-        deadlines.past_timeout = None;
-    }
-    let session = SessionParams {
-        spec: config.spec.clone(),
-        max_output_bytes: config.max_output_bytes,
-        events: events_tx,
-        writers: terminal,
-        audit: audit.clone(),
-    };
-    let mut timings = Timings::default();
-    let end = supervise(&mut vm, &events, &session, deadlines, &stop, &mut timings)
-        .map_err(Error::Supervise);
-    // Whatever happened, nothing of the VM outlives this point.
-    let killed = vm.kill();
-    // Stops accepting; waits for a file stream still in progress (the VM
-    // is gone, so it ends); model calls still in progress end and
-    // `model.summary` is written.
-    drop(ports);
-    let verdict = match &end {
-        Ok(end) => judge(end, config.timeout),
-        Err(e) => Verdict::of_error(e),
-    };
-    audit.record(&verdict.vm_exit(killed.as_ref().ok()), Durability::Synced);
-    end?;
-    killed.map_err(Error::Supervise)?;
-
-    if let Some(line) = &verdict.message {
-        eprintln!("airlock: {line}");
-    }
-    if verdict.diagnostics {
-        for line in diagnostics(&run_dir.console, &vm) {
-            eprintln!("airlock: {line}");
-        }
-        if matches!(config.console, ConsoleTarget::Temp { keep: false }) {
-            eprintln!("airlock: (pass --keep-console to keep the whole console log)");
-        }
-    }
-    drop(vm);
-    let console_log = run_dir.finish();
-    if let Some(kept) = &console_log {
-        eprintln!("airlock: console log: {}", kept.display());
-    }
-    let since =
-        |from: Instant, to: Option<Instant>| to.map(|t| millis(t.saturating_duration_since(from)));
-    let end = verdict.run_end(Durations {
-        total: millis(began.elapsed()),
-        boot: since(started, timings.hello),
-        command: timings.hello.and_then(|hello| since(hello, timings.exited)),
-    });
-    Ok(Ran {
-        exit: verdict.exit,
-        end,
-        console_log,
-    })
 }
