@@ -122,7 +122,15 @@ fn tcg_fork_bomb_is_held_by_the_pids_limit_and_the_timeout() {
         &["bash", "-c", "bomb() { bomb | bomb & }; bomb; sleep 600"],
         240,
     );
-    survived(&r, peaks, 124, "timeout");
+    // The container's pids limit (4096) stops the forks; 4096 shells do
+    // not fit in 256 MiB, so whether the guest kernel's OOM killer reaches
+    // the command's own shell before --timeout depends on how fast the
+    // emulated guest forks: either way the bomb is held inside the VM, and
+    // airlock says which (124 timeout, or 123 out of memory).
+    match r.code {
+        Some(123) => survived(&r, peaks, 123, "out_of_memory"),
+        _ => survived(&r, peaks, 124, "timeout"),
+    }
     assert_eq!(
         tree_digest(&dir.join("ws")),
         before,
