@@ -54,11 +54,8 @@ pub fn create(args: CreateArgs) -> Exit {
         return supervise(args);
     }
     let name = args.name.clone().unwrap_or_else(crate::sandbox::new_name);
-    if !valid_name(&name) {
-        return usage(format!(
-            "'{}' is not a sandbox name ([a-zA-Z0-9][a-zA-Z0-9_.-]{{0,62}})",
-            crate::text::sanitize(name.as_bytes())
-        ));
+    if let Err(e) = lifecycle::check_name(&name) {
+        return fail(&e);
     }
     let mut labels = serde_json::Map::new();
     if args.labels.len() > MAX_LABELS {
@@ -440,14 +437,17 @@ pub fn rm(args: RmArgs) -> Exit {
     Exit::Success
 }
 
-/// The last `lines` lines of `text` on stderr, indented and escaped.
-fn print_tail(text: &[u8], lines: usize) {
+/// The non-empty lines among the last `lines` of `text`.
+fn tail(text: &[u8], lines: usize) -> impl Iterator<Item = &[u8]> {
     let all: Vec<&[u8]> = text.split(|b| *b == b'\n').collect();
     let start = all.len().saturating_sub(lines + 1);
-    for line in &all[start..] {
-        if !line.is_empty() {
-            eprintln!("  {}", crate::text::sanitize(line));
-        }
+    all.into_iter().skip(start).filter(|line| !line.is_empty())
+}
+
+/// The last `lines` lines of `text` on stderr, indented and escaped.
+fn print_tail(text: &[u8], lines: usize) {
+    for line in tail(text, lines) {
+        eprintln!("  {}", crate::text::sanitize(line));
     }
 }
 
@@ -458,13 +458,9 @@ pub fn logs(args: LogsArgs) -> Exit {
         Err(e) => return fail(&e),
     };
     let text = fs::read(sandbox.dir().console()).unwrap_or_default();
-    let all: Vec<&[u8]> = text.split(|b| *b == b'\n').collect();
-    let start = all.len().saturating_sub(args.lines + 1);
     let mut out = io::stdout().lock();
-    for line in &all[start..] {
-        if !line.is_empty() {
-            let _ = writeln!(out, "{}", crate::text::sanitize(line));
-        }
+    for line in tail(&text, args.lines) {
+        let _ = writeln!(out, "{}", crate::text::sanitize(line));
     }
     Exit::Success
 }

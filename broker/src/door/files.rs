@@ -40,7 +40,7 @@ use airlock_protocol::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::audit::records::{self, FileIn, FileOut};
+use crate::audit::records::{self, FileIn, FileOut, HostRecord};
 use crate::audit::{AuditLog, Durability};
 
 /// Names never sent from a workspace, matched against each path
@@ -702,12 +702,14 @@ struct Tally<'a> {
 impl Tally<'_> {
     fn record(&mut self, record: &FileOut<'_>) {
         let accepted = record.accepted;
-        let text = records::fields(record).to_string();
+        // Encoded once: measured against the caps, then written or hashed.
+        let fields = records::fields(record);
+        let text = fields.to_string();
         let size = text.len() as u64;
         if self.records < MAX_FILE_RECORDS && self.record_bytes + size <= MAX_FILE_RECORD_BYTES {
             self.records += 1;
             self.record_bytes += size;
-            self.audit.record(record, Durability::Buffered);
+            self.audit.host(FileOut::KIND, fields, Durability::Buffered);
             return;
         }
         if accepted {

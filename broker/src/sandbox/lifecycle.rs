@@ -118,6 +118,18 @@ pub enum ExecEnd {
     OutputClosed,
 }
 
+/// Refuses a name that is not `[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}`, shown
+/// escaped.
+pub fn check_name(name: &str) -> Result<(), Error> {
+    if valid_name(name) {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "'{}' is not a sandbox name ([a-zA-Z0-9][a-zA-Z0-9_.-]{{0,62}})",
+        crate::text::sanitize(name.as_bytes())
+    )))
+}
+
 /// Why [`Sandbox::start`] stopped.
 enum Start {
     Not(NotStarted),
@@ -133,12 +145,7 @@ pub struct Sandbox {
 impl Sandbox {
     /// The sandbox named `name`, which must exist.
     pub fn open(name: &str) -> Result<Sandbox, Error> {
-        if !valid_name(name) {
-            return Err(Error::Usage(format!(
-                "'{}' is not a sandbox name ([a-zA-Z0-9][a-zA-Z0-9_.-]{{0,62}})",
-                crate::text::sanitize(name.as_bytes())
-            )));
-        }
+        check_name(name)?;
         let dir = Dir::of(name);
         if !dir.exists() {
             return Err(Error::Usage(format!(
@@ -170,12 +177,7 @@ impl Sandbox {
     /// serve the control socket). Returns once the sandbox is ready; on
     /// any failure nothing is left but the audit log.
     pub fn create(name: &str, config: &Value, supervisor: Command) -> Result<Sandbox, Error> {
-        if !valid_name(name) {
-            return Err(Error::Usage(format!(
-                "'{}' is not a sandbox name ([a-zA-Z0-9][a-zA-Z0-9_.-]{{0,62}})",
-                crate::text::sanitize(name.as_bytes())
-            )));
-        }
+        check_name(name)?;
         let base = root();
         private_dir(&base)
             .map_err(|e| Error::Failed(format!("cannot make {}: {e}", base.display())))?;
