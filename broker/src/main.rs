@@ -19,6 +19,7 @@ mod paths;
 mod pinned;
 mod run;
 mod sandbox;
+mod share;
 mod text;
 
 use std::process::ExitCode;
@@ -39,6 +40,7 @@ fn main() -> ExitCode {
         cli::Command::Rm(args) => cli::sandbox::rm(args),
         cli::Command::Logs(args) => cli::sandbox::logs(args),
         cli::Command::Image(args) => cli::image::main(args.command),
+        cli::Command::ShareServer => return ExitCode::from(share::child::main()),
     };
     ExitCode::from(exit.code())
 }

@@ -117,14 +117,30 @@ pub fn containerize(spec: RunSpec, container: &Container) -> RunSpec {
         PIDS_LIMIT,
         "--security-opt",
         &format!("seccomp={SECCOMP_PROFILE}"),
-        "-v",
-        "/workspace:/workspace",
         "-w",
     ]
     .into_iter()
     .map(str::to_owned)
     .collect();
     argv.push(spec.cwd.clone());
+    // The VM's /workspace (copied in, results out), unless a live mount
+    // takes its place.
+    if !container.mounts.iter().any(|m| m.target == "/workspace") {
+        argv.extend(["-v".into(), "/workspace:/workspace".into()]);
+    }
+    // Live mounts: targets are plain absolute paths without ',' or ':'
+    // (checked by the protocol), so the option cannot be misread.
+    for (i, m) in container.mounts.iter().enumerate() {
+        let mut opt = format!(
+            "type=bind,src={},dst={}",
+            crate::share::source(i, m),
+            m.target
+        );
+        if m.readonly {
+            opt.push_str(",ro");
+        }
+        argv.extend(["--mount".into(), opt]);
+    }
     // The keeper (this binary, read-only): what the host runs in the
     // container to keep, probe and stop a live sandbox (crate::keeper).
     if let Ok(me) = std::env::current_exe() {
@@ -218,6 +234,9 @@ pub struct Container {
     /// ([`crate::model`]), which holds only `lo`; `None`: `none`. Either
     /// way the container has no network device.
     pub network: Option<String>,
+    /// The live mounts ([`crate::share`]), mounted at
+    /// `/run/airlock/mounts/N`, bound at their targets.
+    pub mounts: Vec<airlock_protocol::MountEntry>,
 }
 
 /// Where the init looks for block devices.

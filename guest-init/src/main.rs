@@ -48,6 +48,7 @@ mod privilege;
 mod procevents;
 mod reaper;
 mod rpc;
+mod share;
 mod vsock;
 
 use std::process::ExitCode;

@@ -219,6 +219,7 @@ fn converse<S: Stream>(
                 capability::MODEL.into(),
                 capability::EXEC.into(),
                 capability::RUN_AS.into(),
+                capability::MOUNTS.into(),
             ],
         },
     )?;
@@ -260,6 +261,15 @@ fn converse<S: Stream>(
     } else {
         None
     };
+    // The live mounts, when the host says a Mounts follows.
+    let mounts = if has(capability::MOUNTS) {
+        match receive(stream, "Mounts")? {
+            Message::Mounts { mounts } => mounts,
+            other => return Err(unexpected(other, "Mounts")),
+        }
+    } else {
+        Vec::new()
+    };
     // Every connection the run needs is opened before the command starts
     // (the control connection is the first): the host takes one connection
     // on each of these ports and refuses later ones, so none can be the
@@ -281,6 +291,27 @@ fn converse<S: Stream>(
                 await_host_close(stream);
                 return Ok(status);
             }
+        }
+    }
+    if !mounts.is_empty() {
+        let mounted = if container.is_some() {
+            crate::share::mount_all(&mounts)
+        } else {
+            Err("live mounts need the agent's container".to_owned())
+        };
+        if let Err(why) = mounted {
+            let status = ExitStatus::Exited(126);
+            finish_results(results_stream, collect.as_deref());
+            send(
+                stream,
+                &Message::Error {
+                    code: ErrorCode::SpawnFailed,
+                    message: bounded(why),
+                },
+            )?;
+            send(stream, &Message::Exit(status))?;
+            await_host_close(stream);
+            return Ok(status);
         }
     }
     if placement.agent && !spec.env.iter().any(|(name, _)| name == "HOME") {
@@ -366,6 +397,7 @@ fn converse<S: Stream>(
                 rootfs,
                 user: run_as.clone(),
                 network,
+                mounts: mounts.clone(),
             };
             crate::image::containerize(spec, &setup)
         }
@@ -827,7 +859,8 @@ mod tests {
                         "collect".into(),
                         "model".into(),
                         "exec".into(),
-                        "run-as".into()
+                        "run-as".into(),
+                        "mounts".into()
                     ]
                 }
             );

@@ -71,6 +71,15 @@ impl VsockStream {
         })
     }
 
+    /// Tells the peer no more bytes come (`shutdown(SHUT_WR)`).
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        // SAFETY: shutdown(2) on our own socket.
+        if unsafe { libc::shutdown(self.file.as_raw_fd(), libc::SHUT_WR) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Makes reads fail with `WouldBlock` after `timeout` without data
     /// (`SO_RCVTIMEO`); `None` blocks for ever.
     pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {

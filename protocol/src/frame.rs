@@ -516,7 +516,7 @@ mod tests {
 
     #[test]
     fn rejects_unknown_tag() {
-        for tag in [0, 21, 255] {
+        for tag in [0, 22, 255] {
             assert_eq!(
                 message_error(decode(&raw_frame(tag, &[]))),
                 MessageError::UnknownTag(tag)

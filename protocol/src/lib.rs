@@ -26,8 +26,8 @@ pub use frame::{
     body_len, decode_body, encode, read_frame, write_frame, DecodeError, EncodeError, FrameError,
 };
 pub use message::{
-    check_exec_user, check_file_path, check_run_as, ErrorCode, ExitStatus, FileEntry, FileKind,
-    Message, MessageError, RunSpec,
+    check_exec_user, check_file_path, check_mount, check_run_as, ErrorCode, ExitStatus, FileEntry,
+    FileKind, Message, MessageError, MountEntry, RunSpec,
 };
 pub use wire::WireError;
 
@@ -78,6 +78,10 @@ pub mod capability {
     /// has a user to set): a `RunAs` follows the `RunSpec` (and the
     /// `Collect`, if any).
     pub const RUN_AS: &str = "run-as";
+    /// In the guest's `Hello`: it can mount live shares. In the host's
+    /// (only if the guest listed it, and only when the run has mounts): a
+    /// `Mounts` follows the `RunAs` (or what precedes it).
+    pub const MOUNTS: &str = "mounts";
 }
 
 /// Host port the guest init connects to for the control connection.
@@ -99,6 +103,15 @@ pub const MODEL_PORT: u32 = 1027;
 /// `airlock exec`, while the command runs and only if the host's `Hello`
 /// listed [`capability::EXEC`]: an exec conversation (PROTOCOL.md).
 pub const EXEC_PORT: u32 = 1028;
+
+/// Host port the guest init connects to once per live mount (`Mounts`),
+/// before the command starts: the connection starts with [`MOUNT_HELLO`]
+/// and the mount's index (`u32`, little-endian), then carries the FUSE
+/// protocol both ways (requests guest → host, replies host → guest).
+pub const MOUNTS_PORT: u32 = 1029;
+
+/// The first 4 bytes of a mount connection.
+pub const MOUNT_HELLO: [u8; 4] = *b"amnt";
 
 /// Most exec connections the guest serves at once; it closes further ones
 /// at once.

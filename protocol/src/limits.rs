@@ -107,3 +107,14 @@ pub const MAX_MODEL_BODY: u64 = 32 << 20;
 
 /// Longest `ExecUser.user`.
 pub const MAX_EXEC_USER: usize = 64;
+
+/// Most live mounts (`Mounts.mounts`) of one sandbox.
+pub const MAX_MOUNTS: usize = 32;
+
+/// Smallest FUSE request on a mount connection (its `fuse_in_header`).
+pub const MIN_FUSE_REQUEST: usize = 40;
+/// Largest FUSE request or reply on a mount connection: 1 MiB of data
+/// plus 4 KiB of headers. A length outside the bounds ends the connection.
+pub const MAX_FUSE_MESSAGE: usize = (1 << 20) + 4096;
+/// Smallest FUSE reply (its `fuse_out_header`).
+pub const MIN_FUSE_REPLY: usize = 16;

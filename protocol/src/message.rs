@@ -8,8 +8,8 @@ use crate::limits::{
 };
 use crate::limits::{
     MAX_COLLECT_PATTERNS, MAX_HTTP_CHUNK, MAX_HTTP_HEADERS, MAX_HTTP_HEADER_NAME,
-    MAX_HTTP_HEADER_VALUE, MAX_HTTP_METHOD, MAX_HTTP_STATUS, MAX_HTTP_TARGET, MAX_RUN_AS,
-    MIN_HTTP_STATUS,
+    MAX_HTTP_HEADER_VALUE, MAX_HTTP_METHOD, MAX_HTTP_STATUS, MAX_HTTP_TARGET, MAX_MOUNTS,
+    MAX_RUN_AS, MIN_HTTP_STATUS,
 };
 use crate::wire::{Reader, WireError, Writer};
 
@@ -79,6 +79,11 @@ pub enum MessageError {
     /// of `A-Z a-z 0-9 _ . -`, not starting with `-`.
     #[error("run-as user {0:?} is not USER or USER:GROUP of A-Z a-z 0-9 _ . -")]
     RunAs(String),
+    /// A `Mounts` entry whose target is not an absolute, normalized path
+    /// without `,`, `:` or control characters, or whose file name is not
+    /// one plain component.
+    #[error("bad mount: {0:?}")]
+    Mount(String),
 }
 
 /// What a `FileEntry` names.
@@ -341,6 +346,54 @@ pub enum Message {
     /// [`MAX_RUN_AS`] bytes of `A-Z a-z 0-9 _ . -` and one optional `:`),
     /// resolved by the container engine in the container's own root.
     RunAs { user: String },
+    /// Host → guest on the control connection, after `RunAs` (or what
+    /// precedes it), only when both `Hello`s listed
+    /// [`crate::capability::MOUNTS`]: the live mounts of the agent's
+    /// container, 1 ..= [`MAX_MOUNTS`]. Mount `i` is served on
+    /// [`crate::MOUNTS_PORT`] by a connection that starts with
+    /// [`crate::MOUNT_HELLO`] and `i` (`u32`, little-endian), then carries
+    /// the FUSE protocol (docs/LIVE-MOUNTS.md).
+    Mounts { mounts: Vec<MountEntry> },
+}
+
+/// One live mount of the agent's container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// Where it appears in the container: absolute, normalized (no empty,
+    /// `.` or `..` component), no `,`, `:` or control characters, at most
+    /// [`MAX_FILE_PATH`] bytes, not `/`.
+    pub target: String,
+    /// A single-file mount: the file's name in the served directory (one
+    /// plain component); `None`: the served directory itself.
+    pub file: Option<String>,
+    /// Read-only (the host enforces it; the guest also mounts it so).
+    pub readonly: bool,
+}
+
+/// Checks a mount entry (see [`MountEntry`]).
+pub fn check_mount(m: &MountEntry) -> Result<(), MessageError> {
+    let bad = |c: char| c.is_control() || c == ',' || c == ':';
+    let target_ok = m.target.len() > 1
+        && m.target.len() <= MAX_FILE_PATH
+        && m.target.starts_with('/')
+        && !m.target.contains(bad)
+        && check_file_path(&m.target[1..]).is_ok();
+    let file_ok = match &m.file {
+        None => true,
+        Some(name) => {
+            !name.is_empty()
+                && name.len() <= 255
+                && name != "."
+                && name != ".."
+                && !name.contains('/')
+                && !name.contains(|c: char| c.is_control())
+        }
+    };
+    if target_ok && file_ok {
+        Ok(())
+    } else {
+        Err(MessageError::Mount(m.target.clone()))
+    }
 }
 
 /// Checks an exec's user: 1 ..= [`MAX_EXEC_USER`] bytes of
@@ -471,6 +524,7 @@ mod tag {
     pub const COLLECT: u8 = 18;
     pub const EXEC_USER: u8 = 19;
     pub const RUN_AS: u8 = 20;
+    pub const MOUNTS: u8 = 21;
 }
 
 fn check_env_name(name: &str) -> Result<(), MessageError> {
@@ -542,6 +596,7 @@ impl Message {
             Self::Collect { .. } => "Collect",
             Self::ExecUser { .. } => "ExecUser",
             Self::RunAs { .. } => "RunAs",
+            Self::Mounts { .. } => "Mounts",
         }
     }
 
@@ -568,6 +623,7 @@ impl Message {
             Self::Collect { .. } => tag::COLLECT,
             Self::ExecUser { .. } => tag::EXEC_USER,
             Self::RunAs { .. } => tag::RUN_AS,
+            Self::Mounts { .. } => tag::MOUNTS,
         }
     }
 
@@ -681,6 +737,15 @@ impl Message {
             Self::RunAs { user } => {
                 w.string("run-as user", user, MAX_RUN_AS)?;
                 check_run_as(user)?;
+            }
+            Self::Mounts { mounts } => {
+                w.count("mounts", mounts.len(), 1, MAX_MOUNTS)?;
+                for m in mounts {
+                    check_mount(m)?;
+                    w.string("mount target", &m.target, MAX_FILE_PATH)?;
+                    w.string("mount file", m.file.as_deref().unwrap_or(""), 255)?;
+                    w.flag(m.readonly);
+                }
             }
         }
         Ok(())
@@ -842,6 +907,24 @@ impl Message {
                     user: user.to_owned(),
                 }
             }
+            tag::MOUNTS => {
+                let n = r.count("mounts", 1, MAX_MOUNTS)?;
+                let mut mounts = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let target = r.string("mount target", MAX_FILE_PATH)?.to_owned();
+                    let file = r.string("mount file", 255)?;
+                    let file = (!file.is_empty()).then(|| file.to_owned());
+                    let readonly = r.flag("mount readonly")?;
+                    let m = MountEntry {
+                        target,
+                        file,
+                        readonly,
+                    };
+                    check_mount(&m)?;
+                    mounts.push(m);
+                }
+                Self::Mounts { mounts }
+            }
             other => return Err(MessageError::UnknownTag(other)),
         };
         r.finish()?;
@@ -947,6 +1030,13 @@ mod tests {
             Message::RunAs {
                 user: "1000".into(),
             },
+            Message::Mounts {
+                mounts: vec![MountEntry {
+                    target: "/workspace".into(),
+                    file: None,
+                    readonly: false,
+                }],
+            },
         ];
         let kinds: Vec<_> = all.iter().map(Message::kind).collect();
         assert_eq!(
@@ -971,13 +1061,14 @@ mod tests {
                 "HttpEnd",
                 "Collect",
                 "ExecUser",
-                "RunAs"
+                "RunAs",
+                "Mounts"
             ]
         );
         let tags: Vec<_> = all.iter().map(Message::tag).collect();
         assert_eq!(
             tags,
-            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
         );
     }
 
@@ -1177,5 +1268,44 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn mount_targets_and_file_names_are_checked() {
+        let entry = |target: &str, file: Option<&str>| MountEntry {
+            target: target.into(),
+            file: file.map(str::to_owned),
+            readonly: true,
+        };
+        for good in [
+            entry("/workspace", None),
+            entry("/workspace/agent/CLAUDE.md", Some("CLAUDE.md")),
+            entry("/home/node/.claude", None),
+        ] {
+            check_mount(&good).expect("a good mount");
+            let msg = Message::Mounts { mounts: vec![good] };
+            let frame = crate::encode(&msg).expect("encodes");
+            assert_eq!(crate::decode_body(&frame[4..]).expect("decodes"), msg);
+        }
+        for bad in [
+            entry("/", None),
+            entry("", None),
+            entry("workspace", None),
+            entry("/a/../etc", None),
+            entry("/a//b", None),
+            entry("/a/./b", None),
+            entry("/a/", None),
+            entry("/a,b", None),
+            entry("/a:ro", None),
+            entry("/a\nb", None),
+            entry("/a", Some("")),
+            entry("/a", Some("..")),
+            entry("/a", Some("x/y")),
+        ] {
+            assert!(check_mount(&bad).is_err(), "{bad:?}");
+            assert!(crate::encode(&Message::Mounts { mounts: vec![bad] }).is_err());
+        }
+        let many = vec![entry("/m", None); MAX_MOUNTS + 1];
+        assert!(crate::encode(&Message::Mounts { mounts: many }).is_err());
     }
 }

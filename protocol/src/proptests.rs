@@ -141,6 +141,27 @@ fn message() -> impl Strategy<Value = Message> {
         "[a-z0-9_][a-z0-9_.:-]{0,20}".prop_map(|user| Message::ExecUser { user }),
         "[a-z0-9_][a-z0-9_.-]{0,31}(:[a-z0-9_][a-z0-9_.-]{0,31})?"
             .prop_map(|user| Message::RunAs { user }),
+        vec(
+            (
+                "(/[a-z0-9_.-]{1,8}){1,4}",
+                proptest::option::of("[a-z0-9_-]{1,12}"),
+                any::<bool>()
+            ),
+            1..=4
+        )
+        .prop_filter("plain components", |m| m
+            .iter()
+            .all(|(t, _, _)| !t.split('/').any(|c| c == "." || c == "..")))
+        .prop_map(|m| Message::Mounts {
+            mounts: m
+                .into_iter()
+                .map(|(target, file, readonly)| crate::MountEntry {
+                    target,
+                    file,
+                    readonly
+                })
+                .collect()
+        }),
     ]
 }
 

@@ -37,6 +37,105 @@ pub const DEFAULT_ID: u32 = 65534;
 /// Most file descriptors: KVM and vCPU fds, eventfds, disks and at most 64
 /// vsock connections (plus pending ones) fit well below.
 const MAX_FILES: u64 = 512;
+/// Makes `new_root` (a mount point) this process's root and the old root
+/// unreachable: `pivot_root` with the old root detached, or, where the
+/// root is the initramfs (which cannot be pivoted away, as in the test
+/// bed's L1), the new root moved over it and `chroot`, as `switch_root`
+/// does (without `CAP_SYS_CHROOT` and with no directory open from outside,
+/// that chroot cannot be left). The new root is then remounted read-only,
+/// `nosuid`, `nodev`, `noexec`. Also used by the broker's share server.
+pub fn enter_root(new_root: &Path) -> Result<(), Error> {
+    let root = cstr(new_root)?;
+    // SAFETY: chdir to a NUL-terminated path.
+    check(unsafe { libc::chdir(root.as_ptr()) }, "enter the new root")?;
+    let dot = c".";
+    // pivot_root(".", "."): the old root ends up on top of the new one and
+    // is detached right after (see pivot_root(2)).
+    // SAFETY: raw pivot_root with two NUL-terminated paths.
+    let rc = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) };
+    if rc == 0 {
+        // SAFETY: umount2 with a NUL-terminated path.
+        let rc = unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) };
+        check(rc, "detach the old root")?;
+    } else if io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        mount(Some(new_root), Path::new("/"), None, libc::MS_MOVE, None)?;
+        // SAFETY: chroot to a NUL-terminated path.
+        check(unsafe { libc::chroot(dot.as_ptr()) }, "chroot")?;
+    } else {
+        return Err(last("pivot_root"));
+    }
+    // SAFETY: chdir to a NUL-terminated path.
+    check(unsafe { libc::chdir(c"/".as_ptr()) }, "enter the new root")?;
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REMOUNT
+            | libc::MS_BIND
+            | libc::MS_RDONLY
+            | libc::MS_NOSUID
+            | libc::MS_NODEV
+            | libc::MS_NOEXEC,
+        None,
+    )
+}
+
+/// Keeps only the capabilities numbered in `keep`: every other one leaves
+/// the bounding set, the ambient set is cleared, and the effective and
+/// permitted sets become exactly `keep` (inheritable empty). Also used by
+/// the broker's share server.
+pub fn keep_only_capabilities(keep: &[u32]) -> Result<(), Error> {
+    let (ambient, clear_all) = (libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL);
+    // SAFETY: prctl(PR_CAP_AMBIENT) only changes this process's ambient set.
+    let rc = unsafe { libc::prctl(ambient, clear_all, 0, 0, 0) };
+    check(rc, "clear the ambient capabilities")?;
+    for cap in 0..64u32 {
+        if keep.contains(&cap) {
+            continue;
+        }
+        // SAFETY: prctl(PR_CAPBSET_DROP) on a capability number; EINVAL past the last one.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) } < 0 {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(last("drop the capability bounding set"));
+        }
+    }
+    set_capabilities(
+        keep.iter()
+            .filter(|&&c| c < 32)
+            .fold(0, |m, c| m | (1 << c)),
+    )
+}
+
+/// Sets the effective and permitted capability sets to `mask` (the first
+/// 32 capabilities; the rest and the inheritable set empty).
+fn set_capabilities(mask: u32) -> Result<(), Error> {
+    #[repr(C)]
+    struct CapHeader {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    struct CapData {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    data[0].effective = mask;
+    data[0].permitted = mask;
+    // SAFETY: capset with a version-3 header and the two data words it reads.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
+    check_long(rc, "set the capability sets")
+}
+
 /// Address space beyond guest RAM: the binary, heap, device buffers.
 const AS_BASE: u64 = 512 << 20;
 /// Address space per thread: its stack and the malloc arena glibc reserves
@@ -359,43 +458,7 @@ impl Jail {
             )?;
         }
         drop(dir_fd);
-        let root = cstr(new_root)?;
-        // SAFETY: chdir to a NUL-terminated path.
-        check(unsafe { libc::chdir(root.as_ptr()) }, "enter the new root")?;
-        let dot = c".";
-        // pivot_root(".", "."): the old root ends up on top of the new one and
-        // is detached right after (see pivot_root(2)).
-        // SAFETY: raw pivot_root with two NUL-terminated paths.
-        let rc = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) };
-        if rc == 0 {
-            // SAFETY: umount2 with a NUL-terminated path.
-            let rc = unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) };
-            check(rc, "detach the old root")?;
-        } else if io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
-            // The root is the initramfs (rootfs cannot be pivoted away, as in
-            // the test bed's L1): move the new root over it and chroot, as
-            // switch_root does. Without CAP_SYS_CHROOT and with no directory
-            // fd from outside, the chroot cannot be left.
-            mount(Some(new_root), Path::new("/"), None, libc::MS_MOVE, None)?;
-            // SAFETY: chroot to a NUL-terminated path.
-            check(unsafe { libc::chroot(dot.as_ptr()) }, "chroot")?;
-        } else {
-            return Err(last("pivot_root"));
-        }
-        // SAFETY: chdir to a NUL-terminated path.
-        check(unsafe { libc::chdir(c"/".as_ptr()) }, "enter the new root")?;
-        mount(
-            None,
-            Path::new("/"),
-            None,
-            libc::MS_REMOUNT
-                | libc::MS_BIND
-                | libc::MS_RDONLY
-                | libc::MS_NOSUID
-                | libc::MS_NODEV
-                | libc::MS_NOEXEC,
-            None,
-        )
+        enter_root(new_root)
     }
 
     /// For tests (`--test-report-jail`): prints, from inside the jail, the
@@ -471,7 +534,8 @@ fn reread(mut file: &File) -> String {
     text
 }
 
-fn mount(
+/// mount(2) with paths; an error names the target.
+pub fn mount(
     source: Option<&Path>,
     target: &Path,
     fstype: Option<&str>,
@@ -506,13 +570,13 @@ fn mount(
 
 /// The mount flags of the file system holding `path` that a bind remount
 /// must keep (`MS_NOSUID`, `MS_NODEV`, `MS_NOEXEC`, `MS_RDONLY`, atime).
-fn statvfs_flags(path: &Path) -> Result<libc::c_ulong, Error> {
+pub fn statvfs_flags(path: &Path) -> Result<libc::c_ulong, Error> {
     let c = cstr(path)?;
     // SAFETY: statvfs fills the zeroed struct for a NUL-terminated path.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    check(rc, "stat the socket directory's mount")?;
+    check(rc, "stat a mount")?;
     let pairs = [
         (libc::ST_RDONLY, libc::MS_RDONLY),
         (libc::ST_NOSUID, libc::MS_NOSUID),
@@ -570,27 +634,7 @@ fn drop_capabilities(uid: u32, gid: u32, user_ns: bool) -> Result<(), Error> {
     }
     // Effective, permitted and inheritable sets to zero (setresuid already
     // cleared them when leaving root; in a user namespace it is needed).
-    #[repr(C)]
-    struct CapHeader {
-        version: u32,
-        pid: libc::c_int,
-    }
-    #[repr(C)]
-    #[derive(Default, Clone, Copy)]
-    struct CapData {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-    let header = CapHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let data = [CapData::default(); 2];
-    // SAFETY: capset with a version-3 header and the two data words it reads.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
-    check_long(rc, "clear the capability sets")?;
+    set_capabilities(0)?;
     // Make sure nothing brings root back.
     // SAFETY: setuid(2) with a plain id; it must fail now.
     if !user_ns && unsafe { libc::setuid(0) } == 0 {

@@ -175,6 +175,118 @@ fn compile(rules: Rules) -> Result<BpfProgram, Error> {
     filter.try_into().map_err(Error::Compile)
 }
 
+/// The filter of the broker's share server (live mounts), installed once
+/// it is jailed and before it reads a guest request; its connection
+/// threads inherit it. Unlike the VMM's, a call outside the list fails
+/// with `EPERM` rather than killing the process: every mount of the
+/// sandbox lives in that process, and a refused call must cost the guest
+/// one request, not all its mounts. No `execve`, no sockets but the ones
+/// it was given, no mounts, no namespaces, no `ptrace`.
+pub fn share_server() -> Result<BpfProgram, Error> {
+    let allowed: &[i64] = &[
+        // Files under the shares (the passthrough file system).
+        libc::SYS_openat,
+        libc::SYS_close,
+        libc::SYS_read,
+        libc::SYS_write,
+        libc::SYS_readv,
+        libc::SYS_writev,
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_preadv,
+        libc::SYS_pwritev,
+        libc::SYS_preadv2,
+        libc::SYS_pwritev2,
+        libc::SYS_lseek,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_fstatfs,
+        libc::SYS_getdents64,
+        libc::SYS_readlinkat,
+        libc::SYS_mkdirat,
+        libc::SYS_mknodat,
+        libc::SYS_unlinkat,
+        libc::SYS_renameat,
+        libc::SYS_renameat2,
+        libc::SYS_linkat,
+        libc::SYS_symlinkat,
+        libc::SYS_fchmod,
+        libc::SYS_fchmodat,
+        libc::SYS_fchownat,
+        libc::SYS_utimensat,
+        libc::SYS_ftruncate,
+        libc::SYS_fallocate,
+        libc::SYS_fsync,
+        libc::SYS_fdatasync,
+        libc::SYS_fcntl,
+        libc::SYS_dup,
+        libc::SYS_umask,
+        // The reply buffer of each connection.
+        libc::SYS_memfd_create,
+        // Acting as the share's owner, and CAP_FSETID around writes.
+        libc::SYS_setresuid,
+        libc::SYS_setresgid,
+        libc::SYS_capget,
+        libc::SYS_capset,
+        // The channel to the broker and the guest connections it hands over.
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_setsockopt,
+        libc::SYS_shutdown,
+        // Threads (one per connection) and memory.
+        libc::SYS_clone,
+        libc::SYS_clone3,
+        libc::SYS_set_robust_list,
+        libc::SYS_rseq,
+        libc::SYS_futex,
+        libc::SYS_mmap,
+        libc::SYS_munmap,
+        libc::SYS_mremap,
+        libc::SYS_mprotect,
+        libc::SYS_madvise,
+        libc::SYS_brk,
+        libc::SYS_sigaltstack,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_sched_yield,
+        libc::SYS_sched_getaffinity,
+        libc::SYS_getrandom,
+        libc::SYS_gettid,
+        libc::SYS_getpid,
+        libc::SYS_clock_gettime,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_nanosleep,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+    ];
+    let mut rules = Rules::new();
+    for &nr in allowed {
+        rules.insert(nr, Vec::new());
+    }
+    // prctl: the capability checks the file system makes (PR_CAPBSET_READ)
+    // and thread names; nothing that changes the process's privileges.
+    rules.insert(
+        libc::SYS_prctl,
+        any_of(vec![
+            vec![eq(0, libc::PR_CAPBSET_READ)?],
+            vec![eq(0, libc::PR_SET_NAME)?],
+            vec![eq(0, libc::PR_GET_NAME)?],
+        ])?,
+    );
+    let errno = u32::try_from(libc::EPERM).unwrap_or(1);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Errno(errno),
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(Error::Build)?;
+    filter.try_into().map_err(Error::Compile)
+}
+
 /// `arg == value` on the low 32 bits (ioctl numbers, domains, signals).
 fn eq(arg: u8, value: impl TryInto<u64>) -> Result<SeccompCondition, Error> {
     let value = value

@@ -114,6 +114,15 @@ pub mod kind {
     pub const SANDBOX_READY: &str = "sandbox.ready";
     /// A stop began: `why` (`stop`, `idle`, `lifetime`), `grace_secs`.
     pub const SANDBOX_STOP: &str = "sandbox.stop";
+    /// A live mount's connection was refused or ended badly: `index` (if
+    /// known), `why`.
+    pub const MOUNT_REFUSED: &str = "mount.refused";
+    /// A live mount's connection ended: `index`, `target`, `bytes_read`,
+    /// `bytes_written`, `created`, `removed`, `refused`, `undecodable`,
+    /// `end`.
+    pub const MOUNT_DONE: &str = "mount.done";
+    /// The share server could not start or stopped early: `error`.
+    pub const MOUNT_FAILED: &str = "mount.failed";
 }
 
 /// The default of `--audit-max-guest-events`.

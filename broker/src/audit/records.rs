@@ -89,6 +89,69 @@ pub struct Policy {
     pub audit_max_guest_bytes: u64,
     /// The model proxy's settings, without keys ([`crate::model::Settings::fields`]).
     pub model: Value,
+    /// The live mounts (`--mount`, `-v`), in the order the guest numbers
+    /// them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<MountRecord>,
+}
+
+/// One live mount as `run.start` lists it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct MountRecord {
+    pub source: String,
+    pub target: String,
+    /// `ro` or `rw`.
+    pub mode: &'static str,
+    /// `dir` or `file`.
+    pub kind: &'static str,
+    /// Who files made through it belong to on the host.
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// `mount.refused`: a mount connection the share server would not serve,
+/// or a share ended by a request out of bounds.
+#[derive(Debug, Serialize)]
+pub struct MountRefused {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+    pub why: String,
+}
+
+impl HostRecord for MountRefused {
+    const KIND: &'static str = kind::MOUNT_REFUSED;
+}
+
+/// `mount.done`: what one live mount did, when its connection ended.
+#[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq, Eq)]
+pub struct MountDone {
+    pub index: u32,
+    pub target: String,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub created: u64,
+    pub removed: u64,
+    /// Requests refused by the share's rules (names, deny list,
+    /// read-only, bounds).
+    pub refused: u64,
+    /// Requests the server could not decode (a hostile guest kernel).
+    pub undecodable: u64,
+    /// `closed`, or why the connection was ended.
+    pub end: String,
+}
+
+impl HostRecord for MountDone {
+    const KIND: &'static str = kind::MOUNT_DONE;
+}
+
+/// `mount.failed`: the share server failed or stopped early.
+#[derive(Debug, Serialize)]
+pub struct MountFailed {
+    pub error: String,
+}
+
+impl HostRecord for MountFailed {
+    const KIND: &'static str = kind::MOUNT_FAILED;
 }
 
 /// The run spec as sent.

@@ -199,6 +199,10 @@ pub enum Command {
     /// boots straight into (no `podman load` in the VM).
     #[command(after_help = IMAGE_EXIT_CODES)]
     Image(ImageCmdArgs),
+    /// (Internal) the live mounts' file server of one sandbox, started by
+    /// airlock itself.
+    #[command(hide = true)]
+    ShareServer,
 }
 
 const IMAGE_EXIT_CODES: &str = "\
@@ -547,10 +551,32 @@ pub struct RunArgs {
     /// *.pem and id_* are never copied)
     #[arg(long, value_name = "DIR")]
     pub workspace: Option<PathBuf>,
-    /// Also leave out of the workspace every file or directory whose name
-    /// matches PATTERN (`*` and `?`; repeatable)
-    #[arg(long, value_name = "PATTERN", requires = "workspace")]
+    /// Also leave out of the workspace, and hide in every live mount, every
+    /// file or directory whose name matches PATTERN (`*` and `?`;
+    /// repeatable; needs --workspace, --mount or -v)
+    #[arg(long, value_name = "PATTERN")]
     pub exclude: Vec<String>,
+    /// Share a host directory or file live with the agent's container, at
+    /// GUEST, while the sandbox runs (repeatable, at most 32; nested
+    /// targets and single files too). Writes on either side are seen by
+    /// the other: a host write followed by close is seen at the guest's
+    /// next open; a guest write is on the host when its write returns.
+    /// Served by a jailed file server on the host over the vsock door (no
+    /// network, no virtio-fs): symlinks are served as links and never
+    /// followed on the host; .env*, .ssh, .aws, .gnupg, *.pem, id_* and
+    /// --exclude names do not exist for the guest; `ro` is enforced on the
+    /// host; files the guest makes belong to you (or uid=/gid=, as root);
+    /// set-user-ID bits and chown are dropped. Not with --no-container.
+    /// SQLite across the boundary: rollback journal modes only (not WAL),
+    /// one writer per file
+    #[arg(
+        long = "mount",
+        value_name = "type=bind,src=HOST,dst=GUEST[,ro][,uid=N][,gid=N]"
+    )]
+    pub mounts: Vec<String>,
+    /// The docker short form of --mount: HOST:GUEST[:ro|:rw] (repeatable)
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]")]
+    pub volumes: Vec<String>,
     /// Bring back what the command wrote under /workspace/out into DIR
     /// (created if missing) after it exits; the command runs in /workspace.
     /// Each file is written atomically,

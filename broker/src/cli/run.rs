@@ -197,6 +197,9 @@ impl TryFrom<RunArgs> for RunConfig {
             return Err(Error::CollectPattern(bad.clone()));
         }
         spec.set_collect(&args.collect).map_err(Error::Spec)?;
+        let mounts = mounts(&args)?;
+        spec.set_mounts(mounts.iter().map(crate::share::MountSpec::entry).collect())
+            .map_err(Error::Spec)?;
         let cmdline = args.cmdline.unwrap_or_default();
         if cmdline.contains('\0') {
             return Err(Error::NulInCmdline);
@@ -250,8 +253,43 @@ impl TryFrom<RunArgs> for RunConfig {
                 .debug_dump_guest_memory
                 .map(|p| std::path::absolute(&p).unwrap_or(p)),
             sandbox: None,
+            mounts,
         })
     }
+}
+
+/// `--mount` and `-v`, in that order (the guest numbers them so), checked.
+fn mounts(args: &RunArgs) -> Result<Vec<crate::share::MountSpec>, Error> {
+    use crate::share::spec;
+    let mut all = Vec::new();
+    for m in &args.mounts {
+        all.push(spec::parse_mount(m).map_err(Error::Mount)?);
+    }
+    for v in &args.volumes {
+        all.push(spec::parse_volume(v).map_err(Error::Mount)?);
+    }
+    spec::check_all(&all).map_err(Error::Mount)?;
+    if !args.exclude.is_empty() && args.workspace.is_none() && all.is_empty() {
+        return Err(Error::Mount(
+            "--exclude applies to --workspace and live mounts: give one of them".into(),
+        ));
+    }
+    if !all.is_empty() && args.no_container {
+        return Err(Error::Mount(
+            "live mounts appear in the agent's container: not with --no-container".into(),
+        ));
+    }
+    if let Some(m) = all.iter().find(|m| {
+        (args.workspace.is_some() || args.out.is_some())
+            && (m.target == "/workspace" || "/workspace".starts_with(&format!("{}/", m.target)))
+    }) {
+        return Err(Error::Mount(format!(
+            "{} would hide the copied-in /workspace of --workspace/--out: mount it elsewhere, \
+             or share the folder live instead of copying it",
+            m.target
+        )));
+    }
+    Ok(all)
 }
 
 /// The model proxy's settings; the keys come from airlock's environment
@@ -339,6 +377,8 @@ mod tests {
             audit_max_guest_bytes: 16 << 20,
             workspace: None,
             exclude: Vec::new(),
+            mounts: Vec::new(),
+            volumes: Vec::new(),
             out: None,
             max_out_bytes: 1 << 30,
             collect: Vec::new(),

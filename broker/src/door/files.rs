@@ -134,6 +134,17 @@ impl Deny {
         Deny { patterns }
     }
 
+    /// Every pattern, the defaults included.
+    pub fn patterns(&self) -> &[String] {
+        &self.patterns
+    }
+
+    /// A deny list of exactly these patterns (as [`Deny::patterns`] gave
+    /// them).
+    pub fn exactly(patterns: Vec<String>) -> Deny {
+        Deny { patterns }
+    }
+
     /// Whether a path component named `name` is kept out.
     pub fn denies(&self, name: &OsStr) -> bool {
         self.patterns

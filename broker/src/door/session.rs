@@ -207,6 +207,8 @@ pub struct EncodedSpec {
     /// The `RunAs` frame sent after the RunSpec (and Collect), for `-u` or
     /// an image's `User`.
     run_as: Option<Vec<u8>>,
+    /// The `Mounts` frame sent after the RunAs, for `--mount`/`-v`.
+    mounts: Option<Vec<u8>>,
     /// The command reads stdin: the host sends `Stdin` frames and a
     /// `StdinEnd` after the spec.
     pub stdin: bool,
@@ -223,7 +225,21 @@ impl EncodedSpec {
             collect: None,
             execs: false,
             run_as: None,
+            mounts: None,
         })
+    }
+
+    /// Asks the guest to mount these live shares (none: no `Mounts`).
+    pub fn set_mounts(
+        &mut self,
+        mounts: Vec<airlock_protocol::MountEntry>,
+    ) -> Result<(), EncodeError> {
+        self.mounts = if mounts.is_empty() {
+            None
+        } else {
+            Some(encode(&Message::Mounts { mounts })?)
+        };
+        Ok(())
     }
 
     /// Asks for the container to run as `user` (none: its default).
@@ -275,6 +291,9 @@ impl EncodedSpec {
         }
         if self.run_as.is_some() && guest.iter().any(|c| c == capability::RUN_AS) {
             caps.push(capability::RUN_AS.to_owned());
+        }
+        if self.mounts.is_some() && guest.iter().any(|c| c == capability::MOUNTS) {
+            caps.push(capability::MOUNTS.to_owned());
         }
         caps
     }
@@ -394,6 +413,24 @@ fn converse<R: Read, W: Write, O: Write, E: Write>(
                 "airlock: warning: the guest cannot set the container's user (an older init): \
                  the command runs as the container's root"
             );
+        }
+    }
+
+    if let Some(mounts) = &spec.mounts {
+        // Without its mounts the agent would write where nobody reads:
+        // a guest that cannot mount them does not run.
+        let sent = if capabilities.iter().any(|c| c == capability::MOUNTS) {
+            writer.write_all(mounts).and_then(|()| writer.flush())
+        } else {
+            Err(io::Error::other(
+                "the guest cannot mount live shares (an older init): not running without them",
+            ))
+        };
+        if let Err(source) = sent {
+            return Outcome::Broken(Violation::Send {
+                what: "Mounts",
+                source,
+            });
         }
     }
 

@@ -73,6 +73,8 @@ pub struct RunConfig {
     pub dump_memory: Option<PathBuf>,
     /// `airlock create`: the supervisor of a live sandbox.
     pub sandbox: Option<crate::sandbox::server::Mode>,
+    /// `--mount`, `-v`: live mounts of the agent's container.
+    pub mounts: Vec<crate::share::MountSpec>,
 }
 
 /// `--workspace`, `--exclude`, `--out`, `--max-out-bytes`.

@@ -49,6 +49,8 @@ pub enum Error {
     User(String),
     #[error("-u sets the user of the agent's container: not with --no-container or --initrd (without a container the command runs as uid 1000, or root with --vm-root)")]
     UserWithoutContainer,
+    #[error("{0}")]
+    Mount(String),
     #[error("--nested needs the guest root image (podman is in it): not with --initrd")]
     NestedWithoutRoot,
     #[error("--vm-root is for a command that runs directly in the VM: add --no-container")]
@@ -79,6 +81,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("live mounts")]
+    Shares(#[source] io::Error),
     #[error("cannot install the SIGINT/SIGTERM handlers")]
     Signals(#[source] io::Error),
     #[error(transparent)]
@@ -151,7 +155,9 @@ impl Error {
             | Error::Place(..) => Exit::Usage,
             Error::Report(..) => Exit::SandboxFailed,
             Error::ImageStore(e) => e.exit(),
-            Error::Workdir(_) | Error::User(_) | Error::UserWithoutContainer => Exit::Usage,
+            Error::Workdir(_) | Error::User(_) | Error::UserWithoutContainer | Error::Mount(_) => {
+                Exit::Usage
+            }
             Error::Audit(e) => match e {
                 audit::Error::Create { .. }
                 | audit::Error::Read { .. }
@@ -164,6 +170,7 @@ impl Error {
             },
             Error::RunDir { .. }
             | Error::Listen { .. }
+            | Error::Shares(_)
             | Error::Signals(_)
             | Error::Spawn(_)
             | Error::Supervise(_) => Exit::SandboxFailed,

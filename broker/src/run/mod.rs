@@ -165,6 +165,13 @@ pub fn run(mut config: RunConfig) -> Result<Exit, Error> {
         Some(path) => Some(crate::archive::check(path)?),
         None => None,
     };
+    if !config.mounts.is_empty() && image.root.is_none() {
+        return Err(Error::Mount(
+            "live mounts appear in the agent's container: they need the guest root image, \
+             not --initrd"
+                .into(),
+        ));
+    }
     if config.nested && image.root.is_none() {
         return Err(Error::NestedWithoutRoot);
     }

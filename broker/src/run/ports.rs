@@ -26,12 +26,14 @@ use super::*;
 pub(crate) struct Ports {
     server: Option<PortServer>,
     model: Option<crate::model::ModelPort>,
+    share: Option<crate::share::ShareServer>,
 }
 
 impl Drop for Ports {
     fn drop(&mut self) {
         // In this order: the model's summary counts what the server took.
         drop(self.server.take());
+        drop(self.share.take());
         drop(self.model.take());
     }
 }
@@ -56,6 +58,22 @@ pub(crate) fn serve(
             source,
         })?;
     ports.push(model_port);
+    let share = if config.mounts.is_empty() {
+        None
+    } else {
+        let run_dir = vsock_uds
+            .parent()
+            .unwrap_or_else(|| Path::new("/nonexistent"));
+        let share = crate::share::ShareServer::start(
+            &config.mounts,
+            config.files.deny.patterns(),
+            run_dir,
+            audit,
+        )
+        .map_err(Error::Shares)?;
+        ports.push(share.port(bind(vsock_uds, airlock_protocol::MOUNTS_PORT)?, audit));
+        Some(share)
+    };
     let server = PortServer::start(ports, audit).map_err(|source| Error::Listen {
         path: engine::port_path(vsock_uds, CONTROL_PORT),
         source,
@@ -63,6 +81,7 @@ pub(crate) fn serve(
     Ok(Ports {
         server: Some(server),
         model: Some(model),
+        share,
     })
 }
 

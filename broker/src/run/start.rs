@@ -171,6 +171,11 @@ pub(crate) fn run_start(
             collect: config.files.collect.clone(),
             audit_max_guest_records: config.audit.limits.max_guest_records,
             audit_max_guest_bytes: config.audit.limits.max_guest_bytes,
+            mounts: config
+                .mounts
+                .iter()
+                .map(crate::share::MountSpec::record)
+                .collect(),
             model: config.model.fields(),
         },
         spec: Spec {
