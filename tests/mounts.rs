@@ -232,7 +232,7 @@ fn kvm_live_mounts_through_our_vmm() {
     let script = format!(
         "{airlock} run --engine kvm --mem 1024 --image-root {image} --audit {log} {mounts} \
          -- sh -c \"$GUEST\" > {rd}/stdout 2> {rd}/stderr & pid=$!
-         i=0; while [ ! -f {rd}/ws/ready ] && [ $i -lt 3000 ]; do i=$((i+1)); sleep 0.2; done
+         i=0; while [ ! -f {rd}/ws/ready ] && [ $i -lt 3000 ] && kill -0 $pid 2>/dev/null; do i=$((i+1)); sleep 0.2; done
          printf 'v2\\n' > {rd}/ws/msg.tmp && mv {rd}/ws/msg.tmp {rd}/ws/msg
          wait $pid; echo \"code=$?\"",
         airlock = bin("airlock"),

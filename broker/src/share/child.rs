@@ -7,15 +7,20 @@
 //! 2. a fresh tmpfs root holding `/N` for mount `N`: the source directory
 //!    bind-mounted there (a single file: bind-mounted onto `/N/NAME`),
 //!    read-only shares remounted read-only, the tmpfs itself read-only;
-//! 3. `pivot_root` into it and the old root detached: no other host path
-//!    exists for the process any more (the passthrough library's
+//! 3. that root entered (`pivot_root` with the old root detached, or where
+//!    the root is an initramfs, moved over it and `chroot`: the VMM's own
+//!    `jail::enter_root`): no other host path exists for the process any
+//!    more (the passthrough library's
 //!    `/proc/self/fd` directory is opened before, and kept as a descriptor;
 //!    `/proc` itself is not mounted);
 //! 4. as root, every capability dropped but those file serving needs
 //!    (`DAC_OVERRIDE`, `DAC_READ_SEARCH`, `FOWNER`, `FSETID`, `SETUID`,
 //!    `SETGID`: no `SYS_ADMIN`, so no mount or namespace change), and
 //!    `no_new_privs`;
-//! 5. `RLIMIT_NOFILE` raised to what its bounds need.
+//! 5. `RLIMIT_NOFILE` raised to what its bounds need;
+//! 6. a seccomp filter (`airlock_vmm::seccomp::share_server`): file
+//!    serving, its channel, threads and memory; anything else (`execve`,
+//!    new sockets, mounts, namespaces, `ptrace`) fails with `EPERM`.
 //!
 //! Then it reports `{"ready":true}` on the channel (fd 3) and takes guest
 //! connections from it, one thread each; each starts with
@@ -24,7 +29,6 @@
 //! the broker closes the channel, it waits for its connections to end
 //! (the VM is gone by then) and exits.
 
-use std::ffi::CString;
 use std::io::{self, Read};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -34,6 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use airlock_protocol::MOUNT_HELLO;
+use airlock_vmm::jail;
 use fuse_backend_rs::api::server::Server;
 use serde::{Deserialize, Serialize};
 
@@ -115,11 +120,6 @@ fn read_config() -> io::Result<ServerConfig> {
     serde_json::from_slice(&text).map_err(io::Error::other)
 }
 
-fn cstr(p: &Path) -> io::Result<CString> {
-    use std::os::unix::ffi::OsStrExt;
-    CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other)
-}
-
 fn check(rc: libc::c_int, what: &str) -> Result<(), String> {
     if rc < 0 {
         Err(format!("{what}: {}", io::Error::last_os_error()))
@@ -135,49 +135,19 @@ fn mount(
     flags: libc::c_ulong,
     what: &str,
 ) -> Result<(), String> {
-    let src = src
-        .map(cstr)
-        .transpose()
-        .map_err(|e| format!("{what}: {e}"))?;
-    let target = cstr(target).map_err(|e| format!("{what}: {e}"))?;
-    let fstype = fstype.map(|f| CString::new(f).unwrap_or_default());
-    // SAFETY: every pointer is a live NUL-terminated string or null.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
-            target.as_ptr(),
-            fstype.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
-            flags,
-            std::ptr::null(),
-        )
-    };
-    check(rc, what)
+    jail::mount(src, target, fstype, flags, None).map_err(|e| format!("{what}: {}", report(&e)))
 }
 
-/// The flags a read-only remount of the bind at `path` must keep (a user
-/// namespace may not clear the locked ones).
-fn kept_flags(path: &Path) -> libc::c_ulong {
-    let Ok(p) = cstr(path) else { return 0 };
-    // SAFETY: `st` is written by statvfs; `p` is NUL-terminated.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::statvfs(p.as_ptr(), &mut st) } < 0 {
-        return 0;
+/// An error with its causes.
+fn report(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
     }
-    let mut flags = 0;
-    for (st_flag, ms_flag) in [
-        (libc::ST_NOSUID, libc::MS_NOSUID),
-        (libc::ST_NODEV, libc::MS_NODEV),
-        (libc::ST_NOEXEC, libc::MS_NOEXEC),
-        (libc::ST_NOATIME, libc::MS_NOATIME),
-        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
-        (libc::ST_RELATIME, libc::MS_RELATIME),
-    ] {
-        if st.f_flag & st_flag != 0 {
-            flags |= ms_flag;
-        }
-    }
-    flags
+    text
 }
 
 fn write_file(path: &str, text: &str) -> Result<(), String> {
@@ -236,7 +206,8 @@ fn jail_and_open(config: &ServerConfig) -> Result<Vec<Arc<Share>>, String> {
             &what,
         )?;
         if share.readonly {
-            let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | kept_flags(&point);
+            let kept = jail::statvfs_flags(&point).map_err(|e| report(&e))?;
+            let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | kept;
             mount(None, &point, None, flags, &format!("read-only {what}"))?;
         }
     }
@@ -260,37 +231,16 @@ fn jail_and_open(config: &ServerConfig) -> Result<Vec<Arc<Share>>, String> {
         shares.push(Arc::new(s));
     }
     // The new root, read-only, and nothing else.
-    let croot = cstr(root).map_err(|e| e.to_string())?;
-    // SAFETY: chdir to a NUL-terminated path.
-    check(unsafe { libc::chdir(croot.as_ptr()) }, "chdir")?;
-    // SAFETY: pivot_root(".", ".") stacks the old root under the new one;
-    // it is detached right after.
-    let rc = unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) };
-    check(if rc < 0 { -1 } else { 0 }, "pivot_root")?;
-    // SAFETY: detaching the old root stacked on ".".
-    let rc = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
-    check(rc, "detach the old root")?;
-    // SAFETY: chdir to "/".
-    check(unsafe { libc::chdir(c"/".as_ptr()) }, "chdir /")?;
-    mount(
-        None,
-        Path::new("/"),
-        None,
-        libc::MS_REMOUNT
-            | libc::MS_BIND
-            | libc::MS_RDONLY
-            | libc::MS_NOSUID
-            | libc::MS_NODEV
-            | libc::MS_NOEXEC,
-        "read-only root",
-    )?;
+    jail::enter_root(root).map_err(|e| report(&e))?;
     raise_nofile(config.mounts.len() as u64);
     if uid == 0 {
-        drop_capabilities()?;
+        jail::keep_only_capabilities(&KEEP).map_err(|e| report(&e))?;
     }
     // SAFETY: prctl with constant arguments.
     let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
     check(rc, "no_new_privs")?;
+    let filter = airlock_vmm::seccomp::share_server().map_err(|e| report(&e))?;
+    airlock_vmm::seccomp::apply(&filter).map_err(|e| report(&e))?;
     Ok(shares)
 }
 
@@ -331,51 +281,6 @@ const KEEP: [u32; 6] = [
     6, // CAP_SETGID
     7, // CAP_SETUID
 ];
-
-fn drop_capabilities() -> Result<(), String> {
-    // The bounding set first (needs CAP_SETPCAP, still held).
-    for cap in 0..64u32 {
-        if KEEP.contains(&cap) {
-            continue;
-        }
-        // SAFETY: prctl; EINVAL past the kernel's last capability ends it.
-        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } < 0 {
-            break;
-        }
-    }
-    let mask: u32 = KEEP.iter().fold(0, |m, c| m | (1 << c));
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let header = Header {
-        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
-        pid: 0,
-    };
-    let data = [
-        Data {
-            effective: mask,
-            permitted: mask,
-            inheritable: 0,
-        },
-        Data {
-            effective: 0,
-            permitted: 0,
-            inheritable: 0,
-        },
-    ];
-    // SAFETY: capset reads the header and two data words we own.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
-    check(if rc < 0 { -1 } else { 0 }, "capset")
-}
 
 /// Takes connections from the channel until the broker closes it, then
 /// waits for them to end.
