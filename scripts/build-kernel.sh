@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Build an Airlock kernel from Debian's pinned kernel source and cache it.
 #
-#   scripts/build-kernel.sh [guest|l1]
+#   scripts/build-kernel.sh [guest|l1|bench-virtiofs]
 #
 #   guest (default)  the sandbox kernel:  kernel-config/guest.config      -> build/vmlinux
 #   l1               the test bed's L1:   guest.config + l1.config        -> build/l1-vmlinux
+#   bench-virtiofs   scripts/bench-mounts' peer only: guest.config +
+#                    bench-virtiofs.config (virtio-fs)  -> build/vmlinux-virtiofs
 #
 # The result is cached under $AIRLOCK_CACHE/kernel (default ~/.cache/airlock)
 # keyed by a hash of the pinned source version, the fragments and the patches,
@@ -17,8 +19,9 @@ cfg=$AIRLOCK_ROOT/kernel-config
 case "$variant" in
     guest) fragments=("$cfg/guest.config"); out=$AIRLOCK_BUILD/vmlinux ;;
     l1) fragments=("$cfg/guest.config" "$cfg/l1.config"); out=$AIRLOCK_BUILD/l1-vmlinux ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) die "unknown kernel variant '$variant' (expected guest or l1)" ;;
+    bench-virtiofs) fragments=("$cfg/guest.config" "$cfg/bench-virtiofs.config"); out=$AIRLOCK_BUILD/vmlinux-virtiofs ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown kernel variant '$variant' (expected guest, l1 or bench-virtiofs)" ;;
 esac
 
 # shellcheck source=../kernel-config/SOURCE

@@ -415,3 +415,46 @@ fn tcg_bad_mounts_are_refused_before_boot() {
         assert!(!r.stderr.contains("engine:"), "booted anyway\n{r}");
     }
 }
+
+#[test]
+fn tcg_a_guest_cannot_fill_the_host_disk_through_a_mount() {
+    let dir = scratch("mounts-quota");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("w")).expect("mkdir");
+    let vol = format!("{}:/w", dir.join("w").display());
+    let log = dir.join("audit.jsonl");
+    let log_s = log.display().to_string();
+    let script = "head -c 100000 /dev/zero > /w/big; echo big=$?; \
+                  for i in 1 2 3 4 5; do touch /w/f$i || echo touch-refused; done";
+    let r = tcg_on_image(
+        &[
+            "-v",
+            &vol,
+            "--mount-max-write",
+            "65536",
+            "--mount-max-files",
+            "3",
+            "--audit",
+            &log_s,
+        ],
+        &["sh", "-c", script],
+        &[],
+        300,
+    );
+    r.expect_code(0).expect_stdout_line("big=1");
+    assert!(r.stderr.contains("quota"), "{r}");
+    let big = fs::metadata(dir.join("w/big")).expect("big").len();
+    assert!(big <= 65536, "{big} bytes reached the host");
+    let made = (1..=5)
+        .filter(|i| dir.join(format!("w/f{i}")).exists())
+        .count();
+    assert_eq!(made, 2, "big plus two files make three entries\n{r}");
+    assert_eq!(r.stdout.matches("touch-refused").count(), 3, "{r}");
+    let records = audit_records(&log);
+    let done = &fields_of_kind(&records, "mount.done")[0];
+    assert!(done["refused"].as_u64().expect("refused") >= 4, "{done}");
+    assert!(
+        done["bytes_written"].as_u64().expect("bytes") <= 65536,
+        "{done}"
+    );
+}

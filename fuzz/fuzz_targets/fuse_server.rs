@@ -82,7 +82,7 @@ fn init_request() -> Vec<u8> {
 fuzz_target!(|data: &[u8]| {
     let base = base();
     let deny: fs::Deny = Box::new(|name| name.to_string_lossy().starts_with(".env"));
-    let Ok(share) = Share::new(base.join("share").to_str().expect("utf-8"), data.first() == Some(&1), deny, 0, 0) else {
+    let Ok(share) = Share::new(base.join("share").to_str().expect("utf-8"), data.first() == Some(&1), deny, (0, 0), fs::Limits { max_write_bytes: 64 << 20, max_created: 10_000 }) else {
         return;
     };
     let server = Server::new(Arc::new(share));

@@ -107,6 +107,10 @@ pub struct MountRecord {
     /// Who files made through it belong to on the host.
     pub uid: u32,
     pub gid: u32,
+    /// What the guest may add through it (`--mount-max-write`,
+    /// `--mount-max-files`).
+    pub max_write_bytes: u64,
+    pub max_files: u64,
 }
 
 /// `mount.refused`: a mount connection the share server would not serve,

@@ -577,6 +577,15 @@ pub struct RunArgs {
     /// The docker short form of --mount: HOST:GUEST[:ro|:rw] (repeatable)
     #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]")]
     pub volumes: Vec<String>,
+    /// Refuse (EDQUOT) writes through a live mount past this many bytes
+    /// written or preallocated in all, per mount: the guest cannot fill the
+    /// host's disk
+    #[arg(long, value_name = "BYTES", default_value_t = crate::share::spec::DEFAULT_MAX_WRITE_BYTES)]
+    pub mount_max_write: u64,
+    /// Refuse (EDQUOT) making files, directories and links through a live
+    /// mount past this many, per mount
+    #[arg(long, value_name = "N", default_value_t = crate::share::spec::DEFAULT_MAX_FILES)]
+    pub mount_max_files: u64,
     /// Bring back what the command wrote under /workspace/out into DIR
     /// (created if missing) after it exits; the command runs in /workspace.
     /// Each file is written atomically,

@@ -269,6 +269,10 @@ fn mounts(args: &RunArgs) -> Result<Vec<crate::share::MountSpec>, Error> {
         all.push(spec::parse_volume(v).map_err(Error::Mount)?);
     }
     spec::check_all(&all).map_err(Error::Mount)?;
+    for m in &mut all {
+        m.max_write_bytes = args.mount_max_write;
+        m.max_files = args.mount_max_files;
+    }
     if !args.exclude.is_empty() && args.workspace.is_none() && all.is_empty() {
         return Err(Error::Mount(
             "--exclude applies to --workspace and live mounts: give one of them".into(),
@@ -379,6 +383,8 @@ mod tests {
             exclude: Vec::new(),
             mounts: Vec::new(),
             volumes: Vec::new(),
+            mount_max_write: crate::share::spec::DEFAULT_MAX_WRITE_BYTES,
+            mount_max_files: crate::share::spec::DEFAULT_MAX_FILES,
             out: None,
             max_out_bytes: 1 << 30,
             collect: Vec::new(),

@@ -71,6 +71,14 @@ pub struct ShareConfig {
     pub file: Option<String>,
     pub uid: u32,
     pub gid: u32,
+    pub limits: ShareLimits,
+}
+
+/// [`super::fs::Limits`] as the broker sends them.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct ShareLimits {
+    pub max_write_bytes: u64,
+    pub max_created: u64,
 }
 
 /// What the server says.
@@ -226,7 +234,11 @@ fn jail_and_open(config: &ServerConfig) -> Result<Vec<Arc<Share>>, String> {
         };
         let deny = exclude.clone();
         let deny: super::fs::Deny = Box::new(move |name| deny.denies(name));
-        let s = Share::new(&format!("/{i}"), share.readonly, deny, ouid, ogid)
+        let limits = super::fs::Limits {
+            max_write_bytes: share.limits.max_write_bytes,
+            max_created: share.limits.max_created,
+        };
+        let s = Share::new(&format!("/{i}"), share.readonly, deny, (ouid, ogid), limits)
             .map_err(|e| format!("share {i}: {e}"))?;
         shares.push(Arc::new(s));
     }

@@ -21,7 +21,9 @@
 //!   be made with `mknod`.
 //! - **Bounds**: at most [`MAX_INODES`] inode references (each holds a
 //!   host file descriptor) and [`MAX_HANDLES`] open handles; past them the
-//!   guest gets `ENFILE`/`EMFILE`.
+//!   guest gets `ENFILE`/`EMFILE`. What the guest adds to the host is
+//!   bounded too ([`Limits`]: bytes written or preallocated, entries
+//!   made); past that, `EDQUOT`.
 //! - **Counts** for the audit log: bytes read and written, entries made
 //!   and removed, requests refused.
 //! - **Coherence** (for SQLite across the boundary): entry and attribute
@@ -49,6 +51,16 @@ pub const MAX_INODES: u64 = 65_536;
 /// Most open files and directories the guest may hold on one share.
 pub const MAX_HANDLES: u64 = 4_096;
 
+/// How much a guest may add to the host through one share: bytes written
+/// (and preallocated), and entries made. Past either, the request fails
+/// with `EDQUOT` (and is counted as refused): a hostile agent cannot fill
+/// the host's disk through a mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_write_bytes: u64,
+    pub max_created: u64,
+}
+
 /// What a share did, for `mount.done`.
 #[derive(Debug, Default)]
 pub struct Counts {
@@ -73,6 +85,9 @@ pub struct Share {
     gid: u32,
     refs: AtomicU64,
     handles: AtomicU64,
+    limits: Limits,
+    /// Bytes written plus bytes preallocated, against `max_write_bytes`.
+    budget: AtomicU64,
     pub counts: Counts,
 }
 
@@ -92,7 +107,13 @@ impl Share {
     /// A share of the directory `root` (a path in the server's own mount
     /// namespace), opened at the guest's `FUSE_INIT`. `uid`/`gid`: who
     /// the operations run as (0: as the server itself).
-    pub fn new(root: &str, readonly: bool, deny: Deny, uid: u32, gid: u32) -> io::Result<Share> {
+    pub fn new(
+        root: &str,
+        readonly: bool,
+        deny: Deny,
+        (uid, gid): (u32, u32),
+        limits: Limits,
+    ) -> io::Result<Share> {
         let cfg = Config {
             root_dir: root.to_owned(),
             entry_timeout: Duration::ZERO,
@@ -116,6 +137,8 @@ impl Share {
             gid,
             refs: AtomicU64::new(0),
             handles: AtomicU64::new(0),
+            limits,
+            budget: AtomicU64::new(0),
             counts: Counts::default(),
         })
     }
@@ -154,7 +177,7 @@ impl Share {
         if self.denied(name) {
             return self.refuse(libc::EACCES);
         }
-        Ok(())
+        self.create_room()
     }
 
     fn writable(&self) -> io::Result<()> {
@@ -162,6 +185,37 @@ impl Share {
             return self.refuse(libc::EROFS);
         }
         Ok(())
+    }
+
+    /// Room for one more entry made by the guest.
+    fn create_room(&self) -> io::Result<()> {
+        if self.counts.created.load(Ordering::Relaxed) >= self.limits.max_created {
+            return self.refuse(libc::EDQUOT);
+        }
+        Ok(())
+    }
+
+    /// Takes `bytes` from the write budget, or refuses.
+    fn spend(&self, bytes: u64) -> io::Result<()> {
+        let max = self.limits.max_write_bytes;
+        let took = self
+            .budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                b.checked_add(bytes).filter(|&n| n <= max)
+            });
+        if took.is_err() {
+            return self.refuse(libc::EDQUOT);
+        }
+        Ok(())
+    }
+
+    /// Gives back what a write did not use.
+    fn refund(&self, bytes: u64) {
+        let _ = self
+            .budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(bytes))
+            });
     }
 
     /// Room for one more inode reference.
@@ -365,7 +419,10 @@ impl FileSystem for Share {
     ) -> io::Result<()> {
         self.writable()?;
         self.existing(oldname)?;
-        self.new_name(newname)?;
+        self.name(newname)?;
+        if self.denied(newname) {
+            return self.refuse(libc::EACCES);
+        }
         self.inner
             .rename(ctx, olddir, oldname, newdir, newname, flags)
     }
@@ -447,7 +504,8 @@ impl FileSystem for Share {
         fuse_flags: u32,
     ) -> io::Result<usize> {
         self.writable()?;
-        let n = self.inner.write(
+        self.spend(u64::from(size))?;
+        let written = self.inner.write(
             ctx,
             inode,
             handle,
@@ -458,11 +516,11 @@ impl FileSystem for Share {
             delayed_write,
             flags,
             fuse_flags,
-        )?;
-        self.counts
-            .bytes_written
-            .fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
+        );
+        let n = written.as_ref().map_or(0, |&n| n as u64);
+        self.refund(u64::from(size).saturating_sub(n));
+        self.counts.bytes_written.fetch_add(n, Ordering::Relaxed);
+        written
     }
 
     fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
@@ -483,6 +541,7 @@ impl FileSystem for Share {
         length: u64,
     ) -> io::Result<()> {
         self.writable()?;
+        self.spend(length)?;
         self.inner
             .fallocate(ctx, inode, handle, mode, offset, length)
     }

@@ -84,6 +84,10 @@ impl ShareServer {
                     file: m.file.clone(),
                     uid: m.uid,
                     gid: m.gid,
+                    limits: child::ShareLimits {
+                        max_write_bytes: m.max_write_bytes,
+                        max_created: m.max_files,
+                    },
                 })
                 .collect(),
         };

@@ -26,7 +26,16 @@ pub struct MountSpec {
     /// user who runs airlock).
     pub uid: u32,
     pub gid: u32,
+    /// Most bytes the guest may write (or preallocate) through it.
+    pub max_write_bytes: u64,
+    /// Most files, directories and links the guest may make through it.
+    pub max_files: u64,
 }
+
+/// `--mount-max-write`'s default: 16 GiB per mount.
+pub const DEFAULT_MAX_WRITE_BYTES: u64 = 16 << 30;
+/// `--mount-max-files`' default: a million entries per mount.
+pub const DEFAULT_MAX_FILES: u64 = 1_000_000;
 
 impl MountSpec {
     /// What the guest is told.
@@ -47,6 +56,8 @@ impl MountSpec {
             kind: if self.file.is_some() { "file" } else { "dir" },
             uid: self.uid,
             gid: self.gid,
+            max_write_bytes: self.max_write_bytes,
+            max_files: self.max_files,
         }
     }
 }
@@ -165,6 +176,8 @@ fn build(
         file,
         uid,
         gid,
+        max_write_bytes: DEFAULT_MAX_WRITE_BYTES,
+        max_files: DEFAULT_MAX_FILES,
     };
     check_mount(&spec.entry()).map_err(|_| {
         format!(

@@ -11,7 +11,12 @@ use std::thread::JoinHandle;
 
 use fuse_backend_rs::api::server::Server;
 
-use super::fs::{Deny, Share};
+use super::fs::{Deny, Limits, Share};
+
+const LIMITS: Limits = Limits {
+    max_write_bytes: 1 << 30,
+    max_created: 1000,
+};
 use super::serve::{self, End, ReplyFile};
 
 const LOOKUP: u32 = 1;
@@ -21,6 +26,7 @@ const MKDIR: u32 = 9;
 const UNLINK: u32 = 10;
 const OPEN: u32 = 14;
 const READ: u32 = 15;
+const RELEASE: u32 = 18;
 const INIT: u32 = 26;
 const CREATE: u32 = 35;
 
@@ -38,13 +44,17 @@ fn deny_secrets() -> Deny {
 
 impl Guest {
     fn start(root: &Path, readonly: bool) -> Guest {
+        Guest::with_limits(root, readonly, LIMITS)
+    }
+
+    fn with_limits(root: &Path, readonly: bool, limits: Limits) -> Guest {
         let share = Arc::new(
             Share::new(
                 root.to_str().expect("test step"),
                 readonly,
                 deny_secrets(),
-                0,
-                0,
+                (0, 0),
+                limits,
             )
             .expect("test step"),
         );
@@ -305,4 +315,62 @@ fn undecodable_requests_get_no_reply_and_are_counted() {
     let (end, _) = g.finish();
     assert_eq!(end, End::Closed);
     std::fs::remove_dir_all(&dir).expect("test step");
+}
+
+#[test]
+fn a_flood_of_opens_is_bounded_and_recovers() {
+    let dir = tree("flood");
+    let mut g = Guest::start(&dir, true);
+    let a = g.lookup(1, b"a.txt").expect("a.txt");
+    let mut handles = Vec::new();
+    for _ in 0..super::fs::MAX_HANDLES {
+        handles.push(g.open(a, libc::O_RDONLY).expect("within the bound"));
+    }
+    assert_eq!(g.open(a, libc::O_RDONLY), Err(libc::EMFILE));
+    // RELEASE one: room for one more.
+    let mut body = handles[0].to_le_bytes().to_vec();
+    body.extend_from_slice(&[0u8; 16]);
+    assert_eq!(g.call(RELEASE, a, &body).0, 0);
+    assert!(g.open(a, libc::O_RDONLY).is_ok());
+    let refused = g
+        .share
+        .counts
+        .refused
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(refused, 1);
+    g.finish();
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+const WRITE: u32 = 16;
+
+#[test]
+fn what_the_guest_adds_to_the_host_is_bounded() {
+    let dir = tree("quota");
+    let limits = Limits {
+        max_write_bytes: 10,
+        max_created: 2,
+    };
+    let mut g = Guest::with_limits(&dir, false, limits);
+    let a = g.lookup(1, b"a.txt").expect("a.txt");
+    let fh = g.open(a, libc::O_WRONLY).expect("open");
+    let write = |g: &mut Guest, data: &[u8]| {
+        let mut body = Vec::new();
+        body.extend_from_slice(&fh.to_le_bytes());
+        body.extend_from_slice(&0u64.to_le_bytes());
+        body.extend_from_slice(&u32::try_from(data.len()).expect("small").to_le_bytes());
+        body.extend_from_slice(&[0u8; 20]);
+        body.extend_from_slice(data);
+        g.call(WRITE, a, &body).0
+    };
+    assert_eq!(write(&mut g, b"12345678"), 0);
+    assert_eq!(write(&mut g, b"12345"), -libc::EDQUOT);
+    assert_eq!(write(&mut g, b"12"), 0);
+    g.create(1, b"one", 0o644).expect("first");
+    g.mkdir(1, b"two").expect("second");
+    assert_eq!(g.create(1, b"three", 0o644), Err(libc::EDQUOT));
+    assert_eq!(g.mkdir(1, b"four"), Err(libc::EDQUOT));
+    g.finish();
+    assert!(!dir.join("three").exists() && !dir.join("four").exists());
+    std::fs::remove_dir_all(&dir).expect("cleanup");
 }
