@@ -11,7 +11,6 @@
 
 #![no_main]
 
-use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
@@ -26,7 +25,6 @@ mod fs;
 mod serve;
 
 use fs::Share;
-use serve::ReplyFile;
 
 /// The scratch tree: `base/share` is served, `base/outside.txt` must stay.
 fn base() -> &'static PathBuf {
@@ -42,28 +40,6 @@ fn base() -> &'static PathBuf {
             .expect("scratch");
         base
     })
-}
-
-/// The input as what the guest sends; the replies collected.
-struct Wire<'a> {
-    input: &'a [u8],
-    replies: Vec<u8>,
-}
-
-impl Read for Wire<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.input.read(buf)
-    }
-}
-
-impl Write for Wire<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.replies.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 fn init_request() -> Vec<u8> {
@@ -88,12 +64,13 @@ fuzz_target!(|data: &[u8]| {
     let server = Server::new(Arc::new(share));
     let mut input = init_request();
     input.extend_from_slice(data);
-    let mut wire = Wire { input: &input, replies: Vec::new() };
-    let mut reply = ReplyFile::new().expect("memfd");
-    let mut undecodable = 0;
-    let _ = serve::serve(&mut wire, &server, &mut reply, &mut undecodable);
+    let mut reader: &[u8] = &input;
+    let mut replies = Vec::new();
+    let undecodable = std::sync::atomic::AtomicU64::new(0);
+    // Two workers: replies from both must still come out whole.
+    let _ = serve::serve(&mut reader, &mut replies, &server, 2, &undecodable);
     // Replies: a sequence of whole FUSE replies within the bounds.
-    let mut rest = &wire.replies[..];
+    let mut rest = &replies[..];
     while !rest.is_empty() {
         assert!(rest.len() >= 16, "a torn reply header");
         let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;

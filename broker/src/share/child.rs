@@ -33,7 +33,7 @@ use std::io::{self, Read};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,7 +43,7 @@ use fuse_backend_rs::api::server::Server;
 use serde::{Deserialize, Serialize};
 
 use super::fs::{Share, MAX_HANDLES, MAX_INODES};
-use super::serve::{self, End, ReplyFile};
+use super::serve::{self, End};
 use super::sock;
 use crate::audit::records::MountDone;
 
@@ -371,11 +371,18 @@ fn connection(
     }
     let _ = stream.set_read_timeout(None);
     let server = Server::new(Arc::clone(share));
-    let mut undecodable = 0;
-    let end = match ReplyFile::new() {
-        Ok(mut reply) => serve::serve(&mut stream, &server, &mut reply, &mut undecodable),
-        Err(e) => End::Io(format!("reply buffer: {e}")),
+    let undecodable = AtomicU64::new(0);
+    let end = match stream.try_clone() {
+        Ok(mut reader) => serve::serve(
+            &mut reader,
+            &mut stream,
+            &server,
+            serve::WORKERS,
+            &undecodable,
+        ),
+        Err(e) => End::Io(format!("stream: {e}")),
     };
+    let undecodable = undecodable.into_inner();
     let end = match end {
         End::Closed => "closed".to_owned(),
         End::BadLength(n) => {

@@ -17,7 +17,8 @@ const LIMITS: Limits = Limits {
     max_write_bytes: 1 << 30,
     max_created: 1000,
 };
-use super::serve::{self, End, ReplyFile};
+use super::serve::{self, End};
+use std::sync::atomic::AtomicU64;
 
 const LOOKUP: u32 = 1;
 const GETATTR: u32 = 3;
@@ -61,10 +62,10 @@ impl Guest {
         let (ours, mut theirs) = UnixStream::pair().expect("test step");
         let server = Server::new(Arc::clone(&share));
         let handle = std::thread::spawn(move || {
-            let mut reply = ReplyFile::new().expect("test step");
-            let mut undecodable = 0;
-            let end = serve::serve(&mut theirs, &server, &mut reply, &mut undecodable);
-            (end, undecodable)
+            let undecodable = AtomicU64::new(0);
+            let mut reader = theirs.try_clone().expect("test step");
+            let end = serve::serve(&mut reader, &mut theirs, &server, 2, &undecodable);
+            (end, undecodable.into_inner())
         });
         let mut guest = Guest {
             stream: ours,
