@@ -206,11 +206,15 @@ fn jail_and_open(config: &ServerConfig) -> Result<Vec<Arc<Share>>, String> {
             None => dir,
         };
         let what = format!("bind {}", share.source.display());
+        // A read-only share is bound without the mounts below its source:
+        // a read-only remount covers only the mount it is applied to, so a
+        // mount nested in the source would stay writable in the jail.
+        let recursive = if share.readonly { 0 } else { libc::MS_REC };
         mount(
             Some(&share.source),
             &point,
             None,
-            libc::MS_BIND | libc::MS_REC,
+            libc::MS_BIND | recursive,
             &what,
         )?;
         if share.readonly {
