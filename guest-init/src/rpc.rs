@@ -27,7 +27,8 @@
 //! polled with the command's pipes), and `process.exit` before `Exit`.
 //!
 //! Every wait has a way out: connecting gives up after
-//! [`CONNECT_PATIENCE`], the handshake after [`HANDSHAKE_TIMEOUT`], the
+//! [`CONNECT_PATIENCE`] (or [`CONNECT_PATIENCE_SLOW`] while connects time
+//! out), the handshake after [`HANDSHAKE_TIMEOUT`], the
 //! command after its spec's timeout, and its stragglers after
 //! [`exec::DRAIN_GRACE`]. Writes to the host block only under its own
 //! back-pressure; the host owns the VM's lifetime and ends it if it stops
@@ -52,9 +53,15 @@ use crate::exec::{self, ChildWait, Event};
 use crate::procevents;
 use crate::vsock::VsockStream;
 
-/// How long to keep trying to reach the host (the vsock device may come up
-/// after the init starts).
+/// How long to keep trying to reach the host while it answers (the vsock
+/// device may come up after the init starts; a refusal means nobody
+/// listens, as when the VMM runs without a broker).
 pub const CONNECT_PATIENCE: Duration = Duration::from_secs(2);
+/// How long to keep trying while connects time out: the host is there but
+/// slow (several sandboxes booting at once under emulation took a single
+/// connect past the vsock's own 2 s timeout). The host's boot deadline
+/// bounds the run anyway.
+pub const CONNECT_PATIENCE_SLOW: Duration = Duration::from_secs(30);
 /// Pause between two connection attempts.
 const CONNECT_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait for each of the host's `Hello` and `RunSpec`.
@@ -163,11 +170,20 @@ fn retryable(err: &io::Error) -> bool {
 }
 
 fn connect() -> Result<VsockStream, Error> {
-    let give_up = Instant::now() + CONNECT_PATIENCE;
+    let start = Instant::now();
     loop {
         match VsockStream::connect(HOST_CID, CONTROL_PORT) {
             Ok(stream) => return Ok(stream),
-            Err(err) if retryable(&err) && Instant::now() + CONNECT_BACKOFF < give_up => {
+            Err(err)
+                if retryable(&err) && {
+                    let patience = if err.raw_os_error() == Some(libc::ETIMEDOUT) {
+                        CONNECT_PATIENCE_SLOW
+                    } else {
+                        CONNECT_PATIENCE
+                    };
+                    start.elapsed() + CONNECT_BACKOFF < patience
+                } =>
+            {
                 console::debug(&format!("connect: {err}; retrying"));
                 thread::sleep(CONNECT_BACKOFF);
             }
