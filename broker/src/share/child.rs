@@ -45,7 +45,9 @@ use serde::{Deserialize, Serialize};
 use super::fs::{Share, MAX_HANDLES, MAX_INODES};
 use super::serve::{self, End};
 use super::sock;
+use super::MountSpec;
 use crate::audit::records::MountDone;
+use crate::text::report;
 
 /// The channel's descriptor in the server.
 pub const CHANNEL_FD: i32 = 3;
@@ -59,26 +61,7 @@ pub struct ServerConfig {
     pub root: PathBuf,
     /// The deny list's patterns (defaults and `--exclude`).
     pub exclude: Vec<String>,
-    pub mounts: Vec<ShareConfig>,
-}
-
-/// One share.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ShareConfig {
-    pub source: PathBuf,
-    pub target: String,
-    pub readonly: bool,
-    pub file: Option<String>,
-    pub uid: u32,
-    pub gid: u32,
-    pub limits: ShareLimits,
-}
-
-/// [`super::fs::Limits`] as the broker sends them.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-pub struct ShareLimits {
-    pub max_write_bytes: u64,
-    pub max_created: u64,
+    pub mounts: Vec<MountSpec>,
 }
 
 /// What the server says.
@@ -144,18 +127,6 @@ fn mount(
     what: &str,
 ) -> Result<(), String> {
     jail::mount(src, target, fstype, flags, None).map_err(|e| format!("{what}: {}", report(&e)))
-}
-
-/// An error with its causes.
-fn report(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn write_file(path: &str, text: &str) -> Result<(), String> {
@@ -239,8 +210,8 @@ fn jail_and_open(config: &ServerConfig) -> Result<Vec<Arc<Share>>, String> {
         let deny = exclude.clone();
         let deny: super::fs::Deny = Box::new(move |name| deny.denies(name));
         let limits = super::fs::Limits {
-            max_write_bytes: share.limits.max_write_bytes,
-            max_created: share.limits.max_created,
+            max_write_bytes: share.max_write_bytes,
+            max_created: share.max_files,
         };
         let s = Share::new(&format!("/{i}"), share.readonly, deny, (ouid, ogid), limits)
             .map_err(|e| format!("share {i}: {e}"))?;

@@ -170,13 +170,20 @@ impl Share {
         Ok(())
     }
 
-    /// A name to make or rename onto: plain, writable share, not denied.
-    fn new_name(&self, name: &CStr) -> io::Result<()> {
+    /// A name to rename onto: plain, writable share, not denied.
+    fn target_name(&self, name: &CStr) -> io::Result<()> {
         self.writable()?;
         self.name(name)?;
         if self.denied(name) {
             return self.refuse(libc::EACCES);
         }
+        Ok(())
+    }
+
+    /// A name to make: as [`Share::target_name`], and room for one more
+    /// entry.
+    fn new_name(&self, name: &CStr) -> io::Result<()> {
+        self.target_name(name)?;
         self.create_room()
     }
 
@@ -238,6 +245,13 @@ impl Share {
             self.counts.created.fetch_add(1, Ordering::Relaxed);
         }
         self.took(entry)
+    }
+
+    fn removed(&self, r: io::Result<()>) -> io::Result<()> {
+        if r.is_ok() {
+            self.counts.removed.fetch_add(1, Ordering::Relaxed);
+        }
+        r
     }
 
     fn handle_room(&self) -> io::Result<()> {
@@ -391,21 +405,13 @@ impl FileSystem for Share {
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         self.writable()?;
         self.existing(name)?;
-        let r = self.inner.unlink(ctx, parent, name);
-        if r.is_ok() {
-            self.counts.removed.fetch_add(1, Ordering::Relaxed);
-        }
-        r
+        self.removed(self.inner.unlink(ctx, parent, name))
     }
 
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         self.writable()?;
         self.existing(name)?;
-        let r = self.inner.rmdir(ctx, parent, name);
-        if r.is_ok() {
-            self.counts.removed.fetch_add(1, Ordering::Relaxed);
-        }
-        r
+        self.removed(self.inner.rmdir(ctx, parent, name))
     }
 
     fn rename(
@@ -419,10 +425,7 @@ impl FileSystem for Share {
     ) -> io::Result<()> {
         self.writable()?;
         self.existing(oldname)?;
-        self.name(newname)?;
-        if self.denied(newname) {
-            return self.refuse(libc::EACCES);
-        }
+        self.target_name(newname)?;
         self.inner
             .rename(ctx, olddir, oldname, newdir, newname, flags)
     }

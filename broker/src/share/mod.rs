@@ -41,7 +41,7 @@ use airlock_protocol::MOUNTS_PORT;
 use crate::audit::records::{MountFailed, MountRefused, PortFailed};
 use crate::audit::{AuditLog, Durability};
 use crate::door::ports::{Accepted, Admit, Port};
-use child::{Event, ServerConfig, ShareConfig, CHANNEL_FD};
+use child::{Event, ServerConfig, CHANNEL_FD};
 pub use spec::MountSpec;
 
 /// How long the server may take to jail itself and say it is ready.
@@ -75,21 +75,7 @@ impl ShareServer {
         let config = ServerConfig {
             root,
             exclude: exclude.to_vec(),
-            mounts: mounts
-                .iter()
-                .map(|m| ShareConfig {
-                    source: m.source.clone(),
-                    target: m.target.clone(),
-                    readonly: m.readonly,
-                    file: m.file.clone(),
-                    uid: m.uid,
-                    gid: m.gid,
-                    limits: child::ShareLimits {
-                        max_write_bytes: m.max_write_bytes,
-                        max_created: m.max_files,
-                    },
-                })
-                .collect(),
+            mounts: mounts.to_vec(),
         };
         let (ours, theirs) = sock::pair()?;
         let exe = std::env::current_exe()?;

@@ -11,8 +11,9 @@ use crate::audit::records::MountRecord;
 
 /// One live mount, checked: its source resolved (symlinks in the path
 /// the user named are followed here, once, by airlock; never afterwards,
-/// and never inside the share).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// and never inside the share). The broker hands it to the share server
+/// as it is (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MountSpec {
     /// The host file or directory, canonical.
     pub source: PathBuf,

@@ -167,6 +167,14 @@ impl Guest {
         }
     }
 
+    /// Requests the share refused so far.
+    fn refused(&self) -> u64 {
+        self.share
+            .counts
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn finish(mut self) -> (End, u64) {
         self.stream
             .shutdown(std::net::Shutdown::Both)
@@ -229,11 +237,7 @@ fn hostile_names_and_denied_entries_are_refused() {
     let (err, _) = g.call(GETATTR, 123_456, &[0u8; 16]);
     assert_ne!(err, 0);
     assert!(g.open(987_654, libc::O_RDONLY).is_err());
-    let refused = g
-        .share
-        .counts
-        .refused
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let refused = g.refused();
     assert!(refused >= 10, "refused {refused}");
     g.finish();
     std::fs::remove_dir_all(&dir).expect("test step");
@@ -333,11 +337,7 @@ fn a_flood_of_opens_is_bounded_and_recovers() {
     body.extend_from_slice(&[0u8; 16]);
     assert_eq!(g.call(RELEASE, a, &body).0, 0);
     assert!(g.open(a, libc::O_RDONLY).is_ok());
-    let refused = g
-        .share
-        .counts
-        .refused
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let refused = g.refused();
     assert_eq!(refused, 1);
     g.finish();
     std::fs::remove_dir_all(&dir).expect("cleanup");
