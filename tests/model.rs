@@ -866,9 +866,11 @@ with urllib.request.urlopen(req, timeout=300) as r:
 text = "".join(e.get("delta", {}).get("text", "") for e in events if e.get("type") == "content_block_delta")
 print(f"events={len(events)} last={events[-1]['type']}", flush=True)
 print("text=" + text, flush=True)
-# Kept in the guest's RAM (a tmpfs file) for the dump scan: the process's
-# own copies are freed and may be overwritten before the VM stops.
-open("/tmp/answer.txt", "w").write(text)
+# Kept in the guest's RAM for the dump scan: the process's own copies are
+# freed and may be overwritten before the VM stops, and so may the
+# container's /tmp (removed with the container, before the dump: a CI run
+# missed the text there). /workspace is the VM's own tmpfs, kept to the end.
+open("/workspace/answer.txt", "w").write(text)
 print("guest_key=" + os.environ.get("ANTHROPIC_API_KEY", ""), flush=True)
 "#
     );
