@@ -10,6 +10,7 @@ mod archive;
 mod audit;
 mod cli;
 mod door;
+mod egress;
 mod engine;
 mod exit;
 mod host;

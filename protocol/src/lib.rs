@@ -14,6 +14,7 @@
 //! frame the other side rejects; every decoded message re-encodes to the
 //! bytes it came from.
 
+pub mod egress;
 mod frame;
 pub mod limits;
 mod message;
@@ -82,6 +83,11 @@ pub mod capability {
     /// (only if the guest listed it, and only when the run has mounts): a
     /// `Mounts` follows the `RunAs` (or what precedes it).
     pub const MOUNTS: &str = "mounts";
+    /// In the guest's `Hello`: it can run the egress proxy. In the host's
+    /// (only if the guest listed it): the host serves [`crate::EGRESS_PORT`]
+    /// under its egress policy (default deny), and the guest runs the
+    /// proxy for the agent.
+    pub const EGRESS: &str = "egress";
 }
 
 /// Host port the guest init connects to for the control connection.
@@ -112,6 +118,12 @@ pub const MOUNTS_PORT: u32 = 1029;
 
 /// The first 4 bytes of a mount connection.
 pub const MOUNT_HELLO: [u8; 4] = *b"amnt";
+
+/// Host port the guest init connects to once per tunnel the agent opens
+/// through the in-guest egress proxy (HTTP `CONNECT`, plain HTTP, SOCKS5,
+/// `--host-port` forwards): an [`egress::Request`], the host's
+/// [`egress::Reply`], then the tunnel's bytes both ways.
+pub const EGRESS_PORT: u32 = 1030;
 
 /// Most exec connections the guest serves at once; it closes further ones
 /// at once.

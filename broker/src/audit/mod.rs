@@ -123,6 +123,20 @@ pub mod kind {
     pub const MOUNT_DONE: &str = "mount.done";
     /// The share server could not start or stopped early: `error`.
     pub const MOUNT_FAILED: &str = "mount.failed";
+    /// An egress tunnel connected: `id`, `kind`, `name`, `port`,
+    /// `address`, `rule`, `connect_ms`.
+    pub const NET_CONNECT: &str = "net.connect";
+    /// An egress tunnel ended: `id`, `name`, `port`, `address`,
+    /// `bytes_up` (guest to destination), `bytes_down`, `duration_ms`,
+    /// `end`.
+    pub const NET_CLOSE: &str = "net.close";
+    /// An egress tunnel refused: `kind`, `name`, `port`, `reason`
+    /// (`policy`, `no_such_host`, `refused`, `unreachable`, `limit`,
+    /// `bad_request`), `rule`, `message`.
+    pub const NET_DENIED: &str = "net.denied";
+    /// At the end: `tunnels`, `denied`, `denied_unrecorded`, `bytes_up`,
+    /// `bytes_down`, `unfinished_at_end`.
+    pub const NET_SUMMARY: &str = "net.summary";
 }
 
 /// The default of `--audit-max-guest-events`.

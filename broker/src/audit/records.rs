@@ -93,6 +93,8 @@ pub struct Policy {
     /// them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<MountRecord>,
+    /// The egress door's policy and limits ([`crate::egress::Settings::fields`]).
+    pub egress: Value,
 }
 
 /// One live mount as `run.start` lists it.
@@ -156,6 +158,78 @@ pub struct MountFailed {
 
 impl HostRecord for MountFailed {
     const KIND: &'static str = kind::MOUNT_FAILED;
+}
+
+/// `net.connect`: an egress tunnel connected.
+#[derive(Debug, Serialize)]
+pub struct NetConnect {
+    pub id: u64,
+    pub kind: &'static str,
+    pub name: String,
+    pub port: u16,
+    pub address: String,
+    pub rule: String,
+    pub connect_ms: u64,
+}
+
+impl HostRecord for NetConnect {
+    const KIND: &'static str = kind::NET_CONNECT;
+}
+
+/// `net.close`: an egress tunnel ended.
+#[derive(Debug, Serialize)]
+pub struct NetClose {
+    pub id: u64,
+    pub name: String,
+    pub port: u16,
+    pub address: String,
+    /// Guest to destination.
+    pub bytes_up: u64,
+    /// Destination to guest.
+    pub bytes_down: u64,
+    pub duration_ms: u64,
+    /// `closed`, `idle_timeout`, `byte_limit`, `sandbox_end`, or the error.
+    pub end: String,
+}
+
+impl HostRecord for NetClose {
+    const KIND: &'static str = kind::NET_CLOSE;
+}
+
+/// `net.denied`: an egress tunnel refused.
+#[derive(Debug, Serialize)]
+pub struct NetDenied {
+    pub kind: Option<&'static str>,
+    pub name: Option<String>,
+    pub port: Option<u16>,
+    /// `policy`, `no_such_host`, `refused`, `unreachable`, `limit`,
+    /// `bad_request`.
+    pub reason: &'static str,
+    /// The deny rule, the allow rule a special address was refused under,
+    /// or `default`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    pub message: String,
+}
+
+impl HostRecord for NetDenied {
+    const KIND: &'static str = kind::NET_DENIED;
+}
+
+/// `net.summary`: the egress door at the end of the run.
+#[derive(Debug, Serialize)]
+pub struct NetSummary {
+    pub tunnels: u64,
+    pub denied: u64,
+    /// Denials past the record cap, counted only.
+    pub denied_unrecorded: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub unfinished_at_end: usize,
+}
+
+impl HostRecord for NetSummary {
+    const KIND: &'static str = kind::NET_SUMMARY;
 }
 
 /// The run spec as sent.

@@ -640,6 +640,44 @@ pub struct RunArgs {
     /// file); larger files are refused
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_OUTPUT_BYTES)]
     pub max_out_bytes: u64,
+    /// Let the agent reach DESTINATION through the sandbox's egress proxy
+    /// (HTTP_PROXY/HTTPS_PROXY at 127.0.0.1:3128, SOCKS5 at 127.0.0.1:1080
+    /// in the guest; the guest has no network device, so nothing else gets
+    /// out). RULE: a host name, *.domain (names below it), * (any), an IP
+    /// or a CIDR, with :PORT or :* (without: ports 80 and 443); IPv6 as
+    /// [::1]:443. Default deny. airlock resolves names on the host and
+    /// checks each address: loopback, private, link-local (cloud metadata)
+    /// and other special addresses are only reached when a rule names that
+    /// host exactly or holds that IP, never through a wildcard (repeatable)
+    #[arg(long, value_name = "RULE")]
+    pub net_allow: Vec<String>,
+    /// Refuse RULE (as --net-allow): deny wins over allow, by name and
+    /// again on the resolved addresses (repeatable)
+    #[arg(long, value_name = "RULE")]
+    pub net_deny: Vec<String>,
+    /// Read rules from FILE: one per line, `allow RULE` or `deny RULE`,
+    /// `#` comments
+    #[arg(long, value_name = "FILE")]
+    pub net_policy: Option<PathBuf>,
+    /// Forward host.docker.internal:PORT and host.airlock.internal:PORT in
+    /// the guest (directly, and through the proxy) to the host's
+    /// 127.0.0.1:HOSTPORT (default: the same port), for credential
+    /// gateways and local services (repeatable, at most 32)
+    #[arg(long, value_name = "PORT[:HOSTPORT]")]
+    pub host_port: Vec<String>,
+    /// Most egress tunnels open at once (more wait)
+    #[arg(long, value_name = "N", default_value_t = crate::egress::DEFAULT_MAX_TUNNELS)]
+    pub net_max_tunnels: usize,
+    /// Most bytes through the egress door, both ways, in the sandbox's
+    /// life: past it tunnels are cut and new ones refused
+    #[arg(long, value_name = "BYTES", default_value_t = crate::egress::DEFAULT_MAX_BYTES)]
+    pub net_max_bytes: u64,
+    /// Give up connecting to a destination after this many seconds
+    #[arg(long, value_name = "SECS", default_value_t = crate::egress::DEFAULT_CONNECT_TIMEOUT_S)]
+    pub net_connect_timeout: u64,
+    /// Close a tunnel with no bytes either way for this many seconds
+    #[arg(long, value_name = "SECS", default_value_t = crate::egress::DEFAULT_IDLE_TIMEOUT_S)]
+    pub net_idle_timeout: u64,
     #[command(flatten)]
     pub model: ModelArgs,
     /// The command to run in the sandbox, and its arguments (after `--`)

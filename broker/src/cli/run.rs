@@ -200,6 +200,7 @@ impl TryFrom<RunArgs> for RunConfig {
         let mounts = mounts(&args)?;
         spec.set_mounts(mounts.iter().map(crate::share::MountSpec::entry).collect())
             .map_err(Error::Spec)?;
+        let egress = egress(&args)?;
         let cmdline = args.cmdline.unwrap_or_default();
         if cmdline.contains('\0') {
             return Err(Error::NulInCmdline);
@@ -254,8 +255,77 @@ impl TryFrom<RunArgs> for RunConfig {
                 .map(|p| std::path::absolute(&p).unwrap_or(p)),
             sandbox: None,
             mounts,
+            egress,
         })
     }
+}
+
+/// `--net-*` and `--host-port`, checked.
+fn egress(args: &RunArgs) -> Result<crate::egress::Settings, Error> {
+    use crate::egress::policy::{self, Action};
+    let mut rules = Vec::new();
+    for r in &args.net_allow {
+        rules.push(policy::parse_rule(r, Action::Allow, "--net-allow").map_err(Error::Egress)?);
+    }
+    for r in &args.net_deny {
+        rules.push(policy::parse_rule(r, Action::Deny, "--net-deny").map_err(Error::Egress)?);
+    }
+    if let Some(file) = &args.net_policy {
+        let text = read_policy(file)
+            .map_err(|e| Error::Egress(format!("--net-policy {}: {e}", file.display())))?;
+        rules.extend(
+            policy::parse_policy_file(&text, &file.display().to_string()).map_err(Error::Egress)?,
+        );
+    }
+    if rules.len() > policy::MAX_RULES {
+        return Err(Error::Egress(format!(
+            "at most {} egress rules",
+            policy::MAX_RULES
+        )));
+    }
+    let mut host_ports: Vec<(u16, u16)> = Vec::new();
+    for h in &args.host_port {
+        let (port, host) = policy::parse_host_port(h).map_err(Error::Egress)?;
+        if crate::egress::GUEST_PORTS.contains(&port) {
+            return Err(Error::Egress(format!(
+                "--host-port {h}: port {port} is the guest's own (model endpoint 8088, \
+                 proxy 3128, SOCKS 1080): forward another"
+            )));
+        }
+        if host_ports.iter().any(|(p, _)| *p == port) {
+            return Err(Error::Egress(format!("--host-port {port} is given twice")));
+        }
+        host_ports.push((port, host));
+    }
+    if host_ports.len() > policy::MAX_HOST_PORTS {
+        return Err(Error::Egress(format!(
+            "at most {} --host-port forwards",
+            policy::MAX_HOST_PORTS
+        )));
+    }
+    if args.net_max_tunnels == 0 || args.net_connect_timeout == 0 || args.net_idle_timeout == 0 {
+        return Err(Error::Egress(
+            "--net-max-tunnels, --net-connect-timeout and --net-idle-timeout must be at least 1"
+                .into(),
+        ));
+    }
+    Ok(crate::egress::Settings {
+        policy: crate::egress::Policy { rules, host_ports },
+        max_tunnels: args.net_max_tunnels,
+        max_bytes: args.net_max_bytes,
+        connect_timeout: Duration::from_secs(args.net_connect_timeout),
+        idle_timeout: Duration::from_secs(args.net_idle_timeout),
+    })
+}
+
+/// A `--net-policy` file: UTF-8, at most 1 MiB.
+fn read_policy(file: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(file)?
+        .take(1 << 20)
+        .read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// `--mount` and `-v`, in that order (the guest numbers them so), checked.
@@ -395,6 +465,14 @@ mod tests {
             nested: false,
             vm_root: false,
             model: crate::cli::ModelArgs::default(),
+            net_allow: Vec::new(),
+            net_deny: Vec::new(),
+            net_policy: None,
+            host_port: Vec::new(),
+            net_max_tunnels: crate::egress::DEFAULT_MAX_TUNNELS,
+            net_max_bytes: crate::egress::DEFAULT_MAX_BYTES,
+            net_connect_timeout: crate::egress::DEFAULT_CONNECT_TIMEOUT_S,
+            net_idle_timeout: crate::egress::DEFAULT_IDLE_TIMEOUT_S,
             command: vec!["true".into()],
         }
     }

@@ -295,6 +295,12 @@ impl EncodedSpec {
         if self.mounts.is_some() && guest.iter().any(|c| c == capability::MOUNTS) {
             caps.push(capability::MOUNTS.to_owned());
         }
+        // The egress port is always served too (default deny: a run
+        // without --net-allow answers every tunnel with a 403 that says
+        // which flag would open it).
+        if guest.iter().any(|c| c == capability::EGRESS) {
+            caps.push(capability::EGRESS.to_owned());
+        }
         caps
     }
 }

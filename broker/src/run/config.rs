@@ -75,6 +75,8 @@ pub struct RunConfig {
     pub sandbox: Option<crate::sandbox::server::Mode>,
     /// `--mount`, `-v`: live mounts of the agent's container.
     pub mounts: Vec<crate::share::MountSpec>,
+    /// `--net-*`, `--host-port`: the egress door.
+    pub egress: crate::egress::Settings,
 }
 
 /// `--workspace`, `--exclude`, `--out`, `--max-out-bytes`.

@@ -51,6 +51,8 @@ pub enum Error {
     UserWithoutContainer,
     #[error("{0}")]
     Mount(String),
+    #[error("{0}")]
+    Egress(String),
     #[error("--nested needs the guest root image (podman is in it): not with --initrd")]
     NestedWithoutRoot,
     #[error("--vm-root is for a command that runs directly in the VM: add --no-container")]
@@ -155,9 +157,11 @@ impl Error {
             | Error::Place(..) => Exit::Usage,
             Error::Report(..) => Exit::SandboxFailed,
             Error::ImageStore(e) => e.exit(),
-            Error::Workdir(_) | Error::User(_) | Error::UserWithoutContainer | Error::Mount(_) => {
-                Exit::Usage
-            }
+            Error::Workdir(_)
+            | Error::User(_)
+            | Error::UserWithoutContainer
+            | Error::Mount(_)
+            | Error::Egress(_) => Exit::Usage,
             Error::Audit(e) => match e {
                 audit::Error::Create { .. }
                 | audit::Error::Read { .. }

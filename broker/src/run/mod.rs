@@ -491,6 +491,11 @@ fn vm_config(config: &RunConfig, pins: &Pins, run_dir: &RunDir, vsock_uds: PathB
     }
     // Before the user's --cmdline, which may lower it (the init caps it).
     extra_cmdline.insert(0, model_max_body_word(config));
+    // The ports the guest forwards to the host (numbers only, no host
+    // address): the init listens on them for the agent.
+    if let Some(word) = config.egress.cmdline_word() {
+        extra_cmdline.insert(0, word);
+    }
     let (initrd, disks) = if pins.image_mode {
         let disks = std::iter::once(&pins.root)
             .chain(pins.archive.as_ref())

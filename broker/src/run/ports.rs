@@ -27,6 +27,7 @@ pub(crate) struct Ports {
     server: Option<PortServer>,
     model: Option<crate::model::ModelPort>,
     share: Option<crate::share::ShareServer>,
+    egress: Option<crate::egress::EgressPort>,
 }
 
 impl Drop for Ports {
@@ -35,6 +36,7 @@ impl Drop for Ports {
         drop(self.server.take());
         drop(self.share.take());
         drop(self.model.take());
+        drop(self.egress.take());
     }
 }
 
@@ -58,6 +60,16 @@ pub(crate) fn serve(
             source,
         })?;
     ports.push(model_port);
+    let (egress_port, egress) = crate::egress::port(
+        &config.egress,
+        bind(vsock_uds, airlock_protocol::EGRESS_PORT)?,
+        audit,
+    )
+    .map_err(|source| Error::Listen {
+        path: engine::port_path(vsock_uds, airlock_protocol::EGRESS_PORT),
+        source,
+    })?;
+    ports.push(egress_port);
     let share = if config.mounts.is_empty() {
         None
     } else {
@@ -82,6 +94,7 @@ pub(crate) fn serve(
         server: Some(server),
         model: Some(model),
         share,
+        egress: Some(egress),
     })
 }
 

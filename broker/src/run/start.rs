@@ -177,6 +177,7 @@ pub(crate) fn run_start(
                 .map(crate::share::MountSpec::record)
                 .collect(),
             model: config.model.fields(),
+            egress: config.egress.fields(),
         },
         spec: Spec {
             argv: spec.argv.clone(),
