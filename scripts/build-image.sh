@@ -53,10 +53,13 @@ mirrors=(
 # gpg: libgpgme11 needs "gnupg | gpg"; naming gpg saves the rest of gnupg
 # (agent, dirmngr, l10n: ~13 MB).
 # No nodejs: Debian's (libnode + libicu) adds ~85 MB.
+# curl and python3-pip: real clients for the egress proxy (HTTP_PROXY);
+# Debian's pip refuses the system site (PEP 668): `pip install --target`.
 packages=(
     podman crun catatonit conmon podman-docker netavark
     bash coreutils util-linux procps e2fsprogs
     git python3 ca-certificates iproute2 gpg
+    curl python3-pip
 )
 # Left out of every package as dpkg unpacks it (copyright files are kept).
 excludes=(
@@ -185,7 +188,9 @@ chmod 1777 "$root/tmp"
 # podman (`--rootfs /`) wants /etc/mtab and cannot create it on a read-only /.
 ln -sfn ../proc/self/mounts "$root/etc/mtab"
 # Nor /etc/hosts, which crun bind-mounts over (minbase has no netbase).
-printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' > "$root/etc/hosts"
+# The host's names for --host-port forwards are loopback: the init listens
+# there for the agent (podman's --add-host says the same in a container).
+printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n127.0.0.1\thost.docker.internal host.airlock.internal\n' > "$root/etc/hosts"
 
 for tool in podman crun conmon catatonit docker; do
     [ -x "$root/usr/bin/$tool" ] || die "/usr/bin/$tool is missing from the image"

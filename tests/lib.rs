@@ -541,3 +541,29 @@ impl Drop for Upstream {
         let _ = self.child.wait();
     }
 }
+
+/// A CA and a server certificate it signed for 127.0.0.1 and localhost,
+/// made at test time: `(ca.pem, cert.pem, key.pem)` in `dir`.
+pub fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Airlock e2e CA");
+    let ca_key = rcgen::KeyPair::generate().expect("ca key");
+    let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).expect("ca");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("sign");
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca.pem()).expect("write the CA");
+    std::fs::write(&paths.1, cert.pem()).expect("write the certificate");
+    std::fs::write(&paths.2, key.serialize_pem()).expect("write the key");
+    paths
+}

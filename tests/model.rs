@@ -9,11 +9,11 @@
 //! never enters the guest: its environment, its file systems and its whole
 //! RAM (dumped by the engine after the VM stops) are searched for it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use airlock_e2e::{
     audit_records as records, bin, build_file, fields_of_kind as of_kind, rel, root, run_env,
-    scratch, secret_key, testbed, Run, Upstream,
+    scratch, secret_key, test_pki, testbed, Run, Upstream,
 };
 use serde_json::Value;
 
@@ -791,32 +791,6 @@ fn kvm_reference_agent_in_the_test_bed() {
     assert!(reqs.iter().all(|q| q["key"] == key.as_str()), "{log}");
     let size = scan_ram_dump(&dump, b"Summary written by the scripted model", &key);
     assert_eq!(size, 512 << 20, "{r}");
-}
-
-/// A CA and a server certificate it signed for 127.0.0.1 and localhost,
-/// made at test time: `(ca.pem, cert.pem, key.pem)` in `dir`.
-fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Airlock e2e CA");
-    let ca_key = rcgen::KeyPair::generate().expect("ca key");
-    let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).expect("ca");
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-        .expect("params")
-        .signed_by(&key, &ca)
-        .expect("sign");
-    let paths = (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    );
-    write(&paths.0, &ca.pem());
-    write(&paths.1, &cert.pem());
-    write(&paths.2, &key.serialize_pem());
-    paths
 }
 
 /// An HTTPS upstream with a private CA (airlock-upstream --tls-cert):

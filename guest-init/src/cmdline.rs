@@ -44,6 +44,9 @@ pub struct Options {
     /// --model-max-request-bytes`): the in-guest model endpoint's body
     /// limit (capped at [`crate::model::MAX_BODY`] there).
     pub model_max_body: Option<u64>,
+    /// `airlock.host_ports=P1,P2` (`airlock run --host-port`): the ports
+    /// forwarded to the host, which the init listens on for the agent.
+    pub host_ports: crate::egress::HostPorts,
 }
 
 impl Default for Options {
@@ -57,6 +60,7 @@ impl Default for Options {
             vm_root: false,
             epoch: None,
             model_max_body: None,
+            host_ports: crate::egress::HostPorts::default(),
         }
     }
 }
@@ -81,6 +85,9 @@ impl Options {
                 "airlock.nested" => options.nested = parse_bool(value),
                 "airlock.vmroot" => options.vm_root = parse_bool(value),
                 "airlock.epoch" => options.epoch = value.and_then(|v| v.parse().ok()),
+                "airlock.host_ports" => {
+                    options.host_ports = crate::egress::HostPorts::parse(value.unwrap_or(""));
+                }
                 "airlock.model_max_body" => {
                     options.model_max_body = value.and_then(|v| v.parse().ok());
                 }

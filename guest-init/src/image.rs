@@ -83,6 +83,9 @@ pub fn loopback_up() -> io::Result<()> {
     Ok(())
 }
 
+/// The names that reach the host's `--host-port` forwards.
+pub const HOST_NAMES: [&str; 2] = ["host.docker.internal", "host.airlock.internal"];
+
 /// The spec that runs `spec` in a fresh podman container: no network device
 /// (`--network none`, or the model endpoint's loopback-only namespace), the
 /// image's own root as an overlay (`--rootfs /:O`; writes land in tmpfs and
@@ -123,6 +126,14 @@ pub fn containerize(spec: RunSpec, container: &Container) -> RunSpec {
     .map(str::to_owned)
     .collect();
     argv.push(spec.cwd.clone());
+    // The host's names for --host-port forwards: loopback in the agent's
+    // namespace, where the init listens on each forwarded port (and the
+    // proxy takes the names too).
+    if container.network.is_some() {
+        for name in HOST_NAMES {
+            argv.extend(["--add-host".into(), format!("{name}:127.0.0.1")]);
+        }
+    }
     // The VM's /workspace (copied in, results out), unless a live mount
     // takes its place.
     if !container.mounts.iter().any(|m| m.target == "/workspace") {

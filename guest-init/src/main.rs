@@ -36,6 +36,7 @@ mod boottimer;
 mod clock;
 mod cmdline;
 mod console;
+mod egress;
 mod exec;
 mod execd;
 mod files;
@@ -146,6 +147,7 @@ fn run() -> Result<(), Error> {
             container: mode,
             agent,
             model_max_body: options.model_max_body,
+            host_ports: options.host_ports,
         },
     )?;
     console::debug(&format!("command ended: {status:?}"));

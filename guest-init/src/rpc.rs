@@ -147,6 +147,9 @@ pub struct Placement {
     /// The host's model request body limit (`airlock.model_max_body`),
     /// for the in-guest endpoint; `None`: [`crate::model::MAX_BODY`].
     pub model_max_body: Option<u64>,
+    /// The `--host-port` forwards the agent reaches on loopback
+    /// (`airlock.host_ports`).
+    pub host_ports: crate::egress::HostPorts,
     /// Directly in the VM as the unprivileged agent user
     /// ([`crate::privilege`]); else as root. Not with a container.
     pub agent: bool,
@@ -236,6 +239,7 @@ fn converse<S: Stream>(
                 capability::EXEC.into(),
                 capability::RUN_AS.into(),
                 capability::MOUNTS.into(),
+                capability::EGRESS.into(),
             ],
         },
     )?;
@@ -253,6 +257,7 @@ fn converse<S: Stream>(
     let workspace = files && has(capability::WORKSPACE);
     let results = files && has(capability::RESULTS);
     let model = has(capability::MODEL);
+    let egress = has(capability::EGRESS);
     let execs = has(capability::EXEC);
     let mut spec = match receive(stream, "RunSpec")? {
         Message::RunSpec(spec) => spec,
@@ -341,22 +346,75 @@ fn converse<S: Stream>(
     let (wake, notify) = UnixStream::pair().map_err(Error::Setup)?;
     let mut network = None;
     let mut model_reports = None;
+    // The agent's loopback services: the model endpoint and the egress
+    // proxy, in one namespace (the container's, or the VM's).
+    let mut ports = Vec::new();
     if model {
-        let reporter = if audit {
-            let (reporter, reports) =
-                crate::model::Reporter::new(notify.try_clone().map_err(Error::Setup)?);
-            model_reports = Some(reports);
-            Some(reporter)
-        } else {
-            None
-        };
-        match crate::model::start(container.is_some(), reporter, placement.model_max_body) {
-            Ok(ns) => {
+        ports.push(crate::model::PORT);
+    }
+    if egress {
+        ports.extend([crate::egress::PROXY_PORT, crate::egress::SOCKS_PORT]);
+        ports.extend_from_slice(placement.host_ports.as_slice());
+    }
+    let listeners = if ports.is_empty() {
+        Vec::new()
+    } else {
+        match crate::model::listen_ports(container.is_some(), &ports) {
+            Ok((listeners, ns)) => {
                 network = ns;
-                let extra = crate::model::agent_env(&spec.env);
+                listeners
+            }
+            Err(err) => {
+                console::warn(&format!("loopback services: {}", console::chain(&err)));
+                Vec::new()
+            }
+        }
+    };
+    let mut egress_listeners = Vec::new();
+    for (port, listener) in listeners {
+        let listener = match listener {
+            Ok(l) => l,
+            Err(err) => {
+                console::warn(&format!("cannot listen on 127.0.0.1:{port}: {err}"));
+                continue;
+            }
+        };
+        if port == crate::model::PORT && model {
+            let reporter = if audit {
+                let (reporter, reports) =
+                    crate::model::Reporter::new(notify.try_clone().map_err(Error::Setup)?);
+                model_reports = Some(reports);
+                Some(reporter)
+            } else {
+                None
+            };
+            match crate::model::start(listener, reporter, placement.model_max_body) {
+                Ok(()) => {
+                    let extra = crate::model::agent_env(&spec.env);
+                    spec.env.extend(extra);
+                }
+                Err(err) => console::warn(&format!("model endpoint: {}", console::chain(&err))),
+            }
+        } else {
+            let service = match port {
+                crate::egress::PROXY_PORT => crate::egress::Service::Http,
+                crate::egress::SOCKS_PORT => crate::egress::Service::Socks,
+                p => crate::egress::Service::Forward(p),
+            };
+            egress_listeners.push((service, listener));
+        }
+    }
+    if !egress_listeners.is_empty() {
+        let proxy = egress_listeners
+            .iter()
+            .any(|(s, _)| matches!(s, crate::egress::Service::Http));
+        match crate::egress::start(egress_listeners) {
+            Ok(()) if proxy => {
+                let extra = crate::egress::agent_env(&spec.env);
                 spec.env.extend(extra);
             }
-            Err(err) => console::warn(&format!("model endpoint: {}", console::chain(&err))),
+            Ok(()) => {}
+            Err(err) => console::warn(&format!("egress proxy: {err}")),
         }
     }
     let spec = match container {
@@ -876,7 +934,8 @@ mod tests {
                         "model".into(),
                         "exec".into(),
                         "run-as".into(),
-                        "mounts".into()
+                        "mounts".into(),
+                        "egress".into()
                     ]
                 }
             );

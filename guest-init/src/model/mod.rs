@@ -10,13 +10,15 @@
 //! credential header the guest sends and injects its own.
 //!
 //! Where it listens:
-//! - with the agent in a container ([`listen_in_new_netns`]): a helper
+//! - with the agent in a container ([`listen_ports`]): a helper
 //!   thread unshares a fresh network namespace holding only `lo`, binds the
 //!   listener there (a socket stays in the namespace it was made in) and
 //!   pins the namespace at [`NETNS_PATH`], which podman joins with
 //!   `--network ns:PATH`. The container has loopback and the endpoint, and
 //!   still no network device.
-//! - otherwise ([`listen_here`]), in the VM's own namespace.
+//! - otherwise, in the VM's own namespace.
+//!
+//! The egress proxy ([`crate::egress`]) listens in the same namespace.
 //!
 //! One thread accepts; each connection gets its own thread, at most
 //! [`MAX_CONNECTIONS`] at once (beyond that: `429`). A request's head is at
@@ -100,8 +102,6 @@ pub enum Error {
     Loopback(#[source] io::Error),
     #[error("failed to pin the network namespace at {NETNS_PATH}")]
     Pin(#[source] io::Error),
-    #[error("failed to listen on 127.0.0.1:{PORT}")]
-    Listen(#[source] io::Error),
     #[error("failed to start the endpoint's thread")]
     Thread(#[source] io::Error),
 }
@@ -122,20 +122,13 @@ pub fn agent_env(spec_env: &[(String, String)]) -> Vec<(String, String)> {
     .collect()
 }
 
-/// Starts the endpoint for a run; returns the `--network` value for the
-/// agent's container (`ns:PATH`), if any. Failures are warned about: the
-/// run goes on without the endpoint (and so without the variables).
+/// Starts the endpoint for a run on `listener` (from [`listen_ports`]).
 pub fn start(
-    container: bool,
+    listener: std::net::TcpListener,
     reporter: Option<Reporter>,
     max_body: Option<u64>,
-) -> Result<Option<String>, Error> {
-    let listener = if container {
-        listen_in_new_netns()?
-    } else {
-        listen_here()?
-    };
+) -> Result<(), Error> {
     spawn_server(listener, VsockRelay, reporter, max_body)?;
     console::debug(&format!("model endpoint on 127.0.0.1:{PORT}"));
-    Ok(container.then(|| format!("ns:{NETNS_PATH}")))
+    Ok(())
 }

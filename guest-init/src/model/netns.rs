@@ -10,38 +10,52 @@ use std::thread;
 
 use super::*;
 
-pub(crate) fn loopback() -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT)
+/// A listener per port, each on 127.0.0.1, or why it could not listen.
+pub type Listeners = Vec<(u16, io::Result<TcpListener>)>;
+
+fn bind_all(ports: &[u16]) -> Listeners {
+    ports
+        .iter()
+        .map(|&p| {
+            (
+                p,
+                TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, p)),
+            )
+        })
+        .collect()
 }
 
-/// Listens on 127.0.0.1:[`PORT`] in the VM's own network namespace (lo is
-/// brought up first: the initramfs mode does not otherwise).
-pub fn listen_here() -> Result<TcpListener, Error> {
-    crate::image::loopback_up().map_err(Error::Loopback)?;
-    TcpListener::bind(loopback()).map_err(Error::Listen)
-}
-
-/// Listens on 127.0.0.1:[`PORT`] in a new network namespace with only `lo`,
-/// pinned at [`NETNS_PATH`] for the container engine to join.
-pub fn listen_in_new_netns() -> Result<TcpListener, Error> {
+/// Listens on 127.0.0.1 at each of `ports` for the agent's loopback
+/// services (the model endpoint, the egress proxy): in a new network
+/// namespace with only `lo`, pinned at [`NETNS_PATH`] for the container
+/// engine to join (returned as podman's `--network ns:PATH`), or with
+/// `container` false in the VM's own (lo brought up first: the initramfs
+/// mode does not otherwise).
+pub fn listen_ports(container: bool, ports: &[u16]) -> Result<(Listeners, Option<String>), Error> {
+    if !container {
+        crate::image::loopback_up().map_err(Error::Loopback)?;
+        return Ok((bind_all(ports), None));
+    }
+    let ports = ports.to_vec();
     // A helper thread: unshare(CLONE_NEWNET) moves only the calling thread,
     // and the init's other threads (and podman, which it forks) must stay in
-    // the VM's namespace. The thread ends once the listener exists; the
-    // namespace lives on through the bind mount and the socket.
-    thread::Builder::new()
-        .name("model-netns".into())
-        .spawn(|| -> Result<TcpListener, Error> {
+    // the VM's namespace. The thread ends once the listeners exist; the
+    // namespace lives on through the bind mount and the sockets.
+    let listeners = thread::Builder::new()
+        .name("services-netns".into())
+        .spawn(move || -> Result<Listeners, Error> {
             // SAFETY: unshare(2) takes no pointers; it affects this thread only.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
                 return Err(Error::Unshare(io::Error::last_os_error()));
             }
             crate::image::loopback_up().map_err(Error::Loopback)?;
             pin_netns(Path::new(NETNS_PATH)).map_err(Error::Pin)?;
-            TcpListener::bind(loopback()).map_err(Error::Listen)
+            Ok(bind_all(&ports))
         })
         .map_err(Error::Thread)?
         .join()
-        .unwrap_or_else(|_| Err(Error::Thread(io::Error::other("the thread panicked"))))
+        .unwrap_or_else(|_| Err(Error::Thread(io::Error::other("the thread panicked"))))?;
+    Ok((listeners, Some(format!("ns:{NETNS_PATH}"))))
 }
 
 /// Bind-mounts the calling thread's network namespace onto `target`.
