@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Build an Airlock kernel from Debian's pinned kernel source and cache it.
 #
-#   scripts/build-kernel.sh [guest|l1|bench-virtiofs]
+#   scripts/build-kernel.sh [guest|l1|bench-virtiofs|bench-net]
 #
 #   guest (default)  the sandbox kernel:  kernel-config/guest.config      -> build/vmlinux
 #   l1               the test bed's L1:   guest.config + l1.config        -> build/l1-vmlinux
 #   bench-virtiofs   scripts/bench-mounts' peer only: guest.config +
 #                    bench-virtiofs.config (virtio-fs)  -> build/vmlinux-virtiofs
+#   bench-net        scripts/bench-egress' peer only: guest.config +
+#                    bench-net.config (virtio-net)      -> build/vmlinux-net
 #
 # The result is cached under $AIRLOCK_CACHE/kernel (default ~/.cache/airlock)
 # keyed by a hash of the pinned source version, the fragments and the patches,
@@ -20,8 +22,9 @@ case "$variant" in
     guest) fragments=("$cfg/guest.config"); out=$AIRLOCK_BUILD/vmlinux ;;
     l1) fragments=("$cfg/guest.config" "$cfg/l1.config"); out=$AIRLOCK_BUILD/l1-vmlinux ;;
     bench-virtiofs) fragments=("$cfg/guest.config" "$cfg/bench-virtiofs.config"); out=$AIRLOCK_BUILD/vmlinux-virtiofs ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) die "unknown kernel variant '$variant' (expected guest, l1 or bench-virtiofs)" ;;
+    bench-net) fragments=("$cfg/guest.config" "$cfg/bench-net.config"); out=$AIRLOCK_BUILD/vmlinux-net ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown kernel variant '$variant' (expected guest, l1, bench-virtiofs or bench-net)" ;;
 esac
 
 # shellcheck source=../kernel-config/SOURCE

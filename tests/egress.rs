@@ -206,7 +206,7 @@ fn check_main(dir: &Path, s: &Servers, r: &Run) {
     r.expect_code(0).expect_stdout_line("done");
     assert_eq!(
         field(r, "env="),
-        "http://127.0.0.1:3128 http://127.0.0.1:3128 socks5h://127.0.0.1:1080 localhost,127.0.0.1"
+        "http://127.0.0.1:3128 http://127.0.0.1:3128 http://127.0.0.1:3128 localhost,127.0.0.1"
     );
     let hello = "hello-from-the-host-side";
     for key in [
@@ -507,6 +507,28 @@ print("after=" + data.decode().split("\r\n\r\n", 1)[1].strip())
             .iter()
             .any(|c| c["port"] == quiet_port && c["end"] == "idle_timeout"),
         "{closes:?}"
+    );
+    // What the guest refused itself is in the log too, as its claims.
+    let claims = fields_of_kind(&records, "egress.refused");
+    for (service, status) in [
+        ("http", "503"),
+        ("http", "431"),
+        ("http", "408"),
+        ("socks", "7"),
+    ] {
+        assert!(
+            claims
+                .iter()
+                .any(|c| c["service"] == service && c["status"] == status),
+            "no {service} {status}: {claims:?}"
+        );
+    }
+    assert!(
+        records
+            .iter()
+            .filter(|r| r["kind"] == "egress.refused")
+            .all(|r| r["source"] == "guest"),
+        "egress.refused is the guest's claim"
     );
     drop(held);
 }

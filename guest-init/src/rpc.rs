@@ -370,6 +370,16 @@ fn converse<S: Stream>(
             }
         }
     };
+    // What the loopback services refuse themselves, reported as audit
+    // claims by the pump below (woken through `wake`).
+    let reporter = if audit && !listeners.is_empty() {
+        let (reporter, reports) =
+            crate::model::Reporter::new(notify.try_clone().map_err(Error::Setup)?);
+        model_reports = Some(reports);
+        Some(reporter)
+    } else {
+        None
+    };
     let mut egress_listeners = Vec::new();
     for (port, listener) in listeners {
         let listener = match listener {
@@ -380,15 +390,7 @@ fn converse<S: Stream>(
             }
         };
         if port == crate::model::PORT && model {
-            let reporter = if audit {
-                let (reporter, reports) =
-                    crate::model::Reporter::new(notify.try_clone().map_err(Error::Setup)?);
-                model_reports = Some(reports);
-                Some(reporter)
-            } else {
-                None
-            };
-            match crate::model::start(listener, reporter, placement.model_max_body) {
+            match crate::model::start(listener, reporter.clone(), placement.model_max_body) {
                 Ok(()) => {
                     let extra = crate::model::agent_env(&spec.env);
                     spec.env.extend(extra);
@@ -408,7 +410,7 @@ fn converse<S: Stream>(
         let proxy = egress_listeners
             .iter()
             .any(|(s, _)| matches!(s, crate::egress::Service::Http));
-        match crate::egress::start(egress_listeners) {
+        match crate::egress::start(egress_listeners, reporter) {
             Ok(()) if proxy => {
                 let extra = crate::egress::agent_env(&spec.env);
                 spec.env.extend(extra);

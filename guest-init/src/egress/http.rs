@@ -13,7 +13,6 @@ use airlock_protocol::egress::{Kind, Request, Status};
 
 pub use super::head::*;
 use super::{tunnel, HEAD_DEADLINE};
-use crate::console;
 
 /// Writes a plain-text answer with `status` and closes the exchange.
 pub fn write_error(out: &mut impl Write, status: u16, message: &str) -> io::Result<()> {
@@ -56,7 +55,7 @@ pub fn status_of(status: Status) -> u16 {
 }
 
 /// Serves one proxy client.
-pub fn serve(mut conn: TcpStream) {
+pub fn serve(mut conn: TcpStream, reporter: Option<&crate::model::Reporter>) {
     let deadline = Instant::now() + HEAD_DEADLINE;
     let read = {
         let c = &conn;
@@ -66,8 +65,11 @@ pub fn serve(mut conn: TcpStream) {
     let (head, rest) = match parsed {
         Ok(x) => x,
         Err((status, message)) => {
-            console::debug(&format!("egress proxy: {status} {message}"));
             let _ = write_error(&mut conn, status, &message);
+            // A client that closed before sending anything is no refusal.
+            if message != "airlock proxy: the client closed mid-head" {
+                super::refused(reporter, "http", status, &message);
+            }
             return;
         }
     };

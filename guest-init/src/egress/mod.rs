@@ -38,6 +38,7 @@ use std::thread;
 use std::time::Duration;
 
 use crate::console;
+use crate::model::Reporter;
 
 /// The HTTP proxy's port on 127.0.0.1.
 pub const PROXY_PORT: u16 = 3128;
@@ -90,16 +91,19 @@ impl HostPorts {
 /// The variables that point the agent at the proxy, minus those the run's
 /// own environment sets (the user's choice wins).
 pub fn agent_env(spec_env: &[(String, String)]) -> Vec<(String, String)> {
+    // ALL_PROXY names the HTTP proxy too, not the SOCKS listener: httpx
+    // (the Anthropic and OpenAI Python SDKs) refuses to start on a
+    // socks5h:// ALL_PROXY without the optional socksio package (found by
+    // tests/sdk.rs). SOCKS clients are pointed at :1080 explicitly.
     let http = format!("http://127.0.0.1:{PROXY_PORT}");
-    let socks = format!("socks5h://127.0.0.1:{SOCKS_PORT}");
     let no_proxy = "localhost,127.0.0.1".to_owned();
     [
         ("HTTP_PROXY", http.clone()),
         ("HTTPS_PROXY", http.clone()),
         ("http_proxy", http.clone()),
-        ("https_proxy", http),
-        ("ALL_PROXY", socks.clone()),
-        ("all_proxy", socks),
+        ("https_proxy", http.clone()),
+        ("ALL_PROXY", http.clone()),
+        ("all_proxy", http),
         ("NO_PROXY", no_proxy.clone()),
         ("no_proxy", no_proxy),
     ]
@@ -118,17 +122,47 @@ pub enum Service {
     Forward(u16),
 }
 
+impl Service {
+    /// The service's name in audit claims.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Socks => "socks",
+            Self::Forward(_) => "forward",
+        }
+    }
+}
+
 /// Serves `listeners` (each on a thread of its own, for ever: the VM's end
 /// stops them), at most [`MAX_CLIENTS`] clients at once over all.
-pub fn start(listeners: Vec<(Service, TcpListener)>) -> io::Result<()> {
+/// What the guest refuses itself (never reaching the host) is reported to
+/// `reporter` as `egress.refused` audit claims: `service`, `status` (the
+/// HTTP status, or the SOCKS reply code), `reason`.
+pub fn start(listeners: Vec<(Service, TcpListener)>, reporter: Option<Reporter>) -> io::Result<()> {
     let live = Arc::new(AtomicUsize::new(0));
     for (service, listener) in listeners {
         let live = Arc::clone(&live);
+        let reporter = reporter.clone();
         thread::Builder::new()
             .name("egress-accept".into())
-            .spawn(move || accept_loop(&listener, service, &live))?;
+            .spawn(move || accept_loop(&listener, service, &live, reporter.as_ref()))?;
     }
     Ok(())
+}
+
+/// Reports a refusal of the guest's own (see [`start`]).
+pub fn refused(reporter: Option<&Reporter>, service: &str, status: u16, reason: &str) {
+    console::debug(&format!("egress {service}: {status} {reason}"));
+    if let Some(r) = reporter {
+        r.report(
+            "egress.refused",
+            vec![
+                ("service".into(), service.into()),
+                ("status".into(), status.to_string()),
+                ("reason".into(), crate::model::audit_value(reason)),
+            ],
+        );
+    }
 }
 
 /// Decrements the live-client count when a client's thread ends.
@@ -140,7 +174,12 @@ impl Drop for Slot {
     }
 }
 
-fn accept_loop(listener: &TcpListener, service: Service, live: &Arc<AtomicUsize>) {
+fn accept_loop(
+    listener: &TcpListener,
+    service: Service,
+    live: &Arc<AtomicUsize>,
+    reporter: Option<&Reporter>,
+) {
     for conn in listener.incoming() {
         let mut conn = match conn {
             Ok(conn) => conn,
@@ -153,27 +192,26 @@ fn accept_loop(listener: &TcpListener, service: Service, live: &Arc<AtomicUsize>
         if live.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
             live.fetch_sub(1, Ordering::SeqCst);
             let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+            let reason = format!(
+                "airlock: the sandbox's proxy serves at most {MAX_CLIENTS} clients at once"
+            );
             if let Service::Http = service {
-                let _ = http::write_error(
-                    &mut conn,
-                    503,
-                    &format!(
-                        "airlock: the sandbox's proxy serves at most {MAX_CLIENTS} clients at once"
-                    ),
-                );
+                let _ = http::write_error(&mut conn, 503, &reason);
             } else if let Service::Socks = service {
                 // Whatever the greeting: no acceptable method.
                 let _ = conn.write_all(&[5, 0xff]);
             }
+            refused(reporter, service.name(), 503, &reason);
             let _ = conn.shutdown(Shutdown::Both);
             continue;
         }
         let slot = Slot(Arc::clone(live));
+        let reporter = reporter.cloned();
         let spawned = thread::Builder::new()
             .name("egress-client".into())
             .spawn(move || {
                 let _slot = slot;
-                serve(conn, service);
+                serve(conn, service, reporter.as_ref());
             });
         if let Err(err) = spawned {
             console::warn(&format!("egress: cannot start a thread: {err}"));
@@ -181,11 +219,11 @@ fn accept_loop(listener: &TcpListener, service: Service, live: &Arc<AtomicUsize>
     }
 }
 
-fn serve(conn: TcpStream, service: Service) {
+fn serve(conn: TcpStream, service: Service, reporter: Option<&Reporter>) {
     let _ = conn.set_nodelay(true);
     match service {
-        Service::Http => http::serve(conn),
-        Service::Socks => socks::serve(conn),
+        Service::Http => http::serve(conn, reporter),
+        Service::Socks => socks::serve(conn, reporter),
         Service::Forward(port) => {
             let req = airlock_protocol::egress::Request {
                 kind: airlock_protocol::egress::Kind::Forward,

@@ -125,7 +125,7 @@ impl Read for Deadlined<'_> {
 }
 
 /// Serves one SOCKS5 client.
-pub fn serve(conn: TcpStream) {
+pub fn serve(conn: TcpStream, reporter: Option<&crate::model::Reporter>) {
     let mut reader = Deadlined {
         conn: &conn,
         deadline: Instant::now() + HEAD_DEADLINE,
@@ -133,10 +133,10 @@ pub fn serve(conn: TcpStream) {
     let (host, port) = match handshake(&mut reader, &mut &conn) {
         Ok(x) => x,
         Err(Failed(code, why)) => {
-            console::debug(&format!("egress socks: {why}"));
             if let Some(code) = code {
                 let _ = (&conn).write_all(&reply(code));
             }
+            super::refused(reporter, "socks", code.map_or(0, u16::from), &why);
             return;
         }
     };

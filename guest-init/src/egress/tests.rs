@@ -183,6 +183,6 @@ fn host_ports_and_the_agent_env() {
     let env = agent_env(&[("HTTPS_PROXY".into(), "http://mine:1".into())]);
     assert!(env.iter().all(|(n, _)| n != "HTTPS_PROXY"));
     assert!(env.contains(&("HTTP_PROXY".into(), "http://127.0.0.1:3128".into())));
-    assert!(env.contains(&("ALL_PROXY".into(), "socks5h://127.0.0.1:1080".into())));
+    assert!(env.contains(&("ALL_PROXY".into(), "http://127.0.0.1:3128".into())));
     assert!(env.contains(&("NO_PROXY".into(), "localhost,127.0.0.1".into())));
 }

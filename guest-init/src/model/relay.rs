@@ -65,8 +65,13 @@ impl Reporter {
             fields.push(("request".to_owned(), audit_value(request)));
         }
         fields.push(("reason".to_owned(), audit_value(reason)));
+        self.report("model.refused", fields);
+    }
+
+    /// An `AuditEvent` of `kind` with `fields` (values already bounded).
+    pub(crate) fn report(&self, kind: &str, fields: Vec<(String, String)>) {
         let event = Message::AuditEvent {
-            kind: "model.refused".into(),
+            kind: kind.into(),
             fields,
         };
         // A full queue drops the report: the agent cannot make the init
