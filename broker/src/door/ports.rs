@@ -17,11 +17,13 @@
 //! drops the handlers (a handler that holds a thread joins it then).
 
 use std::io;
+use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use crate::audit::records::{PortAccepted, PortCapped, PortFailed, PortRefused};
 use crate::audit::{AuditLog, Durability};
@@ -85,6 +87,106 @@ impl Port {
             admit: Admit::One,
             handler: Box::new(handler),
         }
+    }
+}
+
+impl Port {
+    /// A port that serves each connection on a thread of its own (named
+    /// `name-N`) with `serve`, at most `concurrent` at once (the rest wait
+    /// in the backlog), at most `max` in all; the stream is shut down when
+    /// `serve` returns. The [`Live`] holds the connections in progress.
+    pub fn each_on_thread(
+        number: u32,
+        listener: UnixListener,
+        max: u64,
+        concurrent: usize,
+        name: &'static str,
+        serve: impl Fn(u64, &UnixStream) + Send + Sync + 'static,
+    ) -> (Port, Arc<Live>) {
+        let live = Arc::new(Live::default());
+        let serve = Arc::new(serve);
+        let room = {
+            let live = Arc::clone(&live);
+            move || live.lock().len() < concurrent
+        };
+        let mut accepted = 0u64;
+        let handler = {
+            let live = Arc::clone(&live);
+            move |event: Accepted| {
+                let Accepted::Stream(stream) = event else {
+                    return;
+                };
+                accepted += 1;
+                let id = accepted;
+                match stream.try_clone() {
+                    Ok(handle) => live.lock().push((id, handle)),
+                    Err(_) => return,
+                }
+                let spawned = thread::Builder::new().name(format!("{name}-{id}")).spawn({
+                    let (serve, live) = (Arc::clone(&serve), Arc::clone(&live));
+                    move || {
+                        serve(id, &stream);
+                        let _ = stream.shutdown(Shutdown::Both);
+                        live.remove(id);
+                    }
+                });
+                if spawned.is_err() {
+                    live.remove(id);
+                }
+            }
+        };
+        let port = Port {
+            number,
+            listener,
+            admit: Admit::Each {
+                max,
+                room: Box::new(room),
+            },
+            handler: Box::new(handler),
+        };
+        (port, live)
+    }
+}
+
+/// The connections in progress on a port served by
+/// [`Port::each_on_thread`], to wait for and to shut down.
+#[derive(Debug, Default)]
+pub struct Live {
+    streams: Mutex<Vec<(u64, UnixStream)>>,
+    changed: Condvar,
+}
+
+impl Live {
+    fn lock(&self) -> MutexGuard<'_, Vec<(u64, UnixStream)>> {
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().retain(|(i, _)| *i != id);
+        self.changed.notify_all();
+    }
+
+    /// Waits until no connection is in progress or `deadline` passes;
+    /// returns how many are still in progress.
+    pub fn wait(&self, deadline: Instant) -> usize {
+        let mut live = self.lock();
+        while !live.is_empty() && Instant::now() < deadline {
+            live = self
+                .changed
+                .wait_timeout(live, Duration::from_millis(20))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        live.len()
+    }
+
+    /// Shuts down every connection in progress; returns how many.
+    pub fn shut_down(&self) -> usize {
+        let live = self.lock();
+        for (_, stream) in live.iter() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        live.len()
     }
 }
 

@@ -24,18 +24,16 @@ pub mod tunnel;
 
 use std::collections::HashSet;
 use std::io;
-use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::thread;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::audit::records::{NetDenied, NetSummary};
 use crate::audit::{AuditLog, Durability};
-use crate::door::ports::{Accepted, Admit, Port};
+use crate::door::ports::{Live, Port};
 
 pub use policy::Policy;
 
@@ -198,24 +196,6 @@ impl Door {
     }
 }
 
-/// The connections in progress, to wait for and to shut down.
-#[derive(Debug, Default)]
-pub(crate) struct Live {
-    streams: Mutex<Vec<(u64, UnixStream)>>,
-    changed: Condvar,
-}
-
-impl Live {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, UnixStream)>> {
-        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn remove(&self, id: u64) {
-        self.lock().retain(|(i, _)| *i != id);
-        self.changed.notify_all();
-    }
-}
-
 /// The egress port of a run, apart from its listener. Dropping it, after
 /// the port server, ends the tunnels still open and writes `net.summary`.
 #[derive(Debug)]
@@ -232,76 +212,27 @@ pub fn port(
     audit: &AuditLog,
 ) -> io::Result<(Port, EgressPort)> {
     let door = Arc::new(Door::new(settings.clone(), audit.clone()));
-    let live = Arc::new(Live::default());
-    let room = {
-        let (live, max) = (Arc::clone(&live), settings.max_tunnels);
-        move || live.lock().len() < max
-    };
-    let mut accepted = 0u64;
-    let handler = {
-        let (door, live) = (Arc::clone(&door), Arc::clone(&live));
-        move |event: Accepted| {
-            let Accepted::Stream(stream) = event else {
-                return;
-            };
-            accepted += 1;
-            let id = accepted;
-            match stream.try_clone() {
-                Ok(handle) => live.lock().push((id, handle)),
-                Err(_) => return,
-            }
-            let spawned = thread::Builder::new().name(format!("egress-{id}")).spawn({
-                let (door, live) = (Arc::clone(&door), Arc::clone(&live));
-                move || {
-                    tunnel::serve(&door, id, &stream);
-                    let _ = stream.shutdown(Shutdown::Both);
-                    live.remove(id);
-                }
-            });
-            if spawned.is_err() {
-                live.remove(id);
-            }
-        }
-    };
-    let port = Port {
-        number: airlock_protocol::EGRESS_PORT,
+    let (port, live) = Port::each_on_thread(
+        airlock_protocol::EGRESS_PORT,
         listener,
-        admit: Admit::Each {
-            max: MAX_CONNECTIONS,
-            room: Box::new(room),
+        MAX_CONNECTIONS,
+        settings.max_tunnels,
+        "egress",
+        {
+            let door = Arc::clone(&door);
+            move |id, stream: &UnixStream| tunnel::serve(&door, id, stream)
         },
-        handler: Box::new(handler),
-    };
+    );
     Ok((port, EgressPort { live, door }))
 }
 
 impl Drop for EgressPort {
     fn drop(&mut self) {
-        let deadline = Instant::now() + FINISH;
-        let mut live = self.live.lock();
         // The VM is gone: the tunnels end as their guest side closes.
-        while !live.is_empty() && Instant::now() < deadline {
-            live = self
-                .live
-                .changed
-                .wait_timeout(live, Duration::from_millis(20))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        for (_, stream) in live.iter() {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-        let unfinished = live.len();
+        self.live.wait(Instant::now() + FINISH);
+        let unfinished = self.live.shut_down();
         // Give the shut-down tunnels a moment to write their net.close.
-        while !live.is_empty() && Instant::now() < deadline + FINISH {
-            live = self
-                .live
-                .changed
-                .wait_timeout(live, Duration::from_millis(20))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        drop(live);
+        self.live.wait(Instant::now() + FINISH);
         let denied = self.door.denied.load(Ordering::SeqCst);
         self.door.audit.record(
             &NetSummary {

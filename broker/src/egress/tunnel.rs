@@ -33,9 +33,16 @@ pub(crate) fn serve(door: &Door, id: u64, guest: &UnixStream) {
     let _ = guest.set_write_timeout(Some(REQUEST_TIMEOUT));
     let req = match Request::read(&mut &*guest) {
         Ok(Ok(req)) => req,
-        Ok(Err(e)) => {
-            let message = format!("airlock: a malformed egress request: {e}");
-            let _ = reply(guest, Status::Bad, &message);
+        bad => {
+            let message = match bad {
+                Ok(Err(e)) => {
+                    let message = format!("airlock: a malformed egress request: {e}");
+                    let _ = reply(guest, Status::Bad, &message);
+                    message
+                }
+                Err(e) => format!("airlock: the egress request did not arrive whole: {e}"),
+                Ok(Ok(_)) => return,
+            };
             return door.denied(Denial {
                 kind: None,
                 name: None,
@@ -43,16 +50,6 @@ pub(crate) fn serve(door: &Door, id: u64, guest: &UnixStream) {
                 reason: "bad_request",
                 rule: None,
                 message,
-            });
-        }
-        Err(e) => {
-            return door.denied(Denial {
-                kind: None,
-                name: None,
-                port: None,
-                reason: "bad_request",
-                rule: None,
-                message: format!("airlock: the egress request did not arrive whole: {e}"),
             });
         }
     };

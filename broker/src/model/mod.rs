@@ -37,17 +37,15 @@ pub mod scrub;
 pub mod usage;
 
 use std::io;
-use std::net::Shutdown;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::thread;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use config::{Args, Settings};
 
 use crate::audit::{AuditLog, Durability};
-use crate::door::ports::{Accepted, Admit, Port};
+use crate::door::ports::{Live, Port};
 
 /// Audit record kinds of the model proxy.
 pub mod kind {
@@ -88,24 +86,6 @@ pub const MAX_CONNECTIONS: u64 = 10_000;
 /// At the end, how long connections still in progress get to finish.
 const FINISH: Duration = Duration::from_secs(2);
 
-/// The connections in progress, to wait for and to shut down.
-#[derive(Debug, Default)]
-struct Live {
-    streams: Mutex<Vec<(u64, UnixStream)>>,
-    changed: Condvar,
-}
-
-impl Live {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, UnixStream)>> {
-        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn remove(&self, id: u64) {
-        self.lock().retain(|(i, _)| *i != id);
-        self.changed.notify_all();
-    }
-}
-
 /// The model port of a run, apart from its listener (served by the
 /// [`crate::door::ports::PortServer`]). Dropping it, after the port server, gives the calls in
 /// progress [`FINISH`] to end, shuts down the rest and writes
@@ -129,46 +109,17 @@ pub fn port(
     let path = crate::engine::port_path(vsock_uds, airlock_protocol::MODEL_PORT);
     let listener = UnixListener::bind(&path)?;
     let proxy = Arc::new(proxy::Proxy::new(settings.clone(), audit.clone()));
-    let live = Arc::new(Live::default());
-    let room = {
-        let live = Arc::clone(&live);
-        move || live.lock().len() < MAX_CONCURRENT
-    };
-    let mut accepted = 0u64;
-    let handler = {
-        let (proxy, live) = (Arc::clone(&proxy), Arc::clone(&live));
-        move |event: Accepted| {
-            let Accepted::Stream(stream) = event else {
-                return;
-            };
-            accepted += 1;
-            let id = accepted;
-            match stream.try_clone() {
-                Ok(handle) => live.lock().push((id, handle)),
-                Err(_) => return,
-            }
-            let spawned = thread::Builder::new().name(format!("model-{id}")).spawn({
-                let (proxy, live) = (Arc::clone(&proxy), Arc::clone(&live));
-                move || {
-                    proxy.serve(&stream);
-                    let _ = stream.shutdown(Shutdown::Both);
-                    live.remove(id);
-                }
-            });
-            if spawned.is_err() {
-                live.remove(id);
-            }
-        }
-    };
-    let port = Port {
-        number: airlock_protocol::MODEL_PORT,
+    let (port, live) = Port::each_on_thread(
+        airlock_protocol::MODEL_PORT,
         listener,
-        admit: Admit::Each {
-            max: MAX_CONNECTIONS,
-            room: Box::new(room),
+        MAX_CONNECTIONS,
+        MAX_CONCURRENT,
+        "model",
+        {
+            let proxy = Arc::clone(&proxy);
+            move |_, stream: &std::os::unix::net::UnixStream| proxy.serve(stream)
         },
-        handler: Box::new(handler),
-    };
+    );
     Ok((
         port,
         ModelPort {
@@ -181,21 +132,8 @@ pub fn port(
 
 impl Drop for ModelPort {
     fn drop(&mut self) {
-        let deadline = Instant::now() + FINISH;
-        let mut live = self.live.lock();
-        while !live.is_empty() && Instant::now() < deadline {
-            live = self
-                .live
-                .changed
-                .wait_timeout(live, Duration::from_millis(50))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        for (_, stream) in live.iter() {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-        let unfinished = live.len();
-        drop(live);
+        self.live.wait(Instant::now() + FINISH);
+        let unfinished = self.live.shut_down();
         let mut summary = self.proxy.summary();
         summary.unfinished_at_end = Some(unfinished);
         self.audit.record(&summary, Durability::Synced);
