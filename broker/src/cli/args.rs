@@ -640,10 +640,10 @@ pub struct RunArgs {
     /// file); larger files are refused
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_OUTPUT_BYTES)]
     pub max_out_bytes: u64,
-    /// Let the agent reach DESTINATION through the sandbox's egress proxy
-    /// (HTTP_PROXY/HTTPS_PROXY at 127.0.0.1:3128, SOCKS5 at 127.0.0.1:1080
-    /// in the guest; the guest has no network device, so nothing else gets
-    /// out). RULE: a host name, *.domain (names below it), * (any), an IP
+    /// Let the agent reach what RULE names through the sandbox's egress
+    /// proxy (HTTP_PROXY, HTTPS_PROXY and ALL_PROXY at 127.0.0.1:3128,
+    /// SOCKS5 at 127.0.0.1:1080 in the guest; the guest has no network
+    /// device, so nothing else gets out). RULE: a host name, *.domain (names below it), * (any), an IP
     /// or a CIDR, with :PORT or :* (without: ports 80 and 443); IPv6 as
     /// [::1]:443. Default deny. airlock resolves names on the host and
     /// checks each address: loopback, private, link-local (cloud metadata)
