@@ -12,8 +12,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use airlock_e2e::{
-    audit_records, bin, build_file, fields_of_kind, rel, root, scratch, tcg_on_image, test_pki,
-    testbed, Run,
+    audit_records, bin, build_file, field, fields_of_kind, rel, root, scratch, tcg_on_image,
+    test_pki, testbed, Run,
 };
 
 /// The host-side servers (killed on drop): plain and TLS ports.
@@ -113,14 +113,6 @@ fn start_servers(dir: &Path, tls: Option<(&Path, &Path)>) -> Servers {
         }
     }
     Servers { child, http, https }
-}
-
-/// The value of the first stdout line that starts with `key`.
-fn field<'a>(r: &'a Run, key: &str) -> &'a str {
-    r.stdout
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .unwrap_or_else(|| panic!("no {key} line\n{r}"))
 }
 
 /// What the guest does in the main test: every client, every path.

@@ -12,7 +12,7 @@ use std::fs;
 use std::path::Path;
 
 use airlock_e2e::{
-    audit_records, bin, build_file, fields_of_kind, rel, scratch, tcg_on_image, testbed, Run,
+    audit_records, bin, build_file, field, fields_of_kind, rel, scratch, tcg_on_image, testbed, Run,
 };
 use airlock_protocol::{encode, ExitStatus, FileEntry, FileKind, Message};
 use serde_json::Value;
@@ -142,15 +142,6 @@ fn workspace(dir: &Path) -> std::path::PathBuf {
     }
     fs::write(ws.join("forged-results.bin"), results).expect("write");
     ws
-}
-
-/// The value of `line` on stdout that starts with `prefix`.
-fn field<'a>(r: &'a Run, prefix: &str) -> &'a str {
-    r.stdout
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .unwrap_or_else(|| panic!("no {prefix:?} line\n{r}"))
-        .trim_end()
 }
 
 /// The ports of the `control.refused` records of the audit log at `log`.

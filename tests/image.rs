@@ -4,7 +4,7 @@
 //! container on it. Checked on the tcg engine on this host and through our
 //! VMM (the kvm engine) inside the nested test bed.
 
-use airlock_e2e::{audit_records, bin, build_file, root, run_env, sha256_hex, testbed, Run};
+use airlock_e2e::{audit_records, bin, build_file, field, root, run_env, sha256_hex, testbed, Run};
 
 /// Prints the distribution, the shell's PID and the PID 1's command line.
 const WHERE_AM_I: &str =
@@ -13,15 +13,6 @@ const WHERE_AM_I: &str =
 /// `airlock run --engine tcg --image-root build/rootfs.img [OPTS] -- CMD...`.
 fn tcg(opts: &[&str], cmd: &[&str], timeout_s: u32) -> Run {
     airlock_e2e::tcg_on_image(opts, cmd, &[], timeout_s)
-}
-
-/// The line of `r`'s stdout that starts with `prefix`, without it.
-fn field<'a>(r: &'a Run, prefix: &str) -> &'a str {
-    r.stdout
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .unwrap_or_else(|| panic!("no {prefix:?} line\n{r}"))
-        .trim_end()
 }
 
 fn image_sha() -> String {

@@ -567,3 +567,14 @@ pub fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     std::fs::write(&paths.2, key.serialize_pem()).expect("write the key");
     paths
 }
+
+/// The value of the first line of `r`'s stdout that starts with `prefix`
+/// (the prefix and trailing white space cut off); panics with the run if
+/// there is none.
+pub fn field<'a>(r: &'a Run, prefix: &str) -> &'a str {
+    r.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line\n{r}"))
+        .trim_end()
+}

@@ -12,8 +12,8 @@
 use std::path::Path;
 
 use airlock_e2e::{
-    audit_records as records, bin, build_file, fields_of_kind as of_kind, rel, root, run_env,
-    scratch, secret_key, test_pki, testbed, Run, Upstream,
+    audit_records as records, bin, build_file, field, fields_of_kind as of_kind, rel, root,
+    run_env, scratch, secret_key, test_pki, testbed, Run, Upstream,
 };
 use serde_json::Value;
 
@@ -28,15 +28,6 @@ fn verify(path: &Path) {
     let airlock = bin("airlock");
     let p = path.to_str().expect("utf-8");
     run_env(&[airlock.as_str(), "audit", "verify", p], &[], 60).expect_code(0);
-}
-
-/// The value of `prefix` lines of stdout.
-fn field<'a>(r: &'a Run, prefix: &str) -> &'a str {
-    r.stdout
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .unwrap_or_else(|| panic!("no {prefix:?} line\n{r}"))
-        .trim_end()
 }
 
 fn write(path: &Path, text: &str) {

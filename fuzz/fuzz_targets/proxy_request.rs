@@ -18,7 +18,7 @@ mod head;
 
 fuzz_target!(|data: &[u8]| {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let (h, rest) = match head::read_head_with(&mut &data[..], deadline, |_| Ok(())) {
+    let (h, rest) = match head::read_head(&mut &data[..], deadline) {
         Ok(x) => x,
         Err((status, message)) => {
             assert!((400..600).contains(&status), "{status}");

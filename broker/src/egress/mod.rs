@@ -23,7 +23,6 @@ mod tests;
 pub mod tunnel;
 
 use std::collections::HashSet;
-use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -206,11 +205,7 @@ pub struct EgressPort {
 
 /// The egress port for the port server (`<vsock_uds>_1030`) and the
 /// [`EgressPort`] that ends it.
-pub fn port(
-    settings: &Settings,
-    listener: UnixListener,
-    audit: &AuditLog,
-) -> io::Result<(Port, EgressPort)> {
+pub fn port(settings: &Settings, listener: UnixListener, audit: &AuditLog) -> (Port, EgressPort) {
     let door = Arc::new(Door::new(settings.clone(), audit.clone()));
     let (port, live) = Port::each_on_thread(
         airlock_protocol::EGRESS_PORT,
@@ -223,7 +218,7 @@ pub fn port(
             move |id, stream: &UnixStream| tunnel::serve(&door, id, stream)
         },
     );
-    Ok((port, EgressPort { live, door }))
+    (port, EgressPort { live, door })
 }
 
 impl Drop for EgressPort {

@@ -64,11 +64,7 @@ pub(crate) fn serve(
         &config.egress,
         bind(vsock_uds, airlock_protocol::EGRESS_PORT)?,
         audit,
-    )
-    .map_err(|source| Error::Listen {
-        path: engine::port_path(vsock_uds, airlock_protocol::EGRESS_PORT),
-        source,
-    })?;
+    );
     ports.push(egress_port);
     let share = if config.mounts.is_empty() {
         None

@@ -1,11 +1,11 @@
-//! The proxy's request head: read within bounds ([`read_head_with`]) and
+//! The proxy's request head: read within bounds ([`read_head`]) and
 //! parsed ([`parse_head`]) into where it goes and what is sent on
 //! ([`origin_head`]). Pure: no sockets of its own, no crate-internal
 //! dependencies, so that the fuzz target `proxy_request` compiles this
 //! file as it is.
 
 use std::io::{self, Read};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use airlock_protocol::egress::check_name;
 
@@ -207,17 +207,10 @@ pub fn origin_head(head: &ProxyHead) -> Vec<u8> {
 }
 
 /// Reads a request head from `conn`: the head (without its empty line)
-/// and the bytes after it. `Err` carries the refusal to answer with.
-#[cfg(test)]
+/// and the bytes after it. `Err` carries the refusal to answer with. The
+/// caller bounds each read in time (a reader that fails with `TimedOut`
+/// or `WouldBlock` at `deadline`); `deadline` is checked between reads.
 pub fn read_head(conn: &mut impl Read, deadline: Instant) -> Result<(Vec<u8>, Vec<u8>), Refused> {
-    read_head_with(conn, deadline, |_| Ok(()))
-}
-
-pub fn read_head_with(
-    conn: &mut impl Read,
-    deadline: Instant,
-    mut before_read: impl FnMut(Duration) -> io::Result<()>,
-) -> Result<(Vec<u8>, Vec<u8>), Refused> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {
@@ -232,11 +225,9 @@ pub fn read_head_with(
                 format!("airlock proxy: the request head is longer than {MAX_HEAD} bytes"),
             ));
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        if Instant::now() >= deadline {
             return Err((408, "airlock proxy: the request head took too long".into()));
         }
-        before_read(left).map_err(|e| (400, format!("airlock proxy: {e}")))?;
         let want = chunk.len().min(MAX_HEAD + 4 - buf.len());
         match conn.read(&mut chunk[..want]) {
             Ok(0) => return Err((400, "airlock proxy: the client closed mid-head".into())),

@@ -57,10 +57,11 @@ pub fn status_of(status: Status) -> u16 {
 /// Serves one proxy client.
 pub fn serve(mut conn: TcpStream, reporter: Option<&crate::model::Reporter>) {
     let deadline = Instant::now() + HEAD_DEADLINE;
-    let read = {
-        let c = &conn;
-        read_head_with(&mut &conn, deadline, |left| c.set_read_timeout(Some(left)))
+    let mut reader = crate::model::Deadlined {
+        conn: &conn,
+        deadline,
     };
+    let read = read_head(&mut reader, deadline);
     let parsed = read.and_then(|(head, rest)| parse_head(&head).map(|h| (h, rest)));
     let (head, rest) = match parsed {
         Ok(x) => x,

@@ -165,15 +165,6 @@ pub fn refused(reporter: Option<&Reporter>, service: &str, status: u16, reason: 
     }
 }
 
-/// Decrements the live-client count when a client's thread ends.
-struct Slot(Arc<AtomicUsize>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 fn accept_loop(
     listener: &TcpListener,
     service: Service,
@@ -205,7 +196,7 @@ fn accept_loop(
             let _ = conn.shutdown(Shutdown::Both);
             continue;
         }
-        let slot = Slot(Arc::clone(live));
+        let slot = crate::model::Slot(Arc::clone(live));
         let reporter = reporter.cloned();
         let spawned = thread::Builder::new()
             .name("egress-client".into())

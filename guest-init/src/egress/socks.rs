@@ -106,27 +106,9 @@ pub fn reply(code: u8) -> [u8; 10] {
     [5, code, 0, 1, 0, 0, 0, 0, 0, 0]
 }
 
-/// A reader that gives up at a deadline.
-struct Deadlined<'a> {
-    conn: &'a TcpStream,
-    deadline: Instant,
-}
-
-impl Read for Deadlined<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        self.conn.set_read_timeout(Some(left))?;
-        let mut c = self.conn;
-        c.read(buf)
-    }
-}
-
 /// Serves one SOCKS5 client.
 pub fn serve(conn: TcpStream, reporter: Option<&crate::model::Reporter>) {
-    let mut reader = Deadlined {
+    let mut reader = crate::model::Deadlined {
         conn: &conn,
         deadline: Instant::now() + HEAD_DEADLINE,
     };

@@ -63,7 +63,7 @@ pub(crate) fn spawn_server_with<R: Relay>(
 }
 
 /// Decrements the live-connection count when a connection thread ends.
-pub(crate) struct Slot(Arc<AtomicUsize>);
+pub(crate) struct Slot(pub(crate) Arc<AtomicUsize>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
