@@ -9,8 +9,6 @@
 mod archive;
 mod audit;
 mod cli;
-// Not wired to a command yet (issue 18 in progress): its parser is tested.
-#[cfg_attr(not(test), allow(dead_code))]
 mod docker;
 mod door;
 mod egress;
@@ -31,6 +29,16 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // The docker front end parses its own command line, docker's way:
+    // invoked as `docker`, or as `airlock docker ...`.
+    if docker::invoked_as_docker() {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        return ExitCode::from(docker::main(&args));
+    }
+    if std::env::args_os().nth(1).is_some_and(|a| a == "docker") {
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        return ExitCode::from(docker::main(&args));
+    }
     let cli = cli::Cli::parse();
     let exit = match cli.command {
         cli::Command::Run(args) => cli::run::main(*args),
@@ -44,6 +52,7 @@ fn main() -> ExitCode {
         cli::Command::Rm(args) => cli::sandbox::rm(args),
         cli::Command::Logs(args) => cli::sandbox::logs(args),
         cli::Command::Image(args) => cli::image::main(args.command),
+        cli::Command::Docker { args } => return ExitCode::from(docker::main(&args)),
         cli::Command::ShareServer => return ExitCode::from(share::child::main()),
     };
     ExitCode::from(exit.code())

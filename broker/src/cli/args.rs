@@ -199,6 +199,24 @@ pub enum Command {
     /// boots straight into (no `podman load` in the VM).
     #[command(after_help = IMAGE_EXIT_CODES)]
     Image(ImageCmdArgs),
+    /// A docker-compatible front end: each container is a sandbox of its
+    /// own (its own microVM).
+    ///
+    /// `airlock docker ARGS` is the same as the airlock binary invoked as
+    /// `docker` (a symlink named `docker` on an agent platform's PATH):
+    /// run, exec, ps, stop, kill, rm, logs, images, image inspect, load,
+    /// save, build, rmi, info, version. Policy (egress, host ports, model
+    /// upstream, limits, engine) comes from $AIRLOCK_DOCKER_CONFIG, else
+    /// ~/.config/airlock/docker.toml. Flags that would weaken the sandbox
+    /// (--privileged, --cap-add, --device, --network host, ...) and
+    /// anything unknown are refused with exit 125. `airlock docker --help`
+    /// lists the commands; docs/DOCKER.md has the mapping.
+    #[command(disable_help_flag = true)]
+    Docker {
+        /// The docker command line
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// (Internal) the live mounts' file server of one sandbox, started by
     /// airlock itself.
     #[command(hide = true)]

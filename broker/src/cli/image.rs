@@ -170,7 +170,7 @@ fn human(bytes: u64) -> String {
 }
 
 /// The first executable `name` on PATH (or in /usr/sbin, /sbin).
-fn which(name: &str) -> Option<PathBuf> {
+pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain([

@@ -53,13 +53,38 @@ pub fn create(args: CreateArgs) -> Exit {
     if args.supervise {
         return supervise(args);
     }
+    // The supervisor is this same command line, with --supervise.
+    let original: Vec<std::ffi::OsString> = std::env::args_os()
+        .skip_while(|a| a != "create")
+        .skip(1)
+        .collect();
+    match start(args, original, Value::Null) {
+        Ok(name) => {
+            println!("{name}");
+            Exit::Success
+        }
+        Err(exit) => exit,
+    }
+}
+
+/// Creates and starts a sandbox from `args`, whose supervisor runs
+/// `airlock create --supervise ORIGINAL`: `original` are the arguments
+/// after `create` that `args` were parsed from. `front` is kept in its
+/// config as `front_end` (the docker front end's own record). Returns the
+/// name once an exec can run in it; on failure, what was said on stderr
+/// is said and the exit code returned.
+pub fn start(
+    args: CreateArgs,
+    mut original: Vec<std::ffi::OsString>,
+    front: Value,
+) -> Result<String, Exit> {
     let name = args.name.clone().unwrap_or_else(crate::sandbox::new_name);
     if let Err(e) = lifecycle::check_name(&name) {
-        return fail(&e);
+        return Err(fail(&e));
     }
     let mut labels = serde_json::Map::new();
     if args.labels.len() > MAX_LABELS {
-        return usage(format!("at most {MAX_LABELS} labels"));
+        return Err(usage(format!("at most {MAX_LABELS} labels")));
     }
     for label in &args.labels {
         match label.split_once('=') {
@@ -67,30 +92,34 @@ pub fn create(args: CreateArgs) -> Exit {
                 labels.insert(k.to_owned(), json!(v));
             }
             _ => {
-                return usage(format!(
+                return Err(usage(format!(
                     "--label '{label}': expected KEY=VALUE (each at most {MAX_LABEL} bytes)"
-                ))
+                )))
             }
         }
     }
     if !args.run.command.is_empty() {
-        return usage("create takes no command: run commands with `airlock exec SANDBOX -- CMD`");
+        return Err(usage(
+            "create takes no command: run commands with `airlock exec SANDBOX -- CMD`",
+        ));
     }
     if args.run.interactive {
-        return usage(
+        return Err(usage(
             "create takes no -i: `airlock exec -i SANDBOX -- CMD` forwards stdin to one command",
-        );
+        ));
     }
     if args.run.timeout.is_some() {
-        return usage("create has no --timeout: a sandbox lives until --max-lifetime (or --idle-timeout, stop, rm)");
+        return Err(usage("create has no --timeout: a sandbox lives until --max-lifetime (or --idle-timeout, stop, rm)"));
     }
     if args.max_lifetime == 0 || args.idle_timeout == Some(0) {
-        return usage("--max-lifetime and --idle-timeout are at least 1 second");
+        return Err(usage(
+            "--max-lifetime and --idle-timeout are at least 1 second",
+        ));
     }
     // Everything `run` would refuse is refused now, before anything starts.
     if let Err(e) = crate::run::RunConfig::try_from(supervised_run(&args)) {
         eprintln!("airlock: error: {}", crate::text::report(&e));
-        return e.exit();
+        return Err(e.exit());
     }
     let workspace_cwd = args.run.workspace.is_some() || args.run.out.is_some();
     // The image it boots from (a stored image by digest: `image rm` will
@@ -109,7 +138,7 @@ pub fn create(args: CreateArgs) -> Exit {
             }
             Err(e) => {
                 eprintln!("airlock: error: {e}");
-                return e.exit();
+                return Err(e.exit());
             }
         }
     }
@@ -120,6 +149,7 @@ pub fn create(args: CreateArgs) -> Exit {
         .or(image_cwd)
         .unwrap_or_else(|| if workspace_cwd { "/workspace" } else { "/" }.to_owned());
     let config = json!({
+        "front_end": front,
         "name": name,
         "labels": labels,
         "created_unix": now_unix(),
@@ -136,13 +166,8 @@ pub fn create(args: CreateArgs) -> Exit {
     });
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
-        Err(e) => return failed(format!("cannot find airlock's own binary: {e}")),
+        Err(e) => return Err(failed(format!("cannot find airlock's own binary: {e}"))),
     };
-    // The supervisor is this same command line, with --supervise.
-    let mut original: Vec<std::ffi::OsString> = std::env::args_os()
-        .skip_while(|a| a != "create")
-        .skip(1)
-        .collect();
     original.insert(0, "--supervise".into());
     original.insert(0, "create".into());
     let mut supervisor = Command::new(exe);
@@ -158,8 +183,7 @@ pub fn create(args: CreateArgs) -> Exit {
                     }
                 }
             }
-            println!("{name}");
-            Exit::Success
+            Ok(name)
         }
         Err(lifecycle::Error::NotStarted {
             how,
@@ -184,13 +208,13 @@ pub fn create(args: CreateArgs) -> Exit {
             if let Some(path) = audit_log {
                 eprintln!("airlock: audit log: {path}");
             }
-            if usage_error {
+            Err(if usage_error {
                 Exit::Usage
             } else {
                 Exit::SandboxFailed
-            }
+            })
         }
-        Err(e) => fail(&e),
+        Err(e) => Err(fail(&e)),
     }
 }
 
