@@ -366,10 +366,28 @@ fn stop(args: &[String], kill: bool) -> u8 {
                 &format!("the sandbox {} did not stop", sandbox.name()),
             );
             continue;
+        } else {
+            wait_for_main_exit(&sandbox);
         }
         println!("{what}");
     }
     code
+}
+
+/// Once a `run` sandbox has stopped, its main process's front end writes
+/// how it ended: waits for that (a few seconds at most), so that what
+/// `ps -a` says right after `stop` is the main process's exit.
+fn wait_for_main_exit(sandbox: &Sandbox) {
+    if sandbox.config()["front_end"]["kind"] != "docker" {
+        return;
+    }
+    let path = run::main_exit(sandbox);
+    for _ in 0..50 {
+        if path.exists() || !sandbox.dir().exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// `docker rm [-f] [-v] NAME...`.

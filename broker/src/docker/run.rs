@@ -281,7 +281,15 @@ pub fn run(args: &[String]) -> u8 {
         }
     }
     // `airlock create`'s arguments: the policy file's, then the run's.
-    let mut create: Vec<String> = config.flags.clone();
+    // `--memory` and `--cpus` of the run stand over the policy file's.
+    let mut create: Vec<String> = Vec::new();
+    for pair in config.flags.chunks(2) {
+        let over = (pair[0] == "--mem" && parsed.memory_mib.is_some())
+            || (pair[0] == "--cpus" && parsed.cpus.is_some());
+        if !over {
+            create.extend_from_slice(pair);
+        }
+    }
     if !config.sets_mem && parsed.memory_mib.is_none() {
         create.extend(["--mem".into(), config::DEFAULT_MEM_MIB.to_string()]);
     }
