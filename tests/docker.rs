@@ -856,3 +856,58 @@ fn tcg_docker_commands_match_podman_where_the_format_matters() {
     r.expect_code(0).expect_stdout_line("built by podman");
     p.run(&["rm", "-a", "-f"]);
 }
+
+/// The docker front end on our VMM: the nested test bed (L1 with real
+/// kvm_amd), the same image store (loaded here, shared into L1 at the same
+/// path), the kvm engine from the policy file.
+#[test]
+fn kvm_docker_front_end_through_our_vmm_in_the_test_bed() {
+    let d = Docker::new("docker-kvm", "");
+    let archive = agent_image(&d.dir, "localhost/agent:1");
+    d.run(&["load", "-i", archive.to_str().expect("utf-8")], 120)
+        .expect_code(0);
+    let image_root = root().join(build_file("rootfs.img"));
+    fs::write(
+        d.dir.join("docker-kvm.toml"),
+        format!(
+            "engine = \"kvm\"\nimage_root = \"{}\"\nmem = 512\n",
+            image_root.display()
+        ),
+    )
+    .expect("policy");
+    let s = format!(
+        "set -e; export AIRLOCK_SANDBOX_DIR=/tmp/sbx XDG_DATA_HOME={data} \
+         AIRLOCK_DOCKER_CONFIG={dir}/docker-kvm.toml; D={docker}; \
+         set +e; $D run --rm agent:1 sh -c 'echo hello from $(id -un); exit 3'; echo \"code=$?\"; set -e; \
+         $D run -d --name k --label suite=kvm agent:1 sleep 300 | wc -c; \
+         $D ps --filter label=suite=kvm --format '{{{{.Names}}}} {{{{.State}}}}'; \
+         $D exec k id -un; \
+         echo piped | $D exec -i k cat; \
+         $D stop -t 1 k; \
+         $D ps -a --format '{{{{.Names}}}} {{{{.Status}}}}' | cut -c1-11; \
+         $D rm k; \
+         $D ps -a -q | wc -l",
+        data = d.dir.join("data").display(),
+        dir = d.dir.display(),
+        docker = d.link,
+    );
+    let r = testbed(&["sh", "-c", &s], 900);
+    r.expect_code(0).expect_stderr("engine: kvm");
+    let lines: Vec<&str> = r.stdout.lines().map(str::trim).collect();
+    assert_eq!(
+        lines,
+        [
+            "hello from node",
+            "code=3",
+            "65",
+            "k running",
+            "node",
+            "piped",
+            "k",
+            "k Exited (1",
+            "k",
+            "0"
+        ],
+        "{r}"
+    );
+}
