@@ -813,7 +813,62 @@ fn tcg_docker_commands_match_podman_where_the_format_matters() {
     assert_eq!(said, "said-this\n");
     d.run(&["rm", "-f", "talker"], 60).expect_code(0);
 
-    // save gives back what load took; podman loads it.
+    // A guest that floods its output cannot grow the host's disk: the log
+    // keeps 16 MiB and says so.
+    d.run(
+        &[
+            "run",
+            "-d",
+            "--name",
+            "flood",
+            "agent:1",
+            "python3",
+            "-c",
+            "import sys; sys.stdout.write('a' * 20_000_000)",
+        ],
+        300,
+    )
+    .expect_code(0);
+    let mut status = String::new();
+    for _ in 0..300 {
+        status = d
+            .run(
+                &[
+                    "ps",
+                    "-a",
+                    "--filter",
+                    "name=flood",
+                    "--format",
+                    "{{.Status}}",
+                ],
+                30,
+            )
+            .stdout;
+        if status.starts_with("Exited") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert!(status.starts_with("Exited (0)"), "{status}");
+    let logs = d.run(&["logs", "--tail", "2", "flood"], 60);
+    assert!(
+        logs.stdout
+            .ends_with("[airlock: the log is full (16 MiB); the rest is not kept]\n"),
+        "{}",
+        &logs.stdout[logs.stdout.len().saturating_sub(200)..]
+    );
+    let all = d.run(&["logs", "flood"], 60);
+    assert!(
+        all.stdout.len() < (16 << 20) + 200,
+        "{} bytes",
+        all.stdout.len()
+    );
+    d.run(&["rm", "flood"], 60).expect_code(0);
+    // load from stdin, as `docker load < FILE`.
+    let r = d.run_stdin(&["load"], &fs::read(&archive).expect("archive"));
+    r.expect_code(0)
+        .expect_stdout_line("Loaded image: localhost/agent:1");
+    // save gives back what load took, byte for byte.
     let saved = d.dir.join("saved.tar");
     d.run(
         &["save", "-o", saved.to_str().expect("utf-8"), "agent:1"],

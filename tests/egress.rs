@@ -369,25 +369,12 @@ fn tcg_a_wildcard_does_not_open_loopback_or_metadata() {
 /// oversized head, garbage SOCKS greetings and a tunnel that idles past
 /// the idle timeout are bounded, refused and audited, and the proxy still
 /// serves afterwards.
-#[test]
-fn tcg_hostile_proxy_clients_are_bounded() {
-    let dir = scratch("egress-hostile");
-    fs::create_dir_all(dir.join("site")).expect("mkdir");
-    fs::write(dir.join("site/hello.txt"), "still-serving\n").expect("write");
-    let servers = start_servers(&dir, None);
-    // A server that accepts and never speaks: for the idle tunnel.
-    let quiet = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let quiet_port = quiet.local_addr().expect("addr").port();
-    let held = std::thread::spawn(move || {
-        let mut conns = Vec::new();
-        for c in quiet.incoming().take(1).flatten() {
-            conns.push(c);
-        }
-        std::thread::sleep(std::time::Duration::from_secs(60));
-    });
-    let log = dir.join("audit.jsonl");
-    let _ = fs::remove_file(&log);
-    let py = format!(
+/// The hostile clients of the egress proxy, in the guest: a flood, an
+/// oversized head, garbage SOCKS, a slowloris, a tunnel to a silent
+/// server, then a request that must still be served. `http_port` serves
+/// `hello.txt` = `still-serving`; `quiet_port` accepts and never speaks.
+fn hostile_clients(http_port: u16, quiet_port: u16) -> String {
+    format!(
         r#"
 import socket, time
 def conn():
@@ -443,33 +430,22 @@ while True:
     data += b
 print("after=" + data.decode().split("\r\n\r\n", 1)[1].strip())
 "#,
-        hp = servers.http,
+        hp = http_port,
         qp = quiet_port
-    );
-    let r = tcg_on_image(
-        &[
-            "--audit",
-            &rel(&log),
-            "--net-allow",
-            &format!("127.0.0.1:{}", servers.http),
-            "--net-allow",
-            &format!("127.0.0.1:{quiet_port}"),
-            "--net-idle-timeout",
-            "3",
-            "--timeout",
-            "600",
-        ],
-        &["python3", "-c", &py],
-        &[],
-        700,
-    );
+    )
+}
+
+/// What [`hostile_clients`] must have met: each bounded with its status,
+/// the idle tunnel closed and audited, the guest's refusals as its claims,
+/// the proxy still serving.
+fn check_hostile(r: &Run, log: &Path, quiet_port: u16) {
     r.expect_code(0);
     assert_eq!(
-        field(&r, "flood="),
+        field(r, "flood="),
         "[('HTTP/1.1 503 Service Unavailable', 16)]"
     );
     assert_eq!(
-        field(&r, "big="),
+        field(r, "big="),
         "HTTP/1.1 431 Request Header Fields Too Large"
     );
     let socks: Vec<&str> = r
@@ -483,16 +459,16 @@ print("after=" + data.decode().split("\r\n\r\n", 1)[1].strip())
     assert_eq!(socks[0], "");
     assert_eq!(socks[1], "05ff");
     assert!(socks[2].starts_with("05000507"), "{r}");
-    let slow = field(&r, "slow=");
+    let slow = field(r, "slow=");
     assert!(slow.starts_with("HTTP/1.1 408"), "{slow}");
     assert_eq!(
-        field(&r, "idle_open="),
+        field(r, "idle_open="),
         "HTTP/1.1 200 Connection established"
     );
-    let idle = field(&r, "idle_end=");
+    let idle = field(r, "idle_end=");
     assert!(idle.starts_with("b''"), "{idle}");
-    assert_eq!(field(&r, "after="), "still-serving");
-    let records = audit_records(&log);
+    assert_eq!(field(r, "after="), "still-serving");
+    let records = audit_records(log);
     let closes = fields_of_kind(&records, "net.close");
     assert!(
         closes
@@ -522,6 +498,45 @@ print("after=" + data.decode().split("\r\n\r\n", 1)[1].strip())
             .all(|r| r["source"] == "guest"),
         "egress.refused is the guest's claim"
     );
+}
+
+#[test]
+fn tcg_hostile_proxy_clients_are_bounded() {
+    let dir = scratch("egress-hostile");
+    fs::create_dir_all(dir.join("site")).expect("mkdir");
+    fs::write(dir.join("site/hello.txt"), "still-serving\n").expect("write");
+    let servers = start_servers(&dir, None);
+    // A server that accepts and never speaks: for the idle tunnel.
+    let quiet = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let quiet_port = quiet.local_addr().expect("addr").port();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for c in quiet.incoming().take(1).flatten() {
+            conns.push(c);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    });
+    let log = dir.join("audit.jsonl");
+    let _ = fs::remove_file(&log);
+    let py = hostile_clients(servers.http, quiet_port);
+    let r = tcg_on_image(
+        &[
+            "--audit",
+            &rel(&log),
+            "--net-allow",
+            &format!("127.0.0.1:{}", servers.http),
+            "--net-allow",
+            &format!("127.0.0.1:{quiet_port}"),
+            "--net-idle-timeout",
+            "3",
+            "--timeout",
+            "600",
+        ],
+        &["python3", "-c", &py],
+        &[],
+        700,
+    );
+    check_hostile(&r, &log, quiet_port);
     drop(held);
 }
 
@@ -568,4 +583,35 @@ fn kvm_egress_through_our_vmm() {
         .iter()
         .all(|c| c["bytes_down"].as_u64().is_some_and(|n| n > 14)));
     assert_eq!(fields_of_kind(&records, "net.denied").len(), 1);
+}
+
+/// The same hostile clients against our VMM in the test bed: busybox httpd
+/// and a silent listener in L1, airlock's kvm engine.
+#[test]
+fn kvm_hostile_proxy_clients_are_bounded_in_the_test_bed() {
+    let dir = scratch("egress-kvm-hostile");
+    fs::create_dir_all(dir.join("www")).expect("mkdir");
+    fs::write(dir.join("www/hello.txt"), "still-serving\n").expect("write");
+    let log = dir.join("audit.jsonl");
+    let _ = fs::remove_file(&log);
+    let (http_port, quiet_port) = (18010, 18011);
+    let script = format!(
+        "set -e; ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up; \
+         busybox httpd -p 127.0.0.1:{http_port} -h {www}; \
+         (sleep 120 | busybox nc -l -p {quiet_port} >/dev/null 2>&1 &); \
+         {airlock} run --engine kvm --mem 1024 --timeout 800 --image-root {image} --audit {log} \
+           --net-allow 127.0.0.1:{http_port} --net-allow 127.0.0.1:{quiet_port} \
+           --net-idle-timeout 3 -- python3 -c \"$GUEST\"",
+        www = rel(&dir.join("www")),
+        airlock = bin("airlock"),
+        image = build_file("rootfs.img"),
+        log = rel(&log),
+    );
+    let guest = hostile_clients(http_port, quiet_port);
+    let r = testbed(
+        &["env", &format!("GUEST={guest}"), "sh", "-c", &script],
+        900,
+    );
+    r.expect_code(0).expect_stderr("engine: kvm");
+    check_hostile(&r, &log, quiet_port);
 }

@@ -7,6 +7,7 @@
 
 use std::fs;
 use std::io::{self, IsTerminal, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -301,9 +302,18 @@ pub fn load(args: &[String]) -> u8 {
             "load: requested load from stdin, but stdin is empty (a terminal): use -i FILE",
         );
     }
-    let tmp = std::env::temp_dir().join(format!("airlock-docker-load-{}.tar", std::process::id()));
-    let copied =
-        fs::File::create(&tmp).and_then(|mut out| io::copy(&mut io::stdin().lock(), &mut out));
+    let tmp = std::env::temp_dir().join(format!(
+        "airlock-docker-load-{}-{}.tar",
+        std::process::id(),
+        crate::audit::new_run_id()
+    ));
+    // A new file of our own (never one someone put there for us to follow).
+    let copied = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut out| io::copy(&mut io::stdin().lock(), &mut out));
     let code = match copied {
         Ok(_) => load_file(&store, &tmp, quiet),
         Err(e) => error(Code::Error, &format!("load: reading stdin: {e}")),
@@ -461,8 +471,13 @@ pub fn build(args: &[String]) -> u8 {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let tmp_dir = std::env::temp_dir().join(format!("airlock-docker-build-{}", std::process::id()));
-    if let Err(e) = fs::create_dir_all(&tmp_dir) {
+    let tmp_dir = std::env::temp_dir().join(format!(
+        "airlock-docker-build-{}-{}",
+        std::process::id(),
+        crate::audit::new_run_id()
+    ));
+    // A new directory of our own, private.
+    if let Err(e) = fs::DirBuilder::new().mode(0o700).create(&tmp_dir) {
         return error(Code::Error, &format!("{}: {e}", tmp_dir.display()));
     }
     let mut code = 0;
