@@ -123,27 +123,11 @@ fn agent_image(dir: &Path, tag: &str) -> PathBuf {
 /// A CA and a certificate it signed for `api.anthropic.com`: the credential
 /// gateway's, `(ca.pem, cert.pem, key.pem)`.
 fn gateway_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "gateway test CA");
-    let ca_key = rcgen::KeyPair::generate().expect("ca key");
-    let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).expect("ca");
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(vec!["api.anthropic.com".to_owned()])
-        .expect("params")
-        .signed_by(&key, &ca)
-        .expect("sign");
-    let paths = (
-        dir.join("gw-ca.pem"),
-        dir.join("gw.pem"),
-        dir.join("gw.key"),
-    );
-    fs::write(&paths.0, ca.pem()).expect("write");
-    fs::write(&paths.1, cert.pem()).expect("write");
-    fs::write(&paths.2, key.serialize_pem()).expect("write");
-    paths
+    test_pki_for(
+        dir,
+        &["api.anthropic.com"],
+        ["gw-ca.pem", "gw.pem", "gw.key"],
+    )
 }
 
 /// A child process killed on drop.

@@ -545,6 +545,16 @@ impl Drop for Upstream {
 /// A CA and a server certificate it signed for 127.0.0.1 and localhost,
 /// made at test time: `(ca.pem, cert.pem, key.pem)` in `dir`.
 pub fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    test_pki_for(
+        dir,
+        &["127.0.0.1", "localhost"],
+        ["ca.pem", "cert.pem", "key.pem"],
+    )
+}
+
+/// A CA and a server certificate it signed for `names`, made at test time,
+/// written to `files` (CA, certificate, key) in `dir`.
+pub fn test_pki_for(dir: &Path, names: &[&str], files: [&str; 3]) -> (PathBuf, PathBuf, PathBuf) {
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     params
@@ -553,15 +563,12 @@ pub fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let ca_key = rcgen::KeyPair::generate().expect("ca key");
     let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).expect("ca");
     let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let cert = rcgen::CertificateParams::new(names)
         .expect("params")
         .signed_by(&key, &ca)
         .expect("sign");
-    let paths = (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    );
+    let paths = (dir.join(files[0]), dir.join(files[1]), dir.join(files[2]));
     std::fs::write(&paths.0, ca.pem()).expect("write the CA");
     std::fs::write(&paths.1, cert.pem()).expect("write the certificate");
     std::fs::write(&paths.2, key.serialize_pem()).expect("write the key");

@@ -314,23 +314,7 @@ pub fn exec(args: ExecArgs) -> Exit {
         cwd,
         user: args.user.clone(),
     };
-    let stdin: Option<Box<dyn Read + Send>> = if args.interactive {
-        Some(Box::new(io::stdin()))
-    } else {
-        None
-    };
-    let ended = sandbox.exec(
-        &spec,
-        stdin,
-        &mut io::stdout().lock(),
-        &mut io::stderr(),
-        &mut |message| {
-            eprintln!(
-                "airlock: exec: {}",
-                crate::text::sanitize(message.as_bytes())
-            )
-        },
-    );
+    let ended = exec_attached(&sandbox, &spec, args.interactive, "airlock: exec");
     match ended {
         Ok(ExecEnd::Exited {
             status,
@@ -344,6 +328,31 @@ pub fn exec(args: ExecArgs) -> Exit {
         Ok(ExecEnd::OutputClosed) => Exit::Interrupted(libc::SIGPIPE),
         Err(e) => fail(&e),
     }
+}
+
+/// Runs `spec` in `sandbox` with our stdout and stderr (and stdin when
+/// `interactive`); the guest's error messages on stderr after `prefix`,
+/// escaped.
+pub fn exec_attached(
+    sandbox: &Sandbox,
+    spec: &ExecSpec,
+    interactive: bool,
+    prefix: &str,
+) -> Result<ExecEnd, lifecycle::Error> {
+    let stdin: Option<Box<dyn Read + Send>> = if interactive {
+        Some(Box::new(io::stdin()))
+    } else {
+        None
+    };
+    sandbox.exec(
+        spec,
+        stdin,
+        &mut io::stdout().lock(),
+        &mut io::stderr(),
+        &mut |message| {
+            eprintln!("{prefix}: {}", crate::text::sanitize(message.as_bytes()));
+        },
+    )
 }
 
 /// `airlock ls`.

@@ -234,28 +234,13 @@ pub fn human_size(bytes: u64) -> String {
 pub fn created_at(unix: u64) -> String {
     let days = unix / 86_400;
     let rem = unix % 86_400;
-    let (y, m, d) = civil(i64::try_from(days).unwrap_or(0));
+    let (y, m, d) = crate::audit::time::civil_from_days(i64::try_from(days).unwrap_or(0));
     format!(
         "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} +0000 UTC",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60
     )
-}
-
-/// Days since 1970-01-01 as (year, month, day) (Howard Hinnant's
-/// algorithm).
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
-    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 /// What a container's row says in `ps`: docker's field names, all strings.

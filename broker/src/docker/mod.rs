@@ -645,22 +645,11 @@ fn exec(args: &[String]) -> u8 {
         cwd,
         user,
     };
-    let stdin: Option<Box<dyn Read + Send>> = if f.has(&["-i", "--interactive"]) {
-        Some(Box::new(io::stdin()))
-    } else {
-        None
-    };
-    let ended = sandbox.exec(
+    let ended = crate::cli::sandbox::exec_attached(
+        &sandbox,
         &spec,
-        stdin,
-        &mut io::stdout().lock(),
-        &mut io::stderr(),
-        &mut |m| {
-            eprintln!(
-                "airlock docker: exec: {}",
-                crate::text::sanitize(m.as_bytes())
-            )
-        },
+        f.has(&["-i", "--interactive"]),
+        "airlock docker: exec",
     );
     match ended {
         Ok(ExecEnd::Exited {
