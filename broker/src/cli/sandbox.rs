@@ -42,7 +42,8 @@ fn fail(e: &lifecycle::Error) -> Exit {
     }
 }
 
-fn now_unix() -> u64 {
+/// Seconds since the Unix epoch (0 for a clock set before 1970).
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

@@ -38,14 +38,19 @@ fn parse_time(text: &str) -> Option<u64> {
     u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()
 }
 
+/// An image's size: unpacked, else its disk's.
+fn image_size(image: &Stored) -> u64 {
+    let meta = image.meta();
+    meta["unpacked"]["bytes"]
+        .as_u64()
+        .or_else(|| meta["disk_bytes"].as_u64())
+        .unwrap_or(0)
+}
+
 /// An image as `docker image inspect` shows it.
 fn inspect_json(image: &Stored) -> Result<Value, String> {
     let config = image.config().map_err(|e| e.to_string())?;
-    let meta = image.meta();
-    let size = meta["unpacked"]["bytes"]
-        .as_u64()
-        .or_else(|| meta["disk_bytes"].as_u64())
-        .unwrap_or(0);
+    let size = image_size(image);
     Ok(json!({
         "Id": image.digest,
         "RepoTags": image.names,
@@ -97,11 +102,7 @@ pub fn images(args: &[String]) -> u8 {
     for image in &list {
         let config = image.config().unwrap_or(Value::Null);
         let created = config["created"].as_str().and_then(parse_time);
-        let meta = image.meta();
-        let size = meta["unpacked"]["bytes"]
-            .as_u64()
-            .or_else(|| meta["disk_bytes"].as_u64())
-            .unwrap_or(0);
+        let size = image_size(image);
         let id = if no_trunc {
             image.digest.clone()
         } else {

@@ -19,7 +19,7 @@ pub mod run;
 pub mod run_args;
 
 use std::io::{self, Read, Write};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -160,25 +160,17 @@ pub fn main(args: &[String]) -> u8 {
     }
 }
 
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+use crate::cli::sandbox::now_unix;
 
 /// A container's ID: the front end's, else one derived from the
-/// sandbox's name and creation time.
-pub fn id_of(sandbox: &Sandbox) -> String {
+/// sandbox's name and creation time (`config` is the sandbox's).
+pub fn id_of(name: &str, config: &Value) -> String {
     use sha2::Digest;
-    let config = sandbox.config();
     if let Some(id) = config["front_end"]["id"].as_str() {
         return id.to_owned();
     }
-    let seed = format!("{}\0{}", sandbox.name(), config["created_unix"]);
-    sha2::Sha256::digest(seed.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let seed = format!("{name}\0{}", config["created_unix"]);
+    crate::audit::record::hex(&sha2::Sha256::digest(seed.as_bytes()))
 }
 
 /// The container a name or an ID (or a unique ID prefix) names.
@@ -191,7 +183,7 @@ fn find(what: &str) -> Result<Sandbox, String> {
     if hexish {
         let mut matches: Vec<Sandbox> = Sandbox::list()
             .into_iter()
-            .filter(|s| id_of(s).starts_with(&what.to_ascii_lowercase()))
+            .filter(|s| id_of(s.name(), &s.config()).starts_with(&what.to_ascii_lowercase()))
             .collect();
         if matches.len() == 1 {
             return Ok(matches.remove(0));
@@ -204,6 +196,11 @@ fn find(what: &str) -> Result<Sandbox, String> {
         "No such container: {}",
         crate::text::sanitize(what.as_bytes())
     ))
+}
+
+/// [`find`], or its error said as docker's daemon says it (exit 1).
+fn find_or_say(what: &str) -> Result<Sandbox, u8> {
+    find(what).map_err(|e| error(Code::Error, &format!("Error response from daemon: {e}")))
 }
 
 /// Splits `args` into flags (with their values, for those in
@@ -345,10 +342,10 @@ fn stop(args: &[String], kill: bool) -> u8 {
     };
     let mut code = 0;
     for what in &f.rest {
-        let sandbox = match find(what) {
+        let sandbox = match find_or_say(what) {
             Ok(s) => s,
-            Err(e) => {
-                code = error(Code::Error, &format!("Error response from daemon: {e}"));
+            Err(c) => {
+                code = c;
                 continue;
             }
         };
@@ -408,10 +405,10 @@ fn rm(args: &[String]) -> u8 {
     let force = f.has(&["-f", "--force"]);
     let mut code = 0;
     for what in &f.rest {
-        let sandbox = match find(what) {
+        let sandbox = match find_or_say(what) {
             Ok(s) => s,
-            Err(e) => {
-                code = error(Code::Error, &format!("Error response from daemon: {e}"));
+            Err(c) => {
+                code = c;
                 continue;
             }
         };
@@ -459,7 +456,7 @@ fn row(sandbox: &Sandbox) -> Row {
             .collect()
     });
     Row {
-        id: id_of(sandbox),
+        id: id_of(sandbox.name(), &config),
         image,
         command,
         created_unix: config["created_unix"].as_u64().unwrap_or(0),
@@ -597,9 +594,9 @@ fn exec(args: &[String]) -> u8 {
     if command.is_empty() {
         return refuse("exec needs a command");
     }
-    let sandbox = match find(what) {
+    let sandbox = match find_or_say(what) {
         Ok(s) => s,
-        Err(e) => return error(Code::Error, &format!("Error response from daemon: {e}")),
+        Err(c) => return c,
     };
     if !matches!(sandbox.state(), State::Running(_)) {
         return error(
@@ -622,18 +619,14 @@ fn exec(args: &[String]) -> u8 {
     if !f.values(&["--env-file"]).is_empty() {
         return unsupported("exec --env-file");
     }
-    let user = f
-        .last(&["-u", "--user"])
-        .or_else(|| config["front_end"]["user"].as_str().map(str::to_owned));
+    let (run_cwd, run_user) = run_cwd_user(&config);
+    let user = f.last(&["-u", "--user"]).or(run_user);
     if let Some(u) = &user {
         if let Err(e) = airlock_protocol::check_exec_user(u) {
             return refuse(&format!("exec -u: {e}"));
         }
     }
-    let cwd = f
-        .last(&["-w", "--workdir"])
-        .or_else(|| config["front_end"]["cwd"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| config["cwd"].as_str().unwrap_or("/").to_owned());
+    let cwd = f.last(&["-w", "--workdir"]).unwrap_or(run_cwd);
     if !cwd.starts_with('/') {
         return refuse(&format!(
             "exec -w {cwd}: the working directory must be absolute"
@@ -652,18 +645,40 @@ fn exec(args: &[String]) -> u8 {
         "airlock docker: exec",
     );
     match ended {
-        Ok(ExecEnd::Exited {
-            status,
-            spawn_failed,
-        }) => {
-            if spawn_failed && status.exit_code() == 127 {
-                return 127;
-            }
-            u8::try_from(status.exit_code()).unwrap_or(Code::Failed as u8)
-        }
-        Ok(ExecEnd::OutputClosed) => 128 + 13,
+        Ok(end) => exit_code(end),
         Err(e) => error(Code::Failed, &e.to_string()),
     }
+}
+
+/// docker's exit code for how a command in a container ended: its own,
+/// 127 when it could not be started, 141 (SIGPIPE) when our output closed.
+fn exit_code(end: ExecEnd) -> u8 {
+    match end {
+        ExecEnd::Exited {
+            status,
+            spawn_failed,
+        } => {
+            if spawn_failed && status.exit_code() == 127 {
+                127
+            } else {
+                u8::try_from(status.exit_code()).unwrap_or(Code::Failed as u8)
+            }
+        }
+        ExecEnd::OutputClosed => 128 + 13,
+    }
+}
+
+/// Where a `run` container's commands start and as whom: its working
+/// directory and user (the run's `-w`/`-u`, else the image's), else the
+/// sandbox's working directory and its container's own user.
+fn run_cwd_user(config: &Value) -> (String, Option<String>) {
+    let front = &config["front_end"];
+    let cwd = front["cwd"]
+        .as_str()
+        .or_else(|| config["cwd"].as_str())
+        .unwrap_or("/")
+        .to_owned();
+    (cwd, front["user"].as_str().map(str::to_owned))
 }
 
 /// `docker logs [--tail N] [-f] NAME`: the main process's output (what
@@ -686,9 +701,9 @@ fn logs(args: &[String]) -> u8 {
     let [what] = f.rest.as_slice() else {
         return refuse("logs takes one container");
     };
-    let sandbox = match find(what) {
+    let sandbox = match find_or_say(what) {
         Ok(s) => s,
-        Err(e) => return error(Code::Error, &format!("Error response from daemon: {e}")),
+        Err(c) => return c,
     };
     let tail = match f.last(&["-n", "--tail"]).as_deref() {
         None | Some("all") => None,

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use clap::Parser;
 use serde_json::json;
@@ -23,7 +23,8 @@ use serde_json::json;
 use super::config::{self, Config};
 use super::run_args::{self, DockerRun, EnvArg};
 use super::{refuse, Code, HOST_NAMES};
-use crate::sandbox::lifecycle::{ExecEnd, ExecSpec, Sandbox, State};
+use crate::cli::sandbox::now_unix;
+use crate::sandbox::lifecycle::{ExecSpec, Sandbox, State};
 
 /// The main process's output kept for `docker logs`, at most this much
 /// (then a line saying so): a guest cannot grow the host's disk.
@@ -45,20 +46,11 @@ const PROXY_VARS: &[&str] = &[
 /// An `--env-file` may not be larger than this.
 const MAX_ENV_FILE: u64 = 1 << 20;
 
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// A new container ID: 64 hex digits.
 pub fn new_id(name: &str) -> String {
     use sha2::Digest;
     let seed = format!("{}\0{name}\0{}", crate::audit::new_run_id(), now_unix());
-    sha2::Sha256::digest(seed.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::audit::record::hex(&sha2::Sha256::digest(seed.as_bytes()))
 }
 
 /// `-e` and `--env-file` resolved as docker does: `NAME=VALUE` as given,
@@ -208,18 +200,15 @@ fn forwards(
 }
 
 /// The image: a stored one, by the reference given.
-fn stored_image(reference: &str) -> Result<crate::image::store::Stored, (Code, String)> {
-    let store = crate::image::store::Store::open_default()
-        .map_err(|e| (Code::Refused, format!("the image store: {e}")))?;
+fn stored_image(reference: &str) -> Result<crate::image::store::Stored, String> {
+    let store =
+        crate::image::store::Store::open_default().map_err(|e| format!("the image store: {e}"))?;
     store.resolve(reference).map_err(|e| match e {
-        crate::image::Error::NotFound(_) => (
-            Code::Refused,
-            format!(
-                "Unable to find image '{reference}' locally: airlock does not pull; load it \
-                 with `docker load -i FILE` or build it with `docker build -t {reference} .`"
-            ),
+        crate::image::Error::NotFound(_) => format!(
+            "Unable to find image '{reference}' locally: airlock does not pull; load it \
+             with `docker load -i FILE` or build it with `docker build -t {reference} .`"
         ),
-        other => (Code::Refused, other.to_string()),
+        other => other.to_string(),
     })
 }
 
@@ -243,7 +232,7 @@ pub fn run(args: &[String]) -> u8 {
     };
     let image = match stored_image(&parsed.image) {
         Ok(i) => i,
-        Err((code, e)) => return super::error(code, &e),
+        Err(e) => return refuse(&e),
     };
     let image_config = match image.config() {
         Ok(c) => crate::image::ImageConfig::from_json(&c),
@@ -448,16 +437,14 @@ pub fn main_process(name: &str, stdin: bool, attached: bool) -> u8 {
         Ok(s) => s,
         Err(e) => return super::error(Code::Failed, &e.to_string()),
     };
-    let front = sandbox.config()["front_end"].clone();
-    let argv: Vec<String> = serde_json::from_value(front["argv"].clone()).unwrap_or_default();
+    let config = sandbox.config();
+    let front = &config["front_end"];
+    let (cwd, user) = super::run_cwd_user(&config);
     let spec = ExecSpec {
-        argv,
+        argv: serde_json::from_value(front["argv"].clone()).unwrap_or_default(),
         env: Vec::new(),
-        cwd: front["cwd"].as_str().map_or_else(
-            || sandbox.config()["cwd"].as_str().unwrap_or("/").to_owned(),
-            str::to_owned,
-        ),
-        user: front["user"].as_str().map(str::to_owned),
+        cwd,
+        user,
     };
     let stopping = Arc::new(AtomicBool::new(false));
     if attached {
@@ -506,17 +493,7 @@ pub fn main_process(name: &str, stdin: bool, attached: bool) -> u8 {
     });
     let stopped_from_outside = !matches!(sandbox.state(), State::Running(_));
     let code: u8 = match ended {
-        Ok(ExecEnd::Exited {
-            status,
-            spawn_failed,
-        }) => {
-            if spawn_failed && status.exit_code() == 127 {
-                127
-            } else {
-                u8::try_from(status.exit_code()).unwrap_or(Code::Failed as u8)
-            }
-        }
-        Ok(ExecEnd::OutputClosed) => 128 + 13,
+        Ok(end) => super::exit_code(end),
         // The sandbox was stopped under it (`docker stop`, `kill`): its
         // processes were killed, as docker says: 137.
         Err(_) if stopped_from_outside || stopping.load(Ordering::SeqCst) => 137,
