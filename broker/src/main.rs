@@ -21,6 +21,7 @@ mod paths;
 mod pinned;
 mod run;
 mod sandbox;
+mod secrets;
 mod share;
 mod text;
 

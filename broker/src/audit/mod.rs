@@ -137,6 +137,16 @@ pub mod kind {
     /// At the end: `tunnels`, `denied`, `denied_unrecorded`, `bytes_up`,
     /// `bytes_down`, `unfinished_at_end`.
     pub const NET_SUMMARY: &str = "net.summary";
+    /// A secret put into a request to a bound host: `name`, `host`,
+    /// `port`, `header` (where), `request_sha256` (of the request line as
+    /// the agent sent it); never the value.
+    pub const SECRET_USED: &str = "secret.used";
+    /// A request or connection refused by the secrets' rules: `name` (the
+    /// secret, when one was involved), `host`, `port`, `reason`
+    /// (`placeholder_for_other_host`, `placeholder_in_clear_text`,
+    /// `host_mismatch`, `sni_mismatch`, `upstream_tls`, `http2`,
+    /// `secret_unavailable`, `bad_request`, `head_too_large`), `message`.
+    pub const SECRET_REFUSED: &str = "secret.refused";
 }
 
 /// The default of `--audit-max-guest-events`.

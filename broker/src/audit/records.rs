@@ -93,6 +93,10 @@ pub struct Policy {
     /// them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<MountRecord>,
+    /// The secrets (`--secret`, `--secret-bind`): names, sources, bindings,
+    /// the sandbox CA's fingerprint; never a value ([`crate::secrets::Secrets::fields`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<Value>,
     /// The egress door's policy and limits ([`crate::egress::Settings::fields`]).
     pub egress: Value,
 }
@@ -214,6 +218,36 @@ pub struct NetDenied {
 
 impl HostRecord for NetDenied {
     const KIND: &'static str = kind::NET_DENIED;
+}
+
+/// `secret.used`: a secret's value put into a request to a bound host.
+#[derive(Debug, Serialize)]
+pub struct SecretUsed {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    /// The headers (or `(request line)`) it went into.
+    pub header: String,
+    /// SHA-256 of the request line as the agent sent it.
+    pub request_sha256: String,
+}
+
+impl HostRecord for SecretUsed {
+    const KIND: &'static str = kind::SECRET_USED;
+}
+
+/// `secret.refused`: a request or connection refused by the secrets' rules.
+#[derive(Debug, Serialize)]
+pub struct SecretRefused {
+    pub name: Option<String>,
+    pub host: String,
+    pub port: u16,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl HostRecord for SecretRefused {
+    const KIND: &'static str = kind::SECRET_REFUSED;
 }
 
 /// `net.summary`: the egress door at the end of the run.

@@ -696,6 +696,40 @@ pub struct RunArgs {
     /// Close a tunnel with no bytes either way for this many seconds
     #[arg(long, value_name = "SECS", default_value_t = crate::egress::DEFAULT_IDLE_TIMEOUT_S)]
     pub net_idle_timeout: u64,
+    /// Keep a credential on the host: NAME's value comes from airlock's
+    /// environment (env:VAR), a file (file:PATH) or a host program
+    /// (cmd:COMMAND, run with sh -c; its output is the value, or JSON
+    /// {"value": ..., "expires_in": SECS}; run again when it expires, else
+    /// every 300 s). The guest only ever gets a placeholder,
+    /// AIRLOCK_SECRET_<NAME>=airlock-ph-<random>; the broker puts the value
+    /// in requests to the hosts of --secret-bind (repeatable, at most 32)
+    #[arg(long = "secret", value_name = "NAME=env:VAR|file:PATH|cmd:COMMAND")]
+    pub secrets: Vec<String>,
+    /// Also put secret NAME's placeholder in the guest's variable VAR
+    /// (e.g. GITHUB_TOKEN, ANTHROPIC_API_KEY) (repeatable)
+    #[arg(long = "secret-env", value_name = "NAME=VAR")]
+    pub secret_env: Vec<String>,
+    /// Put secret NAME's value in requests to HOST (a name, *.domain, or a
+    /// preset: @anthropic, @openai, @github, @npm, @pypi), on any port the
+    /// egress policy allows: the broker terminates TLS for these hosts only
+    /// (a CA made for this sandbox, trusted in the guest through
+    /// /etc/ssl/certs/ca-certificates.crt and SSL_CERT_FILE,
+    /// REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE, GIT_SSL_CAINFO,
+    /// NODE_EXTRA_CA_CERTS), verifies the real server, replaces the
+    /// placeholder in request headers (inside Basic credentials too; the
+    /// request line with :url) or sets header=HEADER (formats raw, bearer,
+    /// token, basic, basic=USER), and masks the value in the answers. The
+    /// placeholder sent anywhere else is refused. Other hosts stay
+    /// end-to-end TLS (repeatable)
+    #[arg(
+        long = "secret-bind",
+        value_name = "NAME=HOST[,HOST...][:header=HEADER[:FORMAT]][:url]"
+    )]
+    pub secret_bind: Vec<String>,
+    /// Also trust the CA certificates in FILE (PEM) when connecting onward
+    /// to the hosts of --secret-bind (Mozilla's roots are always trusted)
+    #[arg(long = "secret-ca", value_name = "FILE")]
+    pub secret_ca: Option<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
     /// The command to run in the sandbox, and its arguments (after `--`)

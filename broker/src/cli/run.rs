@@ -160,7 +160,21 @@ impl TryFrom<RunArgs> for RunConfig {
             },
             None => (None, None),
         };
-        let (command, env, cwd, user, image_applied) = shape_command(&args, stored_image.as_ref())?;
+        let (command, mut env, cwd, user, image_applied) =
+            shape_command(&args, stored_image.as_ref())?;
+        let secrets = secrets(&args)?;
+        if let Some(s) = &secrets {
+            // The placeholders and the bundle's variables, unless the run
+            // sets the same names itself.
+            for (name, value) in s.guest_env() {
+                if !env
+                    .iter()
+                    .any(|e| e.split_once('=').is_some_and(|(n, _)| n == name))
+                {
+                    env.push(format!("{name}={value}"));
+                }
+            }
+        }
         let mut run_spec = run_spec(command, &env, args.max_output_bytes)?;
         run_spec.stdin = args.interactive;
         if args.workspace.is_some() || args.out.is_some() {
@@ -197,10 +211,11 @@ impl TryFrom<RunArgs> for RunConfig {
             return Err(Error::CollectPattern(bad.clone()));
         }
         spec.set_collect(&args.collect).map_err(Error::Spec)?;
-        let mounts = mounts(&args)?;
+        let mounts = mounts(&args, secrets.as_deref())?;
         spec.set_mounts(mounts.iter().map(crate::share::MountSpec::entry).collect())
             .map_err(Error::Spec)?;
-        let egress = egress(&args)?;
+        let mut egress = egress(&args)?;
+        egress.secrets = secrets;
         let cmdline = args.cmdline.unwrap_or_default();
         if cmdline.contains('\0') {
             return Err(Error::NulInCmdline);
@@ -315,6 +330,7 @@ fn egress(args: &RunArgs) -> Result<crate::egress::Settings, Error> {
         max_bytes: args.net_max_bytes,
         connect_timeout: Duration::from_secs(args.net_connect_timeout),
         idle_timeout: Duration::from_secs(args.net_idle_timeout),
+        secrets: None,
     })
 }
 
@@ -328,8 +344,42 @@ fn read_policy(file: &std::path::Path) -> std::io::Result<String> {
     Ok(text)
 }
 
-/// `--mount` and `-v`, in that order (the guest numbers them so), checked.
-fn mounts(args: &RunArgs) -> Result<Vec<crate::share::MountSpec>, Error> {
+/// `--secret`, `--secret-env`, `--secret-bind`, `--secret-ca`: the
+/// values fetched, the placeholders and the sandbox's CA made.
+fn secrets(args: &RunArgs) -> Result<Option<std::sync::Arc<crate::secrets::Secrets>>, Error> {
+    let flags = crate::secrets::config::parse(
+        &args.secrets,
+        &args.secret_env,
+        &args.secret_bind,
+        args.secret_ca.as_deref(),
+    )
+    .map_err(Error::Egress)?;
+    if flags.secrets.is_empty() {
+        if !args.secret_env.is_empty() || !args.secret_bind.is_empty() {
+            return Err(Error::Egress(
+                "--secret-env and --secret-bind need --secret".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    if !flags.binds.is_empty() && args.no_container {
+        return Err(Error::Egress(
+            "--secret-bind installs the sandbox's CA in the agent's container: not with \
+             --no-container"
+                .into(),
+        ));
+    }
+    let secrets = crate::secrets::Secrets::new(flags, &|name| std::env::var(name).ok())
+        .map_err(Error::Egress)?;
+    Ok(Some(std::sync::Arc::new(secrets)))
+}
+
+/// `--mount` and `-v`, in that order (the guest numbers them so), and the
+/// CA bundle of `--secret-bind` last, checked.
+fn mounts(
+    args: &RunArgs,
+    secrets: Option<&crate::secrets::Secrets>,
+) -> Result<Vec<crate::share::MountSpec>, Error> {
     use crate::share::spec;
     let mut all = Vec::new();
     for m in &args.mounts {
@@ -337,6 +387,9 @@ fn mounts(args: &RunArgs) -> Result<Vec<crate::share::MountSpec>, Error> {
     }
     for v in &args.volumes {
         all.push(spec::parse_volume(v).map_err(Error::Mount)?);
+    }
+    if let Some(file) = secrets.and_then(crate::secrets::Secrets::bundle_file) {
+        all.push(crate::secrets::bundle_mount(&file).map_err(Error::Mount)?);
     }
     spec::check_all(&all).map_err(Error::Mount)?;
     for m in &mut all {
@@ -473,6 +526,10 @@ mod tests {
             net_max_bytes: crate::egress::DEFAULT_MAX_BYTES,
             net_connect_timeout: crate::egress::DEFAULT_CONNECT_TIMEOUT_S,
             net_idle_timeout: crate::egress::DEFAULT_IDLE_TIMEOUT_S,
+            secrets: Vec::new(),
+            secret_env: Vec::new(),
+            secret_bind: Vec::new(),
+            secret_ca: None,
             command: vec!["true".into()],
         }
     }

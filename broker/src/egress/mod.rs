@@ -66,6 +66,9 @@ pub struct Settings {
     pub max_bytes: u64,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// `--secret*`: values injected for bound hosts (TLS terminated for
+    /// them), placeholders watched for everywhere else.
+    pub secrets: Option<Arc<crate::secrets::Secrets>>,
 }
 
 impl Default for Settings {
@@ -76,6 +79,7 @@ impl Default for Settings {
             max_bytes: DEFAULT_MAX_BYTES,
             connect_timeout: Duration::from_secs(DEFAULT_CONNECT_TIMEOUT_S),
             idle_timeout: Duration::from_secs(DEFAULT_IDLE_TIMEOUT_S),
+            secrets: None,
         }
     }
 }

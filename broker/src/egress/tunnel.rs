@@ -132,7 +132,14 @@ pub(crate) fn serve(door: &Door, id: u64, guest: &UnixStream) {
         },
         Durability::Buffered,
     );
-    let (up, down, end) = splice(door, guest, &remote);
+    let (up, down, end) = match door.settings.secrets.as_deref() {
+        // A bound host, through CONNECT or SOCKS: TLS is terminated here
+        // and the values put in (plain HTTP never carries one).
+        Some(s) if s.is_bound(&req.name) && matches!(kind, "connect" | "socks") => {
+            crate::secrets::intercept::serve(door, s, guest, &remote, &req.name, req.port)
+        }
+        _ => splice(door, guest, &remote, (&req.name, req.port)),
+    };
     let _ = remote.shutdown(Shutdown::Both);
     door.audit.record(
         &NetClose {
@@ -164,16 +171,55 @@ fn connect(addrs: &[SocketAddr], timeout: Duration) -> io::Result<(TcpStream, So
     Err(last)
 }
 
+/// A placeholder in clear text on its way out: the tunnel is cut before
+/// it is sent; the agent gets a `403` if nothing came back yet.
+fn refuse_placeholder(
+    door: &Door,
+    guest: &UnixStream,
+    remote: &TcpStream,
+    (host, port): (&str, u16),
+    e: &crate::secrets::Entry,
+    (up, down): (u64, u64),
+) -> (u64, u64, String) {
+    let _ = remote.shutdown(Shutdown::Both);
+    let r = crate::secrets::http::Refusal {
+        status: 403,
+        reason: "placeholder_in_clear_text",
+        secret: Some(e.spec.name.clone()),
+        message: format!(
+            "airlock: the placeholder of secret {} was on its way to {host}:{port} in clear \
+             text (not a --secret-bind host, or not inside TLS): the connection was cut before \
+             it was sent",
+            e.spec.name
+        ),
+    };
+    crate::secrets::intercept::refused(door, host, port, &r);
+    if down == 0 {
+        let _ = (&mut &*guest).write_all(&r.response());
+    }
+    (up, down, "secret_refused: placeholder_in_clear_text".into())
+}
+
 /// Copies bytes both ways until both directions are closed, the tunnel
 /// idles past the idle timeout, or the byte budget is spent; returns the
 /// bytes up (guest to destination), down, and how it ended.
-pub(crate) fn splice(door: &Door, guest: &UnixStream, remote: &TcpStream) -> (u64, u64, String) {
+pub(crate) fn splice(
+    door: &Door,
+    guest: &UnixStream,
+    remote: &TcpStream,
+    dest: (&str, u16),
+) -> (u64, u64, String) {
     let idle = door.settings.idle_timeout;
     let _ = guest.set_read_timeout(None);
     let _ = remote.set_read_timeout(None);
     let _ = guest.set_write_timeout(Some(idle));
     let _ = remote.set_write_timeout(Some(idle));
     let mut buf = vec![0u8; BUF];
+    // With secrets: the tail of what went up, so that a placeholder split
+    // across reads is still seen.
+    let secrets = door.settings.secrets.as_deref();
+    let keep = secrets.map_or(0, |s| s.placeholder_len().saturating_sub(1));
+    let mut tail: Vec<u8> = Vec::new();
     let (mut up, mut down) = (0u64, 0u64);
     let (mut up_open, mut down_open) = (true, true);
     let mut last = Instant::now();
@@ -230,6 +276,14 @@ pub(crate) fn splice(door: &Door, guest: &UnixStream, remote: &TcpStream) -> (u6
                     let _ = guest.shutdown(Shutdown::Write);
                 }
                 continue;
+            }
+            if let (0, Some(s)) = (i, secrets) {
+                tail.extend_from_slice(&buf[..n]);
+                if let Some(e) = s.placeholder_in(&tail) {
+                    return refuse_placeholder(door, guest, remote, dest, e, (up, down));
+                }
+                let cut = tail.len().saturating_sub(keep);
+                tail.drain(..cut);
             }
             let n64 = n as u64;
             if door.bytes.fetch_add(n64, Ordering::SeqCst) + n64 > door.settings.max_bytes {

@@ -87,7 +87,16 @@ impl Scrubber {
     /// A scrubber for a stream.
     pub fn stream(&self) -> Stream<'_> {
         Stream {
-            scrubber: self,
+            scrubber: std::borrow::Cow::Borrowed(self),
+            held: Vec::new(),
+            count: 0,
+        }
+    }
+
+    /// A stream that owns its scrubber.
+    pub fn into_stream(self) -> Stream<'static> {
+        Stream {
+            scrubber: std::borrow::Cow::Owned(self),
             held: Vec::new(),
             count: 0,
         }
@@ -114,7 +123,7 @@ impl Scrubber {
 /// Scrubs a stream chunk by chunk.
 #[derive(Debug)]
 pub struct Stream<'a> {
-    scrubber: &'a Scrubber,
+    scrubber: std::borrow::Cow<'a, Scrubber>,
     /// The tail of the data so far that may begin a key.
     held: Vec<u8>,
     count: usize,
@@ -139,6 +148,11 @@ impl Stream<'_> {
     /// Keys masked so far.
     pub fn count(&self) -> usize {
         self.count
+    }
+
+    /// Whether bytes are held back (they may begin a key).
+    pub fn holding(&self) -> bool {
+        !self.held.is_empty()
     }
 
     fn scan(&mut self, at_end: bool, out: &mut Vec<u8>) {

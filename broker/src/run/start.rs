@@ -178,6 +178,7 @@ pub(crate) fn run_start(
                 .collect(),
             model: config.model.fields(),
             egress: config.egress.fields(),
+            secrets: config.egress.secrets.as_ref().map(|s| s.fields()),
         },
         spec: Spec {
             argv: spec.argv.clone(),
