@@ -18,6 +18,9 @@ use crate::audit::Durability;
 
 /// Size of the splice buffer.
 const BUF: usize = 64 * 1024;
+/// With secrets: how long bytes that may begin a placeholder wait for the
+/// rest before they go on.
+const HOLD_MS: u128 = 100;
 
 fn reply(guest: &UnixStream, status: Status, message: &str) -> io::Result<()> {
     Reply {
@@ -220,6 +223,8 @@ pub(crate) fn splice(
     let secrets = door.settings.secrets.as_deref();
     let keep = secrets.map_or(0, |s| s.placeholder_len().saturating_sub(1));
     let mut tail: Vec<u8> = Vec::new();
+    let mut held: Vec<u8> = Vec::new();
+    let mut held_since = Instant::now();
     let (mut up, mut down) = (0u64, 0u64);
     let (mut up_open, mut down_open) = (true, true);
     let mut last = Instant::now();
@@ -240,7 +245,8 @@ pub(crate) fn splice(
                 revents: 0,
             },
         ];
-        let wait = libc::c_int::try_from(left.as_millis().min(1000)).unwrap_or(1000);
+        let cap = if held.is_empty() { 1000 } else { HOLD_MS };
+        let wait = libc::c_int::try_from(left.as_millis().min(cap)).unwrap_or(1000);
         // SAFETY: `fds` is a live array of two initialised pollfd, and its
         // length is passed with it.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, wait) };
@@ -250,6 +256,13 @@ pub(crate) fn splice(
                 continue;
             }
             return (up, down, format!("error: poll: {e}"));
+        }
+        if !held.is_empty() && held_since.elapsed().as_millis() >= HOLD_MS {
+            // Not a placeholder after all (or one split on purpose, which
+            // the next read still catches whole in `tail`).
+            if let Err(e) = (&mut &*remote).write_all(&std::mem::take(&mut held)) {
+                return (up, down, format!("error: write: {e}"));
+            }
         }
         for (i, fd) in fds.iter().enumerate() {
             if fd.fd < 0 || fd.revents == 0 {
@@ -270,6 +283,12 @@ pub(crate) fn splice(
                 // Half-close: pass it on, keep the other way open.
                 if i == 0 {
                     up_open = false;
+                    if (&mut &*remote)
+                        .write_all(&std::mem::take(&mut held))
+                        .is_err()
+                    {
+                        return (up, down, "error: write".into());
+                    }
                     let _ = remote.shutdown(Shutdown::Write);
                 } else {
                     down_open = false;
@@ -277,6 +296,8 @@ pub(crate) fn splice(
                 }
                 continue;
             }
+            let mut send = &buf[..n];
+            let mut joined;
             if let (0, Some(s)) = (i, secrets) {
                 tail.extend_from_slice(&buf[..n]);
                 if let Some(e) = s.placeholder_in(&tail) {
@@ -284,12 +305,20 @@ pub(crate) fn splice(
                 }
                 let cut = tail.len().saturating_sub(keep);
                 tail.drain(..cut);
+                // What may be the start of a placeholder waits for the
+                // next read (or HOLD).
+                joined = std::mem::take(&mut held);
+                joined.extend_from_slice(&buf[..n]);
+                let at = s.partial_at_end(&joined).unwrap_or(joined.len());
+                held = joined.split_off(at);
+                held_since = Instant::now();
+                send = &joined;
             }
             let n64 = n as u64;
             if door.bytes.fetch_add(n64, Ordering::SeqCst) + n64 > door.settings.max_bytes {
                 return (up, down, "byte_limit".into());
             }
-            if let Err(e) = to.write_all(&buf[..n]) {
+            if let Err(e) = to.write_all(send) {
                 return (up, down, format!("error: write: {e}"));
             }
             if i == 0 {

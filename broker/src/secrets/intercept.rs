@@ -44,6 +44,9 @@ const HOLD: Duration = Duration::from_millis(100);
 pub struct Used {
     pub secret: String,
     pub header: String,
+    /// The value encoded as it was sent (`Basic` credentials), to mask
+    /// in the answers as the value itself is.
+    pub form: Option<String>,
 }
 
 /// `text` with each placeholder replaced: a secret bound to this host
@@ -70,6 +73,7 @@ fn substitute(
         used.push(Used {
             secret: e.spec.name.clone(),
             header: header.to_owned(),
+            form: None,
         });
     }
     Ok(out)
@@ -172,6 +176,7 @@ pub fn rewrite(
                 used.push(Used {
                     secret: e.spec.name.clone(),
                     header: "(request line)".into(),
+                    form: None,
                 });
             }
             Some(_) => {}
@@ -208,7 +213,14 @@ pub fn rewrite(
                 if replaced == text {
                     value.clone()
                 } else {
-                    format!("Basic {}", base64_encode(replaced.as_bytes()))
+                    let encoded = base64_encode(replaced.as_bytes());
+                    for u in used
+                        .iter_mut()
+                        .filter(|u| u.header == lower && u.form.is_none())
+                    {
+                        u.form = Some(encoded.clone());
+                    }
+                    format!("Basic {encoded}")
                 }
             }
             None => substitute(secrets, &bound, value, &lower, &mut used, &mut refreshed)?,
@@ -241,10 +253,15 @@ pub fn rewrite(
             headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
         }
         used.retain(|u| !(u.secret == e.spec.name && u.header == name));
+        let form = text
+            .strip_prefix("Basic ")
+            .filter(|_| matches!(format, Format::Basic(_)))
+            .map(str::to_owned);
         headers.push((name.clone(), text));
         used.push(Used {
             secret: e.spec.name.clone(),
             header: name,
+            form,
         });
     }
     headers.push(("Accept-Encoding".into(), "identity".into()));
@@ -457,7 +474,9 @@ fn relay(
     let mut g = rustls::Connection::from(g);
     let mut r = rustls::Connection::from(r);
     let mut requests = Requests::default();
-    let mut scrub = secrets.scrubber().into_stream();
+    // The encoded forms of the values sent on this connection.
+    let mut forms: Vec<String> = Vec::new();
+    let mut scrub = secrets.scrubber(&forms).into_stream();
     let (mut up, mut down) = (0u64, 0u64);
     let (mut to_remote, mut to_guest) = (Vec::new(), Vec::new());
     // Plaintext still coming from each side; their sockets still open.
@@ -489,6 +508,12 @@ fn relay(
                 let fed = requests.feed(&plain, &mut to_remote, &mut |asked: &Head| {
                     let (head, used, fresh) = rewrite(secrets, host, port, asked)?;
                     refreshed |= fresh;
+                    for form in used.iter().filter_map(|u| u.form.as_ref()) {
+                        if !forms.contains(form) && forms.len() < 64 {
+                            forms.push(form.clone());
+                            refreshed = true;
+                        }
+                    }
                     // The digest is of the request as asked: never of a value.
                     record_used(door, host, port, asked, &used);
                     Ok(head.to_bytes())
@@ -496,7 +521,7 @@ fn relay(
                 if refreshed {
                     // A new value: mask it in the answers from now on.
                     scrub.finish(&mut to_guest);
-                    scrub = secrets.scrubber().into_stream();
+                    scrub = secrets.scrubber(&forms).into_stream();
                 }
                 if let Err(refused_now) = fed {
                     refused(door, host, port, &refused_now);

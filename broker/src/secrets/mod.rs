@@ -219,6 +219,26 @@ impl Secrets {
         None
     }
 
+    /// Where a placeholder may begin at the end of `data` (its prefix and
+    /// part of its random part, not all of it), if one may.
+    pub fn partial_at_end(&self, data: &[u8]) -> Option<usize> {
+        let window = data.len().saturating_sub(self.placeholder_len());
+        let prefix = PLACEHOLDER_PREFIX.as_bytes();
+        let mut from = window;
+        let mut found = None;
+        while let Some(i) = http::find(&data[from..], prefix) {
+            let at = from + i;
+            let rest = &data[at..];
+            if self.entries.iter().any(|e| {
+                rest.len() < e.placeholder.len() && e.placeholder.as_bytes().starts_with(rest)
+            }) {
+                found.get_or_insert(at);
+            }
+            from = at + 1;
+        }
+        found
+    }
+
     /// Longest placeholder (a scan keeps this much less one across reads).
     pub fn placeholder_len(&self) -> usize {
         self.entries
@@ -228,10 +248,16 @@ impl Secrets {
             .unwrap_or(0)
     }
 
-    /// A scrubber masking every value any secret has held.
-    pub fn scrubber(&self) -> Scrubber {
+    /// A scrubber masking every value any secret has held, and `forms`
+    /// (the values as encoded in what was sent).
+    pub fn scrubber(&self, forms: &[String]) -> Scrubber {
         let values: Vec<source::Value> = self.entries.iter().flat_map(|e| e.value.seen()).collect();
-        Scrubber::new(values.iter().map(source::Value::expose))
+        Scrubber::new(
+            values
+                .iter()
+                .map(source::Value::expose)
+                .chain(forms.iter().map(String::as_str)),
+        )
     }
 
     /// What `run.start` records: names, sources, bindings, the CA's

@@ -16,6 +16,8 @@ pub const MAX_VALUE: usize = 16 * 1024;
 pub const CMD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a `cmd:` value without `expires_in` is kept.
 pub const CMD_DEFAULT_TTL: Duration = Duration::from_secs(300);
+/// Most past values of one secret kept to mask in answers.
+const MAX_SEEN: usize = 64;
 /// A value is fetched again this long before it expires.
 const EARLY: Duration = Duration::from_millis(200);
 
@@ -177,7 +179,11 @@ impl Cached {
             .seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !seen.contains(&state.0) && seen.len() < 64 {
+        if !seen.contains(&state.0) {
+            // The latest values are masked; the oldest give way.
+            if seen.len() == MAX_SEEN {
+                seen.remove(0);
+            }
             seen.push(state.0.clone());
         }
         Ok((state.0.clone(), true))

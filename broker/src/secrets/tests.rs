@@ -284,3 +284,381 @@ fn a_placeholder_is_found_wherever_it_is() {
         .placeholder_in(gh.to_ascii_uppercase().as_bytes())
         .is_none());
 }
+
+/// The whole interception in process: a TLS server for `localhost`
+/// signed by a test CA (it answers each request with the headers it got:
+/// a reflecting server), the door with GH bound to localhost, and the
+/// agent's side played over a socket pair with a TLS client that trusts
+/// only the sandbox's CA.
+mod relay {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+    use std::os::unix::net::UnixStream;
+    use std::sync::{Arc, Mutex};
+
+    use airlock_protocol::egress::{Kind, Reply, Request, Status};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+
+    use super::*;
+    use crate::audit::log::{Memory, TEST_LIMITS};
+    use crate::egress::{policy, Door, Settings};
+
+    struct Bed {
+        door: Arc<Door>,
+        memory: Memory,
+        port: u16,
+        seen: Arc<Mutex<Vec<String>>>,
+        secrets: Arc<Secrets>,
+        _dir: std::path::PathBuf,
+    }
+
+    fn server(seen: Arc<Mutex<Vec<String>>>) -> (u16, String) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).expect("ca");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .signed_by(&key, &ca)
+            .expect("sign");
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .expect("cert"),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(tcp) = conn else { return };
+                let config = Arc::clone(&config);
+                let seen = Arc::clone(&seen);
+                std::thread::spawn(move || {
+                    let tls = rustls::ServerConnection::new(config).expect("conn");
+                    let mut s = BufReader::new(rustls::StreamOwned::new(tls, tcp));
+                    loop {
+                        let mut head = String::new();
+                        loop {
+                            let mut line = String::new();
+                            if s.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                            head.push_str(&line);
+                        }
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        let mut body = vec![0; len];
+                        s.read_exact(&mut body).expect("body");
+                        seen.lock().expect("lock").push(head.clone());
+                        let answer = format!("you sent:\n{head}");
+                        let out = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}",
+                            answer.len()
+                        );
+                        let w = s.get_mut();
+                        w.write_all(out.as_bytes()).expect("answer");
+                        w.flush().expect("flush");
+                    }
+                });
+            }
+        });
+        (port, ca.pem())
+    }
+
+    fn bed(test: &str) -> Bed {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (port, ca_pem) = server(Arc::clone(&seen));
+        let dir = std::env::temp_dir().join(format!("airlock-relay-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let ca_file = dir.join("ca.crt");
+        std::fs::write(&ca_file, ca_pem).expect("write");
+        let flags = config::parse(
+            &["GH=env:GH".to_owned(), "API=env:API".to_owned()],
+            &[],
+            &["GH=localhost".to_owned()],
+            Some(&ca_file),
+        )
+        .expect("flags");
+        let secrets = Arc::new(Secrets::new(flags, &env).expect("secrets"));
+        let settings = Settings {
+            policy: crate::egress::Policy {
+                rules: vec![policy::parse_rule(
+                    &format!("localhost:{port}"),
+                    policy::Action::Allow,
+                    "--net-allow",
+                )
+                .expect("rule")],
+                host_ports: Vec::new(),
+            },
+            secrets: Some(Arc::clone(&secrets)),
+            ..Settings::default()
+        };
+        let (log, memory) = crate::audit::AuditLog::memory(TEST_LIMITS, None);
+        Bed {
+            door: Arc::new(Door::new(settings, log)),
+            memory,
+            port,
+            seen,
+            secrets,
+            _dir: dir,
+        }
+    }
+
+    /// A tunnel to localhost through the door: the agent's end.
+    fn tunnel(bed: &Bed) -> UnixStream {
+        let (guest, host) = UnixStream::pair().expect("pair");
+        let door = Arc::clone(&bed.door);
+        std::thread::spawn(move || crate::egress::tunnel::serve(&door, 1, &host));
+        let req = Request {
+            kind: Kind::Connect,
+            name: "localhost".into(),
+            port: bed.port,
+        };
+        (&guest)
+            .write_all(&req.encode().expect("encode"))
+            .expect("request");
+        let reply = Reply::read(&mut &guest)
+            .expect("reply")
+            .expect("well-formed");
+        assert_eq!(reply.status, Status::Ok, "{}", reply.message);
+        guest
+    }
+
+    fn agent_tls(
+        bed: &Bed,
+        sni: &str,
+        guest: UnixStream,
+    ) -> rustls::StreamOwned<rustls::ClientConnection, UnixStream> {
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = bed.secrets.ca.as_ref().expect("ca").pem().to_owned();
+        let der = super::super::http::base64_decode(
+            &pem.lines()
+                .filter(|l| !l.starts_with("-----"))
+                .collect::<String>(),
+        )
+        .expect("der");
+        roots.add(CertificateDer::from(der)).expect("root");
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let conn = rustls::ClientConnection::new(
+            Arc::new(config),
+            ServerName::try_from(sni.to_owned()).expect("name"),
+        )
+        .expect("conn");
+        rustls::StreamOwned::new(conn, guest)
+    }
+
+    /// Sends `req` and reads one answer (head and Content-Length body).
+    fn exchange(s: &mut (impl Read + Write), req: &str) -> String {
+        s.write_all(req.as_bytes()).expect("send");
+        s.flush().expect("flush");
+        let mut head = Vec::new();
+        let mut byte = [0u8];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte).unwrap_or(0) == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        s.read_exact(&mut body).expect("body");
+        format!("{head}{}", String::from_utf8_lossy(&body))
+    }
+
+    fn records(memory: &Memory, kind: &str) -> Vec<serde_json::Value> {
+        String::from_utf8(memory.bytes())
+            .expect("utf-8")
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+            .filter(|r| r["kind"] == kind)
+            .map(|r| r["fields"].clone())
+            .collect()
+    }
+
+    #[test]
+    fn values_reach_the_bound_host_and_never_come_back() {
+        let bed = bed("values");
+        let gh = ph(&bed.secrets, "GH");
+        let api = ph(&bed.secrets, "API");
+        let basic = super::super::http::base64_encode(format!("x-access-token:{gh}").as_bytes());
+        let real_basic = super::super::http::base64_encode(b"x-access-token:ghp_realvalue123");
+        let host = format!("localhost:{}", bed.port);
+        let mut tls = agent_tls(&bed, "localhost", tunnel(&bed));
+        // Requests on one kept-alive connection, each answer reflecting
+        // what the server got.
+        let a = exchange(
+            &mut tls,
+            &format!("GET /a HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {gh}\r\n\r\n"),
+        );
+        let b = exchange(
+            &mut tls,
+            &format!(
+                "POST /b?t={gh} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Basic {basic}\r\n\
+                 Content-Length: 3\r\n\r\nabc"
+            ),
+        );
+        for answer in [&a, &b] {
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            assert!(!answer.contains("ghp_realvalue123"), "{answer}");
+            assert!(!answer.contains(&real_basic), "{answer}");
+            assert!(answer.contains("AIRLOCK-SCRUBBED"), "{answer}");
+        }
+        // Another secret's placeholder: refused, never sent.
+        let c = exchange(
+            &mut tls,
+            &format!("GET /c HTTP/1.1\r\nHost: {host}\r\nX-Other: {api}\r\n\r\n"),
+        );
+        assert!(
+            c.starts_with("HTTP/1.1 403") && c.contains("secret API"),
+            "{c}"
+        );
+        let seen = bed.seen.lock().expect("lock").clone();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(
+            seen[0].contains("Authorization: Bearer ghp_realvalue123"),
+            "{seen:?}"
+        );
+        assert!(
+            seen[1].contains(&format!("Authorization: Basic {real_basic}")),
+            "{seen:?}"
+        );
+        assert!(
+            seen[1].contains(&format!("POST /b?t={gh} ")),
+            "the query keeps the placeholder"
+        );
+        assert!(seen
+            .iter()
+            .all(|h| !h.contains(&api) && h.contains("Accept-Encoding: identity")));
+        let used = records(&bed.memory, "secret.used");
+        assert_eq!(used.len(), 2, "{used:?}");
+        assert_eq!(used[0]["name"], "GH");
+        assert_eq!(used[0]["host"], "localhost");
+        let refused = records(&bed.memory, "secret.refused");
+        assert_eq!(
+            refused[0]["reason"], "placeholder_for_other_host",
+            "{refused:?}"
+        );
+        assert_eq!(refused[0]["name"], "API");
+        let all = String::from_utf8(bed.memory.bytes()).expect("utf-8");
+        assert!(!all.contains("ghp_realvalue123") && !all.contains("api-real-value-9"));
+    }
+
+    #[test]
+    fn a_request_for_another_host_and_http2_are_refused() {
+        let bed = bed("refusals");
+        let mut tls = agent_tls(&bed, "localhost", tunnel(&bed));
+        let a = exchange(&mut tls, "GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n");
+        assert!(
+            a.starts_with("HTTP/1.1 403") && a.contains("evil.example"),
+            "{a}"
+        );
+        let mut tls = agent_tls(&bed, "localhost", tunnel(&bed));
+        let b = exchange(&mut tls, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        assert!(b.starts_with("HTTP/1.1 505"), "{b}");
+        assert!(bed.seen.lock().expect("lock").is_empty());
+        let reasons: Vec<String> = records(&bed.memory, "secret.refused")
+            .iter()
+            .map(|r| r["reason"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(reasons, ["host_mismatch", "http2"]);
+    }
+
+    #[test]
+    fn a_placeholder_in_clear_text_is_cut_off_before_it_leaves() {
+        let bed = bed("clear");
+        let gh = ph(&bed.secrets, "GH");
+        // A plain TCP listener, allowed but not bound.
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let got = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut all = Vec::new();
+            let _ = s.read_to_end(&mut all);
+            all
+        });
+        let mut settings = bed.door.settings.clone();
+        settings.policy.rules.push(
+            policy::parse_rule(
+                &format!("127.0.0.1:{port}"),
+                policy::Action::Allow,
+                "--net-allow",
+            )
+            .expect("rule"),
+        );
+        let (log, memory) = crate::audit::AuditLog::memory(TEST_LIMITS, None);
+        let door = Arc::new(Door::new(settings, log));
+        let (guest, host) = UnixStream::pair().expect("pair");
+        let d = Arc::clone(&door);
+        let t = std::thread::spawn(move || crate::egress::tunnel::serve(&d, 1, &host));
+        let req = Request {
+            kind: Kind::Http,
+            name: "127.0.0.1".into(),
+            port,
+        };
+        (&guest)
+            .write_all(&req.encode().expect("encode"))
+            .expect("request");
+        let reply = Reply::read(&mut &guest)
+            .expect("reply")
+            .expect("well-formed");
+        assert_eq!(reply.status, Status::Ok);
+        // The placeholder split across two writes.
+        let text = format!("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {gh}\r\n\r\n");
+        let (first, second) = text.split_at(text.len() - 20);
+        (&guest).write_all(first.as_bytes()).expect("write");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        (&guest).write_all(second.as_bytes()).expect("write");
+        let mut answer = String::new();
+        let _ = (&guest).read_to_string(&mut answer);
+        t.join().expect("tunnel");
+        assert!(
+            answer.starts_with("HTTP/1.1 403") && answer.contains("secret GH"),
+            "{answer}"
+        );
+        let sent = got.join().expect("server");
+        assert!(
+            !String::from_utf8_lossy(&sent).contains(&gh[..20]),
+            "{}",
+            String::from_utf8_lossy(&sent)
+        );
+        let refused = records(&memory, "secret.refused");
+        assert_eq!(
+            refused[0]["reason"], "placeholder_in_clear_text",
+            "{refused:?}"
+        );
+        assert_eq!(refused[0]["host"], "127.0.0.1");
+    }
+}
