@@ -89,7 +89,9 @@ impl HostPorts {
 }
 
 /// The variables that point the agent at the proxy, minus those the run's
-/// own environment sets (the user's choice wins).
+/// own environment sets in either case (the user's choice wins: curl and
+/// Python read `https_proxy` before `HTTPS_PROXY`, so a default left in
+/// the other case would shadow the user's).
 pub fn agent_env(spec_env: &[(String, String)]) -> Vec<(String, String)> {
     // ALL_PROXY names the HTTP proxy too, not the SOCKS listener: httpx
     // (the Anthropic and OpenAI Python SDKs) refuses to start on a
@@ -108,7 +110,7 @@ pub fn agent_env(spec_env: &[(String, String)]) -> Vec<(String, String)> {
         ("no_proxy", no_proxy),
     ]
     .into_iter()
-    .filter(|(name, _)| !spec_env.iter().any(|(n, _)| n == name))
+    .filter(|(name, _)| !spec_env.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)))
     .map(|(name, value)| (name.to_owned(), value))
     .collect()
 }

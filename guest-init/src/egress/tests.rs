@@ -181,7 +181,12 @@ fn host_ports_and_the_agent_env() {
         MAX_HOST_PORTS
     );
     let env = agent_env(&[("HTTPS_PROXY".into(), "http://mine:1".into())]);
-    assert!(env.iter().all(|(n, _)| n != "HTTPS_PROXY"));
+    // Neither case of the user's variable is set by default: the other
+    // case would shadow it.
+    assert!(env
+        .iter()
+        .all(|(n, _)| !n.eq_ignore_ascii_case("HTTPS_PROXY")));
+    assert!(env.contains(&("http_proxy".into(), "http://127.0.0.1:3128".into())));
     assert!(env.contains(&("HTTP_PROXY".into(), "http://127.0.0.1:3128".into())));
     assert!(env.contains(&("ALL_PROXY".into(), "http://127.0.0.1:3128".into())));
     assert!(env.contains(&("NO_PROXY".into(), "localhost,127.0.0.1".into())));
