@@ -289,8 +289,10 @@ fn write_bundle(pem: &str) -> std::io::Result<PathBuf> {
         .map(PathBuf::from)
         .filter(|p| p.is_dir())
         .unwrap_or_else(std::env::temp_dir);
+    reap_stale(&base);
     let dir = base.join(format!(
-        "airlock-ca-{}",
+        "airlock-ca-{}-{}",
+        std::process::id(),
         random_hex().map_err(std::io::Error::other)?
     ));
     std::fs::DirBuilder::new().mode(0o755).create(&dir)?;
@@ -302,6 +304,34 @@ fn write_bundle(pem: &str) -> std::io::Result<PathBuf> {
         .open(dir.join(BUNDLE_NAME))?;
     f.write_all(pem.as_bytes())?;
     Ok(dir)
+}
+
+/// Removes the bundle directories of airlock processes that are gone
+/// (killed before they could remove their own): `airlock-ca-PID-RANDOM`
+/// whose PID no longer runs, owned by us.
+fn reap_stale(base: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("airlock-ca-")) else {
+            continue;
+        };
+        let Some(pid) = rest
+            .split_once('-')
+            .and_then(|(p, _)| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let ours = std::fs::symlink_metadata(e.path()).is_ok_and(|m| m.is_dir() && m.uid() == me);
+        if ours && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// The mount of the guest's bundle, for `--mount`'s list.

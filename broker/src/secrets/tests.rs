@@ -662,3 +662,18 @@ mod relay {
         assert_eq!(refused[0]["host"], "127.0.0.1");
     }
 }
+
+#[test]
+fn bundles_of_processes_that_are_gone_are_reaped() {
+    let base = std::env::temp_dir().join(format!("airlock-reap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let gone = base.join("airlock-ca-999999999-abc");
+    let alive = base.join(format!("airlock-ca-{}-abc", std::process::id()));
+    let other = base.join("not-airlock-999999999");
+    for d in [&gone, &alive, &other] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    super::reap_stale(&base);
+    assert!(!gone.exists() && alive.exists() && other.exists());
+    let _ = std::fs::remove_dir_all(&base);
+}
