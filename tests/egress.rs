@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use airlock_e2e::{
-    audit_records, bin, build_file, field, fields_of_kind, rel, root, scratch, tcg_on_image,
+    audit_records, bin, build_file, field, fields_of_kind, rel, root, scratch, sh_in, tcg_on_image,
     test_pki, testbed, Run,
 };
 
@@ -28,20 +28,6 @@ impl Drop for Servers {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn sh(dir: &Path, cmd: &str) {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .current_dir(dir)
-        .output()
-        .expect("run sh");
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The site the servers serve: a marker page, a pip index with one wheel
@@ -71,13 +57,13 @@ with zipfile.ZipFile("site/simple/airlock-probe/{wheel}", "w") as z:
         z.writestr(name, text)
 "#
     );
-    sh(dir, &format!("python3 -c '{}'", py.replace('\'', "'\\''")));
+    sh_in(dir, &format!("python3 -c '{}'", py.replace('\'', "'\\''")));
     fs::write(
         site.join("simple/airlock-probe/index.html"),
         format!("<html><body><a href=\"{wheel}\">{wheel}</a></body></html>\n"),
     )
     .expect("write");
-    sh(
+    sh_in(
         dir,
         "set -e; rm -rf work; git init -q work; cd work; echo 'cloned-over-smart-http' > README; \
          git add README; git -c user.name=t -c user.email=t@e commit -q -m one; cd ..; \

@@ -585,3 +585,35 @@ pub fn field<'a>(r: &'a Run, prefix: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {prefix:?} line\n{r}"))
         .trim_end()
 }
+
+/// Where `needle` first occurs in `hay` (glibc's memmem: a GiB of guest
+/// RAM is searched in well under a second, even in a debug build).
+pub fn find_bytes(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    // SAFETY: both pointers and lengths come from live slices, which memmem
+    // only reads; the result is null or points into `hay`.
+    let p = unsafe {
+        libc::memmem(
+            hay.as_ptr().cast(),
+            hay.len(),
+            needle.as_ptr().cast(),
+            needle.len(),
+        )
+    };
+    (!p.is_null()).then(|| p as usize - hay.as_ptr() as usize)
+}
+
+/// Runs `cmd` with `sh -c` in `dir`; panics unless it succeeds; its stdout.
+pub fn sh_in(dir: &Path, cmd: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .output()
+        .expect("run sh");
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

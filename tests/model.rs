@@ -12,8 +12,8 @@
 use std::path::Path;
 
 use airlock_e2e::{
-    audit_records as records, bin, build_file, field, fields_of_kind as of_kind, rel, root,
-    run_env, scratch, secret_key, test_pki, testbed, Run, Upstream,
+    audit_records as records, bin, build_file, field, fields_of_kind as of_kind, find_bytes, rel,
+    root, run_env, scratch, secret_key, test_pki, testbed, Run, Upstream,
 };
 use serde_json::Value;
 
@@ -397,20 +397,20 @@ subprocess.run(["tar", "-c", "--one-file-system", "-C", "/"] + [m.lstrip("/") or
     assert!(writable.split(' ').any(|m| m == "/tmp"), "{writable}");
     let marker = format!("airlock-ram-marker-{}", 7 * 191 * 1009);
     assert!(
-        find(&raw.stdout, marker.as_bytes()).is_some(),
+        find_bytes(&raw.stdout, marker.as_bytes()).is_some(),
         "the file systems did not come back"
     );
     assert!(
-        find(&raw.stdout, b"ANTHROPIC_API_KEY=airlock-placeholder").is_some(),
+        find_bytes(&raw.stdout, b"ANTHROPIC_API_KEY=airlock-placeholder").is_some(),
         "the scan missed the environment"
     );
     assert!(
-        find(&raw.stdout, key.as_bytes()).is_none(),
+        find_bytes(&raw.stdout, key.as_bytes()).is_none(),
         "the key is in the guest's environment or files"
     );
     let root_image = std::fs::read(root().join(&image)).expect("read the root image");
     assert!(
-        find(&root_image, key.as_bytes()).is_none(),
+        find_bytes(&root_image, key.as_bytes()).is_none(),
         "the key is in the root image"
     );
     let size = scan_ram_dump(&dump, marker.as_bytes(), &key);
@@ -424,38 +424,22 @@ fn scan_ram_dump(dump: &Path, marker: &[u8], key: &str) -> usize {
     let ram =
         std::fs::read(dump).unwrap_or_else(|e| panic!("no RAM dump at {}: {e}", dump.display()));
     assert!(
-        find(&ram, marker).is_some(),
+        find_bytes(&ram, marker).is_some(),
         "the dump is not the guest's RAM"
     );
     assert!(
-        find(&ram, key.as_bytes()).is_none(),
+        find_bytes(&ram, key.as_bytes()).is_none(),
         "the key is in the guest's RAM"
     );
     let half = key.len() / 2;
     for part in [&key.as_bytes()[..half], &key.as_bytes()[half..]] {
         assert!(
-            find(&ram, part).is_none(),
+            find_bytes(&ram, part).is_none(),
             "part of the key is in the guest's RAM"
         );
     }
     let _ = std::fs::remove_file(dump);
     ram.len()
-}
-
-/// Where `needle` first occurs in `hay` (glibc's memmem: a GiB of guest
-/// RAM is searched in well under a second, even in a debug build).
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    // SAFETY: both pointers and lengths come from live slices, which memmem
-    // only reads; the result is null or points into `hay`.
-    let p = unsafe {
-        libc::memmem(
-            hay.as_ptr().cast(),
-            hay.len(),
-            needle.as_ptr().cast(),
-            needle.len(),
-        )
-    };
-    (!p.is_null()).then(|| p as usize - hay.as_ptr() as usize)
 }
 
 /// A hostile agent, through the in-guest endpoint: a path outside the

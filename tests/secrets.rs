@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use airlock_e2e::{
-    audit_records, bin, build_file, field, fields_of_kind, rel, root, run_env, scratch, secret_key,
-    tcg_on_image_raw, test_pki, test_pki_for, testbed, Run,
+    audit_records, bin, build_file, field, fields_of_kind, find_bytes, rel, root, run_env, scratch,
+    secret_key, sh_in, tcg_on_image_raw, test_pki, test_pki_for, testbed, Run,
 };
 use serde_json::Value;
 
@@ -149,28 +149,12 @@ fn mask(len: usize) -> String {
     "AIRLOCK-SCRUBBED-".chars().cycle().take(len).collect()
 }
 
-/// Where `needle` first occurs in `hay` (glibc's memmem: a GiB of guest
-/// RAM is searched in well under a second, even in a debug build).
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    // SAFETY: both pointers and lengths come from live slices, which memmem
-    // only reads; the result is null or points into `hay`.
-    let p = unsafe {
-        libc::memmem(
-            hay.as_ptr().cast(),
-            hay.len(),
-            needle.as_ptr().cast(),
-            needle.len(),
-        )
-    };
-    (!p.is_null()).then(|| p as usize - hay.as_ptr() as usize)
-}
-
 /// Panics if any of `values` (or, for the first, either half of it) is in
 /// `hay`; `what` names the haystack.
 fn assert_absent(hay: &[u8], values: &[String], what: &str) {
     for (i, v) in values.iter().enumerate() {
         assert!(
-            find(hay, v.as_bytes()).is_none(),
+            find_bytes(hay, v.as_bytes()).is_none(),
             "a secret value (#{i}, {} bytes) is in {what}",
             v.len()
         );
@@ -178,31 +162,18 @@ fn assert_absent(hay: &[u8], values: &[String], what: &str) {
     if let Some(first) = values.first() {
         let half = first.len() / 2;
         for part in [&first.as_bytes()[..half], &first.as_bytes()[half..]] {
-            assert!(find(hay, part).is_none(), "half of the token is in {what}");
+            assert!(
+                find_bytes(hay, part).is_none(),
+                "half of the token is in {what}"
+            );
         }
     }
-}
-
-/// Runs `cmd` with `sh -c` in `dir`; panics unless it succeeds; its stdout.
-fn sh(dir: &Path, cmd: &str) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .current_dir(dir)
-        .output()
-        .expect("run sh");
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A bare repository with one commit (README) at `DIR/site/git/repo.git`.
 fn site(dir: &Path) {
     let _ = fs::remove_dir_all(dir.join("site"));
-    sh(
+    sh_in(
         dir,
         "set -e; rm -rf work; git init -q work; cd work; echo 'cloned-with-an-injected-token' > README; \
          git add README; git -c user.name=t -c user.email=t@e commit -q -m one; cd ..; \
@@ -445,7 +416,7 @@ fn tcg_secrets_reach_only_their_bound_host() {
         700,
     );
     let sep = b"\n=== scan ===\n";
-    let at = find(&raw.stdout, sep).unwrap_or(raw.stdout.len());
+    let at = find_bytes(&raw.stdout, sep).unwrap_or(raw.stdout.len());
     let scan = raw
         .stdout
         .get(at + sep.len()..)
@@ -476,7 +447,7 @@ fn tcg_secrets_reach_only_their_bound_host() {
     // The push arrived.
     let git_dir = dir.join("site/git/repo.git");
     let git = |args: &str| {
-        sh(
+        sh_in(
             &dir,
             &format!("git --git-dir '{}' {args}", git_dir.display()),
         )
@@ -489,20 +460,20 @@ fn tcg_secrets_reach_only_their_bound_host() {
 
     // The guest's environments and files: the placeholders, no value.
     assert!(
-        find(&scan, format!("AIRLOCK_SECRET_GH={ph}").as_bytes()).is_some(),
+        find_bytes(&scan, format!("AIRLOCK_SECRET_GH={ph}").as_bytes()).is_some(),
         "the scan missed the environment ({} bytes)",
         scan.len()
     );
     assert!(
-        find(&scan, marker().as_bytes()).is_some()
-            && find(&scan, b"pushed-from-the-guest").is_some(),
+        find_bytes(&scan, marker().as_bytes()).is_some()
+            && find_bytes(&scan, b"pushed-from-the-guest").is_some(),
         "the scan missed /tmp ({} bytes)",
         scan.len()
     );
     assert_absent(&scan, &values, "the guest's environment or files");
     assert_absent(&raw.stdout, &values, "the guest's output");
     assert!(
-        find(raw.stderr.as_bytes(), token.as_bytes()).is_none(),
+        find_bytes(raw.stderr.as_bytes(), token.as_bytes()).is_none(),
         "the token is on airlock's stderr"
     );
 
@@ -510,7 +481,7 @@ fn tcg_secrets_reach_only_their_bound_host() {
     let ram = fs::read(&dump).unwrap_or_else(|e| panic!("no RAM dump at {}: {e}", dump.display()));
     assert!(ram.len() >= 200 << 20, "a dump of {} bytes", ram.len());
     assert!(
-        find(&ram, marker().as_bytes()).is_some(),
+        find_bytes(&ram, marker().as_bytes()).is_some(),
         "the dump is not the guest's RAM"
     );
     assert_absent(&ram, &values, "the guest's RAM");

@@ -494,6 +494,17 @@ impl Memory {
     pub fn bytes(&self) -> Vec<u8> {
         self.0.lock().map(|b| b.clone()).unwrap_or_default()
     }
+
+    /// The fields of the records of `kind`, in order.
+    pub fn fields_of(&self, kind: &str) -> Vec<serde_json::Value> {
+        String::from_utf8(self.bytes())
+            .expect("utf-8")
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+            .filter(|r| r["kind"] == kind)
+            .map(|r| r["fields"].clone())
+            .collect()
+    }
 }
 
 #[cfg(test)]

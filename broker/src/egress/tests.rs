@@ -221,16 +221,6 @@ fn door(settings: Settings) -> (Arc<Door>, Memory) {
     (Arc::new(Door::new(settings, log)), memory)
 }
 
-fn records(memory: &Memory, kind: &str) -> Vec<serde_json::Value> {
-    String::from_utf8(memory.bytes())
-        .expect("utf-8")
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
-        .filter(|r| r["kind"] == kind)
-        .map(|r| r["fields"].clone())
-        .collect()
-}
-
 /// Opens a tunnel through `door`: the guest end, and the server thread.
 fn open(door: &Arc<Door>, req: &[u8]) -> (UnixStream, std::thread::JoinHandle<()>) {
     let (guest, host) = UnixStream::pair().expect("pair");
@@ -278,12 +268,12 @@ fn a_tunnel_carries_bytes_both_ways_and_is_audited() {
     assert_eq!(back, b"hello!");
     t.join().expect("tunnel");
     echo.join().expect("echo");
-    let close = records(&memory, "net.close");
+    let close = memory.fields_of("net.close");
     assert_eq!(close.len(), 1, "{close:?}");
     assert_eq!(close[0]["bytes_up"], 5);
     assert_eq!(close[0]["bytes_down"], 6);
     assert_eq!(close[0]["end"], "closed");
-    let connect = records(&memory, "net.connect");
+    let connect = memory.fields_of("net.connect");
     assert_eq!(connect[0]["address"], format!("127.0.0.1:{port}"));
     assert_eq!(connect[0]["rule"], format!("--net-allow 127.0.0.1:{port}"));
 }
@@ -311,7 +301,7 @@ fn refusals_are_answered_and_audited() {
         let reply = Reply::read(&mut guest).expect("io").expect("reply");
         assert_eq!(reply.status, status, "{}", reply.message);
         t.join().expect("tunnel");
-        let last = records(&memory, "net.denied").pop().expect("denied");
+        let last = memory.fields_of("net.denied").pop().expect("denied");
         assert_eq!(last["reason"], reason, "{last}");
     }
     // A request that never comes whole: dropped (after REQUEST_TIMEOUT in
@@ -319,7 +309,7 @@ fn refusals_are_answered_and_audited() {
     let (guest, t) = open(&door, b"aegr\x01");
     drop(guest);
     t.join().expect("tunnel");
-    assert_eq!(records(&memory, "net.denied").len(), 5);
+    assert_eq!(memory.fields_of("net.denied").len(), 5);
 }
 
 #[test]
@@ -372,7 +362,8 @@ fn idle_tunnels_are_closed_and_the_byte_budget_holds() {
         reply.message
     );
     t.join().expect("tunnel");
-    let ends: Vec<_> = records(&memory, "net.close")
+    let ends: Vec<_> = memory
+        .fields_of("net.close")
         .iter()
         .map(|r| r["end"].as_str().unwrap_or("").to_owned())
         .collect();

@@ -303,6 +303,17 @@ mod relay {
     use crate::audit::log::{Memory, TEST_LIMITS};
     use crate::egress::{policy, Door, Settings};
 
+    /// The `Content-Length` of a head (0 without one).
+    fn content_length(head: &str) -> usize {
+        head.lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
+            .unwrap_or(0)
+    }
+
     struct Bed {
         door: Arc<Door>,
         memory: Memory,
@@ -357,14 +368,7 @@ mod relay {
                             }
                             head.push_str(&line);
                         }
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse().unwrap_or(0))
-                            })
-                            .unwrap_or(0);
+                        let len = content_length(&head);
                         let mut body = vec![0; len];
                         s.read_exact(&mut body).expect("body");
                         seen.lock().expect("lock").push(head.clone());
@@ -485,27 +489,10 @@ mod relay {
             head.push(byte[0]);
         }
         let head = String::from_utf8_lossy(&head).into_owned();
-        let len: usize = head
-            .lines()
-            .find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-length:")
-                    .map(|v| v.trim().parse().unwrap_or(0))
-            })
-            .unwrap_or(0);
+        let len = content_length(&head);
         let mut body = vec![0; len];
         s.read_exact(&mut body).expect("body");
         format!("{head}{}", String::from_utf8_lossy(&body))
-    }
-
-    fn records(memory: &Memory, kind: &str) -> Vec<serde_json::Value> {
-        String::from_utf8(memory.bytes())
-            .expect("utf-8")
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
-            .filter(|r| r["kind"] == kind)
-            .map(|r| r["fields"].clone())
-            .collect()
     }
 
     #[test]
@@ -562,11 +549,11 @@ mod relay {
         assert!(seen
             .iter()
             .all(|h| !h.contains(&api) && h.contains("Accept-Encoding: identity")));
-        let used = records(&bed.memory, "secret.used");
+        let used = bed.memory.fields_of("secret.used");
         assert_eq!(used.len(), 2, "{used:?}");
         assert_eq!(used[0]["name"], "GH");
         assert_eq!(used[0]["host"], "localhost");
-        let refused = records(&bed.memory, "secret.refused");
+        let refused = bed.memory.fields_of("secret.refused");
         assert_eq!(
             refused[0]["reason"], "placeholder_for_other_host",
             "{refused:?}"
@@ -589,7 +576,9 @@ mod relay {
         let b = exchange(&mut tls, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
         assert!(b.starts_with("HTTP/1.1 505"), "{b}");
         assert!(bed.seen.lock().expect("lock").is_empty());
-        let reasons: Vec<String> = records(&bed.memory, "secret.refused")
+        let reasons: Vec<String> = bed
+            .memory
+            .fields_of("secret.refused")
             .iter()
             .map(|r| r["reason"].as_str().unwrap_or_default().to_owned())
             .collect();
@@ -654,7 +643,7 @@ mod relay {
             "{}",
             String::from_utf8_lossy(&sent)
         );
-        let refused = records(&memory, "secret.refused");
+        let refused = memory.fields_of("secret.refused");
         assert_eq!(
             refused[0]["reason"], "placeholder_in_clear_text",
             "{refused:?}"
