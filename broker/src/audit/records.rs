@@ -260,6 +260,19 @@ pub struct NetSummary {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub unfinished_at_end: usize,
+    /// With secrets: values put into requests, and refusals, with those
+    /// past the record cap counted only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<SecretCounts>,
+}
+
+/// `net.summary`'s `secrets`.
+#[derive(Debug, Serialize)]
+pub struct SecretCounts {
+    pub used: u64,
+    pub used_unrecorded: u64,
+    pub refused: u64,
+    pub refused_unrecorded: u64,
 }
 
 impl HostRecord for NetSummary {

@@ -43,6 +43,11 @@ pub const GUEST_PORTS: [u16; 3] = [8088, 3128, 1080];
 pub const MAX_CONNECTIONS: u64 = 100_000;
 /// Most `net.denied` records in one run; later denials are counted.
 pub const MAX_DENIED_RECORDS: u64 = 1_000;
+/// Most `secret.used` records in one run (one per request that carried a
+/// value); later ones are counted in `net.summary`.
+pub const MAX_SECRET_USED_RECORDS: u64 = 10_000;
+/// Most `secret.refused` records in one run; later ones are counted.
+pub const MAX_SECRET_REFUSED_RECORDS: u64 = 1_000;
 /// How long the guest has to send a tunnel's request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default of `--net-max-tunnels`.
@@ -145,6 +150,9 @@ pub(crate) struct Door {
     pub(crate) bytes_down: AtomicU64,
     pub(crate) tunnels: AtomicU64,
     pub(crate) denied: AtomicU64,
+    /// `secret.used` and `secret.refused` so far (recorded up to their caps).
+    pub(crate) secret_used: AtomicU64,
+    pub(crate) secret_refused: AtomicU64,
     told: Mutex<HashSet<String>>,
 }
 
@@ -168,6 +176,8 @@ impl Door {
             bytes_down: AtomicU64::new(0),
             tunnels: AtomicU64::new(0),
             denied: AtomicU64::new(0),
+            secret_used: AtomicU64::new(0),
+            secret_refused: AtomicU64::new(0),
             told: Mutex::new(HashSet::new()),
         }
     }
@@ -241,6 +251,16 @@ impl Drop for EgressPort {
                 bytes_up: self.door.bytes_up.load(Ordering::SeqCst),
                 bytes_down: self.door.bytes_down.load(Ordering::SeqCst),
                 unfinished_at_end: unfinished,
+                secrets: self.door.settings.secrets.as_ref().map(|_| {
+                    let used = self.door.secret_used.load(Ordering::SeqCst);
+                    let refused = self.door.secret_refused.load(Ordering::SeqCst);
+                    crate::audit::records::SecretCounts {
+                        used,
+                        used_unrecorded: used.saturating_sub(MAX_SECRET_USED_RECORDS),
+                        refused,
+                        refused_unrecorded: refused.saturating_sub(MAX_SECRET_REFUSED_RECORDS),
+                    }
+                }),
             },
             Durability::Synced,
         );

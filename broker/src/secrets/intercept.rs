@@ -269,8 +269,14 @@ pub fn rewrite(
     Ok((out, used, refreshed))
 }
 
-/// Records a refusal.
+/// Records a refusal (the first [`crate::egress::MAX_SECRET_REFUSED_RECORDS`];
+/// the rest are counted).
 pub(crate) fn refused(door: &Door, host: &str, port: u16, r: &Refusal) {
+    if door.secret_refused.fetch_add(1, Ordering::SeqCst)
+        >= crate::egress::MAX_SECRET_REFUSED_RECORDS
+    {
+        return;
+    }
     door.audit.record(
         &SecretRefused {
             name: r.secret.clone(),
@@ -668,7 +674,8 @@ fn relay(
     (up, down, end)
 }
 
-/// One `secret.used` per secret put into a request.
+/// One `secret.used` per secret put into a request (the first
+/// [`crate::egress::MAX_SECRET_USED_RECORDS`] in a run; the rest counted).
 fn record_used(door: &Door, host: &str, port: u16, head: &Head, used: &[Used]) {
     let digest = crate::audit::record::hex(&Sha256::digest(
         format!("{} {}", head.method, head.target).as_bytes(),
@@ -677,6 +684,10 @@ fn record_used(door: &Door, host: &str, port: u16, head: &Head, used: &[Used]) {
     names.sort_unstable();
     names.dedup();
     for name in names {
+        if door.secret_used.fetch_add(1, Ordering::SeqCst) >= crate::egress::MAX_SECRET_USED_RECORDS
+        {
+            continue;
+        }
         let headers: Vec<&str> = used
             .iter()
             .filter(|u| u.secret == name)

@@ -564,6 +564,35 @@ mod relay {
     }
 
     #[test]
+    fn secret_records_stop_at_their_cap_and_are_counted() {
+        use std::sync::atomic::Ordering;
+        let bed = bed("cap");
+        let gh = ph(&bed.secrets, "GH");
+        let host = format!("localhost:{}", bed.port);
+        bed.door
+            .secret_used
+            .store(crate::egress::MAX_SECRET_USED_RECORDS - 1, Ordering::SeqCst);
+        let mut tls = agent_tls(&bed, "localhost", tunnel(&bed));
+        for _ in 0..3 {
+            let a = exchange(
+                &mut tls,
+                &format!("GET / HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {gh}\r\n\r\n"),
+            );
+            assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+        }
+        assert_eq!(bed.memory.fields_of("secret.used").len(), 1);
+        assert_eq!(
+            bed.door.secret_used.load(Ordering::SeqCst),
+            crate::egress::MAX_SECRET_USED_RECORDS + 2
+        );
+        assert_eq!(
+            bed.seen.lock().expect("lock").len(),
+            3,
+            "every request still served"
+        );
+    }
+
+    #[test]
     fn a_request_for_another_host_and_http2_are_refused() {
         let bed = bed("refusals");
         let mut tls = agent_tls(&bed, "localhost", tunnel(&bed));
