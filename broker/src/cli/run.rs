@@ -164,13 +164,13 @@ impl TryFrom<RunArgs> for RunConfig {
             shape_command(&args, stored_image.as_ref())?;
         let secrets = secrets(&args)?;
         if let Some(s) = &secrets {
-            // The placeholders and the bundle's variables, unless the run
-            // sets the same names itself.
+            // The placeholders and the bundle's variables, over the
+            // image's own, unless the user's -e sets the same names.
+            let named =
+                |e: &String, name: &str| e.split_once('=').map_or(e.as_str(), |(n, _)| n) == name;
             for (name, value) in s.guest_env() {
-                if !env
-                    .iter()
-                    .any(|e| e.split_once('=').is_some_and(|(n, _)| n == name))
-                {
+                if !args.env.iter().any(|e| named(e, &name)) {
+                    env.retain(|e| !named(e, &name));
                     env.push(format!("{name}={value}"));
                 }
             }

@@ -321,7 +321,11 @@ impl Requests {
                             let size = text.split(|&b| b == b';').next().unwrap_or_default();
                             let size = std::str::from_utf8(size)
                                 .ok()
-                                .filter(|s| !s.is_empty() && s.len() <= 15)
+                                .filter(|s| {
+                                    !s.is_empty()
+                                        && s.len() <= 15
+                                        && s.bytes().all(|b| b.is_ascii_hexdigit())
+                                })
                                 .and_then(|s| u64::from_str_radix(s, 16).ok())
                                 .ok_or_else(|| {
                                     Refusal::new(
@@ -457,6 +461,7 @@ mod tests {
             b"GET / HTTP/1.1\r\nX: a\rb\r\n\r\n",
             b"GET  / HTTP/1.1\r\n\r\n",
             b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nabcde\r\n",
         ] {
             let (_, _, res) = all(&[bad]);
             let e = res.expect_err(&String::from_utf8_lossy(bad));

@@ -31,6 +31,8 @@ use crate::audit::records::{SecretRefused, SecretUsed};
 use crate::audit::Durability;
 use crate::egress::Door;
 
+/// Longest request head once the values are in.
+const MAX_REWRITTEN_HEAD: usize = 128 * 1024;
 /// How long each TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most plaintext waiting for one side before the other is not read.
@@ -44,9 +46,6 @@ const HOLD: Duration = Duration::from_millis(100);
 pub struct Used {
     pub secret: String,
     pub header: String,
-    /// The value encoded as it was sent (`Basic` credentials), to mask
-    /// in the answers as the value itself is.
-    pub form: Option<String>,
 }
 
 /// `text` with each placeholder replaced: a secret bound to this host
@@ -69,14 +68,27 @@ fn substitute(
         }
         let (value, fresh) = e.value.get().map_err(|why| unavailable(e, &why))?;
         *refreshed |= fresh;
+        too_large(out.matches(&e.placeholder).count(), value.expose().len())?;
         out = out.replace(&e.placeholder, value.expose());
         used.push(Used {
             secret: e.spec.name.clone(),
             header: header.to_owned(),
-            form: None,
         });
     }
     Ok(out)
+}
+
+/// Refuses before `count` copies of a value of `len` bytes are made that
+/// could not fit in a head.
+fn too_large(count: usize, len: usize) -> Result<(), Refusal> {
+    if count.saturating_mul(len) > MAX_REWRITTEN_HEAD {
+        return Err(Refusal::new(
+            431,
+            "head_too_large",
+            format!("airlock: the request head would be over {MAX_REWRITTEN_HEAD} bytes with the values in"),
+        ));
+    }
+    Ok(())
 }
 
 fn refusal_for(e: &super::Entry, reason: &'static str) -> Refusal {
@@ -97,10 +109,14 @@ fn unavailable(e: &super::Entry, why: &str) -> Refusal {
         status: 502,
         reason: "secret_unavailable",
         secret: Some(e.spec.name.clone()),
-        message: format!(
-            "airlock: secret {} could not be fetched on the host: {why}",
-            e.spec.name
-        ),
+        // The cause stays on the host: a command line may hold a token.
+        message: {
+            eprintln!("airlock: secret {}: {why}", e.spec.name);
+            format!(
+                "airlock: secret {} could not be fetched on the host (airlock's stderr says why)",
+                e.spec.name
+            )
+        },
     }
 }
 
@@ -116,6 +132,24 @@ fn host_of(value: &str) -> (String, Option<&str>) {
         Some((h, p)) if !h.contains(':') => (h.to_ascii_lowercase(), Some(p)),
         _ => (value.to_ascii_lowercase(), None),
     }
+}
+
+/// Whether a header (lower case) is one that carries credentials: only
+/// those get a value put in for a placeholder.
+pub fn carries_credentials(name: &str) -> bool {
+    [
+        "auth",
+        "token",
+        "key",
+        "secret",
+        "cookie",
+        "session",
+        "password",
+        "credential",
+        "signature",
+    ]
+    .iter()
+    .any(|w| name.contains(w))
 }
 
 /// A set header's value.
@@ -149,15 +183,31 @@ pub fn rewrite(
         _ => (String::new(), None),
     };
     let port_text = port.to_string();
-    if h != host.to_ascii_lowercase().trim_end_matches('.') || p.is_some_and(|p| p != port_text) {
+    if h.trim_end_matches('.') != host.to_ascii_lowercase().trim_end_matches('.')
+        || p.is_some_and(|p| p != port_text)
+    {
+        let mut asked = hosts.join(", ");
+        if asked.len() > 200 {
+            asked = format!("{}...", asked.chars().take(200).collect::<String>());
+        }
         return Err(Refusal::new(
             403,
             "host_mismatch",
             format!(
-                "airlock: this connection goes to {host}:{port}; a request for Host {:?} is \
-                 refused on it",
-                hosts.join(", ")
+                "airlock: this connection goes to {host}:{port}; a request for Host {asked:?} is \
+                 refused on it"
             ),
+        ));
+    }
+    // Origin-form only: an absolute-form target names its own authority,
+    // which a server may route by instead of Host.
+    if head.method.eq_ignore_ascii_case("CONNECT")
+        || !(head.target.starts_with('/') || (head.target == "*" && head.method == "OPTIONS"))
+    {
+        return Err(Refusal::new(
+            400,
+            "bad_request",
+            "airlock: only origin-form requests (GET /path) are passed to a host of --secret-bind",
         ));
     }
     let mut out = head.clone();
@@ -172,11 +222,14 @@ pub fn rewrite(
             Some(b) if b.url => {
                 let (value, fresh) = e.value.get().map_err(|why| unavailable(e, &why))?;
                 refreshed |= fresh;
+                too_large(
+                    out.target.matches(&e.placeholder).count(),
+                    value.expose().len(),
+                )?;
                 out.target = out.target.replace(&e.placeholder, value.expose());
                 used.push(Used {
                     secret: e.spec.name.clone(),
                     header: "(request line)".into(),
-                    form: None,
                 });
             }
             Some(_) => {}
@@ -205,6 +258,17 @@ pub fn rewrite(
                     .map(|_| value[6..].trim())
             })
             .flatten();
+        if !carries_credentials(&lower) {
+            // A bound secret's placeholder stays a placeholder here (a
+            // header the server may store or show); another's is refused.
+            if let Some(e) = secrets.placeholder_in(value.as_bytes()) {
+                if !bound.iter().any(|b| b.secret == e.spec.name) {
+                    return Err(refusal_for(e, "placeholder_for_other_host"));
+                }
+            }
+            headers.push((name.clone(), value.clone()));
+            continue;
+        }
         let new = match basic.and_then(base64_decode) {
             Some(decoded) => {
                 let text = String::from_utf8_lossy(&decoded).into_owned();
@@ -213,14 +277,7 @@ pub fn rewrite(
                 if replaced == text {
                     value.clone()
                 } else {
-                    let encoded = base64_encode(replaced.as_bytes());
-                    for u in used
-                        .iter_mut()
-                        .filter(|u| u.header == lower && u.form.is_none())
-                    {
-                        u.form = Some(encoded.clone());
-                    }
-                    format!("Basic {encoded}")
+                    format!("Basic {}", base64_encode(replaced.as_bytes()))
                 }
             }
             None => substitute(secrets, &bound, value, &lower, &mut used, &mut refreshed)?,
@@ -253,19 +310,27 @@ pub fn rewrite(
             headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
         }
         used.retain(|u| !(u.secret == e.spec.name && u.header == name));
-        let form = text
-            .strip_prefix("Basic ")
-            .filter(|_| matches!(format, Format::Basic(_)))
-            .map(str::to_owned);
         headers.push((name.clone(), text));
         used.push(Used {
             secret: e.spec.name.clone(),
             header: name,
-            form,
         });
     }
     headers.push(("Accept-Encoding".into(), "identity".into()));
     out.headers = headers;
+    let size: usize = out.target.len()
+        + out
+            .headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 4)
+            .sum::<usize>();
+    if size > MAX_REWRITTEN_HEAD {
+        return Err(Refusal::new(
+            431,
+            "head_too_large",
+            format!("airlock: the request head would be over {MAX_REWRITTEN_HEAD} bytes with the values in"),
+        ));
+    }
     Ok((out, used, refreshed))
 }
 
@@ -480,15 +545,14 @@ fn relay(
     let mut g = rustls::Connection::from(g);
     let mut r = rustls::Connection::from(r);
     let mut requests = Requests::default();
-    // The encoded forms of the values sent on this connection.
-    let mut forms: Vec<String> = Vec::new();
-    let mut scrub = secrets.scrubber(&forms).into_stream();
+    let mut scrub = secrets.scrubber().into_stream();
     let (mut up, mut down) = (0u64, 0u64);
     let (mut to_remote, mut to_guest) = (Vec::new(), Vec::new());
     // Plaintext still coming from each side; their sockets still open.
     let (mut guest_open, mut remote_open) = (true, true);
     let (mut guest_eof, mut remote_eof) = (false, false);
     let (mut told_guest, mut told_remote) = (false, false);
+    let mut remote_writable = true;
     let mut refusal: Option<Refusal> = None;
     let mut last = Instant::now();
     let mut last_down = Instant::now();
@@ -514,20 +578,13 @@ fn relay(
                 let fed = requests.feed(&plain, &mut to_remote, &mut |asked: &Head| {
                     let (head, used, fresh) = rewrite(secrets, host, port, asked)?;
                     refreshed |= fresh;
-                    for form in used.iter().filter_map(|u| u.form.as_ref()) {
-                        if !forms.contains(form) && forms.len() < 64 {
-                            forms.push(form.clone());
-                            refreshed = true;
-                        }
-                    }
                     // The digest is of the request as asked: never of a value.
                     record_used(door, host, port, asked, &used);
                     Ok(head.to_bytes())
                 });
                 if refreshed {
                     // A new value: mask it in the answers from now on.
-                    scrub.finish(&mut to_guest);
-                    scrub = secrets.scrubber(&forms).into_stream();
+                    scrub = scrub.rebuild(secrets.scrubber());
                 }
                 if let Err(refused_now) = fed {
                     refused(door, host, port, &refused_now);
@@ -557,8 +614,11 @@ fn relay(
                 door.bytes_down.fetch_add(n, Ordering::SeqCst);
                 scrub.feed(&plain, &mut to_guest);
             }
-            if !remote_open || (scrub.holding() && last_down.elapsed() >= HOLD) {
+            if !remote_open {
                 scrub.finish(&mut to_guest);
+            } else if scrub.holding() && last_down.elapsed() >= HOLD && plain.is_empty() {
+                // The server paused inside what may begin a value.
+                scrub.release(&mut to_guest);
             }
         }
         // Plaintext into the connections.
@@ -600,11 +660,16 @@ fn relay(
                 };
             }
         }
-        if !guest_eof && !flush(&mut g, &mut &*guest) {
+        // Writes go on after a side's read end closed (a half-close): only
+        // a failed write ends them.
+        if !flush(&mut g, &mut &*guest) {
             break "error: write to the agent".into();
         }
-        if refusal.is_none() && !remote_eof && !flush(&mut r, &mut &*remote) {
-            break "error: write to the server".into();
+        if remote_writable && refusal.is_none() && !flush(&mut r, &mut &*remote) {
+            // The server stopped reading: what it already said still goes
+            // to the agent.
+            remote_writable = false;
+            to_remote.clear();
         }
         if told_remote && !r.wants_write() {
             let _ = remote.shutdown(std::net::Shutdown::Write);
@@ -617,25 +682,38 @@ fn relay(
         if left.is_zero() {
             break "idle_timeout".into();
         }
+        let guest_events = poll_events(&g, !guest_eof && to_remote.len() < PENDING, true);
+        let remote_events = if refusal.is_none() {
+            poll_events(&r, !remote_eof && to_guest.len() < PENDING, remote_writable)
+        } else {
+            0
+        };
+        if guest_events == 0 && remote_events == 0 && guest_eof && (remote_eof || refusal.is_some())
+        {
+            break "closed".into();
+        }
+        // A descriptor with nothing wanted is left out (its hang-up would
+        // wake the loop for nothing).
         let mut fds = [
             libc::pollfd {
-                fd: guest.as_raw_fd(),
-                events: poll_events(&g, !guest_eof && to_remote.len() < PENDING),
+                fd: if guest_events == 0 {
+                    -1
+                } else {
+                    guest.as_raw_fd()
+                },
+                events: guest_events,
                 revents: 0,
             },
             libc::pollfd {
-                fd: if refusal.is_none() {
-                    remote.as_raw_fd()
-                } else {
+                fd: if remote_events == 0 {
                     -1
+                } else {
+                    remote.as_raw_fd()
                 },
-                events: poll_events(&r, !remote_eof && to_guest.len() < PENDING),
+                events: remote_events,
                 revents: 0,
             },
         ];
-        if fds[0].events == 0 && fds[1].events == 0 && guest_eof && remote_eof {
-            break "closed".into();
-        }
         let cap = if scrub.holding() {
             HOLD
         } else {
@@ -652,22 +730,30 @@ fn relay(
             }
             break format!("error: poll: {e}");
         }
-        if fds[0].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && !guest_eof {
+        let readable = |fd: &libc::pollfd| {
+            fd.fd >= 0
+                && fd.events & libc::POLLIN != 0
+                && fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+        };
+        if readable(&fds[0]) {
             match fill(&mut g, &mut &*guest) {
                 Ok(true) => last = Instant::now(),
                 Ok(false) => guest_eof = true,
                 Err(e) => break e,
             }
+        } else if fds[0].revents & (libc::POLLHUP | libc::POLLERR) != 0 && guest_eof {
+            // The agent is gone both ways.
+            break "closed".into();
         }
-        if fds[1].fd >= 0
-            && fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
-            && !remote_eof
-        {
+        if readable(&fds[1]) {
             match fill(&mut r, &mut &*remote) {
                 Ok(true) => last = Instant::now(),
                 Ok(false) => remote_eof = true,
                 Err(e) => break e,
             }
+        } else if fds[1].revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+            remote_writable = false;
+            to_remote.clear();
         }
     };
     let _ = remote.shutdown(std::net::Shutdown::Both);
@@ -706,12 +792,12 @@ fn record_used(door: &Door, host: &str, port: u16, head: &Head, used: &[Used]) {
     }
 }
 
-fn poll_events(conn: &rustls::Connection, read: bool) -> libc::c_short {
+fn poll_events(conn: &rustls::Connection, read: bool, write: bool) -> libc::c_short {
     let mut ev = 0;
     if read && conn.wants_read() {
         ev |= libc::POLLIN;
     }
-    if conn.wants_write() {
+    if write && conn.wants_write() {
         ev |= libc::POLLOUT;
     }
     ev

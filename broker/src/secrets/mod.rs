@@ -248,16 +248,12 @@ impl Secrets {
             .unwrap_or(0)
     }
 
-    /// A scrubber masking every value any secret has held, and `forms`
-    /// (the values as encoded in what was sent).
-    pub fn scrubber(&self, forms: &[String]) -> Scrubber {
+    /// A scrubber masking every value any secret has held, as it is, as
+    /// JSON holds it, and in base64 at any alignment (so `Basic`
+    /// credentials with any user name are caught too).
+    pub fn scrubber(&self) -> Scrubber {
         let values: Vec<source::Value> = self.entries.iter().flat_map(|e| e.value.seen()).collect();
-        Scrubber::new(
-            values
-                .iter()
-                .map(source::Value::expose)
-                .chain(forms.iter().map(String::as_str)),
-        )
+        Scrubber::with_base64(values.iter().map(source::Value::expose))
     }
 
     /// What `run.start` records: names, sources, bindings, the CA's

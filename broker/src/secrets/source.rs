@@ -18,6 +18,11 @@ pub const CMD_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CMD_DEFAULT_TTL: Duration = Duration::from_secs(300);
 /// Most past values of one secret kept to mask in answers.
 const MAX_SEEN: usize = 64;
+/// A `cmd:` value is kept at least this long, whatever `expires_in` says.
+pub const CMD_MIN_TTL: Duration = Duration::from_secs(1);
+/// After a failed fetch, the next waits this long (requests meanwhile are
+/// refused at once).
+pub const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// A value is fetched again this long before it expires.
 const EARLY: Duration = Duration::from_millis(200);
 
@@ -81,6 +86,15 @@ pub fn fetch(
     }
 }
 
+/// When a value fetched now and good for `ttl` is fetched again: at
+/// least [`CMD_MIN_TTL`] from now (a program cannot make every request
+/// run it), at most a year.
+fn until(ttl: Duration) -> Instant {
+    let ttl = ttl.clamp(CMD_MIN_TTL, Duration::from_secs(365 * 86_400));
+    let now = Instant::now();
+    now.checked_add(ttl).unwrap_or(now)
+}
+
 /// Runs a `cmd:` source: `sh -c COMMAND`, stdin empty, stderr to ours,
 /// at most [`CMD_TIMEOUT`] and [`MAX_VALUE`] bytes of output; exit 0.
 fn run_cmd(cmd: &str) -> Result<(Value, Option<Instant>), String> {
@@ -135,12 +149,9 @@ fn run_cmd(cmd: &str) -> Result<(Value, Option<Instant>), String> {
                 format!("{what}: \"expires_in\" must be a whole number of seconds")
             })?),
         };
-        return Ok((check(value, &what)?, Some(Instant::now() + ttl)));
+        return Ok((check(value, &what)?, Some(until(ttl))));
     }
-    Ok((
-        check(trimmed, &what)?,
-        Some(Instant::now() + CMD_DEFAULT_TTL),
-    ))
+    Ok((check(trimmed, &what)?, Some(until(CMD_DEFAULT_TTL))))
 }
 
 /// A secret's value as the door uses it: fetched again when expired.
@@ -148,6 +159,8 @@ fn run_cmd(cmd: &str) -> Result<(Value, Option<Instant>), String> {
 pub struct Cached {
     source: Source,
     state: Mutex<(Value, Option<Instant>)>,
+    /// The last failure and when it happened (retried after [`RETRY_AFTER`]).
+    failed: Mutex<Option<(String, Instant)>>,
     /// Every value held so far, to mask in what bound hosts answer.
     seen: Mutex<Vec<Value>>,
 }
@@ -160,6 +173,7 @@ impl Cached {
             source,
             seen: Mutex::new(vec![first.0.clone()]),
             state: Mutex::new(first),
+            failed: Mutex::new(None),
         })
     }
 
@@ -173,7 +187,23 @@ impl Cached {
         if !expired {
             return Ok((state.0.clone(), false));
         }
-        let fresh = fetch(&self.source, &|n| std::env::var(n).ok())?;
+        let mut failed = self
+            .failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((why, at)) = failed.as_ref() {
+            if at.elapsed() < RETRY_AFTER {
+                return Err(why.clone());
+            }
+        }
+        let fresh = match fetch(&self.source, &|n| std::env::var(n).ok()) {
+            Ok(f) => f,
+            Err(why) => {
+                *failed = Some((why.clone(), Instant::now()));
+                return Err(why);
+            }
+        };
+        *failed = None;
         *state = fresh;
         let mut seen = self
             .seen

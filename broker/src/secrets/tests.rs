@@ -201,6 +201,71 @@ fn values_go_only_where_bound() {
         ["api-real-value-9"]
     );
     assert_eq!(used[0].secret, "API");
+    // Only headers that carry credentials get the value: elsewhere the
+    // placeholder stays (a server may store or show those).
+    let (h, used, _) = rewrite(
+        &s,
+        "localhost",
+        443,
+        &head(&format!(
+            "POST / HTTP/1.1\nHost: localhost\nContent-Type: text/{gh}\nX-Private-Token: {gh}\n"
+        )),
+    )
+    .expect("headers");
+    assert_eq!(
+        h.values("content-type").next(),
+        Some(format!("text/{gh}").as_str())
+    );
+    assert_eq!(h.values("x-private-token").next(), Some("ghp_realvalue123"));
+    assert_eq!(used.len(), 1);
+    // ... but another secret's placeholder there is still refused.
+    let e = rewrite(
+        &s,
+        "localhost",
+        443,
+        &head(&format!(
+            "GET / HTTP/1.1\nHost: localhost\nUser-Agent: {api}\n"
+        )),
+    )
+    .expect_err("other in a plain header");
+    assert_eq!(e.reason, "placeholder_for_other_host");
+    // Origin-form only: an absolute-form target names its own authority.
+    for line in [
+        "GET https://other.example/ HTTP/1.1",
+        "CONNECT other.example:443 HTTP/1.1",
+        "GET other HTTP/1.1",
+    ] {
+        let e = rewrite(
+            &s,
+            "localhost",
+            443,
+            &head(&format!("{line}\nHost: localhost\n")),
+        )
+        .expect_err(line);
+        assert_eq!((e.status, e.reason), (400, "bad_request"), "{line}");
+    }
+    // A head that the values would blow up is refused before it is built.
+    let big = Secrets::new(
+        config::parse(
+            &["BIG=env:BIG".to_owned()],
+            &[],
+            &["BIG=localhost".to_owned()],
+            None,
+        )
+        .expect("flags"),
+        &|n| (n == "BIG").then(|| "v".repeat(10_000)),
+    )
+    .expect("big");
+    let many = format!("Authorization: {}\n", ph(&big, "BIG").repeat(20));
+    let e = rewrite(
+        &big,
+        "localhost",
+        443,
+        &head(&format!("GET / HTTP/1.1\nHost: localhost\n{many}")),
+    )
+    .map(|_| ())
+    .expect_err("big");
+    assert_eq!(e.status, 431);
 }
 
 #[test]
@@ -510,6 +575,18 @@ mod relay {
             &mut tls,
             &format!("GET /a HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {gh}\r\n\r\n"),
         );
+        let other_user = super::super::http::base64_encode(format!("someone:{gh}").as_bytes());
+        let real_other = super::super::http::base64_encode(b"someone:ghp_realvalue123");
+        let o = exchange(
+            &mut tls,
+            &format!(
+                "GET /o HTTP/1.1\r\nHost: {host}\r\nAuthorization: Basic {other_user}\r\n\r\n"
+            ),
+        );
+        assert!(
+            o.starts_with("HTTP/1.1 200") && !o.contains(&real_other),
+            "{o}"
+        );
         let b = exchange(
             &mut tls,
             &format!(
@@ -533,7 +610,12 @@ mod relay {
             "{c}"
         );
         let seen = bed.seen.lock().expect("lock").clone();
-        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert!(
+            seen[1].contains(&format!("Authorization: Basic {real_other}")),
+            "{seen:?}"
+        );
+        let seen: Vec<String> = [seen[0].clone(), seen[2].clone()].into();
         assert!(
             seen[0].contains("Authorization: Bearer ghp_realvalue123"),
             "{seen:?}"
@@ -550,7 +632,7 @@ mod relay {
             .iter()
             .all(|h| !h.contains(&api) && h.contains("Accept-Encoding: identity")));
         let used = bed.memory.fields_of("secret.used");
-        assert_eq!(used.len(), 2, "{used:?}");
+        assert_eq!(used.len(), 3, "{used:?}");
         assert_eq!(used[0]["name"], "GH");
         assert_eq!(used[0]["host"], "localhost");
         let refused = bed.memory.fields_of("secret.refused");
@@ -589,6 +671,34 @@ mod relay {
             bed.seen.lock().expect("lock").len(),
             3,
             "every request still served"
+        );
+    }
+
+    #[test]
+    fn an_agent_that_half_closes_still_gets_its_answer() {
+        let bed = bed("half");
+        let gh = ph(&bed.secrets, "GH");
+        let host = format!("localhost:{}", bed.port);
+        let mut tls = agent_tls(&bed, "localhost", tunnel(&bed));
+        tls.write_all(
+            format!("GET /h HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {gh}\r\n\r\n")
+                .as_bytes(),
+        )
+        .expect("send");
+        tls.conn.send_close_notify();
+        tls.flush().expect("flush");
+        tls.sock
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+        tls.sock
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.contains("AIRLOCK-SCRUBBED"),
+            "{answer}"
         );
     }
 
@@ -657,7 +767,7 @@ mod relay {
         let text = format!("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {gh}\r\n\r\n");
         let (first, second) = text.split_at(text.len() - 20);
         (&guest).write_all(first.as_bytes()).expect("write");
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(std::time::Duration::from_millis(20));
         (&guest).write_all(second.as_bytes()).expect("write");
         let mut answer = String::new();
         let _ = (&guest).read_to_string(&mut answer);
