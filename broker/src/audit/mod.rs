@@ -144,7 +144,7 @@ pub mod kind {
     /// A request or connection refused by the secrets' rules: `name` (the
     /// secret, when one was involved), `host`, `port`, `reason`
     /// (`placeholder_for_other_host`, `placeholder_in_clear_text`,
-    /// `host_mismatch`, `sni_mismatch`, `upstream_tls`, `http2`,
+    /// `host_mismatch`, `sni_mismatch`, `upstream_tls`, `http2`, `unreadable_answer`,
     /// `secret_unavailable`, `bad_request`, `head_too_large`), `message`.
     pub const SECRET_REFUSED: &str = "secret.refused";
 }

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::ServerName;
 use sha2::{Digest, Sha256};
 
+use super::answer::{Answers, Unreadable};
 use super::config::{Bind, Format};
 use super::http::{base64_decode, base64_encode, Head, Refusal, Requests};
 use super::Secrets;
@@ -545,7 +546,7 @@ fn relay(
     let mut g = rustls::Connection::from(g);
     let mut r = rustls::Connection::from(r);
     let mut requests = Requests::default();
-    let mut scrub = secrets.scrubber().into_stream();
+    let mut answers = Answers::new(secrets.scrubber());
     let (mut up, mut down) = (0u64, 0u64);
     let (mut to_remote, mut to_guest) = (Vec::new(), Vec::new());
     // Plaintext still coming from each side; their sockets still open.
@@ -580,16 +581,17 @@ fn relay(
                     refreshed |= fresh;
                     // The digest is of the request as asked: never of a value.
                     record_used(door, host, port, asked, &used);
+                    answers.request(&head.method);
                     Ok(head.to_bytes())
                 });
                 if refreshed {
                     // A new value: mask it in the answers from now on.
-                    scrub = scrub.rebuild(secrets.scrubber());
+                    answers.rescrub(secrets.scrubber());
                 }
                 if let Err(refused_now) = fed {
                     refused(door, host, port, &refused_now);
                     // What the server was sent before stays; nothing more.
-                    scrub.finish(&mut to_guest);
+                    answers.finish(&mut to_guest);
                     to_guest.extend_from_slice(&refused_now.response());
                     refusal = Some(refused_now);
                     remote_open = false;
@@ -612,13 +614,27 @@ fn relay(
                 }
                 down += n;
                 door.bytes_down.fetch_add(n, Ordering::SeqCst);
-                scrub.feed(&plain, &mut to_guest);
+                if let Err(Unreadable(why)) = answers.feed(&plain, &mut to_guest) {
+                    // Nothing more of the server's goes to the agent.
+                    let refused_now = Refusal::new(
+                        502,
+                        "unreadable_answer",
+                        format!(
+                            "airlock: the answer of {host} cannot be checked for secrets: {why}"
+                        ),
+                    );
+                    refused(door, host, port, &refused_now);
+                    to_guest.extend_from_slice(&refused_now.response());
+                    refusal = Some(refused_now);
+                    remote_open = false;
+                    continue;
+                }
             }
             if !remote_open {
-                scrub.finish(&mut to_guest);
-            } else if scrub.holding() && last_down.elapsed() >= HOLD && plain.is_empty() {
+                answers.finish(&mut to_guest);
+            } else if answers.holding() && last_down.elapsed() >= HOLD && plain.is_empty() {
                 // The server paused inside what may begin a value.
-                scrub.release(&mut to_guest);
+                answers.pause(&mut to_guest);
             }
         }
         // Plaintext into the connections.
@@ -648,7 +664,7 @@ fn relay(
             r.send_close_notify();
             told_remote = true;
         }
-        if (!remote_open || refusal.is_some()) && to_guest.is_empty() && !scrub.holding() {
+        if (!remote_open || refusal.is_some()) && to_guest.is_empty() && !answers.holding() {
             if !told_guest {
                 g.send_close_notify();
                 told_guest = true;
@@ -714,7 +730,7 @@ fn relay(
                 revents: 0,
             },
         ];
-        let cap = if scrub.holding() {
+        let cap = if answers.holding() {
             HOLD
         } else {
             Duration::from_secs(1)

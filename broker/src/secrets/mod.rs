@@ -14,6 +14,7 @@
 //! placeholder seen in clear text going anywhere else is cut off before it
 //! leaves (`secret.refused`).
 
+pub mod answer;
 pub mod ca;
 pub mod config;
 pub mod http;

@@ -438,10 +438,24 @@ mod relay {
                         s.read_exact(&mut body).expect("body");
                         seen.lock().expect("lock").push(head.clone());
                         let answer = format!("you sent:\n{head}");
-                        let out = format!(
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}",
-                            answer.len()
-                        );
+                        let out = if head.starts_with("GET /chunked") {
+                            // Small chunks: the value is cut by the framing.
+                            let mut out =
+                                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_owned();
+                            for piece in answer.as_bytes().chunks(7) {
+                                out.push_str(&format!(
+                                    "{:x}\r\n{}\r\n",
+                                    piece.len(),
+                                    String::from_utf8_lossy(piece)
+                                ));
+                            }
+                            out + "0\r\n\r\n"
+                        } else {
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}",
+                                answer.len()
+                            )
+                        };
                         let w = s.get_mut();
                         w.write_all(out.as_bytes()).expect("answer");
                         w.flush().expect("flush");
@@ -672,6 +686,44 @@ mod relay {
             3,
             "every request still served"
         );
+    }
+
+    #[test]
+    fn a_value_cut_by_the_servers_chunks_is_still_masked() {
+        let bed = bed("chunked");
+        let gh = ph(&bed.secrets, "GH");
+        let host = format!("localhost:{}", bed.port);
+        let mut tls = agent_tls(&bed, "localhost", tunnel(&bed));
+        tls.write_all(
+            format!("GET /chunked HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {gh}\r\n\r\n")
+                .as_bytes(),
+        )
+        .expect("send");
+        tls.flush().expect("flush");
+        // Read up to the last chunk.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"0\r\n\r\n") {
+            let n = tls.read(&mut buf).expect("read");
+            assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got).into_owned();
+        let (_, body) = text.split_once("\r\n\r\n").expect("head");
+        // The body as the agent's client reads it: chunks joined.
+        let mut joined = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size, 16).expect("size");
+            if n == 0 {
+                break;
+            }
+            joined.push_str(&after[..n]);
+            rest = &after[n + 2..];
+        }
+        assert!(joined.contains("Bearer AIRLOCK-SCRUBBED"), "{joined}");
+        assert!(!joined.contains("ghp_real"), "{joined}");
+        assert!(bed.seen.lock().expect("lock")[0].contains("Bearer ghp_realvalue123"));
     }
 
     #[test]
