@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 
-use super::http::find;
+use super::http::{chunk_size, find};
 use crate::model::scrub::{Scrubber, Stream};
 
 /// Longest response head.
@@ -263,16 +263,7 @@ impl Answers {
                         .unwrap_or(&line[..line.len() - 1]);
                     self.state = match self.state {
                         State::ChunkSize => {
-                            let size = text.split(|&b| b == b';').next().unwrap_or_default();
-                            let size = std::str::from_utf8(size)
-                                .ok()
-                                .map(str::trim)
-                                .filter(|s| {
-                                    !s.is_empty()
-                                        && s.len() <= 15
-                                        && s.bytes().all(|b| b.is_ascii_hexdigit())
-                                })
-                                .and_then(|s| u64::from_str_radix(s, 16).ok())
+                            let size = chunk_size(text, true)
                                 .ok_or_else(|| Unreadable("a malformed chunk size".into()))?;
                             if size == 0 {
                                 // The body's end: what is held, then the
@@ -309,6 +300,23 @@ impl Answers {
     }
 }
 
+/// A chunked body joined, as a client reads it (tests).
+#[cfg(test)]
+pub(crate) fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let i = find(body, b"\r\n").expect("size line");
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&body[..i]).expect("utf8"), 16).expect("hex");
+        body = &body[i + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&body[..size]);
+        body = &body[size + 2..];
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,21 +329,6 @@ mod tests {
             answers.feed(p, &mut out)?;
         }
         Ok(out)
-    }
-
-    fn dechunk(mut body: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        loop {
-            let i = find(body, b"\r\n").expect("size line");
-            let size = usize::from_str_radix(std::str::from_utf8(&body[..i]).expect("utf8"), 16)
-                .expect("hex");
-            body = &body[i + 2..];
-            if size == 0 {
-                return out;
-            }
-            out.extend_from_slice(&body[..size]);
-            body = &body[size + 2..];
-        }
     }
 
     #[test]

@@ -318,22 +318,9 @@ impl Requests {
                     })?;
                     self.state = match self.state {
                         State::ChunkSize => {
-                            let size = text.split(|&b| b == b';').next().unwrap_or_default();
-                            let size = std::str::from_utf8(size)
-                                .ok()
-                                .filter(|s| {
-                                    !s.is_empty()
-                                        && s.len() <= 15
-                                        && s.bytes().all(|b| b.is_ascii_hexdigit())
-                                })
-                                .and_then(|s| u64::from_str_radix(s, 16).ok())
-                                .ok_or_else(|| {
-                                    Refusal::new(
-                                        400,
-                                        "bad_request",
-                                        "airlock: a malformed chunk size",
-                                    )
-                                })?;
+                            let size = chunk_size(text, false).ok_or_else(|| {
+                                Refusal::new(400, "bad_request", "airlock: a malformed chunk size")
+                            })?;
                             if size == 0 {
                                 State::Trailer
                             } else {
@@ -356,6 +343,18 @@ impl Requests {
         }
         Ok(())
     }
+}
+
+/// The size a chunk-size line gives (before any `;` extension): hex
+/// digits only, at most 15 of them; `tolerant` allows white space around
+/// them (as servers send, read in answers), not in requests.
+pub fn chunk_size(line: &[u8], tolerant: bool) -> Option<u64> {
+    let size = line.split(|&b| b == b';').next().unwrap_or_default();
+    let size = std::str::from_utf8(size).ok()?;
+    let size = if tolerant { size.trim() } else { size };
+    (!size.is_empty() && size.len() <= 15 && size.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| u64::from_str_radix(size, 16).ok())
+        .flatten()
 }
 
 /// The first position of `needle` in `hay`.

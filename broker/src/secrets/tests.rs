@@ -711,16 +711,8 @@ mod relay {
         let text = String::from_utf8_lossy(&got).into_owned();
         let (_, body) = text.split_once("\r\n\r\n").expect("head");
         // The body as the agent's client reads it: chunks joined.
-        let mut joined = String::new();
-        let mut rest = body;
-        while let Some((size, after)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(size, 16).expect("size");
-            if n == 0 {
-                break;
-            }
-            joined.push_str(&after[..n]);
-            rest = &after[n + 2..];
-        }
+        let joined =
+            String::from_utf8(super::super::answer::dechunk(body.as_bytes())).expect("utf-8");
         assert!(joined.contains("Bearer AIRLOCK-SCRUBBED"), "{joined}");
         assert!(!joined.contains("ghp_real"), "{joined}");
         assert!(bed.seen.lock().expect("lock")[0].contains("Bearer ghp_realvalue123"));
