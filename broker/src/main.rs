@@ -52,6 +52,7 @@ fn main() -> ExitCode {
         cli::Command::Stop(args) => cli::sandbox::stop(args),
         cli::Command::Rm(args) => cli::sandbox::rm(args),
         cli::Command::Logs(args) => cli::sandbox::logs(args),
+        cli::Command::Pool(args) => cli::pool::main(*args),
         cli::Command::Image(args) => cli::image::main(args.command),
         cli::Command::Docker { args } => return ExitCode::from(docker::main(&args)),
         cli::Command::ShareServer => return ExitCode::from(share::child::main()),

@@ -112,6 +112,9 @@ pub mod kind {
     pub const SANDBOX_EXEC_EXIT: &str = "sandbox.exec_exit";
     /// The sandbox took its first exec: `boot_ms`.
     pub const SANDBOX_READY: &str = "sandbox.ready";
+    /// A `create` took the sandbox from its warm pool: `name`, `pool`,
+    /// `member` (its name in the pool), `waited_ms`.
+    pub const SANDBOX_ADOPT: &str = "sandbox.adopt";
     /// A stop began: `why` (`stop`, `idle`, `lifetime`), `grace_secs`.
     pub const SANDBOX_STOP: &str = "sandbox.stop";
     /// A live mount's connection was refused or ended badly: `index` (if

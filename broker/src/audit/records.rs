@@ -606,6 +606,20 @@ impl HostRecord for SandboxReady {
     const KIND: &'static str = kind::SANDBOX_READY;
 }
 
+/// `sandbox.adopt`: a `create` took this sandbox from its warm pool and
+/// named it; `waited_ms` is how long it had waited since its boot began.
+#[derive(Debug, Serialize)]
+pub struct SandboxAdopt<'a> {
+    pub name: &'a str,
+    pub pool: &'a str,
+    pub member: &'a str,
+    pub waited_ms: u64,
+}
+
+impl HostRecord for SandboxAdopt<'_> {
+    const KIND: &'static str = kind::SANDBOX_ADOPT;
+}
+
 /// `sandbox.stop`: a stop began (`why`: `stop`, `idle`, `lifetime`).
 #[derive(Debug, Serialize)]
 pub struct SandboxStop<'a> {

@@ -190,6 +190,20 @@ pub enum Command {
     /// Print the end of a sandbox's guest console log.
     #[command(after_help = SANDBOX_EXIT_CODES)]
     Logs(LogsArgs),
+    /// Keep booted, ready sandboxes waiting, for `create` to take at once.
+    ///
+    /// `airlock pool --size N [--pool NAME] [CREATE OPTIONS]` starts a pool
+    /// keeper (in the background) that keeps N sandboxes booted with these
+    /// options, each ready for an exec; `airlock create` with the same
+    /// options (names and labels aside) takes one and names it, and the
+    /// keeper boots another. A pooled sandbox that dies is replaced. Run
+    /// again with another --size to resize; `pool ls` shows the pools,
+    /// `pool rm NAME` stops one and its waiting sandboxes.
+    #[command(
+        after_help = POOL_HELP,
+        override_usage = "airlock pool --size N [--pool NAME] [--wait] [CREATE OPTIONS]\n       airlock pool ls [--format json]\n       airlock pool rm NAME..."
+    )]
+    Pool(Box<PoolArgs>),
     /// Load, list, inspect and remove images, for `run --image NAME`.
     ///
     /// An image is loaded once from a docker or OCI archive (`docker save`
@@ -307,6 +321,81 @@ Sandboxes live under $XDG_RUNTIME_DIR/airlock/sandboxes (root:
 /run/airlock/sandboxes; $AIRLOCK_SANDBOX_DIR overrides), one private
 directory each. Each keeps one audit log for its whole life.";
 
+const POOL_HELP: &str = "\
+Exit codes:
+  0    done
+  2    bad usage: a bad pool name or size, an option a pool cannot take, a
+       pool of that name with other options; nothing changed
+  120  the keeper did not start, or (--wait) the pool did not fill
+
+What a pool may hold: the options are those of `create` (engine, image,
+memory, vCPUs, egress and model policy, secrets, limits, --idle-timeout,
+--max-lifetime); names and labels are given when `create` takes a sandbox.
+Options that bring host files in or write them at boot (--workspace, --out,
+--mount, --volume, --audit, --report, --console-log) are refused: a pooled
+sandbox is booted before its user asks for it.
+
+What `create` matches: the same options, the same stored image digest, the
+same airlock binary, and the same values of every environment variable the
+options read (the model keys, -e NAME, --secret ...=env:VAR, --secret-env)
+and of every file they name (--secret ...=file:PATH, keys files). Anything
+else boots cold, as `create --no-pool` always does. A pooled sandbox reads
+its keys and secrets when it boots, with the environment of `airlock pool`.
+
+--max-lifetime counts from a pooled sandbox's boot; --idle-timeout from
+when `create` takes it. The audit log of a pooled sandbox starts at its
+boot; `sandbox.adopt` records when it was taken and by which name.
+
+Pools live under the sandboxes' state root, in .pools/NAME: pool.json,
+keeper.log (the keeper's lines: members booted, died, replaced), and the
+waiting sandboxes' directories.";
+
+/// `airlock pool`.
+#[derive(Debug, Clone, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct PoolArgs {
+    #[command(subcommand)]
+    pub command: Option<PoolCommand>,
+    /// The pool's name: [a-zA-Z0-9][a-zA-Z0-9_.-]{0,31}
+    #[arg(long = "pool", value_name = "NAME", default_value = "default")]
+    pub pool: String,
+    /// How many booted, ready sandboxes to keep waiting (1 to 32)
+    #[arg(long, value_name = "N")]
+    pub size: Option<u32>,
+    /// Return only once the pool holds --size ready sandboxes
+    #[arg(long)]
+    pub wait: bool,
+    /// (Internal) be the pool's keeper.
+    #[arg(long, hide = true)]
+    pub keep: bool,
+    /// (Internal) be the supervisor of one of the pool's sandboxes.
+    #[arg(long, hide = true)]
+    pub member: bool,
+    #[command(flatten)]
+    pub create: CreateArgs,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum PoolCommand {
+    /// List the pools: size, ready and booting sandboxes, keeper
+    Ls(PoolLsArgs),
+    /// Stop pools: their keepers, and the sandboxes still waiting
+    Rm(PoolRmArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PoolLsArgs {
+    #[arg(long, value_enum, default_value_t = ListFormat::Table)]
+    pub format: ListFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PoolRmArgs {
+    /// The pools
+    #[arg(value_name = "NAME", required = true)]
+    pub names: Vec<String>,
+}
+
 /// `airlock create`.
 #[derive(Debug, Clone, Args)]
 pub struct CreateArgs {
@@ -327,6 +416,10 @@ pub struct CreateArgs {
     /// $AIRLOCK_SANDBOX_NAME.
     #[arg(long, hide = true)]
     pub supervise: bool,
+    /// Boot a new sandbox even if a warm pool (`airlock pool`) has a ready
+    /// one made with these same options
+    #[arg(long)]
+    pub no_pool: bool,
     #[command(flatten)]
     pub run: RunArgs,
 }

@@ -6,6 +6,7 @@ pub mod args;
 pub mod audit;
 pub mod doctor;
 pub mod image;
+pub mod pool;
 pub mod run;
 pub mod sandbox;
 

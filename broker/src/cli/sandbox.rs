@@ -21,7 +21,7 @@ use crate::sandbox::{
 };
 
 /// The variable that names the sandbox to the supervisor.
-const NAME_ENV: &str = "AIRLOCK_SANDBOX_NAME";
+pub(crate) const NAME_ENV: &str = "AIRLOCK_SANDBOX_NAME";
 
 fn usage(message: impl std::fmt::Display) -> Exit {
     eprintln!("airlock: error: {message}");
@@ -80,7 +80,33 @@ pub fn start(
     front: Value,
 ) -> Result<String, Exit> {
     let name = args.name.clone().unwrap_or_else(crate::sandbox::new_name);
-    if let Err(e) = lifecycle::check_name(&name) {
+    let config = plan(&args, &name, front)?;
+    if !args.no_pool {
+        let key = super::pool::key(&args, &config);
+        match crate::sandbox::pool::take(&key, &name, &config) {
+            Ok(Some(pool)) => {
+                eprintln!("airlock: {name}: taken from the warm pool {pool}");
+                return Ok(name);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(fail(&e)),
+        }
+    }
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return Err(failed(format!("cannot find airlock's own binary: {e}"))),
+    };
+    original.insert(0, "--supervise".into());
+    original.insert(0, "create".into());
+    let mut supervisor = Command::new(exe);
+    supervisor.args(&original).env(NAME_ENV, &name);
+    started(&name, Sandbox::create(&name, &config, supervisor))
+}
+
+/// Checks `args` as `create` does (everything `run` would refuse, the
+/// name, labels, image) and builds the sandbox's `config.json`.
+pub(crate) fn plan(args: &CreateArgs, name: &str, front: Value) -> Result<Value, Exit> {
+    if let Err(e) = lifecycle::check_name(name) {
         return Err(fail(&e));
     }
     let mut labels = serde_json::Map::new();
@@ -118,7 +144,7 @@ pub fn start(
         ));
     }
     // Everything `run` would refuse is refused now, before anything starts.
-    if let Err(e) = crate::run::RunConfig::try_from(supervised_run(&args)) {
+    if let Err(e) = crate::run::RunConfig::try_from(supervised_run(args)) {
         eprintln!("airlock: error: {}", crate::text::report(&e));
         return Err(e.exit());
     }
@@ -149,7 +175,7 @@ pub fn start(
         .clone()
         .or(image_cwd)
         .unwrap_or_else(|| if workspace_cwd { "/workspace" } else { "/" }.to_owned());
-    let config = json!({
+    Ok(json!({
         "front_end": front,
         "name": name,
         "labels": labels,
@@ -164,16 +190,16 @@ pub fn start(
         "max_lifetime_secs": args.max_lifetime,
         "workspace": args.run.workspace.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
         "out": args.run.out.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
-    });
-    let exe = match std::env::current_exe() {
-        Ok(exe) => exe,
-        Err(e) => return Err(failed(format!("cannot find airlock's own binary: {e}"))),
-    };
-    original.insert(0, "--supervise".into());
-    original.insert(0, "create".into());
-    let mut supervisor = Command::new(exe);
-    supervisor.args(&original).env(NAME_ENV, &name);
-    match Sandbox::create(&name, &config, supervisor) {
+    }))
+}
+
+/// Says how a sandbox's start went: its name, or why it did not start
+/// (its supervisor's log, its audit log) as an exit code.
+pub(crate) fn started(
+    name: &str,
+    created: Result<Sandbox, lifecycle::Error>,
+) -> Result<String, Exit> {
+    match created {
         Ok(sandbox) => {
             // What airlock said while it booted (the engine, warnings):
             // nothing of the guest's has run yet.
@@ -184,7 +210,7 @@ pub fn start(
                     }
                 }
             }
-            Ok(name)
+            Ok(name.to_owned())
         }
         Err(lifecycle::Error::NotStarted {
             how,
@@ -221,7 +247,7 @@ pub fn start(
 
 /// The `run` arguments the supervisor runs with: the keeper command, the
 /// lifetime as the timeout, the console kept in the sandbox's directory.
-fn supervised_run(args: &CreateArgs) -> crate::cli::RunArgs {
+pub(crate) fn supervised_run(args: &CreateArgs) -> crate::cli::RunArgs {
     let mut run = args.run.clone();
     let keeper = if run.no_container {
         KEEPER_BARE
@@ -239,10 +265,19 @@ fn supervised_run(args: &CreateArgs) -> crate::cli::RunArgs {
 /// The supervisor: holds the sandbox's lock for its whole life, runs it,
 /// and writes how it ended.
 fn supervise(args: CreateArgs) -> Exit {
+    supervise_in(args, None)
+}
+
+/// The supervisor of a sandbox named in `$AIRLOCK_SANDBOX_NAME`: in the
+/// state root, or, for a warm pool's member, in `pool`'s directory.
+pub(crate) fn supervise_in(args: CreateArgs, pool: Option<&crate::sandbox::pool::PoolDir>) -> Exit {
     let Some(name) = std::env::var(NAME_ENV).ok().filter(|n| valid_name(n)) else {
         return usage("--supervise is internal to `airlock create`");
     };
-    let dir = Dir::of(&name);
+    let dir = match pool {
+        Some(pool) => pool.member(&name),
+        None => Dir::of(&name),
+    };
     let lock = match fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -273,8 +308,11 @@ fn supervise(args: CreateArgs) -> Exit {
         dir: dir.clone(),
         idle_timeout: args.idle_timeout.map(Duration::from_secs),
         container: !args.run.no_container,
+        pool: pool.map(|p| p.name.clone()),
     };
     let exit = super::run::main_sandbox(run, mode);
+    // Adopted from a pool: it lives under its new name now.
+    let dir = crate::sandbox::server::current_dir().unwrap_or(dir);
     let _ = fs::remove_file(dir.ctl());
     let _ = write_json(
         &dir.state(),

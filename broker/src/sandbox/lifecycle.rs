@@ -143,6 +143,11 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
+    /// The sandbox whose directory is `dir` (a pool's member).
+    pub(crate) fn at(dir: Dir) -> Sandbox {
+        Sandbox { dir }
+    }
+
     /// The sandbox named `name`, which must exist.
     pub fn open(name: &str) -> Result<Sandbox, Error> {
         check_name(name)?;
@@ -181,7 +186,13 @@ impl Sandbox {
         let base = root();
         private_dir(&base)
             .map_err(|e| Error::Failed(format!("cannot make {}: {e}", base.display())))?;
-        let dir = Dir::of(name);
+        Sandbox::create_at(Dir::of(name), config, supervisor)
+    }
+
+    /// [`Sandbox::create`] in `dir`, whose parent exists and is private
+    /// (a warm pool's members live in their pool's directory).
+    pub fn create_at(dir: Dir, config: &Value, supervisor: Command) -> Result<Sandbox, Error> {
+        let name = dir.name.as_str();
         match fs::DirBuilder::new().mode(0o700).create(&dir.path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -362,7 +373,7 @@ impl Sandbox {
     }
 
     /// A request to the supervisor, and its one-line JSON answer.
-    fn ask(&self, request: &Value, patience: Duration) -> io::Result<Value> {
+    pub(crate) fn ask(&self, request: &Value, patience: Duration) -> io::Result<Value> {
         let mut stream = UnixStream::connect(self.dir.ctl())?;
         stream.set_read_timeout(Some(patience))?;
         stream.write_all(format!("{request}\n").as_bytes())?;
@@ -489,6 +500,27 @@ impl Sandbox {
         if let Some(pid) = self.dir.supervisor().filter(|p| *p > 0) {
             // SAFETY: kill(2) with a pid read from the lock its holder
             // wrote; the lock is still held, so that process still lives.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        self.wait(Duration::from_secs(10))
+    }
+
+    /// [`Sandbox::stop`] for a warm pool's member, only while no `create`
+    /// has taken it (the supervisor decides, so a member is either taken
+    /// or stopped, never both). Whether it is gone.
+    pub fn stop_if_pooled(&self, grace: Duration) -> bool {
+        let asked = self.ask(
+            &json!({"op": "stop", "grace_secs": grace.as_secs(), "if_pooled": true}),
+            Duration::from_secs(5),
+        );
+        if !asked.is_ok_and(|a| a["ok"] == true) {
+            return false;
+        }
+        if self.wait(grace + Duration::from_secs(30)) {
+            return true;
+        }
+        if let Some(pid) = self.dir.supervisor().filter(|p| *p > 0) {
+            // SAFETY: as in `stop`: the lock's holder, still alive.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         self.wait(Duration::from_secs(10))

@@ -23,6 +23,7 @@
 //! one day); [`server`] is the supervisor's side.
 
 pub mod lifecycle;
+pub mod pool;
 pub mod server;
 
 pub use lifecycle::{ExecEnd, ExecSpec, Sandbox, State};
@@ -139,13 +140,19 @@ impl Dir {
     /// Whether a supervisor holds the lock, and its pid (the lock file
     /// holds it).
     pub fn supervisor(&self) -> Option<i32> {
-        let file = fs::File::open(self.lock()).ok()?;
+        self.supervisor_of(&self.lock())
+    }
+
+    /// Whether a process holds the lock file `lock`, and its pid (the
+    /// lock file holds it; 0 if unreadable).
+    pub fn supervisor_of(&self, lock: &Path) -> Option<i32> {
+        let file = fs::File::open(lock).ok()?;
         // SAFETY: flock(2) on a descriptor we own; no pointers.
         let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
         if free {
             return None;
         }
-        fs::read_to_string(self.lock())
+        fs::read_to_string(lock)
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .or(Some(0))

@@ -16,6 +16,12 @@
 //!   sandbox (SIGTERM to every process of the agent, SIGKILL after N
 //!   seconds, then the VM is stopped).
 //! - `{"op":"status"}`: `{"ok":true,"execs_running":..,"execs":..,"last_used_unix":..}`.
+//! - `{"op":"adopt","name":NAME,"config":{..}}` (a pool's sandbox only,
+//!   once, when ready): the sandbox leaves its pool and becomes `NAME`: its
+//!   directory moves to the state root under that name (never over an
+//!   existing one), `config` (what `airlock create` would have written)
+//!   becomes its `config.json`, the idle clock starts, and the audit log
+//!   records `sandbox.adopt`.
 //!
 //! Everything from the guest is read with the protocol's bounds: one
 //! frame at a time, at most the frame limit, output counted against
@@ -39,7 +45,7 @@ use serde_json::{json, Value};
 
 use super::Dir;
 use crate::audit::log::{AuditLog, Durability};
-use crate::audit::records::{Exec, ExecEnd, ExecExit, SandboxReady, SandboxStop};
+use crate::audit::records::{Exec, ExecEnd, ExecExit, SandboxAdopt, SandboxReady, SandboxStop};
 
 /// Longest request line.
 pub const MAX_REQUEST: u64 = 1 << 20;
@@ -61,6 +67,26 @@ pub struct Mode {
     /// The sandbox has an agent container (probe and stop run the keeper
     /// mounted there; without one, the guest image's `true` and `sh`).
     pub container: bool,
+    /// The warm pool this sandbox waits in, until a `create` adopts it.
+    pub pool: Option<String>,
+}
+
+/// The directory of this process's sandbox, as it is now (a pool's
+/// sandbox moves when it is adopted).
+static CURRENT_DIR: Mutex<Option<Dir>> = Mutex::new(None);
+
+/// Where this supervisor's sandbox lives now, if it serves one.
+pub fn current_dir() -> Option<Dir> {
+    CURRENT_DIR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+fn set_current_dir(dir: Dir) {
+    *CURRENT_DIR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(dir);
 }
 
 /// The keeper in the agent's container (guest-init/src/keeper.rs).
@@ -72,11 +98,18 @@ struct Shared {
     audit: AuditLog,
     max_output: u64,
     started: Instant,
+    started_unix: u64,
     running: AtomicUsize,
     execs: AtomicU64,
     last_used: Mutex<(Instant, SystemTime)>,
     ready: AtomicBool,
     stopping: AtomicBool,
+    /// The pool it waits in (`None`: an ordinary sandbox).
+    pool: Option<String>,
+    /// Taken by a `create` (always, outside a pool): the idle clock runs.
+    adopted: AtomicBool,
+    /// Where an adopted sandbox goes (the state root).
+    sandboxes: PathBuf,
 }
 
 /// Starts serving `mode.dir`'s control socket (and the idle watchdog).
@@ -85,17 +118,24 @@ pub fn start(mode: &Mode, vsock_uds: &Path, audit: &AuditLog, max_output: u64) -
     let path = mode.dir.ctl();
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
+    set_current_dir(mode.dir.clone());
     let shared = Arc::new(Shared {
         container: mode.container,
         vsock_uds: vsock_uds.to_path_buf(),
         audit: audit.clone(),
         max_output,
         started: Instant::now(),
+        started_unix: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
         running: AtomicUsize::new(0),
         execs: AtomicU64::new(0),
         last_used: Mutex::new((Instant::now(), SystemTime::now())),
         ready: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
+        pool: mode.pool.clone(),
+        adopted: AtomicBool::new(mode.pool.is_none()),
+        sandboxes: super::root(),
     });
     let accepting = Arc::clone(&shared);
     thread::Builder::new()
@@ -119,7 +159,9 @@ pub fn start(mode: &Mode, vsock_uds: &Path, audit: &AuditLog, max_output: u64) -
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .0;
+                // A pool's sandbox waits without an idle clock until adopted.
                 if watched.ready.load(Ordering::SeqCst)
+                    && watched.adopted.load(Ordering::SeqCst)
                     && watched.running.load(Ordering::SeqCst) == 0
                     && last.elapsed() >= idle
                 {
@@ -177,6 +219,17 @@ fn serve_client(mut stream: UnixStream, shared: &Shared) {
         }
         Some("stop") => {
             let grace = request["grace_secs"].as_u64().unwrap_or(10).min(3600);
+            // The pool's keeper stops only what no `create` has taken; the
+            // flag it sets also keeps any `create` from taking it now.
+            if request["if_pooled"] == true
+                && (shared.pool.is_none() || shared.adopted.swap(true, Ordering::SeqCst))
+            {
+                reply(
+                    &mut stream,
+                    &json!({"ok": false, "error": "not a pool's waiting sandbox"}),
+                );
+                return;
+            }
             reply(&mut stream, &json!({"ok": true}));
             drop(stream);
             stop(shared, "stop", Duration::from_secs(grace));
@@ -199,10 +252,110 @@ fn serve_client(mut stream: UnixStream, shared: &Shared) {
                     "execs_running": shared.running.load(Ordering::SeqCst),
                     "execs": shared.execs.load(Ordering::SeqCst),
                     "last_used_unix": unix,
+                    "pool": shared.pool,
+                    "adopted": shared.adopted.load(Ordering::SeqCst),
                 }),
             );
         }
+        Some("adopt") => {
+            let answer = match adopt(shared, &request) {
+                Ok(()) => json!({"ok": true}),
+                Err(e) => json!({"ok": false, "error": e}),
+            };
+            reply(&mut stream, &answer);
+        }
         _ => reply(&mut stream, &json!({"ok": false, "error": "unknown op"})),
+    }
+}
+
+/// A `create` takes this pool's sandbox: see the module docs. Only one
+/// adoption ever succeeds; a failed one leaves the sandbox in its pool.
+fn adopt(shared: &Shared, request: &Value) -> Result<(), String> {
+    let Some(pool) = &shared.pool else {
+        return Err("this sandbox is not in a pool".into());
+    };
+    let name = request["name"]
+        .as_str()
+        .filter(|n| super::valid_name(n))
+        .ok_or("adopt needs a valid sandbox name")?;
+    let Some(config) = request["config"].as_object() else {
+        return Err("adopt needs the sandbox's config".into());
+    };
+    if !shared.ready.load(Ordering::SeqCst) || shared.stopping.load(Ordering::SeqCst) {
+        return Err("this pool's sandbox is not ready".into());
+    }
+    if shared.adopted.swap(true, Ordering::SeqCst) {
+        return Err("this pool's sandbox was already taken".into());
+    }
+    let from = current_dir().ok_or("the sandbox has no directory")?;
+    let to = Dir {
+        name: name.to_owned(),
+        path: shared.sandboxes.join(name),
+    };
+    let moved = rename_noreplace(&from.path, &to.path).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            format!("a sandbox named {name} already exists")
+        } else {
+            format!(
+                "cannot move {} to {}: {e}",
+                from.path.display(),
+                to.path.display()
+            )
+        }
+    });
+    if let Err(e) = moved {
+        shared.adopted.store(false, Ordering::SeqCst);
+        return Err(e);
+    }
+    let mut config = Value::Object(config.clone());
+    config["name"] = json!(name);
+    config["pool"] = json!({
+        "name": pool,
+        "booted_unix": shared.started_unix,
+        "member": from.name,
+    });
+    if let Err(e) = super::write_json(&to.config(), &config) {
+        // Back into the pool, as it was.
+        let _ = rename_noreplace(&to.path, &from.path);
+        shared.adopted.store(false, Ordering::SeqCst);
+        return Err(format!("cannot write {}: {e}", to.config().display()));
+    }
+    set_current_dir(to);
+    touch(shared);
+    shared.audit.record(
+        &SandboxAdopt {
+            name,
+            pool,
+            member: &from.name,
+            waited_ms: u64::try_from(shared.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        },
+        Durability::Synced,
+    );
+    Ok(())
+}
+
+/// rename(2) that never replaces `to` (`RENAME_NOREPLACE`).
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths that live across the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -644,6 +797,10 @@ mod tests {
             last_used: Mutex::new((Instant::now(), SystemTime::now())),
             ready: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
+            pool: None,
+            adopted: AtomicBool::new(true),
+            started_unix: 0,
+            sandboxes: std::env::temp_dir(),
         };
         (shared, memory)
     }
@@ -778,5 +935,76 @@ mod tests {
         let records = kinds(&memory);
         assert!(records.iter().all(|r| r["kind"] != kind::SANDBOX_EXEC_EXIT));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A pool's member in `root/pool/members/m-1`, served by `shared`.
+    fn pooled(root: &Path) -> (Shared, crate::audit::log::Memory, Dir) {
+        let member = Dir {
+            name: "m-1".into(),
+            path: root.join("pool/members/m-1"),
+        };
+        std::fs::create_dir_all(&member.path).expect("member dir");
+        std::fs::write(member.config(), "{}").expect("config");
+        let (mut shared, memory) = shared(root.join("vsock"), 1 << 20);
+        shared.pool = Some("p".into());
+        shared.adopted = AtomicBool::new(false);
+        shared.sandboxes = root.join("sandboxes");
+        std::fs::create_dir_all(&shared.sandboxes).expect("root");
+        set_current_dir(member.clone());
+        (shared, memory, member)
+    }
+
+    #[test]
+    fn a_pool_member_is_adopted_once_and_never_over_another_sandbox() {
+        let root = tmp("adopt");
+        let (shared, memory, member) = pooled(&root);
+        let ask = |name: &str| {
+            adopt(
+                &shared,
+                &json!({"op": "adopt", "name": name, "config": {"labels": {"a": "b"}}}),
+            )
+        };
+        // Not ready yet: refused, still in the pool.
+        shared.ready.store(false, Ordering::SeqCst);
+        assert!(ask("agent").expect_err("not ready").contains("not ready"));
+        shared.ready.store(true, Ordering::SeqCst);
+        // Bad requests.
+        assert!(ask("../x").is_err());
+        assert!(adopt(&shared, &json!({"op": "adopt", "name": "agent"})).is_err());
+        // An existing sandbox's name: refused, nothing moved.
+        std::fs::create_dir_all(shared.sandboxes.join("taken")).expect("taken");
+        let e = ask("taken").expect_err("exists");
+        assert_eq!(e, "a sandbox named taken already exists");
+        assert!(member.config().exists(), "still in the pool");
+        // Adopted: moved, config written with the pool recorded, audited.
+        ask("agent").expect("adopted");
+        assert!(!member.path.exists());
+        let moved = shared.sandboxes.join("agent");
+        let config: Value =
+            serde_json::from_slice(&std::fs::read(moved.join("config.json")).expect("config"))
+                .expect("json");
+        assert_eq!(config["name"], "agent");
+        assert_eq!(config["labels"]["a"], "b");
+        assert_eq!(config["pool"]["name"], "p");
+        assert_eq!(config["pool"]["member"], "m-1");
+        assert_eq!(current_dir().expect("dir").path, moved);
+        // Once only; and the keeper can no longer stop it as a pool's.
+        assert!(ask("again").expect_err("twice").contains("already taken"));
+        let (mut client, server) = UnixStream::pair().expect("pair");
+        client
+            .write_all(b"{\"op\":\"stop\",\"grace_secs\":0,\"if_pooled\":true}\n")
+            .expect("send");
+        serve_client(server, &shared);
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).expect("answer");
+        assert!(answer.contains("\"ok\":false"), "{answer}");
+        assert!(!shared.stopping.load(Ordering::SeqCst), "not stopped");
+        let adopts: Vec<Value> = kinds(&memory)
+            .into_iter()
+            .filter(|r| r["kind"] == "sandbox.adopt")
+            .collect();
+        assert_eq!(adopts.len(), 1, "{adopts:?}");
+        assert_eq!(adopts[0]["fields"]["name"], "agent");
+        assert_eq!(adopts[0]["fields"]["pool"], "p");
     }
 }
