@@ -10,7 +10,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::ptr;
 
-use airlock_protocol::machine::{BOOT_TIMER_ADDR, BOOT_TIMER_MAGIC};
+use airlock_protocol::machine::{
+    BOOT_TIMER_ADDR, BOOT_TIMER_MAGIC, SNAPSHOT_MAGIC, SNAPSHOT_OFFSET,
+};
 
 /// Length of the mapping: one x86-64 page.
 const PAGE_SIZE: usize = 4096;
@@ -27,6 +29,23 @@ pub enum Error {
 /// Writes [`BOOT_TIMER_MAGIC`] to the first byte of the page at
 /// [`BOOT_TIMER_ADDR`].
 pub fn mark() -> Result<(), Error> {
+    write_byte(0, BOOT_TIMER_MAGIC)?;
+    crate::console::debug("boot timer: marked");
+    Ok(())
+}
+
+/// Writes the snapshot mark: under a VMM asked for a snapshot, the guest
+/// stops inside this write, and a guest woken from that snapshot returns
+/// from it.
+pub fn snapshot_mark() -> Result<(), Error> {
+    write_byte(
+        usize::try_from(SNAPSHOT_OFFSET).unwrap_or(0),
+        SNAPSHOT_MAGIC,
+    )
+}
+
+/// Writes `value` at `offset` in the boot-timer page.
+fn write_byte(at: usize, value: u8) -> Result<(), Error> {
     let mem = OpenOptions::new()
         .read(true)
         .write(true)
@@ -52,12 +71,11 @@ pub fn mark() -> Result<(), Error> {
         return Err(Error::Map(io::Error::last_os_error()));
     }
     // SAFETY: `page` is the start of the live, writable PAGE_SIZE mapping
-    // made above and still mapped; byte 0 is inside it. Volatile because it
+    // made above and still mapped; the offset is clamped inside it. Volatile because it
     // is device memory: the store itself is the signal and must happen.
-    unsafe { ptr::write_volatile(page.cast::<u8>(), BOOT_TIMER_MAGIC) };
+    unsafe { ptr::write_volatile(page.cast::<u8>().add(at.min(PAGE_SIZE - 1)), value) };
     // SAFETY: unmaps exactly the mapping made above; no pointer into it is
     // used afterwards. A failure would only leak one page of address space.
     unsafe { libc::munmap(page, PAGE_SIZE) };
-    crate::console::debug("boot timer: marked");
     Ok(())
 }

@@ -40,6 +40,9 @@ pub struct Options {
     pub vm_root: bool,
     /// `airlock.epoch=SECS`: the host's wall clock at boot.
     pub epoch: Option<i64>,
+    /// `airlock.snapshot=1`: stop at the snapshot point (the boot timer's
+    /// snapshot mark) and, once woken, take the host's [`crate::wake`].
+    pub snapshot: bool,
     /// `airlock.model_max_body=BYTES` (`airlock run
     /// --model-max-request-bytes`): the in-guest model endpoint's body
     /// limit (capped at [`crate::model::MAX_BODY`] there).
@@ -59,6 +62,7 @@ impl Default for Options {
             nested: false,
             vm_root: false,
             epoch: None,
+            snapshot: false,
             model_max_body: None,
             host_ports: crate::egress::HostPorts::default(),
         }
@@ -85,6 +89,7 @@ impl Options {
                 "airlock.nested" => options.nested = parse_bool(value),
                 "airlock.vmroot" => options.vm_root = parse_bool(value),
                 "airlock.epoch" => options.epoch = value.and_then(|v| v.parse().ok()),
+                "airlock.snapshot" => options.snapshot = parse_bool(value),
                 "airlock.host_ports" => {
                     options.host_ports = crate::egress::HostPorts::parse(value.unwrap_or(""));
                 }

@@ -12,7 +12,9 @@
 //!    `airlock.vmroot=1`; in image mode sets the host name and brings up
 //!    `lo`;
 //! 3. writes the boot-timer mark ([`boottimer`]) for the benchmarks;
-//! 4. installs the SIGCHLD reaper ([`reaper`]) and prints
+//! 4. installs the SIGCHLD reaper ([`reaper`]); with `airlock.snapshot=1`
+//!    stops at the snapshot point and, woken, takes the host's time,
+//!    entropy and identity ([`wake`]); prints
 //!    [`airlock_protocol::INIT_READY_LINE`];
 //! 5. connects to the host over vsock and runs the control session
 //!    ([`rpc`]): handshake, run spec, the connections to the host's file
@@ -51,6 +53,7 @@ mod reaper;
 mod rpc;
 mod share;
 mod vsock;
+mod wake;
 
 use std::process::ExitCode;
 
@@ -63,6 +66,8 @@ enum Error {
     Reap(#[from] reaper::Error),
     #[error(transparent)]
     Rpc(#[from] rpc::Error),
+    #[error(transparent)]
+    Wake(#[from] wake::Error),
 }
 
 fn main() -> ExitCode {
@@ -122,6 +127,10 @@ fn run() -> Result<(), Error> {
         console::debug(&console::chain(&err));
     }
     let mut reaper = reaper::Reaper::install()?;
+    if options.snapshot {
+        // A snapshot is taken here; a woken guest goes on from here.
+        wake::snapshot_point()?;
+    }
     console::out(airlock_protocol::INIT_READY_LINE);
     let mode = container.then_some(image::Mode {
         nested: options.nested,

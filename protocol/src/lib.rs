@@ -125,6 +125,92 @@ pub const MOUNT_HELLO: [u8; 4] = *b"amnt";
 /// [`egress::Reply`], then the tunnel's bytes both ways.
 pub const EGRESS_PORT: u32 = 1030;
 
+/// Host port a guest woken from a snapshot connects to first (its kernel
+/// command line has `airlock.snapshot=1`): the host answers with one
+/// [`wake::Wake`] and closes. Every sibling woken from the same snapshot
+/// starts from the same memory; this is where each becomes itself.
+pub const WAKE_PORT: u32 = 1031;
+
+/// What the host tells a guest woken from a snapshot.
+pub mod wake {
+    /// The message's size on the wire.
+    pub const SIZE: usize = 64;
+    const MAGIC: [u8; 4] = *b"wake";
+
+    /// The current time, fresh entropy and the sandbox's own identity.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Wake {
+        /// The host's wall clock: seconds and nanoseconds since the epoch.
+        pub unix_secs: u64,
+        pub nanos: u32,
+        /// Mixed into the guest's random pool (which is then reseeded).
+        pub entropy: [u8; 32],
+        /// The sandbox's identity (random per sandbox).
+        pub sandbox_id: [u8; 16],
+    }
+
+    impl Wake {
+        /// `wake`, secs (u64 LE), nanos (u32 LE), entropy, id: 64 bytes.
+        pub fn encode(&self) -> [u8; SIZE] {
+            let mut out = [0u8; SIZE];
+            out[..4].copy_from_slice(&MAGIC);
+            out[4..12].copy_from_slice(&self.unix_secs.to_le_bytes());
+            out[12..16].copy_from_slice(&self.nanos.to_le_bytes());
+            out[16..48].copy_from_slice(&self.entropy);
+            out[48..64].copy_from_slice(&self.sandbox_id);
+            out
+        }
+
+        /// The message, if `bytes` is one (magic, nanoseconds below 10^9).
+        pub fn decode(bytes: &[u8; SIZE]) -> Option<Wake> {
+            if bytes[..4] != MAGIC {
+                return None;
+            }
+            let mut secs = [0u8; 8];
+            secs.copy_from_slice(&bytes[4..12]);
+            let mut nanos = [0u8; 4];
+            nanos.copy_from_slice(&bytes[12..16]);
+            let nanos = u32::from_le_bytes(nanos);
+            if nanos >= 1_000_000_000 {
+                return None;
+            }
+            let mut entropy = [0u8; 32];
+            entropy.copy_from_slice(&bytes[16..48]);
+            let mut sandbox_id = [0u8; 16];
+            sandbox_id.copy_from_slice(&bytes[48..64]);
+            Some(Wake {
+                unix_secs: u64::from_le_bytes(secs),
+                nanos,
+                entropy,
+                sandbox_id,
+            })
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_wake_round_trips_and_nothing_else_decodes() {
+            let w = Wake {
+                unix_secs: 1_800_000_000,
+                nanos: 999_999_999,
+                entropy: [7; 32],
+                sandbox_id: [9; 16],
+            };
+            let bytes = w.encode();
+            assert_eq!(Wake::decode(&bytes), Some(w));
+            let mut bad = bytes;
+            bad[0] = b'W';
+            assert_eq!(Wake::decode(&bad), None);
+            let mut bad = bytes;
+            bad[12..16].copy_from_slice(&1_000_000_000u32.to_le_bytes());
+            assert_eq!(Wake::decode(&bad), None);
+        }
+    }
+}
+
 /// Most exec connections the guest serves at once; it closes further ones
 /// at once.
 pub const MAX_EXECS: usize = 16;
@@ -144,4 +230,11 @@ pub mod machine {
     pub const BOOT_TIMER_ADDR: u64 = 0xd000_0000;
     /// The byte that marks "init reached".
     pub const BOOT_TIMER_MAGIC: u8 = 123;
+    /// Where in the boot-timer page the init writes [`SNAPSHOT_MAGIC`]
+    /// when the kernel command line has `airlock.snapshot=1`: the guest
+    /// is at its snapshot point (the VMM pauses it there and writes the
+    /// snapshot; a restored guest goes on from the next instruction).
+    pub const SNAPSHOT_OFFSET: u64 = 8;
+    /// The snapshot mark.
+    pub const SNAPSHOT_MAGIC: u8 = 0x5a;
 }

@@ -36,6 +36,7 @@ pub mod devices;
 pub mod jail;
 pub mod memory;
 pub mod seccomp;
+pub mod snapshot;
 pub mod tiny_guest;
 pub mod vcpu;
 pub mod vmm;

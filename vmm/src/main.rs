@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use airlock_vmm::config::{Console, DiskConfig, VmConfig, VsockConfig, MAX_MEM_MIB, MIN_MEM_MIB};
-use airlock_vmm::vmm::{Hardening, Outcome, Vmm};
-use airlock_vmm::{jail, seccomp};
+use airlock_vmm::vmm::{Hardening, Outcome, SnapshotFiles, Vmm};
+use airlock_vmm::{jail, seccomp, snapshot};
 use clap::Parser;
 
 /// Boot an Airlock microVM on KVM.
@@ -16,9 +16,11 @@ use clap::Parser;
 /// powers off. Airlock's broker (`airlock run`) normally starts this for you.
 ///
 /// Exit status: 0 the guest stopped cleanly (reset, triple fault or power
-/// off); 1 the VM failed (KVM error: the message shows the exit reason, RIP
-/// and the instruction bytes); 2 bad input (missing or non-ELF kernel, bad
-/// sizes, no access to /dev/kvm).
+/// off), or the snapshot was written (`--snapshot-to`); 1 the VM failed (KVM
+/// error: the message shows the exit reason, RIP and the instruction bytes);
+/// 2 bad input (missing or non-ELF kernel, bad sizes, no access to
+/// /dev/kvm); 3 the `--restore` snapshot is damaged or of another VMM
+/// build, kernel, CPU or machine shape (nothing ran: boot cold instead).
 #[derive(Debug, Parser)]
 #[command(name = "airlock-vmm", version, about, long_about)]
 struct Cli {
@@ -79,6 +81,51 @@ struct Cli {
     /// this file (created mode 0600, or truncated).
     #[arg(long, value_name = "PATH", hide = true)]
     dump_memory: Option<PathBuf>,
+    /// Boot, and when the guest's init reaches its snapshot point (it
+    /// writes the snapshot mark: `airlock.snapshot=1` on its command line)
+    /// write a snapshot into DIR (`state` and `memory`, created mode 0600)
+    /// and stop.
+    #[arg(long, value_name = "DIR", conflicts_with = "restore")]
+    snapshot_to: Option<PathBuf>,
+    /// Do not boot: wake the guest from the snapshot in DIR (made by this
+    /// airlock-vmm build with the same kernel, memory, vCPUs and disks;
+    /// the console, vsock socket and disk paths are this run's). Its memory
+    /// is mapped copy-on-write: VMs woken from one snapshot share the pages
+    /// none of them wrote.
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
+}
+
+/// The snapshot files to write, opened before the jail.
+fn open_snapshot_target(dir: &std::path::Path) -> std::io::Result<SnapshotFiles> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |name: &str| {
+        let path = dir.join(name);
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))
+            })
+    };
+    Ok(SnapshotFiles {
+        state: open(snapshot::STATE_FILE)?,
+        memory: open(snapshot::MEMORY_FILE)?,
+    })
+}
+
+/// A snapshot's files, for reading.
+fn open_snapshot(dir: &std::path::Path) -> Result<(std::fs::File, std::fs::File), snapshot::Error> {
+    let open = |name: &str| {
+        std::fs::File::open(dir.join(name)).map_err(|e| {
+            snapshot::Error::Corrupt(format!("cannot open {}: {e}", dir.join(name).display()))
+        })
+    };
+    Ok((open(snapshot::STATE_FILE)?, open(snapshot::MEMORY_FILE)?))
 }
 
 /// Opens the `--dump-memory` file: before the jail, which leaves no file
@@ -141,6 +188,17 @@ impl From<Cli> for VmConfig {
 /// with the seccomp filters (unless `--no-seccomp`).
 fn build_and_run(cli: Cli, start: Instant) -> Result<Outcome, Box<dyn std::error::Error>> {
     let dump = cli.dump_memory.as_deref().map(open_dump).transpose()?;
+    let snapshot_target = cli
+        .snapshot_to
+        .as_deref()
+        .map(open_snapshot_target)
+        .transpose()?;
+    let snapshot_source = cli
+        .restore
+        .as_deref()
+        .map(open_snapshot)
+        .transpose()
+        .map_err(airlock_vmm::vmm::Error::from)?;
     // Single-threaded here: the namespaces (a user namespace needs it) and
     // the fork into the new PID namespace come before anything else.
     let jail = if cli.no_jail {
@@ -154,12 +212,29 @@ fn build_and_run(cli: Cli, start: Instant) -> Result<Outcome, Box<dyn std::error
         None
     } else {
         seccomp::install_sigsys_handler()?;
-        Some(seccomp::Filters::new()?)
+        Some(if snapshot_target.is_some() {
+            seccomp::Filters::for_snapshot()?
+        } else {
+            seccomp::Filters::new()?
+        })
     };
     let test_forbidden_syscall = cli.test_forbidden_syscall.map(Duration::from_secs);
     let report = cli.test_report_jail;
     let config = VmConfig::from(cli);
-    let vmm = Vmm::new(&config, start)?;
+    let mut vmm = match snapshot_source {
+        None => Vmm::new(&config, start)?,
+        Some((mut state, memory)) => {
+            let vmm = Vmm::restore(&config, start, &mut state, memory)?;
+            eprintln!(
+                "airlock-vmm: restored from the snapshot in {:.1} ms",
+                start.elapsed().as_secs_f64() * 1e3
+            );
+            vmm
+        }
+    };
+    if let Some(files) = snapshot_target {
+        vmm.snapshot_to(&config, files)?;
+    }
     if let Some(jail) = &jail {
         let socket_dir = config.vsock.as_ref().and_then(|v| v.uds.parent());
         let socket_dir = socket_dir.filter(|d| !d.as_os_str().is_empty());
@@ -186,6 +261,14 @@ fn main() -> ExitCode {
     let start = Instant::now();
     let outcome = build_and_run(Cli::parse(), start);
     match outcome {
+        Ok(outcome) if outcome.snapshot.is_some() => {
+            eprintln!(
+                "airlock-vmm: snapshot written ({} MiB of memory) after {:.1} ms",
+                outcome.snapshot.unwrap_or(0) >> 20,
+                outcome.total.as_secs_f64() * 1e3
+            );
+            ExitCode::SUCCESS
+        }
         Ok(outcome) if outcome.stop.is_clean() => {
             if let Some((refused, malformed)) = outcome.vsock_rejects.filter(|r| *r != (0, 0)) {
                 eprintln!("airlock-vmm: vsock: refused {refused} packets, {malformed} malformed buffers from the guest");
@@ -210,10 +293,18 @@ fn main() -> ExitCode {
                 source = s.source();
             }
             eprintln!("airlock-vmm: error: {msg}");
-            let bad_input = e
-                .downcast_ref::<airlock_vmm::vmm::Error>()
-                .is_some_and(airlock_vmm::vmm::Error::is_bad_input);
-            ExitCode::from(if bad_input { 2 } else { 1 })
+            let vmm_error = e.downcast_ref::<airlock_vmm::vmm::Error>();
+            let unusable = vmm_error.is_some_and(
+                |e| matches!(e, airlock_vmm::vmm::Error::Snapshot(s) if s.is_unusable_snapshot()),
+            );
+            let bad_input = vmm_error.is_some_and(airlock_vmm::vmm::Error::is_bad_input);
+            ExitCode::from(if unusable {
+                3
+            } else if bad_input {
+                2
+            } else {
+                1
+            })
         }
     }
 }

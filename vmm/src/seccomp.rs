@@ -64,6 +64,28 @@ pub const KVM_GET_REGS: u64 = ior(0x81, std::mem::size_of::<kvm_regs>());
 /// `KVM_GET_SREGS` (the failure report's page-table walk).
 pub const KVM_GET_SREGS: u64 = ior(0x83, std::mem::size_of::<kvm_sregs>());
 
+const IOC_READ_WRITE: u64 = 3;
+const fn iowr(nr: u64, size: usize) -> u64 {
+    (IOC_READ_WRITE << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
+}
+/// What a snapshot reads of the VM (the VMM thread) ...
+const SNAPSHOT_VM_IOCTLS: [u64; 3] = [
+    iowr(0x62, std::mem::size_of::<kvm_bindings::kvm_irqchip>()), // KVM_GET_IRQCHIP
+    ior(0x7c, std::mem::size_of::<kvm_bindings::kvm_clock_data>()), // KVM_GET_CLOCK
+    ior(0x9f, std::mem::size_of::<kvm_bindings::kvm_pit_state2>()), // KVM_GET_PIT2
+];
+/// ... and of each vCPU (its own thread).
+const SNAPSHOT_VCPU_IOCTLS: [u64; 8] = [
+    iowr(0x88, std::mem::size_of::<kvm_bindings::kvm_msrs>()), // KVM_GET_MSRS
+    ior(0x8e, std::mem::size_of::<kvm_bindings::kvm_lapic_state>()), // KVM_GET_LAPIC
+    ior(0x98, std::mem::size_of::<kvm_bindings::kvm_mp_state>()), // KVM_GET_MP_STATE
+    ior(0x9f, std::mem::size_of::<kvm_bindings::kvm_vcpu_events>()), // KVM_GET_VCPU_EVENTS
+    ior(0xa1, std::mem::size_of::<kvm_bindings::kvm_debugregs>()), // KVM_GET_DEBUGREGS
+    ior(0xa4, std::mem::size_of::<kvm_bindings::kvm_xsave>()), // KVM_GET_XSAVE
+    ior(0xa6, std::mem::size_of::<kvm_bindings::kvm_xcrs>()),  // KVM_GET_XCRS
+    io(0xa3),                                                  // KVM_GET_TSC_KHZ
+];
+
 /// The compiled filters, one per kind of thread.
 #[derive(Debug, Clone)]
 pub struct Filters {
@@ -80,6 +102,27 @@ impl Filters {
         Ok(Self {
             vmm: compile(vmm_rules()?)?,
             vcpu: compile(vcpu_rules()?)?,
+        })
+    }
+
+    /// The filters of a VM that writes a snapshot when its guest reaches
+    /// the snapshot point (`--snapshot-to`): the same lists, plus the KVM
+    /// ioctls that read the VM's and the vCPUs' state, and seeking and
+    /// sizing the (already open) snapshot files on the VMM thread.
+    pub fn for_snapshot() -> Result<Self, Error> {
+        let mut vmm = vmm_rules()?;
+        let mut vm_ioctls = vec![libc::FIONBIO];
+        vm_ioctls.extend(SNAPSHOT_VM_IOCTLS);
+        vmm.insert(libc::SYS_ioctl, ioctls(&vm_ioctls)?);
+        vmm.insert(libc::SYS_lseek, Vec::new());
+        vmm.insert(libc::SYS_ftruncate, Vec::new());
+        let mut vcpu = vcpu_rules()?;
+        let mut vcpu_ioctls = vec![KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS];
+        vcpu_ioctls.extend(SNAPSHOT_VCPU_IOCTLS);
+        vcpu.insert(libc::SYS_ioctl, ioctls(&vcpu_ioctls)?);
+        Ok(Self {
+            vmm: compile(vmm)?,
+            vcpu: compile(vcpu)?,
         })
     }
 }
@@ -437,6 +480,26 @@ mod tests {
         assert_eq!(KVM_RUN, 0xae80);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
+    }
+
+    #[test]
+    fn snapshot_ioctl_numbers_match_the_kernel_headers() {
+        // From <linux/kvm.h> on x86_64.
+        assert_eq!(SNAPSHOT_VM_IOCTLS, [0xc208_ae62, 0x8030_ae7c, 0x8070_ae9f]);
+        assert_eq!(
+            SNAPSHOT_VCPU_IOCTLS,
+            [
+                0xc008_ae88,
+                0x8400_ae8e,
+                0x8004_ae98,
+                0x8040_ae9f,
+                0x8080_aea1,
+                0x9000_aea4,
+                0x8188_aea6,
+                0xaea3
+            ]
+        );
+        Filters::for_snapshot().expect("snapshot filters");
     }
 
     #[test]

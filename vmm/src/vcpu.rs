@@ -7,11 +7,13 @@
 //! return `EINTR`.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_sregs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_msr_entry, kvm_sregs, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -19,6 +21,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::{cpuid, regs, walk};
 use crate::devices::bus::Bus;
 use crate::memory::GuestMemoryMmap;
+use crate::snapshot::{self, VcpuState};
+
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 /// Errors configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +59,9 @@ pub enum Stop {
     PowerOff,
     /// The VMM asked this vCPU to stop.
     Requested,
+    /// The guest reached the snapshot point: the VMM writes the snapshot
+    /// and stops the VM.
+    Snapshot,
     /// KVM could not run the guest any further.
     Failed(String),
 }
@@ -71,6 +80,7 @@ impl fmt::Display for Stop {
             Stop::TripleFault => f.write_str("guest reset the machine (triple fault)"),
             Stop::PowerOff => f.write_str("guest powered off"),
             Stop::Requested => f.write_str("stopped by the VMM"),
+            Stop::Snapshot => f.write_str("stopped at the snapshot point"),
             Stop::Failed(why) => f.write_str(why),
         }
     }
@@ -96,6 +106,15 @@ pub fn install_kick_handler() -> std::io::Result<()> {
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
+/// What a vCPU needs to take part in a snapshot: the flag that says
+/// "pause now" (set by the boot timer's snapshot mark) and where its state
+/// goes.
+#[derive(Debug, Clone)]
+pub struct SnapshotHook {
+    pub flag: Arc<AtomicBool>,
+    pub states: Sender<(u8, Result<VcpuState, String>)>,
+}
+
 /// A configured vCPU, ready to run on its thread.
 pub struct Vcpu {
     id: u8,
@@ -103,6 +122,11 @@ pub struct Vcpu {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     mem: GuestMemoryMmap,
+    /// The MSRs KVM saves and restores (`KVM_GET_MSR_INDEX_LIST`).
+    msr_list: Vec<u32>,
+    /// The CPUID entries set, as bytes (a snapshot's identity).
+    cpuid_bytes: Vec<u8>,
+    snapshot: Option<SnapshotHook>,
 }
 
 impl fmt::Debug for Vcpu {
@@ -127,14 +151,8 @@ impl Vcpu {
         mem: GuestMemoryMmap,
     ) -> Result<Self, Error> {
         let cfg = |what| move |source| Error::Configure { id, what, source };
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(|e| Error::Create(id, e))?;
-        let mut cpuid = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(cfg("KVM_GET_SUPPORTED_CPUID"))?;
-        cpuid::normalize(cpuid.as_mut_slice(), id, count);
-        fd.set_cpuid2(&cpuid).map_err(cfg("KVM_SET_CPUID2"))?;
+        let vcpu = Self::create(kvm, vm, id, count, pio, mmio, mem)?;
+        let fd = &vcpu.fd;
         let msrs = regs::boot_msrs().map_err(Error::Regs)?;
         fd.set_msrs(&msrs).map_err(cfg("KVM_SET_MSRS"))?;
         fd.set_fpu(&regs::fpu()).map_err(cfg("KVM_SET_FPU"))?;
@@ -148,13 +166,181 @@ impl Vcpu {
             fd.set_regs(&regs::pvh_regs(entry))
                 .map_err(cfg("KVM_SET_REGS"))?;
         }
+        Ok(vcpu)
+    }
+
+    /// Creates vCPU `id` of `count` with its CPUID set and nothing else:
+    /// a restore sets the rest from a snapshot ([`Vcpu::restore_state`]).
+    pub fn create(
+        kvm: &Kvm,
+        vm: &VmFd,
+        id: u8,
+        count: u8,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        mem: GuestMemoryMmap,
+    ) -> Result<Self, Error> {
+        let cfg = |what| move |source| Error::Configure { id, what, source };
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|e| Error::Create(id, e))?;
+        let mut cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(cfg("KVM_GET_SUPPORTED_CPUID"))?;
+        cpuid::normalize(cpuid.as_mut_slice(), id, count);
+        fd.set_cpuid2(&cpuid).map_err(cfg("KVM_SET_CPUID2"))?;
+        let cpuid_bytes = cpuid
+            .as_slice()
+            .iter()
+            .flat_map(|e| zerocopy::IntoBytes::as_bytes(e).to_vec())
+            .collect();
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map_err(cfg("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec();
         Ok(Self {
             id,
             fd,
             pio,
             mmio,
             mem,
+            msr_list,
+            cpuid_bytes,
+            snapshot: None,
         })
+    }
+
+    /// The CPUID entries this vCPU was given, as bytes.
+    pub fn cpuid_bytes(&self) -> &[u8] {
+        &self.cpuid_bytes
+    }
+
+    /// Takes part in snapshots through `hook`.
+    pub fn set_snapshot_hook(&mut self, hook: SnapshotHook) {
+        self.snapshot = Some(hook);
+    }
+
+    /// Saves this vCPU's state. Called on its own thread out of `KVM_RUN`:
+    /// first a `KVM_RUN` with `immediate_exit` set completes what the last
+    /// exit left pending (an MMIO or port access), so the state is between
+    /// two instructions.
+    pub fn save_state(&mut self) -> Result<VcpuState, snapshot::Error> {
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match completed {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => return Err(snapshot::Error::Kvm("complete the last exit", e)),
+            Ok(()) => {}
+        }
+        let kvm = |what| move |e| snapshot::Error::Kvm(what, e);
+        let mp_state = self.fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?;
+        let regs = self.fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+        let sregs = self.fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+        let xsave = self.fd.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?;
+        let xcrs = self.fd.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?;
+        let debugregs = self.fd.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?;
+        let lapic = self.fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
+        let msrs = self.read_msrs()?;
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(kvm("KVM_GET_VCPU_EVENTS"))?;
+        let tsc_khz = self.fd.get_tsc_khz().unwrap_or(0);
+        Ok(VcpuState {
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debugregs,
+            lapic,
+            mp_state,
+            events,
+            msrs,
+            tsc_khz,
+        })
+    }
+
+    /// Every MSR of the index list that KVM can read (some on the list
+    /// are not readable on every CPU: those are left out).
+    fn read_msrs(&self) -> Result<Vec<kvm_msr_entry>, snapshot::Error> {
+        let mut wanted: Vec<u32> = self.msr_list.clone();
+        let mut out = Vec::with_capacity(wanted.len());
+        while !wanted.is_empty() {
+            let entries: Vec<kvm_msr_entry> = wanted
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries)
+                .map_err(|_| snapshot::Error::NotQuiescent("too many MSRs".into()))?;
+            let read = self
+                .fd
+                .get_msrs(&mut msrs)
+                .map_err(|e| snapshot::Error::Kvm("KVM_GET_MSRS", e))?;
+            out.extend_from_slice(msrs.as_slice().get(..read).unwrap_or_default());
+            // KVM stops at the first MSR it cannot read: skip it.
+            wanted.drain(..(read + 1).min(wanted.len()));
+        }
+        Ok(out)
+    }
+
+    /// Sets this vCPU's state from a snapshot, in the order KVM needs
+    /// (the TSC before the TSC deadline, the LAPIC before the MSRs,
+    /// events last).
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), snapshot::Error> {
+        let kvm = |what| move |e| snapshot::Error::Kvm(what, e);
+        if state.tsc_khz != 0 && self.fd.get_tsc_khz().is_ok_and(|k| k != state.tsc_khz) {
+            // Best effort: a host that cannot scale keeps its own rate.
+            let _ = self.fd.set_tsc_khz(state.tsc_khz);
+        }
+        self.fd
+            .set_mp_state(state.mp_state)
+            .map_err(kvm("KVM_SET_MP_STATE"))?;
+        self.fd.set_regs(&state.regs).map_err(kvm("KVM_SET_REGS"))?;
+        self.fd
+            .set_sregs(&state.sregs)
+            .map_err(kvm("KVM_SET_SREGS"))?;
+        // SAFETY: the buffer is a whole kvm_xsave read back from a
+        // snapshot made by this VMM build on a CPU with the same CPUID
+        // (checked before), so its size matches what KVM expects.
+        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
+        self.fd.set_xcrs(&state.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+        self.fd
+            .set_debug_regs(&state.debugregs)
+            .map_err(kvm("KVM_SET_DEBUGREGS"))?;
+        self.fd
+            .set_lapic(&state.lapic)
+            .map_err(kvm("KVM_SET_LAPIC"))?;
+        let mut entries = state.msrs.clone();
+        // The TSC first, the deadline (relative to it) last.
+        entries.sort_by_key(|m| match m.index {
+            MSR_IA32_TSC => 0,
+            MSR_IA32_TSC_DEADLINE => 2,
+            _ => 1,
+        });
+        let mut left: &[kvm_msr_entry] = &entries;
+        while !left.is_empty() {
+            let msrs = Msrs::from_entries(left)
+                .map_err(|_| snapshot::Error::Corrupt("too many MSRs".into()))?;
+            let set = self.fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+            if set < left.len() {
+                if let Some(m) = left.get(set) {
+                    eprintln!(
+                        "airlock-vmm: restore: vCPU {}: MSR {:#x} not restored (KVM refused it)",
+                        self.id, m.index
+                    );
+                }
+            }
+            left = left.get(set + 1..).unwrap_or_default();
+        }
+        self.fd
+            .set_vcpu_events(&state.events)
+            .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
     }
 
     /// This vCPU's index.
@@ -177,11 +363,28 @@ impl Vcpu {
         let _ = exit_evt.write(1);
     }
 
+    /// Whether a snapshot was asked for: then the state is saved and sent,
+    /// and the thread ends (the VMM exits once the snapshot is written).
+    fn snapshot_now(&mut self) -> bool {
+        let Some(hook) = self.snapshot.clone() else {
+            return false;
+        };
+        if !hook.flag.load(Ordering::SeqCst) {
+            return false;
+        }
+        let state = self.save_state().map_err(|e| e.to_string());
+        let _ = hook.states.send((self.id, state));
+        true
+    }
+
     fn run_until_stop(&mut self, requests: &Receiver<Request>) -> Stop {
         loop {
             match requests.try_recv() {
                 Ok(Request::Stop) | Err(TryRecvError::Disconnected) => return Stop::Requested,
                 Err(TryRecvError::Empty) => {}
+            }
+            if self.snapshot_now() {
+                return Stop::Requested;
             }
             let exit = match self.fd.run() {
                 Ok(exit) => exit,

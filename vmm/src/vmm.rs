@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -34,7 +35,9 @@ use crate::devices::virtio::IrqLine;
 use crate::devices::EventFdTrigger;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::seccomp;
-use crate::vcpu::{self, Request, Stop, Vcpu};
+use crate::snapshot::{self, Identity, Snapshot, VcpuState};
+use crate::vcpu::{self, Request, SnapshotHook, Stop, Vcpu};
+use sha2::{Digest, Sha256};
 
 /// The KVM API version this VMM speaks.
 const KVM_API_VERSION: i32 = 12;
@@ -114,6 +117,9 @@ pub enum Error {
     /// The event loop failed.
     #[error("event loop failed: {0:?}")]
     EventLoop(event_manager::Error),
+    /// Making or loading a snapshot.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
 }
 
 impl Error {
@@ -143,6 +149,24 @@ pub struct Outcome {
     /// vsock packets refused (resets) and malformed chains, if a vsock
     /// device was present.
     pub vsock_rejects: Option<(u64, u64)>,
+    /// With `--snapshot-to`: the snapshot was written (the memory file's
+    /// size), and the VM stopped there.
+    pub snapshot: Option<u64>,
+}
+
+/// Where a snapshot goes: its two files, opened before the jail.
+#[derive(Debug)]
+pub struct SnapshotFiles {
+    pub state: File,
+    pub memory: File,
+}
+
+/// A VM waiting for its guest's snapshot mark.
+struct SnapshotTarget {
+    files: SnapshotFiles,
+    flag: Arc<AtomicBool>,
+    evt: EventFd,
+    states: Receiver<(u8, Result<VcpuState, String>)>,
 }
 
 /// A VM ready to run. Field order is drop order: vCPUs and the VM fd go
@@ -156,8 +180,12 @@ pub struct Vmm {
     boot_timer: Arc<Mutex<BootTimer>>,
     vsock: Option<Arc<Mutex<Vsock>>>,
     disks: Vec<Arc<Mutex<Block>>>,
+    /// In slot order (disks, then vsock).
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
     reset_evt: EventFd,
     start: Instant,
+    identity: Identity,
+    snapshot: Option<SnapshotTarget>,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -200,6 +228,30 @@ impl Vmm {
     /// Builds the VM: KVM → memory → kernel, initrd, boot structures →
     /// devices → vCPUs. `start` is when the VMM started (for the boot timer).
     pub fn new(config: &VmConfig, start: Instant) -> Result<Self, Error> {
+        Self::build(config, start, None)
+    }
+
+    /// Builds the VM from a snapshot (`state` and `memory`, its two
+    /// files) instead of booting: the guest goes on from where the
+    /// snapshot was taken. `config` must describe the same machine (the
+    /// snapshot's identity is checked against it before anything of the
+    /// snapshot is used); the console, the vsock socket and the disks'
+    /// paths are this VM's own.
+    pub fn restore(
+        config: &VmConfig,
+        start: Instant,
+        state: &mut File,
+        memory: File,
+    ) -> Result<Self, Error> {
+        let snap = Snapshot::read_state(state)?;
+        Self::build(config, start, Some((snap, memory)))
+    }
+
+    fn build(
+        config: &VmConfig,
+        start: Instant,
+        restore: Option<(Snapshot, File)>,
+    ) -> Result<Self, Error> {
         config.validate()?;
         let kvm = open_kvm()?;
         let vm = kvm
@@ -216,13 +268,55 @@ impl Vmm {
         vm.create_pit2(pit)
             .map_err(|e| Error::Kvm("create the in-kernel PIT", e))?;
 
-        let mem = memory::create(config.mem_bytes())?;
+        // The digests cost a read of the VMM and of the kernel's headers:
+        // only for a restore here, and for a snapshot in `snapshot_to`.
+        let (vmm_digest, kernel_digest) = if restore.is_some() {
+            vmm_and_kernel(config)?
+        } else {
+            ([0; 32], [0; 32])
+        };
+        let mut identity = Identity {
+            vmm: vmm_digest,
+            kernel: kernel_digest,
+            cpuid: [0; 32],
+            mem_bytes: config.mem_bytes(),
+            cpus: config.cpus,
+            disks: config
+                .disks
+                .iter()
+                .map(|d| {
+                    std::fs::metadata(&d.path)
+                        .map(|m| (d.read_only, m.len()))
+                        .map_err(|source| Error::Disk {
+                            path: d.path.clone(),
+                            source,
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+            vsock_cid: config.vsock.as_ref().map(|v| u64::from(v.cid)),
+            cmdline: String::new(),
+        };
+        let (mem, restore) = match restore {
+            None => (memory::create(config.mem_bytes())?, None),
+            Some((snap, file)) => {
+                // Everything but the CPUID (known once the vCPUs exist).
+                let mut theirs = snap.identity.clone();
+                theirs.cpuid = identity.cpuid;
+                theirs.check(&identity)?;
+                (snapshot::map_memory(file, &snap)?, Some(snap))
+            }
+        };
         memory::register(&vm, &mem)?;
 
-        let kernel = boot::load_kernel(&mem, &config.kernel)?;
-        let initrd = match &config.initrd {
-            Some(path) => Some(boot::load_initrd(&mem, path, &kernel)?),
-            None => None,
+        let (kernel_entry, initrd) = if restore.is_some() {
+            (0, None)
+        } else {
+            let kernel = boot::load_kernel(&mem, &config.kernel)?;
+            let initrd = match &config.initrd {
+                Some(path) => Some(boot::load_initrd(&mem, path, &kernel)?),
+                None => None,
+            };
+            (kernel.entry.0, initrd)
         };
         // virtio-mmio slots: the disks first (vda, vdb, ... in order), then vsock.
         let slots: Vec<(u64, u32)> = (0..config.disks.len() + usize::from(config.vsock.is_some()))
@@ -235,25 +329,40 @@ impl Vmm {
             })
             .collect();
         let cmdline = boot::build_cmdline(&slots, &config.extra_cmdline)?;
-        boot::write_pvh_boot_info(&mem, &cmdline, initrd)?;
-        mptable::write(&mem, config.cpus)?;
-        regs::write_gdt(&mem)?;
+        identity.cmdline = cmdline
+            .as_cstring()
+            .map_or_else(|_| String::new(), |c| c.to_string_lossy().into_owned());
+        if restore.is_none() {
+            boot::write_pvh_boot_info(&mem, &cmdline, initrd)?;
+            mptable::write(&mem, config.cpus)?;
+            regs::write_gdt(&mem)?;
+        }
 
         let eventfd = |what| EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Io(what, e));
         let serial_irq = eventfd("create the serial irqfd")?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(|e| Error::Kvm("register the serial irqfd", e))?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            EventFdTrigger(serial_irq),
-            console_sink(&config.console)?,
-        )));
+        let serial = match &restore {
+            None => SerialDevice::new(EventFdTrigger(serial_irq), console_sink(&config.console)?),
+            Some(snap) => SerialDevice::from_regs(
+                EventFdTrigger(serial_irq),
+                console_sink(&config.console)?,
+                &snap.devices.serial,
+            )
+            .ok_or_else(|| snapshot::Error::Corrupt("the serial port's state".into()))?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
         let reset_evt = eventfd("create the reset eventfd")?;
         let i8042 = I8042::new(EventFdTrigger(
             reset_evt
                 .try_clone()
                 .map_err(|e| Error::Io("clone the reset eventfd", e))?,
         ));
-        let boot_timer = Arc::new(Mutex::new(BootTimer::new(start)));
+        let mut timer = BootTimer::new(start);
+        if let Some(snap) = &restore {
+            timer.set_reached(snap.devices.boot_timer_reached);
+        }
+        let boot_timer = Arc::new(Mutex::new(timer));
         let mut pio = Bus::default();
         pio.insert(u64::from(SERIAL_PORT), 8, serial.clone())?;
         pio.insert(u64::from(I8042_DATA_PORT), 5, Arc::new(Mutex::new(i8042)))?;
@@ -261,6 +370,7 @@ impl Vmm {
         mmio.insert(BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, boot_timer.clone())?;
         let mut slot = slots.iter().copied();
         let mut disks = Vec::new();
+        let mut transports = Vec::new();
         for (disk, (base, irq)) in config.disks.iter().zip(slot.by_ref()) {
             let (irq_line, evts, clones) = attach_virtio(&vm, base, irq, 1)?;
             let evt = evts.into_iter().next().ok_or_else(|| {
@@ -279,7 +389,9 @@ impl Vmm {
             })?;
             let device = Arc::new(Mutex::new(device));
             let transport = MmioTransport::new(device.clone(), mem.clone(), irq_line, clones);
-            mmio.insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+            let transport = Arc::new(Mutex::new(transport));
+            mmio.insert(base, VIRTIO_MMIO_SIZE, transport.clone())?;
+            transports.push(transport);
             disks.push(device);
         }
         let vsock = match (&config.vsock, slot.next()) {
@@ -293,7 +405,9 @@ impl Vmm {
                     evts,
                 )?));
                 let transport = MmioTransport::new(device.clone(), mem.clone(), irq_line, clones);
-                mmio.insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+                let transport = Arc::new(Mutex::new(transport));
+                mmio.insert(base, VIRTIO_MMIO_SIZE, transport.clone())?;
+                transports.push(transport);
                 Some(device)
             }
             _ => None,
@@ -301,19 +415,58 @@ impl Vmm {
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
         let vcpus = (0..config.cpus)
-            .map(|id| {
-                Vcpu::new(
+            .map(|id| match &restore {
+                None => Vcpu::new(
                     &kvm,
                     &vm,
                     id,
                     config.cpus,
-                    kernel.entry.0,
+                    kernel_entry,
                     pio.clone(),
                     mmio.clone(),
                     mem.clone(),
-                )
+                ),
+                Some(_) => Vcpu::create(
+                    &kvm,
+                    &vm,
+                    id,
+                    config.cpus,
+                    pio.clone(),
+                    mmio.clone(),
+                    mem.clone(),
+                ),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let mut cpuid = Sha256::new();
+        for vcpu in &vcpus {
+            cpuid.update(vcpu.cpuid_bytes());
+        }
+        identity.cpuid = cpuid.finalize().into();
+
+        if let Some(snap) = &restore {
+            if snap.identity.cpuid != identity.cpuid {
+                return Err(snapshot::Error::Mismatch(
+                    "it was made on a CPU with other features (CPUID)".into(),
+                )
+                .into());
+            }
+            if snap.devices.transports.len() != transports.len() {
+                return Err(
+                    snapshot::Error::Mismatch("its devices differ from this VM's".into()).into(),
+                );
+            }
+            restore_vm_state(&vm, &snap.vm)?;
+            for (vcpu, state) in vcpus.iter().zip(&snap.vcpus) {
+                vcpu.restore_state(state)?;
+            }
+            for (transport, state) in transports.iter().zip(&snap.devices.transports) {
+                transport
+                    .lock()
+                    .map_err(|_| snapshot::Error::Corrupt("a device lock".into()))?
+                    .restore(state)
+                    .map_err(snapshot::Error::Mismatch)?;
+            }
+        }
 
         Ok(Self {
             vcpus,
@@ -324,9 +477,48 @@ impl Vmm {
             boot_timer,
             vsock,
             disks,
+            transports,
             reset_evt,
             start,
+            identity,
+            snapshot: None,
         })
+    }
+
+    /// Writes a snapshot to `files` when the guest's init writes the
+    /// snapshot mark, then stops the VM (see [`crate::snapshot`]).
+    pub fn snapshot_to(&mut self, config: &VmConfig, files: SnapshotFiles) -> Result<(), Error> {
+        (self.identity.vmm, self.identity.kernel) = vmm_and_kernel(config)?;
+        let flag = Arc::new(AtomicBool::new(false));
+        let evt =
+            EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Io("create the snapshot eventfd", e))?;
+        let (tx, states) = mpsc::channel();
+        for vcpu in &mut self.vcpus {
+            vcpu.set_snapshot_hook(SnapshotHook {
+                flag: flag.clone(),
+                states: tx.clone(),
+            });
+        }
+        self.boot_timer
+            .lock()
+            .map_err(|_| Error::Io("lock the boot timer", io::ErrorKind::Other.into()))?
+            .on_snapshot_mark(
+                flag.clone(),
+                evt.try_clone()
+                    .map_err(|e| Error::Io("clone the snapshot eventfd", e))?,
+            );
+        self.snapshot = Some(SnapshotTarget {
+            files,
+            flag,
+            evt,
+            states,
+        });
+        Ok(())
+    }
+
+    /// What this VM is, as a snapshot of it would record.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
     }
 
     /// The guest's memory (for tests that inspect what the guest sees).
@@ -387,11 +579,22 @@ impl Vmm {
         let result = self
             .harden_this_thread(&hardening)
             .and_then(|()| self.event_loop(exit_evt, exit_rx, hardening.test_forbidden_syscall));
-        stop_vcpus(threads);
+        let snapshot = match (&result, self.snapshot.take()) {
+            (Ok(Stop::Snapshot), Some(target)) => {
+                let states = collect_states(&threads, &target, self.vcpus_count());
+                stop_vcpus(threads);
+                Some(self.write_snapshot(states, target))
+            }
+            _ => {
+                stop_vcpus(threads);
+                None
+            }
+        };
         if let Ok(mut serial) = self.serial.lock() {
             let _ = serial.flush();
         }
         let stop = result?;
+        let snapshot = snapshot.transpose()?;
         let init_reached = self.boot_timer.lock().ok().and_then(|t| t.reached());
         let vsock_rejects = self
             .vsock
@@ -404,7 +607,61 @@ impl Vmm {
             init_reached,
             total: self.start.elapsed(),
             vsock_rejects,
+            snapshot,
         })
+    }
+
+    fn vcpus_count(&self) -> usize {
+        usize::from(self.identity.cpus)
+    }
+
+    /// Writes the snapshot: the VM's and devices' state (refused while a
+    /// device is busy), the memory, then the state file (last: a state
+    /// file means the memory file is whole).
+    fn write_snapshot(
+        &self,
+        states: Result<Vec<VcpuState>, String>,
+        mut target: SnapshotTarget,
+    ) -> Result<u64, Error> {
+        let vcpus = states.map_err(snapshot::Error::NotQuiescent)?;
+        let vm = save_vm_state(&self.vm)?;
+        let serial = self
+            .serial
+            .lock()
+            .map_err(|_| snapshot::Error::NotQuiescent("the serial port's lock".into()))?
+            .regs();
+        let boot_timer_reached = self.boot_timer.lock().is_ok_and(|t| t.reached().is_some());
+        let transports = self
+            .transports
+            .iter()
+            .map(|t| {
+                t.lock()
+                    .map_err(|_| "a device's lock is poisoned".to_owned())
+                    .and_then(|t| t.state())
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(snapshot::Error::NotQuiescent)?;
+        let memory_size = snapshot::write_memory(&self.mem, &mut target.files.memory)?;
+        let memory_sample = snapshot::sample_digest(&target.files.memory, memory_size)?;
+        let snap = Snapshot {
+            identity: self.identity.clone(),
+            vm,
+            vcpus,
+            devices: snapshot::DeviceStates {
+                serial,
+                boot_timer_reached,
+                transports,
+            },
+            memory_size,
+            memory_sample,
+        };
+        snap.write_state(&mut target.files.state)?;
+        target
+            .files
+            .state
+            .sync_data()
+            .map_err(|e| snapshot::Error::Io("write the state file", e))?;
+        Ok(memory_size)
     }
 
     /// On the VMM thread, once the vCPU threads exist.
@@ -425,9 +682,18 @@ impl Vmm {
             .reset_evt
             .try_clone()
             .map_err(|e| Error::Io("clone the reset eventfd", e))?;
+        let snapshot_evt = match &self.snapshot {
+            Some(t) => Some(
+                t.evt
+                    .try_clone()
+                    .map_err(|e| Error::Io("clone the snapshot eventfd", e))?,
+            ),
+            None => None,
+        };
         let watcher = Arc::new(Mutex::new(ExitWatcher {
             reset_evt: reset,
             exit_evt,
+            snapshot_evt,
             exits: exit_rx,
             stop: None,
         }));
@@ -536,10 +802,79 @@ fn stop_vcpus(threads: Vec<(JoinHandle<()>, Sender<Request>)>) {
     }
 }
 
-/// Watches the i8042 reset line and the vCPUs' exit reports.
+/// The digests of this VMM's executable and of `config`'s kernel.
+fn vmm_and_kernel(config: &VmConfig) -> Result<([u8; 32], [u8; 32]), snapshot::Error> {
+    Ok((
+        snapshot::elf_identity(std::path::Path::new("/proc/self/exe"))?,
+        snapshot::elf_identity(&config.kernel)?,
+    ))
+}
+
+/// Waits for every vCPU's state once the snapshot flag is up: each vCPU
+/// saves it at its next exit from `KVM_RUN` (the one that wrote the mark
+/// at once; the others are kicked out).
+fn collect_states(
+    threads: &[(JoinHandle<()>, Sender<Request>)],
+    target: &SnapshotTarget,
+    count: usize,
+) -> Result<Vec<VcpuState>, String> {
+    target.flag.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + VCPU_STOP_GRACE * 5;
+    let mut states: Vec<Option<VcpuState>> = (0..count).map(|_| None).collect();
+    while states.iter().any(Option::is_none) {
+        if Instant::now() >= deadline {
+            return Err("a vCPU did not pause for the snapshot".into());
+        }
+        for (h, _) in threads.iter().filter(|(h, _)| !h.is_finished()) {
+            let _ = h.kill(vcpu::kick_signal());
+        }
+        match target.states.recv_timeout(Duration::from_millis(5)) {
+            Ok((id, Ok(state))) => {
+                if let Some(slot) = states.get_mut(usize::from(id)) {
+                    *slot = Some(state);
+                }
+            }
+            Ok((id, Err(e))) => return Err(format!("vCPU {id}: {e}")),
+            Err(_) => {}
+        }
+    }
+    Ok(states.into_iter().flatten().collect())
+}
+
+/// The VM-wide in-kernel state: PIT, clock, both PICs, IOAPIC.
+fn save_vm_state(vm: &VmFd) -> Result<snapshot::VmState, snapshot::Error> {
+    let kvm = |what| move |e| snapshot::Error::Kvm(what, e);
+    let mut state = snapshot::VmState {
+        pit: vm.get_pit2().map_err(kvm("KVM_GET_PIT2"))?,
+        clock: vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?,
+        ..Default::default()
+    };
+    for (chip_id, chip) in (0u32..).zip(state.irqchips.iter_mut()) {
+        chip.chip_id = chip_id;
+        vm.get_irqchip(chip).map_err(kvm("KVM_GET_IRQCHIP"))?;
+    }
+    Ok(state)
+}
+
+fn restore_vm_state(vm: &VmFd, state: &snapshot::VmState) -> Result<(), snapshot::Error> {
+    let kvm = |what| move |e| snapshot::Error::Kvm(what, e);
+    vm.set_pit2(&state.pit).map_err(kvm("KVM_SET_PIT2"))?;
+    // The flags KVM reports (TSC stable, realtime) are not for setting.
+    let mut clock = state.clock;
+    clock.flags = 0;
+    vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
+    for chip in &state.irqchips {
+        vm.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
+    }
+    Ok(())
+}
+
+/// Watches the i8042 reset line, the vCPUs' exit reports and the
+/// snapshot mark.
 struct ExitWatcher {
     reset_evt: EventFd,
     exit_evt: EventFd,
+    snapshot_evt: Option<EventFd>,
     exits: Receiver<(u8, Stop)>,
     stop: Option<Stop>,
 }
@@ -549,6 +884,13 @@ impl MutEventSubscriber for ExitWatcher {
         if events.fd() == self.reset_evt.as_raw_fd() {
             let _ = self.reset_evt.read();
             self.stop.get_or_insert(Stop::Reset);
+        } else if let Some(evt) = self
+            .snapshot_evt
+            .as_ref()
+            .filter(|e| e.as_raw_fd() == events.fd())
+        {
+            let _ = evt.read();
+            self.stop.get_or_insert(Stop::Snapshot);
         } else if events.fd() == self.exit_evt.as_raw_fd() {
             let _ = self.exit_evt.read();
             while let Ok((_, stop)) = self.exits.try_recv() {
@@ -562,7 +904,11 @@ impl MutEventSubscriber for ExitWatcher {
     fn init(&mut self, ops: &mut EventOps) {
         // Registration only fails for a duplicate fd or a dead epoll fd; the
         // loop would then never see the guest stop, so say so loudly.
-        for fd in [self.reset_evt.as_raw_fd(), self.exit_evt.as_raw_fd()] {
+        let snapshot = self.snapshot_evt.as_ref().map(AsRawFd::as_raw_fd);
+        for fd in [self.reset_evt.as_raw_fd(), self.exit_evt.as_raw_fd()]
+            .into_iter()
+            .chain(snapshot)
+        {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 eprintln!("airlock-vmm: error: cannot watch exit events: {e:?}");
                 self.stop = Some(Stop::Failed("cannot watch exit events".into()));

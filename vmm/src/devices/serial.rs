@@ -78,6 +78,51 @@ impl SerialDevice {
         }
     }
 
+    /// A UART whose registers are `regs` (a restored snapshot's); `None`
+    /// if they cannot be (an input buffer over the FIFO's size).
+    pub fn from_regs(
+        irq: EventFdTrigger,
+        out: Box<dyn Write + Send>,
+        regs: &crate::snapshot::SerialRegs,
+    ) -> Option<Self> {
+        let [dll, dlh, ier, iir, lcr, lsr, mcr, msr, scr] = regs.regs;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: dll,
+            baud_divisor_high: dlh,
+            interrupt_enable: ier,
+            interrupt_identification: iir,
+            line_control: lcr,
+            line_status: lsr,
+            modem_control: mcr,
+            modem_status: msr,
+            scratch: scr,
+            in_buffer: regs.in_buffer.clone(),
+        };
+        let out = LineWriter::new(Capped::new(out, CONSOLE_LIMIT));
+        Serial::from_state(&state, irq, vm_superio::serial::NoEvents, out)
+            .ok()
+            .map(|serial| Self { serial })
+    }
+
+    /// The UART's registers, for a snapshot.
+    pub fn regs(&self) -> crate::snapshot::SerialRegs {
+        let s = self.serial.state();
+        crate::snapshot::SerialRegs {
+            regs: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
     /// Flushes what the guest wrote without a trailing newline.
     pub fn flush(&mut self) -> io::Result<()> {
         self.serial.writer_mut().flush()

@@ -177,6 +177,83 @@ impl MmioTransport {
     }
 }
 
+impl MmioTransport {
+    /// The transport's registers and queues, and its device's, for a
+    /// snapshot; refused while the device is busy.
+    pub fn state(&self) -> Result<crate::snapshot::TransportState, String> {
+        let (device_type, device_queues, busy) = self
+            .with_device(|d| (d.device_type(), d.queue_states(), d.busy()))
+            .ok_or("a device's lock is poisoned")?;
+        if let Some(why) = busy {
+            return Err(why);
+        }
+        Ok(crate::snapshot::TransportState {
+            device_type,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            activated: self.activated,
+            irq_status: self.irq.status(),
+            queues: self.queues.iter().map(Queue::state).collect(),
+            device_queues: if self.activated {
+                device_queues
+            } else {
+                Vec::new()
+            },
+        })
+    }
+
+    /// Puts back a snapshot's transport state; an activated device is
+    /// activated again with its queues as they were, and every queue's
+    /// eventfd is signalled once so the device looks at its rings (a
+    /// notification may have been pending when the snapshot was taken).
+    pub fn restore(&mut self, state: &crate::snapshot::TransportState) -> Result<(), String> {
+        let device_type = self.with_device(|d| d.device_type()).unwrap_or(0);
+        if device_type != state.device_type {
+            return Err(format!(
+                "device {} in the snapshot where this VM has device {device_type}",
+                state.device_type
+            ));
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err("a device's queue count differs".into());
+        }
+        let to_queues = |states: &[virtio_queue::QueueState]| {
+            states
+                .iter()
+                .map(|q| Queue::try_from(*q))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("a queue does not restore: {e}"))
+        };
+        self.queues = to_queues(&state.queues)?;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.acked_features = state.acked_features;
+        self.queue_sel = state.queue_sel;
+        self.status = state.status;
+        self.activated = false;
+        if state.activated {
+            if !self.queues.iter().all(|q| q.is_valid(&self.mem)) {
+                return Err("a queue lies outside guest memory".into());
+            }
+            let queues = to_queues(&state.device_queues)?;
+            let features = state.acked_features;
+            self.with_device(|d| d.activate(features, queues))
+                .ok_or("a device's lock is poisoned")?
+                .map_err(|e| e.to_string())?;
+            self.activated = true;
+            for evt in &self.queue_evts {
+                let _ = evt.write(1);
+            }
+        }
+        self.irq.set_status(state.irq_status);
+        self.irq.resignal();
+        Ok(())
+    }
+}
+
 fn read_u32(data: &mut [u8], value: u32) {
     if let Ok(bytes) = <&mut [u8; 4]>::try_from(data) {
         *bytes = value.to_le_bytes();
@@ -322,6 +399,9 @@ mod tests {
         }
         fn reset(&mut self) {
             self.resets += 1;
+        }
+        fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+            Vec::new()
         }
     }
 

@@ -35,6 +35,19 @@ impl IrqLine {
         }
     }
 
+    /// Sets the status register (a restored snapshot's).
+    pub fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
+    /// Raises the interrupt again if the guest has not acknowledged it
+    /// (after a restore: the guest may still wait for it).
+    pub fn resignal(&self) {
+        if self.status() != 0 {
+            let _ = self.evt.write(1);
+        }
+    }
+
     /// Tells the guest the device used buffers.
     pub fn signal_used(&self) {
         self.status.fetch_or(INT_USED_RING, Ordering::SeqCst);
@@ -72,4 +85,11 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, acked_features: u64, queues: Vec<Queue>) -> Result<(), ActivateError>;
     /// The driver reset the device: stop and forget all state.
     fn reset(&mut self);
+    /// The device's live queues (empty before activation), for a snapshot.
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState>;
+    /// Why the device cannot be snapshotted now (open connections,
+    /// requests in flight), if it cannot.
+    fn busy(&self) -> Option<String> {
+        None
+    }
 }

@@ -134,6 +134,10 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.queue = None;
     }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.queue.iter().map(Queue::state).collect()
+    }
 }
 
 impl MutEventSubscriber for Block {

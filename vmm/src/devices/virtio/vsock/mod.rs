@@ -223,6 +223,17 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         self.queues = None;
     }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.queues
+            .as_ref()
+            .map(|qs| qs.iter().map(Queue::state).collect())
+            .unwrap_or_default()
+    }
+
+    fn busy(&self) -> Option<String> {
+        self.muxer.busy()
+    }
 }
 
 impl MutEventSubscriber for Vsock {

@@ -130,6 +130,21 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
 }
 
 impl Muxer {
+    /// Why a snapshot cannot be taken now: a connection open or being
+    /// opened, or control packets not yet given to the guest.
+    pub fn busy(&self) -> Option<String> {
+        if !self.conns.is_empty() || !self.connecting.is_empty() {
+            return Some(format!(
+                "vsock has {} connection(s) open",
+                self.conns.len() + self.connecting.len()
+            ));
+        }
+        if !self.control.is_empty() {
+            return Some("vsock has packets for the guest pending".into());
+        }
+        None
+    }
+
     /// Listens on `uds` for host-initiated connections.
     pub fn new(guest_cid: u64, uds: PathBuf) -> Result<Self, Error> {
         if uds.exists() {
