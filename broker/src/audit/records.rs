@@ -331,6 +331,10 @@ pub enum ContainerImage {
 pub struct VmStart<'a> {
     pub engine: &'a str,
     pub processes: Vec<VmProcess>,
+    /// Woken from a snapshot of the cache (kvm): its key, the SHA-256 of
+    /// its state file, and whether this run made it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<crate::engine::snapshot::Used>,
 }
 
 /// One process of the engine.

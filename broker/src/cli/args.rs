@@ -747,6 +747,11 @@ pub struct RunArgs {
     /// guaranteed to be the command's own
     #[arg(long, conflicts_with = "no_container")]
     pub nested: bool,
+    /// kvm engine: boot from scratch rather than wake from the snapshot
+    /// cache (a snapshot of the booted guest, made on first use for each
+    /// kernel, image, memory, vCPUs and boot options; see docs/SNAPSHOTS.md)
+    #[arg(long)]
+    pub no_snapshot: bool,
     /// Accept at most this many bytes of result files in total (and per
     /// file); larger files are refused
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_OUTPUT_BYTES)]

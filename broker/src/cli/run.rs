@@ -268,6 +268,7 @@ impl TryFrom<RunArgs> for RunConfig {
                 .model
                 .debug_dump_guest_memory
                 .map(|p| std::path::absolute(&p).unwrap_or(p)),
+            snapshots: !args.no_snapshot,
             sandbox: None,
             mounts,
             egress,
@@ -517,6 +518,7 @@ mod tests {
             workdir: None,
             nested: false,
             vm_root: false,
+            no_snapshot: false,
             model: crate::cli::ModelArgs::default(),
             net_allow: Vec::new(),
             net_deny: Vec::new(),

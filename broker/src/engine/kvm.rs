@@ -11,7 +11,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use super::{Error, Process, Vm, VmConfig, VM_LOG};
+use super::{snapshot, Error, Process, Vm, VmConfig, VM_LOG};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kvm {
@@ -57,15 +57,19 @@ impl Kvm {
         args
     }
 
-    /// Starts the VMM.
+    /// Starts the VMM: woken from the snapshot cache when the run has a
+    /// plan (said on stderr and cold otherwise), else booted.
     pub fn spawn(&self, config: &VmConfig) -> Result<Vm, Error> {
-        share_sockets_with_jail(config).map_err(|e| Error::Spawn {
-            program: self.vmm.clone(),
-            source: std::io::Error::new(
-                e.kind(),
-                format!("cannot give its jail access to the run's sockets: {e}"),
-            ),
-        })?;
+        if let Some(plan) = &config.snapshot {
+            match self.spawn_restored(config, plan) {
+                Ok(vm) => return Ok(vm),
+                Err(Restore::Fallback(snapshot::Fallback(why))) => {
+                    eprintln!("airlock: snapshot: {why}; booting without it");
+                }
+                Err(Restore::Failed(e)) => return Err(e),
+            }
+        }
+        self.share(config)?;
         let vmm = Process::spawn(
             "airlock-vmm",
             &self.vmm,
@@ -75,6 +79,74 @@ impl Kvm {
         )?;
         Ok(Vm::new(vmm, Vec::new()))
     }
+
+    fn share(&self, config: &VmConfig) -> Result<(), Error> {
+        share_sockets_with_jail(config).map_err(|e| Error::Spawn {
+            program: self.vmm.clone(),
+            source: std::io::Error::new(
+                e.kind(),
+                format!("cannot give its jail access to the run's sockets: {e}"),
+            ),
+        })
+    }
+
+    /// Makes the plan's snapshot if needed, then wakes the run's VM from it.
+    fn spawn_restored(&self, config: &VmConfig, plan: &snapshot::Plan) -> Result<Vm, Restore> {
+        let make_log = config.run_dir.join("snapshot-vm.log");
+        let boot = |dir: &std::path::Path| {
+            let mut words = config.extra_cmdline.clone();
+            words.push(snapshot::SNAPSHOT_CMDLINE.to_owned());
+            let making = VmConfig {
+                console_log: dir.join("console.log"),
+                vsock_uds: config.run_dir.join("snapvsock"),
+                extra_cmdline: words,
+                snapshot: None,
+                dump_memory: None,
+                ..config.clone()
+            };
+            let mut args = self.args(&making);
+            args.push("--snapshot-to".into());
+            args.push(dir.into());
+            Process::spawn(
+                "airlock-vmm",
+                &self.vmm,
+                &args,
+                &make_log,
+                &config.inherited_fds,
+            )
+        };
+        self.share(config).map_err(Restore::Failed)?;
+        let made = snapshot::ensure(plan, &boot, &make_log).map_err(Restore::Fallback)?;
+        let state_sha256 = snapshot::state_digest(plan)
+            .map_err(|e| Restore::Fallback(snapshot::Fallback(format!("cannot read it: {e}"))))?;
+        snapshot::serve_wake(&config.vsock_uds).map_err(|e| {
+            Restore::Fallback(snapshot::Fallback(format!(
+                "cannot serve its wake port: {e}"
+            )))
+        })?;
+        let log = config.run_dir.join(VM_LOG);
+        let mut args = self.args(config);
+        args.push("--restore".into());
+        args.push(plan.dir.clone().into());
+        let mut vmm = Process::spawn("airlock-vmm", &self.vmm, &args, &log, &config.inherited_fds)
+            .map_err(Restore::Failed)?;
+        snapshot::await_restore(plan, &mut vmm, &log).map_err(Restore::Fallback)?;
+        let mut vm = Vm::new(vmm, Vec::new());
+        vm.snapshot = Some(snapshot::Used {
+            key: plan.key.clone(),
+            state_sha256,
+            made,
+        });
+        Ok(vm)
+    }
+}
+
+/// Why a restore did not give a VM.
+enum Restore {
+    /// Boot cold instead (said on stderr).
+    Fallback(snapshot::Fallback),
+    /// The engine itself failed.
+    Failed(Error),
 }
 
 /// The uid and gid `airlock-vmm` jails itself as when started by root (its
@@ -135,6 +207,7 @@ mod tests {
             guest_cid: 3,
             dump_memory: None,
             inherited_fds: Vec::new(),
+            snapshot: None,
         }
     }
 

@@ -15,6 +15,7 @@
 
 pub mod console;
 pub mod kvm;
+pub mod snapshot;
 pub mod tcg;
 
 use std::ffi::{OsStr, OsString};
@@ -74,6 +75,9 @@ pub struct VmConfig {
     /// airlock opened and hashed ([`crate::pinned`]), named above as
     /// `/proc/self/fd/N`. The caller keeps them open until the VM started.
     pub inherited_fds: Vec<RawFd>,
+    /// The kvm engine wakes the guest from this snapshot (made first if
+    /// the cache has none): see [`snapshot`].
+    pub snapshot: Option<snapshot::Plan>,
 }
 
 /// A disk image the guest sees as a virtio-blk device.
@@ -454,6 +458,8 @@ impl Drop for Process {
 pub struct Vm {
     main: Process,
     helpers: Vec<Process>,
+    /// Woken from a snapshot: which (for `vm.start`).
+    pub snapshot: Option<snapshot::Used>,
     /// Copies the console to its log when the engine cannot cap it itself
     /// (tcg); finished once the VM process has ended.
     console: Option<console::ConsolePump>,
@@ -464,6 +470,7 @@ impl Vm {
         Vm {
             main,
             helpers,
+            snapshot: None,
             console: None,
         }
     }

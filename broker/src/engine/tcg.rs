@@ -209,6 +209,7 @@ mod tests {
             vsock_uds: "/tmp/run/vsock".into(),
             guest_cid: 3,
             dump_memory: None,
+            snapshot: None,
             inherited_fds: Vec::new(),
         }
     }
@@ -292,6 +293,7 @@ mod tests {
     fn a_memory_dump_backs_the_ram_with_that_file() {
         let config = VmConfig {
             dump_memory: Some("/d/ram,1".into()),
+            snapshot: None,
             ..config()
         };
         assert_eq!(

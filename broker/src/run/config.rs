@@ -71,6 +71,9 @@ pub struct RunConfig {
     pub report: Option<PathBuf>,
     /// `--debug-dump-guest-memory`.
     pub dump_memory: Option<PathBuf>,
+    /// Wake from the snapshot cache on the kvm engine (not
+    /// `--no-snapshot`).
+    pub snapshots: bool,
     /// `airlock create`: the supervisor of a live sandbox.
     pub sandbox: Option<crate::sandbox::server::Mode>,
     /// `--mount`, `-v`: live mounts of the agent's container.

@@ -226,19 +226,21 @@ pub fn run(mut config: RunConfig) -> Result<Exit, Error> {
         return Err(audit::Error::Write(why).into());
     }
 
-    let (mut exit, end, console_log) = match boot(&config, &pins, &selection, &audit, began) {
-        Ok(ran) => (ran.exit, ran.end, ran.console_log),
-        Err(e) => {
-            eprintln!("airlock: error: {}", crate::text::report(&e));
-            let verdict = Verdict::of_error(&e);
-            let end = verdict.run_end(Durations {
-                total: millis(began.elapsed()),
-                boot: None,
-                command: None,
-            });
-            (verdict.exit, end, None)
-        }
-    };
+    let digests = snapshot_digests(&config, &start, &selection);
+    let (mut exit, end, console_log) =
+        match boot(&config, &pins, &selection, &audit, began, digests) {
+            Ok(ran) => (ran.exit, ran.end, ran.console_log),
+            Err(e) => {
+                eprintln!("airlock: error: {}", crate::text::report(&e));
+                let verdict = Verdict::of_error(&e);
+                let end = verdict.run_end(Durations {
+                    total: millis(began.elapsed()),
+                    boot: None,
+                    command: None,
+                });
+                (verdict.exit, end, None)
+            }
+        };
     let finished = match audit.end(&end) {
         Ok(finished) => Some(finished),
         Err(e) => {
@@ -299,14 +301,50 @@ pub(crate) struct Ran {
 /// Boots the VM, supervises it, judges the end and tells the user: a run
 /// is [`Booted::create`], [`Booted::exec`] of its one command, and
 /// [`Booted::remove`].
+/// What a snapshot of this run's guest is made of (the digests
+/// `run.start` records), when the run may use the snapshot cache: the kvm
+/// engine, no `--no-snapshot`, no memory dump, a cache directory.
+pub(crate) struct SnapshotDigests {
+    kernel: String,
+    root: String,
+    image_disk: Option<String>,
+    vmm: PathBuf,
+    cache: PathBuf,
+}
+
+fn snapshot_digests(
+    config: &RunConfig,
+    start: &crate::audit::records::RunStart,
+    selection: &engine::Selection,
+) -> Option<SnapshotDigests> {
+    let engine::Engine::Kvm(kvm) = &selection.engine else {
+        return None;
+    };
+    if !config.snapshots || config.dump_memory.is_some() {
+        return None;
+    }
+    let root = start.initrd.as_ref().or(start.root_image.as_ref())?;
+    Some(SnapshotDigests {
+        kernel: start.kernel.sha256.clone(),
+        root: root.sha256.clone(),
+        image_disk: start.container_image.as_ref().map(|c| match c {
+            ContainerImage::File { sha256, .. } => sha256.clone(),
+            ContainerImage::Store { disk, .. } => disk.sha256.clone(),
+        }),
+        vmm: kvm.vmm.clone(),
+        cache: engine::snapshot::cache_root()?,
+    })
+}
+
 pub(crate) fn boot(
     config: &RunConfig,
     pins: &Pins,
     selection: &engine::Selection,
     audit: &AuditLog,
     began: Instant,
+    snapshot: Option<SnapshotDigests>,
 ) -> Result<Ran, Error> {
-    let mut booted = Booted::create(config, pins, selection, audit)?;
+    let mut booted = Booted::create(config, pins, selection, audit, snapshot)?;
     let end = booted.exec();
     booted.remove(end, began)
 }
@@ -335,6 +373,7 @@ impl<'a> Booted<'a> {
         pins: &Pins,
         selection: &engine::Selection,
         audit: &'a AuditLog,
+        snapshot: Option<SnapshotDigests>,
     ) -> Result<Booted<'a>, Error> {
         let run_dir = RunDir::create(&config.console)?;
         let vsock_uds = run_dir.dir.join(VSOCK_NAME);
@@ -344,7 +383,24 @@ impl<'a> Booted<'a> {
         if control_path.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(Error::SocketPath(control_path));
         }
-        let vm_config = vm_config(config, pins, &run_dir, vsock_uds);
+        let mut vm_config = vm_config(config, pins, &run_dir, vsock_uds);
+        vm_config.snapshot = snapshot.map(|d| {
+            let key = engine::snapshot::key(&engine::snapshot::KeyParts {
+                kernel_sha256: &d.kernel,
+                root_sha256: &d.root,
+                image_disk_sha256: d.image_disk.as_deref(),
+                vmm: &d.vmm,
+                mem_mib: vm_config.mem_mib,
+                cpus: vm_config.cpus,
+                guest_cid: vm_config.guest_cid,
+                disks_read_only: vm_config.disks.iter().map(|d| d.read_only).collect(),
+                cmdline: &vm_config.extra_cmdline,
+            });
+            engine::snapshot::Plan {
+                dir: d.cache.join(&key),
+                key,
+            }
+        });
         let (events_tx, events) = mpsc::channel();
         // Listening before the VM starts: the guest's connections always
         // find us.
@@ -376,6 +432,7 @@ impl<'a> Booted<'a> {
             &VmStart {
                 engine: selection.engine.name(),
                 processes,
+                snapshot: vm.snapshot.clone(),
             },
             Durability::Synced,
         );
@@ -521,5 +578,6 @@ fn vm_config(config: &RunConfig, pins: &Pins, run_dir: &RunDir, vsock_uds: PathB
         guest_cid: DEFAULT_GUEST_CID,
         dump_memory: config.dump_memory.clone(),
         inherited_fds: pins.fds(),
+        snapshot: None,
     }
 }
