@@ -617,3 +617,12 @@ pub fn sh_in(dir: &Path, cmd: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The host's UTC time as `YYYY-MM-DD hh:mm:ss` (for L1's `date -s`).
+pub fn utc_now() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M:%S"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}

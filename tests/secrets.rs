@@ -22,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 
 use airlock_e2e::{
     audit_records, bin, build_file, field, fields_of_kind, find_bytes, rel, root, run_env, scratch,
-    secret_key, sh_in, tcg_on_image_raw, test_pki, test_pki_for, testbed, Run,
+    secret_key, sh_in, tcg_on_image_raw, test_pki, test_pki_for, testbed, utc_now, Run,
 };
 use serde_json::Value;
 
@@ -1064,13 +1064,4 @@ env | sed 's/^/env: /' "#;
     assert_eq!(used[0]["header"], "x-api-key");
     let audit = fs::read_to_string(&log).expect("audit");
     assert!(!audit.contains(&key), "the value is never in the audit log");
-}
-
-/// The host's UTC time as `YYYY-MM-DD hh:mm:ss` (for L1's `date -s`).
-fn utc_now() -> String {
-    let out = Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M:%S"])
-        .output()
-        .expect("date");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }

@@ -45,6 +45,8 @@ const MAKE_PATIENCE: Duration = Duration::from_secs(300);
 const RESTORE_PATIENCE: Duration = Duration::from_secs(60);
 /// How long the wake port waits for the guest.
 const WAKE_PATIENCE: Duration = Duration::from_secs(120);
+/// How long a failed try is remembered.
+const RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// The VMM's line once a restore is done.
 pub const RESTORED_LINE: &str = "airlock-vmm: restored from the snapshot";
 /// The VMM's line once a snapshot is written.
@@ -153,6 +155,23 @@ pub fn ensure(
     if plan.dir.join("state").is_file() {
         return Ok(false);
     }
+    let failed = plan.dir.join("failed");
+    if let Ok(meta) = fs::metadata(&failed) {
+        let age = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default();
+        if age < RETRY_AFTER {
+            let why = fs::read_to_string(&failed).unwrap_or_default();
+            return Err(Fallback(format!(
+                "none for this guest: an earlier try failed ({}); airlock tries again after an hour, or remove {}",
+                why.trim(),
+                plan.dir.display()
+            )));
+        }
+        let _ = fs::remove_dir_all(&plan.dir);
+    }
     let root = plan
         .dir
         .parent()
@@ -183,6 +202,10 @@ pub fn ensure(
         },
         Err(e) => {
             let _ = fs::remove_dir_all(&tmp);
+            // Remembered, so that every run does not pay for the try.
+            if fs::create_dir(&plan.dir).is_ok() {
+                let _ = fs::write(plan.dir.join("failed"), format!("{}\n", e.0));
+            }
             Err(e)
         }
     }
@@ -195,7 +218,18 @@ fn make(
 ) -> Result<(), Fallback> {
     let mut vmm = boot(tmp).map_err(|e| Fallback(format!("cannot start its VM: {e}")))?;
     let deadline = Instant::now() + MAKE_PATIENCE;
+    let console = tmp.join("console.log");
     let status = loop {
+        // The init says it is ready only after the snapshot point: one
+        // that says so here did not stop there (an image whose init
+        // knows no snapshots).
+        if fs::read_to_string(&console).is_ok_and(|c| c.contains(airlock_protocol::INIT_READY_LINE))
+        {
+            let _ = vmm.kill();
+            return Err(Fallback(
+                "the guest's init went past the snapshot point (an image without snapshot support?)".into(),
+            ));
+        }
         match vmm.try_wait() {
             Ok(Some(exit)) => break exit,
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
@@ -214,7 +248,8 @@ fn make(
     }
     Err(Fallback(format!(
         "it could not be made: {}",
-        last_error(&text).unwrap_or_else(|| format!("its VM exited ({status:?})"))
+        last_error(&text)
+            .unwrap_or_else(|| format!("its VM ended ({status}) before the snapshot point"))
     )))
 }
 
@@ -245,6 +280,7 @@ pub fn evict(root: &Path, keep: usize) {
             continue;
         }
         let used = fs::metadata(path.join("state"))
+            .or_else(|_| fs::metadata(path.join("failed")))
             .and_then(|m| m.modified())
             .unwrap_or(SystemTime::UNIX_EPOCH);
         kept.push((used, path));
@@ -419,6 +455,33 @@ mod tests {
         assert!(!root.join(".making-x-999999999").exists());
         assert!(live.exists());
         let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_failed_try_is_said_and_remembered_not_repeated() {
+        let root = std::env::temp_dir().join(format!("airlock-snap-fail-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let plan = Plan {
+            key: "k".repeat(64),
+            dir: root.join("k".repeat(64)),
+        };
+        let log =
+            std::env::temp_dir().join(format!("airlock-snap-fail-{}.log", std::process::id()));
+        let tries = std::cell::Cell::new(0);
+        // A "VMM" that ends at once without writing a snapshot.
+        let boot = |_: &Path| {
+            tries.set(tries.get() + 1);
+            super::super::Process::spawn("true", Path::new("/bin/true"), &[], &log, &[])
+        };
+        let e = ensure(&plan, &boot, &log).expect_err("not made");
+        assert!(e.0.contains("could not be made"), "{}", e.0);
+        assert!(e.0.contains("before the snapshot point"), "{}", e.0);
+        let again = ensure(&plan, &boot, &log).expect_err("remembered");
+        assert!(again.0.contains("an earlier try failed"), "{}", again.0);
+        assert_eq!(tries.get(), 1, "not tried twice");
+        assert!(!plan.dir.join("state").exists());
+        let _ = fs::remove_dir_all(&root);
+        let _ = fs::remove_file(&log);
     }
 
     #[test]

@@ -1,0 +1,151 @@
+//! Fast wake through airlock-vmm in the nested test bed: sandboxes woken
+//! from one snapshot of the cache are each their own (randomness, clock,
+//! files), and a damaged or mismatched snapshot is refused, said, and
+//! followed by a cold boot.
+
+use airlock_e2e::*;
+use serde_json::Value;
+
+/// One `vm.start` line per sandbox, printed by the script below as
+/// `vmstart:NAME:JSON`.
+fn vm_starts(r: &Run) -> Vec<(String, Value)> {
+    r.stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("vmstart:"))
+        .map(|l| {
+            let (name, json) = l.split_once(':').expect("name:json");
+            let record: Value = serde_json::from_str(json).expect("vm.start JSON");
+            (name.to_owned(), record["fields"].clone())
+        })
+        .collect()
+}
+
+/// Create → snapshot (the first create makes it) → 5 sandboxes woken from
+/// the same snapshot: each answers its exec, reads 32 bytes of
+/// /dev/urandom unlike every other, has the host's wall clock, and does
+/// not see the file another wrote; every `vm.start` names the one
+/// snapshot (the first made it). Then the snapshot's state file is
+/// damaged: the next create says the snapshot was refused and removed,
+/// boots cold and works; a snapshot of another machine shape (256 MiB
+/// where 320 MiB is asked) put in place of the right one is refused the
+/// same way.
+#[test]
+fn kvm_snapshot_wakes_distinct_sandboxes_and_refuses_bad_snapshots() {
+    let airlock = bin("airlock");
+    let image = build_file("rootfs.img");
+    let script = format!(
+        r#"set -e; date -u -s '{now}' > /dev/null
+export AIRLOCK_SANDBOX_DIR=/tmp/sbx AIRLOCK_SNAPSHOT_DIR=/tmp/snaps
+A={airlock}; C="create --engine kvm --image-root {image}"
+vmstart() {{ echo "vmstart:$1:$(grep '"kind":"vm.start"' "$($A inspect $1 | sed -n 's/.*"audit_log": "\(.*\)",*$/\1/p')")"; }}
+for i in 1 2 3 4 5; do $A $C --name s$i 2> /tmp/err; cat /tmp/err >&2; vmstart s$i; done
+for i in 1 2 3 4 5; do
+  $A exec s$i -- sh -c "echo mine-$i > /tmp/mine-$i; echo files-$i: \$(ls /tmp | grep mine- | tr '\n' ' '); echo random-$i: \$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'); echo clock-$i: \$(date +%s)"
+  echo host-clock-$i: $(date +%s)
+done
+for i in 1 2 3 4 5; do $A rm -f s$i > /dev/null; done
+ls /tmp/snaps | grep -v '^\.' | sed 's/^/snapshot-dir: /'
+S=$(ls -d /tmp/snaps/[0-9a-f]*)
+printf 'X' | dd of=$S/state bs=1 seek=200 count=1 conv=notrunc 2> /dev/null
+$A $C --name d1 2> /tmp/err || true; sed 's/^/damaged: /' /tmp/err
+$A exec d1 -- echo cold-after-damage; vmstart d1; $A rm -f d1 > /dev/null
+# Made again by the next create; then one of 320 MiB, replaced by it.
+$A $C --name r1 2> /dev/null > /dev/null; vmstart r1; $A rm -f r1 > /dev/null
+sleep 1; $A $C --mem 320 --name m0 2> /dev/null > /dev/null; $A rm -f m0 > /dev/null
+BIG=$(ls -td /tmp/snaps/[0-9a-f]* | head -1); SMALL=$(ls -td /tmp/snaps/[0-9a-f]* | tail -1)
+echo big=$BIG small=$SMALL
+[ "$BIG" != "$SMALL" ]
+cp $SMALL/state $BIG/state; cp $SMALL/memory $BIG/memory
+$A $C --mem 320 --name m1 2> /tmp/err || true; sed 's/^/mismatched: /' /tmp/err
+$A exec m1 -- sh -c 'echo cold-after-mismatch; grep MemTotal /proc/meminfo'; vmstart m1; $A rm -f m1 > /dev/null
+echo done"#,
+        now = utc_now(),
+    );
+    let r = run(
+        &[
+            "scripts/testbed",
+            "--mem",
+            "3072",
+            "--timeout",
+            "1500",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+        1600,
+    );
+    r.expect_code(0).expect_stdout_line("done");
+    let field = |prefix: &str| -> Vec<String> {
+        r.stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix))
+            .map(|s| s.trim().to_owned())
+            .collect()
+    };
+    // Every sandbox answered, and saw only its own file.
+    for i in 1..=5 {
+        let files = field(&format!("files-{i}:"));
+        assert_eq!(files, [format!("mine-{i}")], "sandbox {i}\n{r}");
+    }
+    // 32 random bytes each, all different.
+    let mut randoms = Vec::new();
+    for i in 1..=5 {
+        let random = field(&format!("random-{i}:"));
+        assert_eq!(random.len(), 1, "{r}");
+        assert_eq!(random[0].len(), 64, "32 bytes in hex: {r}");
+        randoms.push(random[0].clone());
+    }
+    let mut unique = randoms.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 5, "siblings share no randomness: {randoms:?}");
+    // The wall clock is the host's (L1's), not the snapshot's.
+    for i in 1..=5 {
+        let guest: i64 = field(&format!("clock-{i}:"))[0].parse().expect("clock");
+        let host: i64 = field(&format!("host-clock-{i}:"))[0]
+            .parse()
+            .expect("clock");
+        assert!(
+            (host - guest).abs() <= 3,
+            "sandbox {i}: guest {guest}, host {host}\n{r}"
+        );
+    }
+    // One snapshot, made by the first, used by all five; recorded.
+    let starts = vm_starts(&r);
+    let woken: Vec<&(String, Value)> = starts.iter().filter(|(n, _)| n.starts_with('s')).collect();
+    assert_eq!(woken.len(), 5, "{r}");
+    let digest = woken[0].1["snapshot"]["state_sha256"]
+        .as_str()
+        .expect("digest");
+    assert_eq!(digest.len(), 64);
+    for (i, (name, fields)) in woken.iter().enumerate() {
+        assert_eq!(fields["engine"], "kvm", "{name}");
+        assert_eq!(fields["snapshot"]["state_sha256"], digest, "{name}");
+        assert_eq!(fields["snapshot"]["made"], i == 0, "{name}");
+    }
+    // Damaged: refused, removed, said; the sandbox booted cold and works.
+    let damaged = field("damaged:").join("\n");
+    assert!(
+        damaged.contains("airlock: snapshot: the snapshot was refused and removed")
+            && damaged.contains("damaged")
+            && damaged.contains("booting without it"),
+        "{r}"
+    );
+    assert!(r.stdout.lines().any(|l| l == "cold-after-damage"), "{r}");
+    let d1 = starts.iter().find(|(n, _)| n == "d1").expect("d1");
+    assert!(d1.1.get("snapshot").is_none(), "booted cold: {:?}", d1.1);
+    let r1 = starts.iter().find(|(n, _)| n == "r1").expect("r1");
+    assert_eq!(r1.1["snapshot"]["made"], true, "made again: {:?}", r1.1);
+    assert_ne!(r1.1["snapshot"]["state_sha256"], digest, "a new snapshot");
+    // Mismatched: refused with the reason, cold boot with 320 MiB.
+    let mismatched = field("mismatched:").join("\n");
+    assert!(
+        mismatched.contains("the snapshot was refused and removed")
+            && mismatched.contains("256 MiB of memory, this VM 320 MiB"),
+        "{r}"
+    );
+    assert!(r.stdout.lines().any(|l| l == "cold-after-mismatch"), "{r}");
+    let m1 = starts.iter().find(|(n, _)| n == "m1").expect("m1");
+    assert!(m1.1.get("snapshot").is_none(), "booted cold: {:?}", m1.1);
+}
