@@ -224,7 +224,7 @@ fn tcg_pool_hands_out_ready_sandboxes_and_replaces_dead_ones() {
         60,
     );
     r.expect_code(2)
-        .expect_stderr("keeps sandboxes with other options");
+        .expect_stderr("keeps sandboxes made with other options");
 
     // Taken from the pool, at once.
     let (taken, pool_time) = create("agent", &[], &one);
@@ -323,6 +323,14 @@ fn tcg_pool_hands_out_ready_sandboxes_and_replaces_dead_ones() {
         "the keeper noticed: {log}"
     );
     assert!(replaced.iter().all(|id| id != &victim_id));
+    // The dead member's supervisor was the keeper's child: reaped, no zombie.
+    let keeper_pid = place.pool("p")["keeper_pid"].as_i64().expect("keeper");
+    std::thread::sleep(Duration::from_secs(1));
+    for child in children(keeper_pid) {
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+        assert!(!state.starts_with('Z'), "the keeper left a zombie: {stat}");
+    }
 
     // The adopted sandbox is the caller's: stopping the pool leaves it.
     let keeper = place.pool("p")["keeper_pid"].as_i64().expect("keeper");

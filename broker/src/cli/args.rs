@@ -336,10 +336,13 @@ Options that bring host files in or write them at boot (--workspace, --out,
 sandbox is booted before its user asks for it.
 
 What `create` matches: the same options, the same stored image digest, the
-same airlock binary, and the same values of every environment variable the
-options read (the model keys, -e NAME, --secret ...=env:VAR, --secret-env)
-and of every file they name (--secret ...=file:PATH, keys files). Anything
-else boots cold, as `create --no-pool` always does. A pooled sandbox reads
+same airlock binary (a rebuild or upgrade leaves a running pool unmatched:
+start it again), the same kernel and root image files (by size, mtime and
+inode, as `run` resolves them), and the same values of every environment
+variable the options read (ANTHROPIC_API_KEY, OPENAI_API_KEY,
+CLAUDE_CODE_OAUTH_TOKEN, the variables of --model-key-env and
+--secret ...=env:VAR) and of every file they name (--secret ...=file:PATH,
+keys files). Anything else boots cold, as `create --no-pool` always does. A pooled sandbox reads
 its keys and secrets when it boots, with the environment of `airlock pool`.
 
 --max-lifetime counts from a pooled sandbox's boot; --idle-timeout from

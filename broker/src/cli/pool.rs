@@ -53,11 +53,13 @@ pub fn main(args: PoolArgs) -> Exit {
     }
 }
 
-/// The arguments after `pool` on our own command line.
+/// The arguments after `pool` on our own command line (without
+/// `--wait`, which is about this command, not the pool).
 fn original_args() -> Vec<OsString> {
     std::env::args_os()
         .skip_while(|a| a != "pool")
         .skip(1)
+        .filter(|a| a != "--wait")
         .collect()
 }
 
@@ -154,6 +156,7 @@ pub(crate) fn key(create: &CreateArgs, config: &Value) -> String {
                 words.contains(n)
                     || n == crate::model::config::ANTHROPIC_KEY_ENV
                     || n == crate::model::config::OPENAI_KEY_ENV
+                    || n == crate::model::config::OAUTH_TOKEN_ENV
             })
         })
         .collect();
@@ -163,6 +166,37 @@ pub(crate) fn key(create: &CreateArgs, config: &Value) -> String {
         h.update(b"=");
         h.update(Sha256::digest(value.as_encoded_bytes()));
         h.update(b"\0");
+    }
+    // What boots: the kernel and the initrd or root image as `run` resolves
+    // them (flags, $AIRLOCK_KERNEL and the like, the build directory), by size,
+    // modification time and inode (a rebuild changes the key).
+    match crate::run::RunConfig::try_from(super::sandbox::supervised_run(create)) {
+        Ok(run) => {
+            let image = &run.image;
+            for path in [
+                Some(&image.kernel),
+                Some(&image.initrd),
+                image.root.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                h.update(path.as_os_str().as_encoded_bytes());
+                if let Ok(meta) = fs::metadata(path) {
+                    h.update(
+                        format!(
+                            ":{}:{}:{}.{}\0",
+                            meta.ino(),
+                            meta.len(),
+                            meta.mtime(),
+                            meta.mtime_nsec()
+                        )
+                        .as_bytes(),
+                    );
+                }
+            }
+        }
+        Err(e) => h.update(format!("unresolved: {e}").as_bytes()),
     }
     // Every file a quoted option names (keys files, `file:` secrets).
     for quoted in options.split('"').skip(1).step_by(2) {
@@ -205,7 +239,7 @@ fn start(args: &PoolArgs) -> Exit {
         };
         if spec["key"].as_str() != Some(key.as_str()) {
             return usage(format!(
-                "the pool {name} keeps sandboxes with other options: `airlock pool rm {name}` first, or name another with --pool"
+                "the pool {name} keeps sandboxes made with other options, files or variables, or by another airlock binary: `airlock pool rm {name}` first, or name another with --pool"
             ));
         }
         spec["size"] = json!(size);
@@ -574,6 +608,18 @@ mod tests {
         let with_file = key_of(&["--secret", &file_secret]);
         fs::write(&file, "two").expect("file");
         assert_ne!(key_of(&["--secret", &file_secret]), with_file);
+        // The root image that boots: a rebuild (here: touched) changes it.
+        let root = dir.join("rootfs.img");
+        fs::write(&root, "erofs").expect("root");
+        let root_arg = root.display().to_string();
+        let on_root = key_of(&["--image-root", &root_arg]);
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+        fs::File::options()
+            .write(true)
+            .open(&root)
+            .and_then(|f| f.set_modified(later))
+            .expect("touch");
+        assert_ne!(key_of(&["--image-root", &root_arg]), on_root);
         let _ = fs::remove_dir_all(&dir);
     }
 }

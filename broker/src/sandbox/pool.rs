@@ -193,6 +193,7 @@ pub fn keep(keeper: &Keeper<'_>) {
     let mut next_boot = Instant::now();
     let mut booted: u64 = 0;
     while !(keeper.done)() {
+        reap_children();
         let size = pool
             .read_spec()
             .and_then(|s| s["size"].as_u64())
@@ -265,6 +266,20 @@ pub fn keep(keeper: &Keeper<'_>) {
         .collect();
     for s in stoppers {
         let _ = s.join();
+    }
+}
+
+/// Reaps the keeper's children that ended: the supervisors it started,
+/// taken by a `create` or not, stay its children until they end.
+fn reap_children() {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid(2) for any child, without blocking; `status` is a
+        // valid out pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return;
+        }
     }
 }
 
