@@ -5,9 +5,7 @@
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -311,16 +309,7 @@ fn spawn_keeper(dir: &PoolDir) -> Result<(), Exit> {
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_or_else(|_| Stdio::null(), Stdio::from))
         .stderr(Stdio::from(log));
-    // SAFETY: setsid(2) is async-signal-safe; the keeper becomes its own
-    // session, out of reach of the terminal's signals.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    crate::sandbox::detach(&mut command);
     let mut child = command
         .spawn()
         .map_err(|e| failed(format!("cannot start the pool's keeper: {e}")))?;
@@ -376,28 +365,11 @@ fn wait_full(dir: &PoolDir, size: u32) -> Exit {
 /// --member ...`, until SIGTERM/SIGINT/SIGHUP or its pool.json is gone.
 fn keep(args: &PoolArgs) -> Exit {
     let dir = PoolDir::of(&args.pool);
-    let lock = match fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(dir.lock())
-    {
-        Ok(f) => f,
+    let lock = match crate::sandbox::take_lock(&dir.lock()) {
+        Ok(Some(lock)) => lock,
+        Ok(None) => return usage(format!("the pool {} already has a keeper", dir.name)),
         Err(e) => return failed(format!("cannot open {}: {e}", dir.lock().display())),
     };
-    // SAFETY: flock(2) on a descriptor we own; no pointers.
-    if unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&lock),
-            libc::LOCK_EX | libc::LOCK_NB,
-        )
-    } != 0
-    {
-        return usage(format!("the pool {} already has a keeper", dir.name));
-    }
-    let _ = lock.set_len(0);
-    let _ = (&lock).write_all(format!("{}\n", std::process::id()).as_bytes());
     let signal = Arc::new(AtomicUsize::new(0));
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         let value = usize::try_from(sig).unwrap_or(1);

@@ -5,7 +5,6 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
@@ -278,28 +277,11 @@ pub(crate) fn supervise_in(args: CreateArgs, pool: Option<&crate::sandbox::pool:
         Some(pool) => pool.member(&name),
         None => Dir::of(&name),
     };
-    let lock = match fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(dir.lock())
-    {
-        Ok(f) => f,
+    let lock = match crate::sandbox::take_lock(&dir.lock()) {
+        Ok(Some(lock)) => lock,
+        Ok(None) => return usage(format!("the sandbox {name} already has a supervisor")),
         Err(e) => return failed(format!("cannot open {}: {e}", dir.lock().display())),
     };
-    // SAFETY: flock(2) on a descriptor we own; no pointers.
-    if unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&lock),
-            libc::LOCK_EX | libc::LOCK_NB,
-        )
-    } != 0
-    {
-        return usage(format!("the sandbox {name} already has a supervisor"));
-    }
-    let _ = lock.set_len(0);
-    let _ = (&lock).write_all(format!("{}\n", std::process::id()).as_bytes());
     let mut run = supervised_run(&args);
     if run.console_log.is_none() && !run.keep_console {
         run.console_log = Some(dir.console());

@@ -20,7 +20,6 @@ use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -257,17 +256,7 @@ impl Sandbox {
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_or_else(|_| Stdio::null(), Stdio::from))
             .stderr(Stdio::from(log));
-        // SAFETY: setsid(2) is async-signal-safe and touches no memory of
-        // ours; in the child it makes the supervisor its own session, so
-        // the terminal's signals (Ctrl-C) do not reach it.
-        unsafe {
-            supervisor.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        super::detach(&mut supervisor);
         let mut child = supervisor.spawn().map_err(|e| {
             Start::Error(Error::Failed(format!("cannot start the supervisor: {e}")))
         })?;

@@ -140,27 +140,64 @@ impl Dir {
     /// Whether a supervisor holds the lock, and its pid (the lock file
     /// holds it).
     pub fn supervisor(&self) -> Option<i32> {
-        self.supervisor_of(&self.lock())
-    }
-
-    /// Whether a process holds the lock file `lock`, and its pid (the
-    /// lock file holds it; 0 if unreadable).
-    pub fn supervisor_of(&self, lock: &Path) -> Option<i32> {
-        let file = fs::File::open(lock).ok()?;
-        // SAFETY: flock(2) on a descriptor we own; no pointers.
-        let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
-        if free {
-            return None;
-        }
-        fs::read_to_string(lock)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .or(Some(0))
+        lock_holder(&self.lock())
     }
 
     pub fn read_json(path: &Path) -> Option<serde_json::Value> {
         let text = fs::read_to_string(path).ok()?;
         serde_json::from_str(&text).ok()
+    }
+}
+
+/// Whether a process holds the lock file `lock` (`flock`), and its pid
+/// (the lock file holds it; 0 if unreadable).
+pub fn lock_holder(lock: &Path) -> Option<i32> {
+    let file = fs::File::open(lock).ok()?;
+    // SAFETY: flock(2) on a descriptor we own; no pointers.
+    let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
+    if free {
+        return None;
+    }
+    fs::read_to_string(lock)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .or(Some(0))
+}
+
+/// Takes the lock file `lock` for this process (exclusive `flock`, our pid
+/// written in it), held as long as the returned file is open; `Ok(None)`
+/// if another process holds it.
+pub fn take_lock(lock: &Path) -> io::Result<Option<fs::File>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(lock)?;
+    // SAFETY: flock(2) on a descriptor we own; no pointers.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Ok(None);
+    }
+    let _ = file.set_len(0);
+    let _ = (&file).write_all(format!("{}\n", std::process::id()).as_bytes());
+    Ok(Some(file))
+}
+
+/// Makes `command`'s process its own session when it starts, so that the
+/// terminal's signals (Ctrl-C) do not reach it (supervisors, keepers).
+pub fn detach(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid(2) is async-signal-safe and touches no memory of
+    // ours.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

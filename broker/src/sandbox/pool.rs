@@ -99,11 +99,7 @@ impl PoolDir {
     }
     /// The keeper's pid, while one holds the lock.
     pub fn keeper(&self) -> Option<i32> {
-        Dir {
-            name: self.name.clone(),
-            path: self.path.clone(),
-        }
-        .supervisor_of(&self.lock())
+        super::lock_holder(&self.lock())
     }
     pub fn read_spec(&self) -> Option<Value> {
         Dir::read_json(&self.spec())
