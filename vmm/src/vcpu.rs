@@ -187,7 +187,8 @@ impl Vcpu {
         let mut cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(cfg("KVM_GET_SUPPORTED_CPUID"))?;
-        cpuid::normalize(cpuid.as_mut_slice(), id, count);
+        let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+        cpuid::normalize(cpuid.as_mut_slice(), id, count, tsc_deadline);
         fd.set_cpuid2(&cpuid).map_err(cfg("KVM_SET_CPUID2"))?;
         let cpuid_bytes = cpuid
             .as_slice()
