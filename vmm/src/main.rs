@@ -229,6 +229,14 @@ fn build_and_run(cli: Cli, start: Instant) -> Result<Outcome, Box<dyn std::error
                 "airlock-vmm: restored from the snapshot in {:.1} ms",
                 start.elapsed().as_secs_f64() * 1e3
             );
+            if let Some(p) = vmm.prefault() {
+                eprintln!(
+                    "airlock-vmm: prefaulted {:.1} MiB of the snapshot's memory in {:.1} ms ({})",
+                    p.bytes as f64 / f64::from(1u32 << 20),
+                    p.took.as_secs_f64() * 1e3,
+                    p.how
+                );
+            }
             vmm
         }
     };

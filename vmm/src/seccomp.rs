@@ -68,6 +68,12 @@ const IOC_READ_WRITE: u64 = 3;
 const fn iowr(nr: u64, size: usize) -> u64 {
     (IOC_READ_WRITE << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
 }
+/// `KVM_PRE_FAULT_MEMORY` (Linux 6.10; kvm-ioctls has no wrapper): used
+/// while a restore is set up, before any filter is installed, so in no list.
+pub const KVM_PRE_FAULT_MEMORY: u64 = iowr(
+    0xd5,
+    std::mem::size_of::<kvm_bindings::kvm_pre_fault_memory>(),
+);
 /// What a snapshot reads of the VM (the VMM thread) ...
 const SNAPSHOT_VM_IOCTLS: [u64; 3] = [
     iowr(0x62, std::mem::size_of::<kvm_bindings::kvm_irqchip>()), // KVM_GET_IRQCHIP
@@ -480,6 +486,7 @@ mod tests {
         assert_eq!(KVM_RUN, 0xae80);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
+        assert_eq!(KVM_PRE_FAULT_MEMORY, 0xc040_aed5);
     }
 
     #[test]

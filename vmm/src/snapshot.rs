@@ -636,6 +636,60 @@ pub fn sample_digest(file: &File, size: u64) -> Result<[u8; 32], Error> {
     Ok(h.finalize().into())
 }
 
+/// At most this many data ranges of a memory file are prefaulted; a file
+/// more fragmented than that is prefaulted up to there (the rest faults in
+/// on demand, as without prefaulting).
+const MAX_DATA_RANGES: usize = 16_384;
+
+/// The memory file's data (what [`write_memory`] did not leave as holes) as
+/// guest-physical `(address, length)` ranges, in order: the pages a woken
+/// guest may read back. Found with `SEEK_DATA`/`SEEK_HOLE`; a file system
+/// without them reports the whole file as data.
+pub fn data_ranges(file: &File, mem_bytes: u64) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let size = file.metadata().map_or(0, |m| m.len()).min(mem_bytes);
+    let seek = |at: u64, whence| -> Option<u64> {
+        let at = libc::off_t::try_from(at).ok()?;
+        // SAFETY: lseek on a file descriptor we own; it only moves the
+        // file's offset (the memory file is not read through it).
+        let r = unsafe { libc::lseek(fd, at, whence) };
+        u64::try_from(r).ok()
+    };
+    let mut in_file = Vec::new();
+    let mut at = 0u64;
+    while at < size && in_file.len() < MAX_DATA_RANGES {
+        let Some(start) = seek(at, libc::SEEK_DATA) else {
+            break;
+        };
+        let end = seek(start, libc::SEEK_HOLE).unwrap_or(size).min(size);
+        if start >= end {
+            break;
+        }
+        in_file.push((start, end - start));
+        at = end;
+    }
+    file_to_guest(&in_file, &crate::memory::ram_ranges(mem_bytes))
+}
+
+/// Maps ranges of the memory file (RAM in guest-physical order, the
+/// regions back to back) to guest-physical ranges.
+fn file_to_guest(in_file: &[(u64, u64)], ram: &[(GuestAddress, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(start, len) in in_file {
+        let end = start.saturating_add(len);
+        let mut base = 0u64;
+        for &(gpa, region_len) in ram {
+            let (lo, hi) = (start.max(base), end.min(base + region_len));
+            if lo < hi {
+                out.push((gpa.0 + (lo - base), hi - lo));
+            }
+            base += region_len;
+        }
+    }
+    out
+}
+
 /// Maps the memory file `MAP_PRIVATE` at the guest's RAM ranges for
 /// `mem_bytes`, after checking its size and sampled digest.
 pub fn map_memory(file: File, snapshot: &Snapshot) -> Result<GuestMemoryMmap, Error> {
@@ -887,6 +941,20 @@ mod tests {
     }
 
     #[test]
+    fn file_ranges_map_to_guest_ranges_across_the_mmio_gap() {
+        let ram = crate::memory::ram_ranges(5 << 30);
+        let (low, high) = (ram[0].1, ram[1].0 .0);
+        // One range inside the low region, one across the end of it.
+        let out = file_to_guest(&[(PAGE, PAGE), (low - PAGE, 3 * PAGE)], &ram);
+        assert_eq!(
+            out,
+            vec![(PAGE, PAGE), (low - PAGE, PAGE), (high, 2 * PAGE)]
+        );
+        // Past the end of RAM: nothing.
+        assert!(file_to_guest(&[(5 << 30, PAGE)], &ram).is_empty());
+    }
+
+    #[test]
     fn memory_is_written_sparse_and_mapped_private() {
         let mem = crate::memory::create(64 << 20).expect("mem");
         mem.write_slice(b"first page", GuestAddress(0)).expect("w");
@@ -899,6 +967,18 @@ mod tests {
         let size = write_memory(&mem, &mut f).expect("write");
         assert_eq!(size, 64 << 20);
         drop(f);
+        // Its data ranges: the two written pages, nothing of the holes.
+        let data = data_ranges(&File::open(&path).expect("open"), size);
+        let covered: u64 = data.iter().map(|r| r.1).sum();
+        assert!(
+            data.iter().any(|&(a, l)| a == 0 && l >= PAGE),
+            "page 0 is data: {data:?}"
+        );
+        assert!(
+            data.iter().any(|&(a, l)| a <= 40 << 20 && a + l > 40 << 20),
+            "the far page is data: {data:?}"
+        );
+        assert!(covered < 4 << 20, "holes are not data: {data:?}");
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(&path).expect("meta");
         assert_eq!(meta.len(), 64 << 20);

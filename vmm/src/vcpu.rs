@@ -212,6 +212,43 @@ impl Vcpu {
         })
     }
 
+    /// Maps `[gpa, gpa + len)` into KVM's nested page tables now, as a
+    /// guest read would (`KVM_PRE_FAULT_MEMORY`: copy-on-write is not
+    /// broken, the memory file's pages stay shared), so the guest does not
+    /// exit to fault each of them in. Fails with `EOPNOTSUPP`/`ENOTTY`
+    /// where KVM cannot (older kernels, shadow paging).
+    pub fn pre_fault(&self, gpa: u64, len: u64) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let mut range = kvm_bindings::kvm_pre_fault_memory {
+            gpa,
+            size: len,
+            ..Default::default()
+        };
+        // Each call maps at least one page or fails; a bound on the calls
+        // keeps a misbehaving kernel from looping us forever.
+        let mut calls = len / 4096 + 16;
+        while range.size > 0 && calls > 0 {
+            calls -= 1;
+            // SAFETY: the ioctl reads and writes exactly one
+            // kvm_pre_fault_memory, which lives for the call.
+            let r = unsafe {
+                libc::ioctl(
+                    self.fd.as_raw_fd(),
+                    crate::seccomp::KVM_PRE_FAULT_MEMORY as _,
+                    &raw mut range,
+                )
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EAGAIN) {
+                    continue;
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// The CPUID entries this vCPU was given, as bytes.
     pub fn cpuid_bytes(&self) -> &[u8] {
         &self.cpuid_bytes
