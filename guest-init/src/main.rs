@@ -13,6 +13,8 @@
 //!    `lo`;
 //! 3. writes the boot-timer mark ([`boottimer`]) for the benchmarks;
 //! 4. installs the SIGCHLD reaper ([`reaper`]); with `airlock.snapshot=1`
+//!    warms the container engine (image mode with a container: one
+//!    throw-away container, [`image::warm_up`]), then
 //!    stops at the snapshot point and, woken, takes the host's time,
 //!    entropy and identity ([`wake`]); prints
 //!    [`airlock_protocol::INIT_READY_LINE`];
@@ -128,6 +130,17 @@ fn run() -> Result<(), Error> {
     }
     let mut reaper = reaper::Reaper::install()?;
     if options.snapshot {
+        if container {
+            // The snapshot holds a warmed container engine (see
+            // image::warm_up); a failure only makes the wake slower.
+            match image::warm_up() {
+                Ok(took) => console::debug(&format!(
+                    "warmed the container engine in {} ms",
+                    took.as_millis()
+                )),
+                Err(err) => console::warn(&format!("cannot warm the container engine: {err}")),
+            }
+        }
         // A snapshot is taken here; a woken guest goes on from here.
         wake::snapshot_point()?;
     }
