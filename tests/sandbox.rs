@@ -484,7 +484,12 @@ fn tcg_sandboxes_are_apart_and_leave_nothing_behind() {
     let pids = vm_pids(Path::new(v["audit_log"].as_str().expect("audit")));
     let sup =
         i32::try_from(v["supervisor_pid"].as_i64().expect("supervisor pid")).expect("pid fits");
-    p.airlock(&["rm", "-f", "two"], 120).expect_code(0);
+    // With a name that does not exist among them: that one is said, the
+    // others are still removed.
+    let r = p.airlock(&["rm", "-f", "two", "ghost"], 120);
+    r.expect_code(2)
+        .expect_stdout_line("two")
+        .expect_stderr("no sandbox named ghost");
     assert!(
         wait_dead(&pids, Duration::from_secs(10)).is_empty(),
         "VM processes left"

@@ -185,6 +185,10 @@ pub enum Command {
     #[command(after_help = SANDBOX_EXIT_CODES)]
     Stop(StopArgs),
     /// Remove stopped sandboxes (-f: stop running ones first, at once).
+    ///
+    /// Each name on its own: a missing one, or a running one without -f,
+    /// is said and left, the others are removed; the exit status is the
+    /// first failure's.
     #[command(after_help = SANDBOX_EXIT_CODES)]
     Rm(RmArgs),
     /// Print the end of a sandbox's guest console log.

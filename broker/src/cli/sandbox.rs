@@ -467,28 +467,31 @@ pub fn stop(args: StopArgs) -> Exit {
 
 /// `airlock rm`: every name is checked before any is removed.
 pub fn rm(args: RmArgs) -> Exit {
-    let mut sandboxes = Vec::new();
+    // Each name on its own, as `docker rm`: one that is missing, or running
+    // without -f, is said and left; the others are still removed. The exit
+    // status is the first failure's.
+    let mut exit = Exit::Success;
     for name in &args.names {
-        match Sandbox::open(name) {
-            Ok(sandbox) => {
-                if matches!(sandbox.state(), State::Running(_)) && !args.force {
-                    return usage(format!(
-                        "the sandbox {name} is running: `airlock stop {name}` first, or `airlock rm -f {name}`"
-                    ));
+        let outcome = match Sandbox::open(name) {
+            Ok(sandbox) if matches!(sandbox.state(), State::Running(_)) && !args.force => usage(
+                format!(
+                    "the sandbox {name} is running: `airlock stop {name}` first, or `airlock rm -f {name}`"
+                ),
+            ),
+            Ok(sandbox) => match sandbox.remove(args.force) {
+                Ok(()) => {
+                    println!("{name}");
+                    Exit::Success
                 }
-                sandboxes.push(sandbox);
-            }
-            Err(e) => return fail(&e),
+                Err(e) => fail(&e),
+            },
+            Err(e) => fail(&e),
+        };
+        if matches!(exit, Exit::Success) {
+            exit = outcome;
         }
     }
-    for sandbox in sandboxes {
-        let name = sandbox.name().to_owned();
-        if let Err(e) = sandbox.remove(args.force) {
-            return fail(&e);
-        }
-        println!("{name}");
-    }
-    Exit::Success
+    exit
 }
 
 /// The non-empty lines among the last `lines` of `text`.
