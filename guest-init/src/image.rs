@@ -328,20 +328,27 @@ pub fn loaded_image(stdout: &str) -> Option<String> {
     })
 }
 
-/// Loads the image archive into the VM's container store (`podman load`,
-/// offline) and returns the image to run.
-pub fn load_archive() -> io::Result<String> {
-    let device = archive_device()?;
-    let out = std::process::Command::new(PODMAN)
-        .args(["load", "--input", &device])
+/// podman with `args` as the init runs it for itself: a clean environment
+/// (the standard `PATH`, `HOME=/root`) and no stdin.
+fn podman(args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(PODMAN);
+    command
+        .args(args)
         .env_clear()
         .env(
             "PATH",
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         )
         .env("HOME", "/root")
-        .stdin(std::process::Stdio::null())
-        .output()?;
+        .stdin(std::process::Stdio::null());
+    command
+}
+
+/// Loads the image archive into the VM's container store (`podman load`,
+/// offline) and returns the image to run.
+pub fn load_archive() -> io::Result<String> {
+    let device = archive_device()?;
+    let out = podman(&["load", "--input", &device]).output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
@@ -399,15 +406,7 @@ pub fn warm_up_argv() -> Vec<&'static str> {
 pub fn warm_up() -> io::Result<std::time::Duration> {
     let start = std::time::Instant::now();
     let argv = warm_up_argv();
-    let mut child = std::process::Command::new(argv[0])
-        .args(&argv[1..])
-        .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .env("HOME", "/root")
-        .stdin(std::process::Stdio::null())
+    let mut child = podman(&argv[1..])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
