@@ -1,6 +1,7 @@
 //! Warm pools (`airlock pool`) on the tcg engine: `create` takes a ready
 //! sandbox at once, only when everything it asks for matches, and the
-//! keeper replaces a pooled sandbox that dies.
+//! keeper replaces a pooled sandbox that dies; and on the kvm engine (our
+//! VMM, in the nested test bed): the same hand-over of a ready sandbox.
 
 use airlock_e2e::*;
 use serde_json::Value;
@@ -374,6 +375,70 @@ fn tcg_pool_hands_out_ready_sandboxes_and_replaces_dead_ones() {
 }
 
 /// What a pool cannot be asked for is refused before anything starts.
+/// The pool on the kvm engine (airlock-vmm in the test bed): a pool of one
+/// fills; `create` takes its ready sandbox (the VM keeps running under the
+/// new name: exec answers at once, its audit log says `sandbox.adopt`), the
+/// keeper boots a replacement; `pool rm` stops that one and leaves the taken
+/// sandbox running until it is removed; no VMM is left.
+#[test]
+fn kvm_pool_hands_out_a_ready_sandbox() {
+    let airlock = bin("airlock");
+    let image = build_file("rootfs.img");
+    let script = format!(
+        r#"set -e; date -u -s '{now}' > /dev/null
+export AIRLOCK_SANDBOX_DIR=/tmp/sbx AIRLOCK_SNAPSHOT_DIR=/tmp/snaps
+A={airlock}; O="--engine kvm --image-root {image}"
+ready() {{ w=0; while [ $w -lt 1200 ]; do $A pool ls --format json | grep -q '"ready":1' && return 0; sleep 0.5; w=$((w+1)); done; return 1; }}
+$A pool --size 1 --wait $O
+$A pool ls --format json | tr -d '\n' | sed 's/^/pool-full: /'; echo
+$A create $O --name taken > /dev/null 2> /tmp/err || {{ cat /tmp/err >&2; exit 1; }}
+$A exec taken -- sh -c 'echo in-taken: $(hostname)'
+LOG=$($A inspect taken | sed -n 's/.*"audit_log": "\(.*\)",*$/\1/p')
+echo adopt: $(grep -c '"kind":"sandbox.adopt"' "$LOG")
+ready && echo refilled
+$A pool rm default
+$A pool ls --format json | tr -d '\n' | sed 's/^/pool-after: /'; echo
+$A exec taken -- echo still-running
+$A rm -f taken > /dev/null
+sleep 1; echo vmms-left: $(ps | grep -c '[a]irlock-vmm')
+echo done"#,
+        now = utc_now(),
+    );
+    let r = run(
+        &[
+            "scripts/testbed",
+            "--mem",
+            "3072",
+            "--timeout",
+            "1200",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+        1300,
+    );
+    r.expect_code(0)
+        .expect_stdout_line("done")
+        .expect_stdout_line("in-taken: airlock")
+        .expect_stdout_line("adopt: 1")
+        .expect_stdout_line("refilled")
+        .expect_stdout_line("still-running")
+        .expect_stdout_line("vmms-left: 0");
+    let line = |prefix: &str| {
+        r.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} line\n{r}"))
+            .to_owned()
+    };
+    let full: Value = serde_json::from_str(&line("pool-full: ")).expect("pool ls JSON");
+    assert_eq!(full[0]["name"], "default", "{full:#}");
+    assert_eq!(full[0]["ready"], 1, "{full:#}");
+    let after: Value = serde_json::from_str(&line("pool-after: ")).expect("pool ls JSON");
+    assert_eq!(after, serde_json::json!([]), "the pool is gone: {after:#}");
+}
+
 #[test]
 fn pool_bad_input_is_a_usage_error() {
     let place = Place::new("pool-usage");
