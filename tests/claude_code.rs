@@ -288,20 +288,7 @@ fn kvm_claude_code_in_the_test_bed() {
         ws = rel(&ws),
         out = rel(&out),
     );
-    let r = run(
-        &[
-            "scripts/testbed",
-            "--mem",
-            "3072",
-            "--timeout",
-            "900",
-            "--",
-            "sh",
-            "-c",
-            &s,
-        ],
-        930,
-    );
+    let r = testbed_script(3072, 900, &s);
     r.expect_code(0).expect_stderr("engine: kvm");
     assert!(
         r.stdout

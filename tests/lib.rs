@@ -128,6 +128,26 @@ pub fn testbed(argv: &[&str], timeout_s: u32) -> Run {
     run(&full, timeout_s + 30)
 }
 
+/// `sh -c SCRIPT` in the test bed, whose L1 gets `mem_mib` of memory and
+/// is ended after `timeout_s`.
+pub fn testbed_script(mem_mib: u32, timeout_s: u32, script: &str) -> Run {
+    let (mem, limit) = (mem_mib.to_string(), timeout_s.to_string());
+    run(
+        &[
+            "scripts/testbed",
+            "--mem",
+            &mem,
+            "--timeout",
+            &limit,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        timeout_s + 30,
+    )
+}
+
 /// A scratch directory under `build/tests/` (reachable from the test bed),
 /// unique to this test.
 pub fn scratch(test: &str) -> PathBuf {
@@ -254,6 +274,100 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A test's own sandbox state root (`AIRLOCK_SANDBOX_DIR`, under
+/// `build/tests/`) and temp dir, for the tests of live sandboxes and pools.
+/// Dropped, it kills every process that still holds a lock under it, pool
+/// keepers first (so they boot nothing more), then sandbox supervisors
+/// (their VMs die with them): a test that fails half-way leaves nothing
+/// running.
+#[derive(Debug)]
+pub struct StateRoot {
+    pub dir: PathBuf,
+    pub tmp: TempDir,
+}
+
+impl StateRoot {
+    pub fn new(test: &str) -> StateRoot {
+        let dir = scratch(test).join("sbx");
+        let _ = std::fs::remove_dir_all(&dir);
+        StateRoot {
+            dir,
+            tmp: TempDir::new(test),
+        }
+    }
+
+    /// The variables that point `airlock` here.
+    pub fn env(&self) -> Vec<(&str, &str)> {
+        vec![
+            ("AIRLOCK_SANDBOX_DIR", self.dir.to_str().expect("utf-8")),
+            ("TMPDIR", self.tmp.as_str()),
+        ]
+    }
+
+    /// `airlock ARGS` here, with `extra` variables.
+    pub fn airlock_env(&self, args: &[&str], extra: &[(&str, &str)], timeout_s: u32) -> Run {
+        let airlock = bin("airlock");
+        let mut argv = vec![airlock.as_str()];
+        argv.extend_from_slice(args);
+        let mut env = self.env();
+        env.extend_from_slice(extra);
+        run_env(&argv, &env, timeout_s)
+    }
+
+    /// `airlock ARGS` here.
+    pub fn airlock(&self, args: &[&str], timeout_s: u32) -> Run {
+        self.airlock_env(args, &[], timeout_s)
+    }
+}
+
+impl Drop for StateRoot {
+    fn drop(&mut self) {
+        let mut held = Vec::new();
+        held_locks(&self.dir, &mut held);
+        held.sort_by_key(|(p, _)| p.file_name() != Some("keeper.lock".as_ref()));
+        for (_, pid) in held {
+            // SAFETY: kill(2) of a process this test started, which still
+            // holds its lock.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Every lock file (`lock`, `keeper.lock`) under `dir` that a live process
+/// holds, and its pid.
+pub fn held_locks(dir: &Path, out: &mut Vec<(PathBuf, i32)>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            held_locks(&path, out);
+            continue;
+        }
+        let name = entry.file_name();
+        if name != "lock" && name != "keeper.lock" {
+            continue;
+        }
+        let Ok(file) = std::fs::File::open(&path) else {
+            continue;
+        };
+        // SAFETY: flock(2) on a descriptor we own; no pointers.
+        let free = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::LOCK_SH | libc::LOCK_NB,
+            )
+        } == 0;
+        let pid = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        if let (false, Some(pid)) = (free, pid) {
+            out.push((path, pid));
+        }
     }
 }
 

@@ -8,37 +8,19 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// A test's sandbox state directory (`AIRLOCK_SANDBOX_DIR`) and temp dir.
-struct Place {
-    dir: PathBuf,
-    tmp: TempDir,
+/// This test's state root, with the pool queries.
+struct Place(StateRoot);
+
+impl std::ops::Deref for Place {
+    type Target = StateRoot;
+    fn deref(&self) -> &StateRoot {
+        &self.0
+    }
 }
 
 impl Place {
     fn new(test: &str) -> Place {
-        let dir = scratch(test).join("sbx");
-        let _ = std::fs::remove_dir_all(&dir);
-        Place {
-            dir,
-            tmp: TempDir::new(test),
-        }
-    }
-
-    /// `airlock ARGS` with this place's state root and `extra` variables.
-    fn airlock_env(&self, args: &[&str], extra: &[(&str, &str)], timeout_s: u32) -> Run {
-        let airlock = bin("airlock");
-        let mut argv = vec![airlock.as_str()];
-        argv.extend_from_slice(args);
-        let mut env = vec![
-            ("AIRLOCK_SANDBOX_DIR", self.dir.to_str().expect("utf-8")),
-            ("TMPDIR", self.tmp.as_str()),
-        ];
-        env.extend_from_slice(extra);
-        run_env(&argv, &env, timeout_s)
-    }
-
-    fn airlock(&self, args: &[&str], timeout_s: u32) -> Run {
-        self.airlock_env(args, &[], timeout_s)
+        Place(StateRoot::new(test))
     }
 
     /// `pool ls --format json`'s entry for `pool`.
@@ -81,55 +63,6 @@ impl Place {
                 return ready;
             }
             std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-}
-
-/// Every lock file under `dir` that a live process holds, and its pid.
-fn held_locks(dir: &Path, out: &mut Vec<(PathBuf, i32)>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            held_locks(&path, out);
-            continue;
-        }
-        let name = entry.file_name();
-        if name != "lock" && name != "keeper.lock" {
-            continue;
-        }
-        let Ok(file) = std::fs::File::open(&path) else {
-            continue;
-        };
-        // SAFETY: flock(2) on a descriptor we own; no pointers.
-        let free = unsafe {
-            libc::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                libc::LOCK_SH | libc::LOCK_NB,
-            )
-        } == 0;
-        let pid = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok());
-        if let (false, Some(pid)) = (free, pid) {
-            out.push((path, pid));
-        }
-    }
-}
-
-impl Drop for Place {
-    /// A test that fails half-way leaves nothing running: the keepers
-    /// first (so they boot nothing more), then every supervisor.
-    fn drop(&mut self) {
-        let mut held = Vec::new();
-        held_locks(&self.dir, &mut held);
-        held.sort_by_key(|(p, _)| p.file_name() != Some("keeper.lock".as_ref()));
-        for (_, pid) in held {
-            // SAFETY: kill(2) of a process this test started, which still
-            // holds its lock.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
 }
@@ -404,20 +337,7 @@ sleep 1; echo vmms-left: $(ps | grep -c '[a]irlock-vmm')
 echo done"#,
         now = utc_now(),
     );
-    let r = run(
-        &[
-            "scripts/testbed",
-            "--mem",
-            "3072",
-            "--timeout",
-            "1200",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ],
-        1300,
-    );
+    let r = testbed_script(3072, 1200, &script);
     r.expect_code(0)
         .expect_stdout_line("done")
         .expect_stdout_line("in-taken: airlock")

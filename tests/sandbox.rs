@@ -9,26 +9,18 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// A test's sandbox state directory and temp dir, and `airlock` in them.
-struct Place {
-    dir: PathBuf,
-    tmp: TempDir,
+struct Place(StateRoot);
+
+impl std::ops::Deref for Place {
+    type Target = StateRoot;
+    fn deref(&self) -> &StateRoot {
+        &self.0
+    }
 }
 
 impl Place {
     fn new(test: &str) -> Place {
-        let dir = scratch(test).join("sbx");
-        let _ = std::fs::remove_dir_all(&dir);
-        Place {
-            dir,
-            tmp: TempDir::new(test),
-        }
-    }
-
-    fn env(&self) -> Vec<(&str, &str)> {
-        vec![
-            ("AIRLOCK_SANDBOX_DIR", self.dir.to_str().expect("utf-8")),
-            ("TMPDIR", self.tmp.as_str()),
-        ]
+        Place(StateRoot::new(test))
     }
 
     /// `airlock create --engine tcg --image-root build/rootfs.img --name NAME ARGS`.
@@ -45,14 +37,6 @@ impl Place {
         ];
         argv.extend_from_slice(args);
         self.airlock(&argv, 300)
-    }
-
-    /// `airlock ARGS`.
-    fn airlock(&self, args: &[&str], timeout_s: u32) -> Run {
-        let airlock = bin("airlock");
-        let mut argv = vec![airlock.as_str()];
-        argv.extend_from_slice(args);
-        run_env(&argv, &self.env(), timeout_s)
     }
 
     /// `airlock exec -i NAME -- CMD` with `input` on its stdin.
@@ -92,37 +76,6 @@ impl Place {
                 return state;
             }
             std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-}
-
-impl Drop for Place {
-    /// A test that fails half-way leaves no sandbox running: each
-    /// supervisor still holding its lock is killed (its VM dies with it).
-    fn drop(&mut self) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let lock = entry.path().join("lock");
-            let Ok(file) = std::fs::File::open(&lock) else {
-                continue;
-            };
-            // SAFETY: flock(2) on a descriptor we own; no pointers.
-            let free = unsafe {
-                libc::flock(
-                    std::os::fd::AsRawFd::as_raw_fd(&file),
-                    libc::LOCK_SH | libc::LOCK_NB,
-                )
-            } == 0;
-            let pid = std::fs::read_to_string(&lock)
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok());
-            if let (false, Some(pid)) = (free, pid) {
-                // SAFETY: kill(2) of a supervisor this test started, which
-                // still holds its lock.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
         }
     }
 }

@@ -61,20 +61,7 @@ $A exec m1 -- sh -c 'echo cold-after-mismatch; grep MemTotal /proc/meminfo'; vms
 echo done"#,
         now = utc_now(),
     );
-    let r = run(
-        &[
-            "scripts/testbed",
-            "--mem",
-            "3072",
-            "--timeout",
-            "1500",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ],
-        1600,
-    );
+    let r = testbed_script(3072, 1500, &script);
     r.expect_code(0).expect_stdout_line("done");
     let field = |prefix: &str| -> Vec<String> {
         r.stdout
