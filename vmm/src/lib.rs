@@ -37,6 +37,7 @@ pub mod jail;
 pub mod memory;
 pub mod seccomp;
 pub mod snapshot;
+pub mod timings;
 pub mod tiny_guest;
 pub mod vcpu;
 pub mod vmm;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use airlock_vmm::config::{Console, DiskConfig, VmConfig, VsockConfig, MAX_MEM_MIB, MIN_MEM_MIB};
 use airlock_vmm::vmm::{Hardening, Outcome, SnapshotFiles, Vmm};
-use airlock_vmm::{jail, seccomp, snapshot};
+use airlock_vmm::{jail, seccomp, snapshot, timings};
 use clap::Parser;
 
 /// Boot an Airlock microVM on KVM.
@@ -94,6 +94,12 @@ struct Cli {
     /// none of them wrote.
     #[arg(long, value_name = "DIR")]
     restore: Option<PathBuf>,
+    /// Print on stderr where the start goes: milliseconds since main() at
+    /// each step (jail, restore or boot set-up, first KVM_RUN, the guest's
+    /// first vsock packet and console line, with the vCPU exits so far; with
+    /// --no-seccomp also KVM's counters of vCPU 0).
+    #[arg(long)]
+    timings: bool,
 }
 
 /// The snapshot files to write, opened before the jail.
@@ -187,6 +193,12 @@ impl From<Cli> for VmConfig {
 /// Builds the VM, jails the process (unless `--no-jail`) and runs the guest
 /// with the seccomp filters (unless `--no-seccomp`).
 fn build_and_run(cli: Cli, start: Instant) -> Result<Outcome, Box<dyn std::error::Error>> {
+    if cli.timings {
+        timings::enable(start);
+        if cli.no_seccomp {
+            timings::allow_stats();
+        }
+    }
     let dump = cli.dump_memory.as_deref().map(open_dump).transpose()?;
     let snapshot_target = cli
         .snapshot_to
@@ -207,6 +219,7 @@ fn build_and_run(cli: Cli, start: Instant) -> Result<Outcome, Box<dyn std::error
     } else {
         Some(jail::enter_namespaces(cli.jail_uid, cli.test_report_jail)?)
     };
+    timings::mark("namespaces entered");
     let filters = if cli.no_seccomp {
         eprintln!("airlock-vmm: WARNING: --no-seccomp: the VMM runs without system call filters (debugging only)");
         None
@@ -218,6 +231,7 @@ fn build_and_run(cli: Cli, start: Instant) -> Result<Outcome, Box<dyn std::error
             seccomp::Filters::new()?
         })
     };
+    timings::mark("seccomp filters built");
     let test_forbidden_syscall = cli.test_forbidden_syscall.map(Duration::from_secs);
     let report = cli.test_report_jail;
     let config = VmConfig::from(cli);
@@ -247,6 +261,7 @@ fn build_and_run(cli: Cli, start: Instant) -> Result<Outcome, Box<dyn std::error
         let socket_dir = config.vsock.as_ref().and_then(|v| v.uds.parent());
         let socket_dir = socket_dir.filter(|d| !d.as_os_str().is_empty());
         jail.lock_down(socket_dir, config.mem_bytes(), config.cpus)?;
+        timings::mark("locked down");
         if report {
             jail.report();
         }

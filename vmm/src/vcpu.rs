@@ -381,6 +381,12 @@ impl Vcpu {
         Ok(())
     }
 
+    /// The vCPU's file descriptor (for reading its KVM statistics).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.fd.as_raw_fd()
+    }
+
     /// This vCPU's index.
     pub fn id(&self) -> u8 {
         self.id
@@ -424,11 +430,16 @@ impl Vcpu {
             if self.snapshot_now() {
                 return Stop::Requested;
             }
+            crate::timings::first(crate::timings::First::Run);
             let exit = match self.fd.run() {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
                 Err(e) => return Stop::Failed(format!("KVM_RUN failed on vCPU {}: {e}", self.id)),
             };
+            crate::timings::exit(
+                matches!(exit, VcpuExit::IoOut(..) | VcpuExit::IoIn(..)),
+                matches!(exit, VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)),
+            );
             match exit {
                 VcpuExit::IoOut(port, data) => {
                     self.pio.write(u64::from(port), data);

@@ -324,6 +324,7 @@ impl Vmm {
         };
         vm.create_pit2(pit)
             .map_err(|e| Error::Kvm("create the in-kernel PIT", e))?;
+        crate::timings::mark("VM, irqchip and PIT created");
 
         // The digests cost a read of the VMM and of the kernel's headers:
         // only for a restore here, and for a snapshot in `snapshot_to`.
@@ -361,8 +362,11 @@ impl Vmm {
                 let mut theirs = snap.identity.clone();
                 theirs.cpuid = identity.cpuid;
                 theirs.check(&identity)?;
+                crate::timings::mark("snapshot identity checked");
                 data = snapshot::data_ranges(&file, snap.identity.mem_bytes);
-                (snapshot::map_memory(file, &snap)?, Some(snap))
+                let mem = snapshot::map_memory(file, &snap)?;
+                crate::timings::mark("snapshot memory mapped and checked");
+                (mem, Some(snap))
             }
         };
         memory::register(&vm, &mem)?;
@@ -515,6 +519,7 @@ impl Vmm {
                 );
             }
             restore_vm_state(&vm, &snap.vm)?;
+            crate::timings::mark("VM state restored");
             for (vcpu, state) in vcpus.iter().zip(&snap.vcpus) {
                 vcpu.restore_state(state)?;
             }
@@ -525,9 +530,20 @@ impl Vmm {
                     .restore(state)
                     .map_err(snapshot::Error::Mismatch)?;
             }
+            crate::timings::mark("vCPU and device state restored");
+        }
+        crate::timings::mark("devices and vCPUs set up");
+        if crate::timings::stats_allowed() {
+            if let Some(vcpu) = vcpus.first() {
+                crate::timings::watch_vcpu_stats(vcpu.raw_fd());
+            }
         }
         let prefault = match vcpus.first() {
-            Some(vcpu) if !data.is_empty() => Some(prefault(vcpu, &mem, &data)),
+            Some(vcpu) if !data.is_empty() => {
+                let p = prefault(vcpu, &mem, &data);
+                crate::timings::mark("prefaulted");
+                Some(p)
+            }
             _ => None,
         };
 

@@ -139,6 +139,12 @@ impl BusDevice for SerialDevice {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(off), [b]) = (u8::try_from(offset), data) {
+            if off == 0 && crate::timings::on() {
+                crate::timings::first(crate::timings::First::SerialByte);
+                if *b == b'\n' {
+                    crate::timings::first(crate::timings::First::SerialLine);
+                }
+            }
             // A console that cannot be written (closed pipe, full disk) must
             // not stop the guest; the bytes are lost, which is all we can do.
             let _ = self.serial.write(off, *b);

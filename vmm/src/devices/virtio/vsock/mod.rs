@@ -87,6 +87,7 @@ impl Vsock {
         let mut used = false;
         while let Some(chain) = q.pop_descriptor_chain(&self.mem) {
             let head = chain.head_index();
+            crate::timings::first(crate::timings::First::VsockTx);
             match packet::read_tx(&self.mem, chain) {
                 Ok((h, data)) => self.muxer.on_guest_packet(&h, &data),
                 Err(_) => self.malformed += 1,
@@ -117,7 +118,10 @@ impl Vsock {
             let head = chain.head_index();
             let written = match RxBuffer::new(&self.mem, chain) {
                 Ok(buf) => match self.muxer.next_rx(buf.capacity()) {
-                    Some((h, data)) => buf.write(h, &data).unwrap_or(0),
+                    Some((h, data)) => {
+                        crate::timings::first(crate::timings::First::VsockRx);
+                        buf.write(h, &data).unwrap_or(0)
+                    }
                     None => {
                         // Nothing to send: hand the buffer back, unused.
                         q.set_next_avail(q.next_avail().wrapping_sub(1));
