@@ -94,6 +94,12 @@ struct Cli {
     /// none of them wrote.
     #[arg(long, value_name = "DIR")]
     restore: Option<PathBuf>,
+    /// With --restore: map the snapshot's data into KVM's page tables
+    /// before the guest runs (KVM_PRE_FAULT_MEMORY, else
+    /// MADV_POPULATE_READ), trading a longer restore for fewer guest page
+    /// faults; a net loss where faults are cheap (docs/SNAPSHOTS.md).
+    #[arg(long, requires = "restore")]
+    prefault: bool,
     /// Print on stderr where the start goes: milliseconds since main() at
     /// each step (jail, restore or boot set-up, first KVM_RUN, the guest's
     /// first vsock packet and console line, with the vCPU exits so far; with
@@ -234,11 +240,12 @@ fn build_and_run(cli: Cli, start: Instant) -> Result<Outcome, Box<dyn std::error
     timings::mark("seccomp filters built");
     let test_forbidden_syscall = cli.test_forbidden_syscall.map(Duration::from_secs);
     let report = cli.test_report_jail;
+    let prefault = cli.prefault;
     let config = VmConfig::from(cli);
     let mut vmm = match snapshot_source {
         None => Vmm::new(&config, start)?,
         Some((mut state, memory)) => {
-            let vmm = Vmm::restore(&config, start, &mut state, memory)?;
+            let vmm = Vmm::restore(&config, start, &mut state, memory, prefault)?;
             eprintln!(
                 "airlock-vmm: restored from the snapshot in {:.1} ms",
                 start.elapsed().as_secs_f64() * 1e3

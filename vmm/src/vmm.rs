@@ -293,21 +293,24 @@ impl Vmm {
     /// snapshot was taken. `config` must describe the same machine (the
     /// snapshot's identity is checked against it before anything of the
     /// snapshot is used); the console, the vsock socket and the disks'
-    /// paths are this VM's own.
+    /// paths are this VM's own. With `prefault`, the memory file's data is
+    /// mapped into KVM's page tables before the guest runs (see
+    /// [`Vmm::prefault`]).
     pub fn restore(
         config: &VmConfig,
         start: Instant,
         state: &mut File,
         memory: File,
+        prefault: bool,
     ) -> Result<Self, Error> {
         let snap = Snapshot::read_state(state)?;
-        Self::build(config, start, Some((snap, memory)))
+        Self::build(config, start, Some((snap, memory, prefault)))
     }
 
     fn build(
         config: &VmConfig,
         start: Instant,
-        restore: Option<(Snapshot, File)>,
+        restore: Option<(Snapshot, File, bool)>,
     ) -> Result<Self, Error> {
         config.validate()?;
         let kvm = open_kvm()?;
@@ -357,13 +360,15 @@ impl Vmm {
         let mut data = Vec::new();
         let (mem, restore) = match restore {
             None => (memory::create(config.mem_bytes())?, None),
-            Some((snap, file)) => {
+            Some((snap, file, prefault)) => {
                 // Everything but the CPUID (known once the vCPUs exist).
                 let mut theirs = snap.identity.clone();
                 theirs.cpuid = identity.cpuid;
                 theirs.check(&identity)?;
                 crate::timings::mark("snapshot identity checked");
-                data = snapshot::data_ranges(&file, snap.identity.mem_bytes);
+                if prefault {
+                    data = snapshot::data_ranges(&file, snap.identity.mem_bytes);
+                }
                 let mem = snapshot::map_memory(file, &snap)?;
                 crate::timings::mark("snapshot memory mapped and checked");
                 (mem, Some(snap))
@@ -566,7 +571,8 @@ impl Vmm {
     }
 
     /// What the restore prefaulted of the snapshot's memory (none on a
-    /// cold boot).
+    /// cold boot, and none unless asked: in the test bed it cost more than
+    /// the guest faults it saved, docs/SNAPSHOTS.md).
     pub fn prefault(&self) -> Option<&Prefault> {
         self.prefault.as_ref()
     }
