@@ -127,6 +127,7 @@ fn open_snapshot_target(dir: &std::path::Path) -> std::io::Result<SnapshotFiles>
     Ok(SnapshotFiles {
         state: open(snapshot::STATE_FILE)?,
         memory: open(snapshot::MEMORY_FILE)?,
+        tag: snapshot::new_memory_tag()?,
     })
 }
 

@@ -159,6 +159,9 @@ pub struct Outcome {
 pub struct SnapshotFiles {
     pub state: File,
     pub memory: File,
+    /// The memory file's tag ([`snapshot::new_memory_tag`], made before
+    /// the seccomp filters).
+    pub tag: [u8; 32],
 }
 
 /// A VM waiting for its guest's snapshot mark.
@@ -733,8 +736,8 @@ impl Vmm {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(snapshot::Error::NotQuiescent)?;
-        let memory_size = snapshot::write_memory(&self.mem, &mut target.files.memory)?;
-        let memory_sample = snapshot::sample_digest(&target.files.memory, memory_size)?;
+        let memory_size =
+            snapshot::write_memory(&self.mem, &mut target.files.memory, &target.files.tag)?;
         let snap = Snapshot {
             identity: self.identity.clone(),
             vm,
@@ -745,7 +748,7 @@ impl Vmm {
                 transports,
             },
             memory_size,
-            memory_sample,
+            memory_tag: target.files.tag,
         };
         snap.write_state(&mut target.files.state)?;
         target

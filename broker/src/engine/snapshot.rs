@@ -132,8 +132,8 @@ pub fn key(parts: &KeyParts<'_>) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Used {
     pub key: String,
-    /// SHA-256 of the snapshot's state file (which carries the digest of
-    /// a sample of its memory).
+    /// SHA-256 of the snapshot's state file (which carries its memory
+    /// file's random tag).
     pub state_sha256: String,
     /// Made by this run (the first of its key).
     pub made: bool,
