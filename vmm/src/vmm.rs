@@ -362,7 +362,11 @@ impl Vmm {
         };
         let mut data = Vec::new();
         let (mem, restore) = match restore {
-            None => (memory::create(config.mem_bytes())?, None),
+            None => {
+                let mem = memory::create(config.mem_bytes())?;
+                crate::timings::mark("guest memory mapped");
+                (mem, None)
+            }
             Some((snap, file, prefault)) => {
                 // Everything but the CPUID (known once the vCPUs exist).
                 let mut theirs = snap.identity.clone();
@@ -383,10 +387,12 @@ impl Vmm {
             (0, None)
         } else {
             let kernel = boot::load_kernel(&mem, &config.kernel)?;
+            crate::timings::mark("kernel loaded");
             let initrd = match &config.initrd {
                 Some(path) => Some(boot::load_initrd(&mem, path, &kernel)?),
                 None => None,
             };
+            crate::timings::mark("initrd loaded");
             (kernel.entry.0, initrd)
         };
         // virtio-mmio slots: the disks first (vda, vdb, ... in order), then vsock.
@@ -407,6 +413,7 @@ impl Vmm {
             boot::write_pvh_boot_info(&mem, &cmdline, initrd)?;
             mptable::write(&mem, config.cpus)?;
             regs::write_gdt(&mem)?;
+            crate::timings::mark("boot structures written");
         }
 
         let eventfd = |what| EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Io(what, e));

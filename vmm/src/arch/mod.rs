@@ -2,6 +2,7 @@
 
 pub mod boot;
 pub mod cpuid;
+pub mod elf;
 pub mod layout;
 pub mod mptable;
 pub mod regs;
