@@ -2,7 +2,6 @@
 
 pub mod boot;
 pub mod cpuid;
-pub mod elf;
 pub mod layout;
 pub mod mptable;
 pub mod regs;
