@@ -389,10 +389,13 @@ impl Vmm {
             let kernel = boot::load_kernel(&mem, &config.kernel)?;
             crate::timings::mark("kernel loaded");
             let initrd = match &config.initrd {
-                Some(path) => Some(boot::load_initrd(&mem, path, &kernel)?),
+                Some(path) => {
+                    let initrd = boot::load_initrd(&mem, path, &kernel)?;
+                    crate::timings::mark("initrd loaded");
+                    Some(initrd)
+                }
                 None => None,
             };
-            crate::timings::mark("initrd loaded");
             (kernel.entry.0, initrd)
         };
         // virtio-mmio slots: the disks first (vda, vdb, ... in order), then vsock.
