@@ -1,7 +1,7 @@
 //! `boot-clock`: time a VMM from spawn to a console line and to its exit.
 //!
 //! ```text
-//! boot-clock [--line TEXT | --bytes] [--verbose] -- CMD [ARGS...]
+//! boot-clock [--line TEXT | --bytes] [--verbose] [--kill-after SECS] [--no-aslr] -- CMD [ARGS...]
 //! ```
 //!
 //! Spawns CMD with stdout and stderr piped (stdin is /dev/null), and measures
@@ -34,13 +34,25 @@
 //! ```
 //!
 //! exiting 0 if CMD exited 0. `--verbose` then copies only CMD's stderr.
+//!
+//! `--kill-after SECS` sends CMD `SIGKILL` SECS seconds after the spawn if it
+//! is still running (a VMM that keeps running after its line): no `timeout`
+//! process between us and CMD whose own start would land on every number.
+//!
+//! `--no-aslr` starts CMD with address-space randomisation off
+//! (`personality(ADDR_NO_RANDOMIZE)`, inherited by what CMD starts). Only for
+//! measuring in the nested test bed: L1's TCG translates code per virtual
+//! address, so a position-independent program loaded at a new random address
+//! has all its code translated anew at every start, a cost hardware does not
+//! have (docs/FACTS.md, "Timing in the test bed").
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::sync::mpsc;
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The read size of `--bytes` mode: twice a default pipe's capacity, so one
 /// read can drain a full pipe.
@@ -50,7 +62,7 @@ const DEFAULT_LINE: &str = "airlock-init: ready";
 const BOOT_TIMER_MARK: &str = "guest init reached after ";
 
 const USAGE: &str = "\
-usage: boot-clock [--line TEXT | --bytes] [--verbose] -- CMD [ARGS...]
+usage: boot-clock [--line TEXT | --bytes] [--verbose] [--kill-after SECS] [--no-aslr] -- CMD [ARGS...]
 
 Runs CMD and prints one line:
   line_ms=<f|-> exit_ms=<f> boot_timer_ms=<f|-> code=<n>
@@ -68,6 +80,11 @@ exited 0.
   --line TEXT   the stdout text to wait for
   --bytes       count stdout bytes instead of waiting for a line
   --verbose     copy CMD's stdout (not with --bytes) and stderr to our stderr
+  --kill-after SECS
+                SIGKILL CMD if it still runs SECS seconds after the spawn
+  --no-aslr     start CMD without address-space randomisation (measuring in
+                the nested test bed only: TCG translates a randomised
+                program's code anew at every start)
   -h, --help    this help";
 
 /// What boot-clock watches CMD's stdout for.
@@ -83,6 +100,9 @@ enum Watch {
 struct Args {
     watch: Watch,
     verbose: bool,
+    /// SIGKILL CMD this long after the spawn.
+    kill_after: Option<Duration>,
+    no_aslr: bool,
     cmd: Vec<OsString>,
 }
 
@@ -91,6 +111,8 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> Result<Option<Args>, St
     let mut line = None;
     let mut bytes = false;
     let mut verbose = false;
+    let mut kill_after = None;
+    let mut no_aslr = false;
     while let Some(arg) = it.next() {
         match arg.to_str() {
             Some("--") => {
@@ -108,12 +130,24 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> Result<Option<Args>, St
                 return Ok(Some(Args {
                     watch,
                     verbose,
+                    kill_after,
+                    no_aslr,
                     cmd,
                 }));
             }
             Some("-h" | "--help") => return Ok(None),
             Some("--verbose" | "-v") => verbose = true,
             Some("--bytes") => bytes = true,
+            Some("--no-aslr") => no_aslr = true,
+            Some("--kill-after") => {
+                let secs = it
+                    .next()
+                    .and_then(|v| v.into_string().ok())
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0)
+                    .ok_or("--kill-after needs SECS, a number of seconds (0 < SECS <= 86400)")?;
+                kill_after = Some(Duration::from_secs_f64(secs));
+            }
             Some("--line") => {
                 let text = it
                     .next()
@@ -225,11 +259,42 @@ fn run(args: &Args) -> Result<bool, String> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if args.no_aslr {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: personality(2) is async-signal-safe and touches no memory
+        // of ours; it only sets a flag the following exec honours.
+        unsafe {
+            command.pre_exec(|| {
+                let current = libc::personality(0xffff_ffff);
+                let flags = libc::c_ulong::try_from(current)
+                    .map_err(|_| io::Error::last_os_error())?
+                    | libc::c_ulong::from(libc::ADDR_NO_RANDOMIZE.unsigned_abs());
+                if libc::personality(flags) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
 
     let start = Instant::now();
     let mut child = command
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", program.to_string_lossy()))?;
+    // The watchdog: SIGKILL after --kill-after unless CMD was reaped first
+    // (the sender dropped: then the pid may be reused and is not touched).
+    let (reaped, watch_reaped) = mpsc::channel::<()>();
+    let watchdog = args.kill_after.map(|limit| {
+        let pid = libc::pid_t::try_from(child.id()).unwrap_or(0);
+        thread::spawn(move || {
+            let left = limit.saturating_sub(start.elapsed());
+            if pid > 0 && watch_reaped.recv_timeout(left) == Err(mpsc::RecvTimeoutError::Timeout) {
+                // SAFETY: kill(2) on CMD's pid, not reaped yet: the main
+                // thread joins this thread before it reaps CMD.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        })
+    });
     let stdout = child.stdout.take().ok_or("child has no stdout pipe")?;
     let stderr = child.stderr.take().ok_or("child has no stderr pipe")?;
 
@@ -270,6 +335,29 @@ fn run(args: &Args) -> Result<bool, String> {
         eprintln!("boot-clock: reading the command's stdout: {e}");
     }
 
+    if let Some(watchdog) = watchdog {
+        // Wait for CMD's exit without reaping it (WNOWAIT), so that its pid
+        // stays CMD's until the watchdog is gone.
+        let pid = libc::id_t::from(child.id());
+        // SAFETY: waitid(2) writes only into `info`, which we own.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        loop {
+            // SAFETY: as above.
+            let r = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    pid,
+                    &raw mut info,
+                    libc::WEXITED | libc::WNOWAIT,
+                )
+            };
+            if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                break;
+            }
+        }
+        drop(reaped);
+        let _ = watchdog.join();
+    }
     let status = child
         .wait()
         .map_err(|e| format!("waiting for {}: {e}", program.to_string_lossy()))?;
@@ -367,6 +455,64 @@ mod tests {
         assert!(parse_args(os(&["--"])).is_err());
         assert!(parse_args(os(&["echo"])).is_err());
         assert!(parse_args(os(&["--line"])).is_err());
+    }
+
+    #[test]
+    fn parses_kill_after_and_no_aslr() {
+        let a = parse_args(os(&["--kill-after", "2.5", "--no-aslr", "--", "cat"]))
+            .ok()
+            .flatten();
+        let a = a.as_ref();
+        assert_eq!(
+            a.and_then(|a| a.kill_after),
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(a.map(|a| a.no_aslr), Some(true));
+        let default = parse_args(os(&["--", "cat"])).ok().flatten();
+        assert_eq!(
+            default.map(|a| (a.kill_after, a.no_aslr)),
+            Some((None, false))
+        );
+        for bad in ["0", "-1", "x", "inf", "NaN", "100000"] {
+            assert!(
+                parse_args(os(&["--kill-after", bad, "--", "cat"])).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(parse_args(os(&["--kill-after"])).is_err());
+    }
+
+    fn args(kill_after: Option<Duration>, no_aslr: bool, cmd: &[&str]) -> Args {
+        Args {
+            watch: Watch::Bytes,
+            verbose: false,
+            kill_after,
+            no_aslr,
+            cmd: cmd.iter().map(OsString::from).collect(),
+        }
+    }
+
+    #[test]
+    fn kills_a_command_that_outlives_kill_after() {
+        let t = Instant::now();
+        let r = run(&args(
+            Some(Duration::from_millis(300)),
+            false,
+            &["sleep", "30"],
+        ));
+        assert_eq!(r, Ok(false), "killed, so not a success");
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+        // One that ends in time is left alone and succeeds.
+        let r = run(&args(Some(Duration::from_secs(60)), false, &["true"]));
+        assert_eq!(r, Ok(true));
+    }
+
+    #[test]
+    fn no_aslr_reaches_the_command_and_its_children() {
+        // /proc/self/personality is the flags in hex: ADDR_NO_RANDOMIZE is 0x0040000.
+        let check = "p=$(cat /proc/self/personality) && [ $((0x$p & 0x40000)) -ne 0 ]";
+        assert_eq!(run(&args(None, true, &["sh", "-c", check])), Ok(true));
+        assert_eq!(run(&args(None, false, &["sh", "-c", check])), Ok(false));
     }
 
     #[test]
