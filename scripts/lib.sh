@@ -67,3 +67,30 @@ bundle_libs() {
     [ -n "$loader" ] || die "ldd did not list the dynamic loader of $bin"
     cp -L "$loader" "$dir/ld-linux-x86-64.so.2"
 }
+
+# l1_idle_helpers SCRUB: prints, for a benchmark's script run inside the test
+# bed (busybox sh), settle() (wait until L1's CPU was >= 90 % idle over half
+# a second, 15 s at most: a killed VM's memory and page tables are freed
+# after it is gone, KVM zaps them from a work queue, which would land on the
+# next run's time) and scrub() (with SCRUB=1: write 1 GiB of fresh memory,
+# then settle, so that no measured VM is the first to write into the pages
+# an earlier guest ran code from; docs/FACTS.md, "Timing in the test bed").
+l1_idle_helpers() {
+    cat <<EOF
+settle() {
+    n=0
+    while [ \$n -lt 30 ]; do
+        set -- \$(head -n 1 /proc/stat); i0=\$5; t0=\$((\$2 + \$3 + \$4 + \$5 + \$6 + \$7 + \$8))
+        sleep 0.5
+        set -- \$(head -n 1 /proc/stat); i1=\$5; t1=\$((\$2 + \$3 + \$4 + \$5 + \$6 + \$7 + \$8))
+        [ \$(( (i1 - i0) * 100 )) -ge \$(( (t1 - t0) * 90 )) ] && return
+        n=\$((n + 1))
+    done
+}
+scrub() {
+    [ $1 = 1 ] || return 0
+    dd if=/dev/zero of=/dev/null bs=1024M count=1 2>/dev/null || echo "bench: the scrub failed" >&2
+    settle
+}
+EOF
+}

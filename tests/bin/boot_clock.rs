@@ -281,19 +281,20 @@ fn run(args: &Args) -> Result<bool, String> {
     let mut child = command
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", program.to_string_lossy()))?;
-    // The watchdog: SIGKILL after --kill-after unless CMD was reaped first
-    // (the sender dropped: then the pid may be reused and is not touched).
-    let (reaped, watch_reaped) = mpsc::channel::<()>();
+    // The watchdog: SIGKILL after --kill-after unless told first that CMD
+    // has exited (its sender dropped, before CMD is reaped).
     let watchdog = args.kill_after.map(|limit| {
+        let (exited, watch_exited) = mpsc::channel::<()>();
         let pid = libc::pid_t::try_from(child.id()).unwrap_or(0);
-        thread::spawn(move || {
+        let handle = thread::spawn(move || {
             let left = limit.saturating_sub(start.elapsed());
-            if pid > 0 && watch_reaped.recv_timeout(left) == Err(mpsc::RecvTimeoutError::Timeout) {
+            if pid > 0 && watch_exited.recv_timeout(left) == Err(mpsc::RecvTimeoutError::Timeout) {
                 // SAFETY: kill(2) on CMD's pid, not reaped yet: the main
                 // thread joins this thread before it reaps CMD.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
-        })
+        });
+        (exited, handle)
     });
     let stdout = child.stdout.take().ok_or("child has no stdout pipe")?;
     let stderr = child.stderr.take().ok_or("child has no stderr pipe")?;
@@ -335,7 +336,7 @@ fn run(args: &Args) -> Result<bool, String> {
         eprintln!("boot-clock: reading the command's stdout: {e}");
     }
 
-    if let Some(watchdog) = watchdog {
+    if let Some((exited, watchdog)) = watchdog {
         // Wait for CMD's exit without reaping it (WNOWAIT), so that its pid
         // stays CMD's until the watchdog is gone.
         let pid = libc::id_t::from(child.id());
@@ -355,7 +356,7 @@ fn run(args: &Args) -> Result<bool, String> {
                 break;
             }
         }
-        drop(reaped);
+        drop(exited);
         let _ = watchdog.join();
     }
     let status = child
