@@ -236,6 +236,120 @@ fn tcg_output_beyond_the_limit_is_cut_and_stops_the_run() {
     assert_eq!(r.stdout.len(), 1000, "{}", r.stderr);
 }
 
+/// The vhost-device-vsock `airlock doctor` finds (the one runs use).
+fn real_vhost_vsock() -> String {
+    let r = run(&[&bin("airlock"), "doctor"], 60);
+    r.stdout
+        .lines()
+        .chain(r.stderr.lines())
+        .find_map(|l| {
+            l.trim_start_matches("ok")
+                .trim()
+                .strip_prefix("vhost-device-vsock: ")
+        })
+        .and_then(|rest| rest.split(" (").next())
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("airlock doctor names no vhost-device-vsock\n{r}"))
+}
+
+/// A stand-in for vhost-device-vsock in `dir` that runs the real one, but
+/// for its first `deaf` starts serves the guest's connections on a path
+/// nobody listens on: it never answers them (it sends no reset), which is
+/// what the guest sees when the real helper's queue worker has stopped.
+/// Each start adds a line to `dir/starts`.
+fn deaf_vhost_vsock(dir: &TempDir, deaf: u32) -> String {
+    let wrapper = dir.path().join("vhost-wrapper");
+    let script = format!(
+        "#!/bin/sh\n\
+         echo start >> '{dir}/starts'\n\
+         if [ \"$(wc -l < '{dir}/starts')\" -le {deaf} ]; then\n\
+         \x20 prev=\n\
+         \x20 for a do\n\
+         \x20   shift\n\
+         \x20   if [ \"$prev\" = --uds-path ]; then set -- \"$@\" \"$a.deaf\"; else set -- \"$@\" \"$a\"; fi\n\
+         \x20   prev=$a\n\
+         \x20 done\n\
+         fi\n\
+         exec '{real}' \"$@\"\n",
+        dir = dir.as_str(),
+        real = real_vhost_vsock(),
+    );
+    std::fs::write(&wrapper, script).expect("write the wrapper");
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod the wrapper");
+    wrapper.to_str().expect("utf-8").to_owned()
+}
+
+fn starts(dir: &TempDir) -> usize {
+    std::fs::read_to_string(dir.path().join("starts"))
+        .unwrap_or_default()
+        .lines()
+        .count()
+}
+
+#[test]
+fn tcg_a_vsock_device_that_never_answers_is_booted_again_once() {
+    // The first boot's vsock device never answers: the guest's init gives
+    // up on the host after its patience and powers off. airlock says so,
+    // boots the VM again, and the command runs; the audit log shows both.
+    let tmp = TempDir::new("deaf1");
+    let wrapper = deaf_vhost_vsock(&tmp, 1);
+    let r = tcg(
+        &[],
+        &["sh", "-c", "echo ran; exit 3"],
+        &[("AIRLOCK_VHOST_VSOCK", &wrapper), ("TMPDIR", tmp.as_str())],
+        300,
+    );
+    r.expect_code(3)
+        .expect_stdout_line("ran")
+        .expect_stderr("vsock device (vhost-device-vsock) never answered its connects")
+        .expect_stderr("booting the VM again (once)")
+        // The first boot's console and the helper's threads, shown.
+        .expect_stderr("failed to connect to the host (vsock cid 2 port 1024)")
+        .expect_stderr("vhost-device-vsock's threads: ");
+    assert_eq!(starts(&tmp), 2, "the helper started twice\n{r}");
+    let records = airlock_e2e::audit_records(&airlock_e2e::audit_log_of(&r));
+    let vm_starts = airlock_e2e::fields_of_kind(&records, "vm.start");
+    assert_eq!(vm_starts.len(), 2, "two vm.start records\n{r}");
+    let exits = airlock_e2e::fields_of_kind(&records, "vm.exit");
+    assert_eq!(exits.len(), 2, "two vm.exit records\n{r}");
+    let why = exits[0]["why"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("never answered") && why.ends_with("airlock boots it again"),
+        "the first vm.exit says why: {why}"
+    );
+    assert_eq!(exits[0]["stopped_by"], "itself");
+    assert_eq!(exits[1]["stopped_by"], "itself", "{r}");
+    let end = airlock_e2e::fields_of_kind(&records, "run.end");
+    assert_eq!(end[0]["exit_code"], 3, "{r}");
+    let left = processes_mentioning(tmp.as_str());
+    assert!(left.is_empty(), "processes left behind:\n{left}");
+}
+
+#[test]
+fn tcg_a_vsock_device_that_never_answers_twice_fails_the_run() {
+    // Booted again only once: a second deaf boot ends the run as a sandbox
+    // failure, with the console and the helper's threads to show why.
+    let tmp = TempDir::new("deaf2");
+    let wrapper = deaf_vhost_vsock(&tmp, 2);
+    let r = tcg(
+        &[],
+        &["sh", "-c", "echo ran"],
+        &[("AIRLOCK_VHOST_VSOCK", &wrapper), ("TMPDIR", tmp.as_str())],
+        300,
+    );
+    r.expect_code(120)
+        .expect_stderr("before the guest connected")
+        .expect_stderr("vhost-device-vsock's threads: ");
+    assert!(!r.stdout.contains("ran"), "{r}");
+    assert_eq!(starts(&tmp), 2, "one second boot, no third\n{r}");
+    let again = r.stderr.matches("booting the VM again").count();
+    assert_eq!(again, 1, "{r}");
+}
+
 #[test]
 fn run_rejects_bad_usage_before_starting_anything() {
     let airlock = bin("airlock");

@@ -44,8 +44,8 @@ use std::time::{Duration, Instant};
 
 use airlock_protocol::limits::MAX_ERROR_MESSAGE;
 use airlock_protocol::{
-    capability, read_frame, write_frame, ErrorCode, ExitStatus, FrameError, Message, CONTROL_PORT,
-    FILES_IN_PORT, FILES_OUT_PORT, HOST_CID, PROTOCOL_VERSION,
+    capability, read_frame, write_frame, ErrorCode, ExitStatus, FrameError, Message,
+    CONNECT_FAILED, CONTROL_PORT, FILES_IN_PORT, FILES_OUT_PORT, HOST_CID, PROTOCOL_VERSION,
 };
 
 use crate::console;
@@ -89,7 +89,7 @@ impl Stream for VsockStream {
 /// The control session failed; the init powers off after it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("failed to connect to the host (vsock cid {HOST_CID} port {CONTROL_PORT})")]
+    #[error("{CONNECT_FAILED} (vsock cid {HOST_CID} port {CONTROL_PORT})")]
     Connect(#[source] io::Error),
     #[error("failed to set up the control connection")]
     Setup(#[source] io::Error),

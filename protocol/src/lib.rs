@@ -93,6 +93,14 @@ pub mod capability {
 /// Host port the guest init connects to for the control connection.
 pub const CONTROL_PORT: u32 = 1024;
 
+/// How the guest init's console line begins its error when it could not
+/// open the control connection (`airlock-init: error: ` + this + ` (vsock
+/// cid 2 port 1024): ` + why). The host looks for it on the console of a
+/// guest that stopped before it connected: on the tcg engine it means
+/// the vsock device never answered (see the broker's `run` module), and
+/// that boot is tried once more.
+pub const CONNECT_FAILED: &str = "failed to connect to the host";
+
 /// Host port the guest init connects to, after the `RunSpec`, to read the
 /// workspace (host → guest file stream).
 pub const FILES_IN_PORT: u32 = 1025;

@@ -38,7 +38,7 @@
 //! | `policy.output_limit` | output first cut at `--max-output-bytes` | `limit_bytes`, `stream` |
 //! | `protocol.error` | the guest broke the protocol | `reason` |
 //! | `audit.overflow` | guest records were dropped at the caps (once, at the end) | `dropped_records`, `dropped_bytes`, `written_records`, `written_bytes`, `max_guest_records`, `max_guest_bytes` |
-//! | `vm.exit` | the VM is gone | `status`, `stopped_by` (`itself`/`airlock`), `why` |
+//! | `vm.exit` | the VM is gone (on tcg, a guest that never reached the host is booted once more: `vm.exit`, its `why` ending "airlock boots it again", then `vm.start` again) | `status`, `stopped_by` (`itself`/`airlock`), `why` |
 //! | `run.end` | last but the seal | `how` (`exited`, `signaled`, `spawn_failed`, `timeout`, `boot_failure`, `protocol_error`, `interrupted`, `audit_failure`, `error`), `exit_code` (airlock's), `command_status`, `message`, `durations_ms` {`total`, `boot`, `command`}, `output`, `guest_records` |
 //! | `run.seal` | the end | `sha256`, and if signed `alg`, `public_key`, `signature` |
 //! | `model.call` | a model call forwarded upstream (see `crate::model`) | `call`, `api`, `method`, `target`, `model`, `status`, `input_tokens`, `output_tokens` (from the response's usage, streaming included), `latency_ms`, `upstream_head_ms`, `first_chunk_ms`, `request_bytes`, `request_sha256`, `forwarded_sha256`, `max_tokens_capped`, `reserved`, `charged`, `scrubbed`, `response_bytes`, `response_sha256`, `complete`, `error`, `dropped_headers`, `guest_credentials_dropped` |

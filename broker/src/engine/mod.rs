@@ -120,6 +120,12 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("cannot remove {} (left by an earlier boot of this run)", path.display())]
+    Stale {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot create the log file {}", path.display())]
     Log {
         path: PathBuf,
@@ -539,6 +545,21 @@ impl Vm {
             .collect()
     }
 
+    /// What each helper still running is doing, by its threads: a line
+    /// per helper (`NAME threads: COMM (STATE WCHAN), ...`) read from
+    /// `/proc`, for the report of a VM that never reached the host. A
+    /// helper can stop serving while its process lives on (a thread that
+    /// ended or waits for good); its threads say which.
+    pub fn helper_threads(&mut self) -> Vec<(&'static str, Vec<ThreadState>)> {
+        let mut report = Vec::new();
+        for helper in &mut self.helpers {
+            if matches!(helper.try_wait(), Ok(None)) {
+                report.push((helper.name, threads_of(helper.child.id())));
+            }
+        }
+        report
+    }
+
     /// The log files of the engine's processes, each with the process's name.
     pub fn logs(&self) -> Vec<(&'static str, &Path)> {
         std::iter::once(&self.main)
@@ -546,6 +567,64 @@ impl Vm {
             .map(|p| (p.name, p.log.as_path()))
             .collect()
     }
+}
+
+/// One thread of a helper process, as `/proc` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadState {
+    /// Its name (`comm`).
+    pub name: String,
+    /// Its state letter (`R`, `S`, `D`, ...).
+    pub state: char,
+    /// The kernel function it waits in (`wchan`), if any.
+    pub wchan: String,
+}
+
+impl fmt::Display for ThreadState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}", self.name, self.state)?;
+        if !self.wchan.is_empty() && self.wchan != "0" {
+            write!(f, " {}", self.wchan)?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// Most threads of one process a report lists.
+const MAX_THREADS: usize = 64;
+
+/// The threads of process `pid` (at most [`MAX_THREADS`]), in thread id
+/// order; empty if `/proc` cannot be read.
+fn threads_of(pid: u32) -> Vec<ThreadState> {
+    let task = PathBuf::from(format!("/proc/{pid}/task"));
+    let Ok(entries) = std::fs::read_dir(&task) else {
+        return Vec::new();
+    };
+    let mut tids: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort_unstable();
+    tids.truncate(MAX_THREADS);
+    let read = |tid: u32, file: &str| {
+        std::fs::read(task.join(tid.to_string()).join(file))
+            .map(|b| crate::text::sanitize(b[..b.len().min(256)].trim_ascii()))
+            .unwrap_or_default()
+    };
+    tids.into_iter()
+        .map(|tid| {
+            // `stat` is `tid (comm) S ...`; comm may hold spaces and `)`.
+            let stat = read(tid, "stat");
+            let state = stat
+                .rfind(')')
+                .and_then(|end| stat[end + 1..].trim_start().chars().next())
+                .unwrap_or('?');
+            ThreadState {
+                name: read(tid, "comm"),
+                state,
+                wchan: read(tid, "wchan"),
+            }
+        })
+        .collect()
 }
 
 /// How many lines a failure report shows of a console or log.
@@ -859,6 +938,37 @@ mod tests {
         let log = std::fs::read_to_string(dir.path().join("env.log")).expect("log");
         assert!(!log.contains("s3cr3t"), "{log}");
         assert!(log.contains("PATH="), "{log}");
+    }
+
+    #[test]
+    fn threads_of_names_each_thread_with_its_state() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let waiter = thread::Builder::new()
+            .name("al-probe".into())
+            .spawn(move || {
+                let _ = rx.recv();
+            })
+            .expect("spawn");
+        // Until it blocks in recv().
+        let mut probe = None;
+        for _ in 0..200 {
+            probe = threads_of(std::process::id())
+                .into_iter()
+                .find(|t| t.name == "al-probe" && t.state == 'S');
+            if probe.is_some() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        let probe = probe.expect("the sleeping thread is listed");
+        assert!(probe.to_string().starts_with("al-probe (S"), "{probe}");
+        drop(tx);
+        waiter.join().expect("join");
+        assert!(!threads_of(std::process::id())
+            .iter()
+            .any(|t| t.name == "al-probe"));
+        // A process that is gone has no threads to show.
+        assert!(threads_of(u32::MAX).is_empty());
     }
 
     #[test]

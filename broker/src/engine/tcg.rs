@@ -12,7 +12,10 @@
 //!
 //! Two defects of vhost-device-vsock 0.3.0 (docs/FACTS.md) shape the guest side,
 //! not this file: a guest write above 32 KiB stalls the connection, and a
-//! guest `shutdown(SHUT_WR)` never reaches the host.
+//! guest `shutdown(SHUT_WR)` never reaches the host. A third, rare one (the
+//! device never answers the guest at all) makes the run boot again
+//! (`crate::run`); [`Vm::helper_threads`] and [`vhost_worker_note`] say
+//! what the helper was doing.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -26,6 +29,23 @@ use super::{Error, Process, Vm, VmConfig, BASE_CMDLINE, VM_LOG};
 pub const VHOST_SOCKET: &str = "vhost.sock";
 /// The helper's log, in the run directory.
 pub const VHOST_LOG: &str = "vhost-device-vsock.log";
+/// The helper's name in reports and `vm.start`.
+pub const VHOST_NAME: &str = "vhost-device-vsock";
+/// The thread of vhost-device-vsock that serves the device's queues
+/// (vhost-user-backend's worker). When the device's event handler returns
+/// an error, vhost-user-backend ends this thread and says nothing; the
+/// process lives on and the guest's vsock never answers again.
+pub const VHOST_WORKER: &str = "vring_worker";
+
+/// What a report says of a vhost-device-vsock whose threads are `threads`
+/// (read while it still ran): whether its queue worker is gone.
+pub fn vhost_worker_note(threads: &[super::ThreadState]) -> Option<&'static str> {
+    (!threads.is_empty() && !threads.iter().any(|t| t.name == VHOST_WORKER)).then_some(
+        "its queue worker thread (vring_worker) is gone: it stopped on an error it \
+         does not report, so the guest's vsock could not answer",
+    )
+}
+
 /// The console FIFOs' base name in the run directory (QEMU opens `.in` and
 /// `.out`).
 const CONSOLE_PIPE: &str = "console";
@@ -135,10 +155,29 @@ impl Tcg {
     }
 
     /// Starts vhost-device-vsock, waits for its socket, then starts QEMU.
+    ///
+    /// The run directory may hold what an earlier boot of the same run
+    /// left (a second boot when the guest could not reach the host): its
+    /// vhost-user socket, which would look ready before the new helper
+    /// listens, and the console FIFOs; they are removed first.
     pub fn spawn(&self, config: &VmConfig) -> Result<Vm, Error> {
         let socket = config.run_dir.join(VHOST_SOCKET);
+        let pipe = config.run_dir.join(CONSOLE_PIPE);
+        let pipe_in = pipe.with_extension("in");
+        let pipe_out = pipe.with_extension("out");
+        for stale in [&socket, &pipe_in, &pipe_out] {
+            match std::fs::remove_file(stale) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::Stale {
+                        path: stale.clone(),
+                        source: e,
+                    })
+                }
+                _ => {}
+            }
+        }
         let mut helper = Process::spawn(
-            "vhost-device-vsock",
+            VHOST_NAME,
             &self.vhost_vsock,
             &self.vhost_args(config),
             &config.run_dir.join(VHOST_LOG),
@@ -147,14 +186,11 @@ impl Tcg {
         // On any error below, dropping `helper` kills and reaps it.
         if !helper.wait_ready(VHOST_READY, || socket.exists())? {
             return Err(Error::HelperNotReady {
-                name: "vhost-device-vsock",
+                name: VHOST_NAME,
                 socket,
                 waited: VHOST_READY,
             });
         }
-        let pipe = config.run_dir.join(CONSOLE_PIPE);
-        let pipe_in = pipe.with_extension("in");
-        let pipe_out = pipe.with_extension("out");
         let fifo_error = |path: &std::path::Path| {
             let path = path.to_path_buf();
             move |source| Error::Log { path, source }
@@ -195,6 +231,21 @@ fn qemu_escape(path: &std::path::Path) -> OsString {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_helper_without_its_queue_worker_is_called_out() {
+        let thread = |name: &str| super::super::ThreadState {
+            name: name.into(),
+            state: 'S',
+            wchan: "do_epoll_wait".into(),
+        };
+        let whole = [thread("vhost-device-vs"), thread(VHOST_WORKER)];
+        assert_eq!(vhost_worker_note(&whole), None);
+        let note = vhost_worker_note(&whole[..1]).expect("a note");
+        assert!(note.contains("vring_worker) is gone"), "{note}");
+        // Nothing read (the helper had ended): nothing claimed.
+        assert_eq!(vhost_worker_note(&[]), None);
+    }
 
     fn config() -> VmConfig {
         VmConfig {

@@ -53,7 +53,7 @@ use std::time::{Duration, Instant, SystemTime};
 use airlock_protocol::{CONTROL_PORT, DEFAULT_GUEST_CID};
 use serde_json::json;
 
-use crate::audit::records::{ContainerImage, Durations, RunEnd, VmProcess, VmStart};
+use crate::audit::records::{ContainerImage, Durations, RunEnd, VmExit, VmProcess, VmStart};
 use crate::audit::{self, keys, AuditLog, Durability};
 use crate::engine::{self, Available, Disk, Vm, VmConfig};
 use crate::exit::Exit;
@@ -355,9 +355,16 @@ pub(crate) fn boot(
 struct Booted<'a> {
     config: &'a RunConfig,
     audit: &'a AuditLog,
+    selection: &'a engine::Selection,
+    vm_config: VmConfig,
     run_dir: RunDir,
     ports: Ports,
     vm: Vm,
+    /// The VM was booted a second time ([`Booted::vsock_never_answered`]).
+    booted_again: bool,
+    /// The helpers' threads, read when the VM stopped before the guest
+    /// connected (while the helpers still ran), for the report.
+    helper_threads: Vec<(&'static str, Vec<engine::ThreadState>)>,
     events: Receiver<Event>,
     session: SessionParams,
     stop: StopSignal,
@@ -371,7 +378,7 @@ impl<'a> Booted<'a> {
     fn create(
         config: &'a RunConfig,
         pins: &Pins,
-        selection: &engine::Selection,
+        selection: &'a engine::Selection,
         audit: &'a AuditLog,
         snapshot: Option<SnapshotDigests>,
     ) -> Result<Booted<'a>, Error> {
@@ -419,23 +426,7 @@ impl<'a> Booted<'a> {
         // "stop the VM and clean up", not "die at once".
         let stop = StopSignal::install().map_err(Error::Signals)?;
         let started = Instant::now();
-        let vm = selection.engine.spawn(&vm_config)?;
-        let processes = vm
-            .processes()
-            .into_iter()
-            .map(|(name, pid)| VmProcess {
-                name: name.to_owned(),
-                pid,
-            })
-            .collect();
-        audit.record(
-            &VmStart {
-                engine: selection.engine.name(),
-                processes,
-                snapshot: vm.snapshot.clone(),
-            },
-            Durability::Synced,
-        );
+        let vm = spawn_vm(selection, &vm_config, audit)?;
         let session = SessionParams {
             spec: config.spec.clone(),
             max_output_bytes: config.max_output_bytes,
@@ -446,9 +437,13 @@ impl<'a> Booted<'a> {
         Ok(Booted {
             config,
             audit,
+            selection,
+            vm_config,
             run_dir,
             ports,
             vm,
+            booted_again: false,
+            helper_threads: Vec::new(),
             events,
             session,
             stop,
@@ -460,22 +455,88 @@ impl<'a> Booted<'a> {
     /// Carries the run's command through the control session, watching
     /// the VM, the deadlines, the signals and the audit log, until the run
     /// is over.
+    ///
+    /// A tcg VM whose guest could not reach the host at all is booted once
+    /// more ([`Booted::vsock_never_answered`]); the deadlines still count
+    /// from the first boot.
     fn exec(&mut self) -> Result<End, Error> {
-        let mut deadlines = Deadlines::from_start(self.started, self.config.timeout);
-        if self.config.dump_memory.is_some() {
-            // The engine writes the guest's RAM out before it exits.
-            deadlines.power_off_grace = DUMP_GRACE;
-            deadlines.past_timeout = None;
+        loop {
+            let mut deadlines = Deadlines::from_start(self.started, self.config.timeout);
+            if self.config.dump_memory.is_some() {
+                // The engine writes the guest's RAM out before it exits.
+                deadlines.power_off_grace = DUMP_GRACE;
+                deadlines.past_timeout = None;
+            }
+            let end = supervise(
+                &mut self.vm,
+                &self.events,
+                &self.session,
+                deadlines,
+                &self.stop,
+                &mut self.timings,
+            )
+            .map_err(Error::Supervise)?;
+            let End::StoppedBeforeConnect(exit) = end else {
+                return Ok(end);
+            };
+            self.helper_threads = self.vm.helper_threads();
+            if self.booted_again || !self.vsock_never_answered() {
+                return Ok(end);
+            }
+            self.boot_again(exit)?;
         }
-        supervise(
-            &mut self.vm,
-            &self.events,
-            &self.session,
-            deadlines,
-            &self.stop,
-            &mut self.timings,
-        )
-        .map_err(Error::Supervise)
+    }
+
+    /// Whether the guest stopped because the engine's vsock device never
+    /// answered it: on the tcg engine, the init's "failed to connect to
+    /// the host" on the console of a VM that ended before any connection
+    /// reached the control port. vhost-device-vsock, which serves that
+    /// device, can stop answering for good from the start (its queue
+    /// worker can end on an error it does not report; seen twice in some
+    /// twenty CI runs, docs/FACTS.md). Nothing of the run has happened yet
+    /// (no connection was taken, the command never started), so booting
+    /// again loses nothing. Our own VMM (kvm) is not given this second
+    /// chance: there a guest that cannot connect is a defect to see.
+    fn vsock_never_answered(&self) -> bool {
+        matches!(self.selection.engine, engine::Engine::Tcg(_))
+            && engine::tail_lines(&self.run_dir.console, engine::TAIL_LINES)
+                .iter()
+                .any(|line| line.contains(airlock_protocol::CONNECT_FAILED))
+    }
+
+    /// Stops what is left of the first VM, says why and records its
+    /// `vm.exit`, then starts the VM again (a new `vm.start`).
+    fn boot_again(&mut self, exit: engine::ProcessExit) -> Result<(), Error> {
+        let mut why = String::from(
+            "the guest could not reach the host: the tcg engine's vsock device \
+             (vhost-device-vsock) never answered its connects",
+        );
+        for (name, threads) in &self.helper_threads {
+            if *name == engine::tcg::VHOST_NAME {
+                if let Some(note) = engine::tcg::vhost_worker_note(threads) {
+                    why.push_str(&format!(" ({note})"));
+                }
+            }
+        }
+        eprintln!("airlock: warning: {why}; booting the VM again (once)");
+        for line in diagnostics(&self.run_dir.console, &self.vm)
+            .into_iter()
+            .chain(helper_lines(&self.helper_threads))
+        {
+            eprintln!("airlock:   {line}");
+        }
+        self.vm.kill().map_err(Error::Supervise)?;
+        self.audit.record(
+            &VmExit {
+                status: Some(exit.to_string()),
+                stopped_by: "itself",
+                why: format!("{why}; airlock boots it again"),
+            },
+            Durability::Synced,
+        );
+        self.booted_again = true;
+        self.vm = spawn_vm(self.selection, &self.vm_config, self.audit)?;
+        Ok(())
     }
 
     /// Stops everything, records `vm.exit`, judges `end`, tells the user,
@@ -489,6 +550,7 @@ impl<'a> Booted<'a> {
             mut vm,
             started,
             timings,
+            helper_threads,
             ..
         } = self;
         // Whatever happened, nothing of the VM outlives this point.
@@ -509,7 +571,10 @@ impl<'a> Booted<'a> {
             eprintln!("airlock: {line}");
         }
         if verdict.diagnostics {
-            for line in diagnostics(&run_dir.console, &vm) {
+            for line in diagnostics(&run_dir.console, &vm)
+                .into_iter()
+                .chain(helper_lines(&helper_threads))
+            {
                 eprintln!("airlock: {line}");
             }
             if matches!(config.console, ConsoleTarget::Temp { keep: false }) {
@@ -535,6 +600,49 @@ impl<'a> Booted<'a> {
             console_log,
         })
     }
+}
+
+/// A line per helper of what its threads were doing (`NAME's threads: ...`)
+/// and, for vhost-device-vsock, whether its queue worker was gone.
+fn helper_lines(helpers: &[(&'static str, Vec<engine::ThreadState>)]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for (name, threads) in helpers {
+        let list: Vec<String> = threads.iter().map(ToString::to_string).collect();
+        lines.push(format!("{name}'s threads: {}", list.join(", ")));
+        if *name == engine::tcg::VHOST_NAME {
+            if let Some(note) = engine::tcg::vhost_worker_note(threads) {
+                lines.push(format!("{name}: {note}"));
+            }
+        }
+    }
+    lines
+}
+
+/// Starts the VM of `vm_config` on the selected engine and records
+/// `vm.start`.
+fn spawn_vm(
+    selection: &engine::Selection,
+    vm_config: &VmConfig,
+    audit: &AuditLog,
+) -> Result<Vm, Error> {
+    let vm = selection.engine.spawn(vm_config)?;
+    let processes = vm
+        .processes()
+        .into_iter()
+        .map(|(name, pid)| VmProcess {
+            name: name.to_owned(),
+            pid,
+        })
+        .collect();
+    audit.record(
+        &VmStart {
+            engine: selection.engine.name(),
+            processes,
+            snapshot: vm.snapshot.clone(),
+        },
+        Durability::Synced,
+    );
+    Ok(vm)
 }
 
 /// What the engine boots: the pinned files (read through the descriptors
