@@ -457,11 +457,16 @@ impl<'a> Booted<'a> {
     /// is over.
     ///
     /// A tcg VM whose guest could not reach the host at all is booted once
-    /// more ([`Booted::vsock_never_answered`]); the deadlines still count
-    /// from the first boot.
+    /// more ([`Booted::vsock_never_answered`]), with a boot deadline of its
+    /// own; `--timeout` still counts from the first boot.
     fn exec(&mut self) -> Result<End, Error> {
+        // When the VM now running was started.
+        let mut spawned = self.started;
         loop {
             let mut deadlines = Deadlines::from_start(self.started, self.config.timeout);
+            // A second boot gets the whole boot allowance; --timeout still
+            // counts from the first.
+            deadlines.boot = (spawned + deadlines.boot_limit).min(deadlines.timeout);
             if self.config.dump_memory.is_some() {
                 // The engine writes the guest's RAM out before it exits.
                 deadlines.power_off_grace = DUMP_GRACE;
@@ -484,6 +489,7 @@ impl<'a> Booted<'a> {
                 return Ok(end);
             }
             self.boot_again(exit)?;
+            spawned = Instant::now();
         }
     }
 
