@@ -43,6 +43,8 @@ pub const MAX_SNAPSHOTS: usize = 8;
 const MAKE_PATIENCE: Duration = Duration::from_secs(300);
 /// How long a restore may take before the VM counts as woken or failed.
 const RESTORE_PATIENCE: Duration = Duration::from_secs(60);
+/// Most connections the wake port answers in a run.
+const MAX_WAKES: u32 = 8;
 /// How long the wake port waits for the guest.
 const WAKE_PATIENCE: Duration = Duration::from_secs(120);
 /// How long a failed try is remembered.
@@ -336,27 +338,36 @@ pub fn state_digest(plan: &Plan) -> io::Result<String> {
     Ok(crate::audit::record::hex(&Sha256::digest(&bytes)))
 }
 
-/// Listens on the run's wake port and answers the guest's one
-/// connection with a fresh [`Wake`], in a thread of its own (for at most
-/// [`WAKE_PATIENCE`]). Bound before the VM starts, so the guest finds it.
+/// Listens on the run's wake port and answers each of the guest's
+/// connections (at most [`MAX_WAKES`]) with a fresh [`Wake`], in a thread
+/// of its own, for [`WAKE_PATIENCE`]. Bound before the VM starts, so the
+/// guest finds it. More than one: a guest whose first connect failed on
+/// its side after the host had taken it (e.g. timed out in the guest under
+/// load) tries again and must find the port still there. When it served
+/// one only, a CI run in the test bed saw a woken guest refused on every
+/// try for 30 s. Each answer is as fresh as the first (nothing in it is
+/// secret from the guest it wakes).
 pub fn serve_wake(vsock_uds: &Path) -> io::Result<()> {
     let path = super::port_path(vsock_uds, WAKE_PORT);
     let _ = fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     super::kvm::share_socket(&path)?;
     listener.set_nonblocking(true)?;
-    let wake = fresh_wake()?;
+    // The random source works before the VM starts, or not at all.
+    fresh_wake()?;
     std::thread::Builder::new()
         .name("wake".into())
         .spawn(move || {
             let deadline = Instant::now() + WAKE_PATIENCE;
-            while Instant::now() < deadline {
+            let mut served = 0;
+            while Instant::now() < deadline && served < MAX_WAKES {
                 match listener.accept() {
                     Ok((mut stream, _)) => {
+                        served += 1;
+                        let Ok(wake) = fresh_wake() else { return };
                         let _ = stream.set_nonblocking(false);
                         let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
                         let _ = stream.write_all(&wake.encode());
-                        return;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(2));
@@ -485,7 +496,7 @@ mod tests {
     }
 
     #[test]
-    fn the_wake_port_answers_one_fresh_wake() {
+    fn the_wake_port_answers_each_connection_with_a_fresh_wake_up_to_its_cap() {
         let dir = std::env::temp_dir().join(format!("airlock-wake-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("dir");
         let uds = dir.join("vsock");
@@ -504,6 +515,22 @@ mod tests {
         assert_ne!(wake.entropy, [0; 32]);
         let second = fresh_wake().expect("wake");
         assert_ne!(second.entropy, wake.entropy, "fresh each time");
+        // A guest that lost its first answer asks again: a fresh one, up
+        // to MAX_WAKES in all; then the port is gone.
+        let port = super::super::port_path(&uds, WAKE_PORT);
+        let mut seen = vec![wake.entropy];
+        for _ in 1..MAX_WAKES {
+            let mut s = std::os::unix::net::UnixStream::connect(&port).expect("again");
+            s.read_exact(&mut bytes).expect("read again");
+            let again = Wake::decode(&bytes).expect("a wake again");
+            assert!(!seen.contains(&again.entropy), "fresh each time");
+            seen.push(again.entropy);
+        }
+        let refused = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            std::os::unix::net::UnixStream::connect(&port).is_err()
+        });
+        assert!(refused, "no answer after {MAX_WAKES}");
         let _ = fs::remove_dir_all(&dir);
     }
 }
