@@ -128,9 +128,9 @@ pub fn testbed(argv: &[&str], timeout_s: u32) -> Run {
     testbed_run(&full, timeout_s)
 }
 
-/// What `scripts/testbed` says when L1 itself hung (QEMU at ~0 % CPU for
-/// a long stretch, the command not ended): the test bed failed, not what
-/// ran in it.
+/// What `scripts/testbed` says when L1 itself hung (its QEMU under 5 % of
+/// a CPU for 120 s, as an idle L1, the command not ended): the test bed
+/// failed, not what ran in it.
 const L1_HUNG: &str = "testbed: L1 hung";
 
 /// Runs `scripts/testbed ...` (`full`); if L1 hung, runs it once more,

@@ -545,11 +545,10 @@ impl Vm {
             .collect()
     }
 
-    /// What each helper still running is doing, by its threads: a line
-    /// per helper (`NAME threads: COMM (STATE WCHAN), ...`) read from
-    /// `/proc`, for the report of a VM that never reached the host. A
-    /// helper can stop serving while its process lives on (a thread that
-    /// ended or waits for good); its threads say which.
+    /// What each helper still running is doing: its name and its threads
+    /// as `/proc` shows them, for the report of a VM that never reached
+    /// the host. A helper can stop serving while its process lives on (a
+    /// thread that ended or waits for good); its threads say which.
     pub fn helper_threads(&mut self) -> Vec<(&'static str, Vec<ThreadState>)> {
         let mut report = Vec::new();
         for helper in &mut self.helpers {

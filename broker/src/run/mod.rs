@@ -517,12 +517,8 @@ impl<'a> Booted<'a> {
             "the guest could not reach the host: the tcg engine's vsock device \
              (vhost-device-vsock) never answered its connects",
         );
-        for (name, threads) in &self.helper_threads {
-            if *name == engine::tcg::VHOST_NAME {
-                if let Some(note) = engine::tcg::vhost_worker_note(threads) {
-                    why.push_str(&format!(" ({note})"));
-                }
-            }
+        if let Some(note) = vhost_note(&self.helper_threads) {
+            why.push_str(&format!(" ({note})"));
         }
         eprintln!("airlock: warning: {why}; booting the VM again (once)");
         for line in diagnostics(&self.run_dir.console, &self.vm)
@@ -577,9 +573,12 @@ impl<'a> Booted<'a> {
             eprintln!("airlock: {line}");
         }
         if verdict.diagnostics {
+            let note =
+                vhost_note(&helper_threads).map(|n| format!("{}: {n}", engine::tcg::VHOST_NAME));
             for line in diagnostics(&run_dir.console, &vm)
                 .into_iter()
                 .chain(helper_lines(&helper_threads))
+                .chain(note)
             {
                 eprintln!("airlock: {line}");
             }
@@ -608,20 +607,24 @@ impl<'a> Booted<'a> {
     }
 }
 
-/// A line per helper of what its threads were doing (`NAME's threads: ...`)
-/// and, for vhost-device-vsock, whether its queue worker was gone.
+/// A line per helper of what its threads were doing (`NAME's threads: ...`).
 fn helper_lines(helpers: &[(&'static str, Vec<engine::ThreadState>)]) -> Vec<String> {
-    let mut lines = Vec::new();
-    for (name, threads) in helpers {
-        let list: Vec<String> = threads.iter().map(ToString::to_string).collect();
-        lines.push(format!("{name}'s threads: {}", list.join(", ")));
-        if *name == engine::tcg::VHOST_NAME {
-            if let Some(note) = engine::tcg::vhost_worker_note(threads) {
-                lines.push(format!("{name}: {note}"));
-            }
-        }
-    }
-    lines
+    helpers
+        .iter()
+        .map(|(name, threads)| {
+            let list: Vec<String> = threads.iter().map(ToString::to_string).collect();
+            format!("{name}'s threads: {}", list.join(", "))
+        })
+        .collect()
+}
+
+/// Whether vhost-device-vsock, among `helpers`, had lost its queue worker
+/// ([`engine::tcg::vhost_worker_note`]).
+fn vhost_note(helpers: &[(&'static str, Vec<engine::ThreadState>)]) -> Option<&'static str> {
+    helpers
+        .iter()
+        .find(|(name, _)| *name == engine::tcg::VHOST_NAME)
+        .and_then(|(_, threads)| engine::tcg::vhost_worker_note(threads))
 }
 
 /// Starts the VM of `vm_config` on the selected engine and records
