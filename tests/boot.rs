@@ -285,3 +285,120 @@ fn our_vmm_serves_read_only_and_read_write_disks_in_the_testbed() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A stand-in for QEMU's human monitor on a Unix socket: the banner and
+/// prompt, each command echoed the way QEMU's line editor draws it (with
+/// terminal escapes), then the recorded answer; `info registers -a` and
+/// `info lapic N` answer from `registers` and `lapic`.
+fn fake_monitor(
+    path: &std::path::Path,
+    registers: String,
+    lapic: String,
+) -> std::thread::JoinHandle<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind");
+    std::thread::spawn(move || {
+        // One connection per question asked (scripts/hmp.py reconnects).
+        for conn in listener.incoming().take(2) {
+            let Ok(mut conn) = conn else { return };
+            let crlf = |s: &str| s.replace('\n', "\r\n");
+            let _ = conn
+                .write_all(b"QEMU 7.2.22 monitor - type 'help' for more information\r\n(qemu) ");
+            let mut lines = BufReader::new(conn.try_clone().expect("clone"));
+            let mut line = String::new();
+            while lines.read_line(&mut line).unwrap_or(0) > 0 {
+                let cmd = line.trim().to_owned();
+                line.clear();
+                let answer = if cmd == "info registers -a" {
+                    registers.clone()
+                } else if cmd.starts_with("info lapic") {
+                    lapic.clone()
+                } else {
+                    format!("unknown command: '{cmd}'\n")
+                };
+                let echo = format!("{cmd}\x1b[K\r\n");
+                let _ = conn.write_all(format!("{echo}{}(qemu) ", crlf(&answer)).as_bytes());
+            }
+        }
+    })
+}
+
+/// The test bed's check for an L1 whose vCPU stopped for good (QEMU 7.2
+/// TCG left it halted with a deliverable timer interrupt pending: recorded
+/// from a real hang in the test bed, 2026-12-06) says so, and says nothing
+/// for an idle L1 whose timer still runs, a running vCPU, one halted with
+/// interrupts off, or an interrupt the processor priority holds back; its
+/// wake-up byte reaches the serial socket.
+#[test]
+fn testbed_tells_a_stuck_l1_from_an_idle_one() {
+    let dir = scratch("hmp");
+    let fixture = |name: &str| {
+        std::fs::read_to_string(airlock_e2e::root().join("tests/fixtures/hmp").join(name))
+            .expect("fixture")
+    };
+    let (stuck_regs, stuck_lapic) = (fixture("stuck-registers.txt"), fixture("stuck-lapic.txt"));
+    let cases = [
+        ("stuck", stuck_regs.clone(), stuck_lapic.clone(), Some(0)),
+        (
+            "idle",
+            fixture("idle-registers.txt"),
+            fixture("idle-lapic.txt"),
+            Some(3),
+        ),
+        (
+            "running",
+            stuck_regs.replace("HLT=1", "HLT=0"),
+            stuck_lapic.clone(),
+            Some(3),
+        ),
+        (
+            "interrupts-off",
+            stuck_regs.replace("RFL=00000246", "RFL=00000046"),
+            stuck_lapic.clone(),
+            Some(3),
+        ),
+        (
+            "held-back",
+            stuck_regs.clone(),
+            stuck_lapic.replace("PPR 0x10", "PPR 0xf0"),
+            Some(3),
+        ),
+    ];
+    for (name, regs, lapic, code) in cases {
+        let sock = dir.join(format!("{name}.sock"));
+        // (A case that asks once leaves its server waiting: it ends with the test.)
+        let _server = fake_monitor(&sock, regs, lapic);
+        let r = run(&["python3", "scripts/hmp.py", "--stuck", &rel(&sock)], 30);
+        assert_eq!(r.code, code, "{name}: {r}");
+        if name == "stuck" {
+            assert_eq!(
+                r.stdout.trim(),
+                "vCPU 0 halted with interrupts enabled and interrupt vector 236 pending",
+                "{r}"
+            );
+        } else {
+            assert_eq!(r.stdout, "", "{name}: {r}");
+        }
+    }
+    // Nothing to ask: an error, not a verdict.
+    let r = run(
+        &[
+            "python3",
+            "scripts/hmp.py",
+            "--stuck",
+            &rel(&dir.join("none.sock")),
+        ],
+        30,
+    );
+    assert_eq!(r.code, Some(1), "{r}");
+    // The wake-up byte: one newline on the serial socket.
+    let serial = dir.join("serial.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&serial).expect("bind");
+    let r = run(&["python3", "scripts/hmp.py", "--poke", &rel(&serial)], 30);
+    assert_eq!(r.code, Some(0), "{r}");
+    let (mut conn, _) = listener.accept().expect("accept");
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut conn, &mut got).expect("read");
+    assert_eq!(got, b"\n");
+    let _ = std::fs::remove_dir_all(dir);
+}
