@@ -37,11 +37,17 @@ def read_prompt(s):
     return out[: -len(PROMPT)] if out.endswith(PROMPT) else out
 
 
-def ask(path, cmds):
-    """[(cmd, answer)] from QEMU's monitor at `path`."""
+def connect(path):
+    """A connection to the Unix socket `path`, each wait on it bounded."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(10)
     s.connect(path)
+    return s
+
+
+def ask(path, cmds):
+    """[(cmd, answer)] from QEMU's monitor at `path`."""
+    s = connect(path)
     read_prompt(s)  # the banner
     out = []
     for cmd in cmds:
@@ -78,40 +84,33 @@ def stuck(path):
 
 
 def poke(path):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(path)
+    s = connect(path)
     s.sendall(b"\n")
     s.close()
 
 
 def main():
-    if len(sys.argv) == 3 and sys.argv[1] == "--poke":
-        try:
-            poke(sys.argv[2])
-        except OSError as e:
-            print(f"hmp: {sys.argv[2]}: {e}", file=sys.stderr)
-            return 1
-        return 0
-    if len(sys.argv) == 3 and sys.argv[1] == "--stuck":
-        try:
-            why = stuck(sys.argv[2])
-        except (OSError, ValueError) as e:
-            print(f"hmp: {sys.argv[2]}: {e}", file=sys.stderr)
-            return 1
-        if why is None:
-            return 3
-        print(why)
-        return 0
-    if len(sys.argv) < 2:
+    args = sys.argv[1:]
+    if not args:
         sys.stderr.write(__doc__)
         return 2
+    mode = args[0] if len(args) == 2 and args[0] in ("--poke", "--stuck") else None
+    path = args[1] if mode else args[0]
     try:
-        for cmd, answer in ask(sys.argv[1], sys.argv[2:]):
+        if mode == "--poke":
+            poke(path)
+            return 0
+        if mode == "--stuck":
+            why = stuck(path)
+            if why is None:
+                return 3
+            print(why)
+            return 0
+        for cmd, answer in ask(path, args[1:]):
             print(f"== {cmd}")
             print(answer)
-    except OSError as e:
-        print(f"hmp: {sys.argv[1]}: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:
+        print(f"hmp: {path}: {e}", file=sys.stderr)
         return 1
     return 0
 
