@@ -3,6 +3,9 @@
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use vm_memory::mmap::{
+    FromRangesError, GuestRegionMmap, MmapRegion, MmapRegionBuilder, MmapRegionError,
+};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
@@ -15,7 +18,7 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 pub enum Error {
     /// The mappings could not be created.
     #[error("failed to map {0} MiB of guest memory")]
-    Map(u64, #[source] vm_memory::mmap::FromRangesError),
+    Map(u64, #[source] FromRangesError),
     /// KVM refused a memory slot.
     #[error("failed to register guest memory with KVM")]
     Register(#[source] kvm_ioctls::Error),
@@ -35,16 +38,77 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, u64)> {
     ranges
 }
 
-/// Maps `mem_bytes` of guest RAM.
+/// 2 MiB: a huge page, and KVM's large mapping on x86-64.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Maps `mem_bytes` of guest RAM, each region at a 2 MiB-aligned address.
 pub fn create(mem_bytes: u64) -> Result<GuestMemoryMmap, Error> {
-    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_bytes)
-        .into_iter()
+    let map = |e: FromRangesError| Error::Map(mem_bytes >> 20, e);
+    let mut regions = Vec::new();
+    for (start, size) in ram_ranges(mem_bytes) {
         // The CLI bounds guest memory far below usize::MAX on a 64-bit host.
-        .map(|(a, s)| (a, usize::try_from(s).unwrap_or(usize::MAX)))
-        .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Map(mem_bytes >> 20, e))?;
+        let size = usize::try_from(size).map_err(|_| map(FromRangesError::InvalidGuestRegion))?;
+        let region = GuestRegionMmap::new(map_ram(size).map_err(|e| map(e.into()))?, start)
+            .ok_or_else(|| map(FromRangesError::InvalidGuestRegion))?;
+        regions.push(region);
+    }
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| map(e.into()))?;
     advise_huge_pages(&mem);
     Ok(mem)
+}
+
+/// One region of guest RAM, anonymous and private, at a 2 MiB-aligned
+/// address. Guest RAM regions start at 2 MiB-aligned guest addresses, and
+/// KVM maps a guest range with a 2 MiB entry only where the host address has
+/// the same alignment (and the host backs it with a huge page): QEMU aligns
+/// its RAM for the same reason. Kernels from 6.7 place an anonymous mapping
+/// whose size is a multiple of 2 MiB that way by themselves, and then the
+/// mapping is vm-memory's own, unmapped when the memory is dropped. Older
+/// kernels (Debian 12's 6.1), or a size that is not a multiple of 2 MiB,
+/// get a mapping placed by hand inside a larger reservation; vm-memory does
+/// not own such a mapping, so it stays until the process exits (the VMM
+/// process runs one VM).
+fn map_ram(size: usize) -> Result<MmapRegion, MmapRegionError> {
+    let region = MmapRegion::new(size)?;
+    if region.as_ptr() as usize % HUGE_PAGE == 0 {
+        return Ok(region);
+    }
+    drop(region);
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let flags = libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE;
+    let total = size
+        .checked_add(HUGE_PAGE)
+        .ok_or(MmapRegionError::InvalidOffsetLength)?;
+    // SAFETY: a fresh anonymous mapping at an address of the kernel's
+    // choosing; nothing else refers to it yet.
+    let base = unsafe { libc::mmap(std::ptr::null_mut(), total, prot, flags, -1, 0) };
+    if base == libc::MAP_FAILED {
+        return Err(MmapRegionError::Mmap(std::io::Error::last_os_error()));
+    }
+    let base = base as usize;
+    let aligned = base.next_multiple_of(HUGE_PAGE);
+    let head = aligned - base;
+    let tail = total - head - size;
+    // SAFETY: both ranges lie inside the reservation just made and outside
+    // `aligned..aligned+size`; unmapping them only trims it.
+    unsafe {
+        if head > 0 {
+            libc::munmap(base as *mut libc::c_void, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + size) as *mut libc::c_void, tail);
+        }
+    }
+    // SAFETY: `aligned..aligned+size` is a live private anonymous mapping of
+    // this process (the middle of the reservation), never unmapped before
+    // the process exits, so the region never points at freed memory.
+    unsafe {
+        MmapRegionBuilder::new(size)
+            .with_mmap_prot(prot)
+            .with_mmap_flags(flags)
+            .with_raw_mmap_pointer(aligned as *mut u8)
+            .build()
+    }
 }
 
 /// Asks the host kernel to back guest RAM with transparent huge pages where it
@@ -142,6 +206,32 @@ mod tests {
         assert_eq!(dump(&mem, &mut out).expect("dump"), 64 << 20);
         assert_eq!(out.len(), 64 << 20);
         assert_eq!(&out[0x12_3456..0x12_3456 + 6], b"marker");
+    }
+
+    /// Every RAM region starts at a 2 MiB-aligned host address, whether the
+    /// kernel placed it (a multiple of 2 MiB, kernels from 6.7) or we did
+    /// (any other size), and all of it is usable guest memory.
+    #[test]
+    fn guest_ram_is_2mib_aligned_whatever_its_size() {
+        use vm_memory::Bytes;
+        for mib in [64u64, 255, 1, 3] {
+            let bytes = mib << 20;
+            let mem = create(bytes).expect("map");
+            for region in mem.iter() {
+                let host = region
+                    .get_host_address(MemoryRegionAddress(0))
+                    .expect("host") as usize;
+                assert_eq!(host % HUGE_PAGE, 0, "{mib} MiB guest: region at {host:#x}");
+            }
+            let last = GuestAddress(bytes - 6);
+            mem.write_slice(b"edge!!", last)
+                .expect("write the last bytes");
+            let mut back = [0u8; 6];
+            mem.read_slice(&mut back, last).expect("read them back");
+            assert_eq!(&back, b"edge!!");
+            mem.write_slice(b"x", GuestAddress(0))
+                .expect("write the first byte");
+        }
     }
 
     /// Guest RAM is marked for transparent huge pages (the kernel's `hg`
