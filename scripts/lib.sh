@@ -75,16 +75,6 @@ bundle_libs() {
 # next run's time) and scrub() (with SCRUB=1: write 1 GiB of fresh memory,
 # then settle, so that no measured VM is the first to write into the pages
 # an earlier guest ran code from; docs/FACTS.md, "Timing in the test bed").
-# l1_thp_setting MODE: prints, for a benchmark's script run inside the test
-# bed, the line that sets L1's transparent huge pages to MODE (always, madvise
-# or never; L1's kernel starts with `always`, as Debian's kernels do). With
-# THP, L1's KVM maps a guest's RAM with 2 MiB nested entries, and the guest's
-# first touches of its memory cost far fewer trips through emulated L1
-# (docs/FACTS.md, "Transparent huge pages in L1").
-l1_thp_setting() {
-    echo "echo $1 > /sys/kernel/mm/transparent_hugepage/enabled || { echo 'bench: cannot set THP to $1 in L1' >&2; exit 125; }"
-}
-
 l1_idle_helpers() {
     cat <<EOF
 settle() {
@@ -103,4 +93,14 @@ scrub() {
     settle
 }
 EOF
+}
+
+# l1_thp_setting MODE: prints, for a benchmark's script run inside the test
+# bed, the line that sets L1's transparent huge pages to MODE (always, madvise
+# or never; L1's kernel starts with `always`, as Debian's kernels do). With
+# THP, L1's KVM maps a guest's RAM with 2 MiB nested entries, and the guest's
+# first touches of its memory cost far fewer trips through emulated L1
+# (docs/FACTS.md, "Transparent huge pages in L1").
+l1_thp_setting() {
+    echo "echo $1 > /sys/kernel/mm/transparent_hugepage/enabled || { echo 'bench: cannot set THP to $1 in L1' >&2; exit 125; }"
 }

@@ -52,9 +52,7 @@ pub fn create(mem_bytes: u64) -> Result<GuestMemoryMmap, Error> {
             .ok_or_else(|| map(FromRangesError::InvalidGuestRegion))?;
         regions.push(region);
     }
-    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| map(e.into()))?;
-    advise_huge_pages(&mem);
-    Ok(mem)
+    GuestMemoryMmap::from_regions(regions).map_err(|e| map(e.into()))
 }
 
 /// One region of guest RAM, anonymous and private, at a 2 MiB-aligned
@@ -71,6 +69,7 @@ pub fn create(mem_bytes: u64) -> Result<GuestMemoryMmap, Error> {
 fn map_ram(size: usize) -> Result<MmapRegion, MmapRegionError> {
     let region = MmapRegion::new(size)?;
     if region.as_ptr() as usize % HUGE_PAGE == 0 {
+        advise_huge_pages(region.as_ptr(), size);
         return Ok(region);
     }
     drop(region);
@@ -99,6 +98,7 @@ fn map_ram(size: usize) -> Result<MmapRegion, MmapRegionError> {
             libc::munmap((aligned + size) as *mut libc::c_void, tail);
         }
     }
+    advise_huge_pages(aligned as *mut u8, size);
     // SAFETY: `aligned..aligned+size` is a live private anonymous mapping of
     // this process (the middle of the reservation), never unmapped before
     // the process exits, so the region never points at freed memory.
@@ -111,28 +111,21 @@ fn map_ram(size: usize) -> Result<MmapRegion, MmapRegionError> {
     }
 }
 
-/// Asks the host kernel to back guest RAM with transparent huge pages where it
-/// can (`MADV_HUGEPAGE`, as QEMU and Cloud Hypervisor do): KVM then maps the
-/// guest with 2 MiB second-level entries, so the guest's first touches of its
-/// RAM take far fewer exits and the TLB holds more of it. On a host whose THP
-/// setting is `always` this changes nothing; with `madvise` (Ubuntu's and
-/// many distributions' default) it is what turns them on; with `never`, or a
-/// kernel without THP, the call fails and is ignored (4 KiB pages, as before).
-/// The cost: host memory is taken 2 MiB at a time as the guest touches it,
-/// still never beyond the guest's RAM size.
-fn advise_huge_pages(mem: &GuestMemoryMmap) {
-    for region in mem.iter() {
-        let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else {
-            continue;
-        };
-        let Ok(len) = usize::try_from(region.len()) else {
-            continue;
-        };
-        // SAFETY: `host..host+len` is the region's own live anonymous mapping;
-        // MADV_HUGEPAGE changes only how the kernel backs it, never its
-        // contents, and a failure leaves the mapping as it was.
-        let _ = unsafe { libc::madvise(host.cast(), len, libc::MADV_HUGEPAGE) };
-    }
+/// Asks the host kernel to back the guest RAM mapping at `host..host+len`
+/// with transparent huge pages where it can (`MADV_HUGEPAGE`, as QEMU and
+/// Cloud Hypervisor do): KVM then maps the guest with 2 MiB second-level
+/// entries, so the guest's first touches of its RAM take far fewer exits and
+/// the TLB holds more of it. On a host whose THP setting is `always` this
+/// changes nothing; with `madvise` (Ubuntu's default, and this machine's) it
+/// is what turns them on; with `never`, or a kernel without THP, the call
+/// fails and is ignored (4 KiB pages, as before). The cost: host memory is
+/// taken 2 MiB at a time as the guest touches it, still never beyond the
+/// guest's RAM size.
+fn advise_huge_pages(host: *mut u8, len: usize) {
+    // SAFETY: the caller's own live anonymous mapping; MADV_HUGEPAGE changes
+    // only how the kernel backs it, never its contents, and a failure leaves
+    // the mapping as it was.
+    let _ = unsafe { libc::madvise(host.cast(), len, libc::MADV_HUGEPAGE) };
 }
 
 /// Registers every region of `mem` with the VM, slot by slot.
@@ -235,50 +228,53 @@ mod tests {
     }
 
     /// Guest RAM is marked for transparent huge pages (the kernel's `hg`
-    /// flag on the mapping), so KVM can map it with 2 MiB entries; only where
-    /// the host kernel has THP at all.
+    /// flag on the mapping), so KVM can map it with 2 MiB entries, on both
+    /// ways `map_ram` places it; only where the host kernel has THP at all.
     #[test]
     fn guest_ram_asks_for_huge_pages() {
         if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage/enabled").exists() {
             eprintln!("skipped: this kernel has no transparent huge pages");
             return;
         }
-        let mem = create(64 << 20).expect("map");
-        let host = mem
-            .iter()
-            .next()
-            .expect("one region")
-            .get_host_address(MemoryRegionAddress(0))
-            .expect("host address") as usize;
-        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
-        let mut in_ours = false;
-        let mut flags = None;
-        for line in smaps.lines() {
-            // A mapping's first line: "start-end perms ...". Another test's
-            // guest RAM right next to ours merges with it into one mapping,
-            // so look for the one that contains ours.
-            if let Some((range, _)) = line.split_once(' ') {
-                if let Some((start, end)) = range.split_once('-') {
-                    if let (Ok(start), Ok(end)) = (
-                        usize::from_str_radix(start, 16),
-                        usize::from_str_radix(end, 16),
-                    ) {
-                        in_ours = start <= host && host < end;
-                        continue;
+        // 64 MiB: placed by the kernel; 255 MiB: placed by hand.
+        for mib in [64u64, 255] {
+            let mem = create(mib << 20).expect("map");
+            let host = mem
+                .iter()
+                .next()
+                .expect("one region")
+                .get_host_address(MemoryRegionAddress(0))
+                .expect("host address") as usize;
+            let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+            let mut in_ours = false;
+            let mut flags = None;
+            for line in smaps.lines() {
+                // A mapping's first line: "start-end perms ...". Another test's
+                // guest RAM right next to ours merges with it into one mapping,
+                // so look for the one that contains ours.
+                if let Some((range, _)) = line.split_once(' ') {
+                    if let Some((start, end)) = range.split_once('-') {
+                        if let (Ok(start), Ok(end)) = (
+                            usize::from_str_radix(start, 16),
+                            usize::from_str_radix(end, 16),
+                        ) {
+                            in_ours = start <= host && host < end;
+                            continue;
+                        }
+                    }
+                }
+                if in_ours {
+                    if let Some(f) = line.strip_prefix("VmFlags:") {
+                        flags = Some(f.split_whitespace().map(str::to_owned).collect::<Vec<_>>());
                     }
                 }
             }
-            if in_ours {
-                if let Some(f) = line.strip_prefix("VmFlags:") {
-                    flags = Some(f.split_whitespace().map(str::to_owned).collect::<Vec<_>>());
-                }
-            }
+            let flags = flags.expect("guest RAM's mapping in /proc/self/smaps");
+            assert!(
+                flags.iter().any(|f| f == "hg"),
+                "{mib} MiB guest: no MADV_HUGEPAGE on its RAM: {flags:?}"
+            );
         }
-        let flags = flags.expect("guest RAM's mapping in /proc/self/smaps");
-        assert!(
-            flags.iter().any(|f| f == "hg"),
-            "no MADV_HUGEPAGE on guest RAM: {flags:?}"
-        );
     }
 
     #[test]
