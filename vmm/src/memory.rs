@@ -3,9 +3,7 @@
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::mmap::{
-    FromRangesError, GuestRegionMmap, MmapRegion, MmapRegionBuilder, MmapRegionError,
-};
+use vm_memory::mmap::{FromRangesError, GuestRegionMmap, MmapRegion, MmapRegionError};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
@@ -38,10 +36,7 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, u64)> {
     ranges
 }
 
-/// 2 MiB: a huge page, and KVM's large mapping on x86-64.
-const HUGE_PAGE: usize = 2 << 20;
-
-/// Maps `mem_bytes` of guest RAM, each region at a 2 MiB-aligned address.
+/// Maps `mem_bytes` of guest RAM.
 pub fn create(mem_bytes: u64) -> Result<GuestMemoryMmap, Error> {
     let map = |e: FromRangesError| Error::Map(mem_bytes >> 20, e);
     let mut regions = Vec::new();
@@ -55,60 +50,16 @@ pub fn create(mem_bytes: u64) -> Result<GuestMemoryMmap, Error> {
     GuestMemoryMmap::from_regions(regions).map_err(|e| map(e.into()))
 }
 
-/// One region of guest RAM, anonymous and private, at a 2 MiB-aligned
-/// address. Guest RAM regions start at 2 MiB-aligned guest addresses, and
-/// KVM maps a guest range with a 2 MiB entry only where the host address has
-/// the same alignment (and the host backs it with a huge page): QEMU aligns
-/// its RAM for the same reason. Kernels from 6.7 place an anonymous mapping
-/// whose size is a multiple of 2 MiB that way by themselves, and then the
-/// mapping is vm-memory's own, unmapped when the memory is dropped. Older
-/// kernels (Debian 12's 6.1), or a size that is not a multiple of 2 MiB,
-/// get a mapping placed by hand inside a larger reservation; vm-memory does
-/// not own such a mapping, so it stays until the process exits (the VMM
-/// process runs one VM).
+/// One region of guest RAM, anonymous and private (vm-memory's own mapping,
+/// unmapped when the memory is dropped), marked for huge pages. KVM maps a
+/// guest range with a 2 MiB entry only where the host address is aligned like
+/// the guest address: kernels from 6.7 place a mapping whose size is a
+/// multiple of 2 MiB that way by themselves; older kernels and other sizes
+/// get 4 KiB entries (placing it by hand without leaking it is left to do).
 fn map_ram(size: usize) -> Result<MmapRegion, MmapRegionError> {
     let region = MmapRegion::new(size)?;
-    if region.as_ptr() as usize % HUGE_PAGE == 0 {
-        advise_huge_pages(region.as_ptr(), size);
-        return Ok(region);
-    }
-    drop(region);
-    let prot = libc::PROT_READ | libc::PROT_WRITE;
-    let flags = libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE;
-    let total = size
-        .checked_add(HUGE_PAGE)
-        .ok_or(MmapRegionError::InvalidOffsetLength)?;
-    // SAFETY: a fresh anonymous mapping at an address of the kernel's
-    // choosing; nothing else refers to it yet.
-    let base = unsafe { libc::mmap(std::ptr::null_mut(), total, prot, flags, -1, 0) };
-    if base == libc::MAP_FAILED {
-        return Err(MmapRegionError::Mmap(std::io::Error::last_os_error()));
-    }
-    let base = base as usize;
-    let aligned = base.next_multiple_of(HUGE_PAGE);
-    let head = aligned - base;
-    let tail = total - head - size;
-    // SAFETY: both ranges lie inside the reservation just made and outside
-    // `aligned..aligned+size`; unmapping them only trims it.
-    unsafe {
-        if head > 0 {
-            libc::munmap(base as *mut libc::c_void, head);
-        }
-        if tail > 0 {
-            libc::munmap((aligned + size) as *mut libc::c_void, tail);
-        }
-    }
-    advise_huge_pages(aligned as *mut u8, size);
-    // SAFETY: `aligned..aligned+size` is a live private anonymous mapping of
-    // this process (the middle of the reservation), never unmapped before
-    // the process exits, so the region never points at freed memory.
-    unsafe {
-        MmapRegionBuilder::new(size)
-            .with_mmap_prot(prot)
-            .with_mmap_flags(flags)
-            .with_raw_mmap_pointer(aligned as *mut u8)
-            .build()
-    }
+    advise_huge_pages(region.as_ptr(), size);
+    Ok(region)
 }
 
 /// Asks the host kernel to back the guest RAM mapping at `host..host+len`
@@ -201,42 +152,16 @@ mod tests {
         assert_eq!(&out[0x12_3456..0x12_3456 + 6], b"marker");
     }
 
-    /// Every RAM region starts at a 2 MiB-aligned host address, whether the
-    /// kernel placed it (a multiple of 2 MiB, kernels from 6.7) or we did
-    /// (any other size), and all of it is usable guest memory.
-    #[test]
-    fn guest_ram_is_2mib_aligned_whatever_its_size() {
-        use vm_memory::Bytes;
-        for mib in [64u64, 255, 1, 3] {
-            let bytes = mib << 20;
-            let mem = create(bytes).expect("map");
-            for region in mem.iter() {
-                let host = region
-                    .get_host_address(MemoryRegionAddress(0))
-                    .expect("host") as usize;
-                assert_eq!(host % HUGE_PAGE, 0, "{mib} MiB guest: region at {host:#x}");
-            }
-            let last = GuestAddress(bytes - 6);
-            mem.write_slice(b"edge!!", last)
-                .expect("write the last bytes");
-            let mut back = [0u8; 6];
-            mem.read_slice(&mut back, last).expect("read them back");
-            assert_eq!(&back, b"edge!!");
-            mem.write_slice(b"x", GuestAddress(0))
-                .expect("write the first byte");
-        }
-    }
-
     /// Guest RAM is marked for transparent huge pages (the kernel's `hg`
-    /// flag on the mapping), so KVM can map it with 2 MiB entries, on both
-    /// ways `map_ram` places it; only where the host kernel has THP at all.
+    /// flag on the mapping), so KVM can map it with 2 MiB entries, whatever
+    /// its size; only where the host kernel has THP at all.
     #[test]
     fn guest_ram_asks_for_huge_pages() {
         if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage/enabled").exists() {
             eprintln!("skipped: this kernel has no transparent huge pages");
             return;
         }
-        // 64 MiB: placed by the kernel; 255 MiB: placed by hand.
+        // 64 MiB: 2 MiB-aligned by the kernel; 255 MiB: not.
         for mib in [64u64, 255] {
             let mem = create(mib << 20).expect("map");
             let host = mem
