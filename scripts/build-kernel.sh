@@ -50,7 +50,10 @@ use_cache && exit 0
 # Debian's security archive keeps only the newest linux-source: once the pinned
 # version is gone, build the one it serves (loudly) rather than fail on every
 # fresh machine; kernel-config/SOURCE should then be updated.
-archive_has() { apt-cache madison "$package" 2>/dev/null | grep -qF "| $version |"; }
+# (grep reads all of madison's output: with -q it would stop at the first
+# match and madison, still writing, would die of SIGPIPE, which pipefail
+# turns into "not in the archive".)
+archive_has() { apt-cache madison "$package" 2>/dev/null | grep -F "| $version |" >/dev/null; }
 if [ "$(dpkg-query -W -f='${Version}' "$package" 2>/dev/null || true)" != "$version" ] && ! archive_has; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null || true
     if ! archive_has; then
