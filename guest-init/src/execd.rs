@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use airlock_protocol::{
     capability, ErrorCode, ExitStatus, Message, RunSpec, HOST_CID, MAX_EXECS, PROTOCOL_VERSION,
@@ -65,6 +65,10 @@ pub struct Setup {
     /// endpoint's variables, `HOME`) unless it sets them itself; a
     /// container already has them.
     pub env: Vec<(String, String)>,
+    /// Set once the sandbox's command (the `podman run` that makes the
+    /// container) has ended: then nobody waits for the container any more
+    /// (see [`CONTAINER_PATIENCE`]). [`start`] shares the server's stop flag.
+    pub ended: Arc<AtomicBool>,
 }
 
 /// The accept loop's thread; stops accepting when dropped.
@@ -80,8 +84,9 @@ impl Drop for Server {
 }
 
 /// Starts serving exec connections on `listener`.
-pub fn start(listener: VsockListener, setup: Setup) -> std::io::Result<Server> {
+pub fn start(listener: VsockListener, mut setup: Setup) -> std::io::Result<Server> {
     let stop = Arc::new(AtomicBool::new(false));
+    setup.ended = Arc::clone(&stop);
     let flag = Arc::clone(&stop);
     thread::Builder::new()
         .name("execd".into())
@@ -152,11 +157,15 @@ pub fn placed(spec: RunSpec, setup: &Setup, user: Option<&str>) -> (RunSpec, Scr
         return (RunSpec { env, ..spec }, Scratch::default());
     }
     if user.is_none() {
-        match crun_exec(
+        match crun_exec_once_there(
             &spec,
-            Path::new(CID_FILE),
-            Path::new(CRUN_ROOT),
-            Path::new("/run"),
+            Paths {
+                cid_file: Path::new(CID_FILE),
+                crun_root: Path::new(CRUN_ROOT),
+                dir: Path::new("/run"),
+            },
+            &setup.ended,
+            CONTAINER_PATIENCE,
         ) {
             Ok((argv, file)) => {
                 return (
@@ -175,6 +184,65 @@ pub fn placed(spec: RunSpec, setup: &Setup, user: Option<&str>) -> (RunSpec, Scr
     (podman_exec(spec, user), Scratch::default())
 }
 
+/// How long an exec as the container's user waits for the agent's
+/// container to be there (its id and the runtime's state) while the
+/// command that makes it still runs. The host's readiness probe of a new
+/// sandbox arrives while `podman run` is still making the container; sent
+/// on to `podman exec` it could only fail the same way, after a start that
+/// costs about 1 s of guest CPU under emulation, taken from the `podman run`
+/// beside it, and a probe every 250 ms kept several of them running. Past
+/// this, or once the command has ended, the exec goes to `podman exec` as
+/// before (which says what is wrong).
+const CONTAINER_PATIENCE: Duration = Duration::from_secs(30);
+/// How often the wait above looks (two file reads).
+const CONTAINER_POLL: Duration = Duration::from_millis(20);
+
+/// Where [`crun_exec`] finds the container and writes the process file.
+#[derive(Debug, Clone, Copy)]
+struct Paths<'a> {
+    cid_file: &'a Path,
+    crun_root: &'a Path,
+    dir: &'a Path,
+}
+
+/// Why [`crun_exec`] could not make its argv.
+#[derive(Debug)]
+enum NoCrunExec {
+    /// The container is not there (yet): no id, or no runtime state.
+    NotThere(String),
+    /// It is, but its state cannot be used.
+    Unusable(String),
+}
+
+impl std::fmt::Display for NoCrunExec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotThere(why) | Self::Unusable(why) => f.write_str(why),
+        }
+    }
+}
+
+/// [`crun_exec`], waiting up to `patience` for the container to be there
+/// unless `ended` is (or becomes) set.
+fn crun_exec_once_there(
+    spec: &RunSpec,
+    paths: Paths<'_>,
+    ended: &AtomicBool,
+    patience: Duration,
+) -> Result<(Vec<String>, PathBuf), NoCrunExec> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match crun_exec(spec, paths.cid_file, paths.crun_root, paths.dir) {
+            Err(NoCrunExec::NotThere(_))
+                if !ended.load(Ordering::SeqCst) && Instant::now() < deadline =>
+            {
+                thread::sleep(CONTAINER_POLL);
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The container's process from the runtime's config, with `spec`'s
 /// command, environment (over the container's) and directory, written to a
 /// new file under `dir`; the `crun exec` argv that runs it.
@@ -183,21 +251,42 @@ fn crun_exec(
     cid_file: &Path,
     crun_root: &Path,
     dir: &Path,
-) -> Result<(Vec<String>, PathBuf), String> {
-    let cid = fs::read_to_string(cid_file).map_err(|e| format!("{}: {e}", cid_file.display()))?;
+) -> Result<(Vec<String>, PathBuf), NoCrunExec> {
+    let not_there = |path: &Path, e: std::io::Error| {
+        let why = format!("{}: {e}", path.display());
+        if e.kind() == std::io::ErrorKind::NotFound {
+            NoCrunExec::NotThere(why)
+        } else {
+            NoCrunExec::Unusable(why)
+        }
+    };
+    let cid = fs::read_to_string(cid_file).map_err(|e| not_there(cid_file, e))?;
     let cid = cid.trim();
     if cid.len() != 64 || !cid.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err("no container id yet".into());
+        // podman writes the id once the container is created: empty (or
+        // partly written) until then.
+        return Err(NoCrunExec::NotThere("no container id yet".into()));
     }
     let config = crun_root.join(cid).join("config.json");
     let mut text = String::new();
     fs::File::open(&config)
-        .and_then(|f| f.take(MAX_CONFIG_BYTES).read_to_string(&mut text))
-        .map_err(|e| format!("{}: {e}", config.display()))?;
-    let config: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", config.display()))?;
+        .map_err(|e| not_there(&config, e))?
+        .take(MAX_CONFIG_BYTES)
+        .read_to_string(&mut text)
+        .map_err(|e| NoCrunExec::Unusable(format!("{}: {e}", config.display())))?;
+    let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        let why = format!("{}: {e}", config.display());
+        // Cut short: the runtime is still writing it.
+        if e.is_eof() {
+            NoCrunExec::NotThere(why)
+        } else {
+            NoCrunExec::Unusable(why)
+        }
+    })?;
     let Some(serde_json::Value::Object(mut process)) = config.get("process").cloned() else {
-        return Err("the container's config has no process".into());
+        return Err(NoCrunExec::Unusable(
+            "the container's config has no process".into(),
+        ));
     };
     let mut env: Vec<String> = process
         .get("env")
@@ -222,7 +311,7 @@ fn crun_exec(
     process.insert("terminal".into(), serde_json::json!(false));
     process.remove("consoleSize");
     let body = serde_json::to_vec(&serde_json::Value::Object(process))
-        .map_err(|e| format!("process: {e}"))?;
+        .map_err(|e| NoCrunExec::Unusable(format!("process: {e}")))?;
     let file = dir.join(format!(
         "airlock-exec-{}.json",
         EXEC_SERIAL.fetch_add(1, Ordering::Relaxed)
@@ -233,7 +322,7 @@ fn crun_exec(
         .mode(0o600)
         .open(&file)
         .and_then(|mut f| f.write_all(&body))
-        .map_err(|e| format!("{}: {e}", file.display()))?;
+        .map_err(|e| NoCrunExec::Unusable(format!("{}: {e}", file.display())))?;
     // The id is the first operand; crun parses no options after it.
     let argv = [CRUN, "exec", "--process", &file.display().to_string(), cid]
         .map(str::to_owned)
@@ -580,6 +669,7 @@ mod tests {
             container: false,
             agent: true,
             env: vec![("A".into(), "sandbox".into()), ("B".into(), "2".into())],
+            ..Setup::default()
         };
         let (s, file) = placed(spec(&["true"], false), &setup, None);
         assert!(file.0.is_none());
@@ -665,6 +755,90 @@ mod tests {
             &dir
         )
         .is_err());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// An exec that comes while `podman run` is still making the container
+    /// (the host's readiness probe) waits for it rather than going to a
+    /// `podman exec` that could only fail; it does not wait once the command
+    /// has ended, nor past its patience, nor for a container whose state it
+    /// cannot use.
+    #[test]
+    fn an_exec_waits_for_the_container_while_the_command_runs() {
+        let dir = std::env::temp_dir().join(format!("airlock-crun-wait-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("test");
+        let cid = "cd".repeat(32);
+        let (cid_file, crun_root) = (dir.join("cid"), dir.join("crun"));
+        let paths = Paths {
+            cid_file: &cid_file,
+            crun_root: &crun_root,
+            dir: &dir,
+        };
+        let probe = spec(&["/run/airlock/keeper", "probe"], false);
+        let running = AtomicBool::new(false);
+
+        // Made while the exec waits: podman writes the id (empty first),
+        // then the runtime its config.
+        let maker = {
+            let (dir, cid) = (dir.clone(), cid.clone());
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(100));
+                fs::write(dir.join("cid"), "").expect("test");
+                thread::sleep(Duration::from_millis(100));
+                fs::write(dir.join("cid"), format!("{cid}\n")).expect("test");
+                fs::create_dir_all(dir.join("crun").join(&cid)).expect("test");
+                thread::sleep(Duration::from_millis(100));
+                fs::write(
+                    dir.join("crun").join(&cid).join("config.json"),
+                    r#"{"process": {"args": ["sleep"], "env": [], "cwd": "/"}}"#,
+                )
+                .expect("test");
+            })
+        };
+        let start = Instant::now();
+        let (argv, _file) = crun_exec_once_there(&probe, paths, &running, Duration::from_secs(20))
+            .expect("the exec waited for the container");
+        assert!(
+            start.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(argv[..2], [CRUN, "exec"]);
+        assert_eq!(argv.last(), Some(&cid));
+        maker.join().expect("test");
+
+        // Not there, and the command has ended: no wait.
+        fs::remove_file(&cid_file).expect("test");
+        let ended = AtomicBool::new(true);
+        let start = Instant::now();
+        assert!(matches!(
+            crun_exec_once_there(&probe, paths, &ended, Duration::from_secs(20)),
+            Err(NoCrunExec::NotThere(_))
+        ));
+        assert!(start.elapsed() < Duration::from_secs(5));
+
+        // Not there while the command runs: waits its patience, no longer.
+        let start = Instant::now();
+        assert!(matches!(
+            crun_exec_once_there(&probe, paths, &running, Duration::from_millis(300)),
+            Err(NoCrunExec::NotThere(_))
+        ));
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(10),
+            "{waited:?}"
+        );
+
+        // There but unusable: at once, on to podman.
+        fs::write(&cid_file, &cid).expect("test");
+        fs::write(crun_root.join(&cid).join("config.json"), r#"{"linux": {}}"#).expect("test");
+        let start = Instant::now();
+        assert!(matches!(
+            crun_exec_once_there(&probe, paths, &running, Duration::from_secs(20)),
+            Err(NoCrunExec::Unusable(_))
+        ));
+        assert!(start.elapsed() < Duration::from_secs(5));
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -549,6 +549,8 @@ fn converse<S: Stream>(
                 container: container.is_some(),
                 agent: placement.agent,
                 env: exec_env,
+                // execd::start shares its stop flag here.
+                ended: Default::default(),
             };
             match crate::execd::start(listener, setup) {
                 Ok(server) => Some(server),
