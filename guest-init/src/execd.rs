@@ -9,8 +9,11 @@
 //! environment) taken from the runtime's own copy of its config and only
 //! the command, its environment and its directory replaced: what `podman
 //! exec` does, without podman's start-up (about 1 s of guest CPU under
-//! emulation against 0.35 s). An exec as another user (`-u`), or one made
-//! before the container's state is there, goes through `podman exec`,
+//! emulation against 0.35 s). One that comes while the command is still
+//! making the container (the host's readiness probe of a new sandbox)
+//! waits for the container's state first ([`CONTAINER_PATIENCE`]). An exec
+//! as another user (`-u`), or one whose container is not there once the
+//! command has ended or that wait is over, goes through `podman exec`,
 //! which resolves user names in the container's own root.
 //!
 //! Only the host may connect: a connection from any other CID is closed at

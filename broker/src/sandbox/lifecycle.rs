@@ -289,7 +289,10 @@ impl Sandbox {
                 let _ = child.wait();
                 return Err(NotStarted::NoSocket(SOCKET_PATIENCE.as_secs()));
             }
-            thread::sleep(Duration::from_millis(50));
+            // Two cheap system calls a try: a woken sandbox's supervisor is
+            // listening within milliseconds on hardware, and a coarser step
+            // would be most of its wait.
+            thread::sleep(Duration::from_millis(5));
         }
     }
 
