@@ -235,7 +235,7 @@ fn crun_exec_once_there(
 ) -> Result<(Vec<String>, PathBuf), NoCrunExec> {
     let deadline = Instant::now() + patience;
     loop {
-        match crun_exec(spec, paths.cid_file, paths.crun_root, paths.dir) {
+        match crun_exec(spec, paths) {
             Err(NoCrunExec::NotThere(_))
                 if !ended.load(Ordering::SeqCst) && Instant::now() < deadline =>
             {
@@ -249,12 +249,12 @@ fn crun_exec_once_there(
 /// The container's process from the runtime's config, with `spec`'s
 /// command, environment (over the container's) and directory, written to a
 /// new file under `dir`; the `crun exec` argv that runs it.
-fn crun_exec(
-    spec: &RunSpec,
-    cid_file: &Path,
-    crun_root: &Path,
-    dir: &Path,
-) -> Result<(Vec<String>, PathBuf), NoCrunExec> {
+fn crun_exec(spec: &RunSpec, paths: Paths<'_>) -> Result<(Vec<String>, PathBuf), NoCrunExec> {
+    let Paths {
+        cid_file,
+        crun_root,
+        dir,
+    } = paths;
     let not_there = |path: &Path, e: std::io::Error| {
         let why = format!("{}: {e}", path.display());
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -710,13 +710,13 @@ mod tests {
             .to_string(),
         )
         .expect("test");
-        let (argv, file) = crun_exec(
-            &spec(&["sh", "-c", "x"], false),
-            &dir.join("cid"),
-            &dir.join("crun"),
-            &dir,
-        )
-        .expect("test");
+        let (cid_file, crun_root) = (dir.join("cid"), dir.join("crun"));
+        let paths = Paths {
+            cid_file: &cid_file,
+            crun_root: &crun_root,
+            dir: &dir,
+        };
+        let (argv, file) = crun_exec(&spec(&["sh", "-c", "x"], false), paths).expect("test");
         assert_eq!(
             argv,
             [CRUN, "exec", "--process", &file.display().to_string(), &cid]
@@ -751,13 +751,7 @@ mod tests {
 
         // No id yet (or not an id): not this way.
         fs::write(dir.join("cid"), "../../etc").expect("test");
-        assert!(crun_exec(
-            &spec(&["true"], false),
-            &dir.join("cid"),
-            &dir.join("crun"),
-            &dir
-        )
-        .is_err());
+        assert!(crun_exec(&spec(&["true"], false), paths).is_err());
         let _ = fs::remove_dir_all(&dir);
     }
 
