@@ -11,7 +11,7 @@
 //! exec` does, without podman's start-up (about 1 s of guest CPU under
 //! emulation against 0.35 s). One that comes while the command is still
 //! making the container (the host's readiness probe of a new sandbox)
-//! waits for the container's state first ([`CONTAINER_PATIENCE`]). An exec
+//! waits for the container to be started first ([`CONTAINER_PATIENCE`]). An exec
 //! as another user (`-u`), or one whose container is not there once the
 //! command has ended or that wait is over, goes through `podman exec`,
 //! which resolves user names in the container's own root.
@@ -188,7 +188,8 @@ pub fn placed(spec: RunSpec, setup: &Setup, user: Option<&str>) -> (RunSpec, Scr
 }
 
 /// How long an exec as the container's user waits for the agent's
-/// container to be there (its id and the runtime's state) while the
+/// container to be there and started (its id, the runtime's state, no
+/// `exec.fifo` left) while the
 /// command that makes it still runs. The host's readiness probe of a new
 /// sandbox arrives while `podman run` is still making the container; sent
 /// on to `podman exec` it could only fail the same way, after a start that
@@ -197,7 +198,7 @@ pub fn placed(spec: RunSpec, setup: &Setup, user: Option<&str>) -> (RunSpec, Scr
 /// this, or once the command has ended, the exec goes to `podman exec` as
 /// before (which says what is wrong).
 const CONTAINER_PATIENCE: Duration = Duration::from_secs(30);
-/// How often the wait above looks (two file reads).
+/// How often the wait above looks (a few file reads).
 const CONTAINER_POLL: Duration = Duration::from_millis(20);
 
 /// Where [`crun_exec`] finds the container and writes the process file.
@@ -270,7 +271,25 @@ fn crun_exec(spec: &RunSpec, paths: Paths<'_>) -> Result<(Vec<String>, PathBuf),
         // partly written) until then.
         return Err(NoCrunExec::NotThere("no container id yet".into()));
     }
-    let config = crun_root.join(cid).join("config.json");
+    let state = crun_root.join(cid);
+    // crun makes `exec.fifo` before the container's process and writes
+    // `status` after it; `crun start` removes the fifo. Until then the
+    // container is created but not started: its PID 1 is crun's own stub
+    // and the command (catatonit, the keeper) is not there, and an exec
+    // would join a container that is not yet what the agent sees.
+    let status = state.join("status");
+    fs::symlink_metadata(&status).map_err(|e| not_there(&status, e))?;
+    let fifo = state.join("exec.fifo");
+    match fs::symlink_metadata(&fifo) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(NoCrunExec::Unusable(format!("{}: {e}", fifo.display()))),
+        Ok(_) => {
+            return Err(NoCrunExec::NotThere(
+                "the container is created, not started yet".into(),
+            ))
+        }
+    }
+    let config = state.join("config.json");
     let mut text = String::new();
     fs::File::open(&config)
         .map_err(|e| not_there(&config, e))?
@@ -691,6 +710,7 @@ mod tests {
         let cid = "ab".repeat(32);
         fs::create_dir_all(dir.join("crun").join(&cid)).expect("test");
         fs::write(dir.join("cid"), format!("{cid}\n")).expect("test");
+        fs::write(dir.join("crun").join(&cid).join("status"), "{}").expect("test");
         fs::write(
             dir.join("crun").join(&cid).join("config.json"),
             serde_json::json!({
@@ -776,30 +796,42 @@ mod tests {
         let running = AtomicBool::new(false);
 
         // Made while the exec waits: podman writes the id (empty first),
-        // then the runtime its config.
+        // then the runtime its fifo, config and status (created), and the
+        // start removes the fifo.
+        let state = crun_root.join(&cid);
         let maker = {
-            let (dir, cid) = (dir.clone(), cid.clone());
+            let (dir, cid, state) = (dir.clone(), cid.clone(), state.clone());
             thread::spawn(move || {
-                thread::sleep(Duration::from_millis(100));
+                let step = || thread::sleep(Duration::from_millis(100));
+                step();
                 fs::write(dir.join("cid"), "").expect("test");
-                thread::sleep(Duration::from_millis(100));
+                step();
                 fs::write(dir.join("cid"), format!("{cid}\n")).expect("test");
-                fs::create_dir_all(dir.join("crun").join(&cid)).expect("test");
-                thread::sleep(Duration::from_millis(100));
+                fs::create_dir_all(&state).expect("test");
+                fs::write(state.join("exec.fifo"), "").expect("test");
+                step();
                 fs::write(
-                    dir.join("crun").join(&cid).join("config.json"),
+                    state.join("config.json"),
                     r#"{"process": {"args": ["sleep"], "env": [], "cwd": "/"}}"#,
                 )
                 .expect("test");
+                step();
+                fs::write(state.join("status"), "{}").expect("test");
+                step();
+                fs::remove_file(state.join("exec.fifo")).expect("test");
             })
         };
         let start = Instant::now();
         let (argv, _file) = crun_exec_once_there(&probe, paths, &running, Duration::from_secs(20))
             .expect("the exec waited for the container");
         assert!(
-            start.elapsed() >= Duration::from_millis(250),
+            start.elapsed() >= Duration::from_millis(450),
             "{:?}",
             start.elapsed()
+        );
+        assert!(
+            !state.join("exec.fifo").exists(),
+            "the exec waited for the container's start"
         );
         assert_eq!(argv[..2], [CRUN, "exec"]);
         assert_eq!(argv.last(), Some(&cid));

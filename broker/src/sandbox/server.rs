@@ -489,9 +489,9 @@ fn wait_ready(shared: &Shared) -> Result<(), String> {
             Ok(status) => last = format!("a probe exited {}", status.exit_code()),
             Err(e) => last = e.to_string(),
         }
-        // A probe waits in the guest while the container is being made
-        // (execd's CONTAINER_PATIENCE); one that failed all the same (the
-        // container made but not started yet) is tried again soon.
+        // A probe waits in the guest while the container is being made and
+        // started (execd's CONTAINER_PATIENCE); one that failed all the same
+        // (the keeper not running yet: `keeper probe`) is tried again soon.
         thread::sleep(Duration::from_millis(100));
     }
     Err(format!("the sandbox did not become ready: {last}"))
