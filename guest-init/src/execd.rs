@@ -11,10 +11,12 @@
 //! exec` does, without podman's start-up (about 1 s of guest CPU under
 //! emulation against 0.35 s). One that comes while the command is still
 //! making the container (the host's readiness probe of a new sandbox)
-//! waits for the container to be started first ([`CONTAINER_PATIENCE`]). An exec
-//! as another user (`-u`), or one whose container is not there once the
-//! command has ended or that wait is over, goes through `podman exec`,
-//! which resolves user names in the container's own root.
+//! waits for the container to be started first ([`CONTAINER_PATIENCE`]). The
+//! host's stop (the keeper's `kill`, as user `0`) is a `crun exec` too, as
+//! root with `CAP_KILL` alone ([`Who::Stopper`]). An exec as another user
+//! (`-u`), or one whose container is not there once the command has ended or
+//! that wait is over, goes through `podman exec`, which resolves user names
+//! in the container's own root.
 //!
 //! Only the host may connect: a connection from any other CID is closed at
 //! once (the agent cannot make a vsock socket anyway: its seccomp filter
@@ -159,7 +161,12 @@ pub fn placed(spec: RunSpec, setup: &Setup, user: Option<&str>) -> (RunSpec, Scr
         }
         return (RunSpec { env, ..spec }, Scratch::default());
     }
-    if user.is_none() {
+    let who = match user {
+        None => Some(Who::ContainersUser),
+        Some(user) if is_stop(&spec, user) => Some(Who::Stopper),
+        Some(_) => None,
+    };
+    if let Some(who) = who {
         match crun_exec_once_there(
             &spec,
             Paths {
@@ -167,6 +174,7 @@ pub fn placed(spec: RunSpec, setup: &Setup, user: Option<&str>) -> (RunSpec, Scr
                 crun_root: Path::new(CRUN_ROOT),
                 dir: Path::new("/run"),
             },
+            who,
             &setup.ended,
             CONTAINER_PATIENCE,
         ) {
@@ -185,6 +193,31 @@ pub fn placed(spec: RunSpec, setup: &Setup, user: Option<&str>) -> (RunSpec, Scr
         }
     }
     (podman_exec(spec, user), Scratch::default())
+}
+
+/// Whom a `crun exec` runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Who {
+    /// The container's own process: its user, capabilities and the rest.
+    ContainersUser,
+    /// The host's stop: root in the container with `CAP_KILL` alone (in
+    /// every set, the bounding one too), so that its `kill(-1, SIG)`
+    /// reaches the processes of every user there and it can do nothing
+    /// else a root could. `podman exec --user 0` gave it podman's whole
+    /// default set, after podman's start-up (about 0.7 s of a stop under
+    /// emulation, before the signal left).
+    Stopper,
+}
+
+/// Whether an exec is the host's stop: the keeper's `kill SIG`, asked as
+/// user `0`. (`airlock exec -u 0 NAME -- /run/airlock/keeper kill TERM` is
+/// that same stop and runs the same way: with fewer capabilities than
+/// another `-u 0` exec gets.)
+fn is_stop(spec: &RunSpec, user: &str) -> bool {
+    match spec.argv.as_slice() {
+        [keeper, kill, _] => user == "0" && keeper == crate::keeper::PATH && kill == "kill",
+        _ => false,
+    }
 }
 
 /// How long an exec as the container's user waits for the agent's
@@ -231,12 +264,13 @@ impl std::fmt::Display for NoCrunExec {
 fn crun_exec_once_there(
     spec: &RunSpec,
     paths: Paths<'_>,
+    who: Who,
     ended: &AtomicBool,
     patience: Duration,
 ) -> Result<(Vec<String>, PathBuf), NoCrunExec> {
     let deadline = Instant::now() + patience;
     loop {
-        match crun_exec(spec, paths) {
+        match crun_exec(spec, paths, who) {
             Err(NoCrunExec::NotThere(_))
                 if !ended.load(Ordering::SeqCst) && Instant::now() < deadline =>
             {
@@ -248,9 +282,14 @@ fn crun_exec_once_there(
 }
 
 /// The container's process from the runtime's config, with `spec`'s
-/// command, environment (over the container's) and directory, written to a
-/// new file under `dir`; the `crun exec` argv that runs it.
-fn crun_exec(spec: &RunSpec, paths: Paths<'_>) -> Result<(Vec<String>, PathBuf), NoCrunExec> {
+/// command, environment (over the container's) and directory (and, for
+/// [`Who::Stopper`], its user and capabilities), written to a new file
+/// under `dir`; the `crun exec` argv that runs it.
+fn crun_exec(
+    spec: &RunSpec,
+    paths: Paths<'_>,
+    who: Who,
+) -> Result<(Vec<String>, PathBuf), NoCrunExec> {
     let Paths {
         cid_file,
         crun_root,
@@ -332,6 +371,14 @@ fn crun_exec(spec: &RunSpec, paths: Paths<'_>) -> Result<(Vec<String>, PathBuf),
     process.insert("cwd".into(), serde_json::json!(spec.cwd));
     process.insert("terminal".into(), serde_json::json!(false));
     process.remove("consoleSize");
+    if who == Who::Stopper {
+        let kill = serde_json::json!(["CAP_KILL"]);
+        process.insert("user".into(), serde_json::json!({"uid": 0, "gid": 0}));
+        process.insert(
+            "capabilities".into(),
+            serde_json::json!({"bounding": kill, "effective": kill, "permitted": kill}),
+        );
+    }
     let body = serde_json::to_vec(&serde_json::Value::Object(process))
         .map_err(|e| NoCrunExec::Unusable(format!("process: {e}")))?;
     let file = dir.join(format!(
@@ -685,6 +732,28 @@ mod tests {
         assert!(s.stdin);
     }
 
+    /// Only the keeper's `kill`, asked as `0`, is the stop; anything else as
+    /// another user goes to `podman exec`.
+    #[test]
+    fn only_the_keepers_kill_as_root_is_the_stop() {
+        let kill = |sig: &str| spec(&[crate::keeper::PATH, "kill", sig], false);
+        assert!(is_stop(&kill("TERM"), "0"));
+        assert!(is_stop(&kill("KILL"), "0"));
+        assert!(!is_stop(&kill("TERM"), "0:0"));
+        assert!(!is_stop(&kill("TERM"), "root"));
+        assert!(!is_stop(&kill("TERM"), "1000"));
+        assert!(!is_stop(&spec(&[crate::keeper::PATH, "probe"], false), "0"));
+        assert!(!is_stop(&spec(&["kill", "-TERM", "-1"], false), "0"));
+        assert!(!is_stop(
+            &spec(&[crate::keeper::PATH, "kill", "TERM", "x"], false),
+            "0"
+        ));
+        assert!(!is_stop(
+            &spec(&["/tmp/keeper", "kill", "TERM"], false),
+            "0"
+        ));
+    }
+
     #[test]
     fn without_a_container_the_sandbox_env_is_added_unless_set() {
         let setup = Setup {
@@ -736,7 +805,8 @@ mod tests {
             crun_root: &crun_root,
             dir: &dir,
         };
-        let (argv, file) = crun_exec(&spec(&["sh", "-c", "x"], false), paths).expect("test");
+        let (argv, file) =
+            crun_exec(&spec(&["sh", "-c", "x"], false), paths, Who::ContainersUser).expect("test");
         assert_eq!(
             argv,
             [CRUN, "exec", "--process", &file.display().to_string(), &cid]
@@ -769,9 +839,37 @@ mod tests {
         assert_eq!(p["noNewPrivileges"], true);
         assert_eq!(p["rlimits"][0]["hard"], 8);
 
+        // The host's stop: root with CAP_KILL alone, the rest the
+        // container's.
+        let stop = spec(&[crate::keeper::PATH, "kill", "TERM"], false);
+        let (_, file) = crun_exec(&stop, paths, Who::Stopper).expect("test");
+        let p: serde_json::Value =
+            serde_json::from_slice(&fs::read(&file).expect("test")).expect("test");
+        assert_eq!(p["user"], serde_json::json!({"uid": 0, "gid": 0}));
+        assert_eq!(
+            p["capabilities"],
+            serde_json::json!({
+                "bounding": ["CAP_KILL"],
+                "effective": ["CAP_KILL"],
+                "permitted": ["CAP_KILL"]
+            })
+        );
+        assert_eq!(p["noNewPrivileges"], true);
+        assert_eq!(p["rlimits"][0]["hard"], 8);
+        assert_eq!(
+            p["args"],
+            serde_json::json!([
+                crate::keeper::PATH,
+                "exec",
+                crate::keeper::PATH,
+                "kill",
+                "TERM"
+            ])
+        );
+
         // No id yet (or not an id): not this way.
         fs::write(dir.join("cid"), "../../etc").expect("test");
-        assert!(crun_exec(&spec(&["true"], false), paths).is_err());
+        assert!(crun_exec(&spec(&["true"], false), paths, Who::ContainersUser).is_err());
         let _ = fs::remove_dir_all(&dir);
     }
 
@@ -822,8 +920,14 @@ mod tests {
             })
         };
         let start = Instant::now();
-        let (argv, _file) = crun_exec_once_there(&probe, paths, &running, Duration::from_secs(20))
-            .expect("the exec waited for the container");
+        let (argv, _file) = crun_exec_once_there(
+            &probe,
+            paths,
+            Who::ContainersUser,
+            &running,
+            Duration::from_secs(20),
+        )
+        .expect("the exec waited for the container");
         assert!(
             start.elapsed() >= Duration::from_millis(450),
             "{:?}",
@@ -842,7 +946,13 @@ mod tests {
         let ended = AtomicBool::new(true);
         let start = Instant::now();
         assert!(matches!(
-            crun_exec_once_there(&probe, paths, &ended, Duration::from_secs(20)),
+            crun_exec_once_there(
+                &probe,
+                paths,
+                Who::ContainersUser,
+                &ended,
+                Duration::from_secs(20)
+            ),
             Err(NoCrunExec::NotThere(_))
         ));
         assert!(start.elapsed() < Duration::from_secs(5));
@@ -850,7 +960,13 @@ mod tests {
         // Not there while the command runs: waits its patience, no longer.
         let start = Instant::now();
         assert!(matches!(
-            crun_exec_once_there(&probe, paths, &running, Duration::from_millis(300)),
+            crun_exec_once_there(
+                &probe,
+                paths,
+                Who::ContainersUser,
+                &running,
+                Duration::from_millis(300)
+            ),
             Err(NoCrunExec::NotThere(_))
         ));
         let waited = start.elapsed();
@@ -864,7 +980,13 @@ mod tests {
         fs::write(crun_root.join(&cid).join("config.json"), r#"{"linux": {}}"#).expect("test");
         let start = Instant::now();
         assert!(matches!(
-            crun_exec_once_there(&probe, paths, &running, Duration::from_secs(20)),
+            crun_exec_once_there(
+                &probe,
+                paths,
+                Who::ContainersUser,
+                &running,
+                Duration::from_secs(20)
+            ),
             Err(NoCrunExec::Unusable(_))
         ));
         assert!(start.elapsed() < Duration::from_secs(5));
