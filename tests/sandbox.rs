@@ -369,8 +369,8 @@ fn tcg_a_sandbox_lives_across_execs() {
     let stops = fields_of_kind(&records, "sandbox.stop");
     assert_eq!(stops.len(), 1, "{stops:#?}");
     assert_eq!(stops[0]["why"], "stop");
-    // The stop's TERM reached the keeper's `kill` through `crun exec` (root
-    // with CAP_KILL alone), not through a `podman exec --user 0`.
+    // The stop's TERM reached the keeper's `kill` through `crun exec` (the
+    // container's process with CAP_KILL added), not a `podman exec --user 0`.
     let guest_execs: Vec<String> = fields_of_kind(&records, "exec")
         .iter()
         .filter_map(|e| e["argv"].as_str().map(str::to_owned))

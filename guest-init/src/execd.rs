@@ -12,8 +12,8 @@
 //! emulation against 0.35 s). One that comes while the command is still
 //! making the container (the host's readiness probe of a new sandbox)
 //! waits for the container to be started first ([`CONTAINER_PATIENCE`]). The
-//! host's stop (the keeper's `kill`, as user `0`) is a `crun exec` too, as
-//! root with `CAP_KILL` alone ([`Who::Stopper`]). An exec as another user
+//! host's stop (the keeper's `kill`, asked as user `0`) is a `crun exec`
+//! too, of the container's process with `CAP_KILL` added ([`Who::Stopper`]). An exec as another user
 //! (`-u`), or one whose container is not there once the command has ended or
 //! that wait is over, goes through `podman exec`, which resolves user names
 //! in the container's own root.
@@ -80,6 +80,30 @@ pub struct Setup {
 #[derive(Debug)]
 pub struct Server {
     stop: Arc<AtomicBool>,
+    active: Arc<AtomicUsize>,
+}
+
+/// How long the init waits, once the sandbox's command has ended, for the
+/// execs still running to end and hand their exit status to the host
+/// ([`Server::finish`]). Their processes end with the container (its PID
+/// namespace goes when its PID 1 does) or with the stop's signals; without
+/// this wait the VM could power off between an exec's end and its `Exit`,
+/// and the host's exec (a `docker run`'s main process stopped by `docker
+/// stop`) ended with no exit status.
+pub const FINISH_PATIENCE: Duration = Duration::from_secs(5);
+
+impl Server {
+    /// Stops accepting execs and waits up to `patience` for those running
+    /// to end (their `Exit` sent and the host's close seen, or its wait
+    /// over); returns how many had not.
+    pub fn finish(&self, patience: Duration) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + patience;
+        while self.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.active.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Server {
@@ -92,15 +116,20 @@ impl Drop for Server {
 pub fn start(listener: VsockListener, mut setup: Setup) -> std::io::Result<Server> {
     let stop = Arc::new(AtomicBool::new(false));
     setup.ended = Arc::clone(&stop);
-    let flag = Arc::clone(&stop);
+    let active = Arc::new(AtomicUsize::new(0));
+    let (flag, count) = (Arc::clone(&stop), Arc::clone(&active));
     thread::Builder::new()
         .name("execd".into())
-        .spawn(move || accept_loop(&listener, &setup, &flag))?;
-    Ok(Server { stop })
+        .spawn(move || accept_loop(&listener, &setup, &flag, &count))?;
+    Ok(Server { stop, active })
 }
 
-fn accept_loop(listener: &VsockListener, setup: &Setup, stop: &AtomicBool) {
-    let active = Arc::new(AtomicUsize::new(0));
+fn accept_loop(
+    listener: &VsockListener,
+    setup: &Setup,
+    stop: &AtomicBool,
+    active: &Arc<AtomicUsize>,
+) {
     while !stop.load(Ordering::SeqCst) {
         let (stream, cid) = match listener.accept_timeout(ACCEPT_TICK) {
             Ok(Some(accepted)) => accepted,
@@ -111,6 +140,10 @@ fn accept_loop(listener: &VsockListener, setup: &Setup, stop: &AtomicBool) {
                 continue;
             }
         };
+        if stop.load(Ordering::SeqCst) {
+            // The command ended while this one waited: the sandbox is going.
+            break;
+        }
         if cid != HOST_CID {
             console::warn(&format!("exec port: refused a connection from cid {cid}"));
             continue;
@@ -120,7 +153,7 @@ fn accept_loop(listener: &VsockListener, setup: &Setup, stop: &AtomicBool) {
             continue;
         }
         active.fetch_add(1, Ordering::SeqCst);
-        let count = Arc::clone(&active);
+        let count = Arc::clone(active);
         let setup = setup.clone();
         let spawned = thread::Builder::new().name("exec".into()).spawn(move || {
             if let Err(err) = serve(stream, &setup) {
@@ -200,12 +233,14 @@ pub fn placed(spec: RunSpec, setup: &Setup, user: Option<&str>) -> (RunSpec, Scr
 enum Who {
     /// The container's own process: its user, capabilities and the rest.
     ContainersUser,
-    /// The host's stop: root in the container with `CAP_KILL` alone (in
-    /// every set, the bounding one too), so that its `kill(-1, SIG)`
-    /// reaches the processes of every user there and it can do nothing
-    /// else a root could. `podman exec --user 0` gave it podman's whole
-    /// default set, after podman's start-up (about 0.7 s of a stop under
-    /// emulation, before the signal left).
+    /// The host's stop: the container's own process (its user, groups and
+    /// capabilities) with `CAP_KILL` added, so that its `kill(-1, SIG)`
+    /// reaches the processes of every user there and it gains nothing
+    /// else. It reaches the keeper as the agent's own execs do (an image
+    /// may have a root directory only its user can enter: root without
+    /// `CAP_DAC_OVERRIDE` could not). `podman exec --user 0` gave it root
+    /// with podman's whole default set, after podman's start-up (about
+    /// 0.7 s of a stop under emulation, before the signal left).
     Stopper,
 }
 
@@ -372,12 +407,7 @@ fn crun_exec(
     process.insert("terminal".into(), serde_json::json!(false));
     process.remove("consoleSize");
     if who == Who::Stopper {
-        let kill = serde_json::json!(["CAP_KILL"]);
-        process.insert("user".into(), serde_json::json!({"uid": 0, "gid": 0}));
-        process.insert(
-            "capabilities".into(),
-            serde_json::json!({"bounding": kill, "effective": kill, "permitted": kill}),
-        );
+        with_cap_kill(&mut process);
     }
     let body = serde_json::to_vec(&serde_json::Value::Object(process))
         .map_err(|e| NoCrunExec::Unusable(format!("process: {e}")))?;
@@ -397,6 +427,39 @@ fn crun_exec(
         .map(str::to_owned)
         .to_vec();
     Ok((argv, file))
+}
+
+/// Adds `CAP_KILL` to every capability set of a container's `process`
+/// (the ambient and inheritable ones too: a process that is not root
+/// keeps capabilities across `execve` only as ambient ones), making the sets
+/// that are missing.
+fn with_cap_kill(process: &mut serde_json::Map<String, serde_json::Value>) {
+    let caps = process
+        .entry("capabilities")
+        .or_insert_with(|| serde_json::json!({}));
+    if !caps.is_object() {
+        *caps = serde_json::json!({});
+    }
+    let Some(caps) = caps.as_object_mut() else {
+        return;
+    };
+    for set in [
+        "bounding",
+        "effective",
+        "permitted",
+        "inheritable",
+        "ambient",
+    ] {
+        let list = caps.entry(set).or_insert_with(|| serde_json::json!([]));
+        if !list.is_array() {
+            *list = serde_json::json!([]);
+        }
+        if let Some(list) = list.as_array_mut() {
+            if !list.iter().any(|c| c == "CAP_KILL") {
+                list.push(serde_json::json!("CAP_KILL"));
+            }
+        }
+    }
 }
 
 /// `podman exec` of `spec` in the agent's container, as `user` if given.
@@ -732,6 +795,67 @@ mod tests {
         assert!(s.stdin);
     }
 
+    /// Once the command has ended, the init waits for the execs still
+    /// running (their exit status to the host), but not past its patience,
+    /// and takes no more.
+    #[test]
+    fn finishing_waits_for_the_running_execs_within_its_patience() {
+        let server = Server {
+            stop: Arc::new(AtomicBool::new(false)),
+            active: Arc::new(AtomicUsize::new(2)),
+        };
+        let active = Arc::clone(&server.active);
+        let ending = thread::spawn(move || {
+            for _ in 0..2 {
+                thread::sleep(Duration::from_millis(100));
+                active.fetch_sub(1, Ordering::SeqCst);
+            }
+        });
+        let began = Instant::now();
+        assert_eq!(server.finish(Duration::from_secs(20)), 0);
+        assert!(began.elapsed() >= Duration::from_millis(200));
+        assert!(server.stop.load(Ordering::SeqCst), "no more execs taken");
+        ending.join().expect("test");
+
+        // One that does not end: cut after the patience.
+        server.active.store(1, Ordering::SeqCst);
+        let began = Instant::now();
+        assert_eq!(server.finish(Duration::from_millis(300)), 1);
+        let took = began.elapsed();
+        assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn cap_kill_is_added_to_each_set_once() {
+        let mut process = serde_json::json!({
+            "capabilities": {
+                "bounding": ["CAP_CHOWN", "CAP_KILL"],
+                "effective": ["CAP_CHOWN"],
+                "ambient": "garbage"
+            }
+        })
+        .as_object()
+        .cloned()
+        .expect("test");
+        with_cap_kill(&mut process);
+        assert_eq!(
+            process["capabilities"],
+            serde_json::json!({
+                "bounding": ["CAP_CHOWN", "CAP_KILL"],
+                "effective": ["CAP_CHOWN", "CAP_KILL"],
+                "ambient": ["CAP_KILL"],
+                "permitted": ["CAP_KILL"],
+                "inheritable": ["CAP_KILL"]
+            })
+        );
+        let mut bare = serde_json::Map::new();
+        with_cap_kill(&mut bare);
+        assert_eq!(
+            bare["capabilities"]["ambient"],
+            serde_json::json!(["CAP_KILL"])
+        );
+    }
+
     /// Only the keeper's `kill`, asked as `0`, is the stop; anything else as
     /// another user goes to `podman exec`.
     #[test]
@@ -839,19 +963,24 @@ mod tests {
         assert_eq!(p["noNewPrivileges"], true);
         assert_eq!(p["rlimits"][0]["hard"], 8);
 
-        // The host's stop: root with CAP_KILL alone, the rest the
-        // container's.
+        // The host's stop: the container's process with CAP_KILL added to
+        // every set (once), nothing else changed.
         let stop = spec(&[crate::keeper::PATH, "kill", "TERM"], false);
         let (_, file) = crun_exec(&stop, paths, Who::Stopper).expect("test");
         let p: serde_json::Value =
             serde_json::from_slice(&fs::read(&file).expect("test")).expect("test");
-        assert_eq!(p["user"], serde_json::json!({"uid": 0, "gid": 0}));
+        assert_eq!(
+            p["user"],
+            serde_json::json!({"uid": 1000, "gid": 0, "additionalGids": [0]})
+        );
         assert_eq!(
             p["capabilities"],
             serde_json::json!({
                 "bounding": ["CAP_KILL"],
                 "effective": ["CAP_KILL"],
-                "permitted": ["CAP_KILL"]
+                "permitted": ["CAP_KILL"],
+                "inheritable": ["CAP_KILL"],
+                "ambient": ["CAP_KILL"]
             })
         );
         assert_eq!(p["noNewPrivileges"], true);

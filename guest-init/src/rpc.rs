@@ -543,7 +543,7 @@ fn converse<S: Stream>(
 
     let pid = running.pid();
     console::debug(&format!("started pid {pid}"));
-    let _exec_server = match exec_listener {
+    let exec_server = match exec_listener {
         Some(listener) => {
             let setup = crate::execd::Setup {
                 container: container.is_some(),
@@ -605,6 +605,16 @@ fn converse<S: Stream>(
     })?;
     if ended.timed_out {
         console::debug("the command timed out and was killed");
+    }
+    // The execs still running end with it (or soon after): let them hand
+    // the host their exit status before this one's Exit ends the VM.
+    if let Some(server) = &exec_server {
+        let left = server.finish(crate::execd::FINISH_PATIENCE);
+        if left > 0 {
+            console::warn(&format!(
+                "{left} exec(s) still running as the sandbox ends; they are cut"
+            ));
+        }
     }
     if audit {
         // What the kernel queued before the command's end (its own exit
