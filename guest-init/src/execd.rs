@@ -11,12 +11,14 @@
 //! exec` does, without podman's start-up (about 1 s of guest CPU under
 //! emulation against 0.35 s). One that comes while the command is still
 //! making the container (the host's readiness probe of a new sandbox)
-//! waits for the container to be started first ([`CONTAINER_PATIENCE`]). The
-//! host's stop (the keeper's `kill`, asked as user `0`) is a `crun exec`
-//! too, of the container's process with `CAP_KILL` added ([`Who::Stopper`]). An exec as another user
-//! (`-u`), or one whose container is not there once the command has ended or
-//! that wait is over, goes through `podman exec`, which resolves user names
-//! in the container's own root.
+//! waits for the container to be started first ([`CONTAINER_PATIENCE`]).
+//! The host's stop (the keeper's `kill`, asked as user `0`) is a `crun
+//! exec` too, of the container's process with `CAP_KILL` added
+//! ([`Who::Stopper`]). An exec as another user (`-u`), or one whose
+//! container is not there once the command has ended or that wait is over,
+//! goes through `podman exec`, which resolves user names in the container's
+//! own root. Once the command has ended, the init takes no more execs and
+//! waits a little for those running to report ([`Server::finish`]).
 //!
 //! Only the host may connect: a connection from any other CID is closed at
 //! once (the agent cannot make a vsock socket anyway: its seccomp filter
