@@ -1,112 +1,14 @@
 //! The `airlock-vmm` command: one process per microVM.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use airlock_vmm::config::{Console, DiskConfig, VmConfig, VsockConfig, MAX_MEM_MIB, MIN_MEM_MIB};
+use airlock_vmm::config::{Console, VmConfig, VsockConfig};
 use airlock_vmm::vmm::{Hardening, Outcome, SnapshotFiles, Vmm};
 use airlock_vmm::{jail, seccomp, snapshot, timings};
-use clap::Parser;
+use cli::Cli;
 
-/// Boot an Airlock microVM on KVM.
-///
-/// Loads an uncompressed ELF kernel (PVH entry) and an optional initramfs,
-/// runs the guest with a serial console, and exits when the guest resets or
-/// powers off. Airlock's broker (`airlock run`) normally starts this for you.
-///
-/// Exit status: 0 the guest stopped cleanly (reset, triple fault or power
-/// off), or the snapshot was written (`--snapshot-to`); 1 the VM failed (KVM
-/// error: the message shows the exit reason, RIP and the instruction bytes);
-/// 2 bad input (missing or non-ELF kernel, bad sizes, no access to
-/// /dev/kvm); 3 the `--restore` snapshot is damaged or of another VMM
-/// build, kernel, CPU or machine shape (nothing ran: boot cold instead).
-#[derive(Debug, Parser)]
-#[command(name = "airlock-vmm", version, about, long_about)]
-struct Cli {
-    /// Uncompressed ELF kernel (vmlinux) with a PVH entry point.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
-    /// Initramfs (newc cpio) handed to the kernel.
-    #[arg(long, value_name = "PATH")]
-    initrd: Option<PathBuf>,
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MiB", default_value_t = 256,
-          value_parser = clap::value_parser!(u32).range(i64::from(MIN_MEM_MIB)..=i64::from(MAX_MEM_MIB)))]
-    mem: u32,
-    /// Number of vCPUs (1 to 16).
-    #[arg(long, value_name = "N", default_value_t = 1,
-          value_parser = clap::value_parser!(u8).range(1..=16))]
-    cpus: u8,
-    /// Extra kernel command-line arguments, appended to the VMM's own
-    /// (`console=ttyS0 reboot=k panic=-1 quiet`).
-    #[arg(long, value_name = "STR", default_value = "")]
-    cmdline: String,
-    /// Where the guest's serial console goes: a file path, `-` for standard
-    /// output, or `none`.
-    #[arg(long, value_name = "PATH|-|none", default_value = "-")]
-    console: String,
-    /// Give the guest a virtio-vsock device whose host side is this Unix
-    /// socket path (Firecracker's hybrid vsock): a guest connection to host
-    /// port P arrives at `PATH_P`; host programs connect to PATH and write
-    /// `CONNECT <guest port>\n`.
-    #[arg(long, value_name = "PATH")]
-    vsock_uds: Option<PathBuf>,
-    /// A disk for the guest, `ro:PATH` (read-only) or `rw:PATH`; repeat for
-    /// more. The guest sees them as /dev/vda, /dev/vdb, ... in this order.
-    #[arg(long = "disk", value_name = "ro:PATH|rw:PATH", value_parser = parse_disk)]
-    disks: Vec<DiskConfig>,
-    /// The guest's vsock context id (3 or more).
-    #[arg(long, value_name = "CID", default_value_t = 3, requires = "vsock_uds")]
-    vsock_cid: u32,
-    /// Debugging only: run without the seccomp filters.
-    #[arg(long)]
-    no_seccomp: bool,
-    /// Debugging only: run without the jail (namespaces, empty root, rlimits,
-    /// dropped privileges).
-    #[arg(long)]
-    no_jail: bool,
-    /// The uid and gid to run as when started by root.
-    #[arg(long, value_name = "ID", default_value_t = jail::DEFAULT_ID)]
-    jail_uid: u32,
-    /// Test hook: SECS after the guest's init started, make a forbidden
-    /// system call.
-    #[arg(long, value_name = "SECS", hide = true)]
-    test_forbidden_syscall: Option<u64>,
-    /// Test hook: print what the process sees from inside the jail.
-    #[arg(long, hide = true)]
-    test_report_jail: bool,
-    /// Debugging and tests: once the guest has stopped, write its RAM
-    /// (every region in guest-physical order, without the MMIO gap) to
-    /// this file (created mode 0600, or truncated).
-    #[arg(long, value_name = "PATH", hide = true)]
-    dump_memory: Option<PathBuf>,
-    /// Boot, and when the guest's init reaches its snapshot point (it
-    /// writes the snapshot mark: `airlock.snapshot=1` on its command line)
-    /// write a snapshot into DIR (`state` and `memory`, created mode 0600)
-    /// and stop.
-    #[arg(long, value_name = "DIR", conflicts_with = "restore")]
-    snapshot_to: Option<PathBuf>,
-    /// Do not boot: wake the guest from the snapshot in DIR (made by this
-    /// airlock-vmm build with the same kernel, memory, vCPUs and disks;
-    /// the console, vsock socket and disk paths are this run's). Its memory
-    /// is mapped copy-on-write: VMs woken from one snapshot share the pages
-    /// none of them wrote.
-    #[arg(long, value_name = "DIR")]
-    restore: Option<PathBuf>,
-    /// With --restore: map the snapshot's data into KVM's page tables
-    /// before the guest runs (KVM_PRE_FAULT_MEMORY, else
-    /// MADV_POPULATE_READ), trading a longer restore for fewer guest page
-    /// faults; a net loss where faults are cheap (docs/SNAPSHOTS.md).
-    #[arg(long, requires = "restore")]
-    prefault: bool,
-    /// Print on stderr where the start goes: milliseconds since main() at
-    /// each step (jail, restore or boot set-up, first KVM_RUN, the guest's
-    /// first vsock packet and console line, with the vCPU exits so far; with
-    /// --no-seccomp also KVM's counters of vCPU 0).
-    #[arg(long)]
-    timings: bool,
-}
+mod cli;
 
 /// The snapshot files to write, opened before the jail.
 fn open_snapshot_target(dir: &std::path::Path) -> std::io::Result<SnapshotFiles> {
@@ -157,21 +59,6 @@ fn open_dump(path: &std::path::Path) -> std::io::Result<std::fs::File> {
                 format!("cannot create the memory dump {}: {e}", path.display()),
             )
         })
-}
-
-fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
-    let (read_only, path) = match spec.split_once(':') {
-        Some(("ro", path)) => (true, path),
-        Some(("rw", path)) => (false, path),
-        _ => return Err(format!("expected ro:PATH or rw:PATH, got {spec:?}")),
-    };
-    if path.is_empty() {
-        return Err("empty disk path".into());
-    }
-    Ok(DiskConfig {
-        path: path.into(),
-        read_only,
-    })
 }
 
 impl From<Cli> for VmConfig {
@@ -290,7 +177,19 @@ fn build_and_run(cli: Cli, start: Instant) -> Result<Outcome, Box<dyn std::error
 
 fn main() -> ExitCode {
     let start = Instant::now();
-    let outcome = build_and_run(Cli::parse(), start);
+    let cli = match cli::parse(std::env::args_os().skip(1)) {
+        Ok(cli::Command::Run(cli)) => *cli,
+        Ok(cli::Command::Help) => return print_out(&cli::help()),
+        Ok(cli::Command::Version) => return print_out(&cli::version()),
+        Err(e) => {
+            eprintln!(
+                "airlock-vmm: error: {e}\n\n{}\n\nFor more information, try 'airlock-vmm --help'.",
+                cli::USAGE
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let outcome = build_and_run(cli, start);
     match outcome {
         Ok(outcome) if outcome.snapshot.is_some() => {
             eprintln!(
@@ -340,18 +239,11 @@ fn main() -> ExitCode {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn disk_specs_name_their_mode() {
-        let d = parse_disk("ro:/img/a.ext4").expect("ro");
-        assert_eq!((d.path, d.read_only), ("/img/a.ext4".into(), true));
-        let d = parse_disk("rw:scratch:1.img").expect("rw");
-        assert_eq!((d.path, d.read_only), ("scratch:1.img".into(), false));
-        assert!(parse_disk("/img/a.ext4").is_err());
-        assert!(parse_disk("ro:").is_err());
-        assert!(parse_disk("xx:/a").is_err());
+/// Writes `text` to standard output (`--help`, `--version`).
+fn print_out(text: &str) -> ExitCode {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::from(1),
     }
 }
