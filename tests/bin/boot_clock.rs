@@ -12,7 +12,11 @@
 //! - `exit_ms`: until CMD has exited and been reaped.
 //!
 //! It also picks up the number in `guest init reached after <ms> ms`
-//! from CMD's stderr (airlock-vmm's boot timer), if CMD prints one.
+//! from CMD's stderr (airlock-vmm's boot timer), if CMD prints one, and
+//! with `--ready TEXT` notes when the first stderr line containing TEXT was
+//! read (`ready_ms`, printed before `code`): airlock-vmm's `--timings` line
+//! `first vsock packet from the guest` is when a host would see the guest's
+//! init connect, the point `airlock` calls ready.
 //!
 //! Nothing of CMD's output is passed through unless `--verbose` (then stdout
 //! and stderr both go to our stderr). It prints one line on stdout:
@@ -62,13 +66,15 @@ const DEFAULT_LINE: &str = "airlock-init: ready";
 const BOOT_TIMER_MARK: &str = "guest init reached after ";
 
 const USAGE: &str = "\
-usage: boot-clock [--line TEXT | --bytes] [--verbose] [--kill-after SECS] [--no-aslr] -- CMD [ARGS...]
+usage: boot-clock [--line TEXT | --bytes] [--ready TEXT] [--verbose] [--kill-after SECS] [--no-aslr] -- CMD [ARGS...]
 
 Runs CMD and prints one line:
   line_ms=<f|-> exit_ms=<f> boot_timer_ms=<f|-> code=<n>
 line_ms: ms from spawn to the first stdout line containing TEXT
          (default 'airlock-init: ready'); exit_ms: ms from spawn to CMD's exit;
 boot_timer_ms: the <ms> of 'guest init reached after <ms> ms' on CMD's stderr.
+With --ready TEXT, ready_ms=<f|-> comes before code: ms from spawn to the
+first stderr line containing TEXT.
 Exits 0 only if CMD exited 0 and the line was seen.
 
 With --bytes, prints instead:
@@ -79,6 +85,7 @@ exited 0.
 
   --line TEXT   the stdout text to wait for
   --bytes       count stdout bytes instead of waiting for a line
+  --ready TEXT  also time the first stderr line containing TEXT (ready_ms)
   --verbose     copy CMD's stdout (not with --bytes) and stderr to our stderr
   --kill-after SECS
                 SIGKILL CMD if it still runs SECS seconds after the spawn
@@ -103,6 +110,8 @@ struct Args {
     /// SIGKILL CMD this long after the spawn.
     kill_after: Option<Duration>,
     no_aslr: bool,
+    /// Also time the first stderr line containing this text.
+    ready: Option<String>,
     cmd: Vec<OsString>,
 }
 
@@ -113,6 +122,7 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> Result<Option<Args>, St
     let mut verbose = false;
     let mut kill_after = None;
     let mut no_aslr = false;
+    let mut ready = None;
     while let Some(arg) = it.next() {
         match arg.to_str() {
             Some("--") => {
@@ -132,6 +142,7 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> Result<Option<Args>, St
                     verbose,
                     kill_after,
                     no_aslr,
+                    ready,
                     cmd,
                 }));
             }
@@ -148,15 +159,19 @@ fn parse_args(mut it: impl Iterator<Item = OsString>) -> Result<Option<Args>, St
                     .ok_or("--kill-after needs SECS, a number of seconds (0 < SECS <= 86400)")?;
                 kill_after = Some(Duration::from_secs_f64(secs));
             }
-            Some("--line") => {
+            Some(option @ ("--line" | "--ready")) => {
                 let text = it
                     .next()
                     .and_then(|v| v.into_string().ok())
-                    .ok_or("--line needs a UTF-8 TEXT argument")?;
+                    .ok_or_else(|| format!("{option} needs a UTF-8 TEXT argument"))?;
                 if text.is_empty() {
-                    return Err("--line TEXT must not be empty".to_owned());
+                    return Err(format!("{option} TEXT must not be empty"));
                 }
-                line = Some(text);
+                if option == "--line" {
+                    line = Some(text);
+                } else {
+                    ready = Some(text);
+                }
             }
             _ => {
                 return Err(format!(
@@ -300,14 +315,19 @@ fn run(args: &Args) -> Result<bool, String> {
     let stderr = child.stderr.take().ok_or("child has no stderr pipe")?;
 
     let verbose = args.verbose;
+    let ready = args.ready.clone();
     let stderr_reader = thread::spawn(move || {
         let mut found = None;
+        let mut ready_at = None;
         let res = for_each_line(stderr, verbose, |l| {
             if found.is_none() {
                 found = boot_timer_ms(l);
             }
+            if ready_at.is_none() && ready.as_deref().is_some_and(|r| l.contains(r)) {
+                ready_at = Some(Instant::now());
+            }
         });
-        (found, res)
+        (found, ready_at, res)
     });
 
     let (seen, stdout_res) = match &args.watch {
@@ -364,15 +384,15 @@ fn run(args: &Args) -> Result<bool, String> {
         .map_err(|e| format!("waiting for {}: {e}", program.to_string_lossy()))?;
     let exit_at = Instant::now();
 
-    let boot_timer = match stderr_reader.join() {
-        Ok((found, Ok(()))) => found,
-        Ok((found, Err(e))) => {
+    let (boot_timer, ready_at) = match stderr_reader.join() {
+        Ok((found, ready_at, Ok(()))) => (found, ready_at),
+        Ok((found, ready_at, Err(e))) => {
             eprintln!("boot-clock: reading the command's stderr: {e}");
-            found
+            (found, ready_at)
         }
         Err(_) => {
             eprintln!("boot-clock: the stderr reader thread panicked");
-            None
+            (None, None)
         }
     };
 
@@ -380,10 +400,14 @@ fn run(args: &Args) -> Result<bool, String> {
     let exit_ms = fmt_ms(Some(millis(start, exit_at)));
     let at = |t: Option<Instant>| fmt_ms(t.map(|t| millis(start, t)));
     let boot_timer = fmt_ms(boot_timer);
+    let code = match args.ready {
+        Some(_) => format!("ready_ms={} code={code}", at(ready_at)),
+        None => format!("code={code}"),
+    };
     let watched = match seen {
         Seen::Line(text, line_at) => {
             println!(
-                "line_ms={} exit_ms={exit_ms} boot_timer_ms={boot_timer} code={code}",
+                "line_ms={} exit_ms={exit_ms} boot_timer_ms={boot_timer} {code}",
                 at(line_at)
             );
             if line_at.is_none() {
@@ -394,7 +418,7 @@ fn run(args: &Args) -> Result<bool, String> {
         Seen::Bytes(count) => {
             println!(
                 "exit_ms={exit_ms} bytes={} first_byte_ms={} last_byte_ms={} \
-                 boot_timer_ms={boot_timer} code={code}",
+                 boot_timer_ms={boot_timer} {code}",
                 count.bytes,
                 at(count.first),
                 at(count.last)
@@ -489,8 +513,21 @@ mod tests {
             verbose: false,
             kill_after,
             no_aslr,
+            ready: None,
             cmd: cmd.iter().map(OsString::from).collect(),
         }
+    }
+
+    #[test]
+    fn parses_ready() {
+        let a = parse_args(os(&["--ready", "first vsock", "--line", "x", "--", "cat"]))
+            .ok()
+            .flatten();
+        assert_eq!(a.and_then(|a| a.ready), Some("first vsock".to_owned()));
+        let default = parse_args(os(&["--", "cat"])).ok().flatten();
+        assert_eq!(default.map(|a| a.ready), Some(None));
+        assert!(parse_args(os(&["--ready", "", "--", "cat"])).is_err());
+        assert!(parse_args(os(&["--ready"])).is_err());
     }
 
     #[test]
