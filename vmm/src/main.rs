@@ -134,9 +134,11 @@ fn build_and_run(cli: Cli, start: Instant) -> Result<Outcome, Box<dyn std::error
         None => Vmm::new(&config, start)?,
         Some((mut state, memory)) => {
             let vmm = Vmm::restore(&config, start, &mut state, memory, prefault)?;
+            // Whole milliseconds: no floating-point formatting before the
+            // woken guest runs.
             eprintln!(
-                "airlock-vmm: restored from the snapshot in {:.1} ms",
-                start.elapsed().as_secs_f64() * 1e3
+                "airlock-vmm: restored from the snapshot in {} ms",
+                start.elapsed().as_millis()
             );
             if let Some(p) = vmm.prefault() {
                 eprintln!(
@@ -190,6 +192,7 @@ fn main() -> ExitCode {
         }
     };
     let outcome = build_and_run(cli, start);
+    timings::flush();
     match outcome {
         Ok(outcome) if outcome.snapshot.is_some() => {
             eprintln!(
