@@ -172,6 +172,61 @@ fn a_jailed_vmm_exits_with_its_own_code_through_the_jail() {
 }
 
 #[test]
+fn the_vmm_s_command_line_answers_like_a_tool() {
+    // Usage errors: exit 2, what is wrong, the usage line; nothing booted.
+    let vmm = bin("airlock-vmm");
+    for (args, says) in [
+        (
+            &["--kernel", "/k", "--mem", "5"][..],
+            "5 is not in 64..=65536",
+        ),
+        (&["--kernel", "/k", "--cpus", "17"], "17 is not in 1..=16"),
+        (
+            &["--kernel", "/k", "--bogus"],
+            "unexpected argument '--bogus'",
+        ),
+        (&["--mem", "512"], "'--kernel <PATH>' was not given"),
+        (&["--kernel", "/k", "--kernel", "/j"], "more than once"),
+        (
+            &["--kernel", "/k", "--prefault"],
+            "'--prefault' needs '--restore'",
+        ),
+        (
+            &["--kernel=/k", "--disk", "/a"],
+            "expected ro:PATH or rw:PATH",
+        ),
+    ] {
+        let argv: Vec<&str> = std::iter::once(vmm.as_str())
+            .chain(args.iter().copied())
+            .collect();
+        let r = run(&argv, 60);
+        r.expect_code(2)
+            .expect_stderr(says)
+            .expect_stderr("Usage: airlock-vmm [OPTIONS] --kernel <PATH>");
+        assert!(r.stdout.is_empty(), "{r}");
+    }
+    // --help and --version on stdout, exit 0.
+    let r = run(&[&vmm, "--help"], 60);
+    r.expect_code(0);
+    for option in [
+        "--kernel <PATH>",
+        "--restore <DIR>",
+        "--snapshot-to <DIR>",
+        "--vsock-uds <PATH>",
+        "--timings",
+    ] {
+        assert!(r.stdout.contains(option), "--help lacks {option}\n{r}");
+    }
+    let r = run(&[&vmm, "-V"], 60);
+    r.expect_code(0);
+    assert_eq!(
+        r.stdout,
+        format!("airlock-vmm {}\n", env!("CARGO_PKG_VERSION")),
+        "{r}"
+    );
+}
+
+#[test]
 fn running_without_seccomp_or_jail_is_loud() {
     let r = run(
         &[

@@ -132,7 +132,9 @@ Options:
           Print on stderr where the start goes: milliseconds since main() at
           each step (jail, restore or boot set-up, first KVM_RUN, the guest's
           first vsock packet and console line, with the vCPU exits so far;
-          with --no-seccomp also KVM's counters of vCPU 0).
+          with --no-seccomp also KVM's counters of vCPU 0). The start's lines
+          are held until the guest's first vsock packet or console line (or
+          the end), so that writing them does not slow what they measure.
   -h, --help
           Print this help.
   -V, --version
