@@ -36,6 +36,7 @@ pub mod devices;
 pub mod jail;
 pub mod memory;
 pub mod seccomp;
+mod seccomp_rules;
 pub mod snapshot;
 pub mod timings;
 pub mod tiny_guest;

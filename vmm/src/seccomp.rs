@@ -23,14 +23,22 @@
 //! results out, 50 MB of output) plus the error paths read from the code.
 //! Everything done during setup (opening files, KVM_CREATE_*, binding the
 //! vsock socket, spawning threads) is not in them.
+//!
+//! The lists live in [`crate::seccomp_rules`], which `vmm/build.rs` also
+//! compiles to BPF at build time: [`Filters::new`] and
+//! [`Filters::for_snapshot`] hand out those programs (a test checks they
+//! are what the lists compile to now) unless this process's kick signal is
+//! not the one they were built for, and then compile the lists.
 
-use std::collections::BTreeMap;
+use seccompiler::{sock_filter, BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
-use kvm_bindings::{kvm_regs, kvm_sregs};
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
+use crate::seccomp_rules::{self as rules, any_of, eq, snapshot_rules, vcpu_rules, vmm_rules};
+pub use crate::seccomp_rules::{KVM_GET_REGS, KVM_GET_SREGS, KVM_PRE_FAULT_MEMORY, KVM_RUN};
+
+/// The programs `vmm/build.rs` compiled from [`crate::seccomp_rules`].
+mod prebuilt {
+    include!(concat!(env!("OUT_DIR"), "/seccomp_prebuilt.rs"));
+}
 
 /// Errors building or installing a filter.
 #[derive(Debug, thiserror::Error)]
@@ -46,52 +54,6 @@ pub enum Error {
     Install(#[source] seccompiler::Error),
 }
 
-// The KVM ioctls the running VM uses, as the kernel's _IO/_IOR macros encode
-// them (kvm-ioctls does not export its numbers).
-const KVMIO: u64 = 0xAE;
-const IOC_READ: u64 = 2;
-const fn io(nr: u64) -> u64 {
-    (KVMIO << 8) | nr
-}
-const fn ior(nr: u64, size: usize) -> u64 {
-    // A struct size always fits the 14-bit size field (checked by the test).
-    (IOC_READ << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
-}
-/// `KVM_RUN`.
-pub const KVM_RUN: u64 = io(0x80);
-/// `KVM_GET_REGS` (the failure report's RIP).
-pub const KVM_GET_REGS: u64 = ior(0x81, std::mem::size_of::<kvm_regs>());
-/// `KVM_GET_SREGS` (the failure report's page-table walk).
-pub const KVM_GET_SREGS: u64 = ior(0x83, std::mem::size_of::<kvm_sregs>());
-
-const IOC_READ_WRITE: u64 = 3;
-const fn iowr(nr: u64, size: usize) -> u64 {
-    (IOC_READ_WRITE << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
-}
-/// `KVM_PRE_FAULT_MEMORY` (Linux 6.10; kvm-ioctls has no wrapper): used
-/// while a restore is set up, before any filter is installed, so in no list.
-pub const KVM_PRE_FAULT_MEMORY: u64 = iowr(
-    0xd5,
-    std::mem::size_of::<kvm_bindings::kvm_pre_fault_memory>(),
-);
-/// What a snapshot reads of the VM (the VMM thread) ...
-const SNAPSHOT_VM_IOCTLS: [u64; 3] = [
-    iowr(0x62, std::mem::size_of::<kvm_bindings::kvm_irqchip>()), // KVM_GET_IRQCHIP
-    ior(0x7c, std::mem::size_of::<kvm_bindings::kvm_clock_data>()), // KVM_GET_CLOCK
-    ior(0x9f, std::mem::size_of::<kvm_bindings::kvm_pit_state2>()), // KVM_GET_PIT2
-];
-/// ... and of each vCPU (its own thread).
-const SNAPSHOT_VCPU_IOCTLS: [u64; 8] = [
-    iowr(0x88, std::mem::size_of::<kvm_bindings::kvm_msrs>()), // KVM_GET_MSRS
-    ior(0x8e, std::mem::size_of::<kvm_bindings::kvm_lapic_state>()), // KVM_GET_LAPIC
-    ior(0x98, std::mem::size_of::<kvm_bindings::kvm_mp_state>()), // KVM_GET_MP_STATE
-    ior(0x9f, std::mem::size_of::<kvm_bindings::kvm_vcpu_events>()), // KVM_GET_VCPU_EVENTS
-    ior(0xa1, std::mem::size_of::<kvm_bindings::kvm_debugregs>()), // KVM_GET_DEBUGREGS
-    ior(0xa4, std::mem::size_of::<kvm_bindings::kvm_xsave>()), // KVM_GET_XSAVE
-    ior(0xa6, std::mem::size_of::<kvm_bindings::kvm_xcrs>()),  // KVM_GET_XCRS
-    io(0xa3),                                                  // KVM_GET_TSC_KHZ
-];
-
 /// The compiled filters, one per kind of thread.
 #[derive(Debug, Clone)]
 pub struct Filters {
@@ -102,12 +64,21 @@ pub struct Filters {
 }
 
 impl Filters {
-    /// Compiles both filters (default action: trap, which kills the
-    /// process; see the module docs).
+    /// Both filters (default action: trap, which kills the process; see
+    /// the module docs): the build's programs, or compiled now.
     pub fn new() -> Result<Self, Error> {
+        match Self::built(prebuilt::VMM, prebuilt::VCPU) {
+            Some(filters) => Ok(filters),
+            None => Self::compiled(),
+        }
+    }
+
+    /// Both filters, compiled now from the lists.
+    pub fn compiled() -> Result<Self, Error> {
+        let kick = crate::vcpu::kick_signal();
         Ok(Self {
-            vmm: compile(vmm_rules()?)?,
-            vcpu: compile(vcpu_rules()?)?,
+            vmm: compile(vmm_rules(kick).map_err(Error::Build)?)?,
+            vcpu: compile(vcpu_rules().map_err(Error::Build)?)?,
         })
     }
 
@@ -116,26 +87,43 @@ impl Filters {
     /// ioctls that read the VM's and the vCPUs' state, and seeking and
     /// sizing the (already open) snapshot files on the VMM thread.
     pub fn for_snapshot() -> Result<Self, Error> {
-        let mut vmm = vmm_rules()?;
-        let mut vm_ioctls = vec![libc::FIONBIO];
-        vm_ioctls.extend(SNAPSHOT_VM_IOCTLS);
-        vmm.insert(libc::SYS_ioctl, ioctls(&vm_ioctls)?);
-        vmm.insert(libc::SYS_lseek, Vec::new());
-        vmm.insert(libc::SYS_ftruncate, Vec::new());
-        let mut vcpu = vcpu_rules()?;
-        let mut vcpu_ioctls = vec![KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS];
-        vcpu_ioctls.extend(SNAPSHOT_VCPU_IOCTLS);
-        vcpu.insert(libc::SYS_ioctl, ioctls(&vcpu_ioctls)?);
+        match Self::built(prebuilt::SNAPSHOT_VMM, prebuilt::SNAPSHOT_VCPU) {
+            Some(filters) => Ok(filters),
+            None => Self::compiled_for_snapshot(),
+        }
+    }
+
+    /// [`Filters::for_snapshot`], compiled now from the lists.
+    pub fn compiled_for_snapshot() -> Result<Self, Error> {
+        let (vmm, vcpu) = snapshot_rules(crate::vcpu::kick_signal()).map_err(Error::Build)?;
         Ok(Self {
             vmm: compile(vmm)?,
             vcpu: compile(vcpu)?,
+        })
+    }
+
+    /// The build's programs, if they were built for this process's kick
+    /// signal (the one signal the VMM thread may send its vCPU threads).
+    fn built(vmm: &[(u16, u8, u8, u32)], vcpu: &[(u16, u8, u8, u32)]) -> Option<Self> {
+        if crate::vcpu::kick_signal() != prebuilt::KICK_SIGNAL {
+            return None;
+        }
+        let program = |p: &[(u16, u8, u8, u32)]| -> BpfProgram {
+            p.iter()
+                .map(|&(code, jt, jf, k)| sock_filter { code, jt, jf, k })
+                .collect()
+        };
+        Some(Self {
+            vmm: program(vmm),
+            vcpu: program(vcpu),
         })
     }
 }
 
 /// How many system calls each list allows: (VMM thread, vCPU thread).
 pub fn list_sizes() -> Result<(usize, usize), Error> {
-    Ok((vmm_rules()?.len(), vcpu_rules()?.len()))
+    let vmm = vmm_rules(crate::vcpu::kick_signal()).map_err(Error::Build)?;
+    Ok((vmm.len(), vcpu_rules().map_err(Error::Build)?.len()))
 }
 
 /// Installs `filter` on the calling thread (and sets `PR_SET_NO_NEW_PRIVS`,
@@ -211,17 +199,8 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     }
 }
 
-type Rules = BTreeMap<i64, Vec<SeccompRule>>;
-
-fn compile(rules: Rules) -> Result<BpfProgram, Error> {
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Trap,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(Error::Build)?;
-    filter.try_into().map_err(Error::Compile)
+fn compile(rules: rules::Rules) -> Result<BpfProgram, Error> {
+    rules::compile(rules).map_err(Error::Compile)
 }
 
 /// The filter of the broker's share server (live mounts), installed once
@@ -311,7 +290,7 @@ pub fn share_server() -> Result<BpfProgram, Error> {
         libc::SYS_exit,
         libc::SYS_exit_group,
     ];
-    let mut rules = Rules::new();
+    let mut rules = rules::Rules::new();
     for &nr in allowed {
         rules.insert(nr, Vec::new());
     }
@@ -320,10 +299,11 @@ pub fn share_server() -> Result<BpfProgram, Error> {
     rules.insert(
         libc::SYS_prctl,
         any_of(vec![
-            vec![eq(0, libc::PR_CAPBSET_READ)?],
-            vec![eq(0, libc::PR_SET_NAME)?],
-            vec![eq(0, libc::PR_GET_NAME)?],
-        ])?,
+            vec![eq(0, libc::PR_CAPBSET_READ).map_err(Error::Build)?],
+            vec![eq(0, libc::PR_SET_NAME).map_err(Error::Build)?],
+            vec![eq(0, libc::PR_GET_NAME).map_err(Error::Build)?],
+        ])
+        .map_err(Error::Build)?,
     );
     let errno = u32::try_from(libc::EPERM).unwrap_or(1);
     let filter = SeccompFilter::new(
@@ -334,147 +314,6 @@ pub fn share_server() -> Result<BpfProgram, Error> {
     )
     .map_err(Error::Build)?;
     filter.try_into().map_err(Error::Compile)
-}
-
-/// `arg == value` on the low 32 bits (ioctl numbers, domains, signals).
-fn eq(arg: u8, value: impl TryInto<u64>) -> Result<SeccompCondition, Error> {
-    let value = value
-        .try_into()
-        .map_err(|_| Error::Build(seccompiler::BackendError::InvalidArgumentNumber))?;
-    eq64(arg, value)
-}
-
-fn eq64(arg: u8, value: u64) -> Result<SeccompCondition, Error> {
-    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
-        .map_err(Error::Build)
-}
-
-/// `arg & mask == 0`.
-fn clear(arg: u8, mask: u64) -> Result<SeccompCondition, Error> {
-    SeccompCondition::new(
-        arg,
-        SeccompCmpArgLen::Qword,
-        SeccompCmpOp::MaskedEq(mask),
-        0,
-    )
-    .map_err(Error::Build)
-}
-
-/// One rule per alternative; each alternative's conditions must all hold.
-fn any_of(alternatives: Vec<Vec<SeccompCondition>>) -> Result<Vec<SeccompRule>, Error> {
-    alternatives
-        .into_iter()
-        .map(|c| SeccompRule::new(c).map_err(Error::Build))
-        .collect()
-}
-
-fn ioctls(requests: &[u64]) -> Result<Vec<SeccompRule>, Error> {
-    any_of(
-        requests
-            .iter()
-            .map(|&r| eq(1, r).map(|c| vec![c]))
-            .collect::<Result<_, _>>()?,
-    )
-}
-
-/// No executable memory: the VMM maps no code after it starts.
-fn no_exec(prot_arg: u8) -> Result<Vec<SeccompRule>, Error> {
-    any_of(vec![vec![clear(
-        prot_arg,
-        libc::PROT_EXEC.unsigned_abs().into(),
-    )?]])
-}
-
-/// What every thread needs to allocate, synchronise and end.
-fn common(rules: &mut Rules) -> Result<(), Error> {
-    let always: &[i64] = &[
-        libc::SYS_read,           // eventfds, sockets (VMM) and eventfd drains (vCPU)
-        libc::SYS_write,          // eventfds (irqs, exit), console, stderr, sockets
-        libc::SYS_close,          // dropped connections, a vCPU's fds at thread end
-        libc::SYS_futex,          // Mutex, channels, thread join
-        libc::SYS_brk,            // malloc
-        libc::SYS_munmap,         // free of large blocks, thread stacks
-        libc::SYS_mremap,         // realloc of large buffers
-        libc::SYS_madvise,        // malloc trimming, glibc frees a finished thread's stack
-        libc::SYS_sched_yield,    // std's channel backoff
-        libc::SYS_clock_gettime,  // Instant::now when the vDSO cannot read the clock
-        libc::SYS_rt_sigprocmask, // thread exit and std's signal masking
-        libc::SYS_rt_sigreturn,   // return from the vCPU kick handler
-        libc::SYS_sigaltstack,    // std removes a thread's alternate signal stack at its end
-        libc::SYS_getrandom,      // HashMap keys of a thread's first map
-        libc::SYS_exit,           // a thread ends
-        libc::SYS_exit_group,     // the process ends
-    ];
-    for &nr in always {
-        rules.insert(nr, Vec::new());
-    }
-    rules.insert(libc::SYS_mmap, no_exec(2)?); // malloc arenas and large blocks
-    rules.insert(libc::SYS_mprotect, no_exec(2)?); // malloc grows a thread arena
-    Ok(())
-}
-
-fn vmm_rules() -> Result<Rules, Error> {
-    let mut rules = Rules::new();
-    common(&mut rules)?;
-    let always: &[i64] = &[
-        libc::SYS_epoll_create1,   // the event manager is built on this thread
-        libc::SYS_epoll_ctl,       // (un)watching eventfds and connections
-        libc::SYS_epoll_wait,      // the event loop
-        libc::SYS_epoll_pwait,     // the same, as some libcs implement it
-        libc::SYS_pread64,         // virtio-blk reads
-        libc::SYS_pwrite64,        // virtio-blk writes (rw disks)
-        libc::SYS_fdatasync,       // virtio-blk flush
-        libc::SYS_connect,         // guest-initiated vsock connection to <uds>_PORT
-        libc::SYS_accept4,         // host-initiated vsock connection on <uds>
-        libc::SYS_recvfrom,        // vsock socket reads
-        libc::SYS_sendto,          // vsock socket writes
-        libc::SYS_shutdown,        // half-closing a vsock connection
-        libc::SYS_getsockopt,      // SO_ERROR of a non-blocking connect
-        libc::SYS_getpid,          // pthread_kill's tgkill needs the tgid
-        libc::SYS_clock_nanosleep, // stop_vcpus waits between kicks
-        libc::SYS_unlink,          // the muxer removes its socket at the end
-    ];
-    for &nr in always {
-        rules.insert(nr, Vec::new());
-    }
-    // Only Unix sockets (vsock connections); no other family.
-    rules.insert(libc::SYS_socket, any_of(vec![vec![eq(0, libc::AF_UNIX)?]])?);
-    // set_nonblocking on sockets.
-    rules.insert(libc::SYS_ioctl, ioctls(&[libc::FIONBIO])?);
-    // fcntl: EventFd::try_clone in the event loop; std and the event manager
-    // query and set fd flags.
-    rules.insert(
-        libc::SYS_fcntl,
-        any_of(
-            [
-                libc::F_DUPFD_CLOEXEC,
-                libc::F_GETFD,
-                libc::F_SETFD,
-                libc::F_GETFL,
-                libc::F_SETFL,
-            ]
-            .iter()
-            .map(|&op| eq(1, op).map(|c| vec![c]))
-            .collect::<Result<_, _>>()?,
-        )?,
-    );
-    // Kicking vCPU threads out of KVM_RUN, with the kick signal only.
-    rules.insert(
-        libc::SYS_tgkill,
-        any_of(vec![vec![eq(2, crate::vcpu::kick_signal())?]])?,
-    );
-    Ok(rules)
-}
-
-fn vcpu_rules() -> Result<Rules, Error> {
-    let mut rules = Rules::new();
-    common(&mut rules)?;
-    // Running the guest, and the registers for a failure report.
-    rules.insert(
-        libc::SYS_ioctl,
-        ioctls(&[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS])?,
-    );
-    Ok(rules)
 }
 
 #[cfg(test)]
@@ -492,6 +331,7 @@ mod tests {
     #[test]
     fn snapshot_ioctl_numbers_match_the_kernel_headers() {
         // From <linux/kvm.h> on x86_64.
+        use crate::seccomp_rules::{SNAPSHOT_VCPU_IOCTLS, SNAPSHOT_VM_IOCTLS};
         assert_eq!(SNAPSHOT_VM_IOCTLS, [0xc208_ae62, 0x8030_ae7c, 0x8070_ae9f]);
         assert_eq!(
             SNAPSHOT_VCPU_IOCTLS,
@@ -507,6 +347,25 @@ mod tests {
             ]
         );
         Filters::for_snapshot().expect("snapshot filters");
+    }
+
+    #[test]
+    fn the_build_s_programs_are_what_the_lists_compile_to_now() {
+        assert_eq!(prebuilt::KICK_SIGNAL, crate::vcpu::kick_signal());
+        let (built, now) = (
+            Filters::new().expect("built"),
+            Filters::compiled().expect("now"),
+        );
+        assert_eq!((built.vmm, built.vcpu), (now.vmm, now.vcpu));
+        let built = Filters::for_snapshot().expect("built");
+        let now = Filters::compiled_for_snapshot().expect("now");
+        assert_eq!((built.vmm, built.vcpu), (now.vmm, now.vcpu));
+        // And they are not the same program twice.
+        assert_ne!(
+            Filters::new().expect("a").vmm,
+            Filters::new().expect("b").vcpu
+        );
+        assert_ne!(prebuilt::VMM, prebuilt::SNAPSHOT_VMM);
     }
 
     #[test]
