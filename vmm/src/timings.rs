@@ -207,6 +207,11 @@ fn line(micros: u128, what: &str) -> String {
     )
 }
 
+/// `what`'s line, stamped now.
+fn line_now(what: &str) -> String {
+    line(START.get().map_or(0, |s| s.elapsed().as_micros()), what)
+}
+
 /// Whether marks are on.
 #[inline]
 pub fn on() -> bool {
@@ -219,7 +224,7 @@ pub fn mark(what: &str) {
     if !on() {
         return;
     }
-    let line = line(START.get().map_or(0, |s| s.elapsed().as_micros()), what);
+    let line = line_now(what);
     if let Ok(mut held) = HELD.lock() {
         if let Some(lines) = held.as_mut() {
             lines.push(line);
@@ -245,8 +250,7 @@ pub fn first(event: First) {
     );
     if matches!(event, First::VsockTx | First::SerialLine) {
         // The guest is ready (or talking): this line now, then the held ones.
-        let line = line(START.get().map_or(0, |s| s.elapsed().as_micros()), &what);
-        eprint!("{line}");
+        eprint!("{}", line_now(&what));
         flush();
     } else {
         mark(&what);
