@@ -188,7 +188,7 @@ fn the_vmm_s_command_line_answers_like_a_tool() {
         (&["--mem", "512"], "'--kernel <PATH>' was not given"),
         (&["--kernel", "/k", "--kernel", "/j"], "more than once"),
         (
-            &["--kernel", "/k", "--prefault"],
+            &["--kernel", "/k", "--prefault", "all"],
             "'--prefault' needs '--restore'",
         ),
         (

@@ -1,14 +1,15 @@
 //! The `airlock-vmm` command line, parsed by hand.
 //!
-//! Nineteen long options, no subcommands: a table and a loop. (It was clap,
+//! Twenty long options, no subcommands: a table and a loop. (It was clap,
 //! whose parser was an eighth of the VMM's machine code and, in the test
 //! bed's L1 where every start translates the code it runs anew, ~20 ms of
 //! each wake from a snapshot.) What it accepts is what clap accepted:
 //! `--name VALUE` and `--name=VALUE`, `-h`/`--help`, `-V`/`--version`;
 //! an unknown or repeated option, a missing or malformed value, a missing
-//! `--kernel`, `--vsock-cid` without `--vsock-uds`, `--prefault` without
-//! `--restore` and `--snapshot-to` with `--restore` are usage errors (exit
-//! status 2, as clap's).
+//! `--kernel`, `--vsock-cid` without `--vsock-uds`, `--prefault` or
+//! `--record-working-set` without `--restore` (or together), and
+//! `--snapshot-to` with `--restore` are usage errors (exit status 2, as
+//! clap's).
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
@@ -48,8 +49,20 @@ pub struct Cli {
     pub dump_memory: Option<PathBuf>,
     pub snapshot_to: Option<PathBuf>,
     pub restore: Option<PathBuf>,
-    pub prefault: bool,
+    pub prefault: Prefault,
+    pub record_working_set: Option<PathBuf>,
     pub timings: bool,
+}
+
+/// `--prefault`'s value: what of a snapshot's memory a restore maps ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefault {
+    /// The snapshot's recorded working set, if it has one (the default).
+    WorkingSet,
+    /// Every data page of the memory file.
+    All,
+    /// Nothing: every page faults in on demand.
+    None,
 }
 
 /// The short usage line of the errors and of `--help`.
@@ -123,11 +136,26 @@ Options:
           console, vsock socket and disk paths are this run's). Its memory is
           mapped copy-on-write: VMs woken from one snapshot share the pages
           none of them wrote.
-      --prefault
-          With --restore: map the snapshot's data into KVM's page tables
-          before the guest runs (KVM_PRE_FAULT_MEMORY, else
-          MADV_POPULATE_READ), trading a longer restore for fewer guest page
-          faults; a net loss where faults are cheap (docs/SNAPSHOTS.md).
+      --prefault <working-set|all|none>
+          With --restore: what of the snapshot's memory to map into KVM's
+          page tables before the guest runs (KVM_PRE_FAULT_MEMORY, else
+          MADV_POPULATE_READ), sparing the woken guest those page faults.
+          `working-set`: the pages the snapshot's recorded working set lists
+          (DIR/working-set, from --record-working-set; its written pages are
+          copied ahead, the others stay shared with sibling VMs); nothing if
+          the snapshot has none or it is damaged (said on stderr). `all`:
+          every data page of the memory file (more than it saves where faults
+          are cheap). `none`: fault everything in on demand.
+          [default: working-set]
+      --record-working-set <FILE>
+          With --restore: run the woken guest until its first vsock packet,
+          stop it, and write to FILE (mode 0600) the guest pages it touched
+          until then, read from /proc/self/pagemap, and which of them it
+          wrote: the snapshot's working set for later restores (save it as
+          DIR/working-set). Nothing is prefaulted, the memory file's clean
+          pages are dropped from the page cache first (a read fault then maps
+          only its own page), and the guest is not answered. Not with
+          --prefault.
       --timings
           Print on stderr where the start goes: milliseconds since main() at
           each step (jail, restore or boot set-up, first KVM_RUN, the guest's
@@ -147,7 +175,7 @@ Options take their value as `--name VALUE` or `--name=VALUE`.
 }
 
 /// The options that take a value.
-const WITH_VALUE: [&str; 14] = [
+const WITH_VALUE: [&str; 16] = [
     "kernel",
     "initrd",
     "mem",
@@ -162,14 +190,15 @@ const WITH_VALUE: [&str; 14] = [
     "dump-memory",
     "snapshot-to",
     "restore",
+    "prefault",
+    "record-working-set",
 ];
 
 /// The options that are flags.
-const FLAGS: [&str; 7] = [
+const FLAGS: [&str; 6] = [
     "no-seccomp",
     "no-jail",
     "test-report-jail",
-    "prefault",
     "timings",
     "help",
     "version",
@@ -196,7 +225,8 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         dump_memory: None,
         snapshot_to: None,
         restore: None,
-        prefault: false,
+        prefault: Prefault::WorkingSet,
+        record_working_set: None,
         timings: false,
     };
     let mut args = args.into_iter();
@@ -228,7 +258,6 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
                 "no-seccomp" => cli.no_seccomp = true,
                 "no-jail" => cli.no_jail = true,
                 "test-report-jail" => cli.test_report_jail = true,
-                "prefault" => cli.prefault = true,
                 _ => cli.timings = true,
             }
             continue;
@@ -270,6 +299,20 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             }
             "dump-memory" => cli.dump_memory = Some(path()),
             "snapshot-to" => cli.snapshot_to = Some(path()),
+            "prefault" => {
+                cli.prefault = match value.as_bytes() {
+                    b"working-set" => Prefault::WorkingSet,
+                    b"all" => Prefault::All,
+                    b"none" => Prefault::None,
+                    _ => {
+                        return Err(format!(
+                            "invalid value '{}' for '--prefault': one of working-set, all, none",
+                            value.to_string_lossy()
+                        ))
+                    }
+                }
+            }
+            "record-working-set" => cli.record_working_set = Some(path()),
             _ => cli.restore = Some(path()),
         }
     }
@@ -280,8 +323,13 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
     if given("vsock-cid") && !given("vsock-uds") {
         return Err("'--vsock-cid' needs '--vsock-uds'".to_owned());
     }
-    if cli.prefault && cli.restore.is_none() {
-        return Err("'--prefault' needs '--restore'".to_owned());
+    for option in ["prefault", "record-working-set"] {
+        if given(option) && cli.restore.is_none() {
+            return Err(format!("'--{option}' needs '--restore'"));
+        }
+    }
+    if given("prefault") && given("record-working-set") {
+        return Err("'--record-working-set' cannot be used with '--prefault'".to_owned());
     }
     if cli.snapshot_to.is_some() && cli.restore.is_some() {
         return Err("'--snapshot-to' cannot be used with '--restore'".to_owned());
@@ -362,7 +410,9 @@ mod tests {
         assert_eq!((cli.mem, cli.cpus, cli.vsock_cid), (256, 1, 3));
         assert_eq!((cli.cmdline.as_str(), cli.console.as_str()), ("", "-"));
         assert_eq!(cli.jail_uid, jail::DEFAULT_ID);
-        assert!(!cli.no_seccomp && !cli.no_jail && !cli.prefault && !cli.timings);
+        assert!(!cli.no_seccomp && !cli.no_jail && !cli.timings);
+        assert_eq!(cli.prefault, Prefault::WorkingSet);
+        assert_eq!(cli.record_working_set, None);
         let cli = run(&[
             "--kernel=/k",
             "--initrd",
@@ -384,6 +434,7 @@ mod tests {
             "--restore",
             "/snap",
             "--prefault",
+            "all",
             "--timings",
             "--jail-uid",
             "1000",
@@ -405,7 +456,29 @@ mod tests {
         assert_eq!(cli.cmdline, "airlock.x=1 a=b=c");
         assert_eq!(cli.vsock_uds, Some("/s/v".into()));
         assert_eq!(cli.restore, Some("/snap".into()));
-        assert!(cli.prefault && cli.timings);
+        assert!(cli.timings);
+        assert_eq!(cli.prefault, Prefault::All);
+        let restore = |more: &[&str]| {
+            let mut args = vec!["--kernel", "/k", "--restore", "/snap"];
+            args.extend_from_slice(more);
+            run(&args)
+        };
+        assert_eq!(
+            restore(&["--prefault=none"]).expect("none").prefault,
+            Prefault::None
+        );
+        assert_eq!(
+            restore(&["--prefault", "working-set"])
+                .expect("working set")
+                .prefault,
+            Prefault::WorkingSet
+        );
+        assert_eq!(
+            restore(&["--record-working-set", "/snap/ws"])
+                .expect("record")
+                .record_working_set,
+            Some("/snap/ws".into())
+        );
         // An empty value and a value that looks like an option are values.
         assert_eq!(
             run(&["--kernel", "/k", "--cmdline="])
@@ -500,7 +573,25 @@ mod tests {
         assert!(err(&["--kernel", "/k", "--vsock-cid", "4294967296"]).contains("not in"));
         assert!(err(&["--kernel", "/k", "--disk", "/a"]).contains("expected ro:PATH or rw:PATH"));
         assert!(err(&["--kernel", "/k", "--vsock-cid", "4"]).contains("needs '--vsock-uds'"));
-        assert!(err(&["--kernel", "/k", "--prefault"]).contains("needs '--restore'"));
+        assert!(err(&["--kernel", "/k", "--prefault", "all"]).contains("needs '--restore'"));
+        assert!(
+            err(&["--kernel", "/k", "--record-working-set", "/w"]).contains("needs '--restore'")
+        );
+        assert!(err(&["--kernel", "/k", "--restore", "/s", "--prefault"])
+            .contains("a value is required for '--prefault'"));
+        assert!(
+            err(&["--kernel", "/k", "--restore", "/s", "--prefault", "some"])
+                .contains("one of working-set, all, none")
+        );
+        assert!(err(&[
+            "--kernel",
+            "/k",
+            "--restore",
+            "/s",
+            "--prefault=all",
+            "--record-working-set=/w"
+        ])
+        .contains("cannot be used with '--prefault'"));
         assert!(
             err(&["--kernel", "/k", "--restore", "/s", "--snapshot-to", "/t"])
                 .contains("cannot be used with")

@@ -42,3 +42,4 @@ pub mod timings;
 pub mod tiny_guest;
 pub mod vcpu;
 pub mod vmm;
+pub mod working_set;

@@ -4,8 +4,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use airlock_vmm::config::{Console, VmConfig, VsockConfig};
-use airlock_vmm::vmm::{Hardening, Outcome, SnapshotFiles, Vmm};
-use airlock_vmm::{jail, seccomp, snapshot, timings};
+use airlock_vmm::vmm::{Hardening, Outcome, RecordTarget, SnapshotFiles, Vmm, WakeMemory};
+use airlock_vmm::{jail, seccomp, snapshot, timings, working_set};
 use cli::Cli;
 
 mod cli;
@@ -43,9 +43,36 @@ fn open_snapshot(dir: &std::path::Path) -> Result<(std::fs::File, std::fs::File)
     Ok((open(snapshot::STATE_FILE)?, open(snapshot::MEMORY_FILE)?))
 }
 
-/// Opens the `--dump-memory` file: before the jail, which leaves no file
-/// system to open it in.
-fn open_dump(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+/// What of the snapshot in `dir` a restore maps ahead (its files opened
+/// before the jail).
+fn wake_memory(cli: &Cli, dir: &std::path::Path) -> WakeMemory {
+    if cli.record_working_set.is_some() {
+        return WakeMemory::Record;
+    }
+    match cli.prefault {
+        cli::Prefault::None => WakeMemory::OnDemand,
+        cli::Prefault::All => WakeMemory::All,
+        cli::Prefault::WorkingSet => {
+            let path = dir.join(working_set::FILE);
+            match std::fs::File::open(&path) {
+                Ok(file) => WakeMemory::WorkingSet(file),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => WakeMemory::OnDemand,
+                Err(e) => {
+                    eprintln!(
+                        "airlock-vmm: warning: the snapshot's working set is not used: cannot open {}: {e}",
+                        path.display()
+                    );
+                    WakeMemory::OnDemand
+                }
+            }
+        }
+    }
+}
+
+/// Creates `path` (mode 0600) for writing `what` (the `--dump-memory`
+/// file, the `--record-working-set` file): before the jail, which leaves no
+/// file system to open it in.
+fn create_file(path: &std::path::Path, what: &str) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .write(true)
@@ -56,7 +83,7 @@ fn open_dump(path: &std::path::Path) -> std::io::Result<std::fs::File> {
         .map_err(|e| {
             std::io::Error::new(
                 e.kind(),
-                format!("cannot create the memory dump {}: {e}", path.display()),
+                format!("cannot create {what} {}: {e}", path.display()),
             )
         })
 }
@@ -93,7 +120,11 @@ fn build_and_run(cli: Cli, start: Instant) -> Result<Outcome, Box<dyn std::error
             timings::allow_stats();
         }
     }
-    let dump = cli.dump_memory.as_deref().map(open_dump).transpose()?;
+    let dump = cli
+        .dump_memory
+        .as_deref()
+        .map(|p| create_file(p, "the memory dump"))
+        .transpose()?;
     let snapshot_target = cli
         .snapshot_to
         .as_deref()
@@ -105,6 +136,12 @@ fn build_and_run(cli: Cli, start: Instant) -> Result<Outcome, Box<dyn std::error
         .map(open_snapshot)
         .transpose()
         .map_err(airlock_vmm::vmm::Error::from)?;
+    let wake = cli.restore.as_deref().map(|dir| wake_memory(&cli, dir));
+    let working_set_out = cli
+        .record_working_set
+        .as_deref()
+        .map(|p| create_file(p, "the working set"))
+        .transpose()?;
     // Single-threaded here: the namespaces (a user namespace needs it) and
     // the fork into the new PID namespace come before anything else.
     let jail = if cli.no_jail {
@@ -114,6 +151,17 @@ fn build_and_run(cli: Cli, start: Instant) -> Result<Outcome, Box<dyn std::error
         Some(jail::enter_namespaces(cli.jail_uid, cli.test_report_jail)?)
     };
     timings::mark("namespaces entered");
+    // This process's own (after the fork into the PID namespace), opened
+    // before the jail leaves no /proc.
+    let record = match working_set_out {
+        Some(out) => Some(RecordTarget {
+            pagemap: std::fs::File::open("/proc/self/pagemap").map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot open /proc/self/pagemap: {e}"))
+            })?,
+            out,
+        }),
+        None => None,
+    };
     let filters = if cli.no_seccomp {
         eprintln!("airlock-vmm: WARNING: --no-seccomp: the VMM runs without system call filters (debugging only)");
         None
@@ -128,29 +176,36 @@ fn build_and_run(cli: Cli, start: Instant) -> Result<Outcome, Box<dyn std::error
     timings::mark("seccomp filters built");
     let test_forbidden_syscall = cli.test_forbidden_syscall.map(Duration::from_secs);
     let report = cli.test_report_jail;
-    let prefault = cli.prefault;
     let config = VmConfig::from(cli);
-    let mut vmm = match snapshot_source {
-        None => Vmm::new(&config, start)?,
-        Some((mut state, memory)) => {
-            let vmm = Vmm::restore(&config, start, &mut state, memory, prefault)?;
-            // Whole milliseconds: no floating-point formatting before the
-            // woken guest runs.
+    let mut vmm = match (snapshot_source, wake) {
+        (Some((mut state, memory)), Some(wake)) => {
+            let vmm = Vmm::restore(&config, start, &mut state, memory, wake)?;
+            if let Some(why) = vmm.working_set_unused() {
+                eprintln!("airlock-vmm: warning: the snapshot's working set is not used: {why}");
+            }
+            // One line, whole numbers: no floating-point formatting and one
+            // write before the woken guest runs.
+            let prefaulted = vmm.prefault().map_or_else(String::new, |p| {
+                format!(
+                    " (prefaulted {} pages of {}, {} of them copied, in {} us: {})",
+                    p.pages,
+                    p.what,
+                    p.copied,
+                    p.took.as_micros(),
+                    p.how
+                )
+            });
             eprintln!(
-                "airlock-vmm: restored from the snapshot in {} ms",
+                "airlock-vmm: restored from the snapshot in {} ms{prefaulted}",
                 start.elapsed().as_millis()
             );
-            if let Some(p) = vmm.prefault() {
-                eprintln!(
-                    "airlock-vmm: prefaulted {:.1} MiB of the snapshot's memory in {:.1} ms ({})",
-                    p.bytes as f64 / f64::from(1u32 << 20),
-                    p.took.as_secs_f64() * 1e3,
-                    p.how
-                );
-            }
             vmm
         }
+        _ => Vmm::new(&config, start)?,
     };
+    if let Some(record) = record {
+        vmm.record_working_set_to(record);
+    }
     if let Some(files) = snapshot_target {
         vmm.snapshot_to(&config, files)?;
     }
@@ -198,6 +253,14 @@ fn main() -> ExitCode {
             eprintln!(
                 "airlock-vmm: snapshot written ({} MiB of memory) after {:.1} ms",
                 outcome.snapshot.unwrap_or(0) >> 20,
+                outcome.total.as_secs_f64() * 1e3
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(outcome) if outcome.working_set.is_some() => {
+            let (pages, written) = outcome.working_set.unwrap_or((0, 0));
+            eprintln!(
+                "airlock-vmm: working set recorded: {pages} pages, {written} of them written, after {:.1} ms",
                 outcome.total.as_secs_f64() * 1e3
             );
             ExitCode::SUCCESS

@@ -62,6 +62,9 @@ pub enum Stop {
     /// The guest reached the snapshot point: the VMM writes the snapshot
     /// and stops the VM.
     Snapshot,
+    /// The woken guest sent its first vsock packet: the VMM records its
+    /// working set and stops the VM (`--record-working-set`).
+    WorkingSet,
     /// KVM could not run the guest any further.
     Failed(String),
 }
@@ -81,6 +84,7 @@ impl fmt::Display for Stop {
             Stop::PowerOff => f.write_str("guest powered off"),
             Stop::Requested => f.write_str("stopped by the VMM"),
             Stop::Snapshot => f.write_str("stopped at the snapshot point"),
+            Stop::WorkingSet => f.write_str("stopped at the guest's first vsock packet"),
             Stop::Failed(why) => f.write_str(why),
         }
     }

@@ -152,6 +152,9 @@ pub struct Outcome {
     /// With `--snapshot-to`: the snapshot was written (the memory file's
     /// size), and the VM stopped there.
     pub snapshot: Option<u64>,
+    /// With `--record-working-set`: the pages recorded and how many of them
+    /// the guest wrote (the VM stopped at its first vsock packet).
+    pub working_set: Option<(usize, usize)>,
 }
 
 /// Where a snapshot goes: its two files, opened before the jail.
@@ -190,13 +193,47 @@ pub struct Vmm {
     identity: Identity,
     snapshot: Option<SnapshotTarget>,
     prefault: Option<Prefault>,
+    /// Why the snapshot's working set was not used.
+    working_set_unused: Option<String>,
+    record: Option<RecordTarget>,
+    /// The snapshot's memory tag (woken VMs; zero on a cold boot).
+    memory_tag: [u8; 32],
 }
 
-/// How a restore mapped the snapshot's data pages before the guest ran.
+/// Where `--record-working-set` writes: this process's pagemap and the
+/// working-set file, opened before the jail.
+#[derive(Debug)]
+pub struct RecordTarget {
+    pub pagemap: File,
+    pub out: File,
+}
+
+/// How a restore maps the snapshot's memory before the guest runs.
+#[derive(Debug)]
+pub enum WakeMemory {
+    /// Nothing ahead: the guest faults each page in at its first touch.
+    OnDemand,
+    /// Every data page of the memory file (`--prefault all`).
+    All,
+    /// The pages of the snapshot's recorded working set (this file, read and
+    /// checked: [`crate::working_set`]); the default when the snapshot has one.
+    WorkingSet(File),
+    /// Record the working set (`--record-working-set`): nothing ahead, the
+    /// memory file's clean pages dropped from the page cache and the mapping
+    /// advised random, so that the guest's read faults map only the pages
+    /// it reads (not their neighbours: fault-around, readahead).
+    Record,
+}
+
+/// How a restore mapped pages of the snapshot before the guest ran.
 #[derive(Debug, Clone)]
 pub struct Prefault {
-    /// Bytes of guest memory mapped ahead.
-    pub bytes: u64,
+    /// What was mapped: `"its working set"` or `"its memory"`.
+    pub what: &'static str,
+    /// Pages mapped ahead.
+    pub pages: u64,
+    /// Of them, pages copied ahead (the working set's written pages).
+    pub copied: u64,
     /// How long it took.
     pub took: Duration,
     /// `KVM_PRE_FAULT_MEMORY` (into KVM's nested page tables), or
@@ -205,35 +242,48 @@ pub struct Prefault {
     pub how: &'static str,
 }
 
-/// Maps the snapshot's data ranges ahead of the guest: a woken guest reads
+/// Maps `ranges` of guest memory ahead of the guest: a woken guest reads
 /// back much of what it had, and each first touch of a page would otherwise
 /// be an exit to KVM and a fault on the memory file (in the nested test bed,
-/// a trip through emulated L1 each: most of a restore's time). The pages
-/// stay the file's (read, copy-on-write not broken), so siblings still
-/// share them. Holes (zero pages) are left to fault in on demand.
-fn prefault(vcpu: &Vcpu, mem: &GuestMemoryMmap, data: &[(u64, u64)]) -> Prefault {
+/// a trip through emulated L1 each). Written ranges are first copied in the
+/// VMM's own mapping (`MADV_POPULATE_WRITE` breaks copy-on-write, as the
+/// guest's write would), so KVM maps them writable; the others stay the
+/// file's (read, copy-on-write not broken), so siblings still share them.
+fn prefault(
+    vcpu: &Vcpu,
+    mem: &GuestMemoryMmap,
+    what: &'static str,
+    ranges: &[crate::working_set::Range],
+) -> Prefault {
     let start = Instant::now();
-    let bytes = data.iter().map(|r| r.1).sum();
-    let kvm = data
-        .iter()
-        .try_for_each(|&(gpa, len)| vcpu.pre_fault(gpa, len));
+    let host = |gpa: u64, len: u64| {
+        let host =
+            vm_memory::GuestMemoryBackend::get_host_address(mem, vm_memory::GuestAddress(gpa))
+                .ok()?;
+        Some((host, usize::try_from(len).ok()?))
+    };
+    let advise = |r: &crate::working_set::Range, advice| {
+        host(r.gpa, r.len).is_some_and(|(host, len)| {
+            // SAFETY: the range lies inside one mapped guest RAM region
+            // (ranges never cross a region); MADV_POPULATE_* only fault
+            // pages in (a write fault copies the file's page), they change
+            // no content.
+            unsafe { libc::madvise(host.cast(), len, advice) == 0 }
+        })
+    };
+    let mut copied = 0;
+    for r in ranges.iter().filter(|r| r.written) {
+        if advise(r, libc::MADV_POPULATE_WRITE) {
+            copied += r.len / 4096;
+        }
+    }
+    let kvm = ranges.iter().try_for_each(|r| vcpu.pre_fault(r.gpa, r.len));
     let how = if kvm.is_ok() {
         "KVM_PRE_FAULT_MEMORY"
     } else {
         let mut ok = true;
-        for &(gpa, len) in data {
-            let Ok(host) =
-                vm_memory::GuestMemoryBackend::get_host_address(mem, vm_memory::GuestAddress(gpa))
-            else {
-                continue;
-            };
-            let Ok(len) = usize::try_from(len) else {
-                continue;
-            };
-            // SAFETY: the range lies inside one mapped guest RAM region
-            // (data ranges never cross a region); MADV_POPULATE_READ only
-            // faults pages in, it changes no content.
-            ok &= unsafe { libc::madvise(host.cast(), len, libc::MADV_POPULATE_READ) } == 0;
+        for r in ranges.iter().filter(|r| !r.written) {
+            ok &= advise(r, libc::MADV_POPULATE_READ);
         }
         if ok {
             "MADV_POPULATE_READ"
@@ -242,7 +292,9 @@ fn prefault(vcpu: &Vcpu, mem: &GuestMemoryMmap, data: &[(u64, u64)]) -> Prefault
         }
     };
     Prefault {
-        bytes,
+        what,
+        pages: ranges.iter().map(|r| r.len / 4096).sum(),
+        copied,
         took: start.elapsed(),
         how,
     }
@@ -296,24 +348,23 @@ impl Vmm {
     /// snapshot was taken. `config` must describe the same machine (the
     /// snapshot's identity is checked against it before anything of the
     /// snapshot is used); the console, the vsock socket and the disks'
-    /// paths are this VM's own. With `prefault`, the memory file's data is
-    /// mapped into KVM's page tables before the guest runs (see
-    /// [`Vmm::prefault`]).
+    /// paths are this VM's own. `wake` says what of its memory is mapped
+    /// before the guest runs (see [`Vmm::prefault`]).
     pub fn restore(
         config: &VmConfig,
         start: Instant,
         state: &mut File,
         memory: File,
-        prefault: bool,
+        wake: WakeMemory,
     ) -> Result<Self, Error> {
         let snap = Snapshot::read_state(state)?;
-        Self::build(config, start, Some((snap, memory, prefault)))
+        Self::build(config, start, Some((snap, memory, wake)))
     }
 
     fn build(
         config: &VmConfig,
         start: Instant,
-        restore: Option<(Snapshot, File, bool)>,
+        restore: Option<(Snapshot, File, WakeMemory)>,
     ) -> Result<Self, Error> {
         config.validate()?;
         let kvm = open_kvm()?;
@@ -360,28 +411,57 @@ impl Vmm {
             vsock_cid: config.vsock.as_ref().map(|v| u64::from(v.cid)),
             cmdline: String::new(),
         };
-        let mut data = Vec::new();
+        let mut ahead: Option<(&'static str, Vec<crate::working_set::Range>)> = None;
+        let mut working_set_unused = None;
         let (mem, restore) = match restore {
             None => {
                 let mem = memory::create(config.mem_bytes())?;
                 crate::timings::mark("guest memory mapped");
                 (mem, None)
             }
-            Some((snap, file, prefault)) => {
+            Some((snap, file, wake)) => {
                 // Everything but the CPUID (known once the vCPUs exist).
                 let mut theirs = snap.identity.clone();
                 theirs.cpuid = identity.cpuid;
                 theirs.check(&identity)?;
                 crate::timings::mark("snapshot identity checked");
-                if prefault {
-                    data = snapshot::data_ranges(&file, snap.identity.mem_bytes);
+                let ram: Vec<(u64, u64)> = memory::ram_ranges(snap.identity.mem_bytes)
+                    .into_iter()
+                    .map(|(gpa, len)| (gpa.0, len))
+                    .collect();
+                let record = matches!(wake, WakeMemory::Record);
+                match wake {
+                    WakeMemory::OnDemand => {}
+                    WakeMemory::All => {
+                        let data = snapshot::data_ranges(&file, snap.identity.mem_bytes);
+                        let ranges = data
+                            .into_iter()
+                            .map(|(gpa, len)| crate::working_set::Range {
+                                gpa,
+                                len,
+                                written: false,
+                            })
+                            .collect();
+                        ahead = Some(("its memory", ranges));
+                    }
+                    WakeMemory::WorkingSet(mut f) => {
+                        match crate::working_set::load(&mut f, &snap.memory_tag, &ram) {
+                            Ok(ranges) => ahead = Some(("its working set", ranges)),
+                            Err(why) => working_set_unused = Some(why),
+                        }
+                    }
+                    WakeMemory::Record => crate::working_set::drop_cache(&file),
                 }
                 let mem = snapshot::map_memory(file, &snap)?;
+                if record {
+                    crate::working_set::advise_random(&mem);
+                }
                 crate::timings::mark("snapshot memory mapped and checked");
                 (mem, Some(snap))
             }
         };
         memory::register(&vm, &mem)?;
+        let memory_tag = restore.as_ref().map_or([0; 32], |s| s.memory_tag);
 
         let (kernel_entry, initrd) = if restore.is_some() {
             (0, None)
@@ -556,9 +636,9 @@ impl Vmm {
                 crate::timings::watch_vcpu_stats(vcpu.raw_fd());
             }
         }
-        let prefault = match vcpus.first() {
-            Some(vcpu) if !data.is_empty() => {
-                let p = prefault(vcpu, &mem, &data);
+        let prefault = match (vcpus.first(), ahead) {
+            (Some(vcpu), Some((what, ranges))) if !ranges.is_empty() => {
+                let p = prefault(vcpu, &mem, what, &ranges);
                 crate::timings::mark("prefaulted");
                 Some(p)
             }
@@ -580,14 +660,31 @@ impl Vmm {
             identity,
             snapshot: None,
             prefault,
+            working_set_unused,
+            record: None,
+            memory_tag,
         })
     }
 
-    /// What the restore prefaulted of the snapshot's memory (none on a
-    /// cold boot, and none unless asked: in the test bed it cost more than
-    /// the guest faults it saved, docs/SNAPSHOTS.md).
+    /// What the restore prefaulted of the snapshot's memory: none on a
+    /// cold boot; by default the snapshot's working set if it has one;
+    /// with `--prefault all` every data page (in the test bed that cost
+    /// more than the guest faults it saved, docs/SNAPSHOTS.md).
     pub fn prefault(&self) -> Option<&Prefault> {
         self.prefault.as_ref()
+    }
+
+    /// Why the snapshot's working set was not used (damaged, another
+    /// snapshot's): the guest faults its pages in on demand.
+    pub fn working_set_unused(&self) -> Option<&str> {
+        self.working_set_unused.as_deref()
+    }
+
+    /// Makes this (woken) run record the guest's working set: the VM stops
+    /// at the guest's first vsock packet and the pages it touched until
+    /// then are written to `target.out` ([`crate::working_set`]).
+    pub fn record_working_set_to(&mut self, target: RecordTarget) {
+        self.record = Some(target);
     }
 
     /// Writes a snapshot to `files` when the guest's init writes the
@@ -684,11 +781,17 @@ impl Vmm {
         let result = self
             .harden_this_thread(&hardening)
             .and_then(|()| self.event_loop(exit_evt, exit_rx, hardening.test_forbidden_syscall));
-        let snapshot = match (&result, self.snapshot.take()) {
-            (Ok(Stop::Snapshot), Some(target)) => {
+        let mut working_set = None;
+        let snapshot = match (&result, self.snapshot.take(), self.record.take()) {
+            (Ok(Stop::Snapshot), Some(target), _) => {
                 let states = collect_states(&threads, &target, self.vcpus_count());
                 stop_vcpus(threads);
                 Some(self.write_snapshot(states, target))
+            }
+            (Ok(Stop::WorkingSet), _, Some(mut target)) => {
+                stop_vcpus(threads);
+                working_set = Some(self.write_working_set(&mut target));
+                None
             }
             _ => {
                 stop_vcpus(threads);
@@ -700,6 +803,7 @@ impl Vmm {
         }
         let stop = result?;
         let snapshot = snapshot.transpose()?;
+        let working_set = working_set.transpose()?;
         let init_reached = self.boot_timer.lock().ok().and_then(|t| t.reached());
         let vsock_rejects = self
             .vsock
@@ -713,7 +817,22 @@ impl Vmm {
             total: self.start.elapsed(),
             vsock_rejects,
             snapshot,
+            working_set,
         })
+    }
+
+    /// Reads which guest pages this process's mapping holds and writes them
+    /// as the working set, tagged with the snapshot's memory tag.
+    fn write_working_set(&self, target: &mut RecordTarget) -> Result<(usize, usize), Error> {
+        let pages = crate::working_set::record(&target.pagemap, &self.mem)
+            .map_err(|e| Error::Io("read /proc/self/pagemap", e))?;
+        let bytes = crate::working_set::encode(&self.memory_tag, &pages);
+        target
+            .out
+            .write_all(&bytes)
+            .and_then(|()| target.out.sync_data())
+            .map_err(|e| Error::Io("write the working set", e))?;
+        Ok((pages.len(), pages.iter().filter(|p| p.written).count()))
     }
 
     fn vcpus_count(&self) -> usize {
@@ -828,6 +947,14 @@ impl Vmm {
             }
             if let Some(stop) = watcher.lock().ok().and_then(|w| w.stop.clone()) {
                 return Ok(stop);
+            }
+            if self.record.is_some()
+                && self
+                    .vsock
+                    .as_ref()
+                    .is_some_and(|v| v.lock().is_ok_and(|v| v.guest_spoke))
+            {
+                return Ok(Stop::WorkingSet);
             }
         }
     }

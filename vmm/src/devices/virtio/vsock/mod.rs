@@ -49,6 +49,8 @@ pub struct Vsock {
     rx_starved: bool,
     /// Malformed TX chains seen (the guest is buggy or hostile).
     pub malformed: u64,
+    /// The guest has put a packet on the TX queue.
+    pub guest_spoke: bool,
 }
 
 impl Vsock {
@@ -71,6 +73,7 @@ impl Vsock {
             registered: HashMap::new(),
             rx_starved: false,
             malformed: 0,
+            guest_spoke: false,
         })
     }
 
@@ -88,6 +91,7 @@ impl Vsock {
         while let Some(chain) = q.pop_descriptor_chain(&self.mem) {
             let head = chain.head_index();
             crate::timings::first(crate::timings::First::VsockTx);
+            self.guest_spoke = true;
             match packet::read_tx(&self.mem, chain) {
                 Ok((h, data)) => self.muxer.on_guest_packet(&h, &data),
                 Err(_) => self.malformed += 1,
