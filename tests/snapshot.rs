@@ -24,7 +24,9 @@ fn vm_starts(r: &Run) -> Vec<(String, Value)> {
 /// the same snapshot: each answers its exec, reads 32 bytes of
 /// /dev/urandom unlike every other, has the host's wall clock, and does
 /// not see the file another wrote; every `vm.start` names the one
-/// snapshot (the first made it). Then the snapshot's state file is
+/// snapshot (the first made it). The first also recorded the snapshot's
+/// working set, which the next wakes map ahead of their guests; damaged
+/// before the fifth, it is said and not used, and the fifth works alike. Then the snapshot's state file is
 /// damaged: the next create says the snapshot was refused and removed,
 /// boots cold and works; a snapshot of another machine shape (256 MiB
 /// where 320 MiB is asked) put in place of the right one is refused the
@@ -38,7 +40,13 @@ fn kvm_snapshot_wakes_distinct_sandboxes_and_refuses_bad_snapshots() {
 export AIRLOCK_SANDBOX_DIR=/tmp/sbx AIRLOCK_SNAPSHOT_DIR=/tmp/snaps
 A={airlock}; C="create --engine kvm --image-root {image}"
 vmstart() {{ echo "vmstart:$1:$(grep '"kind":"vm.start"' "$($A inspect $1 | sed -n 's/.*"audit_log": "\(.*\)",*$/\1/p')")"; }}
-for i in 1 2 3 4 5; do $A $C --name s$i 2> /tmp/err; cat /tmp/err >&2; vmstart s$i; done
+for i in 1 2 3 4 5; do
+  if [ $i = 5 ]; then printf 'X' | dd of=$(ls -d /tmp/snaps/[0-9a-f]*)/working-set bs=1 seek=60 count=1 conv=notrunc 2> /dev/null; fi
+  mkdir -p /tmp/t$i; TMPDIR=/tmp/t$i $A $C --name s$i 2> /tmp/err; cat /tmp/err >&2; vmstart s$i
+  if [ $i = 1 ]; then echo "snapshot-files: $(ls /tmp/snaps/[0-9a-f]* | tr '\n' ' ')"; fi
+done
+for f in $(find /tmp/t1 -name snapshot-record.log); do grep -h 'working set' $f | sed 's/^/record-line: /'; done
+for i in 1 2 3 4 5; do grep -h 'restored from the snapshot\|working set' $(find /tmp/t$i -name vm.log) | sed "s/^/restore-line-$i: /"; done
 for i in 1 2 3 4 5; do
   $A exec s$i -- sh -c "echo mine-$i > /tmp/mine-$i; echo files-$i: \$(ls /tmp | grep mine- | tr '\n' ' '); echo random-$i: \$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'); echo clock-$i: \$(date +%s)"
   echo host-clock-$i: $(date +%s)
@@ -98,6 +106,48 @@ echo done"#,
             "sandbox {i}: guest {guest}, host {host}\n{r}"
         );
     }
+    // The first create recorded the snapshot's working set beside it
+    // (the pages a woken guest touches until ready, some of them written)...
+    let files = field("snapshot-files:").join(" ");
+    assert!(
+        files.contains("memory") && files.contains("state") && files.contains("working-set"),
+        "{r}"
+    );
+    let recorded = field("record-line:");
+    assert_eq!(recorded.len(), 1, "{r}");
+    let counts: Vec<u64> = recorded[0]
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert!(
+        recorded[0].starts_with("airlock-vmm: working set recorded:")
+            && counts.len() >= 2
+            && counts[0] > 10
+            && counts[1] > 0
+            && counts[1] < counts[0],
+        "{r}"
+    );
+    // ... each wake mapped it ahead of its guest (its written pages
+    // copied) ...
+    for i in 1..=4 {
+        let line = field(&format!("restore-line-{i}:")).join("\n");
+        assert!(
+            line.contains(&format!(
+                "(prefaulted {} pages of its working set",
+                counts[0]
+            )) && line.contains("of them copied"),
+            "sandbox {i}: {line}\n{r}"
+        );
+    }
+    // ... and a damaged one is said and not used: the guest faults its
+    // pages in on demand and answers as its siblings did (above).
+    let line = field("restore-line-5:").join("\n");
+    assert!(
+        line.contains("airlock-vmm: warning: the snapshot's working set is not used: its checksum does not match (damaged)")
+            && line.contains("restored from the snapshot")
+            && !line.contains("prefaulted"),
+        "{line}\n{r}"
+    );
     // One snapshot, made by the first, used by all five; recorded.
     let starts = vm_starts(&r);
     let woken: Vec<&(String, Value)> = starts.iter().filter(|(n, _)| n.starts_with('s')).collect();

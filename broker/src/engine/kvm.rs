@@ -115,8 +115,31 @@ impl Kvm {
                 &config.inherited_fds,
             )
         };
+        let record_log = config.run_dir.join("snapshot-record.log");
+        let record = |dir: &std::path::Path| {
+            let waking = VmConfig {
+                console_log: config.run_dir.join("snapshot-record-console.log"),
+                vsock_uds: config.run_dir.join("recvsock"),
+                snapshot: None,
+                dump_memory: None,
+                ..config.clone()
+            };
+            let mut args = self.args(&waking);
+            args.push("--restore".into());
+            args.push(dir.into());
+            args.push("--record-working-set".into());
+            args.push(dir.join(snapshot::WORKING_SET_FILE).into());
+            Process::spawn(
+                "airlock-vmm",
+                &self.vmm,
+                &args,
+                &record_log,
+                &config.inherited_fds,
+            )
+        };
         self.share(config).map_err(Restore::Failed)?;
-        let made = snapshot::ensure(plan, &boot, &make_log).map_err(Restore::Fallback)?;
+        let made = snapshot::ensure(plan, &boot, &record, &make_log, &record_log)
+            .map_err(Restore::Fallback)?;
         let state_sha256 = snapshot::state_digest(plan)
             .map_err(|e| Restore::Fallback(snapshot::Fallback(format!("cannot read it: {e}"))))?;
         snapshot::serve_wake(&config.vsock_uds).map_err(|e| {
