@@ -70,14 +70,21 @@ impl Kvm {
             }
         }
         self.share(config)?;
-        let vmm = Process::spawn(
-            "airlock-vmm",
-            &self.vmm,
-            &self.args(config),
-            &config.run_dir.join(VM_LOG),
-            &config.inherited_fds,
-        )?;
+        let vmm = self.spawn_vmm(config, [], &config.run_dir.join(VM_LOG))?;
         Ok(Vm::new(vmm, Vec::new()))
+    }
+
+    /// Spawns the VMM for `config` with `extra` arguments after its own,
+    /// its stdout and stderr to `log`.
+    fn spawn_vmm<const N: usize>(
+        &self,
+        config: &VmConfig,
+        extra: [OsString; N],
+        log: &std::path::Path,
+    ) -> Result<Process, Error> {
+        let mut args = self.args(config);
+        args.extend(extra);
+        Process::spawn("airlock-vmm", &self.vmm, &args, log, &config.inherited_fds)
     }
 
     fn share(&self, config: &VmConfig) -> Result<(), Error> {
@@ -92,50 +99,36 @@ impl Kvm {
 
     /// Makes the plan's snapshot if needed, then wakes the run's VM from it.
     fn spawn_restored(&self, config: &VmConfig, plan: &snapshot::Plan) -> Result<Vm, Restore> {
+        // The snapshot's own VMs: the boot that makes it and the wake that
+        // records its working set, each with its own console and sockets.
+        let aside = |console_log, vsock_uds| VmConfig {
+            console_log,
+            vsock_uds,
+            snapshot: None,
+            dump_memory: None,
+            ..config.clone()
+        };
         let make_log = config.run_dir.join("snapshot-vm.log");
         let boot = |dir: &std::path::Path| {
-            let mut words = config.extra_cmdline.clone();
-            words.push(snapshot::SNAPSHOT_CMDLINE.to_owned());
-            let making = VmConfig {
-                console_log: dir.join("console.log"),
-                vsock_uds: config.run_dir.join("snapvsock"),
-                extra_cmdline: words,
-                snapshot: None,
-                dump_memory: None,
-                ..config.clone()
-            };
-            let mut args = self.args(&making);
-            args.push("--snapshot-to".into());
-            args.push(dir.into());
-            Process::spawn(
-                "airlock-vmm",
-                &self.vmm,
-                &args,
-                &make_log,
-                &config.inherited_fds,
-            )
+            let mut making = aside(dir.join("console.log"), config.run_dir.join("snapvsock"));
+            making
+                .extra_cmdline
+                .push(snapshot::SNAPSHOT_CMDLINE.to_owned());
+            self.spawn_vmm(&making, ["--snapshot-to".into(), dir.into()], &make_log)
         };
         let record_log = config.run_dir.join("snapshot-record.log");
         let record = |dir: &std::path::Path| {
-            let waking = VmConfig {
-                console_log: config.run_dir.join("snapshot-record-console.log"),
-                vsock_uds: config.run_dir.join("recvsock"),
-                snapshot: None,
-                dump_memory: None,
-                ..config.clone()
-            };
-            let mut args = self.args(&waking);
-            args.push("--restore".into());
-            args.push(dir.into());
-            args.push("--record-working-set".into());
-            args.push(dir.join(snapshot::WORKING_SET_FILE).into());
-            Process::spawn(
-                "airlock-vmm",
-                &self.vmm,
-                &args,
-                &record_log,
-                &config.inherited_fds,
-            )
+            let waking = aside(
+                config.run_dir.join("snapshot-record-console.log"),
+                config.run_dir.join("recvsock"),
+            );
+            let extra = [
+                "--restore".into(),
+                dir.into(),
+                "--record-working-set".into(),
+                dir.join(snapshot::WORKING_SET_FILE).into(),
+            ];
+            self.spawn_vmm(&waking, extra, &record_log)
         };
         self.share(config).map_err(Restore::Failed)?;
         let made = snapshot::ensure(plan, &boot, &record, &make_log, &record_log)
@@ -148,10 +141,8 @@ impl Kvm {
             )))
         })?;
         let log = config.run_dir.join(VM_LOG);
-        let mut args = self.args(config);
-        args.push("--restore".into());
-        args.push(plan.dir.clone().into());
-        let mut vmm = Process::spawn("airlock-vmm", &self.vmm, &args, &log, &config.inherited_fds)
+        let mut vmm = self
+            .spawn_vmm(config, ["--restore".into(), plan.dir.clone().into()], &log)
             .map_err(Restore::Failed)?;
         snapshot::await_restore(plan, &mut vmm, &log).map_err(Restore::Fallback)?;
         let mut vm = Vm::new(vmm, Vec::new());
