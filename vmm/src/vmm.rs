@@ -425,10 +425,6 @@ impl Vmm {
                 theirs.cpuid = identity.cpuid;
                 theirs.check(&identity)?;
                 crate::timings::mark("snapshot identity checked");
-                let ram: Vec<(u64, u64)> = memory::ram_ranges(snap.identity.mem_bytes)
-                    .into_iter()
-                    .map(|(gpa, len)| (gpa.0, len))
-                    .collect();
                 let record = matches!(wake, WakeMemory::Record);
                 match wake {
                     WakeMemory::OnDemand => {}
@@ -445,6 +441,10 @@ impl Vmm {
                         ahead = Some(("its memory", ranges));
                     }
                     WakeMemory::WorkingSet(mut f) => {
+                        let ram: Vec<(u64, u64)> = memory::ram_ranges(snap.identity.mem_bytes)
+                            .into_iter()
+                            .map(|(gpa, len)| (gpa.0, len))
+                            .collect();
                         match crate::working_set::load(&mut f, &snap.memory_tag, &ram) {
                             Ok(ranges) => ahead = Some(("its working set", ranges)),
                             Err(why) => working_set_unused = Some(why),

@@ -173,27 +173,27 @@ pub fn decode(bytes: &[u8], tag: &[u8; 32], ram: &[(u64, u64)]) -> Result<Vec<Ra
         return Err("it was recorded for another snapshot".into());
     }
     let mut ranges: Vec<Range> = Vec::new();
-    let mut last: Option<u64> = None;
+    // The last page's address and the RAM range it lies in.
+    let mut last: Option<(u64, usize)> = None;
     for entry in body[HEADER..].chunks_exact(8) {
         let entry = u64::from_le_bytes(entry.try_into().unwrap_or_default());
         let (gpa, written) = (entry & !(PAGE - 1), entry & 1 == 1);
         if entry & (PAGE - 2) != 0 {
             return Err(format!("page {entry:#x} is malformed"));
         }
-        if last.is_some_and(|l| gpa <= l) {
+        if last.is_some_and(|(l, _)| gpa <= l) {
             return Err("its pages are not in ascending order".into());
         }
-        if !ram.iter().any(|&(s, l)| gpa >= s && gpa - s < l) {
+        let Some(slot) = ram.iter().position(|&(s, l)| gpa >= s && gpa - s < l) else {
             return Err(format!("page {gpa:#x} is outside the guest's memory"));
-        }
-        last = Some(gpa);
+        };
         match ranges.last_mut() {
             // Contiguous, of the same kind, and in the same RAM range (a
             // range must not span the MMIO gap).
             Some(r)
                 if r.written == written
                     && r.gpa + r.len == gpa
-                    && ram.iter().any(|&(s, l)| r.gpa >= s && gpa - s < l) =>
+                    && last.is_some_and(|(_, s)| s == slot) =>
             {
                 r.len += PAGE;
             }
@@ -203,6 +203,7 @@ pub fn decode(bytes: &[u8], tag: &[u8; 32], ram: &[(u64, u64)]) -> Result<Vec<Ra
                 written,
             }),
         }
+        last = Some((gpa, slot));
     }
     Ok(ranges)
 }
