@@ -152,10 +152,11 @@ Options:
           stop it, and write to FILE (mode 0600) the guest pages it touched
           until then, read from /proc/self/pagemap, and which of them it
           wrote: the snapshot's working set for later restores (save it as
-          DIR/working-set). Nothing is prefaulted, the memory file's clean
-          pages are dropped from the page cache first (a read fault then maps
-          only its own page), and the guest is not answered. Not with
-          --prefault.
+          DIR/working-set). Nothing is prefaulted, the kernel's fault-around
+          is kept off (a read fault maps only its own page: a userfaultfd
+          registration, else the memory file's clean pages dropped from the
+          page cache; the success line says which), and the guest is not
+          answered. Not with --prefault.
       --timings
           Print on stderr where the start goes: milliseconds since main() at
           each step (jail, restore or boot set-up, first KVM_RUN, the guest's

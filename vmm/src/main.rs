@@ -257,11 +257,17 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Ok(outcome) if outcome.working_set.is_some() => {
-            let (pages, written) = outcome.working_set.unwrap_or((0, 0));
+        Ok(airlock_vmm::vmm::Outcome {
+            working_set: Some(recorded),
+            total,
+            ..
+        }) => {
             eprintln!(
-                "airlock-vmm: working set recorded: {pages} pages, {written} of them written, after {:.1} ms",
-                outcome.total.as_secs_f64() * 1e3
+                "airlock-vmm: working set recorded: {} pages, {} of them written, after {:.1} ms ({})",
+                recorded.pages,
+                recorded.written,
+                total.as_secs_f64() * 1e3,
+                recorded.how
             );
             ExitCode::SUCCESS
         }

@@ -152,9 +152,21 @@ pub struct Outcome {
     /// With `--snapshot-to`: the snapshot was written (the memory file's
     /// size), and the VM stopped there.
     pub snapshot: Option<u64>,
-    /// With `--record-working-set`: the pages recorded and how many of them
-    /// the guest wrote (the VM stopped at its first vsock packet).
-    pub working_set: Option<(usize, usize)>,
+    /// With `--record-working-set`: what was recorded (the VM stopped at
+    /// its guest's first vsock packet).
+    pub working_set: Option<Recorded>,
+}
+
+/// A recorded working set.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// Pages recorded.
+    pub pages: usize,
+    /// Of them, pages the guest wrote.
+    pub written: usize,
+    /// How the recording kept the kernel's fault-around from mapping pages
+    /// the guest did not touch.
+    pub how: String,
 }
 
 /// Where a snapshot goes: its two files, opened before the jail.
@@ -196,6 +208,10 @@ pub struct Vmm {
     /// Why the snapshot's working set was not used.
     working_set_unused: Option<String>,
     record: Option<RecordTarget>,
+    /// A recording wake: how fault-around is kept off, and the
+    /// `userfaultfd` that keeps it off while it lives.
+    record_how: String,
+    _fault_around_off: Option<crate::working_set::FaultAroundOff>,
     /// The snapshot's memory tag (woken VMs; zero on a cold boot).
     memory_tag: [u8; 32],
 }
@@ -218,10 +234,12 @@ pub enum WakeMemory {
     /// The pages of the snapshot's recorded working set (this file, read and
     /// checked: [`crate::working_set`]); the default when the snapshot has one.
     WorkingSet(File),
-    /// Record the working set (`--record-working-set`): nothing ahead, the
-    /// memory file's clean pages dropped from the page cache and the mapping
-    /// advised random, so that the guest's read faults map only the pages
-    /// it reads (not their neighbours: fault-around, readahead).
+    /// Record the working set (`--record-working-set`): nothing ahead, and
+    /// the guest's read faults map only the pages it reads, not their
+    /// neighbours (the kernel's fault-around): the mapping is registered
+    /// with a `userfaultfd` ([`crate::working_set::fault_around_off`]), or
+    /// where that cannot be, the memory file's clean pages are dropped from
+    /// the page cache and the mapping advised random.
     Record,
 }
 
@@ -413,6 +431,8 @@ impl Vmm {
         };
         let mut ahead: Option<(&'static str, Vec<crate::working_set::Range>)> = None;
         let mut working_set_unused = None;
+        let mut record_how = String::new();
+        let mut fault_around_off = None;
         let (mem, restore) = match restore {
             None => {
                 let mem = memory::create(config.mem_bytes())?;
@@ -450,11 +470,24 @@ impl Vmm {
                             Err(why) => working_set_unused = Some(why),
                         }
                     }
-                    WakeMemory::Record => crate::working_set::drop_cache(&file),
+                    WakeMemory::Record => {}
                 }
+                let cache = if record { file.try_clone().ok() } else { None };
                 let mem = snapshot::map_memory(file, &snap)?;
                 if record {
-                    crate::working_set::advise_random(&mem);
+                    match crate::working_set::fault_around_off(&mem) {
+                        Ok(off) => {
+                            fault_around_off = Some(off);
+                            record_how = "fault-around off: userfaultfd".into();
+                        }
+                        Err(e) => {
+                            if let Some(cache) = &cache {
+                                crate::working_set::drop_cache(cache);
+                            }
+                            crate::working_set::advise_random(&mem);
+                            record_how = format!("no userfaultfd ({e}): the memory file's page cache dropped, its mapping advised random");
+                        }
+                    }
                 }
                 crate::timings::mark("snapshot memory mapped and checked");
                 (mem, Some(snap))
@@ -662,6 +695,8 @@ impl Vmm {
             prefault,
             working_set_unused,
             record: None,
+            record_how,
+            _fault_around_off: fault_around_off,
             memory_tag,
         })
     }
@@ -823,7 +858,7 @@ impl Vmm {
 
     /// Reads which guest pages this process's mapping holds and writes them
     /// as the working set, tagged with the snapshot's memory tag.
-    fn write_working_set(&self, target: &mut RecordTarget) -> Result<(usize, usize), Error> {
+    fn write_working_set(&self, target: &mut RecordTarget) -> Result<Recorded, Error> {
         let pages = crate::working_set::record(&target.pagemap, &self.mem)
             .map_err(|e| Error::Io("read /proc/self/pagemap", e))?;
         let bytes = crate::working_set::encode(&self.memory_tag, &pages);
@@ -832,7 +867,11 @@ impl Vmm {
             .write_all(&bytes)
             .and_then(|()| target.out.sync_data())
             .map_err(|e| Error::Io("write the working set", e))?;
-        Ok((pages.len(), pages.iter().filter(|p| p.written).count()))
+        Ok(Recorded {
+            pages: pages.len(),
+            written: pages.iter().filter(|p| p.written).count(),
+            how: self.record_how.clone(),
+        })
     }
 
     fn vcpus_count(&self) -> usize {

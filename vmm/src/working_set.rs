@@ -11,7 +11,10 @@
 //! runs the guest to its first vsock packet, stops it, and reads from
 //! `/proc/self/pagemap` which guest pages its own mapping now holds, and
 //! which of them are its private copies (written) rather than the file's
-//! (read). Every later restore maps exactly those ahead of the guest
+//! (read). While it records, the kernel's fault-around is off for the
+//! guest's memory ([`fault_around_off`]), so that a read fault maps its own
+//! page and not the neighbours the page cache holds. Every later restore
+//! maps exactly those ahead of the guest
 //! ([`crate::vmm`]): the written ones copied (`MADV_POPULATE_WRITE`), then
 //! all into KVM's page tables (`KVM_PRE_FAULT_MEMORY`). The pages only read
 //! stay the file's, shared by every sibling.
@@ -100,6 +103,91 @@ pub fn record(pagemap: &File, mem: &GuestMemoryMmap) -> io::Result<Vec<Page>> {
         }
     }
     Ok(pages)
+}
+
+/// `userfaultfd` ioctls and flags (linux/userfaultfd.h; not in the libc
+/// crate): `_IOWR(0xAA, nr, size)`.
+const UFFD_API: u64 = 0xAA;
+const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
+const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+/// Write-protect registration of any memory (Linux 6.7); without it only
+/// anonymous memory and shmem (a tmpfs file) can be registered.
+const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    start: u64,
+    len: u64,
+    mode: u64,
+    ioctls: u64,
+}
+
+/// Keeps the kernel's fault-around off for guest memory while it lives: a
+/// `userfaultfd` (user-mode faults only: no privilege needed) with guest
+/// memory registered for write protection. No page is ever protected, so no
+/// fault is ever reported to it and there is nothing to handle; but a
+/// mapping registered so is faulted one page at a time (the kernel's
+/// `uffd_disable_fault_around`). Unlike dropping the page cache, this holds
+/// whatever the cache holds: on tmpfs, whose pages cannot be dropped, and
+/// while siblings map the same file.
+#[derive(Debug)]
+pub struct FaultAroundOff(#[allow(dead_code)] std::os::fd::OwnedFd);
+
+/// Turns fault-around off for `mem`'s regions ([`FaultAroundOff`]), or says
+/// why it cannot (a kernel without `userfaultfd`, or too old to register
+/// this kind of memory for write protection).
+pub fn fault_around_off(mem: &GuestMemoryMmap) -> io::Result<FaultAroundOff> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let open = |features: u64| -> io::Result<OwnedFd> {
+        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY;
+        // SAFETY: a system call that takes only flags and returns a new fd.
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = libc::c_int::try_from(fd).map_err(|_| io::ErrorKind::InvalidData)?;
+        // SAFETY: the kernel just returned this descriptor to us alone.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API reads and writes exactly this struct.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(fd)
+    };
+    // The API handshake is once per descriptor: an older kernel refuses the
+    // feature, and a new descriptor asks for none.
+    let fd = open(UFFD_FEATURE_WP_ASYNC).or_else(|_| open(0))?;
+    for region in mem.iter() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|_| io::ErrorKind::InvalidInput)?;
+        let mut register = UffdioRegister {
+            start: host as u64,
+            len: region.len(),
+            mode: UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER reads and writes exactly this struct; it
+        // marks our own mapping and changes no content.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER, &mut register) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(FaultAroundOff(fd))
 }
 
 /// Drops `file`'s clean pages from the page cache (those mapped elsewhere
@@ -292,17 +380,11 @@ mod tests {
     /// The recording reads this process's own page tables: a page of the
     /// guest's memory read through a `MAP_PRIVATE` file mapping is the
     /// file's, one written is a private copy, one untouched is absent.
-    #[test]
-    fn the_recording_sees_which_pages_were_read_and_which_written() {
+    /// `file`'s 8 pages as guest memory, mapped as a restore maps the
+    /// snapshot's (`MAP_PRIVATE`: copy-on-write).
+    fn map_private(file: File) -> GuestMemoryMmap {
         use vm_memory::mmap::{GuestRegionMmap, MmapRegion};
         use vm_memory::FileOffset;
-        let dir = std::env::temp_dir().join(format!("airlock-wset-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("memory");
-        std::fs::write(&path, vec![1u8; 8 * 4096]).expect("file");
-        let file = File::open(&path).expect("open");
-        file.sync_all().expect("sync");
-        drop_cache(&file);
         let region = MmapRegion::build(
             Some(FileOffset::new(file, 0)),
             8 * 4096,
@@ -311,7 +393,86 @@ mod tests {
         )
         .expect("map");
         let region = GuestRegionMmap::new(region, GuestAddress(0)).expect("region");
-        let mem = GuestMemoryMmap::from_regions(vec![region]).expect("memory");
+        GuestMemoryMmap::from_regions(vec![region]).expect("memory")
+    }
+
+    /// An 8-page shmem (tmpfs) file.
+    fn shmem_file() -> File {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        // SAFETY: a system call that takes a name and flags and returns a new fd.
+        let fd = unsafe { libc::memfd_create(c"airlock-wset".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+        // SAFETY: the kernel just returned this descriptor to us alone.
+        File::from(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// The pages a read of page 2 and a write into page 5 leave mapped of
+    /// `file` (8 pages, all of them in the page cache once filled), mapped
+    /// as a restore maps the snapshot's memory, with fault-around `off` or
+    /// not.
+    fn recorded_of(file: File, off: bool) -> Vec<Page> {
+        file.write_all_at(&vec![1u8; 8 * 4096], 0).expect("fill");
+        let mem = map_private(file);
+        let guard = off.then(|| fault_around_off(&mem).expect("fault-around off"));
+        let mut byte = [0u8; 1];
+        mem.read_slice(&mut byte, GuestAddress(2 * PAGE))
+            .expect("read");
+        assert_eq!(byte, [1]);
+        mem.write_slice(&[9], GuestAddress(5 * PAGE + 7))
+            .expect("write");
+        mem.read_slice(&mut byte, GuestAddress(5 * PAGE + 7))
+            .expect("read back");
+        assert_eq!(byte, [9]);
+        let pagemap = File::open("/proc/self/pagemap").expect("pagemap");
+        let pages = record(&pagemap, &mem).expect("record");
+        drop(guard);
+        pages
+    }
+
+    /// A read fault maps the neighbours the page cache holds too: on tmpfs
+    /// (the test bed keeps its cache there) they cannot be dropped, and on
+    /// any file system not while a sibling maps them. With fault-around off
+    /// the recording holds exactly what was read and written, and the
+    /// guest's memory reads and writes as before.
+    #[test]
+    fn with_fault_around_off_a_recording_is_exact_whatever_the_cache_holds() {
+        let dir = std::env::temp_dir().join(format!("airlock-wset-cached-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let disk = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.join("memory"))
+                .expect("file")
+        };
+        let files: [(&str, &dyn Fn() -> File); 2] = [("tmpfs", &shmem_file), ("disk", &disk)];
+        for (what, file) in files {
+            let around = recorded_of(file(), false);
+            assert!(
+                around.len() > 2,
+                "{what}: fault-around maps the cached neighbours of a read page: {around:?}"
+            );
+            assert_eq!(
+                recorded_of(file(), true),
+                [page(2 * PAGE, false), page(5 * PAGE, true)],
+                "{what}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_recording_sees_which_pages_were_read_and_which_written() {
+        let dir = std::env::temp_dir().join(format!("airlock-wset-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("memory");
+        std::fs::write(&path, vec![1u8; 8 * 4096]).expect("file");
+        let file = File::open(&path).expect("open");
+        file.sync_all().expect("sync");
+        drop_cache(&file);
+        let mem = map_private(file);
         advise_random(&mem);
         let mut byte = [0u8; 1];
         mem.read_slice(&mut byte, GuestAddress(2 * PAGE))
