@@ -396,6 +396,17 @@ mod tests {
         GuestMemoryMmap::from_regions(vec![region]).expect("memory")
     }
 
+    /// What both recording tests touch: a read of page 2 (the file's bytes
+    /// are 1) and a write into page 5.
+    fn read_2_write_5(mem: &GuestMemoryMmap) {
+        let mut byte = [0u8; 1];
+        mem.read_slice(&mut byte, GuestAddress(2 * PAGE))
+            .expect("read");
+        assert_eq!(byte, [1]);
+        mem.write_slice(&[9], GuestAddress(5 * PAGE + 7))
+            .expect("write");
+    }
+
     /// An 8-page shmem (tmpfs) file.
     fn shmem_file() -> File {
         use std::os::fd::{FromRawFd, OwnedFd};
@@ -414,12 +425,8 @@ mod tests {
         file.write_all_at(&vec![1u8; 8 * 4096], 0).expect("fill");
         let mem = map_private(file);
         let guard = off.then(|| fault_around_off(&mem).expect("fault-around off"));
+        read_2_write_5(&mem);
         let mut byte = [0u8; 1];
-        mem.read_slice(&mut byte, GuestAddress(2 * PAGE))
-            .expect("read");
-        assert_eq!(byte, [1]);
-        mem.write_slice(&[9], GuestAddress(5 * PAGE + 7))
-            .expect("write");
         mem.read_slice(&mut byte, GuestAddress(5 * PAGE + 7))
             .expect("read back");
         assert_eq!(byte, [9]);
@@ -474,12 +481,8 @@ mod tests {
         drop_cache(&file);
         let mem = map_private(file);
         advise_random(&mem);
+        read_2_write_5(&mem);
         let mut byte = [0u8; 1];
-        mem.read_slice(&mut byte, GuestAddress(2 * PAGE))
-            .expect("read");
-        assert_eq!(byte, [1]);
-        mem.write_slice(&[9], GuestAddress(5 * PAGE + 7))
-            .expect("write");
         mem.read_slice(&mut byte, GuestAddress(6 * PAGE))
             .expect("read");
         let pagemap = File::open("/proc/self/pagemap").expect("pagemap");
