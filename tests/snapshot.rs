@@ -39,16 +39,17 @@ fn kvm_snapshot_wakes_distinct_sandboxes_and_refuses_bad_snapshots() {
         r#"set -e; date -u -s '{now}' > /dev/null
 export AIRLOCK_SANDBOX_DIR=/tmp/sbx AIRLOCK_SNAPSHOT_DIR=/tmp/snaps
 A={airlock}; C="create --engine kvm --image-root {image}"
-vmstart() {{ echo "vmstart:$1:$(grep '"kind":"vm.start"' "$($A inspect $1 | sed -n 's/.*"audit_log": "\(.*\)",*$/\1/p')")"; }}
+log() {{ $A inspect $1 | sed -n 's/.*"audit_log": "\(.*\)",*$/\1/p'; }}
+vmstart() {{ echo "vmstart:$1:$(grep '"kind":"vm.start"' "$(log $1)")"; echo "prepared:$1:$(grep -c '"kind":"container.prepared"' "$(log $1)")"; }}
 for i in 1 2 3 4 5; do
   if [ $i = 5 ]; then printf 'X' | dd of=$(ls -d /tmp/snaps/[0-9a-f]*)/working-set bs=1 seek=60 count=1 conv=notrunc 2> /dev/null; fi
-  mkdir -p /tmp/t$i; TMPDIR=/tmp/t$i $A $C --name s$i 2> /tmp/err; cat /tmp/err >&2; vmstart s$i
+  mkdir -p /tmp/t$i; TMPDIR=/tmp/t$i $A $C -e MINE=env-$i --name s$i 2> /tmp/err; cat /tmp/err >&2; vmstart s$i
   if [ $i = 1 ]; then echo "snapshot-files: $(ls /tmp/snaps/[0-9a-f]* | tr '\n' ' ')"; fi
 done
 for f in $(find /tmp/t1 -name snapshot-record.log); do grep -h 'working set' $f | sed 's/^/record-line: /'; done
 for i in 1 2 3 4 5; do grep -h 'restored from the snapshot\|working set' $(find /tmp/t$i -name vm.log) | sed "s/^/restore-line-$i: /"; done
 for i in 1 2 3 4 5; do
-  $A exec s$i -- sh -c "echo mine-$i > /tmp/mine-$i; echo files-$i: \$(ls /tmp | grep mine- | tr '\n' ' '); echo random-$i: \$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'); echo clock-$i: \$(date +%s)"
+  $A exec s$i -- sh -c "echo mine-$i > /tmp/mine-$i; echo files-$i: \$(ls /tmp | grep mine- | tr '\n' ' '); echo random-$i: \$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'); echo clock-$i: \$(date +%s); echo env-$i: \$MINE \$ANTHROPIC_BASE_URL"
   echo host-clock-$i: $(date +%s)
 done
 for i in 1 2 3 4 5; do $A rm -f s$i > /dev/null; done
@@ -106,6 +107,19 @@ echo done"#,
             "sandbox {i}: guest {guest}, host {host}\n{r}"
         );
     }
+    // A live sandbox's snapshot holds its container started: every woken
+    // sandbox took it instead of making its own, and its execs still get
+    // the run's environment (its own variable, the model endpoint's).
+    for i in 1..=5 {
+        assert_eq!(field(&format!("prepared:s{i}:")), ["1"], "{r}");
+        assert_eq!(
+            field(&format!("env-{i}:")),
+            [format!("env-{i} http://127.0.0.1:8088")],
+            "{r}"
+        );
+    }
+    // A cold boot starts its own.
+    assert_eq!(field("prepared:d1:"), ["0"], "{r}");
     // The first create recorded the snapshot's working set beside it
     // (the pages a woken guest touches until ready, some of them written)...
     let files = field("snapshot-files:").join(" ");

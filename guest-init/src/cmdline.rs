@@ -43,6 +43,16 @@ pub struct Options {
     /// `airlock.snapshot=1`: stop at the snapshot point (the boot timer's
     /// snapshot mark) and, once woken, take the host's [`crate::wake`].
     pub snapshot: bool,
+    /// `airlock.prepare=1` (a live sandbox's snapshot): with `snapshot`,
+    /// the snapshot holds the agent's container started
+    /// ([`crate::prepared`]).
+    pub prepare: bool,
+    /// `airlock.prepare_cwd=DIR`: that container's working directory
+    /// (the run's `-w` or its image's `WorkingDir`); `/` if not given.
+    pub prepare_cwd: Option<String>,
+    /// `airlock.prepare_user=USER`: that container's user (the run's `-u`
+    /// or its image's `User`); the image's default if not given.
+    pub prepare_user: Option<String>,
     /// `airlock.model_max_body=BYTES` (`airlock run
     /// --model-max-request-bytes`): the in-guest model endpoint's body
     /// limit (capped at [`crate::model::MAX_BODY`] there).
@@ -63,6 +73,9 @@ impl Default for Options {
             vm_root: false,
             epoch: None,
             snapshot: false,
+            prepare: false,
+            prepare_cwd: None,
+            prepare_user: None,
             model_max_body: None,
             host_ports: crate::egress::HostPorts::default(),
         }
@@ -90,6 +103,9 @@ impl Options {
                 "airlock.vmroot" => options.vm_root = parse_bool(value),
                 "airlock.epoch" => options.epoch = value.and_then(|v| v.parse().ok()),
                 "airlock.snapshot" => options.snapshot = parse_bool(value),
+                "airlock.prepare" => options.prepare = parse_bool(value),
+                "airlock.prepare_cwd" => options.prepare_cwd = value.map(str::to_owned),
+                "airlock.prepare_user" => options.prepare_user = value.map(str::to_owned),
                 "airlock.host_ports" => {
                     options.host_ports = crate::egress::HostPorts::parse(value.unwrap_or(""));
                 }

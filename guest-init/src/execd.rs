@@ -68,9 +68,11 @@ pub struct Setup {
     pub container: bool,
     /// Without a container: as the unprivileged agent user, else root.
     pub agent: bool,
-    /// Added to each exec's environment without a container (the model
-    /// endpoint's variables, `HOME`) unless it sets them itself; a
-    /// container already has them.
+    /// Added to each exec's environment unless it sets them itself:
+    /// without a container (the model endpoint's variables, `HOME`), and
+    /// in the container started before the snapshot, made without the
+    /// run's environment ([`crate::prepared`]); a container made for the
+    /// run already has them.
     pub env: Vec<(String, String)>,
     /// Set once the sandbox's command (the `podman run` that makes the
     /// container) has ended: then nobody waits for the container any more
@@ -182,19 +184,20 @@ impl Drop for Scratch {
     }
 }
 
-/// The command an exec runs: in the container through `crun exec` (as the
-/// container's user) or `podman exec` (as another), else the spec itself
-/// with the sandbox's environment added; and the process file to remove
-/// once it has ended.
+/// The command an exec runs, with the sandbox's environment (`setup.env`)
+/// added: in the container through `crun exec` (as the container's user)
+/// or `podman exec` (as another), else the spec itself; and the process
+/// file to remove once it has ended.
 pub fn placed(spec: RunSpec, setup: &Setup, user: Option<&str>) -> (RunSpec, Scratch) {
-    if !setup.container {
-        let mut env = spec.env;
-        for (name, value) in &setup.env {
-            if !env.iter().any(|(n, _)| n == name) {
-                env.push((name.clone(), value.clone()));
-            }
+    let mut env = spec.env;
+    for (name, value) in &setup.env {
+        if !env.iter().any(|(n, _)| n == name) {
+            env.push((name.clone(), value.clone()));
         }
-        return (RunSpec { env, ..spec }, Scratch::default());
+    }
+    let spec = RunSpec { env, ..spec };
+    if !setup.container {
+        return (spec, Scratch::default());
     }
     let who = match user {
         None => Some(Who::ContainersUser),
@@ -878,6 +881,25 @@ mod tests {
             &spec(&["/tmp/keeper", "kill", "TERM"], false),
             "0"
         ));
+    }
+
+    #[test]
+    fn in_a_container_started_before_the_snapshot_the_sandbox_env_is_added_unless_set() {
+        // The container was made without the run's environment: each exec
+        // gets it, under its own.
+        let setup = Setup {
+            container: true,
+            env: vec![("A".into(), "sandbox".into()), ("B".into(), "2".into())],
+            ..Setup::default()
+        };
+        let (s, _) = placed(spec(&["env"], false), &setup, Some("1000"));
+        let envs: Vec<&String> = s
+            .argv
+            .windows(2)
+            .filter(|w| w[0] == "--env")
+            .map(|w| &w[1])
+            .collect();
+        assert_eq!(envs, ["A=1", "B=2"], "{:?}", s.argv);
     }
 
     #[test]

@@ -106,7 +106,7 @@ fn probe(proc: &std::path::Path) -> ExitCode {
 /// Whether a `keeper pause` runs among the processes `proc` shows (the
 /// container's own PID namespace): catatonit, the container's PID 1,
 /// starts it as its child a moment after `crun start`.
-fn keeper_runs(proc: &std::path::Path) -> std::io::Result<bool> {
+pub(crate) fn keeper_runs(proc: &std::path::Path) -> std::io::Result<bool> {
     use std::io::Read;
     let want = format!("{PATH}\0pause\0");
     Ok(std::fs::read_dir(proc)?

@@ -14,7 +14,8 @@
 //! 3. writes the boot-timer mark ([`boottimer`]) for the benchmarks;
 //! 4. installs the SIGCHLD reaper ([`reaper`]); with `airlock.snapshot=1`
 //!    warms the container engine (image mode with a container: one
-//!    throw-away container, [`image::warm_up`]), then
+//!    throw-away container, [`image::warm_up`]; with `airlock.prepare=1`
+//!    the live sandbox's container itself, started, [`prepared`]), then
 //!    stops at the snapshot point and, woken, takes the host's time,
 //!    entropy and identity ([`wake`]); prints
 //!    [`airlock_protocol::INIT_READY_LINE`];
@@ -49,6 +50,7 @@ mod keeper;
 mod model;
 mod mounts;
 mod power;
+mod prepared;
 mod privilege;
 mod procevents;
 mod reaper;
@@ -129,27 +131,48 @@ fn run() -> Result<(), Error> {
         console::debug(&console::chain(&err));
     }
     let mut reaper = reaper::Reaper::install()?;
+    let mode = container.then_some(image::Mode {
+        nested: options.nested,
+        archive: options.archive,
+        image_disk: options.image_disk,
+    });
+    let mut prepared = None;
     if options.snapshot {
-        if container {
-            // The snapshot holds a warmed container engine (see
-            // image::warm_up); a failure only makes the wake slower.
-            match image::warm_up() {
-                Ok(took) => console::debug(&format!(
-                    "warmed the container engine in {} ms",
-                    took.as_millis()
-                )),
-                Err(err) => console::warn(&format!("cannot warm the container engine: {err}")),
+        if let Some(mode) = mode {
+            // A live sandbox's snapshot holds its container started (see
+            // prepared); any other holds a warmed container engine (see
+            // image::warm_up). A failure only makes the wake slower.
+            if options.prepare && !mode.archive {
+                match prepared::prepare(
+                    mode,
+                    prepared::Shape {
+                        cwd: options.prepare_cwd.clone(),
+                        user: options.prepare_user.clone(),
+                    },
+                ) {
+                    Ok(p) => {
+                        console::debug("started the agent's container for the snapshot");
+                        prepared = Some(p);
+                    }
+                    Err(err) => console::warn(&format!(
+                        "cannot start the agent's container for the snapshot: {err}"
+                    )),
+                }
+            }
+            if prepared.is_none() {
+                match image::warm_up() {
+                    Ok(took) => console::debug(&format!(
+                        "warmed the container engine in {} ms",
+                        took.as_millis()
+                    )),
+                    Err(err) => console::warn(&format!("cannot warm the container engine: {err}")),
+                }
             }
         }
         // A snapshot is taken here; a woken guest goes on from here.
         wake::snapshot_point()?;
     }
     console::out(airlock_protocol::INIT_READY_LINE);
-    let mode = container.then_some(image::Mode {
-        nested: options.nested,
-        archive: options.archive,
-        image_disk: options.image_disk,
-    });
     // Without a container the command runs as the agent user unless the
     // host asked for root (`airlock run --vm-root`).
     let agent = !container && !options.vm_root;
@@ -171,6 +194,7 @@ fn run() -> Result<(), Error> {
             model_max_body: options.model_max_body,
             host_ports: options.host_ports,
         },
+        prepared,
     )?;
     console::debug(&format!("command ended: {status:?}"));
     power::sync();

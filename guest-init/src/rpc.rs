@@ -133,10 +133,14 @@ impl Error {
 /// once its `Exit` was sent.
 /// With `container`, the command runs in a podman container
 /// ([`crate::image::containerize`]).
-pub fn run(waiter: &mut impl ChildWait, placement: Placement) -> Result<ExitStatus, Error> {
+pub fn run(
+    waiter: &mut impl ChildWait,
+    placement: Placement,
+    prepared: Option<crate::prepared::Prepared>,
+) -> Result<ExitStatus, Error> {
     let stream = connect()?;
     console::debug("connected to the host");
-    serve_in(stream, waiter, placement)
+    serve_in(stream, waiter, placement, prepared)
 }
 
 /// Where and as whom the command runs.
@@ -199,16 +203,19 @@ fn connect() -> Result<VsockStream, Error> {
 /// protocol error it tells the host why (best effort) before returning it.
 #[cfg(test)]
 pub fn serve<S: Stream>(stream: S, waiter: &mut impl ChildWait) -> Result<ExitStatus, Error> {
-    serve_in(stream, waiter, Placement::default())
+    serve_in(stream, waiter, Placement::default(), None)
 }
 
-/// The control conversation, the command placed as `placement` says.
+/// The control conversation, the command placed as `placement` says (in
+/// the container started before the snapshot, `prepared`, when the run's
+/// spec would make that very container).
 pub fn serve_in<S: Stream>(
     mut stream: S,
     waiter: &mut impl ChildWait,
     placement: Placement,
+    prepared: Option<crate::prepared::Prepared>,
 ) -> Result<ExitStatus, Error> {
-    let result = converse(&mut stream, waiter, placement);
+    let result = converse(&mut stream, waiter, placement, prepared);
     if let Err(err) = &result {
         if let Some(code) = err.reply_code() {
             let message = bounded(console::chain(err));
@@ -222,8 +229,11 @@ fn converse<S: Stream>(
     stream: &mut S,
     waiter: &mut impl ChildWait,
     placement: Placement,
+    prepared: Option<crate::prepared::Prepared>,
 ) -> Result<ExitStatus, Error> {
     let container = placement.container;
+    // Dropped on an early return: the container is removed then too.
+    let mut prepared = Prepared(prepared.filter(|_| container.is_some()));
     stream
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(Error::Setup)?;
@@ -359,7 +369,7 @@ fn converse<S: Stream>(
     let listeners = if ports.is_empty() {
         Vec::new()
     } else {
-        match crate::model::listen_ports(container.is_some(), &ports) {
+        match crate::model::listen_ports(container.is_some(), &ports, prepared.0.is_some()) {
             Ok((listeners, ns)) => {
                 network = ns;
                 listeners
@@ -419,6 +429,11 @@ fn converse<S: Stream>(
             Err(err) => console::warn(&format!("egress proxy: {err}")),
         }
     }
+    // With the container started before the snapshot: its `podman run`
+    // and argv; the run's environment, which that container lacks, goes to
+    // every exec instead.
+    let mut adopted = None;
+    let mut sandbox_env = Vec::new();
     let spec = match container {
         Some(mode) => {
             let image = if mode.archive {
@@ -445,7 +460,13 @@ fn converse<S: Stream>(
             } else {
                 None
             };
-            let rootfs = if mode.image_disk && !mode.archive {
+            let premounted = prepared
+                .0
+                .as_ref()
+                .and_then(|p| p.rootfs().map(str::to_owned));
+            let rootfs = if premounted.is_some() {
+                premounted
+            } else if mode.image_disk && !mode.archive {
                 match crate::image::mount_image_disk() {
                     Ok(dir) => Some(dir),
                     Err(err) => {
@@ -475,7 +496,30 @@ fn converse<S: Stream>(
                 network,
                 mounts: mounts.clone(),
             };
-            crate::image::containerize(spec, &setup)
+            if let Some(p) = prepared.0.take() {
+                let would_be = crate::image::containerize(
+                    airlock_protocol::RunSpec {
+                        env: Vec::new(),
+                        ..spec.clone()
+                    },
+                    &setup,
+                );
+                match p.adopt(&would_be.argv) {
+                    Ok((running, argv)) => {
+                        console::debug("the agent's container was started before the snapshot");
+                        adopted = Some((running, argv));
+                    }
+                    Err(why) => console::debug(&format!(
+                        "the container started before the snapshot is removed: {why}"
+                    )),
+                }
+            }
+            sandbox_env = std::mem::take(&mut spec.env);
+            let mut made = crate::image::containerize(spec, &setup);
+            if let Some((_, argv)) = &adopted {
+                made.argv.clone_from(argv);
+            }
+            made
         }
         None => spec,
     };
@@ -518,12 +562,19 @@ fn converse<S: Stream>(
     };
     let exec_env = if container.is_none() {
         spec.env.clone()
+    } else if adopted.is_some() {
+        sandbox_env
     } else {
         Vec::new()
     };
     let mut oom_watch = OomWatch::start();
     let agent = placement.agent.then(crate::privilege::Agent::new);
-    let mut running = match exec::spawn(&spec, agent.as_ref()) {
+    let prepared_start = adopted.is_some();
+    let spawned = match adopted {
+        Some((running, _)) => Ok(running),
+        None => exec::spawn(&spec, agent.as_ref()),
+    };
+    let mut running = match spawned {
         Ok(running) => running,
         Err(err) => {
             let status = ExitStatus::Exited(err.exit_code());
@@ -563,6 +614,15 @@ fn converse<S: Stream>(
         None => None,
     };
     if audit {
+        if prepared_start {
+            send(
+                stream,
+                &Message::AuditEvent {
+                    kind: PREPARED_EVENT.into(),
+                    fields: vec![("pid".into(), pid.to_string())],
+                },
+            )?;
+        }
         send(
             stream,
             &procevents::process_start(pid, &spec.argv, &spec.cwd),
@@ -665,6 +725,24 @@ fn converse<S: Stream>(
 /// `/workspace/out` and the connection to [`FILES_OUT_PORT`] the results
 /// go back on (returned). For the agent also its `HOME`. On failure, what
 /// failed and why.
+/// The audit event that says the command is the agent's container started
+/// before the snapshot (`pid`: its `podman run`), adopted after the wake:
+/// the engine's own process events of its start came before the wake and
+/// are not in the log.
+pub const PREPARED_EVENT: &str = "container.prepared";
+
+/// The container started before the snapshot until it is adopted; removed
+/// if dropped before.
+struct Prepared(Option<crate::prepared::Prepared>);
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            p.dispose();
+        }
+    }
+}
+
 fn prepare_files(
     workspace: bool,
     results: bool,

@@ -609,6 +609,46 @@ mod tests {
     }
 
     #[test]
+    fn a_live_sandboxs_snapshot_holds_its_container_when_it_can() {
+        use crate::run::prepare_words_of;
+        let keeper = RunArgs {
+            command: crate::sandbox::KEEPER.map(str::to_owned).to_vec(),
+            ..args()
+        };
+        let config = RunConfig::try_from(keeper.clone()).expect("valid");
+        assert_eq!(prepare_words_of(&config, true), ["airlock.prepare=1"]);
+        // Only a live sandbox, only its keeper, only with snapshots and a
+        // container.
+        assert!(prepare_words_of(&config, false).is_empty());
+        let other = RunConfig::try_from(args()).expect("valid");
+        assert!(prepare_words_of(&other, true).is_empty());
+        let mut c = config.clone();
+        c.snapshots = false;
+        assert!(prepare_words_of(&c, true).is_empty());
+        let mut c = config.clone();
+        c.container = false;
+        assert!(prepare_words_of(&c, true).is_empty());
+        let mut c = config.clone();
+        c.archive = Some("/a.tar".into());
+        assert!(prepare_words_of(&c, true).is_empty());
+        // Its directory and user go along; one that could split the word
+        // means no container in the snapshot.
+        let mut c = config.clone();
+        c.run_spec.cwd = "/app".into();
+        c.user = Some("node".into());
+        assert_eq!(
+            prepare_words_of(&c, true),
+            [
+                "airlock.prepare=1",
+                "airlock.prepare_cwd=/app",
+                "airlock.prepare_user=node"
+            ]
+        );
+        c.run_spec.cwd = "/my app".into();
+        assert!(prepare_words_of(&c, true).is_empty());
+    }
+
+    #[test]
     fn image_mode_boots_the_root_read_only_with_or_without_a_container() {
         let mut config = RunConfig::try_from(RunArgs {
             cmdline: Some("airlock.debug=1".into()),

@@ -114,6 +114,7 @@ impl Kvm {
             making
                 .extra_cmdline
                 .push(snapshot::SNAPSHOT_CMDLINE.to_owned());
+            making.extra_cmdline.extend(plan.boot_words.iter().cloned());
             self.spawn_vmm(&making, ["--snapshot-to".into(), dir.into()], &make_log)
         };
         let record_log = config.run_dir.join("snapshot-record.log");

@@ -69,6 +69,10 @@ pub const SNAPSHOT_CMDLINE: &str = "airlock.snapshot=1";
 pub struct Plan {
     pub key: String,
     pub dir: PathBuf,
+    /// Words only the boot that makes the snapshot adds to the run's
+    /// command line (after [`SNAPSHOT_CMDLINE`]), part of the key: a live
+    /// sandbox's `airlock.prepare=1` and its shape.
+    pub boot_words: Vec<String>,
 }
 
 /// What went into a key.
@@ -532,6 +536,7 @@ mod tests {
         let plan = Plan {
             key: "k".repeat(64),
             dir: root.join("k".repeat(64)),
+            boot_words: Vec::new(),
         };
         let log =
             std::env::temp_dir().join(format!("airlock-snap-fail-{}.log", std::process::id()));
@@ -587,6 +592,7 @@ mod tests {
             let plan = Plan {
                 key: name.repeat(64),
                 dir: root.join(name.repeat(64)),
+                boot_words: Vec::new(),
             };
             let boot = |dir: &Path| {
                 fake_vmm(

@@ -105,6 +105,15 @@ pub(crate) const ARCHIVE_CMDLINE: &str = "airlock.archive=1";
 /// Tells the init that the second disk is an image's root (erofs) to run
 /// the container on.
 pub(crate) const IMAGE_DISK_CMDLINE: &str = "airlock.imagedisk=1";
+/// Tells the init to start a live sandbox's container before the snapshot
+/// point, so that the snapshot holds it started: only the kvm engine's boot
+/// that makes a snapshot has it (beside `airlock.snapshot=1`), and the
+/// snapshot's key holds it.
+pub(crate) const PREPARE_CMDLINE: &str = "airlock.prepare=1";
+/// That container's working directory, when not `/`.
+pub(crate) const PREPARE_CWD_CMDLINE: &str = "airlock.prepare_cwd";
+/// That container's user, when it has one (`-u` or the image's `User`).
+pub(crate) const PREPARE_USER_CMDLINE: &str = "airlock.prepare_user";
 /// Tells the init to give the container what nested podman needs.
 pub(crate) const NESTED_CMDLINE: &str = "airlock.nested=1";
 /// Tells the init to run a command outside a container as root, not as
@@ -150,6 +159,53 @@ pub fn boot_cmdline(config: &RunConfig, image_mode: bool) -> Vec<String> {
         words.push(VM_ROOT_CMDLINE.to_owned());
     }
     words.extend(config.extra_cmdline.iter().cloned());
+    words
+}
+
+/// The words that let a snapshot of this run's VM hold its container
+/// started (none if it cannot): a live sandbox (its command the keeper's
+/// pause, no stdin) in a container made from the guest image or a stored
+/// image, with no live mounts; its working directory and user go along
+/// when they are not the defaults (`airlock.prepare_cwd`,
+/// `airlock.prepare_user`: guest paths and names, nothing of the host's;
+/// only of characters that cannot end or split a word). The init starts
+/// that container before the snapshot point (guest-init `prepared`) and
+/// adopts it after a wake only if the run's spec would make exactly it.
+pub(crate) fn prepare_words(config: &RunConfig) -> Vec<String> {
+    prepare_words_of(config, config.sandbox.is_some())
+}
+
+/// [`prepare_words`] of a run that is (`live`) or is not a live sandbox.
+pub(crate) fn prepare_words_of(config: &RunConfig, live: bool) -> Vec<String> {
+    let spec = &config.run_spec;
+    if !(config.snapshots
+        && config.container
+        && live
+        && config.archive.is_none()
+        && config.mounts.is_empty()
+        && !spec.stdin
+        && spec.argv == crate::sandbox::KEEPER)
+    {
+        return Vec::new();
+    }
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/._-:@+".contains(&b))
+    };
+    let mut words = vec![PREPARE_CMDLINE.to_owned()];
+    if spec.cwd != "/" {
+        if !(spec.cwd.starts_with('/') && plain(&spec.cwd)) {
+            return Vec::new();
+        }
+        words.push(format!("{PREPARE_CWD_CMDLINE}={}", spec.cwd));
+    }
+    if let Some(user) = &config.user {
+        if !plain(user) {
+            return Vec::new();
+        }
+        words.push(format!("{PREPARE_USER_CMDLINE}={user}"));
+    }
     words
 }
 

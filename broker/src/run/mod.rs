@@ -392,6 +392,15 @@ impl<'a> Booted<'a> {
         }
         let mut vm_config = vm_config(config, pins, &run_dir, vsock_uds);
         vm_config.snapshot = snapshot.map(|d| {
+            // The boot that makes the snapshot adds these; the key holds
+            // them like every word.
+            let boot_words = if pins.image_mode {
+                prepare_words(config)
+            } else {
+                Vec::new()
+            };
+            let mut cmdline = vm_config.extra_cmdline.clone();
+            cmdline.extend(boot_words.iter().cloned());
             let key = engine::snapshot::key(&engine::snapshot::KeyParts {
                 kernel_sha256: &d.kernel,
                 root_sha256: &d.root,
@@ -401,11 +410,12 @@ impl<'a> Booted<'a> {
                 cpus: vm_config.cpus,
                 guest_cid: vm_config.guest_cid,
                 disks_read_only: vm_config.disks.iter().map(|d| d.read_only).collect(),
-                cmdline: &vm_config.extra_cmdline,
+                cmdline: &cmdline,
             });
             engine::snapshot::Plan {
                 dir: d.cache.join(&key),
                 key,
+                boot_words,
             }
         });
         let (events_tx, events) = mpsc::channel();

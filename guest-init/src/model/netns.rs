@@ -30,32 +30,79 @@ fn bind_all(ports: &[u16]) -> Listeners {
 /// namespace with only `lo`, pinned at [`NETNS_PATH`] for the container
 /// engine to join (returned as podman's `--network ns:PATH`), or with
 /// `container` false in the VM's own (lo brought up first: the initramfs
-/// mode does not otherwise).
-pub fn listen_ports(container: bool, ports: &[u16]) -> Result<(Listeners, Option<String>), Error> {
+/// mode does not otherwise). With `made`, the namespace already pinned
+/// there by [`make_netns`] (before the snapshot, for the agent container
+/// started then) is the one listened in.
+pub fn listen_ports(
+    container: bool,
+    ports: &[u16],
+    made: bool,
+) -> Result<(Listeners, Option<String>), Error> {
     if !container {
         crate::image::loopback_up().map_err(Error::Loopback)?;
         return Ok((bind_all(ports), None));
     }
     let ports = ports.to_vec();
-    // A helper thread: unshare(CLONE_NEWNET) moves only the calling thread,
-    // and the init's other threads (and podman, which it forks) must stay in
-    // the VM's namespace. The thread ends once the listeners exist; the
-    // namespace lives on through the bind mount and the sockets.
+    // A helper thread: unshare(CLONE_NEWNET) and setns(2) move only the
+    // calling thread, and the init's other threads (and podman, which it
+    // forks) must stay in the VM's namespace. The thread ends once the
+    // listeners exist; the namespace lives on through the bind mount and
+    // the sockets.
     let listeners = thread::Builder::new()
         .name("services-netns".into())
         .spawn(move || -> Result<Listeners, Error> {
-            // SAFETY: unshare(2) takes no pointers; it affects this thread only.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return Err(Error::Unshare(io::Error::last_os_error()));
+            if made {
+                enter_netns(Path::new(NETNS_PATH)).map_err(Error::Unshare)?;
+            } else {
+                new_netns()?;
             }
-            crate::image::loopback_up().map_err(Error::Loopback)?;
-            pin_netns(Path::new(NETNS_PATH)).map_err(Error::Pin)?;
             Ok(bind_all(&ports))
         })
         .map_err(Error::Thread)?
         .join()
         .unwrap_or_else(|_| Err(Error::Thread(io::Error::other("the thread panicked"))))?;
-    Ok((listeners, Some(format!("ns:{NETNS_PATH}"))))
+    Ok((listeners, Some(netns_option())))
+}
+
+/// podman's `--network` for the namespace pinned at [`NETNS_PATH`].
+pub fn netns_option() -> String {
+    format!("ns:{NETNS_PATH}")
+}
+
+/// Makes the agent's namespace (only `lo`, up) and pins it at
+/// [`NETNS_PATH`], listening nowhere yet; returns podman's `--network`
+/// for it. [`listen_ports`] with `made` listens in it later.
+pub fn make_netns() -> Result<String, Error> {
+    thread::Builder::new()
+        .name("services-netns".into())
+        .spawn(new_netns)
+        .map_err(Error::Thread)?
+        .join()
+        .unwrap_or_else(|_| Err(Error::Thread(io::Error::other("the thread panicked"))))?;
+    Ok(netns_option())
+}
+
+/// Moves the calling thread into a new network namespace, brings up its
+/// `lo` and pins it at [`NETNS_PATH`].
+fn new_netns() -> Result<(), Error> {
+    // SAFETY: unshare(2) takes no pointers; it affects this thread only.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(Error::Unshare(io::Error::last_os_error()));
+    }
+    crate::image::loopback_up().map_err(Error::Loopback)?;
+    pin_netns(Path::new(NETNS_PATH)).map_err(Error::Pin)
+}
+
+/// Moves the calling thread into the network namespace pinned at `path`.
+fn enter_netns(path: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let ns = fs::File::open(path)?;
+    // SAFETY: setns(2) takes a descriptor that `ns` keeps open across the
+    // call; it affects this thread only.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Bind-mounts the calling thread's network namespace onto `target`.
