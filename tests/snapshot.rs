@@ -30,7 +30,10 @@ fn vm_starts(r: &Run) -> Vec<(String, Value)> {
 /// damaged: the next create says the snapshot was refused and removed,
 /// boots cold and works; a snapshot of another machine shape (256 MiB
 /// where 320 MiB is asked) put in place of the right one is refused the
-/// same way.
+/// same way. The snapshot of a live sandbox holds its agent container
+/// started: each woken sandbox takes it (audit `container.prepared`), and
+/// its execs see the run's environment and reach the model endpoint and
+/// the egress proxy.
 #[test]
 fn kvm_snapshot_wakes_distinct_sandboxes_and_refuses_bad_snapshots() {
     let airlock = bin("airlock");
@@ -51,8 +54,14 @@ for i in 1 2 3 4 5; do grep -h 'restored from the snapshot\|working set' $(find 
 for i in 1 2 3 4 5; do
   $A exec s$i -- sh -c "echo mine-$i > /tmp/mine-$i; echo files-$i: \$(ls /tmp | grep mine- | tr '\n' ' '); echo random-$i: \$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'); echo clock-$i: \$(date +%s); echo env-$i: \$MINE \$ANTHROPIC_BASE_URL"
   echo host-clock-$i: $(date +%s)
+  if [ $i -le 2 ]; then $A exec s$i -- sh -c "echo model-$i: \$(curl -s -o /dev/null -w %{{http_code}} -X POST -d {{}} \$ANTHROPIC_BASE_URL/v1/messages); echo proxy-$i: \$(curl -s -o /dev/null -w %{{http_code}} http://example.com/)"; fi
 done
 for i in 1 2 3 4 5; do $A rm -f s$i > /dev/null; done
+# A run whose snapshot (forced by hand) holds a keeper's container: the woken
+# init removes it and makes the run's own.
+AIRLOCK_SNAPSHOT_DIR=/tmp/snaps-np $A run --engine kvm --image-root {image} --cmdline airlock.prepare=1 --audit /tmp/np.jsonl -- echo not-prepared-ok 2> /tmp/err || cat /tmp/err >&2
+echo "np-prepared:$(grep -c '"kind":"container.prepared"' /tmp/np.jsonl)"
+echo "np-woken:$(grep '"kind":"vm.start"' /tmp/np.jsonl | grep -c state_sha256)"
 ls /tmp/snaps | grep -v '^\.' | sed 's/^/snapshot-dir: /'
 S=$(ls -d /tmp/snaps/[0-9a-f]*)
 printf 'X' | dd of=$S/state bs=1 seek=200 count=1 conv=notrunc 2> /dev/null
@@ -118,6 +127,18 @@ echo done"#,
             "{r}"
         );
     }
+    // The model endpoint and the egress proxy listen where the container
+    // is: a call gets the endpoint's API-shaped 403 (no upstream), a
+    // request through the proxy its default-deny 403.
+    for i in 1..=2 {
+        assert_eq!(field(&format!("model-{i}:")), ["403"], "{r}");
+        assert_eq!(field(&format!("proxy-{i}:")), ["403"], "{r}");
+    }
+    // A run's spec is not the keeper's: the container its snapshot held
+    // (forced here with the boot word) is removed and the run's own made.
+    assert!(r.stdout.lines().any(|l| l == "not-prepared-ok"), "{r}");
+    assert_eq!(field("np-woken:"), ["1"], "{r}");
+    assert_eq!(field("np-prepared:"), ["0"], "{r}");
     // A cold boot starts its own.
     assert_eq!(field("prepared:d1:"), ["0"], "{r}");
     // The first create recorded the snapshot's working set beside it

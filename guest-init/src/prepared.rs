@@ -10,8 +10,10 @@
 //! mounts, standard input, a directory) and the prepared container is
 //! removed and the run's own is made as on a cold boot.
 //!
-//! What it is made with, before any run exists: the keeper's `pause` as
-//! root in the container, `-w /`, the VM's memory limit, the image's root
+//! What it is made with, before any run exists: the keeper's `pause` in
+//! the container as the sandbox's user and in its working directory (the
+//! host's `airlock.prepare_user` and `airlock.prepare_cwd`: the image's
+//! default user and `/` when empty), the VM's memory limit, the image's root
 //! (the guest image's or the image disk's, mounted read-only first), and
 //! the agent's network namespace (only `lo`), made and pinned empty: the
 //! woken init listens for the model endpoint and the egress proxy in it
@@ -22,8 +24,12 @@
 //! container made with it would see.
 //!
 //! Siblings woken from one snapshot share the prepared container's id,
-//! its processes' ids and the overlay's scratch names: none is a secret,
-//! and nothing the agent runs starts before the wake.
+//! its processes' ids, the overlay's scratch names, the user-space state
+//! of podman, conmon, catatonit and the keeper (none of which makes a
+//! random value after the wake), and the agent namespace's kernel hash
+//! seed (made before the reseed: only its own VM's socket hash tables
+//! depend on it): none is a secret, and nothing the agent or an exec runs
+//! starts before the wake.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -80,9 +86,9 @@ fn setup(mode: Mode, rootfs: Option<String>, network: String, user: Option<Strin
 /// `airlock.prepare_user`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Shape {
-    /// Its working directory (`/` if `None`).
+    /// Its working directory (`/` if `None` or empty).
     pub cwd: Option<String>,
-    /// Its user (the image's default if `None`).
+    /// Its user (the image's default if `None` or empty).
     pub user: Option<String>,
 }
 
@@ -92,12 +98,16 @@ pub fn prepare(mode: Mode, shape: Shape) -> Result<Prepared, String> {
     if mode.archive {
         return Err("the image archive is loaded after the wake".into());
     }
-    let cwd = shape.cwd.unwrap_or_else(|| "/".into());
+    let cwd = shape
+        .cwd
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "/".into());
+    let user = shape.user.filter(|u| !u.is_empty());
     if !cwd.starts_with('/') {
         return Err(format!("its working directory {cwd:?} is not absolute"));
     }
     // As the protocol allows a `RunAs`: never read as an option.
-    if let Some(user) = &shape.user {
+    if let Some(user) = &user {
         if airlock_protocol::check_run_as(user).is_err() {
             return Err(format!("its user {user:?} is not a user name or uid[:gid]"));
         }
@@ -105,15 +115,27 @@ pub fn prepare(mode: Mode, shape: Shape) -> Result<Prepared, String> {
     let network = crate::model::make_netns()
         .map_err(|e| format!("its network namespace: {}", crate::console::chain(&e)))?;
     let rootfs = if mode.image_disk {
-        Some(image::mount_image_disk().map_err(|e| format!("the image disk: {e}"))?)
+        match image::mount_image_disk() {
+            Ok(dir) => Some(dir),
+            Err(e) => {
+                undo(None);
+                return Err(format!("the image disk: {e}"));
+            }
+        }
     } else {
         None
     };
     let spec = image::containerize(
         keeper_spec(&cwd),
-        &setup(mode, rootfs.clone(), network, shape.user),
+        &setup(mode, rootfs.clone(), network, user),
     );
-    let running = crate::exec::spawn(&spec, None).map_err(|e| format!("podman run: {e}"))?;
+    let running = match crate::exec::spawn(&spec, None) {
+        Ok(running) => running,
+        Err(e) => {
+            undo(rootfs.as_deref());
+            return Err(format!("podman run: {e}"));
+        }
+    };
     let prepared = Prepared {
         running,
         argv: spec.argv,
@@ -132,8 +154,27 @@ pub fn prepare(mode: Mode, shape: Shape) -> Result<Prepared, String> {
             std::thread::sleep(TICK);
             continue;
         };
+        let rootfs = prepared.rootfs.clone();
         prepared.dispose();
+        undo(rootfs.as_deref());
         return Err(why);
+    }
+}
+
+/// After a failed start: unmounts the agent's namespace and the image
+/// disk, so that the run makes both as on a cold boot.
+fn undo(rootfs: Option<&str>) {
+    for path in std::iter::once(crate::model::NETNS_PATH).chain(rootfs) {
+        let Ok(c) = std::ffi::CString::new(path) else {
+            continue;
+        };
+        // SAFETY: `c` is a NUL-terminated path that outlives the call.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            crate::console::warn(&format!(
+                "cannot unmount {path}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
     }
 }
 
@@ -187,19 +228,23 @@ impl Prepared {
         // Kills its `podman run` (the process group); conmon and the
         // container live on until podman removes them.
         drop(self.running);
-        let removed = std::process::Command::new(image::PODMAN)
-            .args(["rm", "--force", "--time", "0", crate::execd::CONTAINER_NAME])
-            .env_clear()
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
-            .env("HOME", "/root")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
-        if !matches!(removed, Ok(s) if s.success()) {
+        // Twice if need be: the run's own container takes its name.
+        let removed = (0..2).any(|_| {
+            let status = std::process::Command::new(image::PODMAN)
+                .args(["rm", "--force", "--time", "0", crate::execd::CONTAINER_NAME])
+                .env_clear()
+                .env(
+                    "PATH",
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                )
+                .env("HOME", "/root")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+            matches!(status, Ok(s) if s.success())
+        });
+        if !removed {
             crate::console::warn("cannot remove the container started before the snapshot");
         }
         let _ = std::fs::remove_file(crate::execd::CID_FILE);

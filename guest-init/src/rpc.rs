@@ -514,7 +514,9 @@ fn converse<S: Stream>(
                     )),
                 }
             }
-            sandbox_env = std::mem::take(&mut spec.env);
+            if adopted.is_some() {
+                sandbox_env.clone_from(&spec.env);
+            }
             let mut made = crate::image::containerize(spec, &setup);
             if let Some((_, argv)) = &adopted {
                 made.argv.clone_from(argv);
@@ -720,11 +722,6 @@ fn converse<S: Stream>(
     Ok(ended.status)
 }
 
-/// Before the command: `/workspace` (the agent's, when `agent`), the
-/// workspace from [`FILES_IN_PORT`] when `workspace`, and when `results`
-/// `/workspace/out` and the connection to [`FILES_OUT_PORT`] the results
-/// go back on (returned). For the agent also its `HOME`. On failure, what
-/// failed and why.
 /// The audit event that says the command is the agent's container started
 /// before the snapshot (`pid`: its `podman run`), adopted after the wake:
 /// the engine's own process events of its start came before the wake and
@@ -743,6 +740,11 @@ impl Drop for Prepared {
     }
 }
 
+/// Before the command: `/workspace` (the agent's, when `agent`), the
+/// workspace from [`FILES_IN_PORT`] when `workspace`, and when `results`
+/// `/workspace/out` and the connection to [`FILES_OUT_PORT`] the results
+/// go back on (returned). For the agent also its `HOME`. On failure, what
+/// failed and why.
 fn prepare_files(
     workspace: bool,
     results: bool,

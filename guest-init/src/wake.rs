@@ -17,11 +17,14 @@
 //! - **identity**: the sandbox id is written to `/run/airlock/sandbox-id`.
 //!
 //! What the init derived before the snapshot point and keeps: nothing
-//! secret. It reads no key, opens no connection, and starts no process
-//! before the mark; the hash-map seeds of its own standard library (not a
-//! secret, only collision resistance) are the one thing siblings share.
-//! The container engine, the agent and every connection to the host come
-//! after the wake.
+//! secret. It reads no key and opens no connection before the mark; the
+//! hash-map seeds of its own standard library (not a secret, only
+//! collision resistance) are what siblings share of it. The processes it
+//! starts before the mark are the container engine's own: the warm-up
+//! container (gone before the mark), or for a live sandbox the agent's
+//! container, started with the keeper's `pause` and nothing of a run
+//! ([`crate::prepared`] says what siblings share of it). The agent, every
+//! exec and every connection to the host come after the wake.
 
 use std::fs;
 use std::io::{self, Read};

@@ -57,7 +57,10 @@
 //! process events connector, rate-limited in the guest), `exit` (`pid`,
 //! `code` or `signal`, for processes whose exec was recorded),
 //! `exec.dropped` (`dropped`, `dropped_total`, `kernel_overruns`: events the
-//! guest could not report) and `audit.unavailable` (`reason`). The guest's records are capped per run
+//! guest could not report), `audit.unavailable` (`reason`) and
+//! `container.prepared` (`pid`: the command is the agent's container that
+//! the snapshot held started, adopted after the wake; the engine's own
+//! `exec` events of its start came before the wake; docs/SNAPSHOTS.md). The guest's records are capped per run
 //! (`--audit-max-guest-events`, `--audit-max-guest-bytes`); beyond the caps
 //! they are counted, not written.
 

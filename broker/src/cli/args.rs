@@ -756,7 +756,9 @@ pub struct RunArgs {
     pub nested: bool,
     /// kvm engine: boot from scratch rather than wake from the snapshot
     /// cache (a snapshot of the booted guest, made on first use for each
-    /// kernel, image, memory, vCPUs and boot options; see docs/SNAPSHOTS.md)
+    /// kernel, image, memory, vCPUs and boot options; for `create` without
+    /// live mounts or an image archive it holds the sandbox's container
+    /// started; see docs/SNAPSHOTS.md)
     #[arg(long)]
     pub no_snapshot: bool,
     /// Accept at most this many bytes of result files in total (and per

@@ -616,7 +616,14 @@ mod tests {
             ..args()
         };
         let config = RunConfig::try_from(keeper.clone()).expect("valid");
-        assert_eq!(prepare_words_of(&config, true), ["airlock.prepare=1"]);
+        assert_eq!(
+            prepare_words_of(&config, true),
+            [
+                "airlock.prepare=1",
+                "airlock.prepare_cwd=/",
+                "airlock.prepare_user="
+            ]
+        );
         // Only a live sandbox, only its keeper, only with snapshots and a
         // container.
         assert!(prepare_words_of(&config, false).is_empty());
@@ -644,8 +651,19 @@ mod tests {
                 "airlock.prepare_user=node"
             ]
         );
-        c.run_spec.cwd = "/my app".into();
-        assert!(prepare_words_of(&c, true).is_empty());
+        for cwd in [
+            "/my app".to_owned(),
+            "/a\"b".into(),
+            format!("/{}", "a".repeat(300)),
+        ] {
+            c.run_spec.cwd = cwd;
+            assert!(prepare_words_of(&c, true).is_empty());
+        }
+        c.run_spec.cwd = "/app".into();
+        for user in ["-x", "a:b:c", "a b"] {
+            c.user = Some(user.into());
+            assert!(prepare_words_of(&c, true).is_empty(), "{user}");
+        }
     }
 
     #[test]

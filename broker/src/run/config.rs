@@ -110,9 +110,10 @@ pub(crate) const IMAGE_DISK_CMDLINE: &str = "airlock.imagedisk=1";
 /// that makes a snapshot has it (beside `airlock.snapshot=1`), and the
 /// snapshot's key holds it.
 pub(crate) const PREPARE_CMDLINE: &str = "airlock.prepare=1";
-/// That container's working directory, when not `/`.
+/// That container's working directory.
 pub(crate) const PREPARE_CWD_CMDLINE: &str = "airlock.prepare_cwd";
-/// That container's user, when it has one (`-u` or the image's `User`).
+/// That container's user (`-u` or the image's `User`; empty: the image's
+/// default).
 pub(crate) const PREPARE_USER_CMDLINE: &str = "airlock.prepare_user";
 /// Tells the init to give the container what nested podman needs.
 pub(crate) const NESTED_CMDLINE: &str = "airlock.nested=1";
@@ -166,9 +167,9 @@ pub fn boot_cmdline(config: &RunConfig, image_mode: bool) -> Vec<String> {
 /// started (none if it cannot): a live sandbox (its command the keeper's
 /// pause, no stdin) in a container made from the guest image or a stored
 /// image, with no live mounts; its working directory and user go along
-/// when they are not the defaults (`airlock.prepare_cwd`,
-/// `airlock.prepare_user`: guest paths and names, nothing of the host's;
-/// only of characters that cannot end or split a word). The init starts
+/// (`airlock.prepare_cwd`, `airlock.prepare_user`, empty for the image's
+/// default: a guest path and a name, nothing of the host's; only of
+/// characters that cannot end or split a word). The init starts
 /// that container before the snapshot point (guest-init `prepared`) and
 /// adopts it after a wake only if the run's spec would make exactly it.
 pub(crate) fn prepare_words(config: &RunConfig) -> Vec<String> {
@@ -188,26 +189,32 @@ pub(crate) fn prepare_words_of(config: &RunConfig, live: bool) -> Vec<String> {
     {
         return Vec::new();
     }
+    // A guest path of plain characters (nothing that could end or split a
+    // boot word), short enough for the kernel's command line.
     let plain = |s: &str| {
-        !s.is_empty()
+        s.starts_with('/')
+            && s.len() <= MAX_PREPARE_CWD
             && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"/._-:@+".contains(&b))
+                .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b))
     };
-    let mut words = vec![PREPARE_CMDLINE.to_owned()];
-    if spec.cwd != "/" {
-        if !(spec.cwd.starts_with('/') && plain(&spec.cwd)) {
-            return Vec::new();
-        }
-        words.push(format!("{PREPARE_CWD_CMDLINE}={}", spec.cwd));
+    if !plain(&spec.cwd) {
+        return Vec::new();
     }
-    if let Some(user) = &config.user {
-        if !plain(user) {
-            return Vec::new();
-        }
-        words.push(format!("{PREPARE_USER_CMDLINE}={user}"));
+    // What the guest accepts as a RunAs: a name or uid[:gid].
+    let user = config.user.as_deref().unwrap_or("");
+    if !user.is_empty() && airlock_protocol::check_run_as(user).is_err() {
+        return Vec::new();
     }
-    words
+    // Both always: a user's `--cmdline` cannot set them (these come last).
+    vec![
+        PREPARE_CMDLINE.to_owned(),
+        format!("{PREPARE_CWD_CMDLINE}={}", spec.cwd),
+        format!("{PREPARE_USER_CMDLINE}={user}"),
+    ]
 }
+
+/// The longest working directory a snapshot's container is started in.
+const MAX_PREPARE_CWD: usize = 256;
 
 /// Who the command runs as in the VM, for the audit log's `run.start`, as
 /// the init reads `words` (the whole `boot_cmdline`, the user's `--cmdline`
