@@ -62,6 +62,9 @@ for i in 1 2 3 4 5; do $A rm -f s$i > /dev/null; done
 AIRLOCK_SNAPSHOT_DIR=/tmp/snaps-np $A run --engine kvm --image-root {image} --cmdline airlock.prepare=1 --audit /tmp/np.jsonl -- echo not-prepared-ok 2> /tmp/err || cat /tmp/err >&2
 echo "np-prepared:$(grep -c '"kind":"container.prepared"' /tmp/np.jsonl)"
 echo "np-woken:$(grep '"kind":"vm.start"' /tmp/np.jsonl | grep -c state_sha256)"
+# A sandbox with its own directory and user: its snapshot holds that container.
+AIRLOCK_SNAPSHOT_DIR=/tmp/snaps-u $A $C -w /tmp -u 1000 --name u1 2> /tmp/err || cat /tmp/err >&2
+$A exec u1 -- sh -c 'echo who-u1: $(id -u) $(pwd)'; vmstart u1; $A rm -f u1 > /dev/null
 ls /tmp/snaps | grep -v '^\.' | sed 's/^/snapshot-dir: /'
 S=$(ls -d /tmp/snaps/[0-9a-f]*)
 printf 'X' | dd of=$S/state bs=1 seek=200 count=1 conv=notrunc 2> /dev/null
@@ -139,6 +142,11 @@ echo done"#,
     assert!(r.stdout.lines().any(|l| l == "not-prepared-ok"), "{r}");
     assert_eq!(field("np-woken:"), ["1"], "{r}");
     assert_eq!(field("np-prepared:"), ["0"], "{r}");
+    // A directory and a user of its own: its snapshot held that very
+    // container, taken by the woken sandbox, whose execs run as that user
+    // there.
+    assert_eq!(field("prepared:u1:"), ["1"], "{r}");
+    assert_eq!(field("who-u1:"), ["1000 /tmp"], "{r}");
     // A cold boot starts its own.
     assert_eq!(field("prepared:d1:"), ["0"], "{r}");
     // The first create recorded the snapshot's working set beside it
