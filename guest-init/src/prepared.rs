@@ -1,13 +1,13 @@
 //! The agent's container started before the snapshot (`airlock.prepare=1`,
-//! which the host gives a live sandbox's snapshot boot): after the warm-up
-//! the init starts the container a `create` would start, running the
-//! keeper's `pause`, and the snapshot holds it started. A woken init then
+//! which the host gives a live sandbox's snapshot boot): instead of the
+//! warm-up the init starts the container a `create` would start, running
+//! the keeper's `pause`, and the snapshot holds it started. A woken init then
 //! *adopts* it instead of running `podman run` (most of a woken `create`'s
 //! time under emulation), if and only if the run's spec would have made
 //! exactly that container: [`crate::image::containerize`] of the run's
 //! spec, its environment left out, gives the very argv the prepared
-//! container was started with. Anything else (another command, a user, live
-//! mounts, standard input, a directory) and the prepared container is
+//! container was started with. Anything else (another command, user or
+//! directory, live mounts, standard input) and the prepared container is
 //! removed and the run's own is made as on a cold boot.
 //!
 //! What it is made with, before any run exists: the keeper's `pause` in
