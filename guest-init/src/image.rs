@@ -330,7 +330,7 @@ pub fn loaded_image(stdout: &str) -> Option<String> {
 
 /// podman with `args` as the init runs it for itself: a clean environment
 /// (the standard `PATH`, `HOME=/root`) and no stdin.
-fn podman(args: &[&str]) -> std::process::Command {
+pub(crate) fn podman(args: &[&str]) -> std::process::Command {
     let mut command = std::process::Command::new(PODMAN);
     command
         .args(args)

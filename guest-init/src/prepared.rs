@@ -230,18 +230,11 @@ impl Prepared {
         drop(self.running);
         // Twice if need be: the run's own container takes its name.
         let removed = (0..2).any(|_| {
-            let status = std::process::Command::new(image::PODMAN)
-                .args(["rm", "--force", "--time", "0", crate::execd::CONTAINER_NAME])
-                .env_clear()
-                .env(
-                    "PATH",
-                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                )
-                .env("HOME", "/root")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
+            let status =
+                image::podman(&["rm", "--force", "--time", "0", crate::execd::CONTAINER_NAME])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
             matches!(status, Ok(s) if s.success())
         });
         if !removed {

@@ -48,37 +48,40 @@ pub fn listen_ports(
     // forks) must stay in the VM's namespace. The thread ends once the
     // listeners exist; the namespace lives on through the bind mount and
     // the sockets.
-    let listeners = thread::Builder::new()
-        .name("services-netns".into())
-        .spawn(move || -> Result<Listeners, Error> {
-            if made {
-                enter_netns(Path::new(NETNS_PATH)).map_err(Error::Unshare)?;
-            } else {
-                new_netns()?;
-            }
-            Ok(bind_all(&ports))
-        })
-        .map_err(Error::Thread)?
-        .join()
-        .unwrap_or_else(|_| Err(Error::Thread(io::Error::other("the thread panicked"))))?;
+    let listeners = on_helper_thread(move || {
+        if made {
+            enter_netns(Path::new(NETNS_PATH)).map_err(Error::Unshare)?;
+        } else {
+            new_netns()?;
+        }
+        Ok(bind_all(&ports))
+    })?;
     Ok((listeners, Some(netns_option())))
 }
 
 /// podman's `--network` for the namespace pinned at [`NETNS_PATH`].
-pub fn netns_option() -> String {
+fn netns_option() -> String {
     format!("ns:{NETNS_PATH}")
+}
+
+/// Runs `work` on a thread of its own and waits for it (see
+/// [`listen_ports`] on why namespace changes need one).
+fn on_helper_thread<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    thread::Builder::new()
+        .name("services-netns".into())
+        .spawn(work)
+        .map_err(Error::Thread)?
+        .join()
+        .unwrap_or_else(|_| Err(Error::Thread(io::Error::other("the thread panicked"))))
 }
 
 /// Makes the agent's namespace (only `lo`, up) and pins it at
 /// [`NETNS_PATH`], listening nowhere yet; returns podman's `--network`
 /// for it. [`listen_ports`] with `made` listens in it later.
 pub fn make_netns() -> Result<String, Error> {
-    thread::Builder::new()
-        .name("services-netns".into())
-        .spawn(new_netns)
-        .map_err(Error::Thread)?
-        .join()
-        .unwrap_or_else(|_| Err(Error::Thread(io::Error::other("the thread panicked"))))?;
+    on_helper_thread(new_netns)?;
     Ok(netns_option())
 }
 
